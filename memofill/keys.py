@@ -134,7 +134,9 @@ def template_problems(source: object) -> list[str]:
                 problems.append(f"field {{{name}}} appears twice")
             names.append(name)
         elif depth_open < 0 and char not in LITERAL_CHARS:
-            problems.append(f"character {char!r} at {index} is not allowed (use A-Z a-z 0-9 _ . - : /)")
+            problems.append(
+                f"character {char!r} at {index} is not allowed (use A-Z a-z 0-9 _ . - : /)"
+            )
     if depth_open >= 0:
         problems.append(f"'{{' at {depth_open} is never closed")
     if not problems:
@@ -217,7 +219,8 @@ def format_argument(field: str, value: object) -> str:
             f"key field {{{field}}} takes a str or int, not {type(value).__name__}"
         )
     text = str(value) if isinstance(value, int) else value
-    escaped = "".join(_ESCAPES[byte] for byte in text.encode("utf-8"))
+    # surrogatepass: a lone surrogate (from a filesystem name, say) still names one key.
+    escaped = "".join(_ESCAPES[byte] for byte in text.encode("utf-8", "surrogatepass"))
     if len(escaped) > MAX_FIELD_CHARS:
         return "~" + hashlib.sha256(escaped.encode("ascii")).hexdigest()
     return escaped

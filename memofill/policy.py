@@ -9,9 +9,10 @@ them listed in one :class:`~memofill.errors.RegistryError`.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -106,6 +107,8 @@ def _dataset_problems(dataset: Dataset) -> list[Problem]:
         value = getattr(dataset, name)
         if not _is_number(value):
             problems.append(Problem(key, name, value, "must be a number of seconds"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(Problem(key, name, value, "must be finite"))
         elif (value <= 0) if minimum == "> 0" else (value < 0):
             problems.append(Problem(key, name, value, f"must be {minimum}"))
     if dataset.cache_fill is not None:
@@ -202,7 +205,8 @@ def load_policies(source: PolicySource = DEFAULT_POLICY_MODULE) -> dict[str, Dat
                 raise RegistryError([problem], name)
             datasets.append(dataset)
     ensure_valid(datasets, name)
-    return {dataset.key: dataset for dataset in datasets}
+    # ensure_valid refuses any item that is not a Dataset, so the cast only tells mypy.
+    return {dataset.key: dataset for dataset in cast("list[Dataset]", datasets)}
 
 
 def _dataset_or_item(key: str, data: object) -> object:
@@ -211,4 +215,9 @@ def _dataset_or_item(key: str, data: object) -> object:
     try:
         return dataset_from_data(key, data)
     except TypeError:  # a cache_fill mapping with unknown or missing fields
-        return Dataset(key=key, ttl_s=data.get("ttl_s"), cache_fill=data.get("cache_fill"))  # type: ignore[arg-type]
+        return Dataset(
+            key=key,
+            ttl_s=data.get("ttl_s"),  # type: ignore[arg-type]  # validated after
+            negative_ttl_s=data.get("negative_ttl_s", 120),
+            cache_fill=data.get("cache_fill"),
+        )
