@@ -1,0 +1,225 @@
+"""The ``memofill`` command line: one table of subcommands, each a parser setup and a handler.
+
+Every failure the user can cause ends as lines starting ``memofill: error:`` on
+stderr and exit status 2, never a traceback: argparse errors included. Exit 1
+is kept for ``check`` finding drift, so CI can tell "out of date" from "broken".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
+
+import attrs
+
+from memofill import codegen
+from memofill.errors import MemofillError, RegistryError
+
+#: Used when no pyproject.toml sets ``[tool.memofill]`` (or none can be read).
+DEFAULT_REGISTRY = "registry.py"
+DEFAULT_OUT = "gen/cache_fill_registry.py"
+
+TomlLoader = Callable[[BinaryIO], dict[str, Any]]
+
+
+class CommandError(MemofillError):
+    """A command cannot go on; its message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors reach :func:`main` as one line instead of usage + exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandError(message)
+
+
+@attrs.frozen
+class Command:
+    """One subcommand: its help line, how it adds its arguments, and what runs it."""
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+@attrs.frozen
+class Project:
+    """Where ``gen`` and ``check`` read and write.
+
+    ``registry`` and ``out`` are relative to the current directory where
+    possible, so messages name short paths; ``label`` names the registry
+    relative to the project root, so the generated header is the same on every
+    machine and from every working directory.
+    """
+
+    registry: Path
+    out: Path
+    label: str
+
+
+def _path_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", metavar="PATH", help="registry file to read")
+    parser.add_argument("--out", metavar="PATH", help="generated module to write or check")
+
+
+def _find_pyproject(start: Path) -> Path | None:
+    """The nearest pyproject.toml in ``start`` or above it, as tools such as ruff look."""
+    for directory in (start, *start.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _toml_loader() -> TomlLoader | None:
+    """tomllib's ``load``; tomli's on Python 3.10; ``None`` when neither can be imported."""
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415  # chosen by version, so imported here
+
+        return tomllib.load
+    try:
+        import tomli  # noqa: PLC0415
+    except ImportError:
+        return None
+    load: TomlLoader = tomli.load
+    return load
+
+
+def _settings(pyproject: Path | None) -> dict[str, str]:
+    """The ``[tool.memofill]`` table, or ``{}`` when there is no file or no TOML reader."""
+    load = _toml_loader()
+    if pyproject is None or load is None:
+        return {}
+    try:
+        with pyproject.open("rb") as file:
+            data = load(file)
+    except OSError as exc:
+        raise CommandError(f"{pyproject}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError, or bytes that are not UTF-8
+        raise CommandError(f"{pyproject}: invalid TOML: {exc}") from None
+    section = data.get("tool", {}).get("memofill", {})
+    if not isinstance(section, dict):
+        raise CommandError(f"{pyproject}: [tool.memofill] must be a table")
+    for name in ("registry", "out"):
+        if not isinstance(section.get(name, ""), str):
+            raise CommandError(f"{pyproject}: [tool.memofill] {name} must be a string path")
+    return section
+
+
+def _relative(path: Path, start: Path) -> Path:
+    """``path`` relative to ``start``, or unchanged when it has none (another drive)."""
+    try:
+        return Path(os.path.relpath(path, start))
+    except ValueError:
+        return path
+
+
+def _project(args: argparse.Namespace) -> Project:
+    """Paths from the flags, else from the nearest pyproject.toml, else the defaults.
+
+    Flag paths are relative to the current directory, as a shell user expects;
+    pyproject paths are relative to the directory holding pyproject.toml, so the
+    commands work from any subdirectory.
+    """
+    cwd = Path.cwd()
+    pyproject = _find_pyproject(cwd)
+    root = cwd if pyproject is None else pyproject.parent
+    settings = {} if args.registry and args.out else _settings(pyproject)
+    registry = Path(args.registry or root / settings.get("registry", DEFAULT_REGISTRY))
+    out = Path(args.out or root / settings.get("out", DEFAULT_OUT))
+    label = _relative(registry, root).as_posix()
+    return Project(registry=_relative(registry, cwd), out=_relative(out, cwd), label=label)
+
+
+def _render(project: Project) -> str:
+    return codegen.render(codegen.load_registry(project.registry), project.label)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write through a temporary file and ``os.replace``: readers never see half a module."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(temp, 0o644)  # mkstemp makes 0600; a source file is world-readable
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def run_gen(args: argparse.Namespace) -> int:
+    """Render the registry and write the module; nothing is written if the registry is invalid."""
+    project = _project(args)
+    text = _render(project)
+    _write_atomically(project.out, text.encode("utf-8"))
+    print(f"memofill: wrote {project.out.as_posix()} from {project.registry.as_posix()}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Compare the module on disk with a fresh render, byte for byte; never writes."""
+    project = _project(args)
+    expected = _render(project)
+    out = project.out.as_posix()
+    try:
+        actual: bytes | None = project.out.read_bytes()
+    except FileNotFoundError:
+        actual = None
+    if actual == expected.encode("utf-8"):
+        print(f"memofill: {out} is in sync with {project.registry.as_posix()}")
+        return 0
+    on_disk = "" if actual is None else actual.decode("utf-8", "replace")
+    sys.stdout.write(codegen.diff(expected, on_disk, out))
+    state = "is missing" if actual is None else "is out of date"
+    print(f"memofill: {out} {state}; run 'memofill gen' to regenerate it", file=sys.stderr)
+    return 1
+
+
+#: Subcommand name -> its parser setup and handler. A new subcommand is one entry.
+COMMANDS: dict[str, Command] = {
+    "gen": Command("write the generated policy module from the registry", _path_arguments, run_gen),
+    "check": Command(
+        "exit 0 if the generated module matches the registry, 1 with a diff if not",
+        _path_arguments,
+        run_check,
+    ),
+}
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="memofill", description="Redis cache fills, once per miss.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.arguments(sub)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"memofill: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit status (0 ok, 1 drift, 2 error)."""
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command].run(args)
+    except RegistryError as exc:
+        count = len(exc.problems)
+        _error(f"{exc.source} is invalid ({count} problem{'s' if count > 1 else ''}):")
+        for problem in exc.problems:
+            _error(f"{exc.source}: {problem}")
+        return 2
+    except MemofillError as exc:
+        _error(str(exc))
+        return 2
+    except OSError as exc:  # e.g. the output directory cannot be written
+        _error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        return 2
