@@ -11,20 +11,29 @@ from memofill.errors import (
     RegistryLoadError,
     UnknownDatasetError,
 )
+from memofill.decorator import CachedDataset, CallResult
+from memofill.instance import Memofill, cached_dataset, configure
+from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate
 
 __all__ = [
     "CacheFill",
+    "CachedDataset",
+    "CallResult",
     "ConfigurationError",
     "Dataset",
     "FillError",
     "KeyArgumentError",
     "KeyTemplateError",
+    "Memofill",
     "MemofillError",
+    "Outcome",
     "Problem",
     "RegistryError",
     "RegistryLoadError",
     "UnknownDatasetError",
+    "cached_dataset",
+    "configure",
     "load_policies",
     "validate",
 ]

@@ -1,0 +1,129 @@
+"""The only module that talks to Redis: the handful of commands memofill sends, and nothing else.
+
+Each method returns what the client returns: a value for ``redis.Redis`` and
+``redis.cluster.RedisCluster``, an awaitable for ``redis.asyncio`` clients. The
+drivers in :mod:`memofill.coordinator` await it or not, so the commands, like
+the algorithm, are written once.
+
+Every key one fill touches (data, lock, wake) shares a Redis Cluster hash slot
+(see :func:`memofill.keys.lock_key`), so a cluster client routes them to one node.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from redis.exceptions import ConnectionError as _ConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as _TimeoutError
+
+from memofill.errors import ConfigurationError
+
+__all__ = ["RELEASE_SCRIPT", "Commands", "RedisError", "RedisUnavailable", "is_unreachable"]
+
+
+class RedisUnavailable(_ConnectionError):
+    """Raised instead of sending a command while the breaker says Redis is unreachable."""
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says Redis could not be reached (as opposed to an error it answered)."""
+    return isinstance(error, (_ConnectionError, _TimeoutError, OSError))
+
+#: Token-safe release, sent by EVALSHA (reloaded on NOSCRIPT by redis-py's Script).
+#:
+#: KEYS[1]: the lock key. KEYS[2]: the wake stream.
+#: ARGV[1]: this caller's token. ARGV[2]: how long the wake entry lives (ms).
+#:
+#: Deletes the lock only while it still holds this caller's token: a leader whose
+#: lease ran out must not delete the lock a later leader now holds. Then adds an
+#: entry to the wake stream, so that followers blocked in XREAD return at once
+#: and read the data key, without waiting for their next poll.
+#: Returns 1 if the lock was deleted, 0 if it was no longer ours.
+RELEASE_SCRIPT = """
+local released = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    released = 1
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'filled', '1')
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return released
+"""
+
+
+def new_token() -> str:
+    """A random lock token, new for every attempt, so no two attempts can release each other."""
+    return secrets.token_hex(16)
+
+
+def socket_timeout_ms(client: Any) -> float | None:
+    """The client's socket timeout in ms, or ``None``: a blocking wait must end before it."""
+    try:
+        timeout = client.get_connection_kwargs().get("socket_timeout")
+    except (AttributeError, TypeError):
+        return None
+    return None if timeout is None else float(timeout) * 1000
+
+
+def check_client(client: Any) -> None:
+    """Refuse a client that cannot carry raw bytes, with a message that says why."""
+    if not hasattr(client, "get_encoder"):
+        raise ConfigurationError(
+            f"memofill needs a redis-py client (redis.Redis, redis.asyncio.Redis or "
+            f"redis.cluster.RedisCluster), not {type(client).__name__}"
+        )
+    if getattr(client.get_encoder(), "decode_responses", False):
+        raise ConfigurationError(
+            "the Redis client was made with decode_responses=True; memofill stores orjson "
+            "bytes and needs them back as bytes: pass a client made without it"
+        )
+
+
+def last_entry_id(reply: Any, current: str) -> str:
+    """The newest stream entry id in an XREAD reply (RESP2 or RESP3), or ``current`` if none."""
+    if not reply:
+        return current
+    streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
+    newest = current
+    for entries in streams:
+        for entry in entries:
+            if entry and entry[0]:
+                raw = entry[0]
+                newest = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return newest
+
+
+class Commands:
+    """The Redis commands of one client; each returns a value or, for asyncio clients, an awaitable."""
+
+    def __init__(self, client: Any) -> None:
+        check_client(client)
+        self.client = client
+        self.socket_timeout_ms = socket_timeout_ms(client)
+        self._release = client.register_script(RELEASE_SCRIPT)
+
+    def get(self, key: str) -> Any:
+        """``GET key``: the stored bytes or ``None``."""
+        return self.client.get(key)
+
+    def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
+        """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
+        return self.client.set(key, payload, px=ttl_ms)
+
+    def acquire(self, lock_key: str, token: str, lease_ms: int) -> Any:
+        """``SET lock_key token NX PX lease_ms``: truthy when this caller now holds the lock."""
+        return self.client.set(lock_key, token, nx=True, px=lease_ms)
+
+    def release(self, lock_key: str, wake_key: str, token: str, wake_ttl_ms: int) -> Any:
+        """Run :data:`RELEASE_SCRIPT`: delete the lock if it is still ours, then wake followers."""
+        return self._release(keys=[lock_key, wake_key], args=[token, wake_ttl_ms])
+
+    def wait(self, wake_key: str, last_id: str, block_ms: int) -> Any:
+        """``XREAD BLOCK block_ms STREAMS wake_key last_id``: returns when a leader signals, or on time-out."""
+        return self.client.xread({wake_key: last_id}, count=1, block=block_ms)
+
+    def delete(self, key: str) -> Any:
+        """``DEL key``: the next call misses and fills again."""
+        return self.client.delete(key)

@@ -1,0 +1,318 @@
+"""The miss algorithm, written once as a generator of steps, and its sync and asyncio drivers.
+
+:func:`fill` decides; it never performs I/O. It yields a :class:`Command` (a
+Redis command by name), a :class:`Sleep`, or :data:`FETCH`, and receives the
+result. A Redis error is thrown back into it, so that the algorithm, not the
+driver, decides how to degrade. :func:`run_sync` and :func:`run_async` perform
+the steps with a blocking or an asyncio client; neither makes a decision.
+
+One miss, for a dataset with a fill policy:
+
+1. ``SET lock NX PX lease_ms`` with a fresh token.
+2. Acquired: **recheck** the data key. Between this caller's miss and its lock,
+   another leader may have written the value and released; without the recheck
+   every such race would call the upstream again. Still a miss: fetch, write
+   one ``SET key payload PX ttl``, release token-safely and wake followers.
+3. Not acquired: follow. Block on the wake stream for the current backoff
+   interval (the leader signals it as it releases), then read the **data** key,
+   never the lock key: the value is the source of truth, and a follower returns
+   as soon as it lands. After ``wait_ms``, fetch uncoordinated.
+4. A Redis error anywhere in the lock path: fall back to a plain local fetch
+   (the caller's process already coalesced its own callers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+import attrs
+
+from memofill.codec import (
+    CORRUPT,
+    NEGATIVE,
+    NEGATIVE_MARKER,
+    EncodeError,
+    ErrorMarker,
+    decode_any,
+    encode,
+    error_marker,
+)
+from memofill.commands import (
+    Commands,
+    RedisError,
+    RedisUnavailable,
+    is_unreachable,
+    last_entry_id,
+    new_token,
+)
+from memofill.errors import FillError
+from memofill.fallback import Breaker
+from memofill.keys import lock_key, wake_key
+from memofill.outcomes import Outcome
+from memofill.policy import CacheFill
+
+#: An error marker lives at most this long (and never longer than ``negative_ttl_s``).
+MAX_ERROR_TTL_MS = 30_000
+
+
+@attrs.frozen
+class Command:
+    """Send the :class:`~memofill.commands.Commands` method ``name`` with ``args``."""
+
+    name: str
+    args: tuple[Any, ...]
+
+
+@attrs.frozen
+class Sleep:
+    """Wait ``seconds`` without Redis (the wake stream is not available)."""
+
+    seconds: float
+
+
+class _Fetch:
+    def __repr__(self) -> str:
+        return "FETCH"
+
+
+#: Call the fetch function; its value (or exception) is sent back.
+FETCH: Any = _Fetch()
+
+Step = Command | Sleep | _Fetch
+
+
+@attrs.frozen
+class Plan:
+    """What one miss needs to know: where the value lives and how to coordinate its fill."""
+
+    dataset: str
+    redis_key: str
+    ttl_ms: int
+    negative_ttl_ms: int
+    cache_fill: CacheFill | None
+    #: ``False`` when Redis is known to be unreachable: no command is tried.
+    redis_ok: bool = True
+    #: A blocking wait must return before the client's socket time-out.
+    block_limit_ms: float | None = None
+
+
+@attrs.frozen
+class Result:
+    """How a miss ended: the value or the exception for the caller, and what to log."""
+
+    outcome: Outcome
+    value: Any = None
+    exception: BaseException | None = None
+    led: bool = False
+    waited_ms: float = 0.0
+    polls: int = 0
+    payload_bytes: int = 0
+    #: Type name of the error worth logging (a Redis error met on the way, an unencodable value).
+    error: str | None = None
+
+    def unwrap(self) -> Any:
+        """The value, or raise the exception the caller must see."""
+        if self.exception is not None:
+            raise self.exception
+        return self.value
+
+
+Steps = Generator[Step, Any, Result]
+
+
+def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
+    """The miss algorithm (see the module docstring): yields steps, returns a :class:`Result`."""
+    policy = plan.cache_fill
+    if policy is None:
+        return (yield from _uncoordinated(plan, Outcome.LEGACY))
+    if not plan.redis_ok:
+        return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, "RedisUnavailable"))
+    lock, token = lock_key(plan.redis_key), new_token()
+    try:
+        acquired = yield Command("acquire", (lock, token, policy.lease_ms))
+    except RedisError as exc:
+        return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
+    if acquired:
+        return (yield from _lead(plan, policy, lock, token))
+    return (yield from _follow(plan, policy, clock, rng))
+
+
+def _lead(plan: Plan, policy: CacheFill, lock: str, token: str) -> Steps:
+    error = None
+    try:
+        raw = yield Command("get", (plan.redis_key,))
+    except RedisError as exc:
+        raw, error = None, type(exc).__name__
+    found = CORRUPT if raw is None else decode_any(raw)
+    if found is not CORRUPT and not isinstance(found, ErrorMarker):
+        error = (yield from _release(plan, policy, lock, token)) or error
+        value = None if found is NEGATIVE else found
+        return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error)
+    try:
+        value = yield FETCH
+    except Exception as exc:
+        marker_ms = min(MAX_ERROR_TTL_MS, plan.negative_ttl_ms)
+        if marker_ms > 0:
+            yield from _write(plan, error_marker(type(exc).__name__), marker_ms)
+        yield from _release(plan, policy, lock, token)
+        return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
+    result = yield from _store(plan, value, Outcome.LEADER_FILL, led=True)
+    release_error = yield from _release(plan, policy, lock, token)
+    if release_error and not result.error:
+        result = attrs.evolve(result, error=release_error)
+    return result
+
+
+def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: random.Random) -> Steps:
+    wake = wake_key(plan.redis_key)
+    start = clock()
+    deadline = start + policy.wait_ms / 1000
+    interval_ms, polls, last_id, wake_ok = float(policy.poll_min_ms), 0, "0-0", True
+    while (remaining_ms := (deadline - clock()) * 1000) > 0:
+        pause_ms = min(interval_ms * (0.5 + rng.random() / 2), remaining_ms)
+        if plan.block_limit_ms is not None:
+            pause_ms = min(pause_ms, plan.block_limit_ms * 0.8)
+        try:
+            if not wake_ok:
+                raise RedisUnavailable("wake stream not used")
+            reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
+            last_id = last_entry_id(reply, last_id)
+        except RedisError:
+            wake_ok = False  # the data key stays the source of truth: poll it on a timer
+            yield Sleep(pause_ms / 1000)
+        try:
+            raw = yield Command("get", (plan.redis_key,))
+        except RedisError as exc:
+            waited = (clock() - start) * 1000
+            result = yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__)
+            return attrs.evolve(result, waited_ms=waited, polls=polls)
+        polls += 1
+        found = CORRUPT if raw is None else decode_any(raw)
+        if isinstance(found, ErrorMarker):
+            failure = FillError(plan.dataset, plan.redis_key, found.error)
+            waited = (clock() - start) * 1000
+            return Result(
+                Outcome.FETCH_ERROR, exception=failure, waited_ms=waited, polls=polls,
+                error=found.error,
+            )
+        if found is not CORRUPT:
+            value = None if found is NEGATIVE else found
+            waited = (clock() - start) * 1000
+            return Result(
+                Outcome.FOLLOWER_HIT, value=value, waited_ms=waited, polls=polls,
+                payload_bytes=len(raw) if raw else 0,
+            )
+        interval_ms = min(interval_ms * 2, float(policy.poll_max_ms))
+    waited = (clock() - start) * 1000
+    result = yield from _uncoordinated(plan, Outcome.FOLLOWER_TIMEOUT)
+    return attrs.evolve(result, waited_ms=waited, polls=polls)
+
+
+def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> Steps:
+    """Fetch without a lock (legacy, degraded or timed out), then write if Redis lets us."""
+    try:
+        value = yield FETCH
+    except Exception as exc:
+        return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
+    result = yield from _store(plan, value, outcome, led=True)
+    return result if result.error else attrs.evolve(result, error=error)
+
+
+def _store(plan: Plan, value: Any, outcome: Outcome, led: bool) -> Steps:
+    """Write the fetched value (or the negative marker) with one ``SET PX``; never raises."""
+    if value is None:
+        outcome = Outcome.NEGATIVE if outcome is Outcome.LEADER_FILL else outcome
+        if plan.negative_ttl_ms <= 0:
+            return Result(outcome, led=led)
+        error = yield from _write(plan, NEGATIVE_MARKER, plan.negative_ttl_ms)
+        return Result(outcome, led=led, error=error)
+    try:
+        payload = encode(value)
+    except EncodeError as exc:
+        return Result(outcome, value=value, led=led, error=type(exc).__name__)
+    error = yield from _write(plan, payload, plan.ttl_ms)
+    return Result(outcome, value=value, led=led, payload_bytes=len(payload), error=error)
+
+
+def _write(plan: Plan, payload: bytes, ttl_ms: int) -> Generator[Step, Any, str | None]:
+    if not plan.redis_ok:
+        return None
+    try:
+        yield Command("write", (plan.redis_key, payload, ttl_ms))
+    except RedisError as exc:
+        return type(exc).__name__
+    return None
+
+
+def _release(plan: Plan, policy: CacheFill, lock: str, token: str) -> Generator[Step, Any, str | None]:
+    """Token-safe release and wake-up; on error the lock simply expires after ``lease_ms``."""
+    wake_ttl_ms = max(policy.poll_max_ms, 100)
+    try:
+        yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
+    except RedisError as exc:
+        return type(exc).__name__
+    return None
+
+
+def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:
+    if breaker.is_open:
+        raise RedisUnavailable("Redis was unreachable moments ago")
+    return getattr(commands, step.name)(*step.args)
+
+
+def _on_error(exc: Exception, breaker: Breaker) -> Exception:
+    if isinstance(exc, RedisError) and is_unreachable(exc):
+        breaker.trip()
+    return exc
+
+
+def run_sync(steps: Steps, commands: Commands | None, fetch: Callable[[], Any], breaker: Breaker) -> Result:
+    """Perform the steps with a blocking client; return the algorithm's :class:`Result`."""
+    reply: Any = None
+    failure: Exception | None = None
+    while True:
+        try:
+            step = steps.send(reply) if failure is None else steps.throw(failure)
+        except StopIteration as finished:
+            return finished.value  # type: ignore[no-any-return]
+        reply, failure = None, None
+        try:
+            if step is FETCH:
+                reply = fetch()
+            elif isinstance(step, Sleep):
+                time.sleep(step.seconds)
+            elif commands is None:
+                raise RedisUnavailable("no Redis client is configured")
+            else:
+                reply = _send(commands, step, breaker)
+        except Exception as exc:
+            failure = _on_error(exc, breaker)
+
+
+async def run_async(
+    steps: Steps, commands: Commands | None, fetch: Callable[[], Awaitable[Any]], breaker: Breaker
+) -> Result:
+    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`."""
+    reply: Any = None
+    failure: Exception | None = None
+    while True:
+        try:
+            step = steps.send(reply) if failure is None else steps.throw(failure)
+        except StopIteration as finished:
+            return finished.value  # type: ignore[no-any-return]
+        reply, failure = None, None
+        try:
+            if step is FETCH:
+                reply = await fetch()
+            elif isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
+            elif commands is None:
+                raise RedisUnavailable("no Redis client is configured")
+            else:
+                reply = await _send(commands, step, breaker)
+        except Exception as exc:
+            failure = _on_error(exc, breaker)

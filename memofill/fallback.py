@@ -1,0 +1,92 @@
+"""What one process does while Redis is unreachable: remember recent values, and stop knocking.
+
+Two small pieces, both process-local and thread-safe:
+
+* :class:`LocalStore` keeps the values this process recently read or wrote,
+  each for at most 30 s and at most 5000 of them (oldest dropped first), so a
+  warm process keeps serving them while Redis is down instead of sending every
+  caller to the upstream.
+* :class:`Breaker` remembers that Redis just failed to connect or answer, and
+  for a short cool-down sends calls straight to the local path: a paused Redis
+  would otherwise cost every caller a full socket time-out.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+#: The longest a value is served locally without Redis, whatever the dataset's TTL.
+MAX_LOCAL_TTL_S = 30.0
+#: The most values one process keeps for when Redis is down.
+MAX_LOCAL_ENTRIES = 5000
+
+_MISSING: Any = object()
+
+
+class LocalStore:
+    """A bounded map of final key -> (expiry, value), evicting the oldest entry first."""
+
+    def __init__(
+        self,
+        max_entries: int = MAX_LOCAL_ENTRIES,
+        max_ttl_s: float = MAX_LOCAL_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_ttl_s = max_ttl_s
+        self._clock = clock
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: Any, ttl_s: float) -> None:
+        """Remember ``value`` for ``min(ttl_s, max_ttl_s)`` seconds."""
+        expires = self._clock() + min(ttl_s, self.max_ttl_s)
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = (expires, value)
+            while len(self._entries) > self.max_entries:
+                del self._entries[next(iter(self._entries))]
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        """The remembered value, or ``default`` when there is none or it has expired."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= self._clock():
+            return default
+        return entry[1]
+
+    def discard(self, key: str) -> None:
+        """Forget ``key`` (after an invalidation)."""
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Breaker:
+    """Open for ``cooldown_s`` after a connection failure; while open, calls skip Redis.
+
+    Only failures to reach Redis open it (refused, reset, timed out): a command
+    Redis answers with an error (no permission, out of memory) says Redis is up.
+    """
+
+    def __init__(self, cooldown_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._open_until = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        """Whether calls should skip Redis right now."""
+        return self._open_until > self._clock()
+
+    def trip(self) -> None:
+        """Redis just failed to answer: skip it for the cool-down."""
+        self._open_until = self._clock() + self.cooldown_s
+
+    def reset(self) -> None:
+        """Redis answered: use it again."""
+        self._open_until = 0.0

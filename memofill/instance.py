@@ -1,0 +1,185 @@
+"""``Memofill``: one configured cache (clients, prefix, policies), and the module-level default.
+
+Tests and multi-tenant applications create their own instances; most
+applications use the default through :func:`configure` and
+:func:`cached_dataset`. Decorating needs only the policies, so functions can be
+decorated at import time and the clients configured later, at start-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from memofill.commands import Commands
+from memofill.coordinator import Result
+from memofill.errors import ConfigurationError, UnknownDatasetError
+from memofill.fallback import Breaker, LocalStore
+from memofill.keys import lock_key, parse_template, prefix_problem
+from memofill.outcomes import Counters
+from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
+from memofill.singleflight import TaskFlights, ThreadFlights
+
+if TYPE_CHECKING:
+    from memofill.decorator import CachedDataset
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_async_client(client: Any) -> bool:
+    return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
+
+
+class Memofill:
+    """A cache on one Redis (or Redis Cluster) with its own prefix, policies and counters.
+
+    Args:
+        client: a ``redis.Redis``, ``redis.cluster.RedisCluster`` or ``redis.asyncio``
+            client, or ``None`` for no Redis (process-local singleflight only).
+        async_client: an asyncio client for coroutine functions, when ``client``
+            is a blocking one (both may be given).
+        prefix: prepended to every key, so deployments sharing a Redis never share
+            a value or a lock. Braces only as one complete hash tag (``"{app}:"``).
+        policies: the generated module, its dotted name, or a mapping of key to
+            :class:`~memofill.Dataset`; validated when loaded.
+        breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        async_client: Any = None,
+        prefix: str = "",
+        policies: PolicySource = DEFAULT_POLICY_MODULE,
+        breaker_cooldown_s: float = 1.0,
+    ) -> None:
+        self.counters = Counters()
+        self.local_store = LocalStore()
+        self.breaker = Breaker(breaker_cooldown_s)
+        self.thread_flights: ThreadFlights[Result] = ThreadFlights()
+        self.task_flights: TaskFlights[Result] = TaskFlights()
+        self._bindings: weakref.WeakSet[CachedDataset] = weakref.WeakSet()
+        self._policy_source: PolicySource = policies
+        self._policies: dict[str, Dataset] | None = None
+        self._sync: Commands | None = None
+        self._async: Commands | None = None
+        self.prefix = ""
+        self.configure(client, async_client=async_client, prefix=prefix)
+
+    def configure(
+        self,
+        client: Any = None,
+        *,
+        async_client: Any = None,
+        prefix: str | None = None,
+        policies: PolicySource | None = None,
+    ) -> None:
+        """Set the clients, and the prefix or policies when given; decorated functions follow."""
+        if prefix is not None:
+            problem = prefix_problem(prefix)
+            if problem:
+                raise ConfigurationError(f"prefix {prefix!r}: {problem}")
+            self.prefix = prefix
+        clients = [c for c in (client, async_client) if c is not None]
+        sync = [c for c in clients if not _is_async_client(c)]
+        asynchronous = [c for c in clients if _is_async_client(c)]
+        if len(sync) > 1 or len(asynchronous) > 1:
+            raise ConfigurationError("give at most one blocking and one asyncio Redis client")
+        self._sync = Commands(sync[0]) if sync else None
+        self._async = Commands(asynchronous[0]) if asynchronous else None
+        if policies is not None:
+            loaded = load_policies(policies)
+            self._policy_source, self._policies = policies, loaded
+            for binding in list(self._bindings):
+                binding._rebind()
+        self.breaker.reset()
+
+    @property
+    def policies(self) -> dict[str, Dataset]:
+        """Every loaded dataset policy by registry key (loaded on first use)."""
+        if self._policies is None:
+            source = self._policy_source
+            try:
+                self._policies = load_policies(source)
+            except ModuleNotFoundError as exc:
+                if not isinstance(source, str) or exc.name is None or not source.startswith(exc.name):
+                    raise
+                raise ConfigurationError(
+                    f"cannot import policies {source!r}: run `memofill gen`, or pass policies= "
+                    "(a module, its dotted name, or a mapping of key -> Dataset)"
+                ) from exc
+        return self._policies
+
+    def policy(self, key: str) -> Dataset:
+        """The policy of ``key``; :class:`~memofill.errors.UnknownDatasetError` if none declares it."""
+        try:
+            return self.policies[key]
+        except KeyError:
+            known = ", ".join(sorted(self.policies)) or "none"
+            raise UnknownDatasetError(f"no dataset {key!r} in the policies (known: {known})") from None
+
+    def commands_for(self, is_async: bool) -> Commands | None:
+        """The commands of the client that serves sync or coroutine functions."""
+        commands = self._async if is_async else self._sync
+        if commands is None and (self._sync or self._async):
+            kind = "an asyncio" if is_async else "a blocking"
+            raise ConfigurationError(
+                f"a {'coroutine ' if is_async else ''}function needs {kind} Redis client: "
+                "pass it as client= or async_client="
+            )
+        return commands
+
+    def cached_dataset(self, key: str) -> Callable[[F], F]:
+        """Decorate a fetch function so its results are cached under dataset ``key``.
+
+        The policy is resolved, and the key template checked against the
+        function's parameters, right now: a mistake fails at import time.
+        """
+        from memofill.decorator import CachedDataset
+
+        self.policy(key)
+
+        def decorate(function: F) -> F:
+            return CachedDataset(function, self, key)  # type: ignore[return-value]
+
+        return decorate
+
+    def final_key(self, key: str, **fields: object) -> str:
+        """The Redis key of dataset ``key`` for these field values (``prefix`` included)."""
+        template = parse_template(self.policy(key).key)
+        missing = set(template.fields) - set(fields)
+        if missing:
+            raise TypeError(f"key {key!r} needs fields {sorted(missing)}")
+        return self.prefix + template.render(fields)
+
+    def lock_key(self, key: str, **fields: object) -> str:
+        """The lock key the fill of that entry takes."""
+        return lock_key(self.final_key(key, **fields))
+
+    def _bind(self, binding: CachedDataset) -> None:
+        self._bindings.add(binding)
+
+
+#: The instance behind :func:`configure` and :func:`cached_dataset`.
+default = Memofill()
+
+
+def configure(
+    client: Any = None,
+    *,
+    async_client: Any = None,
+    prefix: str | None = None,
+    policies: PolicySource | ModuleType | None = None,
+) -> Memofill:
+    """Configure the module-level default instance; returns it."""
+    default.configure(client, async_client=async_client, prefix=prefix, policies=policies)
+    return default
+
+
+def cached_dataset(key: str) -> Callable[[F], F]:
+    """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
+    return default.cached_dataset(key)

@@ -1,0 +1,117 @@
+"""What happened on each miss: the closed outcome vocabulary, one log record per miss, counters.
+
+memofill logs on the ``memofill`` logger and installs no handler: the
+application decides where records go. Every miss emits exactly one record whose
+fields are record attributes (``record.outcome``, ``record.dataset``...), so a
+JSON formatter or structlog picks them up without parsing the message. Hits are
+only counted: logging them would cost more than the hit itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import Counter
+
+import attrs
+
+logger = logging.getLogger("memofill")
+
+
+class Outcome(str, enum.Enum):
+    """How one caller's miss ended."""
+
+    #: This caller held the lock, fetched, and wrote the value.
+    LEADER_FILL = "leader_fill"
+    #: This caller took the lock, but the recheck found a value another leader had just written.
+    LEADER_RECHECK_HIT = "leader_recheck_hit"
+    #: Another process held the lock; the value appeared in Redis while this caller waited.
+    FOLLOWER_HIT = "follower_hit"
+    #: The value did not appear within ``wait_ms``; this caller fetched uncoordinated.
+    FOLLOWER_TIMEOUT = "follower_timeout"
+    #: Redis failed in the lock path; the caller fell back to process-local singleflight.
+    LOCK_ERROR = "lock_error"
+    #: The dataset has no fill policy (or no Redis): process-local singleflight only.
+    LEGACY = "legacy"
+    #: Another caller in this process was already filling the key; this one shared its result.
+    LOCAL_JOIN = "local_join"
+    #: The fetch raised (here, or in the leader this caller waited on).
+    FETCH_ERROR = "fetch_error"
+    #: The fetch returned ``None``; a negative marker now stands for it.
+    NEGATIVE = "negative"
+
+
+#: Outcomes that mean something went wrong, logged at WARNING; the rest at INFO.
+WARNING_OUTCOMES = frozenset({Outcome.FOLLOWER_TIMEOUT, Outcome.LOCK_ERROR, Outcome.FETCH_ERROR})
+
+
+@attrs.frozen
+class MissRecord:
+    """The fields of one miss record, as they appear on the log record."""
+
+    outcome: Outcome
+    dataset: str
+    redis_key: str
+    elapsed_ms: float
+    waited_ms: float = 0.0
+    polls: int = 0
+    payload_bytes: int = 0
+    error: str | None = None
+
+    def emit(self) -> None:
+        """Log this record on the ``memofill`` logger (never the payload, only its size)."""
+        level = logging.WARNING if self.outcome in WARNING_OUTCOMES else logging.INFO
+        if not logger.isEnabledFor(level):
+            return
+        fields = attrs.asdict(self)
+        fields["outcome"] = self.outcome.value
+        logger.log(
+            level,
+            "%s %s elapsed_ms=%.1f waited_ms=%.1f polls=%d payload_bytes=%d error=%s",
+            self.outcome.value,
+            self.redis_key,
+            self.elapsed_ms,
+            self.waited_ms,
+            self.polls,
+            self.payload_bytes,
+            self.error,
+            extra=fields,
+        )
+
+
+#: The counter name for hits; outcomes use their own values.
+HIT = "hit"
+#: Served from the process-local fallback while Redis was unreachable.
+FALLBACK_HIT = "fallback_hit"
+
+
+class Counters:
+    """Per-dataset counts of hits and miss outcomes, readable in-process.
+
+    Thread-safe: exact counts matter more here than the few nanoseconds a lock
+    costs on a path that already waits for a Redis round trip.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, dataset: str, name: str) -> None:
+        """Count one ``name`` (an outcome value, :data:`HIT` or :data:`FALLBACK_HIT`)."""
+        with self._lock:
+            self._counts[dataset, name] += 1
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """``{dataset: {name: count}}`` for everything counted so far."""
+        with self._lock:
+            items = list(self._counts.items())
+        result: dict[str, dict[str, int]] = {}
+        for (dataset, name), count in sorted(items):
+            result.setdefault(dataset, {})[name] = count
+        return result
+
+    def reset(self) -> None:
+        """Forget every count (tests and benchmarks start from zero)."""
+        with self._lock:
+            self._counts.clear()
