@@ -1,0 +1,65 @@
+"""Shared fixtures: fakeredis for fast unit tests, private real redis-servers for integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+
+from memofill import CacheFill, Dataset
+from tests.redis_servers import RedisCluster, RedisServer
+
+#: Policies the runtime tests use, independent of the project's registry.
+POLICIES = {
+    "item:{name}": Dataset(
+        "item:{name}",
+        ttl_s=60,
+        negative_ttl_s=30,
+        cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200),
+    ),
+    "fast:{name}": Dataset(
+        "fast:{name}",
+        ttl_s=60,
+        negative_ttl_s=30,
+        cache_fill=CacheFill(lease_ms=1_000, wait_ms=500, poll_min_ms=5, poll_max_ms=50),
+    ),
+    "plain:{name}": Dataset("plain:{name}", ttl_s=60),
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server for the session (tests use their own prefixes)."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for one test that stops, pauses or kills it."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private three-master Redis Cluster for the session."""
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def real_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def fake_client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
