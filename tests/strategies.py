@@ -1,0 +1,130 @@
+"""Hypothesis strategies for registries: valid ones, and ones that break exactly one rule."""
+
+from __future__ import annotations
+
+import string
+
+import attrs
+from hypothesis import strategies as st
+
+from memofill import CacheFill, Dataset
+from memofill.keys import ARGUMENT_CHARS
+
+#: Field names a key template may use.
+field_names = st.builds(
+    str.__add__,
+    st.sampled_from(string.ascii_letters + "_"),
+    st.text(alphabet=string.ascii_letters + string.digits + "_", max_size=8),
+)
+#: Literal text inside one segment of a key (no separators, no braces).
+literal_text = st.text(alphabet=sorted(ARGUMENT_CHARS), max_size=5)
+
+
+@st.composite
+def key_templates(draw: st.DrawFn, head: str = "k") -> str:
+    """A well-formed key template starting with the literal segment ``head``.
+
+    Each further segment holds at most one field, so fields are always split by
+    a separator, as the rules demand.
+    """
+    names = draw(st.lists(field_names, max_size=3, unique=True))
+    parts = [head]
+    for name in names:
+        separator = draw(st.sampled_from(":/"))
+        parts.append(f"{separator}{draw(literal_text)}{{{name}}}{draw(literal_text)}")
+    if draw(st.booleans()):
+        parts.append(draw(st.sampled_from(":/")) + draw(literal_text))
+    return "".join(parts)
+
+
+@st.composite
+def cache_fills(draw: st.DrawFn) -> CacheFill:
+    """A fill policy keeping ``0 < poll_min <= poll_max < wait < lease``."""
+    poll_min = draw(st.integers(1, 1_000))
+    poll_max = draw(st.integers(poll_min, poll_min + 5_000))
+    wait = draw(st.integers(poll_max + 1, poll_max + 60_000))
+    lease = draw(st.integers(wait + 1, wait + 600_000))
+    return CacheFill(lease_ms=lease, wait_ms=wait, poll_min_ms=poll_min, poll_max_ms=poll_max)
+
+
+finite = {"allow_nan": False, "allow_infinity": False}
+positive_seconds = st.integers(1, 10**7) | st.floats(min_value=0.001, max_value=1e9, **finite)
+non_negative_seconds = st.integers(0, 10**7) | st.floats(min_value=0.0, max_value=1e9, **finite)
+
+
+@st.composite
+def datasets(draw: st.DrawFn, head: str = "k") -> Dataset:
+    """A valid dataset whose key starts with the literal segment ``head``."""
+    return Dataset(
+        key=draw(key_templates(head)),
+        ttl_s=draw(positive_seconds),
+        negative_ttl_s=draw(non_negative_seconds),
+        cache_fill=draw(st.none() | cache_fills()),
+    )
+
+
+@st.composite
+def registries(draw: st.DrawFn, min_size: int = 0) -> list[Dataset]:
+    """A valid registry: every key starts with its own literal head, so no two overlap."""
+    size = draw(st.integers(min_size, 5))
+    return [draw(datasets(head=f"ds{index}")) for index in range(size)]
+
+
+MALFORMED_KEYS = [
+    "a:{x",
+    "a:x}",
+    "a:{}",
+    "a:{x}:{x}",
+    "a:{x:>4}",
+    "a:{x}{y}",
+    "a b",
+    "",
+]
+
+
+@st.composite
+def fill_violations(draw: st.DrawFn, fill: CacheFill) -> tuple[CacheFill, str]:
+    """``fill`` with one of its rules broken, and the field that breaks it."""
+    step = draw(st.integers(0, 1_000))
+    lease, wait, poll_min = fill.lease_ms, fill.wait_ms, fill.poll_min_ms
+    choices = {
+        "lease_ms": [-step, draw(st.booleans()), float(lease), str(lease)],
+        "wait_ms": [lease + step, float(wait)],
+        "poll_min_ms": [-step, str(poll_min)],
+        "poll_max_ms": [poll_min - 1 - step, wait + step, True],
+    }
+    field = draw(st.sampled_from(sorted(choices)))
+    value = draw(st.sampled_from(choices[field]))
+    return attrs.evolve(fill, **{field: value}), f"cache_fill.{field}"
+
+
+@st.composite
+def single_violations(draw: st.DrawFn) -> tuple[list[object], str, str]:
+    """A registry that breaks exactly one rule, the key it is reported under, and the field."""
+    registry: list[object] = list(draw(registries(min_size=1)))
+    index = draw(st.integers(0, len(registry) - 1))
+    dataset = registry[index]
+    assert isinstance(dataset, Dataset)
+    kinds = ["ttl_s", "negative_ttl_s", "key", "type", "duplicate"]
+    if dataset.cache_fill is not None:
+        kinds.append("cache_fill")
+    kind = draw(st.sampled_from(kinds))
+    field = kind
+    if kind == "ttl_s":
+        broken = attrs.evolve(dataset, ttl_s=draw(st.integers(-100, 0) | st.just(float("nan"))))
+    elif kind == "negative_ttl_s":
+        broken = attrs.evolve(dataset, negative_ttl_s=draw(st.integers(-100, -1)))
+    elif kind == "key":
+        broken = attrs.evolve(dataset, key=draw(st.sampled_from(MALFORMED_KEYS)))
+    elif kind == "type":
+        field = draw(st.sampled_from(["ttl_s", "negative_ttl_s"]))
+        broken = attrs.evolve(dataset, **{field: draw(st.sampled_from(["60", True, None]))})
+    elif kind == "duplicate":
+        broken, field = dataset, "key"
+        registry.append(dataset)
+    else:
+        assert dataset.cache_fill is not None
+        fill, field = draw(fill_violations(dataset.cache_fill))
+        broken = attrs.evolve(dataset, cache_fill=fill)
+    registry[index] = broken
+    return registry, broken.key, field

@@ -1,0 +1,304 @@
+"""``memofill gen`` and ``memofill check``: exit codes, paths, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memofill.cli import main
+from memofill.codegen import load_registry, render
+
+VALID = """from memofill import CacheFill, Dataset
+
+DATASETS = [
+    Dataset("news:digest:v1", ttl_s=900, cache_fill=CacheFill(15_000, 10_000, 25, 500)),
+    Dataset("weather:alerts:v2", ttl_s=300),
+]
+"""
+INVALID = """from memofill import CacheFill, Dataset
+
+DATASETS = [
+    Dataset("a:v1", ttl_s=0),
+    Dataset("b:v1", ttl_s=5, negative_ttl_s=-1),
+    Dataset("c:v1", ttl_s=5, cache_fill=CacheFill(5_000, 6_000, 10, 250)),
+    Dataset("d:{x}{y}", ttl_s=5),
+]
+"""
+PYPROJECT = '[tool.memofill]\nregistry = "src/reg.py"\nout = "build/policies.py"\n'
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project whose pyproject.toml names src/reg.py and build/policies.py; cwd is its root."""
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "reg.py").write_text(VALID)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(err: str, *fragments: str) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("memofill: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``directory`` with its bytes and mtime, to prove nothing was written."""
+    return {
+        str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+# -- gen -----------------------------------------------------------------------------------
+
+
+def test_gen_writes_the_module_named_in_pyproject(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "gen") == (0, "memofill: wrote build/policies.py from src/reg.py\n", "")
+    out = project / "build" / "policies.py"
+    assert out.read_text() == render(load_registry(project / "src" / "reg.py"), "src/reg.py")
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["policies.py"], "no temporary file left"
+
+
+def test_gen_is_deterministic_from_any_directory(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = project / "build" / "policies.py"
+    assert run(capsys, "gen")[0] == 0
+    first = out.read_bytes()
+    assert run(capsys, "gen")[0] == 0
+    assert out.read_bytes() == first
+    monkeypatch.chdir(project / "src")
+    assert run(capsys, "gen") == (0, "memofill: wrote ../build/policies.py from reg.py\n", "")
+    assert out.read_bytes() == first
+    assert b"\n# source: src/reg.py\n" in first
+
+
+def test_flags_override_pyproject(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "other.py").write_text(VALID.replace("ttl_s=300", "ttl_s=30"))
+    code, out, _ = run(capsys, "gen", "--registry", "other.py", "--out", "x/y.py")
+    assert (code, out) == (0, "memofill: wrote x/y.py from other.py\n")
+    assert '"ttl_s": 30,' in (project / "x" / "y.py").read_text()
+    assert not (project / "build").exists()
+    assert run(capsys, "gen", "--out", "z.py")[1] == "memofill: wrote z.py from src/reg.py\n"
+
+
+def test_both_flags_need_no_readable_pyproject(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "pyproject.toml").write_text("this is [not toml")
+    assert run(capsys, "gen", "--registry", "src/reg.py", "--out", "o.py")[0] == 0
+
+
+def test_built_in_defaults_without_a_tool_memofill_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    (tmp_path / "registry.py").write_text(VALID)
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "gen")[1] == "memofill: wrote gen/cache_fill_registry.py from registry.py\n"
+    assert (tmp_path / "gen" / "cache_fill_registry.py").is_file()
+
+
+@pytest.mark.parametrize("command", ["gen", "check"])
+def test_an_invalid_registry_lists_every_problem_and_writes_nothing(
+    project: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    assert run(capsys, "gen")[0] == 0
+    (project / "src" / "reg.py").write_text(INVALID)
+    before = snapshot(project)
+    code, out, err = run(capsys, command)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        "memofill: error: src/reg.py is invalid (4 problems):",
+        "memofill: error: src/reg.py: a:v1: ttl_s=0: must be > 0",
+        "memofill: error: src/reg.py: b:v1: negative_ttl_s=-1: must be >= 0",
+        "memofill: error: src/reg.py: c:v1: cache_fill.wait_ms=6000: must be < lease_ms (5000)",
+        "memofill: error: src/reg.py: d:{x}{y}: key='d:{x}{y}': "
+        "fields {x} and {y} must be separated by ':' or '/'",
+    ]
+    assert snapshot(project) == before
+
+
+def test_gen_on_an_invalid_registry_creates_no_file(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "src" / "reg.py").write_text(INVALID)
+    assert run(capsys, "gen")[0] == 2
+    assert not (project / "build").exists()
+
+
+def test_gen_reports_an_unwritable_output_on_one_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "blocker").write_text("a file, not a directory")
+    code, out, err = run(capsys, "gen", "--out", "blocker/policies.py")
+    assert (code, out) == (2, "")
+    assert_one_error(err, "blocker")
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+def test_check_in_sync(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "gen")
+    before = snapshot(project)
+    expected = "memofill: build/policies.py is in sync with src/reg.py\n"
+    assert run(capsys, "check") == (0, expected, "")
+    assert snapshot(project) == before
+
+
+def test_check_reports_drift_with_a_diff_and_writes_nothing(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "gen")
+    registry = project / "src" / "reg.py"
+    registry.write_text(registry.read_text().replace("ttl_s=300", "ttl_s=301"))
+    before = snapshot(project)
+    code, out, err = run(capsys, "check")
+    assert code == 1
+    assert out.startswith("--- build/policies.py (on disk)\n+++ build/policies.py (generated)\n")
+    assert '\n-        "ttl_s": 300,\n+        "ttl_s": 301,\n' in out
+    expected = "memofill: build/policies.py is out of date; run 'memofill gen' to regenerate it\n"
+    assert err == expected
+    assert snapshot(project) == before
+
+
+def test_check_sees_any_byte_changed_by_hand(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(capsys, "gen")
+    out = project / "build" / "policies.py"
+    out.write_bytes(out.read_bytes() + b"\n")
+    assert run(capsys, "check")[0] == 1
+
+
+def test_check_counts_a_missing_output_as_drift(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "check")
+    assert code == 1
+    assert "+# generated by memofill gen — do not edit\n" in out
+    assert "is missing" in err
+    assert not (project / "build").exists()
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["gen", "check"])
+@pytest.mark.parametrize(
+    ("source", "fragments"),
+    [
+        (None, ["src/reg.py: no such file"]),
+        ("DATASETS = [\n", ["src/reg.py:1: syntax error"]),
+        ("import sys\nDATASETS = [sys.no_such]\n", ["src/reg.py: raised AttributeError"]),
+        ("X = 1\n", ["src/reg.py: defines no DATASETS"]),
+        ("DATASETS = 'news'\n", ["src/reg.py: DATASETS must be a list or tuple, not str"]),
+    ],
+)
+def test_registry_load_errors_are_one_line(
+    project: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    source: str | None,
+    fragments: list[str],
+) -> None:
+    registry = project / "src" / "reg.py"
+    if source is None:
+        registry.unlink()
+    else:
+        registry.write_text(source)
+    code, out, err = run(capsys, command)
+    assert (code, out) == (2, "")
+    assert_one_error(err, *fragments)
+    assert not (project / "build").exists()
+
+
+def test_a_non_dataset_in_datasets(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (project / "src" / "reg.py").write_text(VALID.replace("]\n", "    'x',\n]\n"))
+    code, _, err = run(capsys, "gen")
+    assert code == 2
+    assert err.splitlines()[1:] == [
+        "memofill: error: src/reg.py: DATASETS[2]: item='x': must be a memofill.Dataset"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("[tool.memofill\n", "pyproject.toml: invalid TOML"),
+        ("[tool.memofill]\nregistry = 5\n", "[tool.memofill] registry must be a string path"),
+        ("[tool]\nmemofill = 1\n", "[tool.memofill] must be a table"),
+    ],
+)
+def test_a_bad_pyproject_is_one_line(
+    project: Path, capsys: pytest.CaptureFixture[str], content: str, fragment: str
+) -> None:
+    (project / "pyproject.toml").write_text(content)
+    code, out, err = run(capsys, "check")
+    assert (code, out) == (2, "")
+    assert_one_error(err, fragment)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["gen", "--bogus"], "unrecognized arguments: --bogus"),
+        (["check", "--registry"], "argument --registry: expected one argument"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_bad_arguments_are_one_line(
+    project: Path, capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert_one_error(err, fragment)
+
+
+# -- as a process --------------------------------------------------------------------------
+
+
+def python_m_memofill(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "memofill", *argv]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, timeout=60)
+
+
+def test_python_m_memofill_round_trip(project: Path) -> None:
+    assert python_m_memofill(project, "check").returncode == 1
+    generated = python_m_memofill(project, "gen")
+    assert (generated.returncode, generated.stderr) == (0, "")
+    checked = python_m_memofill(project, "check")
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("argv", "source"),
+    [(["check"], "DATASETS = [\n"), (["gen"], "raise RuntimeError('boom')\n"), (["gen", "-x"], "")],
+)
+def test_python_m_memofill_errors_have_no_traceback(
+    project: Path, argv: list[str], source: str
+) -> None:
+    (project / "src" / "reg.py").write_text(source)
+    result = python_m_memofill(project, *argv)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "Traceback" not in result.stderr
+    assert_one_error(result.stderr)

@@ -1,0 +1,155 @@
+"""Key rendering: escaping that no argument can subvert, overlap detection, Cluster slots."""
+
+from __future__ import annotations
+
+import enum
+import string
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from memofill import KeyArgumentError
+from memofill.keys import (
+    MAX_FIELD_CHARS,
+    format_argument,
+    lock_key,
+    parse_template,
+    prefix_problem,
+    templates_overlap,
+    wake_key,
+)
+from tests.strategies import key_templates
+
+FORBIDDEN = set(":/{}" + string.whitespace)
+HEX_DIGEST = set(string.hexdigits.lower())
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Size(enum.IntEnum):
+    LARGE = 3
+
+
+@given(st.text(), st.text())
+def test_escaping_is_injective(first: str, second: str) -> None:
+    assume(first != second)
+    assert format_argument("x", first) != format_argument("x", second)
+
+
+@given(st.text() | st.integers())
+def test_no_argument_renders_a_separator_brace_or_whitespace(value: str | int) -> None:
+    rendered = format_argument("x", value)
+    assert rendered.isascii(), "so no Unicode space or separator can slip through"
+    assert not FORBIDDEN.intersection(rendered)
+
+
+def test_escaping_examples() -> None:
+    template = parse_template("market:quotes:{symbol}")
+    assert template.render({"symbol": "EUR/USD"}) == "market:quotes:EUR%2FUSD"
+    assert template.render({"symbol": "a:b {c}\n"}) == "market:quotes:a%3Ab%20%7Bc%7D%0A"
+    assert format_argument("x", "100%") == "100%25"
+    assert format_argument("x", "é") == "%C3%A9"
+    assert format_argument("x", "~abc") == "%7Eabc", "'~' marks digests, so it is escaped"
+    assert format_argument("x", "\ud800") == "%ED%A0%80", "a lone surrogate is still one key"
+
+
+def test_ints_and_their_text_name_the_same_key_and_enums_use_their_value() -> None:
+    assert format_argument("x", 42) == format_argument("x", "42") == "42"
+    assert format_argument("x", -7) == "-7"
+    assert format_argument("x", Color.RED) == "red"
+    assert format_argument("x", Size.LARGE) == "3"
+
+
+def test_long_values_are_hashed() -> None:
+    assert format_argument("x", "a" * MAX_FIELD_CHARS) == "a" * MAX_FIELD_CHARS
+    hashed = format_argument("x", "a" * (MAX_FIELD_CHARS + 1))
+    assert hashed[0] == "~"
+    assert len(hashed) == 65
+    assert set(hashed[1:]) <= HEX_DIGEST
+    # 34 two-byte characters escape to 204 characters: the escaped length decides.
+    assert format_argument("x", "é" * 34).startswith("~")
+    assert format_argument("x", "a" * 500) != format_argument("x", "a" * 501)
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name"),
+    [(None, "NoneType"), (True, "bool"), (1.5, "float"), (object(), "object"), (b"ab", "bytes")],
+)
+def test_values_that_cannot_name_a_key_are_refused(value: object, type_name: str) -> None:
+    with pytest.raises(KeyArgumentError) as caught:
+        parse_template("market:quotes:{symbol}").render({"symbol": value})
+    assert str(caught.value) == f"key field {{symbol}} takes a str or int, not {type_name}"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "overlap"),
+    [
+        ("a:{x}", "a:b", True),
+        ("a:{x}", "a:{y}", True),
+        ("a:{x}", "a:", True),  # x="" renders "a:"
+        ("a:{x}.json", "a:b.json", True),
+        ("n:ab{x}", "n:{y}b", True),  # both render "n:abb"
+        ("v{x}", "{y}1", True),
+        ("a:{x}", "b:{y}", False),
+        ("a:{x}:c", "a:b", False),  # arguments hold no separator
+        ("a/{x}", "a:{x}", False),
+        ("a:{x}.json", "a:b.xml", False),
+        ("n:{x}v1", "n:{y}v2", False),
+        ("x{a}", "y{b}", False),
+        ("news:digest:v1", "news:digest:v2", False),
+    ],
+)
+def test_templates_overlap(first: str, second: str, overlap: bool) -> None:
+    a, b = parse_template(first), parse_template(second)
+    assert templates_overlap(a, b) is overlap
+    assert templates_overlap(b, a) is overlap
+
+
+@given(key_templates(), key_templates(), st.data())
+def test_templates_that_do_not_overlap_never_render_the_same_key(
+    first: str, second: str, data: st.DataObject
+) -> None:
+    a, b = parse_template(first), parse_template(second)
+    assume(not templates_overlap(a, b))
+    words = st.text(alphabet="ab:/", max_size=3)
+    key_a = a.render({name: data.draw(words) for name in a.fields})
+    key_b = b.render({name: data.draw(words) for name in b.fields})
+    assert key_a != key_b
+
+
+@given(key_templates(), st.data())
+def test_a_template_overlaps_every_key_it_renders(source: str, data: st.DataObject) -> None:
+    template = parse_template(source)
+    words = st.text(alphabet="ab", max_size=3)
+    rendered = template.render({name: data.draw(words) for name in template.fields})
+    assert templates_overlap(template, parse_template(rendered))
+
+
+def test_crc16_is_the_cluster_one() -> None:
+    # The reference value from the Redis Cluster specification.
+    assert key_slot(b"123456789") == 12739
+
+
+@pytest.mark.parametrize("prefix", ["", "prod:", "{tenant-7}:", "app:{t}:", "{x}"])
+@pytest.mark.parametrize("symbol", ["EURUSD", "a/b:c", "x" * 300])
+def test_lock_and_wake_keys_share_the_data_keys_slot(prefix: str, symbol: str) -> None:
+    assert prefix_problem(prefix) is None
+    final = prefix + parse_template("market:quotes:{symbol}").render({"symbol": symbol})
+    slot = key_slot(final.encode())
+    for derived in (lock_key(final), wake_key(final)):
+        assert derived != final
+        assert key_slot(derived.encode()) == slot
+
+
+def test_lock_keys_differ_between_prefixes_and_from_wake_keys() -> None:
+    assert lock_key("prod:news:digest:v1") != lock_key("staging:news:digest:v1")
+    assert lock_key("prod:news:digest:v1") != wake_key("prod:news:digest:v1")
+
+
+@pytest.mark.parametrize("prefix", ["{", "}", "{}", "a}{b", "{a}{b}", "}{a}"])
+def test_prefixes_whose_braces_would_move_the_slot_are_refused(prefix: str) -> None:
+    assert prefix_problem(prefix) is not None

@@ -1,0 +1,222 @@
+"""The registry rules: each one alone, many at once, and generated registries."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from hypothesis import given
+
+from memofill import CacheFill, Dataset, Problem, RegistryError, load_policies, validate
+from memofill.policy import ensure_valid
+from tests.strategies import registries, single_violations
+
+FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250)
+BASE = Dataset("market:quotes:{symbol}", ttl_s=60, negative_ttl_s=120, cache_fill=FILL)
+KEY = BASE.key
+
+
+def broken(**changes: object) -> Dataset:
+    """BASE with dataset fields (ttl_s=...) or fill fields (lease_ms=...) replaced."""
+    fill_changes = {k: v for k, v in changes.items() if k.endswith("_ms")}
+    dataset_changes = {k: v for k, v in changes.items() if not k.endswith("_ms")}
+    return attrs.evolve(BASE, cache_fill=attrs.evolve(FILL, **fill_changes), **dataset_changes)
+
+
+def found(datasets: list[object]) -> list[tuple[str, str, object, str]]:
+    return [(p.key, p.field, p.value, p.rule) for p in validate(datasets)]
+
+
+def test_the_spec_registry_is_valid() -> None:
+    assert validate([BASE, Dataset("weather:alerts:v2", ttl_s=300)]) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param(
+            {"lease_ms": 0},
+            [
+                ("cache_fill.lease_ms", 0, "must be > 0"),
+                ("cache_fill.wait_ms", 3000, "must be < lease_ms (0)"),
+            ],
+            id="lease_ms>0 (wait_ms<lease_ms follows)",
+        ),
+        pytest.param(
+            {"wait_ms": 5_000},
+            [("cache_fill.wait_ms", 5000, "must be < lease_ms (5000)")],
+            id="wait_ms<lease_ms",
+        ),
+        pytest.param(
+            {"poll_min_ms": 0},
+            [("cache_fill.poll_min_ms", 0, "must be > 0")],
+            id="poll_min_ms>0",
+        ),
+        pytest.param(
+            {"poll_max_ms": 9},
+            [("cache_fill.poll_max_ms", 9, "must be >= poll_min_ms (10)")],
+            id="poll_max_ms>=poll_min_ms",
+        ),
+        pytest.param(
+            {"poll_max_ms": 3_000},
+            [("cache_fill.poll_max_ms", 3000, "must be < wait_ms (3000)")],
+            id="poll_max_ms<wait_ms",
+        ),
+        pytest.param({"ttl_s": 0}, [("ttl_s", 0, "must be > 0")], id="ttl_s>0"),
+        pytest.param({"ttl_s": -0.5}, [("ttl_s", -0.5, "must be > 0")], id="ttl_s>0 float"),
+        pytest.param(
+            {"negative_ttl_s": -1}, [("negative_ttl_s", -1, "must be >= 0")], id="negative_ttl_s>=0"
+        ),
+        pytest.param(
+            {"ttl_s": "60"}, [("ttl_s", "60", "must be a number of seconds")], id="str for ttl_s"
+        ),
+        pytest.param(
+            {"ttl_s": True}, [("ttl_s", True, "must be a number of seconds")], id="bool for ttl_s"
+        ),
+        pytest.param(
+            {"lease_ms": "5000"},
+            [("cache_fill.lease_ms", "5000", "must be an int (ms)")],
+            id="str for lease_ms",
+        ),
+        pytest.param(
+            {"wait_ms": True},
+            [("cache_fill.wait_ms", True, "must be an int (ms)")],
+            id="bool for wait_ms",
+        ),
+        pytest.param(
+            {"poll_min_ms": 10.0},
+            [("cache_fill.poll_min_ms", 10.0, "must be an int (ms)")],
+            id="float for poll_min_ms",
+        ),
+    ],
+)
+def test_each_rule_alone(changes: dict[str, object], expected: list[tuple[object, ...]]) -> None:
+    assert found([broken(**changes)]) == [(KEY, *problem) for problem in expected]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_ttls_must_be_finite(value: float) -> None:
+    rules = [p.rule for p in validate([broken(ttl_s=value, negative_ttl_s=value)])]
+    assert rules == ["must be finite", "must be finite"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"negative_ttl_s": 0},
+        {"wait_ms": 4_999},
+        {"poll_max_ms": 10},
+        {"poll_max_ms": 2_999},
+        {"ttl_s": 0.001},
+    ],
+    ids=str,
+)
+def test_boundaries_that_are_allowed(changes: dict[str, object]) -> None:
+    assert validate([broken(**changes)]) == []
+
+
+def test_cache_fill_must_be_a_cache_fill() -> None:
+    data = attrs.asdict(FILL)
+    assert found([attrs.evolve(BASE, cache_fill=data)]) == [
+        (KEY, "cache_fill", data, "must be a CacheFill or None")
+    ]
+
+
+def test_items_that_are_not_datasets_are_named_by_position() -> None:
+    assert found([BASE, "news:digest:v1"]) == [
+        ("DATASETS[1]", "item", "news:digest:v1", "must be a memofill.Dataset")
+    ]
+
+
+def test_keys_are_unique() -> None:
+    assert found([BASE, attrs.evolve(BASE, ttl_s=5)]) == [(KEY, "key", KEY, "is declared twice")]
+
+
+def test_keys_that_can_render_to_the_same_redis_key_are_refused() -> None:
+    assert found([BASE, Dataset("market:quotes:EURUSD", ttl_s=5)]) == [
+        (
+            "market:quotes:EURUSD",
+            "key",
+            "market:quotes:EURUSD",
+            "can render the same Redis key as 'market:quotes:{symbol}'",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "rule"),
+    [
+        ("a:{x", "'{' at 2 is never closed"),
+        ("a:x}", "'}' at 3 closes no field"),
+        ("a:{x{y}", "'{' at 4 opens a field inside a field"),
+        ("a:{}", "a field has an empty name"),
+        ("a:{x}:{x}", "field {x} appears twice"),
+        ("a:{x:>4}", "field {x:>4} has a format spec or conversion; fields are plain names"),
+        ("a:{x!r}", "field {x!r} has a format spec or conversion; fields are plain names"),
+        ("a:{1x}", "field {1x} is not a valid parameter name"),
+        ("a:{x}{y}", "fields {x} and {y} must be separated by ':' or '/'"),
+        ("a:{x}-{y}", "fields {x} and {y} must be separated by ':' or '/'"),
+        ("a b", "character ' ' at 1 is not allowed (use A-Z a-z 0-9 _ . - : /)"),
+        ("a:é", "character 'é' at 2 is not allowed (use A-Z a-z 0-9 _ . - : /)"),
+        ("a#lock", "character '#' at 1 is not allowed (use A-Z a-z 0-9 _ . - : /)"),
+        ("", "must not be empty"),
+    ],
+)
+def test_malformed_key_templates(key: str, rule: str) -> None:
+    assert found([Dataset(key, ttl_s=1)]) == [(key, "key", key, rule)]
+
+
+def test_a_key_that_is_not_a_str() -> None:
+    assert found([Dataset(42, ttl_s=1)]) == [("42", "key", 42, "must be a str, not int")]  # type: ignore[arg-type]
+
+
+def test_four_violations_in_four_datasets_are_reported_together() -> None:
+    registry: list[object] = [
+        Dataset("a:v1", ttl_s=0),
+        Dataset("b:{id}", ttl_s=5, negative_ttl_s=-3),
+        BASE,
+        Dataset("c:v1", ttl_s=5, cache_fill=attrs.evolve(FILL, poll_max_ms=3_000)),
+        Dataset("d:{x}{y}", ttl_s=5),
+    ]
+    expected = [
+        Problem("a:v1", "ttl_s", 0, "must be > 0"),
+        Problem("b:{id}", "negative_ttl_s", -3, "must be >= 0"),
+        Problem("c:v1", "cache_fill.poll_max_ms", 3000, "must be < wait_ms (3000)"),
+        Problem(
+            "d:{x}{y}", "key", "d:{x}{y}", "fields {x} and {y} must be separated by ':' or '/'"
+        ),
+    ]
+    with pytest.raises(RegistryError) as caught:
+        ensure_valid(registry, "registry.py")
+    assert list(caught.value.problems) == expected
+    message = str(caught.value)
+    assert message.splitlines()[0] == "registry.py is invalid (4 problems):"
+    assert message.splitlines()[1:] == [
+        "  a:v1: ttl_s=0: must be > 0",
+        "  b:{id}: negative_ttl_s=-3: must be >= 0",
+        "  c:v1: cache_fill.poll_max_ms=3000: must be < wait_ms (3000)",
+        "  d:{x}{y}: key='d:{x}{y}': fields {x} and {y} must be separated by ':' or '/'",
+    ]
+
+
+@given(registries())
+def test_every_valid_registry_passes(registry: list[Dataset]) -> None:
+    assert validate(registry) == []
+    assert load_policies({d.key: d for d in registry}) == {d.key: d for d in registry}
+
+
+@given(single_violations())
+def test_every_single_violation_is_reported_with_its_key_and_field(
+    case: tuple[list[object], str, str],
+) -> None:
+    registry, key, field = case
+    problems = validate(registry)
+    assert (key, field) in [(p.key, p.field) for p in problems]
+    assert {p.key for p in problems} == {key}, "a problem was blamed on another dataset"
+
+
+def test_load_policies_refuses_a_mapping_whose_key_differs_from_the_dataset() -> None:
+    with pytest.raises(RegistryError) as caught:
+        load_policies({"other:key": BASE})
+    assert caught.value.problems == (
+        Problem("other:key", "key", KEY, "mapping key differs from Dataset.key"),
+    )
