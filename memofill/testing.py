@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures and helpers for testing functions cached with memofill."""
