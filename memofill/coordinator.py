@@ -173,7 +173,10 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
     deadline = start + policy.wait_ms / 1000
     interval_ms, polls, last_id, wake_ok = float(policy.poll_min_ms), 0, "0-0", True
     while (remaining_ms := (deadline - clock()) * 1000) > 0:
-        pause_ms = min(interval_ms * (0.5 + rng.random() / 2), remaining_ms)
+        # Jitter within the upper half of the interval, but never under poll_min_ms: that is
+        # the shortest wait the policy allows between two reads.
+        jittered_ms = max(interval_ms * (0.5 + rng.random() / 2), policy.poll_min_ms)
+        pause_ms = min(jittered_ms, remaining_ms)
         if plan.block_limit_ms is not None:
             pause_ms = min(pause_ms, plan.block_limit_ms * 0.8)
         try:
