@@ -162,9 +162,9 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str) -> Steps:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
     result = yield from _store(plan, value, Outcome.LEADER_FILL, led=True)
     release_error = yield from _release(plan, policy, lock, token)
-    if release_error and not result.error:
-        result = attrs.evolve(result, error=release_error)
-    return result
+    # Report the first thing that went wrong: a failed recheck, then the write, then the release.
+    error = error or result.error or release_error
+    return attrs.evolve(result, error=error) if error else result
 
 
 def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: random.Random) -> Steps:
@@ -222,7 +222,8 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
     result = yield from _store(plan, value, outcome, led=True)
-    return result if result.error else attrs.evolve(result, error=error)
+    # The Redis error that sent this caller here says more than a write refused after it.
+    return attrs.evolve(result, error=error) if error else result
 
 
 def _store(plan: Plan, value: Any, outcome: Outcome, led: bool) -> Steps:
