@@ -199,14 +199,20 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
             failure = FillError(plan.dataset, plan.redis_key, found.error)
             waited = (clock() - start) * 1000
             return Result(
-                Outcome.FETCH_ERROR, exception=failure, waited_ms=waited, polls=polls,
+                Outcome.FETCH_ERROR,
+                exception=failure,
+                waited_ms=waited,
+                polls=polls,
                 error=found.error,
             )
         if found is not CORRUPT:
             value = None if found is NEGATIVE else found
             waited = (clock() - start) * 1000
             return Result(
-                Outcome.FOLLOWER_HIT, value=value, waited_ms=waited, polls=polls,
+                Outcome.FOLLOWER_HIT,
+                value=value,
+                waited_ms=waited,
+                polls=polls,
                 payload_bytes=len(raw) if raw else 0,
             )
         interval_ms = min(interval_ms * 2, float(policy.poll_max_ms))
@@ -252,7 +258,9 @@ def _write(plan: Plan, payload: bytes, ttl_ms: int) -> Generator[Step, Any, str 
     return None
 
 
-def _release(plan: Plan, policy: CacheFill, lock: str, token: str) -> Generator[Step, Any, str | None]:
+def _release(
+    plan: Plan, policy: CacheFill, lock: str, token: str
+) -> Generator[Step, Any, str | None]:
     """Token-safe release and wake-up; on error the lock simply expires after ``lease_ms``."""
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
@@ -274,7 +282,9 @@ def _on_error(exc: Exception, breaker: Breaker) -> Exception:
     return exc
 
 
-def run_sync(steps: Steps, commands: Commands | None, fetch: Callable[[], Any], breaker: Breaker) -> Result:
+def run_sync(
+    steps: Steps, commands: Commands | None, fetch: Callable[[], Any], breaker: Breaker
+) -> Result:
     """Perform the steps with a blocking client; return the algorithm's :class:`Result`."""
     reply: Any = None
     failure: Exception | None = None
@@ -285,7 +295,7 @@ def run_sync(steps: Steps, commands: Commands | None, fetch: Callable[[], Any], 
             return finished.value  # type: ignore[no-any-return]
         reply, failure = None, None
         try:
-            if step is FETCH:
+            if isinstance(step, _Fetch):
                 reply = fetch()
             elif isinstance(step, Sleep):
                 time.sleep(step.seconds)
@@ -310,7 +320,7 @@ async def run_async(
             return finished.value  # type: ignore[no-any-return]
         reply, failure = None, None
         try:
-            if step is FETCH:
+            if isinstance(step, _Fetch):
                 reply = await fetch()
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
