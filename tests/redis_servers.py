@@ -1,4 +1,4 @@
-"""Private redis-server processes for the tests: started on free loopback ports, stopped, paused, killed.
+"""Private redis-server processes for the tests, on free loopback ports: start, stop, pause, kill.
 
 Nothing here touches the machine's own Redis on 6379: every server is a child
 process of the test run with its own port and directory, and is gone when the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: A cluster node also listens on its port + 10000 (the cluster bus), so its port must be <= 55535.
+CLUSTER_BUS_OFFSET = 10_000
+MAX_CLUSTER_PORT = 65_535 - CLUSTER_BUS_OFFSET
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, with its bus port (+10000) free as well.
+
+    The kernel hands out ephemeral ports above 32768, often too high for a cluster
+    node (redis-server refuses to start), so the port is drawn below that range.
+    """
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(20_000, min(32_000, MAX_CLUSTER_PORT))
+        if _bindable(port) and _bindable(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 class RedisServer:
@@ -123,7 +152,7 @@ class RedisCluster:
         self.directory = Path(tempfile.mkdtemp(prefix="memofill-cluster-"))
         self.nodes = []
         for _ in range(masters):
-            port = free_port()
+            port = free_cluster_port()
             node_dir = self.directory / str(port)
             node_dir.mkdir()
             self.nodes.append(
@@ -143,7 +172,8 @@ class RedisCluster:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            [REDIS_CLI, "--cluster", "create", *addresses,
+             "--cluster-replicas", "0", "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout_s,
         )
         deadline = time.monotonic() + timeout_s
