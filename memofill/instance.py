@@ -8,9 +8,10 @@ decorated at import time and the clients configured later, at start-up.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -57,11 +58,7 @@ class Memofill:
         policies: PolicySource = DEFAULT_POLICY_MODULE,
         breaker_cooldown_s: float = 1.0,
     ) -> None:
-        self.counters = Counters()
-        self.local_store = LocalStore()
-        self.breaker = Breaker(breaker_cooldown_s)
-        self.thread_flights: ThreadFlights[Result] = ThreadFlights()
-        self.task_flights: TaskFlights[Result] = TaskFlights()
+        self._start_fresh(breaker_cooldown_s)
         self._bindings: weakref.WeakSet[CachedDataset] = weakref.WeakSet()
         self._policy_source: PolicySource = policies
         self._policies: dict[str, Dataset] | None = None
@@ -69,6 +66,14 @@ class Memofill:
         self._async: Commands | None = None
         self.prefix = ""
         self.configure(client, async_client=async_client, prefix=prefix)
+
+    def _start_fresh(self, breaker_cooldown_s: float) -> None:
+        """What calls accumulate: counts, values kept for outages, the breaker, fills in flight."""
+        self.counters = Counters()
+        self.local_store = LocalStore()
+        self.breaker = Breaker(breaker_cooldown_s)
+        self.thread_flights: ThreadFlights[Result] = ThreadFlights()
+        self.task_flights: TaskFlights[Result] = TaskFlights()
 
     def configure(
         self,
@@ -159,6 +164,37 @@ class Memofill:
     def lock_key(self, key: str, **fields: object) -> str:
         """The lock key the fill of that entry takes."""
         return lock_key(self.final_key(key, **fields))
+
+    @contextlib.contextmanager
+    def override(
+        self,
+        client: Any = None,
+        *,
+        async_client: Any = None,
+        prefix: str | None = None,
+        policies: PolicySource | None = None,
+    ) -> Iterator[Memofill]:
+        """Reconfigure this instance for the block (as :meth:`configure`), then put it all back.
+
+        Functions decorated at import time hold this instance, so a test points
+        them at a fake Redis by reconfiguring the instance, not by replacing it.
+        The block starts from nothing (zero counters, no values kept locally,
+        breaker closed, no fills in flight), so what the test sees is its own;
+        afterwards every attribute is as before, and functions decorated in the
+        block are forgotten (their dataset may exist only in the block's policies).
+        """
+        saved = dict(vars(self))
+        bindings = list(self._bindings)
+        try:
+            self._start_fresh(self.breaker.cooldown_s)
+            self.configure(client, async_client=async_client, prefix=prefix, policies=policies)
+            yield self
+        finally:
+            vars(self).clear()
+            vars(self).update(saved)
+            self._bindings = weakref.WeakSet(bindings)
+            for binding in bindings:
+                binding._rebind()
 
     def _bind(self, binding: CachedDataset) -> None:
         self._bindings.add(binding)
