@@ -74,7 +74,7 @@ def compile_fields(template: KeyTemplate, function: Callable[..., Any]) -> tuple
     return tuple(fields)
 
 
-class CachedDataset(wrapt.FunctionWrapper):  # type: ignore[misc]
+class CachedDataset(wrapt.FunctionWrapper[..., Any]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
     Besides being called, it offers :meth:`invalidate` and :meth:`call_with_outcome`.
@@ -128,7 +128,7 @@ class CachedDataset(wrapt.FunctionWrapper):  # type: ignore[misc]
         return CallResult(*_lookup_sync(self, self.__wrapped__, instance, args, kwargs))
 
 
-class _BoundCachedDataset(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
+class _BoundCachedDataset(wrapt.BoundFunctionWrapper[..., Any]):
     invalidate = CachedDataset.invalidate
     call_with_outcome = CachedDataset.call_with_outcome
     redis_key = CachedDataset.redis_key
@@ -139,7 +139,7 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
         return super().__getattr__(name)
 
 
-CachedDataset.__bound_function_wrapper__ = _BoundCachedDataset
+CachedDataset.__bound_function_wrapper__ = _BoundCachedDataset  # type: ignore[misc]  # wrapt hook
 
 
 async def _done(value: Any) -> Any:
