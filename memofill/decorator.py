@@ -108,7 +108,7 @@ class CachedDataset(wrapt.FunctionWrapper[..., Any]):
 
     def redis_key(self, *args: Any, **kwargs: Any) -> str:
         """The final Redis key a call with these arguments reads and fills."""
-        return _redis_key(self, None, args, kwargs)
+        return _redis_key(self, getattr(self, "_self_instance", None), args, kwargs)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> Any:
         """Delete the cached value for these arguments (awaitable for coroutine functions)."""
