@@ -20,7 +20,7 @@ import attrs
 import wrapt
 
 from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
-from memofill.commands import RedisError, is_unreachable
+from memofill.commands import Commands, RedisError, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.keys import KeyTemplate, format_argument
@@ -186,16 +186,17 @@ def _found(binding: Any, key: str, raw: bytes) -> tuple[bool, Any]:
     return False, None
 
 
-def _plan(binding: Any, key: str, redis_ok: bool, block_limit_ms: float | None) -> Plan:
+def _plan(binding: Any, key: str, commands: Commands | None, redis_ok: bool) -> Plan:
     dataset: Dataset = binding._self_dataset
     return Plan(
         dataset=dataset.key,
         redis_key=key,
         ttl_ms=max(1, round(dataset.ttl_s * 1000)),
         negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
-        cache_fill=dataset.cache_fill,
+        # No client configured is the legacy set-up, not a lock error: nothing to coordinate on.
+        cache_fill=None if commands is None else dataset.cache_fill,
         redis_ok=redis_ok,
-        block_limit_ms=block_limit_ms,
+        block_limit_ms=None if commands is None else commands.socket_timeout_ms,
     )
 
 
@@ -260,7 +261,7 @@ def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: A
                         return _hit(binding, key, value)
     elif (value := memofill.local_store.get(key, None)) is not None:
         return _hit(binding, key, value, FALLBACK_HIT)
-    plan = _plan(binding, key, redis_ok, commands.socket_timeout_ms if commands else None)
+    plan = _plan(binding, key, commands, redis_ok)
 
     def run() -> Result:
         return run_sync(fill(plan, time.monotonic, _rng), commands, lambda: wrapped(*args, **kwargs),
@@ -294,7 +295,7 @@ async def _lookup_async(binding: Any, wrapped: Any, instance: Any, args: Any, kw
                         return _hit(binding, key, value)
     elif (value := memofill.local_store.get(key, None)) is not None:
         return _hit(binding, key, value, FALLBACK_HIT)
-    plan = _plan(binding, key, redis_ok, commands.socket_timeout_ms if commands else None)
+    plan = _plan(binding, key, commands, redis_ok)
 
     async def run() -> Result:
         return await run_async(fill(plan, time.monotonic, _rng), commands,
