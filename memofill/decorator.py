@@ -22,7 +22,7 @@ import wrapt
 from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
 from memofill.commands import Commands, RedisError, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
-from memofill.errors import ConfigurationError, FillError, KeyTemplateError
+from memofill.errors import FillError, KeyTemplateError
 from memofill.keys import KeyTemplate, format_argument
 from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
 from memofill.policy import Dataset
@@ -54,7 +54,7 @@ class _Field:
 
 
 def compile_fields(template: KeyTemplate, function: Callable[..., Any]) -> tuple[_Field, ...]:
-    """Where each key field comes from in a call of ``function``; fails if one is not a parameter."""
+    """Where each key field comes from in a call of ``function``; fails if one is no parameter."""
     parameters = inspect.signature(function).parameters
     positional = [
         name
@@ -181,8 +181,12 @@ def _found(binding: Any, key: str, raw: bytes) -> tuple[bool, Any]:
         return True, None
     if isinstance(special, ErrorMarker):
         raise FillError(binding._self_dataset.key, key, special.error)
-    logger.warning("corrupt bytes under %s (%d bytes): treated as a miss", key, len(raw),
-                   extra={"dataset": binding._self_dataset.key, "redis_key": key})
+    logger.warning(
+        "corrupt bytes under %s (%d bytes): treated as a miss",
+        key,
+        len(raw),
+        extra={"dataset": binding._self_dataset.key, "redis_key": key},
+    )
     return False, None
 
 
@@ -264,14 +268,20 @@ def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: A
     plan = _plan(binding, key, commands, redis_ok)
 
     def run() -> Result:
-        return run_sync(fill(plan, time.monotonic, _rng), commands, lambda: wrapped(*args, **kwargs),
-                        memofill.breaker)
+        return run_sync(
+            fill(plan, time.monotonic, _rng),
+            commands,
+            lambda: wrapped(*args, **kwargs),
+            memofill.breaker,
+        )
 
     result, joined = memofill.thread_flights.run(key, run)
     return _finish(binding, key, started, result, joined)
 
 
-async def _lookup_async(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Looked:
+async def _lookup_async(
+    binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: Any
+) -> Looked:
     started = time.monotonic()
     key = _redis_key(binding, instance, args, kwargs)
     memofill = binding._self_memofill
@@ -298,8 +308,12 @@ async def _lookup_async(binding: Any, wrapped: Any, instance: Any, args: Any, kw
     plan = _plan(binding, key, commands, redis_ok)
 
     async def run() -> Result:
-        return await run_async(fill(plan, time.monotonic, _rng), commands,
-                               lambda: wrapped(*args, **kwargs), memofill.breaker)
+        return await run_async(
+            fill(plan, time.monotonic, _rng),
+            commands,
+            lambda: wrapped(*args, **kwargs),
+            memofill.breaker,
+        )
 
     result, joined = await memofill.task_flights.run(key, run)
     return _finish(binding, key, started, result, joined)
