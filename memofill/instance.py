@@ -83,21 +83,34 @@ class Memofill:
         prefix: str | None = None,
         policies: PolicySource | None = None,
     ) -> None:
-        """Set the clients, and the prefix or policies when given; decorated functions follow."""
+        """Set the clients, and the prefix or policies when given; decorated functions follow.
+
+        Everything is checked before anything changes: a configuration that is
+        refused leaves the instance as it was.
+        """
         if prefix is not None:
             problem = prefix_problem(prefix)
             if problem:
                 raise ConfigurationError(f"prefix {prefix!r}: {problem}")
-            self.prefix = prefix
         clients = [c for c in (client, async_client) if c is not None]
         sync = [c for c in clients if not _is_async_client(c)]
         asynchronous = [c for c in clients if _is_async_client(c)]
         if len(sync) > 1 or len(asynchronous) > 1:
             raise ConfigurationError("give at most one blocking and one asyncio Redis client")
-        self._sync = Commands(sync[0]) if sync else None
-        self._async = Commands(asynchronous[0]) if asynchronous else None
+        sync_commands = Commands(sync[0]) if sync else None
+        async_commands = Commands(asynchronous[0]) if asynchronous else None
+        loaded = None
         if policies is not None:
             loaded = load_policies(policies)
+            missing = sorted({binding._self_key for binding in self._bindings} - loaded.keys())
+            if missing:
+                raise UnknownDatasetError(
+                    f"the new policies lack datasets that decorated functions use: {missing}"
+                )
+        if prefix is not None:
+            self.prefix = prefix
+        self._sync, self._async = sync_commands, async_commands
+        if policies is not None:
             self._policy_source, self._policies = policies, loaded
             for binding in list(self._bindings):
                 binding._rebind()
