@@ -1,0 +1,480 @@
+"""``@cached_dataset``: what is decided at decoration, how keys are built, and the wrapper's API.
+
+All on fakeredis; the same behaviour on a real server is in ``test_contract.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio
+
+import memofill
+from memofill import (
+    CachedDataset,
+    CallResult,
+    ConfigurationError,
+    Dataset,
+    KeyArgumentError,
+    KeyTemplateError,
+    Memofill,
+    UnknownDatasetError,
+)
+from memofill.codec import encode
+from tests.conftest import POLICIES
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def raw(server: fakeredis.FakeServer) -> Iterator[fakeredis.FakeRedis]:
+    client = fakeredis.FakeRedis(server=server)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mf(raw: fakeredis.FakeRedis) -> Memofill:
+    return Memofill(raw, prefix="t:", policies=POLICIES)
+
+
+@pytest.fixture
+async def amf(server: fakeredis.FakeServer) -> AsyncIterator[Memofill]:
+    client = fakeredis.FakeAsyncRedis(server=server)
+    yield Memofill(client, prefix="t:", policies=POLICIES)
+    await client.aclose()
+
+
+class Origin:
+    """A fetch function's upstream: counts calls, returns a value built from the argument."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def __call__(self, name: Any) -> dict[str, Any]:
+        self.calls.append(name)
+        return {"name": str(name), "call": len(self.calls)}
+
+
+# --- decoration time -------------------------------------------------------------------
+
+
+def test_unknown_dataset_fails_when_decorating(mf: Memofill) -> None:
+    with pytest.raises(UnknownDatasetError, match="nope:v1") as info:
+        mf.cached_dataset("nope:v1")
+    assert isinstance(info.value, LookupError)
+    assert "item:{name}" in str(info.value)  # the message lists the known keys
+
+
+def test_template_field_that_is_not_a_parameter_fails_when_decorating(mf: Memofill) -> None:
+    decorate = mf.cached_dataset("item:{name}")
+    with pytest.raises(KeyTemplateError, match=r"\{name\}.*symbol"):
+
+        @decorate
+        def fetch(symbol: str) -> int:
+            return 1
+
+
+@pytest.mark.parametrize("signature", ["*name", "**name"])
+def test_template_field_bound_to_var_args_fails_when_decorating(
+    mf: Memofill, signature: str
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(f"def fetch({signature}): return 1", namespace)
+    with pytest.raises(KeyTemplateError):
+        mf.cached_dataset("item:{name}")(namespace["fetch"])
+
+
+def test_decorating_needs_no_client_only_policies() -> None:
+    unconfigured = Memofill(None, policies=POLICIES)
+
+    @unconfigured.cached_dataset("item:{name}")
+    def fetch(name: str) -> str:
+        return name
+
+    assert isinstance(fetch, CachedDataset)
+    assert fetch.dataset is POLICIES["item:{name}"]
+
+
+def test_module_level_decorator_reads_the_generated_policies() -> None:
+    @memofill.cached_dataset("market:quotes:{symbol}")
+    def quotes(symbol: str) -> dict[str, Any]:
+        return {}
+
+    assert quotes.dataset.cache_fill is not None
+    assert quotes.dataset.cache_fill.wait_ms < quotes.dataset.cache_fill.lease_ms
+    with pytest.raises(UnknownDatasetError):
+        memofill.cached_dataset("item:{name}")
+
+
+# --- what the wrapper looks like -------------------------------------------------------
+
+
+def test_keeps_name_doc_signature_and_module(mf: Memofill) -> None:
+    def fetch_item(name: str, *, verbose: bool = False) -> dict[str, Any]:
+        """Fetch one item from the slow upstream."""
+        return {}
+
+    wrapped = mf.cached_dataset("item:{name}")(fetch_item)
+    assert wrapped.__name__ == "fetch_item"
+    assert wrapped.__qualname__ == fetch_item.__qualname__
+    assert wrapped.__doc__ == "Fetch one item from the slow upstream."
+    assert wrapped.__module__ == __name__
+    assert wrapped.__wrapped__ is fetch_item
+    assert inspect.signature(wrapped) == inspect.signature(fetch_item)
+    assert not inspect.iscoroutinefunction(wrapped)
+
+
+def test_coroutine_function_stays_a_coroutine_function(amf: Memofill) -> None:
+    async def fetch_item(name: str) -> int:
+        """Async upstream."""
+        return 1
+
+    wrapped = amf.cached_dataset("item:{name}")(fetch_item)
+    assert inspect.iscoroutinefunction(wrapped)
+    assert wrapped.__name__ == "fetch_item"
+    assert wrapped.__doc__ == "Async upstream."
+    assert inspect.signature(wrapped) == inspect.signature(fetch_item)
+
+
+# --- functions, methods, coroutines ----------------------------------------------------
+
+
+def test_function_is_called_once_then_served_from_redis(
+    mf: Memofill, raw: fakeredis.FakeRedis
+) -> None:
+    origin = Origin()
+    fetch = mf.cached_dataset("item:{name}")(origin)
+    assert fetch("a") == {"name": "a", "call": 1}
+    assert fetch("a") == {"name": "a", "call": 1}
+    assert origin.calls == ["a"]
+    assert raw.get("t:item:a") == encode({"name": "a", "call": 1})
+
+
+async def test_coroutine_function_is_called_once(amf: Memofill, raw: fakeredis.FakeRedis) -> None:
+    origin = Origin()
+
+    @amf.cached_dataset("item:{name}")
+    async def fetch(name: str) -> dict[str, Any]:
+        return origin(name)
+
+    assert await fetch("a") == {"name": "a", "call": 1}
+    assert await fetch("a") == {"name": "a", "call": 1}
+    assert origin.calls == ["a"]
+    assert raw.get("t:item:a") is not None
+
+
+class Repo:
+    """Methods whose key fields come after ``self``."""
+
+    def __init__(self, mf: Memofill, origin: Origin) -> None:
+        self.origin = origin
+        self.mf = mf
+
+    def fetch(self, name: str) -> dict[str, Any]:
+        return self.origin(name)
+
+
+def make_repo_class(mf: Memofill) -> type[Repo]:
+    class CachedRepo(Repo):
+        @mf.cached_dataset("item:{name}")
+        def fetch(self, name: str) -> dict[str, Any]:
+            """Cached method."""
+            return self.origin(name)
+
+    return CachedRepo
+
+
+def test_method_via_instance_and_via_class_share_one_entry(mf: Memofill) -> None:
+    origin = Origin()
+    repo = make_repo_class(mf)(mf, origin)
+    assert repo.fetch("a") == {"name": "a", "call": 1}
+    assert type(repo).fetch(repo, "a") == {"name": "a", "call": 1}
+    assert repo.fetch(name="a") == {"name": "a", "call": 1}
+    assert origin.calls == ["a"]
+    assert repo.fetch.__doc__ == "Cached method."
+
+
+def test_method_helpers_via_instance_and_via_class(mf: Memofill) -> None:
+    origin = Origin()
+    repo = make_repo_class(mf)(mf, origin)
+    cls = type(repo)
+    assert repo.fetch.redis_key("a") == "t:item:a"
+    assert cls.fetch.redis_key(repo, "a") == "t:item:a"
+    first = repo.fetch.call_with_outcome("a")
+    assert (first.outcome, first.led) == ("leader_fill", True)
+    assert cls.fetch.call_with_outcome(repo, "a") == CallResult(first.value, "hit", False)
+    repo.fetch.invalidate("a")
+    assert repo.fetch.call_with_outcome("a").outcome == "leader_fill"
+    cls.fetch.invalidate(repo, "a")
+    assert cls.fetch.call_with_outcome(repo, name="a").outcome == "leader_fill"
+    assert origin.calls == ["a", "a", "a"]
+
+
+async def test_async_method_via_instance_and_via_class(amf: Memofill) -> None:
+    origin = Origin()
+
+    class AsyncRepo:
+        @amf.cached_dataset("item:{name}")
+        async def fetch(self, name: str) -> dict[str, Any]:
+            return origin(name)
+
+    repo = AsyncRepo()
+    assert await repo.fetch("a") == await AsyncRepo.fetch(repo, "a")
+    result = await repo.fetch.call_with_outcome("a")
+    assert (result.outcome, result.led) == ("hit", False)
+    await AsyncRepo.fetch.invalidate(repo, "a")
+    assert (await repo.fetch.call_with_outcome("a")).outcome == "leader_fill"
+    assert origin.calls == ["a", "a"]
+
+
+def test_field_from_keyword_default_and_keyword_only(mf: Memofill) -> None:
+    origin = Origin()
+
+    @mf.cached_dataset("item:{name}")
+    def with_default(limit: int = 5, name: str = "dflt") -> dict[str, Any]:
+        return origin(name)
+
+    @mf.cached_dataset("fast:{name}")
+    def keyword_only(*, name: str) -> dict[str, Any]:
+        return origin(name)
+
+    assert with_default.redis_key() == "t:item:dflt"
+    assert with_default.redis_key(1, "x") == with_default.redis_key(name="x") == "t:item:x"
+    with_default()
+    with_default(3)
+    assert origin.calls == ["dflt"]
+    assert keyword_only.redis_key(name="k") == "t:fast:k"
+    with pytest.raises(TypeError, match="name"):
+        keyword_only.redis_key()
+
+
+# --- keys ------------------------------------------------------------------------------
+
+
+def test_an_argument_with_separators_cannot_forge_another_key(mf: Memofill) -> None:
+    policies = {
+        "user:{uid}": Dataset("user:{uid}", ttl_s=60),
+        "user:{uid}:admin": Dataset("user:{uid}:admin", ttl_s=60),
+    }
+    tenant = Memofill(mf._sync.client if mf._sync else None, prefix="t:", policies=policies)
+
+    @tenant.cached_dataset("user:{uid}")
+    def user(uid: str) -> str:
+        return f"user {uid}"
+
+    @tenant.cached_dataset("user:{uid}:admin")
+    def admin(uid: str) -> str:
+        return f"admin {uid}"
+
+    assert admin("7") == "admin 7"
+    assert user("7:admin") == "user 7:admin"  # not the admin entry
+    assert user.redis_key("7:admin") == "t:user:7%3Aadmin"
+    assert admin.redis_key("7") == "t:user:7:admin"
+    assert len({user.redis_key(v) for v in ["a/b", "a%2Fb", "a b", "a\nb", "{a}", "a:b"]}) == 6
+
+
+def test_str_and_int_name_the_same_entry(mf: Memofill) -> None:
+    origin = Origin()
+    fetch = mf.cached_dataset("item:{name}")(origin)
+
+    class Color(enum.Enum):
+        RED = "red"
+
+    fetch(42)
+    fetch("42")
+    fetch(Color.RED)
+    fetch("red")
+    assert origin.calls == [42, Color.RED]
+
+
+@pytest.mark.parametrize("bad", [None, 1.5, True, object(), b"bytes"])
+def test_an_argument_that_cannot_name_a_key_is_refused_before_redis(
+    mf: Memofill, raw: fakeredis.FakeRedis, bad: Any
+) -> None:
+    origin = Origin()
+    fetch = mf.cached_dataset("item:{name}")(origin)
+    with pytest.raises(KeyArgumentError):
+        fetch(bad)
+    assert origin.calls == []
+    assert raw.dbsize() == 0
+
+
+def test_a_long_argument_becomes_a_digest(mf: Memofill) -> None:
+    fetch = mf.cached_dataset("item:{name}")(Origin())
+    key = fetch.redis_key("x" * 1000)
+    assert key.startswith("t:item:~")
+    assert len(key) < 100
+    assert key != fetch.redis_key("x" * 1001)
+
+
+def test_final_key_and_lock_key_agree_with_the_decorator(mf: Memofill) -> None:
+    fetch = mf.cached_dataset("item:{name}")(Origin())
+    assert mf.final_key("item:{name}", name="a b") == fetch.redis_key("a b") == "t:item:a%20b"
+    assert mf.lock_key("item:{name}", name="a") == "{t:item:a}#lock"
+
+
+# --- the wrapper's helpers -------------------------------------------------------------
+
+
+def test_call_with_outcome_tells_value_outcome_and_leadership(mf: Memofill) -> None:
+    fetch = mf.cached_dataset("item:{name}")(Origin())
+    first = fetch.call_with_outcome("a")
+    assert first == CallResult({"name": "a", "call": 1}, "leader_fill", True)
+    assert fetch.call_with_outcome("a") == CallResult({"name": "a", "call": 1}, "hit", False)
+    assert fetch.call_with_outcome(name="b").outcome == "leader_fill"
+
+
+def test_invalidate_deletes_the_entry_so_the_next_call_fills_again(
+    mf: Memofill, raw: fakeredis.FakeRedis
+) -> None:
+    origin = Origin()
+    fetch = mf.cached_dataset("item:{name}")(origin)
+    fetch("a")
+    fetch("b")
+    assert fetch.invalidate("a") == 1
+    assert raw.exists("t:item:a") == 0
+    assert raw.exists("t:item:b") == 1
+    assert fetch("a") == {"name": "a", "call": 3}
+    assert fetch.invalidate("zzz") == 0
+
+
+async def test_async_invalidate_and_call_with_outcome_are_awaitable(amf: Memofill) -> None:
+    origin = Origin()
+
+    @amf.cached_dataset("item:{name}")
+    async def fetch(name: str) -> dict[str, Any]:
+        return origin(name)
+
+    assert await fetch.call_with_outcome("a") == CallResult(
+        {"name": "a", "call": 1}, "leader_fill", True
+    )
+    assert await fetch.invalidate("a") == 1
+    assert (await fetch.call_with_outcome("a")).outcome == "leader_fill"
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        Memofill(redis.Redis(decode_responses=True), policies=POLICIES)
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        Memofill(fakeredis.FakeRedis(decode_responses=True), policies=POLICIES)
+
+
+async def test_an_async_client_that_decodes_responses_is_refused() -> None:
+    client = redis.asyncio.Redis(decode_responses=True)
+    try:
+        with pytest.raises(ConfigurationError, match="decode_responses"):
+            Memofill(client, policies=POLICIES)
+    finally:
+        await client.aclose()
+
+
+def test_something_that_is_not_a_redis_client_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="dict"):
+        Memofill({}, policies=POLICIES)
+
+
+@pytest.mark.parametrize("prefix", ["{app", "app}", "{}:", "{a}{b}:", "}{"])
+def test_a_prefix_that_would_split_lock_and_data_slots_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigurationError, match="prefix"):
+        Memofill(None, prefix=prefix, policies=POLICIES)
+
+
+def test_a_hash_tag_prefix_is_kept_for_data_and_lock_keys(raw: fakeredis.FakeRedis) -> None:
+    tenant = Memofill(raw, prefix="{tenant-7}:", policies=POLICIES)
+    assert tenant.final_key("item:{name}", name="a") == "{tenant-7}:item:a"
+    assert tenant.lock_key("item:{name}", name="a") == "{tenant-7}:item:a#lock"
+
+
+def test_two_clients_of_one_kind_are_refused(raw: fakeredis.FakeRedis) -> None:
+    with pytest.raises(ConfigurationError):
+        Memofill(raw, async_client=fakeredis.FakeRedis(), policies=POLICIES)
+
+
+def test_a_sync_function_without_a_blocking_client_is_a_configuration_error(
+    server: fakeredis.FakeServer,
+) -> None:
+    only_async = Memofill(fakeredis.FakeAsyncRedis(server=server), policies=POLICIES)
+    fetch = only_async.cached_dataset("item:{name}")(Origin())
+    with pytest.raises(ConfigurationError, match="blocking"):
+        fetch("a")
+
+
+def test_reconfiguring_policies_rebinds_decorated_functions(mf: Memofill) -> None:
+    fetch = mf.cached_dataset("item:{name}")(Origin())
+    changed = dict(POLICIES)
+    changed["item:{name}"] = Dataset("item:{name}", ttl_s=5)
+    mf.configure(mf._sync.client if mf._sync else None, policies=changed)
+    assert fetch.dataset.ttl_s == 5
+    assert fetch.call_with_outcome("a").outcome == "legacy"
+
+
+def test_module_level_configure_returns_the_default_instance(raw: fakeredis.FakeRedis) -> None:
+    try:
+        configured = memofill.configure(raw, prefix="m:")
+        assert configured is memofill.instance.default
+
+        @memofill.cached_dataset("news:digest:v1")
+        def digest() -> str:
+            return "today"
+
+        assert digest() == "today"
+        assert raw.get("m:news:digest:v1") == b'"today"'
+    finally:
+        memofill.configure(None, prefix="")
+
+
+def test_a_refused_configuration_changes_nothing(mf: Memofill, raw: fakeredis.FakeRedis) -> None:
+    fetch = mf.cached_dataset("item:{name}")(Origin())
+    before = (mf.prefix, mf._sync, fetch.dataset)
+    without_item = {k: v for k, v in POLICIES.items() if k != "item:{name}"}
+    with pytest.raises(UnknownDatasetError, match=r"item:\{name\}"):
+        mf.configure(raw, prefix="other:", policies=without_item)
+    with pytest.raises(ConfigurationError):
+        mf.configure(fakeredis.FakeRedis(decode_responses=True), prefix="other:")
+    assert (mf.prefix, mf._sync, fetch.dataset) == before
+    assert fetch.redis_key("a") == "t:item:a"
+
+
+# --- no Redis at all -------------------------------------------------------------------
+
+
+def test_without_a_client_misses_take_the_legacy_path() -> None:
+    origin = Origin()
+    local = Memofill(None, policies=POLICIES)
+    fetch = local.cached_dataset("item:{name}")(origin)
+    first = fetch.call_with_outcome("a")
+    assert first == CallResult({"name": "a", "call": 1}, "legacy", True)
+    assert local.counters.snapshot() == {"item:{name}": {"legacy": 1}}
+    assert fetch.invalidate("a") is None
+
+
+async def test_without_a_client_coroutines_take_the_legacy_path() -> None:
+    local = Memofill(None, policies=POLICIES)
+
+    @local.cached_dataset("item:{name}")
+    async def fetch(name: str) -> str:
+        return name
+
+    assert (await fetch.call_with_outcome("a")).outcome == "legacy"
+    assert await fetch.invalidate("a") is None
+
+
+def test_functools_partial_of_a_cached_function_still_works(mf: Memofill) -> None:
+    origin = Origin()
+    fetch = mf.cached_dataset("item:{name}")(origin)
+    bound = functools.partial(fetch, "p")
+    assert bound() == bound() == {"name": "p", "call": 1}
