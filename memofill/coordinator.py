@@ -57,6 +57,9 @@ from memofill.policy import CacheFill
 
 #: An error marker lives at most this long (and never longer than ``negative_ttl_s``).
 MAX_ERROR_TTL_MS = 30_000
+#: The ``error`` of a leader whose lock was gone, or another's, when it released: its fetch
+#: outlived ``lease_ms`` (or Redis lost the lock), so a second leader may have fetched too.
+LEASE_EXPIRED = "LeaseExpired"
 
 
 @attrs.frozen
@@ -96,6 +99,8 @@ class Plan:
     cache_fill: CacheFill | None
     #: ``False`` when Redis is known to be unreachable: no command is tried.
     redis_ok: bool = True
+    #: Why ``redis_ok`` is false, when this miss found out itself (the read's error type name).
+    redis_error: str | None = None
     #: A blocking wait must return before the client's socket time-out.
     block_limit_ms: float | None = None
 
@@ -130,7 +135,8 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     if policy is None:
         return (yield from _uncoordinated(plan, Outcome.LEGACY))
     if not plan.redis_ok:
-        return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, "RedisUnavailable"))
+        error = plan.redis_error or RedisUnavailable.__name__
+        return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error))
     lock, token = lock_key(plan.redis_key), new_token()
     try:
         acquired = yield Command("acquire", (lock, token, policy.lease_ms))
@@ -171,7 +177,7 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
     wake = wake_key(plan.redis_key)
     start = clock()
     deadline = start + policy.wait_ms / 1000
-    interval_ms, polls, last_id, wake_ok = float(policy.poll_min_ms), 0, "0-0", True
+    interval_ms, polls, last_id, wake_error = float(policy.poll_min_ms), 0, "0-0", None
     while (remaining_ms := (deadline - clock()) * 1000) > 0:
         # Jitter within the upper half of the interval, but never under poll_min_ms: that is
         # the shortest wait the policy allows between two reads.
@@ -180,18 +186,21 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
         if plan.block_limit_ms is not None:
             pause_ms = min(pause_ms, plan.block_limit_ms * 0.8)
         try:
-            if not wake_ok:
+            if wake_error:
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
             last_id = last_entry_id(reply, last_id)
-        except RedisError:
-            wake_ok = False  # the data key stays the source of truth: poll it on a timer
+        except RedisError as exc:
+            # The data key stays the source of truth: poll it on a timer.
+            wake_error = wake_error or type(exc).__name__
             yield Sleep(pause_ms / 1000)
         try:
             raw = yield Command("get", (plan.redis_key,))
         except RedisError as exc:
             waited = (clock() - start) * 1000
-            result = yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__)
+            # A timed-out wait opens the breaker; the read it then skips is not the news.
+            error = wake_error or type(exc).__name__
+            result = yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error)
             return attrs.evolve(result, waited_ms=waited, polls=polls)
         polls += 1
         found = CORRUPT if raw is None else decode_any(raw)
@@ -261,13 +270,17 @@ def _write(plan: Plan, payload: bytes, ttl_ms: int) -> Generator[Step, Any, str 
 def _release(
     plan: Plan, policy: CacheFill, lock: str, token: str
 ) -> Generator[Step, Any, str | None]:
-    """Token-safe release and wake-up; on error the lock simply expires after ``lease_ms``."""
+    """Token-safe release and wake-up; on error the lock simply expires after ``lease_ms``.
+
+    Returns the error worth reporting: the Redis error, or :data:`LEASE_EXPIRED`
+    when the lock no longer held this caller's token.
+    """
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
-        yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
+        released = yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
     except RedisError as exc:
         return type(exc).__name__
-    return None
+    return None if released else LEASE_EXPIRED
 
 
 def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:

@@ -190,7 +190,9 @@ def _found(binding: Any, key: str, raw: bytes) -> tuple[bool, Any]:
     return False, None
 
 
-def _plan(binding: Any, key: str, commands: Commands | None, redis_ok: bool) -> Plan:
+def _plan(
+    binding: Any, key: str, commands: Commands | None, redis_ok: bool, read_error: str | None
+) -> Plan:
     dataset: Dataset = binding._self_dataset
     return Plan(
         dataset=dataset.key,
@@ -200,6 +202,7 @@ def _plan(binding: Any, key: str, commands: Commands | None, redis_ok: bool) -> 
         # No client configured is the legacy set-up, not a lock error: nothing to coordinate on.
         cache_fill=None if commands is None else dataset.cache_fill,
         redis_ok=redis_ok,
+        redis_error=read_error,
         block_limit_ms=None if commands is None else commands.socket_timeout_ms,
     )
 
@@ -247,11 +250,14 @@ def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: A
     memofill = binding._self_memofill
     commands = memofill.commands_for(False)
     redis_ok = commands is not None and not memofill.breaker.is_open
+    read_error = None
     if redis_ok:
         try:
             raw = commands.get(key)
         except RedisError as exc:
-            redis_ok = False
+            # Unreachable: skip Redis for this miss. Answered with an error (another type
+            # under the key, say): the lock path still runs, and its write replaces it.
+            redis_ok, read_error = not is_unreachable(exc), type(exc).__name__
             served = _on_read_error(binding, key, exc)
             if served is not None:
                 return served
@@ -265,7 +271,7 @@ def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: A
                         return _hit(binding, key, value)
     elif (value := memofill.local_store.get(key, None)) is not None:
         return _hit(binding, key, value, FALLBACK_HIT)
-    plan = _plan(binding, key, commands, redis_ok)
+    plan = _plan(binding, key, commands, redis_ok, read_error)
 
     def run() -> Result:
         return run_sync(
@@ -287,11 +293,14 @@ async def _lookup_async(
     memofill = binding._self_memofill
     commands = memofill.commands_for(True)
     redis_ok = commands is not None and not memofill.breaker.is_open
+    read_error = None
     if redis_ok:
         try:
             raw = await commands.get(key)
         except RedisError as exc:
-            redis_ok = False
+            # Unreachable: skip Redis for this miss. Answered with an error (another type
+            # under the key, say): the lock path still runs, and its write replaces it.
+            redis_ok, read_error = not is_unreachable(exc), type(exc).__name__
             served = _on_read_error(binding, key, exc)
             if served is not None:
                 return served
@@ -305,7 +314,7 @@ async def _lookup_async(
                         return _hit(binding, key, value)
     elif (value := memofill.local_store.get(key, None)) is not None:
         return _hit(binding, key, value, FALLBACK_HIT)
-    plan = _plan(binding, key, commands, redis_ok)
+    plan = _plan(binding, key, commands, redis_ok, read_error)
 
     async def run() -> Result:
         return await run_async(
