@@ -1,1 +1,0 @@
-"""pytest plugin: fixtures and helpers for testing functions cached with memofill."""
