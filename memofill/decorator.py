@@ -207,8 +207,8 @@ def _plan(
     )
 
 
-def _finish(binding: Any, key: str, started: float, result: Result, joined: bool) -> Looked:
-    """Log and count one miss, remember the value for Redis outages, and return it or raise."""
+def _record(binding: Any, key: str, started: float, result: Result, joined: bool) -> None:
+    """Log and count one miss; the fill's own record also remembers the value for outages."""
     memofill = binding._self_memofill
     dataset = binding._self_dataset
     outcome = Outcome.LOCAL_JOIN if joined else result.outcome
@@ -223,8 +223,20 @@ def _finish(binding: Any, key: str, started: float, result: Result, joined: bool
         payload_bytes=result.payload_bytes,
         error=result.error,
     ).emit()
-    if result.exception is None and result.value is not None:
+    if not joined and result.exception is None and result.value is not None:
         memofill.local_store.put(key, result.value, dataset.ttl_s)
+
+
+def _finish(binding: Any, key: str, started: float, result: Result, joined: bool) -> Looked:
+    """Log a caller that joined another's fill; return the value or raise.
+
+    The fill itself was recorded where it ran (see ``run`` in the lookups): an
+    asyncio caller that started it may be cancelled while it runs on, and the
+    fill, which called the origin, must still be logged exactly once.
+    """
+    if joined:
+        _record(binding, key, started, result, joined=True)
+    outcome = Outcome.LOCAL_JOIN if joined else result.outcome
     return result.unwrap(), outcome.value, result.led and not joined
 
 
@@ -274,12 +286,14 @@ def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: A
     plan = _plan(binding, key, commands, redis_ok, read_error)
 
     def run() -> Result:
-        return run_sync(
+        result = run_sync(
             fill(plan, time.monotonic, _rng),
             commands,
             lambda: wrapped(*args, **kwargs),
             memofill.breaker,
         )
+        _record(binding, key, started, result, joined=False)
+        return result
 
     result, joined = memofill.thread_flights.run(key, run)
     return _finish(binding, key, started, result, joined)
@@ -317,12 +331,14 @@ async def _lookup_async(
     plan = _plan(binding, key, commands, redis_ok, read_error)
 
     async def run() -> Result:
-        return await run_async(
+        result = await run_async(
             fill(plan, time.monotonic, _rng),
             commands,
             lambda: wrapped(*args, **kwargs),
             memofill.breaker,
         )
+        _record(binding, key, started, result, joined=False)
+        return result
 
     result, joined = await memofill.task_flights.run(key, run)
     return _finish(binding, key, started, result, joined)
