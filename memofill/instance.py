@@ -47,6 +47,15 @@ class Memofill:
         policies: the generated module, its dotted name, or a mapping of key to
             :class:`~memofill.Dataset`; validated when loaded.
         breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
+
+    Attributes:
+        prefix: The prefix in force (see ``prefix`` above).
+        counters: Hits and miss outcomes per dataset, counted in this process
+            (:class:`~memofill.outcomes.Counters`).
+        local_store: Values this process recently read or wrote, served while
+            Redis is unreachable (:class:`~memofill.fallback.LocalStore`).
+        breaker: Skips Redis for a short cool-down after it failed to answer
+            (:class:`~memofill.fallback.Breaker`).
     """
 
     def __init__(

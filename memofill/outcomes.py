@@ -32,7 +32,7 @@ class Outcome(str, enum.Enum):
     FOLLOWER_TIMEOUT = "follower_timeout"
     #: Redis failed in the lock path; the caller fell back to process-local singleflight.
     LOCK_ERROR = "lock_error"
-    #: The dataset has no fill policy (or no Redis): process-local singleflight only.
+    #: The dataset has no fill policy, or there is no Redis; process-local singleflight only.
     LEGACY = "legacy"
     #: Another caller in this process was already filling the key; this one shared its result.
     LOCAL_JOIN = "local_join"

@@ -29,7 +29,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 __all__ = ["OUTCOME_COLOURS", "render_svg"]
 
-#: Bar colour per outcome, in legend order (Okabe-Ito and Tol colours: readable when colour-blind).
+#: Bar colour per outcome, in legend order; Okabe-Ito and Tol colours, told apart when colour-blind.
 OUTCOME_COLOURS: dict[str, str] = {
     "leader_fill": "#D55E00",
     "leader_recheck_hit": "#E69F00",
