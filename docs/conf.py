@@ -1,0 +1,150 @@
+"""Sphinx configuration for memofill's documentation.
+
+Build (from the repository root), warnings as errors and every reference checked::
+
+    python -m sphinx -W -n -b html docs docs/_build/html
+    python -m sphinx -W -n -b doctest docs docs/_build/doctest
+
+No extension needs the network, so there is no intersphinx: a small handler
+below links standard-library names (``collections.abc.Mapping`` in a type hint,
+say) to their page in the Python documentation by their module name alone, and
+the few third-party names are listed in ``nitpick_ignore``.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# The checkout first: memofill from this tree, and gen.cache_fill_registry (the
+# default policies) that the examples load.
+sys.path.insert(0, str(ROOT))
+
+project = "memofill"
+author = "the memofill authors"
+try:
+    release = metadata.version("memofill")
+except metadata.PackageNotFoundError:  # a checkout that is not installed
+    release = "0+unknown"
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.doctest",
+]
+
+exclude_patterns = ["_build", "_tools"]
+nitpicky = True
+default_role = "py:obj"
+
+# -- autodoc and napoleon ------------------------------------------------------
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+
+# Aliases stay names in signatures, linked to their own entries, instead of
+# being expanded into the private types they are made of.
+autodoc_type_aliases = {
+    "Steps": "memofill.coordinator.Steps",
+}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+# -- doctest -------------------------------------------------------------------
+# Every Python example on the pages runs under the doctest builder. Examples
+# that need Redis get fakeredis in a hidden ``testsetup`` on their page; none
+# ever reaches a real server. memofill logs on the "memofill" logger and
+# installs no handler; a NullHandler here keeps the doctest output to what the
+# pages show (the logging page adds its own handlers).
+doctest_global_setup = """
+import logging
+_memofill_logger = logging.getLogger("memofill")
+if not any(isinstance(h, logging.NullHandler) for h in _memofill_logger.handlers):
+    _memofill_logger.addHandler(logging.NullHandler())
+"""
+
+# -- references that cannot resolve without intersphinx (no network here) ------
+nitpick_ignore = [
+    # redis-py, a third-party dependency: named in Memofill's docstrings.
+    ("py:class", "redis.Redis"),
+    ("py:class", "redis.asyncio.Redis"),
+]
+
+#: Standard-library modules whose names autodoc's type hints may mention.
+STDLIB_MODULES = frozenset(
+    {
+        "asyncio",
+        "collections",
+        "collections.abc",
+        "contextlib",
+        "logging",
+        "pathlib",
+        "random",
+        "types",
+        "typing",
+    }
+)
+
+
+def link_stdlib(app: Any, env: Any, node: Any, contnode: Any) -> Any:
+    """Resolve ``module.Name`` of the standard library to docs.python.org, offline.
+
+    The URL is built from the name (``library/<module>.html#<module>.<Name>``), as
+    intersphinx would find it, without downloading the inventory. Any other
+    missing reference stays missing, so ``-n`` still reports it.
+    """
+    from docutils import nodes  # noqa: PLC0415  # Sphinx brings docutils
+
+    target = node.get("reftarget", "")
+    module = next(
+        (m for m in sorted(STDLIB_MODULES, key=len, reverse=True) if target.startswith(m + ".")),
+        None,
+    )
+    if node.get("refdomain") != "py" or module is None:
+        return None
+    uri = f"https://docs.python.org/3/library/{module}.html#{target}"
+    reference = nodes.reference("", "", internal=False, refuri=uri, reftitle=target)
+    reference += contnode
+    return reference
+
+
+def bench_results_directive() -> Any:
+    """``.. bench-results::``: bench/results.md as the benchmark run wrote it, or a note.
+
+    The report is markdown (it is also read on its own, in the repository), so
+    it is shown as written, in a literal block, rather than converted. Until a
+    run has written it, the page says so and the build still passes.
+    """
+    from docutils import nodes  # noqa: PLC0415
+    from sphinx.util.docutils import SphinxDirective  # noqa: PLC0415
+
+    class BenchResults(SphinxDirective):
+        def run(self) -> list[Any]:
+            path = ROOT / "bench" / "results.md"
+            if not path.is_file():
+                note = nodes.note()
+                note += nodes.paragraph(
+                    text="Results pending: bench/results.md has not been written yet. "
+                    "Run the command above to produce it."
+                )
+                return [note]
+            self.env.note_dependency(str(path))
+            text = path.read_text(encoding="utf-8")
+            return [nodes.literal_block(text, text, language="markdown")]
+
+    return BenchResults
+
+
+def setup(app: Any) -> None:
+    app.connect("missing-reference", link_stdlib)
+    app.add_directive("bench-results", bench_results_directive())
+
+
+# -- HTML ----------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"memofill {release}"
+html_static_path = ["_static"]
