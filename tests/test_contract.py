@@ -26,6 +26,7 @@ from memofill import CachedDataset, CallResult, FillError, Memofill
 from memofill.codec import NEGATIVE_MARKER, decode, encode
 from memofill.keys import lock_key, wake_key
 from tests.conftest import POLICIES
+from tests.helpers import notify_after_acquire
 from tests.redis_servers import RedisServer
 
 #: Long enough for any step on a busy machine; the tests never wait for it unless they fail.
@@ -130,32 +131,6 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     if is_async:
         await client.aclose()
     raw.close()
-
-
-def notify_after_acquire(mf: Memofill) -> threading.Event:
-    """An event set once ``mf`` has tried to take a lock (and so is past its hit path)."""
-    tried = threading.Event()
-    commands: Any = mf._async or mf._sync
-    original = commands.acquire
-    if mf._async:
-
-        async def acquire_async(*args: Any) -> Any:
-            try:
-                return await original(*args)
-            finally:
-                tried.set()
-
-        commands.acquire = acquire_async
-    else:
-
-        def acquire(*args: Any) -> Any:
-            try:
-                return original(*args)
-            finally:
-                tried.set()
-
-        commands.acquire = acquire
-    return tried
 
 
 async def wait_for(event: threading.Event) -> None:

@@ -1,0 +1,38 @@
+"""Small helpers several test modules share."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from memofill import Memofill
+
+
+def notify_after_acquire(mf: Memofill) -> threading.Event:
+    """An event set once ``mf`` has tried to take a lock, so it is past its hit path.
+
+    A test that must have a caller follow (not hit) waits for this before it lets
+    the leader finish.
+    """
+    tried = threading.Event()
+    commands: Any = mf._async or mf._sync
+    original = commands.acquire
+    if mf._async:
+
+        async def acquire_async(*args: Any) -> Any:
+            try:
+                return await original(*args)
+            finally:
+                tried.set()
+
+        commands.acquire = acquire_async
+    else:
+
+        def acquire(*args: Any) -> Any:
+            try:
+                return original(*args)
+            finally:
+                tried.set()
+
+        commands.acquire = acquire
+    return tried

@@ -1,0 +1,419 @@
+"""On a private redis-server: stampedes of processes, what goes over the wire, ACLs, outages.
+
+These tests never skip: the fixtures start ``redis-server`` on a free loopback
+port and fail loudly when it is missing (CI installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from memofill import Memofill
+from memofill.codec import encode
+from memofill.keys import lock_key, wake_key
+from tests.conftest import POLICIES
+from tests.helpers import notify_after_acquire
+from tests.redis_servers import RedisServer
+from tests.stampede import run_stampede
+
+pytestmark = pytest.mark.redis_server
+
+#: Long enough for any step on a busy machine; only a failing test waits this long.
+PATIENCE_S = 10.0
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"r{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+def mf(real_client: redis.Redis, prefix: str) -> Memofill:
+    return Memofill(real_client, prefix=prefix, policies=POLICIES)
+
+
+@pytest.fixture
+async def amf(redis_server: RedisServer, prefix: str) -> AsyncIterator[Memofill]:
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    yield Memofill(client, prefix=prefix, policies=POLICIES)
+    await client.aclose()
+
+
+def fast_failing_client(server: RedisServer) -> redis.Redis:
+    """A client that reports a dead server at once (redis-py retries 3 times by default)."""
+    return server.client(
+        socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+
+
+class Monitor:
+    """The commands a server executes while the block runs, read with ``MONITOR`` in a thread.
+
+    Each entry is ``(source, words)``: ``source`` is ``"lua"`` for a command a
+    script ran, else ``"client"``; ``words`` are the command's name (upper
+    case) and arguments. A command of the test's own, ``ECHO <marker>``,
+    ends the recording, so nothing sent before or after the block is seen.
+    """
+
+    def __init__(self, server: RedisServer) -> None:
+        self.client = server.client()
+        # The command that ends the recording goes over a connection opened now, before
+        # MONITOR starts, so that its handshake (HELLO, CLIENT SETINFO) is not recorded.
+        self.stopper = server.client()
+        self.stopper.ping()
+        self.marker = f"monitor-stop-{uuid.uuid4().hex}"
+        self.commands: list[tuple[str, list[str]]] = []
+        self._monitor = self.client.monitor()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def _listen(self) -> None:
+        for entry in self._monitor.listen():
+            words = entry["command"].split(" ")
+            if words[1:] == [self.marker]:
+                return
+            words[0] = words[0].upper()
+            self.commands.append(("lua" if entry["client_type"] == "lua" else "client", words))
+
+    def __enter__(self) -> Monitor:
+        self._monitor.__enter__()  # MONITOR is acknowledged: every later command is recorded
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopper.echo(self.marker)
+        self._thread.join(PATIENCE_S)
+        self._monitor.__exit__()
+        self.client.close()
+        self.stopper.close()
+
+    def touching(self, key: str) -> list[tuple[str, list[str]]]:
+        """The commands that name ``key`` as an argument."""
+        return [(source, words) for source, words in self.commands if key in words[1:]]
+
+
+def assert_lock_untouched_but_by_set_nx_and_release(monitor: Monitor, lock: str) -> None:
+    """The lock key is only ever taken (SET NX) or released (the script) — never read or polled."""
+    for source, words in monitor.touching(lock):
+        if source == "lua":
+            assert words[0] in {"GET", "DEL"}, words  # the compare-and-delete itself
+        elif words[0] == "SET":
+            assert "NX" in [w.upper() for w in words], words
+        else:
+            assert words[0] in {"EVALSHA", "EVAL"}, words
+
+
+# --- stampedes -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_stampede_of_processes_and_threads_calls_the_origin_once(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    result = run_stampede(redis_server.port, prefix, processes=4, threads=25)
+    assert result.origin_calls == 1
+    assert len(result.seen) == 100
+    values = {repr(value) for _, value in result.seen}
+    assert len(values) == 1
+    assert "hot" in values.pop()
+    outcomes = result.outcomes
+    assert outcomes["leader_fill"] == 1
+    # One coordinated miss per process at most; every other caller joined its process's fill.
+    coordinated = (
+        outcomes["leader_fill"] + outcomes["follower_hit"] + outcomes["leader_recheck_hit"]
+    )
+    assert coordinated <= 4
+    assert set(outcomes) <= {
+        "leader_fill",
+        "follower_hit",
+        "leader_recheck_hit",
+        "local_join",
+        "hit",
+    }
+    # 100 hit-path GETs and the origin's INCR, then a handful of lock-path commands per process
+    # (followers poll the data key on a growing timer, so their count depends on timing).
+    commands = result.commands
+    assert commands["incrby"] == 1
+    assert commands["set"] <= 4 + 1  # SET NX per coordinated miss, and the one write
+    assert commands["evalsha"] + commands["eval"] <= 2  # one release (after NOSCRIPT: twice)
+    assert commands["xadd"] == 1  # one wake-up
+    assert 100 <= commands["get"] <= 100 + 2 + 3 * 10
+    assert sum(commands.values()) <= 200
+    print(f"\nstampede 4x25: origin calls {result.origin_calls}, commands {dict(commands)}")
+
+
+@pytest.mark.slow
+def test_followers_never_read_the_lock_key_across_processes(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    with Monitor(redis_server) as monitor:
+        result = run_stampede(redis_server.port, prefix, processes=4, threads=20, fetch_s=0.5)
+    assert result.origin_calls == 1
+    key = prefix + "stampede:hot"
+    lock = lock_key(key)
+    assert_lock_untouched_but_by_set_nx_and_release(monitor, lock)
+    set_nx = [w for s, w in monitor.touching(lock) if s == "client" and w[0] == "SET"]
+    assert 1 <= len(set_nx) <= 4
+    # Followers waited on the wake stream and read the data key, nothing else.
+    for _, words in monitor.touching(wake_key(key)):
+        assert words[0] in {"XREAD", "EVALSHA", "EVAL", "XADD", "PEXPIRE"}, words
+
+
+def test_a_warm_key_costs_one_get_per_call_and_nothing_else(
+    redis_server: RedisServer, mf: Memofill
+) -> None:
+    fetch = mf.cached_dataset("item:{name}")(lambda name: {"name": name})
+    fetch("warm")
+    with Monitor(redis_server) as monitor:
+        for _ in range(10):
+            assert fetch("warm") == {"name": "warm"}
+    assert monitor.commands == [("client", ["GET", mf.final_key("item:{name}", name="warm")])] * 10
+
+
+async def test_a_warm_key_costs_one_get_per_call_with_asyncio(
+    redis_server: RedisServer, amf: Memofill
+) -> None:
+    @amf.cached_dataset("item:{name}")
+    async def fetch(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    await fetch("warm")
+    with Monitor(redis_server) as monitor:
+        for _ in range(10):
+            assert await fetch("warm") == {"name": "warm"}
+    assert monitor.commands == [("client", ["GET", amf.final_key("item:{name}", name="warm")])] * 10
+
+
+async def test_fifty_tasks_share_one_fetch_and_one_lock(
+    redis_server: RedisServer, amf: Memofill
+) -> None:
+    calls = 0
+
+    @amf.cached_dataset("item:{name}")
+    async def fetch(name: str) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        return {"name": name}
+
+    with Monitor(redis_server) as monitor:
+        results = await asyncio.gather(*(fetch.call_with_outcome("hot") for _ in range(50)))
+    assert calls == 1
+    assert {repr(r.value) for r in results} == {"{'name': 'hot'}"}
+    assert Counter(r.outcome for r in results) == Counter(leader_fill=1, local_join=49)
+    assert len(amf.task_flights) == 0
+    key = amf.final_key("item:{name}", name="hot")
+    client_commands = Counter(words[0] for source, words in monitor.commands if source == "client")
+    assert client_commands["GET"] == 50 + 1  # 50 hit-path reads and one recheck
+    assert client_commands["SET"] == 2  # the lock, the value
+    assert_lock_untouched_but_by_set_nx_and_release(monitor, lock_key(key))
+
+
+# --- races the lock must survive -------------------------------------------------------
+
+
+def test_a_lock_taken_over_during_the_fetch_survives_the_first_leaders_release(
+    real_client: redis.Redis, mf: Memofill
+) -> None:
+    lock = mf.lock_key("item:{name}", name="a")
+
+    def fetch(name: str) -> str:
+        # The first leader's lease ran out and a second leader took the lock.
+        real_client.delete(lock)
+        real_client.set(lock, "second-leader", px=5_000)
+        return "first"
+
+    result = mf.cached_dataset("item:{name}")(fetch).call_with_outcome("a")
+    assert (result.value, result.outcome, result.led) == ("first", "leader_fill", True)
+    assert real_client.get(lock) == b"second-leader"
+    assert 0 < real_client.pttl(lock) <= 5_000
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_value_landing_between_the_miss_and_the_lock_is_found_by_the_recheck(
+    redis_server: RedisServer, real_client: redis.Redis, prefix: str, mode: str
+) -> None:
+    async_client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        mf = Memofill(
+            async_client if mode == "async" else real_client, prefix=prefix, policies=POLICIES
+        )
+        key = mf.final_key("item:{name}", name="a")
+        commands: Any = mf._async or mf._sync
+        acquire = commands.acquire
+
+        def land_then_acquire(*args: Any) -> Any:
+            real_client.set(key, encode({"from": "another leader"}), px=60_000)
+            return acquire(*args)
+
+        commands.acquire = land_then_acquire
+        origin_calls: list[str] = []
+
+        if mode == "async":
+
+            async def fetch_async(name: str) -> str:
+                origin_calls.append(name)
+                return "origin"
+
+            result = await mf.cached_dataset("item:{name}")(fetch_async).call_with_outcome("a")
+        else:
+
+            def fetch(name: str) -> str:
+                origin_calls.append(name)
+                return "origin"
+
+            result = mf.cached_dataset("item:{name}")(fetch).call_with_outcome("a")
+        assert (result.value, result.outcome, result.led) == (
+            {"from": "another leader"},
+            "leader_recheck_hit",
+            True,
+        )
+        assert origin_calls == []
+        assert real_client.exists(lock_key(key)) == 0
+    finally:
+        await async_client.aclose()
+
+
+# --- ACLs and outages ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_scripts_user(redis_server: RedisServer, real_client: redis.Redis) -> Iterator[str]:
+    name = f"noscripts-{uuid.uuid4().hex[:8]}"
+    real_client.acl_setuser(
+        name,
+        enabled=True,
+        passwords=["+secret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-eval", "-evalsha", "-script"],
+    )
+    yield name
+    real_client.acl_deluser(name)
+
+
+def test_a_user_denied_scripts_still_gets_values_and_followers_still_find_them(
+    redis_server: RedisServer,
+    no_scripts_user: str,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clients = [redis_server.client(username=no_scripts_user, password="secret") for _ in range(2)]
+    leader_mf, follower_mf = (Memofill(c, prefix=prefix, policies=POLICIES) for c in clients)
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def origin(name: str) -> dict[str, str]:
+        calls.append(name)
+        entered.set()
+        release.wait(PATIENCE_S)
+        return {"name": name}
+
+    leader_fetch = leader_mf.cached_dataset("fast:{name}")(origin)
+    follower_fetch = follower_mf.cached_dataset("fast:{name}")(origin)
+    following = notify_after_acquire(follower_mf)
+    outcomes: dict[str, Any] = {}
+    caplog.set_level(logging.INFO, logger="memofill")
+    leader = threading.Thread(
+        target=lambda: outcomes.update(leader=leader_fetch.call_with_outcome("a"))
+    )
+    leader.start()
+    assert entered.wait(PATIENCE_S)
+    follower = threading.Thread(
+        target=lambda: outcomes.update(follower=follower_fetch.call_with_outcome("a"))
+    )
+    follower.start()
+    assert following.wait(PATIENCE_S)
+    release.set()
+    leader.join(PATIENCE_S)
+    follower.join(PATIENCE_S)
+    assert outcomes["leader"].value == outcomes["follower"].value == {"name": "a"}
+    # No release script ran, so no wake-up came: the follower found the value on its timer.
+    assert (outcomes["leader"].outcome, outcomes["follower"].outcome) == (
+        "leader_fill",
+        "follower_hit",
+    )
+    leader_record = next(r for r in caplog.records if getattr(r, "outcome", "") == "leader_fill")
+    assert leader_record.error == "NoPermissionError"
+    assert calls == ["a"]
+    assert leader_fetch("a") == {"name": "a"}
+    for client in clients:
+        client.close()
+
+
+def test_redis_stopped_twenty_threads_one_origin_call_no_exception(
+    own_redis_server: RedisServer,
+) -> None:
+    client = fast_failing_client(own_redis_server)
+    mf = Memofill(client, prefix="down:", policies=POLICIES)
+    own_redis_server.stop()
+    calls: list[str] = []
+
+    @mf.cached_dataset("item:{name}")
+    def fetch(name: str) -> dict[str, str]:
+        calls.append(name)
+        time.sleep(0.3)
+        return {"name": name}
+
+    barrier = threading.Barrier(20)
+    seen: list[Any] = []
+
+    def call() -> None:
+        barrier.wait(PATIENCE_S)
+        try:
+            seen.append(fetch.call_with_outcome("a"))
+        except Exception as exc:
+            seen.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(PATIENCE_S)
+    assert calls == ["a"]
+    assert all(getattr(r, "value", None) == {"name": "a"} for r in seen), seen
+    outcomes = Counter(r.outcome for r in seen)
+    assert outcomes["lock_error"] == 1
+    assert set(outcomes) <= {"lock_error", "local_join", "fallback_hit"}
+    assert mf.breaker.is_open
+    client.close()
+
+
+def test_while_redis_is_down_recent_values_are_served_locally_then_redis_again(
+    own_redis_server: RedisServer,
+) -> None:
+    client = fast_failing_client(own_redis_server)
+    mf = Memofill(client, prefix="outage:", policies=POLICIES, breaker_cooldown_s=0.2)
+    calls: list[str] = []
+
+    @mf.cached_dataset("item:{name}")
+    def fetch(name: str) -> dict[str, Any]:
+        calls.append(name)
+        return {"name": name, "call": len(calls)}
+
+    fetch("warm")
+    own_redis_server.stop()
+    assert fetch.call_with_outcome("warm").outcome == "fallback_hit"  # the GET failed
+    assert mf.breaker.is_open
+    assert fetch.call_with_outcome("warm").outcome == "fallback_hit"  # Redis not even tried
+    cold = fetch.call_with_outcome("cold")
+    assert (cold.outcome, cold.value) == ("lock_error", {"name": "cold", "call": 2})
+    assert calls == ["warm", "cold"]
+    own_redis_server.start()  # empty: the server keeps nothing on disk
+    time.sleep(0.3)  # the breaker's cool-down
+    assert fetch.call_with_outcome("warm").outcome == "leader_fill"
+    assert fetch.call_with_outcome("warm").outcome == "hit"
+    assert calls == ["warm", "cold", "warm"]
+    client.close()
