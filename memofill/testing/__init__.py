@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from memofill.errors import ConfigurationError
 from memofill.instance import Memofill
 from memofill.instance import default as _default_instance
-from memofill.policy import DEFAULT_POLICY_MODULE, PolicySource
-from memofill.testing._assertions import COUNTED_NAMES, OriginCalls, Outcomes
-from memofill.testing._faults import CORRUPT_PAYLOAD, Faults, LockHolder
+from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
+from memofill.testing import _faults
+from memofill.testing._assertions import OriginCalls, Outcomes
+from memofill.testing._faults import Faults, LockHolder
 from memofill.testing._harness import Harness
 
 if TYPE_CHECKING:
@@ -37,13 +39,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CORRUPT_PAYLOAD",
-    "COUNTED_NAMES",
     "Faults",
     "Harness",
     "LockHolder",
     "OriginCalls",
     "Outcomes",
 ]
+
+#: The bytes :meth:`Faults.corrupt` stores, neither JSON nor a memofill marker.
+CORRUPT_PAYLOAD = _faults.CORRUPT_PAYLOAD
 
 _MARKER_OPTIONS = frozenset({"policies", "prefix"})
 
@@ -164,18 +168,30 @@ def memofill_default(
 
     Functions an application decorates at import time hold that instance; for
     this test it has a blocking and an asyncio client on the fake server, the
-    test's prefix, zero counters and no values kept locally. Its policies change
-    only when the test gives some. Everything is put back after the test
+    test's prefix, zero counters and no values kept locally. Policies the test
+    gives are laid over the application's: a dataset they name takes the test's
+    policy, every other one keeps its own (functions decorated at import time
+    still need theirs). Everything is put back after the test
     (:meth:`memofill.Memofill.override`).
     """
     harness = memofill_harness
+    policies = None if memofill_policies is None else _layered(memofill_policies)
     with _default_instance.override(
         harness.client(),
         async_client=harness.async_client(),
         prefix=memofill_prefix,
-        policies=memofill_policies,
+        policies=policies,
     ) as cache:
         yield harness.adopt(cache)
+
+
+def _layered(policies: PolicySource) -> dict[str, Dataset]:
+    """The test's ``policies`` over the default instance's own."""
+    try:
+        own = _default_instance.policies
+    except ConfigurationError:  # no generated module: then nothing was decorated with it either
+        own = {}
+    return {**own, **load_policies(policies)}
 
 
 @pytest.fixture

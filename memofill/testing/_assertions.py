@@ -170,7 +170,7 @@ class Outcomes:
     def _explain(
         self, dataset: str, expected: dict[str, int], what: str, seen: Counter[str]
     ) -> str:
-        width = len(what) + 1
+        width = max(len("expected"), len(what)) + 1
         lines = [
             f"outcomes of dataset {dataset!r} differ",
             f"  {'expected:':<{width}} {_format(expected)}",

@@ -13,7 +13,7 @@ from memofill.keys import lock_key, wake_key
 from memofill.policy import Dataset
 from memofill.testing._harness import Harness
 
-#: What :meth:`Faults.corrupt` stores: neither JSON nor a memofill marker.
+# Documented where memofill.testing exports it.
 CORRUPT_PAYLOAD = b"\xff\xfe corrupt: not JSON, not a memofill marker"
 
 
@@ -59,13 +59,14 @@ class LockHolder:
     def end(self) -> None:
         """No fill after this; release the lock if still ours (``lock_held`` does this).
 
-        A fill that failed in the background raises here, in the test.
+        A fill that failed in the background raises here, in the test (once).
         """
         if self._timer is not None:
             self._timer.cancel()
             self._timer.join()
-        if self._error is not None:
-            raise self._error
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
         self._release()
 
     def _finish(self, value: Any) -> None:

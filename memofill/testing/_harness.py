@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import importlib.util
 import inspect
 import logging
@@ -89,8 +90,10 @@ class _MissRecords(logging.Handler):
 def _import_fakeredis() -> Any:
     """fakeredis, or a failure that says how to install it (and lupa, which runs the Lua)."""
     try:
-        import fakeredis  # noqa: PLC0415  # optional: only the fixtures need it
+        fakeredis = importlib.import_module("fakeredis")  # optional: only the fixtures need it
     except ImportError:
+        fakeredis = None  # failed below, outside the except: the ImportError adds nothing
+    if fakeredis is None:
         pytest.fail(f"memofill's test fixtures need fakeredis: {_INSTALL_HINT}", pytrace=False)
     if importlib.util.find_spec("lupa") is None:
         pytest.fail(
