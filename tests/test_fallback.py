@@ -1,0 +1,206 @@
+"""While Redis is unreachable: recent values are served from the process, and Redis is left alone.
+
+:class:`LocalStore` and :class:`Breaker` with a fake clock, then both through
+``@cached_dataset`` on a fakeredis server that is disconnected and reconnected.
+The same on a real server that is stopped is in ``test_real_redis.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from memofill import Memofill
+from memofill.fallback import MAX_LOCAL_ENTRIES, MAX_LOCAL_TTL_S, Breaker, LocalStore
+from tests.conftest import POLICIES
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- LocalStore ------------------------------------------------------------------------
+
+
+def test_the_local_store_keeps_a_value_for_its_ttl_but_at_most_30_seconds() -> None:
+    clock = FakeClock()
+    store = LocalStore(clock=clock)
+    store.put("short", "s", ttl_s=5)
+    store.put("long", "l", ttl_s=900)
+    clock.now += 4.9
+    assert (store.get("short"), store.get("long")) == ("s", "l")
+    clock.now += 0.2
+    assert store.get("short", None) is None
+    clock.now = 100.0 + MAX_LOCAL_TTL_S - 0.1
+    assert store.get("long") == "l"
+    clock.now = 100.0 + MAX_LOCAL_TTL_S
+    assert store.get("long", None) is None
+    assert MAX_LOCAL_TTL_S == 30.0
+
+
+def test_the_local_store_is_bounded_and_drops_the_oldest_first() -> None:
+    store = LocalStore(max_entries=3, clock=FakeClock())
+    for key in "abc":
+        store.put(key, key, ttl_s=10)
+    store.put("a", "a2", ttl_s=10)  # a write makes an entry the newest again
+    store.put("d", "d", ttl_s=10)
+    assert len(store) == 3
+    assert store.get("b", None) is None
+    assert [store.get(k) for k in "acd"] == ["a2", "c", "d"]
+    assert MAX_LOCAL_ENTRIES == 5000
+
+
+def test_the_local_store_forgets_a_discarded_key() -> None:
+    store = LocalStore(clock=FakeClock())
+    store.put("a", 1, ttl_s=10)
+    store.discard("a")
+    store.discard("never-there")
+    assert store.get("a", None) is None
+    assert len(store) == 0
+
+
+# --- Breaker ---------------------------------------------------------------------------
+
+
+def test_the_breaker_opens_for_its_cool_down_then_closes() -> None:
+    clock = FakeClock()
+    breaker = Breaker(cooldown_s=1.0, clock=clock)
+    assert not breaker.is_open
+    breaker.trip()
+    assert breaker.is_open
+    clock.now += 0.99
+    assert breaker.is_open
+    clock.now += 0.02
+    assert not breaker.is_open
+    breaker.trip()
+    breaker.reset()
+    assert not breaker.is_open
+
+
+# --- through the decorator -------------------------------------------------------------
+
+
+class CountingGets:
+    """Counts the GETs memofill sends (as attempts: a refused one counts too)."""
+
+    def __init__(self, mf: Memofill) -> None:
+        commands: Any = mf._async or mf._sync
+        self.sent = 0
+        original = commands.get
+
+        def get(key: str) -> Any:
+            self.sent += 1
+            return original(key)
+
+        commands.get = get
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def raw(server: fakeredis.FakeServer) -> Iterator[fakeredis.FakeRedis]:
+    client = fakeredis.FakeRedis(server=server)
+    yield client
+    client.close()
+
+
+def test_warm_values_are_served_while_redis_is_down_and_redis_is_skipped_for_the_cool_down(
+    server: fakeredis.FakeServer, raw: fakeredis.FakeRedis
+) -> None:
+    mf = Memofill(raw, prefix="f:", policies=POLICIES, breaker_cooldown_s=0.2)
+    gets = CountingGets(mf)
+    calls: list[str] = []
+    fetch = mf.cached_dataset("item:{name}")(lambda name: calls.append(name) or name.upper())
+    assert fetch("a") == "A"
+    server.connected = False
+    assert fetch.call_with_outcome("a").outcome == "fallback_hit"
+    assert mf.breaker.is_open
+    sent = gets.sent
+    for _ in range(5):
+        assert fetch.call_with_outcome("a").outcome == "fallback_hit"
+    assert gets.sent == sent  # not one GET while the breaker is open
+    cold = fetch.call_with_outcome("b")
+    assert (cold.value, cold.outcome) == ("B", "lock_error")
+    assert fetch.call_with_outcome("b").outcome == "fallback_hit"
+    assert gets.sent == sent
+    assert calls == ["a", "b"]
+    server.connected = True
+    time.sleep(0.25)
+    assert fetch.call_with_outcome("a").outcome == "hit"
+    assert gets.sent == sent + 1
+    assert mf.counters.snapshot()["item:{name}"]["fallback_hit"] == 7
+
+
+def test_none_is_not_kept_locally(server: fakeredis.FakeServer, raw: fakeredis.FakeRedis) -> None:
+    mf = Memofill(raw, prefix="f:", policies=POLICIES)
+    calls: list[str] = []
+
+    @mf.cached_dataset("item:{name}")
+    def fetch(name: str) -> None:
+        calls.append(name)
+
+    fetch("a")
+    server.connected = False
+    assert fetch.call_with_outcome("a").outcome == "lock_error"
+    assert calls == ["a", "a"]
+
+
+def test_an_error_redis_answers_does_not_open_the_breaker(raw: fakeredis.FakeRedis) -> None:
+    mf = Memofill(raw, prefix="f:", policies=POLICIES)
+    raw.rpush("f:item:a", "not a string")  # GET on it: WRONGTYPE
+    fetch = mf.cached_dataset("item:{name}")(lambda name: name)
+    assert fetch("a") == "a"
+    assert not mf.breaker.is_open
+    assert fetch.call_with_outcome("a").outcome == "hit"  # the fill replaced the list
+
+
+def test_invalidate_while_redis_is_down_forgets_the_local_copy_and_says_it_failed(
+    server: fakeredis.FakeServer, raw: fakeredis.FakeRedis
+) -> None:
+    mf = Memofill(raw, prefix="f:", policies=POLICIES)
+    calls: list[str] = []
+    fetch = mf.cached_dataset("item:{name}")(lambda name: calls.append(name) or name)
+    fetch("a")
+    server.connected = False
+    with pytest.raises(RedisConnectionError):
+        fetch.invalidate("a")
+    assert fetch.call_with_outcome("a").outcome == "lock_error"  # no stale local copy
+    assert calls == ["a", "a"]
+
+
+@pytest.fixture
+async def async_raw(server: fakeredis.FakeServer) -> AsyncIterator[fakeredis.FakeAsyncRedis]:
+    client = fakeredis.FakeAsyncRedis(server=server)
+    yield client
+    await client.aclose()
+
+
+async def test_asyncio_callers_get_the_same_fallback(
+    server: fakeredis.FakeServer, async_raw: fakeredis.FakeAsyncRedis
+) -> None:
+    mf = Memofill(async_raw, prefix="f:", policies=POLICIES)
+    gets = CountingGets(mf)
+
+    @mf.cached_dataset("item:{name}")
+    async def fetch(name: str) -> str:
+        return name.upper()
+
+    assert await fetch("a") == "A"
+    server.connected = False
+    assert (await fetch.call_with_outcome("a")).outcome == "fallback_hit"
+    sent = gets.sent
+    assert (await fetch.call_with_outcome("a")).outcome == "fallback_hit"
+    assert (await fetch.call_with_outcome("b")).outcome == "lock_error"
+    assert gets.sent == sent
