@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The checkout first: memofill from this tree, and gen.cache_fill_registry (the
 # default policies) that the examples load.
 sys.path.insert(0, str(ROOT))
+# The docs' own extension: ``.. bench-results::`` (see _ext/bench_results.py).
+sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 
 project = "memofill"
 author = "the memofill authors"
@@ -35,9 +37,10 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.doctest",
+    "bench_results",
 ]
 
-exclude_patterns = ["_build", "_tools"]
+exclude_patterns = ["_build", "_ext", "_tools"]
 nitpicky = True
 default_role = "py:obj"
 
@@ -112,39 +115,12 @@ def link_stdlib(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     return reference
 
 
-def bench_results_directive() -> Any:
-    """``.. bench-results::``: bench/results.md as the benchmark run wrote it, or a note.
-
-    The report is markdown (it is also read on its own, in the repository), so
-    it is shown as written, in a literal block, rather than converted. Until a
-    run has written it, the page says so and the build still passes.
-    """
-    from docutils import nodes  # noqa: PLC0415
-    from sphinx.util.docutils import SphinxDirective  # noqa: PLC0415
-
-    class BenchResults(SphinxDirective):
-        def run(self) -> list[Any]:
-            path = ROOT / "bench" / "results.md"
-            if not path.is_file():
-                note = nodes.note()
-                note += nodes.paragraph(
-                    text="Results pending: bench/results.md has not been written yet. "
-                    "Run the command above to produce it."
-                )
-                return [note]
-            self.env.note_dependency(str(path))
-            text = path.read_text(encoding="utf-8")
-            return [nodes.literal_block(text, text, language="markdown")]
-
-    return BenchResults
-
-
 def setup(app: Any) -> None:
     app.connect("missing-reference", link_stdlib)
-    app.add_directive("bench-results", bench_results_directive())
 
 
 # -- HTML ----------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"memofill {release}"
 html_static_path = ["_static"]
+html_show_copyright = False
