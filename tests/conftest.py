@@ -1,10 +1,9 @@
-"""Shared fixtures: fakeredis for fast unit tests, private real redis-servers for integration tests."""
+"""Shared fixtures: fakeredis for unit tests, private real redis-servers for integration tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import fakeredis
 import pytest
 import redis
 
@@ -61,5 +60,6 @@ def real_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def fake_client() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+def fake_client(memofill_redis: redis.Redis) -> redis.Redis:
+    """The plugin's per-test fakeredis client (``memofill.testing``), as the unit tests name it."""
+    return memofill_redis
