@@ -23,6 +23,7 @@ from memofill.codec import NEGATIVE_MARKER, encode, error_marker
 from memofill.commands import Commands, RedisUnavailable
 from memofill.coordinator import (
     FETCH,
+    LEASE_EXPIRED,
     MAX_ERROR_TTL_MS,
     Command,
     Plan,
@@ -178,6 +179,13 @@ def test_redis_known_down_fetches_without_any_command() -> None:
     assert result.outcome is Outcome.LOCK_ERROR
     assert result.value == VALUE
     assert result.error == "RedisUnavailable"
+    assert driver.names() == ["FETCH"]
+
+
+def test_redis_known_down_names_the_error_that_said_so() -> None:
+    driver = Driver()
+    result = driver.run(make_plan(redis_ok=False, redis_error="TimeoutError"))
+    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "TimeoutError")
     assert driver.names() == ["FETCH"]
 
 
@@ -344,6 +352,14 @@ def test_release_error_keeps_the_value_and_is_reported() -> None:
     assert result.error == "NoPermissionError"
 
 
+def test_a_lock_that_was_no_longer_ours_is_reported_as_a_lost_lease() -> None:
+    driver = Driver({"release": [0]})
+    result = driver.run()
+    assert result.outcome is Outcome.LEADER_FILL
+    assert result.value == VALUE
+    assert result.error == LEASE_EXPIRED
+
+
 def test_release_error_after_a_recheck_hit_is_reported() -> None:
     driver = Driver({"get": [PAYLOAD], "release": [NoPermissionError("evalsha")]})
     result = driver.run()
@@ -445,6 +461,13 @@ def test_wake_stream_error_falls_back_to_polling_on_a_timer() -> None:
     assert result.polls == 3
     # One failed XREAD, then the wake stream is left alone: sleep, GET, sleep, GET...
     assert driver.names() == ["acquire", "wait", "sleep", "get", "sleep", "get", "sleep", "get"]
+
+
+def test_wake_stream_timeout_then_a_skipped_read_reports_the_timeout() -> None:
+    driver = follower({"wait": [RedisTimeoutError("read")], "get": [RedisUnavailable("breaker")]})
+    result = driver.run()
+    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "TimeoutError")
+    assert result.value == VALUE
 
 
 def test_follower_timeout_fetches_uncoordinated_and_writes() -> None:

@@ -225,8 +225,9 @@ async def test_fifty_tasks_share_one_fetch_and_one_lock(
 
 
 def test_a_lock_taken_over_during_the_fetch_survives_the_first_leaders_release(
-    real_client: redis.Redis, mf: Memofill
+    real_client: redis.Redis, mf: Memofill, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="memofill")
     lock = mf.lock_key("item:{name}", name="a")
 
     def fetch(name: str) -> str:
@@ -239,6 +240,8 @@ def test_a_lock_taken_over_during_the_fetch_survives_the_first_leaders_release(
     assert (result.value, result.outcome, result.led) == ("first", "leader_fill", True)
     assert real_client.get(lock) == b"second-leader"
     assert 0 < real_client.pttl(lock) <= 5_000
+    (record,) = [r for r in caplog.records if hasattr(r, "outcome")]
+    assert record.error == "LeaseExpired"  # the first leader says its lease was lost
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
