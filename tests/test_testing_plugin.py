@@ -649,6 +649,19 @@ def test_policies_from_the_ini_option_or_an_overriding_fixture(pytester: pytest.
     pytester.runpytest_inprocess().assert_outcomes(passed=2)
 
 
+def test_a_missing_policy_module_says_how_to_name_another(pytester: pytest.Pytester) -> None:
+    pytester.makeini(IN_PROCESS_INI + "memofill_policies = no_such_policies\n")
+    pytester.makepyfile("def test_cache(memofill_cache):\n    pass\n")
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "cannot import policies 'no_such_policies': run `memofill gen`, or pass policies=*",
+            "for the memofill_* fixtures: set the memofill_policies ini option, or use *",
+        ]
+    )
+
+
 def test_a_wrong_marker_is_reported(pytester: pytest.Pytester) -> None:
     pytester.makeini(IN_PROCESS_INI)
     pytester.makepyfile(

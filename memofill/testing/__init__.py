@@ -132,7 +132,11 @@ def _new_cache(
         prefix=prefix,
         policies=DEFAULT_POLICY_MODULE if policies is None else policies,
     )
-    cache.policies  # noqa: B018  # load now: a missing or invalid policy module fails the setup
+    try:
+        cache.policies  # noqa: B018  # load now: a missing or invalid policy module fails the setup
+    except ConfigurationError as exc:  # the module cannot be imported: say how tests name another
+        hint = "set the memofill_policies ini option, or use @pytest.mark.memofill(policies=...)"
+        pytest.fail(f"{exc}\nfor the memofill_* fixtures: {hint}", pytrace=False)
     return harness.adopt(cache)
 
 
