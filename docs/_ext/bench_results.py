@@ -6,7 +6,8 @@ a markdown dependency and without handing its text to the reStructuredText
 parser (a stray ``_`` or ``*`` in a figure must not break a ``-W`` build):
 
 * ``#`` headings become rubrics, pipe tables become tables, ``-`` items become
-  a bullet list, and every other block becomes a paragraph;
+  a bullet list, fenced code becomes a literal block, and every other block
+  becomes a paragraph;
 * inline ``code`` is kept as literal text, ``**bold**`` as strong text; links
   and anything else stay as they are written.
 
@@ -75,8 +76,23 @@ def table(lines: list[str]) -> nodes.table:
     return result
 
 
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+
+
 def render(text: str) -> list[nodes.Node]:
-    """The report's blocks (separated by blank lines) as docutils nodes."""
+    """The report as docutils nodes: fenced code as literal blocks, the rest block by block."""
+    out: list[nodes.Node] = []
+    position = 0
+    for fence in _FENCE.finditer(text):
+        out += _blocks(text[position : fence.start()])
+        code = fence.group(1).rstrip("\n")
+        out.append(nodes.literal_block(code, code))
+        position = fence.end()
+    return out + _blocks(text[position:])
+
+
+def _blocks(text: str) -> list[nodes.Node]:
+    """Blocks separated by blank lines: headings, pipe tables, lists, paragraphs."""
     out: list[nodes.Node] = []
     for block in re.split(r"\n\s*\n", text.strip()):
         lines = [line.rstrip() for line in block.splitlines() if line.strip()]
