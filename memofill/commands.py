@@ -14,13 +14,26 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as _ConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as _TimeoutError
 
 from memofill.errors import ConfigurationError
 
-__all__ = ["RELEASE_SCRIPT", "Commands", "RedisError", "RedisUnavailable", "is_unreachable"]
+__all__ = [
+    "REDIS_ERRORS",
+    "RELEASE_SCRIPT",
+    "Commands",
+    "RedisError",
+    "RedisUnavailable",
+    "is_unreachable",
+]
+
+#: Every error that means "Redis failed" to memofill, none of which may reach a caller:
+#: redis-py's RedisError, and the cluster client's RedisClusterException, which is not one
+#: (it is raised when the client cannot reach the cluster or route a slot: "Redis Cluster
+#: cannot be connected", "All slots are not covered").
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 
 class RedisUnavailable(_ConnectionError):
@@ -28,8 +41,21 @@ class RedisUnavailable(_ConnectionError):
 
 
 def is_unreachable(error: BaseException) -> bool:
-    """Whether ``error`` says Redis could not be reached (as opposed to an error it answered)."""
-    return isinstance(error, (_ConnectionError, _TimeoutError, OSError))
+    """Whether ``error`` says Redis could not be reached (as opposed to an error it answered).
+
+    A cluster that answers CLUSTERDOWN, or that the cluster client cannot route to,
+    serves no key until it recovers: that counts as unreachable too (and redis-py
+    sleeps 0.25 s on every CLUSTERDOWN, a cost the breaker then spares the callers).
+    """
+    unreachable = (
+        _ConnectionError,
+        _TimeoutError,
+        OSError,
+        ClusterDownError,
+        RedisClusterException,
+    )
+    return isinstance(error, unreachable)
+
 
 #: Token-safe release, sent by EVALSHA (reloaded on NOSCRIPT by redis-py's Script).
 #:
@@ -96,7 +122,7 @@ def last_entry_id(reply: Any, current: str) -> str:
 
 
 class Commands:
-    """The Redis commands of one client; each returns a value or, for asyncio clients, an awaitable."""
+    """The Redis commands of one client; each returns a value, or an awaitable for asyncio."""
 
     def __init__(self, client: Any) -> None:
         check_client(client)
@@ -121,7 +147,7 @@ class Commands:
         return self._release(keys=[lock_key, wake_key], args=[token, wake_ttl_ms])
 
     def wait(self, wake_key: str, last_id: str, block_ms: int) -> Any:
-        """``XREAD BLOCK block_ms STREAMS wake_key last_id``: returns when a leader signals, or on time-out."""
+        """``XREAD BLOCK block_ms STREAMS wake_key last_id``: a leader's signal, or a time-out."""
         return self.client.xread({wake_key: last_id}, count=1, block=block_ms)
 
     def delete(self, key: str) -> Any:

@@ -42,8 +42,8 @@ from memofill.codec import (
     error_marker,
 )
 from memofill.commands import (
+    REDIS_ERRORS,
     Commands,
-    RedisError,
     RedisUnavailable,
     is_unreachable,
     last_entry_id,
@@ -140,7 +140,7 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     lock, token = lock_key(plan.redis_key), new_token()
     try:
         acquired = yield Command("acquire", (lock, token, policy.lease_ms))
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
     if acquired:
         return (yield from _lead(plan, policy, lock, token))
@@ -151,7 +151,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str) -> Steps:
     error = None
     try:
         raw = yield Command("get", (plan.redis_key,))
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raw, error = None, type(exc).__name__
     found = CORRUPT if raw is None else decode_any(raw)
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
@@ -190,13 +190,13 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
             last_id = last_entry_id(reply, last_id)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # The data key stays the source of truth: poll it on a timer.
             wake_error = wake_error or type(exc).__name__
             yield Sleep(pause_ms / 1000)
         try:
             raw = yield Command("get", (plan.redis_key,))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             waited = (clock() - start) * 1000
             # A timed-out wait opens the breaker; the read it then skips is not the news.
             error = wake_error or type(exc).__name__
@@ -262,7 +262,7 @@ def _write(plan: Plan, payload: bytes, ttl_ms: int) -> Generator[Step, Any, str 
         return None
     try:
         yield Command("write", (plan.redis_key, payload, ttl_ms))
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         return type(exc).__name__
     return None
 
@@ -278,7 +278,7 @@ def _release(
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
         released = yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         return type(exc).__name__
     return None if released else LEASE_EXPIRED
 
@@ -290,7 +290,7 @@ def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:
 
 
 def _on_error(exc: Exception, breaker: Breaker) -> Exception:
-    if isinstance(exc, RedisError) and is_unreachable(exc):
+    if isinstance(exc, REDIS_ERRORS) and is_unreachable(exc):
         breaker.trip()
     return exc
 

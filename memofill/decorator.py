@@ -20,7 +20,7 @@ import attrs
 import wrapt
 
 from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
-from memofill.commands import Commands, RedisError, is_unreachable
+from memofill.commands import REDIS_ERRORS, Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import FillError, KeyTemplateError
 from memofill.keys import KeyTemplate, format_argument
@@ -248,7 +248,7 @@ def _hit(binding: Any, key: str, value: Any, name: str = HIT) -> Looked:
     return value, name, False
 
 
-def _on_read_error(binding: Any, key: str, exc: RedisError) -> Looked | None:
+def _on_read_error(binding: Any, key: str, exc: Exception) -> Looked | None:
     memofill = binding._self_memofill
     if is_unreachable(exc):
         memofill.breaker.trip()
@@ -266,7 +266,7 @@ def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: A
     if redis_ok:
         try:
             raw = commands.get(key)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Unreachable: skip Redis for this miss. Answered with an error (another type
             # under the key, say): the lock path still runs, and its write replaces it.
             redis_ok, read_error = not is_unreachable(exc), type(exc).__name__
@@ -311,7 +311,7 @@ async def _lookup_async(
     if redis_ok:
         try:
             raw = await commands.get(key)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Unreachable: skip Redis for this miss. Answered with an error (another type
             # under the key, say): the lock path still runs, and its write replaces it.
             redis_ok, read_error = not is_unreachable(exc), type(exc).__name__
