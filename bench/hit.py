@@ -1,0 +1,117 @@
+"""Scenario 1: latency of one call on a hit, per row, against the raw floor measured alongside.
+
+A hit is what a cache does almost all the time, so its overhead over a bare
+``GET`` + decode is the price every caller pays. The rows are measured in one
+process, interleaved in rounds (floor, A, B, ..., floor, A, B, ... in a new
+shuffled order each round) so that drift in machine load falls on every row
+alike, and each row's median is divided by the floor's median from the same
+rounds (sync rows by the sync floor, asyncio rows by the asyncio floor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from bench.common import in_child, median, percentile, small_value, sync_client
+from bench.libraries import BY_SLUG, Cached, Library
+
+NAME = "hit"
+
+
+def _origin_sync(name: str) -> Any:
+    return small_value(name)
+
+
+async def _origin_async(name: str) -> Any:
+    return small_value(name)
+
+
+def _time_sync(call: Callable[[str], Any], count: int, out: list[int]) -> None:
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        started = clock()
+        call(NAME)
+        out.append(clock() - started)
+
+
+async def _time_async(call: Callable[[str], Awaitable[Any]], count: int, out: list[int]) -> None:
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        started = clock()
+        await call(NAME)
+        out.append(clock() - started)
+
+
+def _measure(*, port: int, slugs: list[str], rounds: int, per_round: int, warmup: int,
+             seed: int) -> dict[str, list[int]]:
+    """In a fresh process: fill each row's key, warm up, then time rounds of hits."""
+    loop = asyncio.new_event_loop()
+    libraries = [BY_SLUG[slug] for slug in slugs]
+    built: dict[str, Cached] = {}
+    expected = small_value(NAME)
+    raw = sync_client(port)
+    for library in libraries:
+        namespace = f"bench:hit:{library.slug}:"
+        origin = _origin_async if library.is_async else _origin_sync
+        built[library.slug] = library.make(port, namespace, origin)
+        if not library.fills:
+            raw.set(namespace + NAME, orjson.dumps(expected))
+    raw.close()
+
+    def run(library: Library, count: int, out: list[int]) -> None:
+        call = built[library.slug].call
+        if library.is_async:
+            loop.run_until_complete(_time_async(call, count, out))
+        else:
+            _time_sync(call, count, out)
+
+    for library in libraries:  # the first call fills; the rest warm connections and caches
+        run(library, warmup, [])
+        value = built[library.slug].call(NAME)
+        if library.is_async:
+            value = loop.run_until_complete(value)
+        if value != expected:
+            raise AssertionError(f"{library.slug} returned {value!r} on a hit")
+    samples: dict[str, list[int]] = {library.slug: [] for library in libraries}
+    order = list(libraries)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        gc.collect()
+        for library in order:
+            run(library, per_round, samples[library.slug])
+    for cached in built.values():
+        closing = cached.close()
+        if asyncio.iscoroutine(closing):
+            loop.run_until_complete(closing)
+    loop.close()
+    return samples
+
+
+def measure(port: int, libraries: list[Library], *, iterations: int, warmup: int,
+            rounds: int = 100, seed: int = 1) -> dict[str, Any]:
+    """Time ``iterations`` hits per row; return per-row median, p99 (µs) and ratio to the floor."""
+    slugs = [library.slug for library in libraries]
+    per_round = max(1, iterations // rounds)
+    samples = in_child(_measure, port=port, slugs=slugs, rounds=rounds, per_round=per_round,
+                       warmup=warmup, seed=seed)
+    rows: dict[str, dict[str, Any]] = {}
+    for library in libraries:
+        values = sorted(samples[library.slug])
+        rows[library.slug] = {
+            "calls": len(values),
+            "median_us": median(values) / 1000,
+            "p99_us": percentile(values, 99) / 1000,
+        }
+    for library in libraries:
+        floor = rows.get("floor-async" if library.is_async else "floor-sync")
+        row = rows[library.slug]
+        row["ratio"] = row["median_us"] / floor["median_us"] if floor else None
+    return {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "rows": rows}
