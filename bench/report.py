@@ -1,0 +1,306 @@
+"""Render one run's results as a markdown document: targets, one table per scenario, notes.
+
+Everything a reader needs to reproduce or doubt a number is in the document:
+the exact command, the machine, the versions, and how each row was configured
+and each figure counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from bench.libraries import LIBRARIES, Library
+
+FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
+RAW_LABELS = {"raw-sync": "raw `SET`/`GET` (sync)", "raw-async": "raw `SET`/`GET` (asyncio)"}
+NA = "n/a"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NA
+    return f"{value:,.{digits}f}"
+
+
+def _count(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NA
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def _table(header: list[str], rows: Iterable[list[str]], align: str = "") -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = {"l": "---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _row(family: str, is_async: bool) -> Library | None:
+    return next((library for library in LIBRARIES
+                 if library.family == family and library.is_async == is_async), None)
+
+
+def _hit(hit: dict[str, Any]) -> list[str]:
+    rows = []
+    for family in FAMILIES:
+        cells = [family]
+        for is_async in (False, True):
+            library = _row(family, is_async)
+            data = hit["rows"].get(library.slug) if library else None
+            if data is None:
+                cells += [NA, NA, NA]
+            else:
+                cells += [_num(data["median_us"]), _num(data["p99_us"]), _num(data["ratio"], 2)]
+        rows.append(cells)
+    header = ["library", "sync median µs", "sync p99 µs", "sync × floor",
+              "asyncio median µs", "asyncio p99 µs", "asyncio × floor"]
+    return [
+        "## 1. Hit latency",
+        "",
+        f"{hit['iterations']:,} timed calls per row after {hit['warmup']:,} warm-up calls, "
+        f"interleaved in {hit['rounds']} rounds (new random row order each round). "
+        "× floor: the row's median over the floor's median of the same mode, same run.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _median_worst(summary: dict[str, Any], metric: str, digits: int | None = None) -> str:
+    pair = summary[metric]
+    show = _count if digits is None else (lambda v: _num(v, digits))
+    return f"{show(pair['median'])} / {show(pair['worst'])}"
+
+
+def _stampede(stampede: dict[str, Any]) -> list[str]:
+    any_result = next(iter(stampede.values()))
+    processes, threads = any_result["processes"], any_result["threads"]
+    repeats = len(any_result["runs"])
+    rows = []
+    outcome_lines = []
+    for slug, result in stampede.items():
+        library = next(lib for lib in LIBRARIES if lib.slug == slug)
+        summary = result["summary"]
+        rows.append([
+            library.label,
+            _median_worst(summary, "origin_calls"),
+            "yes" if summary["origin_once_every_run"] else "**no**",
+            _median_worst(summary, "p50_ms", 0),
+            _median_worst(summary, "p99_ms", 0),
+            _median_worst(summary, "max_ms", 0),
+            _median_worst(summary, "round_trips"),
+            _median_worst(summary, "server_commands"),
+            _count(summary["errors"]["worst"] + summary["wrong_values"]["worst"]
+                   + summary["hung"]["worst"]),
+        ])
+        outcomes = result["runs"][-1]["outcomes"]
+        if outcomes:
+            text = ", ".join(f"{name} {count}" for name, count in outcomes.items())
+            outcome_lines.append(f"- {library.label}, last run: {text}")
+    header = ["row", "origin calls", "once every run", "caller p50 ms", "caller p99 ms",
+              "caller max ms", "round trips", "server commands", "errors"]
+    return [
+        "## 2. Stampede on a cold key",
+        "",
+        f"{processes} processes × {threads} callers = {processes * threads} callers released "
+        f"together; origin {any_result['origin_ms']:.0f} ms; {repeats} runs per row, each on a "
+        "new key. Cells: median / worst over the runs.",
+        "",
+        *_table(header, rows),
+        *(["memofill outcomes (one per caller):", "", *outcome_lines, ""] if outcome_lines else []),
+    ]
+
+
+def _growth(growth: dict[str, Any]) -> list[str]:
+    levels = list(next(iter(growth.values()))["levels"])
+    processes = next(iter(growth.values()))["processes"]
+    repeats = len(next(iter(growth.values()))["levels"][levels[0]]["runs"])
+    header = ["row"]
+    for level in levels:
+        header += [f"{level}: round trips", f"{level}: p99 ms", f"{level}: origin calls"]
+    rows = []
+    for slug, result in growth.items():
+        library = next(lib for lib in LIBRARIES if lib.slug == slug)
+        cells = [library.label]
+        for level in levels:
+            summary = result["levels"][level]["summary"]
+            cells += [_count(summary["round_trips"]["median"]),
+                      _num(summary["p99_ms"]["median"], 0),
+                      _count(summary["origin_calls"]["worst"])]
+        rows.append(cells)
+    return [
+        "## 3. Growth: 10 → 100 → 1000 callers",
+        "",
+        f"Callers spread over {processes} processes; {repeats} run(s) per level. Round trips "
+        "and p99: median over the runs; origin calls: worst run.",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _payload(payload: dict[str, Any]) -> list[str]:
+    lines = ["## 4. Large payloads", ""]
+    lines.append(
+        f"Time: median of {payload['rounds']} fills (cold calls, each on a new key) and "
+        f"{payload['rounds'] * payload['hits_per_round']} hits per row, rows interleaved with "
+        "the raw references in one process. Raw fill: `orjson.dumps` + `SET`; raw hit: `GET` + "
+        "`orjson.loads`. Peak: growth of the peak resident set over the resident set just "
+        "before the one large call, in a fresh process per figure, as a multiple of the "
+        "payload's size (a hit's peak includes the decoded value itself).")
+    lines.append("")
+    held = []
+    for size, data in payload["sizes"].items():
+        megabytes = data["payload_bytes"] / 1e6
+        raw_memory = data["rows"]["raw-sync"]["memory"]
+        held.append(f"{megabytes:.1f} MB: "
+                    f"{raw_memory['hit']['held_kb'] * 1024 / data['payload_bytes']:.1f} ×")
+        rows = []
+        for entry, row in data["rows"].items():
+            label = RAW_LABELS.get(entry) or next(
+                lib.label for lib in LIBRARIES if lib.slug == entry)
+            rows.append([
+                label, _num(row["fill_ms"]), _num(row["fill_ratio"], 2), _num(row["hit_ms"]),
+                _num(row["hit_ratio"], 2), _num(row["fill_peak_x"], 1),
+                _num(row["hit_peak_x"], 1),
+            ])
+        header = ["row", "fill ms", "fill × raw", "hit ms", "hit × raw", "fill peak × payload",
+                  "hit peak × payload"]
+        lines += [f"### {megabytes:.1f} MB payload ({data['payload_bytes']:,} bytes, "
+                  f"requested {int(size):,})", "", *_table(header, rows)]
+    lines += [
+        "The value is a list of dicts, each with a 160-character text. What a raw hit leaves "
+        "resident, the decoded value, is already several times the payload ("
+        + ", ".join(held) + "): a floor under every hit's peak. redis-py with hiredis packs "
+        "a `SET` into one buffer (`hiredis.pack_command`), so even the raw fill peaks well "
+        "above the payload. Each row's × raw is against the raw reference of its own mode.",
+        "",
+    ]
+    return lines
+
+
+def _check(ok: bool | None) -> str:
+    return NA if ok is None else ("met" if ok else "**missed**")
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """memofill's promises checked against this run: what was measured, and whether it holds."""
+    checks: list[dict[str, Any]] = []
+    hit = results.get("hit")
+    stampede = results.get("stampede")
+    payload = results.get("payload")
+    for slug, mode in (("memofill-sync", "sync"), ("memofill-async", "asyncio")):
+        if hit and slug in hit["rows"]:
+            ratio = hit["rows"][slug]["ratio"]
+            checks.append({"target": f"hit ≤ 1.05 × floor ({mode})", "measured": f"{ratio:.2f} ×",
+                           "ok": ratio <= 1.05})
+        if stampede and slug in stampede:
+            result = stampede[slug]
+            summary = result["summary"]
+            calls = summary["origin_calls_per_run"]
+            checks.append({"target": f"origin called once in every stampede run ({mode})",
+                           "measured": ", ".join(map(str, calls)),
+                           "ok": summary["origin_once_every_run"]})
+            callers = result["processes"] * result["threads"]
+            worst = summary["round_trips"]["worst"]
+            checks.append({
+                "target": f"≤ 150 round trips per 100-caller stampede ({mode})",
+                "measured": f"{worst:.0f} (worst run, {callers} callers)",
+                "ok": worst <= 150 if callers == 100 else None,
+            })
+            limit = result["origin_ms"] + 25
+            p99 = summary["p99_ms"]
+            checks.append({
+                "target": f"caller p99 ≤ origin + 25 ms = {limit:.0f} ms ({mode})",
+                "measured": f"{p99['median']:.0f} ms median run, {p99['worst']:.0f} ms worst run",
+                "ok": p99["median"] <= limit,
+            })
+        if payload:
+            for data in payload["sizes"].values():
+                row = data["rows"].get(slug)
+                if row is None:
+                    continue
+                size = f"{data['payload_bytes'] / 1e6:.1f} MB, {mode}"
+                checks.append({"target": f"fill ≤ 1.2 × raw ({size})",
+                               "measured": f"{row['fill_ratio']:.2f} ×",
+                               "ok": row["fill_ratio"] <= 1.2})
+                checks.append({"target": f"hit ≤ 1.1 × raw ({size})",
+                               "measured": f"{row['hit_ratio']:.2f} ×",
+                               "ok": row["hit_ratio"] <= 1.1})
+                peak = max(row["fill_peak_x"], row["hit_peak_x"])
+                raw = data["rows"]["raw-async" if slug.endswith("async") else "raw-sync"]
+                checks.append({
+                    "target": f"peak RSS ≤ 3 × payload ({size})",
+                    "measured": f"fill {row['fill_peak_x']:.1f} ×, hit {row['hit_peak_x']:.1f} × "
+                                f"(raw: {raw['fill_peak_x']:.1f} ×, {raw['hit_peak_x']:.1f} ×)",
+                    "ok": peak <= 3,
+                })
+    return checks
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    used = set(results["meta"]["libraries"])
+    lines = ["## Notes", "", "How each row is configured (same server, same client options: "
+             "redis-py with RESP3 and the hiredis parser; values kept 60 s):", ""]
+    for library in LIBRARIES:
+        if library.slug in used:
+            lines.append(f"- **{library.label}**: {library.setup}")
+    lines += [
+        "",
+        "- *n/a*: dogpile.cache has no asyncio API; cashews and aiocache have no blocking API; "
+        "the raw floor does not fill, so it has no stampede or payload rows.",
+        "- *Round trips* are counted in each worker process: every request redis-py writes to "
+        "a socket, so a Lua script or a pipeline is one round trip. *Server commands* come "
+        "from `INFO commandstats` before and after each run and also count the commands a Lua "
+        "script runs inside Redis (a token-safe release adds `EVALSHA` plus its `GET`, `DEL`...).",
+        "- Both counts leave out connection set-up and the harness's own commands: `HELLO`, "
+        "`CLIENT`, `AUTH`, `SELECT`, `INFO`, `CONFIG`, `COMMAND`, and the origin's `INCR`. "
+        "`PING` is kept, because cashews sends one after every failed lock attempt; on the "
+        "client side redis-py's own health-check `PING`s are told apart and left out.",
+        "- Each worker warms up before every run (one fill on a key of its own, then as many "
+        "concurrent hits as it has callers), so connections and scripts are in place.",
+        "- Latencies use `time.perf_counter_ns`; a caller's latency runs from its call to its "
+        "return. Stampede workers are separate processes started with `spawn`, released "
+        "together by a `multiprocessing.Barrier`; callers within a worker are threads "
+        "(asyncio tasks for asyncio rows).",
+    ]
+    return [*lines, ""]
+
+
+def render(results: dict[str, Any]) -> str:
+    """The whole markdown document for one run."""
+    meta = results["meta"]
+    lines = [
+        "# memofill benchmarks",
+        "",
+        "Reproduce from the repository root:",
+        "",
+        "```sh",
+        meta["command"],
+        "```",
+        "",
+        f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['platform']}), Python "
+        f"{meta['python']}, redis-server {meta['redis_server']}; load average "
+        f"{meta['load_before']} before, {meta['load_after']} after. Versions: "
+        + ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
+        + f". Commit {meta['commit']}.",
+        "",
+    ]
+    if meta.get("quick"):
+        lines += ["**Quick smoke run** (`--quick`): small scale, not for publication.", ""]
+    checks = targets(results)
+    if checks:
+        lines += ["## memofill against its targets", ""]
+        lines += _table(["target", "this run", "verdict"],
+                        ([c["target"], c["measured"], _check(c["ok"])] for c in checks), "llc")
+    if "hit" in results:
+        lines += _hit(results["hit"])
+    if "stampede" in results:
+        lines += _stampede(results["stampede"])
+    if "growth" in results:
+        lines += _growth(results["growth"])
+    if "payload" in results:
+        lines += _payload(results["payload"])
+    lines += _notes(results)
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,199 @@
+"""Run the benchmarks: start a private redis-server, run each scenario, write the report.
+
+Everything runs in one process tree against one redis-server started here, on
+a free loopback port, and stopped at the end (the machine's own Redis is never
+touched), so the rows of every table are measured against the same server in
+the same run, and their ratios are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import growth, hit, payload, report, stampede
+from bench.common import sync_client
+from bench.libraries import LIBRARIES, Library
+from tests.redis_servers import RedisServer  # the project's private-server helper
+
+SCENARIOS = ("hit", "stampede", "growth", "payload")
+VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
+DEFAULT_OUT = Path("bench/results.md")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much work each scenario does: the full run, or a quick smoke run."""
+
+    hit_iterations: int
+    hit_warmup: int
+    hit_rounds: int
+    processes: int
+    threads: int
+    repeats: int
+    growth_levels: tuple[int, ...]
+    growth_repeats: int
+    payload_sizes: tuple[int, ...]
+    payload_rounds: int
+    payload_hits: int
+
+
+FULL = Scale(hit_iterations=20_000, hit_warmup=2_000, hit_rounds=100, processes=4, threads=25,
+             repeats=5, growth_levels=(10, 100, 1000), growth_repeats=3,
+             payload_sizes=(2_000_000, 20_000_000), payload_rounds=5, payload_hits=3)
+QUICK = Scale(hit_iterations=2_000, hit_warmup=200, hit_rounds=20, processes=2, threads=5,
+              repeats=2, growth_levels=(10, 40), growth_repeats=1,
+              payload_sizes=(500_000,), payload_rounds=2, payload_hits=2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="memofill side by side with the raw floor, cache-aside, dogpile.cache, "
+                    "cashews and aiocache, against a private redis-server.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a fast smoke run at small scale (report to stdout unless --out)")
+    parser.add_argument("--out", type=Path,
+                        help=f"markdown report path (default {DEFAULT_OUT}; none with --quick)")
+    parser.add_argument("--json", nargs="?", const=Path("bench/results.json"), type=Path,
+                        metavar="PATH", help="also dump every figure as JSON "
+                        "(default path bench/results.json)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {', '.join(SCENARIOS)}")
+    parser.add_argument("--libraries", default="",
+                        help="comma-separated row slugs (default all: "
+                             + ", ".join(library.slug for library in LIBRARIES) + ")")
+    parser.add_argument("--processes", type=int, help="stampede and growth worker processes")
+    parser.add_argument("--threads", type=int, help="stampede callers per process")
+    parser.add_argument("--repeats", type=int, help="stampede runs per row (at least 5 for "
+                        "publication)")
+    return parser
+
+
+def _choose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
+        list[str], list[Library], Scale]:
+    scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; "
+                     f"choose from {', '.join(SCENARIOS)}")
+    slugs = [slug.strip() for slug in args.libraries.split(",") if slug.strip()]
+    known = {library.slug for library in LIBRARIES}
+    if set(slugs) - known:
+        parser.error(f"unknown row(s) {', '.join(sorted(set(slugs) - known))}; "
+                     f"choose from {', '.join(sorted(known))}")
+    libraries = [library for library in LIBRARIES if not slugs or library.slug in slugs]
+    scale = QUICK if args.quick else FULL
+    overrides = {"processes": args.processes, "threads": args.threads, "repeats": args.repeats}
+    for name, value in overrides.items():
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1")
+    scale = Scale(**{**scale.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    return scenarios, libraries, scale
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def run(scenarios: list[str], libraries: list[Library], scale: Scale, command: str,
+        quick: bool) -> dict[str, Any]:
+    """Start a private redis-server, run the scenarios in order, and return every figure."""
+    server = RedisServer().start()
+    try:
+        with sync_client(server.port) as admin:
+            redis_version = str(admin.info("server")["redis_version"])
+        results: dict[str, Any] = {"meta": {
+            "command": command, "quick": quick, "date": datetime.datetime.now(
+                datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "redis_server": redis_version,
+            "versions": _versions(), "commit": _commit(), "load_before": _load(),
+            "libraries": [library.slug for library in libraries], "scale": scale.__dict__,
+        }}
+        fillers = [library for library in libraries if library.fills]
+        if "hit" in scenarios:
+            _log(f"hit: {scale.hit_iterations:,} calls per row, {len(libraries)} rows")
+            results["hit"] = hit.measure(server.port, libraries, iterations=scale.hit_iterations,
+                                         warmup=scale.hit_warmup, rounds=scale.hit_rounds)
+        if "stampede" in scenarios:
+            results["stampede"] = {}
+            for library in fillers:
+                _log(f"stampede: {library.label}, {scale.processes} x {scale.threads} callers, "
+                     f"{scale.repeats} runs")
+                results["stampede"][library.slug] = stampede.measure(
+                    library, server.port, scale.processes, scale.threads, scale.repeats)
+        if "growth" in scenarios:
+            results["growth"] = {}
+            for library in fillers:
+                _log(f"growth: {library.label}, {' -> '.join(map(str, scale.growth_levels))}")
+                results["growth"][library.slug] = growth.measure(
+                    library, server.port, scale.processes, list(scale.growth_levels),
+                    scale.growth_repeats)
+        if "payload" in scenarios:
+            _log(f"payload: {', '.join(f'{size:,}' for size in scale.payload_sizes)} bytes")
+            results["payload"] = payload.measure(
+                server.port, libraries, sizes=list(scale.payload_sizes),
+                rounds=scale.payload_rounds, hits=scale.payload_hits)
+        results["meta"]["load_after"] = _load()
+        return results
+    finally:
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench [--quick] [--out PATH] [--json [PATH]] ...``"""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    scenarios, libraries, scale = _choose(args, parser)
+    command = shlex.join(["python", "-m", "bench", *argv])
+    results = run(scenarios, libraries, scale, command, args.quick)
+    document = report.render(results)
+    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(document, encoding="utf-8")
+        _log(f"wrote {out}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+        _log(f"wrote {args.json}")
+    print(document)
+    return 0
