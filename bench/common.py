@@ -166,8 +166,8 @@ class RequestCounter:
         counter = cls()
         sync_class = redis.connection.AbstractConnection
         async_class = redis.asyncio.connection.AbstractConnection
-        sync_send = sync_class.send_packed_command
-        async_send = async_class.send_packed_command
+        sync_send: Any = sync_class.send_packed_command
+        async_send: Any = async_class.send_packed_command
 
         def send_sync(self: Any, command: Any, check_health: bool = True) -> None:
             counter.record(command, check_health)

@@ -194,8 +194,10 @@ def _cashews(port: int, namespace: str, origin: Origin) -> Cached:
 
 
 def _aiocache(port: int, namespace: str, origin: Origin) -> Cached:
-    from aiocache import Cache, cached_stampede  # noqa: PLC0415
-    from aiocache.serializers import BaseSerializer  # noqa: PLC0415
+    from aiocache import Cache, cached_stampede  # type: ignore[import-untyped]  # noqa: PLC0415
+    from aiocache.serializers import (  # type: ignore[import-untyped]  # noqa: PLC0415
+        BaseSerializer,
+    )
 
     class OrjsonSerializer(BaseSerializer):  # type: ignore[misc]
         """aiocache's documented extension point for codecs; bytes in and out."""
@@ -208,7 +210,7 @@ def _aiocache(port: int, namespace: str, origin: Origin) -> Cached:
         def loads(self, value: bytes | None) -> Any:
             return None if value is None else orjson.loads(value)
 
-    @cached_stampede(
+    @cached_stampede(  # type: ignore[untyped-decorator]
         lease=2,  # the documented default, well above the 200 ms origin
         ttl=TTL_S,
         cache=Cache.REDIS,

@@ -157,8 +157,8 @@ def _time(*, port: int, entries: list[str], size: int, rounds: int, hits: int,
                 raise AssertionError(f"{entry} returned a different value on a hit")
             del got
         admin.flushdb()
-    for entry in built.values():
-        entry.close()
+    for prepared in built.values():
+        prepared.close()
     admin.close()
     loop.close()
     return {"payload_bytes": payload_bytes,

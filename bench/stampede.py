@@ -52,8 +52,9 @@ ORIGIN_COUNTER = "bench:origin:"
 
 def _make_origin(port: int, is_async: bool) -> Callable[[str], Any]:
     """The slow upstream: count the call with ``INCR``, wait :data:`ORIGIN_S`, answer."""
+    # INCR by name: redis-py's incr() sends INCRBY, and the counts leave out exactly INCR.
     if is_async:
-        counter_async = async_client(port)
+        counter_async: Any = async_client(port)
 
         async def origin_async(name: str) -> Any:
             await counter_async.execute_command("INCR", ORIGIN_COUNTER + name)
@@ -61,7 +62,7 @@ def _make_origin(port: int, is_async: bool) -> Callable[[str], Any]:
             return small_value(name)
 
         return origin_async
-    counter = sync_client(port)
+    counter: Any = sync_client(port)
 
     def origin(name: str) -> Any:
         counter.execute_command("INCR", ORIGIN_COUNTER + name)
