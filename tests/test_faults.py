@@ -445,10 +445,9 @@ def test_user_denied_eval_still_gets_values_and_the_lock_expires(
     assert (pair.led.outcome, pair.followed.outcome) == ("leader_fill", "follower_hit")
     assert pair.led.value == pair.followed.value == {"name": "x"}
     assert len(origins) == 1
-    assert [(r["outcome"], r["error"]) for r in mine(records, prefix)] == [
-        ("leader_fill", "NoPermissionError"),
-        ("follower_hit", None),
-    ]
+    assert by_outcome(mine(records, prefix)) == Counter(
+        {("leader_fill", "NoPermissionError"): 1, ("follower_hit", None): 1}
+    )
     # Not woken by the release: the follower found the value on its next poll.
     assert pair.follower_s < 0.3 + fill.poll_max_ms / 1000 + MARGIN_S
     # The lock could not be released; it expires after lease_ms.

@@ -1,0 +1,333 @@
+"""Through ``redis.cluster.RedisCluster`` on a real local three-master cluster.
+
+Data key, lock key and wake stream of one entry share a hash slot, so every
+command of a fill (including the two-key release script) goes to one node.
+The stampede, recheck, token-safety and degrade tests of a single server run
+again here; a last test kills a master in the middle of a stampede.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.cluster
+from redis.crc import key_slot
+
+from memofill import CacheFill, Memofill
+from memofill.codec import encode
+from memofill.commands import Commands
+from memofill.coordinator import Plan, fill, run_sync
+from memofill.fallback import Breaker
+from memofill.keys import lock_key, wake_key
+from memofill.outcomes import Outcome
+from tests.fault_helpers import (
+    MARGIN_S,
+    SOCKET_TIMEOUT_S,
+    Stampede,
+    Target,
+    dataset,
+    make_client,
+    measure,
+    origin_calls,
+    recorded,
+    run_stampede,
+    wait_until,
+)
+from tests.redis_servers import RedisCluster, RedisServer
+
+pytestmark = [pytest.mark.redis_server]
+
+FILL = CacheFill(lease_ms=2_000, wait_ms=1_000, poll_min_ms=10, poll_max_ms=100)
+DATASET = dataset(FILL)
+POLICIES = {DATASET.key: DATASET}
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"c{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
+    client = make_client(Target(redis_cluster.nodes[0].port, cluster=True))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def counter(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def cached(mf: Memofill, origins: list[str], fetch_s: float = 0.0) -> Any:
+    @mf.cached_dataset(DATASET.key)
+    def fetch(name: str) -> dict[str, str]:
+        origins.append(name)
+        time.sleep(fetch_s)
+        return {"name": name}
+
+    return fetch
+
+
+def node_of(client: redis.cluster.RedisCluster, key: str) -> int:
+    """The port of the master that serves ``key``."""
+    return int(client.nodes_manager.get_node_from_slot(key_slot(key.encode())).port)
+
+
+# -- slots -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix_", ["", "app:", "{tenant-7}:"])
+@pytest.mark.parametrize("name", ["x", "a:b", "{brace}", "new\nline", "é 日本", "~" * 300, 42])
+def test_data_lock_and_wake_keys_share_a_slot_on_the_server(
+    cluster_client: redis.cluster.RedisCluster, prefix_: str, name: object
+) -> None:
+    mf = Memofill(cluster_client, prefix=prefix_, policies=POLICIES)
+    fetch = cached(mf, [])
+    key = fetch.redis_key(name)
+    slots = {int(cluster_client.cluster_keyslot(k)) for k in (key, lock_key(key), wake_key(key))}
+    assert slots == {key_slot(key.encode())}
+
+
+# -- the single-server contract, again through a cluster client ------------------------------
+
+
+@pytest.mark.slow
+def test_a_stampede_through_the_cluster_calls_the_origin_once(
+    redis_cluster: RedisCluster, counter: redis.Redis, prefix: str, record_property: Any
+) -> None:
+    spec = Stampede(
+        target=Target(redis_cluster.nodes[0].port, cluster=True),
+        counter_port=counter.get_connection_kwargs()["port"],
+        prefix=prefix,
+        dataset=DATASET,
+        fetch_s=0.3,
+        threads=3,
+    )
+    result = run_stampede(spec, processes=3)
+    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    result.assert_every_caller_got_its_value()
+    assert origin_calls(counter, spec) == 1
+    assert result.outcomes == Counter(leader_fill=1, follower_hit=2, local_join=6)
+    assert result.errors == Counter(
+        {("leader_fill", None): 1, ("follower_hit", None): 2, ("local_join", None): 6}
+    )
+    assert result.longest_wait_s < spec.fetch_s + MARGIN_S
+
+
+def test_the_recheck_finds_a_value_written_between_the_miss_and_the_lock(
+    cluster_client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    key = f"{prefix}fault:x"
+    cluster_client.set(key, encode({"name": "from another leader"}), px=60_000)
+    plan = Plan(
+        dataset=DATASET.key,
+        redis_key=key,
+        ttl_ms=60_000,
+        negative_ttl_ms=5_000,
+        cache_fill=FILL,
+        block_limit_ms=SOCKET_TIMEOUT_S * 1000,
+    )
+    fetched: list[int] = []
+    result = run_sync(
+        fill(plan, time.monotonic, random.Random(1)),
+        Commands(cluster_client),
+        lambda: fetched.append(1),
+        Breaker(),
+    )
+    assert result.outcome is Outcome.LEADER_RECHECK_HIT
+    assert result.value == {"name": "from another leader"}
+    assert result.error is None
+    assert fetched == []
+    assert cluster_client.get(lock_key(key)) is None  # released through the cluster
+
+
+def test_release_is_token_safe_through_the_cluster(
+    cluster_client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    key = f"{prefix}fault:x"
+    commands = Commands(cluster_client)
+    assert commands.acquire(lock_key(key), "theirs", 5_000)
+    assert not commands.acquire(lock_key(key), "mine", 5_000)
+    # Not ours: the lock stays, the wake stream (same slot, no CROSSSLOT) still gets its entry.
+    assert commands.release(lock_key(key), wake_key(key), "mine", 1_000) == 0
+    assert cluster_client.get(lock_key(key)) == b"theirs"
+    assert cluster_client.xlen(wake_key(key)) == 1
+    assert commands.release(lock_key(key), wake_key(key), "theirs", 1_000) == 1
+    assert cluster_client.get(lock_key(key)) is None
+
+
+def test_a_second_leader_after_the_lease_keeps_its_lock_through_the_cluster(
+    cluster_client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    key = f"{prefix}fault:x"
+    short = dataset(CacheFill(lease_ms=300, wait_ms=200, poll_min_ms=10, poll_max_ms=50))
+    mf = Memofill(cluster_client, prefix=prefix, policies={short.key: short})
+    seen: list[bytes | None] = []
+
+    @mf.cached_dataset(short.key)
+    def fetch(name: str) -> dict[str, str]:
+        wait_until(lambda: not cluster_client.exists(lock_key(key)), timeout_s=2)
+        cluster_client.set(lock_key(key), b"second-leader", px=5_000)  # another process got in
+        return {"name": name}
+
+    with recorded() as records:
+        result = fetch.call_with_outcome("x")
+    seen.append(cluster_client.get(lock_key(key)))
+    assert result.value == {"name": "x"}
+    assert seen == [b"second-leader"]
+    assert [(r["outcome"], r["error"]) for r in records] == [("leader_fill", "LeaseExpired")]
+    cluster_client.delete(lock_key(key))
+
+
+def test_a_stalled_master_degrades_to_a_local_fetch(
+    redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    """CLIENT PAUSE WRITE on the entry's master: the lock cannot be taken, the caller is served."""
+    mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
+    origins: list[str] = []
+    fetch = cached(mf, origins)
+    key = fetch.redis_key("x")
+    port = node_of(cluster_client, key)
+    node = next(n for n in redis_cluster.nodes if n.port == port)
+    admin = node.client()
+    admin.execute_command("CLIENT", "PAUSE", 2_000, "WRITE")
+    try:
+        with recorded() as records:
+            started = time.monotonic()
+            result = fetch.call_with_outcome("x")
+            waited = time.monotonic() - started
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+    assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
+    assert origins == ["x"]
+    assert [(r["outcome"], r["error"]) for r in records] == [("lock_error", "TimeoutError")]
+    assert waited < SOCKET_TIMEOUT_S + MARGIN_S
+    # The SET NX that timed out ran on UNPAUSE: a lock nobody holds, gone after lease_ms.
+    wait_until(lambda: not admin.exists(lock_key(key)), timeout_s=FILL.lease_ms / 1000 + MARGIN_S)
+    admin.close()
+
+
+# -- a master dies in the middle of a stampede -----------------------------------------------
+
+
+def names_on_every_master(
+    client: redis.cluster.RedisCluster, prefix: str, per_node: int
+) -> list[str]:
+    """Argument values whose entries land ``per_node`` on each master, interleaved."""
+    by_node: dict[int, list[str]] = {}
+    for index in range(10_000):
+        name = f"n{index}"
+        names = by_node.setdefault(node_of(client, f"{prefix}fault:{name}"), [])
+        if len(names) < per_node:
+            names.append(name)
+        if len(by_node) == 3 and all(len(v) == per_node for v in by_node.values()):
+            break
+    return [name for group in zip(*by_node.values(), strict=True) for name in group]
+
+
+@pytest.mark.slow
+def test_a_master_killed_during_a_stampede(
+    counter: redis.Redis, prefix: str, record_property: Any
+) -> None:
+    cluster = RedisCluster().start()
+    try:
+        client = make_client(Target(cluster.nodes[0].port, cluster=True))
+        names = names_on_every_master(client, prefix, per_node=2)
+        victim_port = node_of(client, f"{prefix}fault:{names[0]}")
+        victim = next(n for n in cluster.nodes if n.port == victim_port)
+        client.close()
+        entry = cluster.nodes[1] if victim is cluster.nodes[0] else cluster.nodes[0]
+        spec = Stampede(
+            target=Target(entry.port, cluster=True),
+            counter_port=counter.get_connection_kwargs()["port"],
+            prefix=prefix,
+            dataset=DATASET,
+            names=tuple(names),
+            fetch_s=0.2,
+            threads=2,
+        )
+
+        def kill_the_first_keys_master(_: float) -> None:
+            wait_until(lambda: origin_calls(counter, spec) >= 1)
+            victim.kill()
+
+        # A client made while the cluster is whole (redis-py cannot make one afterwards).
+        survivor = Memofill(make_client(spec.target), prefix=prefix, policies=POLICIES)
+        survivor_call = cached(survivor, [])
+        result = run_stampede(spec, processes=3, during=kill_the_first_keys_master)
+        for node in cluster.nodes:
+            node.kill()
+        with recorded() as records:
+            started = time.monotonic()
+            last = survivor_call.call_with_outcome("gone")
+            last_s = time.monotonic() - started
+    finally:
+        cluster.close()
+    assert (last.outcome, last.value) == ("lock_error", {"name": "gone"})
+    assert [r["error"] for r in records] == ["RedisClusterException"]
+    assert last_s < MARGIN_S
+    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    result.assert_every_caller_got_its_value()
+    per_call_bound = FILL.wait_ms / 1000 + spec.fetch_s + MARGIN_S
+    assert max(call.elapsed_s for call in result.calls) < per_call_bound
+    # At most one fetch per process and key: its threads coalesce.
+    assert origin_calls(counter, spec) <= 3 * len(names)
+    degraded = {"ConnectionError", "RedisUnavailable", "TimeoutError", "ClusterDownError"}
+    assert {error for _, error in result.errors} <= degraded | {None}
+    # Every process met the dead master and degraded to local fetches.
+    assert all(report.records for report in result.reports)
+    assert {r["outcome"] for r in result.records} <= {
+        "leader_fill",
+        "follower_hit",
+        "lock_error",
+        "local_join",
+    }
+    assert "lock_error" in {r["outcome"] for r in result.records}
+
+
+def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
+    redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    """The cluster client raises RedisClusterException, which is no RedisError: still a value."""
+    mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
+    origins: list[str] = []
+    fetch = cached(mf, origins)
+    key = fetch.redis_key("x")
+    slot = key_slot(key.encode())
+    owner = next(n for n in redis_cluster.nodes if n.port == node_of(cluster_client, key))
+    for node in redis_cluster.nodes:  # every node forgets who serves the slot
+        with node.client() as admin:
+            admin.execute_command("CLUSTER", "DELSLOTS", slot)
+    try:
+        wait_until(lambda: all(slot_unserved(n, slot) for n in redis_cluster.nodes), timeout_s=5)
+        with recorded() as records:
+            result = fetch.call_with_outcome("x")
+    finally:
+        with owner.client() as admin:
+            admin.execute_command("CLUSTER", "ADDSLOTS", slot)
+        wait_until(lambda: all(cluster_ok(n) for n in redis_cluster.nodes), timeout_s=10)
+        cluster_client.nodes_manager.initialize()
+    assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
+    assert origins == ["x"]
+    assert [r["error"] for r in records] == ["RedisClusterException"]
+
+
+def slot_unserved(node: RedisServer, slot: int) -> bool:
+    with node.client() as client:
+        ranges = client.execute_command("CLUSTER", "SLOTS")
+    return not any(int(r[0]) <= slot <= int(r[1]) for r in ranges)
+
+
+def cluster_ok(node: RedisServer) -> bool:
+    with node.client() as client:
+        return str(client.cluster("info").get("cluster_state")) == "ok"
