@@ -221,6 +221,51 @@ async def test_fifty_tasks_share_one_fetch_and_one_lock(
     assert_lock_untouched_but_by_set_nx_and_release(monitor, lock_key(key))
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_follower_blocks_under_its_socket_timeout_and_wakes_on_release(
+    redis_server: RedisServer, prefix: str, protocol: int
+) -> None:
+    leader_client = redis_server.client(protocol=protocol)
+    follower_client = redis_server.client(protocol=protocol, socket_timeout=0.1)
+    leader_mf = Memofill(leader_client, prefix=prefix, policies=POLICIES)
+    follower_mf = Memofill(follower_client, prefix=prefix, policies=POLICIES)
+    entered, release = threading.Event(), threading.Event()
+
+    def origin(name: str) -> str:
+        entered.set()
+        release.wait(PATIENCE_S)
+        return name
+
+    following = notify_after_acquire(follower_mf)
+    seen: dict[str, Any] = {}
+    with Monitor(redis_server) as monitor:
+        leader = threading.Thread(
+            target=lambda: seen.update(
+                leader=leader_mf.cached_dataset("item:{name}")(origin).call_with_outcome("a")
+            )
+        )
+        leader.start()
+        assert entered.wait(PATIENCE_S)
+        follower = threading.Thread(
+            target=lambda: seen.update(
+                follower=follower_mf.cached_dataset("item:{name}")(origin).call_with_outcome("a")
+            )
+        )
+        follower.start()
+        assert following.wait(PATIENCE_S)
+        time.sleep(0.4)  # several waits, each shorter than the 100 ms socket time-out
+        release.set()
+        leader.join(PATIENCE_S)
+        follower.join(PATIENCE_S)
+    assert (seen["leader"].outcome, seen["follower"].outcome) == ("leader_fill", "follower_hit")
+    blocks = [int(w[w.index("BLOCK") + 1]) for _, w in monitor.commands if w[0] == "XREAD"]
+    assert len(blocks) >= 2
+    assert max(blocks) <= 80  # 0.8 x the socket time-out: a wait never outlives the socket
+    assert not follower_mf.breaker.is_open
+    leader_client.close()
+    follower_client.close()
+
+
 # --- races the lock must survive -------------------------------------------------------
 
 
