@@ -107,14 +107,16 @@ def test_decorating_needs_no_client_only_policies() -> None:
 
 
 def test_module_level_decorator_reads_the_generated_policies() -> None:
-    @memofill.cached_dataset("market:quotes:{symbol}")
-    def quotes(symbol: str) -> dict[str, Any]:
-        return {}
+    with memofill.instance.default.override():  # forgets what the block decorates
 
-    assert quotes.dataset.cache_fill is not None
-    assert quotes.dataset.cache_fill.wait_ms < quotes.dataset.cache_fill.lease_ms
-    with pytest.raises(UnknownDatasetError):
-        memofill.cached_dataset("item:{name}")
+        @memofill.cached_dataset("market:quotes:{symbol}")
+        def quotes(symbol: str) -> dict[str, Any]:
+            return {}
+
+        assert quotes.dataset.cache_fill is not None
+        assert quotes.dataset.cache_fill.wait_ms < quotes.dataset.cache_fill.lease_ms
+        with pytest.raises(UnknownDatasetError):
+            memofill.cached_dataset("item:{name}")
 
 
 # --- what the wrapper looks like -------------------------------------------------------
@@ -423,7 +425,7 @@ def test_reconfiguring_policies_rebinds_decorated_functions(mf: Memofill) -> Non
 
 
 def test_module_level_configure_returns_the_default_instance(raw: fakeredis.FakeRedis) -> None:
-    try:
+    with memofill.instance.default.override():  # puts the default back as it was
         configured = memofill.configure(raw, prefix="m:")
         assert configured is memofill.instance.default
 
@@ -433,8 +435,6 @@ def test_module_level_configure_returns_the_default_instance(raw: fakeredis.Fake
 
         assert digest() == "today"
         assert raw.get("m:news:digest:v1") == b'"today"'
-    finally:
-        memofill.configure(None, prefix="")
 
 
 def test_a_refused_configuration_changes_nothing(mf: Memofill, raw: fakeredis.FakeRedis) -> None:
