@@ -190,7 +190,10 @@ def test_a_second_leader_after_the_lease_keeps_its_lock_through_the_cluster(
 
 
 def test_a_stalled_master_degrades_to_a_local_fetch(
-    redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster, prefix: str
+    redis_cluster: RedisCluster,
+    cluster_client: redis.cluster.RedisCluster,
+    prefix: str,
+    record_property: Any,
 ) -> None:
     """CLIENT PAUSE WRITE on the entry's master: the lock cannot be taken, the caller is served."""
     mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
@@ -211,6 +214,7 @@ def test_a_stalled_master_degrades_to_a_local_fetch(
     assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
     assert origins == ["x"]
     assert [(r["outcome"], r["error"]) for r in records] == [("lock_error", "TimeoutError")]
+    measure(record_property, len(origins), waited, Counter({("lock_error", "TimeoutError"): 1}))
     assert waited < SOCKET_TIMEOUT_S + MARGIN_S
     # The SET NX that timed out ran on UNPAUSE: a lock nobody holds, gone after lease_ms.
     wait_until(lambda: not admin.exists(lock_key(key)), timeout_s=FILL.lease_ms / 1000 + MARGIN_S)
@@ -296,7 +300,10 @@ def test_a_master_killed_during_a_stampede(
 
 
 def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
-    redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster, prefix: str
+    redis_cluster: RedisCluster,
+    cluster_client: redis.cluster.RedisCluster,
+    prefix: str,
+    record_property: Any,
 ) -> None:
     """The cluster client raises RedisClusterException, which is no RedisError: still a value."""
     mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
@@ -311,7 +318,9 @@ def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
     try:
         wait_until(lambda: all(slot_unserved(n, slot) for n in redis_cluster.nodes), timeout_s=5)
         with recorded() as records:
+            started = time.monotonic()
             result = fetch.call_with_outcome("x")
+            waited = time.monotonic() - started
     finally:
         with owner.client() as admin:
             admin.execute_command("CLUSTER", "ADDSLOTS", slot)
@@ -320,6 +329,9 @@ def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
     assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
     assert origins == ["x"]
     assert [r["error"] for r in records] == ["RedisClusterException"]
+    logged = Counter({("lock_error", "RedisClusterException"): 1})
+    measure(record_property, len(origins), waited, logged)
+    assert waited < MARGIN_S
 
 
 def slot_unserved(node: RedisServer, slot: int) -> bool:

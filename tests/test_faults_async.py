@@ -28,6 +28,7 @@ from tests.fault_helpers import (
     Target,
     dataset,
     make_async_client,
+    measure,
     recorded,
 )
 from tests.redis_servers import RedisServer
@@ -110,6 +111,10 @@ async def assert_nothing_left_behind(*instances: Memofill) -> None:
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+def logged(records: list[dict[str, Any]]) -> Counter[tuple[str, str | None]]:
+    return Counter((r["outcome"], r["error"]) for r in records)
+
+
 def outcomes(results: list[Any]) -> Counter[str]:
     return Counter(
         "cancelled"
@@ -133,20 +138,25 @@ async def timed(call: Awaitable[Any]) -> tuple[Any, float]:
 
 
 async def test_callers_cancelled_mid_fetch_leave_the_fill_running(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str
+    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
 ) -> None:
     origin = Origin(fetch_s=0.4)
     mf, fetch = await instance(redis_server.port, prefix, origin)
     with recorded() as records:
-        tasks = [asyncio.create_task(fetch.call_with_outcome("x")) for _ in range(8)]
+        tasks = [asyncio.create_task(timed(fetch.call_with_outcome("x"))) for _ in range(8)]
         await until(lambda: origin.calls == 1)
         for task in tasks[:4]:  # the first caller, which started the fill, among them
             task.cancel()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-    survivors = outcomes(results[4:])
+    assert outcomes(results[:4]) == Counter(cancelled=4)
+    served = [result for result, _ in results[4:]]
+    longest = max(waited for _, waited in results[4:])
+    measure(record_property, origin.calls, longest, logged(records))
+    survivors = Counter(r.outcome for r in served)
     # Whichever caller's read missed first started the fill; the rest joined it.
     assert survivors in (Counter(leader_fill=1, local_join=3), Counter(local_join=4))
-    assert all(r.value == {"name": "x"} for r in results[4:])
+    assert all(r.value == {"name": "x"} for r in served)
+    assert longest < origin.fetch_s + MARGIN_S
     assert (origin.calls, origin.finished) == (1, 1)
     assert await cache.get(lock_key(f"{prefix}fault:x")) is None  # released, not left to expire
     assert await cache.get(f"{prefix}fault:x") == encode({"name": "x"})
@@ -156,7 +166,7 @@ async def test_callers_cancelled_mid_fetch_leave_the_fill_running(
 
 
 async def test_every_caller_cancelled_mid_fetch_the_fill_still_lands(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str
+    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
 ) -> None:
     origin = Origin(fetch_s=0.3)
     mf, fetch = await instance(redis_server.port, prefix, origin)
@@ -172,11 +182,12 @@ async def test_every_caller_cancelled_mid_fetch_the_fill_still_lands(
     assert await cache.get(f"{prefix}fault:x") == encode({"name": "x"})
     assert await cache.get(lock_key(f"{prefix}fault:x")) is None
     assert Counter(r["outcome"] for r in records) == Counter(leader_fill=1)
+    measure(record_property, origin.calls, None, logged(records))
     assert (await fetch.call_with_outcome("x")).outcome == "hit"
 
 
 async def test_followers_cancelled_mid_wait(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str
+    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
 ) -> None:
     """Another process holds the lock; some of this process's waiters give up."""
     key = f"{prefix}fault:x"
@@ -199,26 +210,32 @@ async def test_followers_cancelled_mid_wait(
     survivors = Counter(r.outcome for r in served)
     assert survivors in (Counter(follower_hit=1, local_join=2), Counter(local_join=3))
     assert all(r.value == {"name": "x"} for r in served)
-    assert max(waited for _, waited in results[3:6]) < 0.2 + FILL.poll_max_ms / 1000 + MARGIN_S
+    longest = max(waited for _, waited in results[3:6])
+    measure(record_property, origin.calls, longest, logged(records))
+    assert longest < 0.2 + FILL.poll_max_ms / 1000 + MARGIN_S
     assert origin.calls == 0
     assert Counter(r["outcome"] for r in records) == survivors | Counter(follower_hit=1)
     await assert_nothing_left_behind(mf)
 
 
 async def test_wait_for_timeouts_around_calls(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str
+    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
 ) -> None:
     origin = Origin(fetch_s=0.4)
     leader_mf, leader = await instance(redis_server.port, prefix, origin)
     follower_mf, follower = await instance(redis_server.port, prefix, origin)
     short = [asyncio.wait_for(f("x"), 0.1) for f in (leader, follower, leader, follower)]
     patient = [
-        asyncio.wait_for(f.call_with_outcome("x"), 0.4 + MARGIN_S) for f in (leader, follower)
+        timed(asyncio.wait_for(f.call_with_outcome("x"), 0.4 + MARGIN_S))
+        for f in (leader, follower)
     ]
-    results = await asyncio.gather(*short, *patient, return_exceptions=True)
+    with recorded() as records:
+        results = await asyncio.gather(*short, *patient, return_exceptions=True)
     assert outcomes(results[:4]) == Counter(timeout=4)
-    assert [r.value for r in results[4:]] == [{"name": "x"}] * 2
-    assert Counter(r.outcome for r in results[4:]) in (
+    served = [result for result, _ in results[4:]]
+    measure(record_property, origin.calls, max(s for _, s in results[4:]), logged(records))
+    assert [r.value for r in served] == [{"name": "x"}] * 2
+    assert Counter(r.outcome for r in served) in (
         Counter(leader_fill=1, follower_hit=1),
         Counter(local_join=1, follower_hit=1),
         Counter(leader_fill=1, local_join=1),
@@ -233,7 +250,7 @@ async def test_wait_for_timeouts_around_calls(
 
 
 async def test_script_flush_mid_fill_is_recovered(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str
+    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
 ) -> None:
     origin = Origin(fetch_s=0.3)
     _, leader = await instance(redis_server.port, prefix, origin)
@@ -249,11 +266,12 @@ async def test_script_flush_mid_fill_is_recovered(
     assert origin.calls == 1
     assert await cache.get(lock_key(f"{prefix}fault:x")) is None
     assert [r["error"] for r in records] == [None, None]
+    measure(record_property, origin.calls, waited, logged(records))
 
 
 @pytest.mark.parametrize("fault", ["pause", "kill"])
 async def test_redis_paused_or_killed_while_async_followers_wait(
-    own_redis_server: RedisServer, prefix: str, fault: str
+    own_redis_server: RedisServer, prefix: str, fault: str, record_property: Any
 ) -> None:
     origin = Origin(fetch_s=0.4)
     port = own_redis_server.port
@@ -275,6 +293,7 @@ async def test_redis_paused_or_killed_while_async_followers_wait(
     assert [r.value for r, _ in results] == [{"name": "x"}] * 4
     assert origin.calls == 2  # the leader's fetch and one local fetch in the other "process"
     longest = max(waited for _, waited in results)
+    measure(record_property, origin.calls, longest, logged(records))
     assert longest < SOCKET_TIMEOUT_S + 2 * origin.fetch_s + MARGIN_S
     error = "TimeoutError" if fault == "pause" else "ConnectionError"
     assert Counter((r["outcome"], r["error"]) for r in records) == Counter(
