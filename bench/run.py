@@ -118,9 +118,12 @@ def _versions() -> dict[str, str]:
 
 
 def _commit() -> str:
+    """The commit of the repository this harness lives in (whatever the working directory)."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
