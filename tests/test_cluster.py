@@ -35,6 +35,7 @@ from tests.fault_helpers import (
     dataset,
     make_client,
     measure,
+    note,
     origin_calls,
     recorded,
     run_stampede,
@@ -103,7 +104,7 @@ def test_data_lock_and_wake_keys_share_a_slot_on_the_server(
 
 @pytest.mark.slow
 def test_a_stampede_through_the_cluster_calls_the_origin_once(
-    redis_cluster: RedisCluster, counter: redis.Redis, prefix: str, record_property: Any
+    redis_cluster: RedisCluster, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     spec = Stampede(
         target=Target(redis_cluster.nodes[0].port, cluster=True),
@@ -114,7 +115,7 @@ def test_a_stampede_through_the_cluster_calls_the_origin_once(
         threads=3,
     )
     result = run_stampede(spec, processes=3)
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
     result.assert_every_caller_got_its_value()
     assert origin_calls(counter, spec) == 1
     assert result.outcomes == Counter(leader_fill=1, follower_hit=2, local_join=6)
@@ -193,7 +194,7 @@ def test_a_stalled_master_degrades_to_a_local_fetch(
     redis_cluster: RedisCluster,
     cluster_client: redis.cluster.RedisCluster,
     prefix: str,
-    record_property: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     """CLIENT PAUSE WRITE on the entry's master: the lock cannot be taken, the caller is served."""
     mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
@@ -214,7 +215,7 @@ def test_a_stalled_master_degrades_to_a_local_fetch(
     assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
     assert origins == ["x"]
     assert [(r["outcome"], r["error"]) for r in records] == [("lock_error", "TimeoutError")]
-    measure(record_property, len(origins), waited, Counter({("lock_error", "TimeoutError"): 1}))
+    measure(request, len(origins), waited, Counter({("lock_error", "TimeoutError"): 1}))
     assert waited < SOCKET_TIMEOUT_S + MARGIN_S
     # The SET NX that timed out ran on UNPAUSE: a lock nobody holds, gone after lease_ms.
     wait_until(lambda: not admin.exists(lock_key(key)), timeout_s=FILL.lease_ms / 1000 + MARGIN_S)
@@ -241,7 +242,7 @@ def names_on_every_master(
 
 @pytest.mark.slow
 def test_a_master_killed_during_a_stampede(
-    counter: redis.Redis, prefix: str, record_property: Any
+    counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     cluster = RedisCluster().start()
     try:
@@ -279,9 +280,9 @@ def test_a_master_killed_during_a_stampede(
         cluster.close()
     assert (last.outcome, last.value) == ("lock_error", {"name": "gone"})
     assert [r["error"] for r in records] == ["RedisClusterException"]
-    record_property("whole_cluster_down_call_s", round(last_s, 3))
+    note(request, "whole_cluster_down_call_s", round(last_s, 3))
     assert last_s < MARGIN_S
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
     result.assert_every_caller_got_its_value()
     per_call_bound = FILL.wait_ms / 1000 + spec.fetch_s + MARGIN_S
     assert max(call.elapsed_s for call in result.calls) < per_call_bound
@@ -304,7 +305,7 @@ def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
     redis_cluster: RedisCluster,
     cluster_client: redis.cluster.RedisCluster,
     prefix: str,
-    record_property: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The cluster client raises RedisClusterException, which is no RedisError: still a value."""
     mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
@@ -331,7 +332,7 @@ def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
     assert origins == ["x"]
     assert [r["error"] for r in records] == ["RedisClusterException"]
     logged = Counter({("lock_error", "RedisClusterException"): 1})
-    measure(record_property, len(origins), waited, logged)
+    measure(request, len(origins), waited, logged)
     assert waited < MARGIN_S
 
 

@@ -38,6 +38,7 @@ from tests.fault_helpers import (
     dataset,
     make_client,
     measure,
+    note,
     origin_calls,
     recorded,
     run_stampede,
@@ -100,11 +101,11 @@ def assert_next_call_is_served(spec: Stampede, prefix: str) -> str:
 
 @pytest.mark.slow
 def test_redis_unreachable_from_the_start(
-    counter: redis.Redis, prefix: str, record_property: Any
+    counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     spec = stampede(free_port(), counter, prefix, fetch_s=0.5)
     result = run_stampede(spec, processes=3)
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
 
     result.assert_every_caller_got_its_value()
     assert origin_calls(counter, spec) == 3  # one per process: threads still coalesce
@@ -117,7 +118,7 @@ def test_redis_unreachable_from_the_start(
 
 @pytest.mark.slow
 def test_redis_killed_mid_stampede(
-    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, record_property: Any
+    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     spec = stampede(own_redis_server.port, counter, prefix, fetch_s=0.6, threads=2)
 
@@ -127,7 +128,7 @@ def test_redis_killed_mid_stampede(
         own_redis_server.kill()
 
     result = run_stampede(spec, processes=3, during=kill_during_the_fetch)
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
 
     result.assert_every_caller_got_its_value()
     # The leader's fetch, and one local fetch per follower process.
@@ -151,7 +152,7 @@ def test_redis_killed_mid_stampede(
 
 @pytest.mark.slow
 def test_redis_paused_longer_than_the_socket_timeout_then_resumed(
-    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, record_property: Any
+    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     spec = stampede(own_redis_server.port, counter, prefix, fetch_s=0.6, threads=2)
     paused_s = 1.0
@@ -164,7 +165,7 @@ def test_redis_paused_longer_than_the_socket_timeout_then_resumed(
         own_redis_server.resume()
 
     result = run_stampede(spec, processes=3, during=pause_during_the_fetch)
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
 
     result.assert_every_caller_got_its_value()
     assert origin_calls(counter, spec) == 3
@@ -187,9 +188,9 @@ def test_redis_paused_longer_than_the_socket_timeout_then_resumed(
 
 @pytest.mark.slow
 def test_redis_restarted_while_followers_wait(
-    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, record_property: Any
+    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
-    spec = stampede(own_redis_server.port, counter, prefix, fetch_s=0.8, threads=2)
+    spec = stampede(own_redis_server.port, counter, prefix, fetch_s=1.0, threads=2)
 
     def restart_during_the_fetch(_: float) -> None:
         wait_until(lambda: origin_calls(counter, spec) >= 1)
@@ -197,7 +198,7 @@ def test_redis_restarted_while_followers_wait(
         own_redis_server.restart()
 
     result = run_stampede(spec, processes=3, during=restart_during_the_fetch)
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
 
     result.assert_every_caller_got_its_value()
     assert origin_calls(counter, spec) == 3
@@ -219,7 +220,7 @@ def test_redis_restarted_while_followers_wait(
 
 @pytest.mark.slow
 def test_leader_killed_mid_fetch(
-    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, record_property: Any
+    own_redis_server: RedisServer, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     fill = CacheFill(lease_ms=1_500, wait_ms=800, poll_min_ms=10, poll_max_ms=100)
     followers = stampede(
@@ -248,7 +249,7 @@ def test_leader_killed_mid_fetch(
         leader.kill()
         leader.close()
 
-    measure(record_property, origin_calls(counter, followers), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, followers), result.longest_wait_s, result.errors)
     result.assert_every_caller_got_its_value()
     # The dead leader's fetch, then one uncoordinated fetch per follower process.
     assert origin_calls(counter, followers) == 1 + 3
@@ -277,7 +278,7 @@ def test_leader_killed_mid_fetch(
 
 
 def test_fetch_longer_than_the_lease_lets_a_second_leader_in_but_not_delete_its_lock(
-    redis_server: RedisServer, prefix: str, record_property: Any
+    redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     """Two instances, as two processes would be: A's lease runs out while it fetches."""
     fill = CacheFill(lease_ms=1_000, wait_ms=800, poll_min_ms=10, poll_max_ms=100)
@@ -328,7 +329,7 @@ def test_fetch_longer_than_the_lease_lets_a_second_leader_in_but_not_delete_its_
         threads["B"].join(timeout=5)
     assert not cache.exists(lock)  # B released its own lock
     longest_s = max(r["elapsed_ms"] for r in mine(records, prefix)) / 1000
-    measure(record_property, len(origins), longest_s, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), longest_s, by_outcome(mine(records, prefix)))
 
     assert results["A"].value == {"by": "A"}
     assert results["B"].value == {"by": "B"}
@@ -402,7 +403,7 @@ def leader_and_follower(leader: Any, follower: Any, origins: list[int], during: 
 
 
 def test_script_flush_mid_fill_is_recovered(
-    redis_server: RedisServer, prefix: str, record_property: Any
+    redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     leader, follower, origins = two_instances(redis_server.port, prefix, fetch_s=0.4)
     cache = redis_server.client()
@@ -415,12 +416,12 @@ def test_script_flush_mid_fill_is_recovered(
     assert not cache.exists(lock_key(f"{prefix}fault:x"))
     assert pair.follower_s < 0.4 + MARGIN_S
     assert [r["error"] for r in mine(records, prefix)] == [None, None]
-    measure(record_property, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
     cache.close()
 
 
 def test_user_denied_eval_still_gets_values_and_the_lock_expires(
-    own_redis_server: RedisServer, prefix: str, record_property: Any
+    own_redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     admin = own_redis_server.client()
     admin.acl_setuser(
@@ -454,19 +455,19 @@ def test_user_denied_eval_still_gets_values_and_the_lock_expires(
     lock = lock_key(f"{prefix}fault:x")
     assert 0 < admin.pttl(lock) <= fill.lease_ms
     wait_until(lambda: not admin.exists(lock), timeout_s=fill.lease_ms / 1000 + MARGIN_S)
-    measure(record_property, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
     admin.close()
 
 
 @pytest.mark.slow
 def test_out_of_memory_with_noeviction(
-    counter: redis.Redis, prefix: str, record_property: Any
+    counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     with running_server("--maxmemory", "1", "--maxmemory-policy", "noeviction") as server:
         spec = stampede(server.port, counter, prefix, fetch_s=0.4)
         result = run_stampede(spec, processes=2)
         assert server.client().dbsize() == 0
-    measure(record_property, origin_calls(counter, spec), result.longest_wait_s, result.errors)
+    measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
 
     result.assert_every_caller_got_its_value()
     assert origin_calls(counter, spec) == 2  # one local fetch per process
@@ -494,7 +495,7 @@ def test_corrupt_bytes_are_a_miss_and_are_overwritten(
     prefix: str,
     stored: bytes,
     caplog: pytest.LogCaptureFixture,
-    record_property: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
     leader, _, origins = two_instances(redis_server.port, prefix, fetch_s=0)
     cache = redis_server.client()
@@ -506,14 +507,14 @@ def test_corrupt_bytes_are_a_miss_and_are_overwritten(
     assert (second.outcome, second.value) == ("hit", {"name": "x"})
     assert len(origins) == 1
     assert by_outcome(mine(records, prefix)) == Counter({("leader_fill", None): 1})
-    measure(record_property, len(origins), None, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), None, by_outcome(mine(records, prefix)))
     assert any("corrupt bytes" in r.getMessage() for r in caplog.records)
     assert cache.get(f"{prefix}fault:x") == b'{"name":"x"}'
     cache.close()
 
 
 def test_a_foreign_type_under_the_key_is_replaced(
-    redis_server: RedisServer, prefix: str, record_property: Any
+    redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     leader, _, origins = two_instances(redis_server.port, prefix, fetch_s=0)
     cache = redis_server.client()
@@ -526,12 +527,14 @@ def test_a_foreign_type_under_the_key_is_replaced(
     assert len(origins) == 1
     # WRONGTYPE on the recheck is reported; the SET replaced the list.
     assert by_outcome(mine(records, prefix)) == Counter({("leader_fill", "ResponseError"): 1})
-    measure(record_property, len(origins), None, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), None, by_outcome(mine(records, prefix)))
     cache.close()
 
 
 @pytest.mark.slow
-def test_a_50_mb_payload(redis_server: RedisServer, prefix: str, record_property: Any) -> None:
+def test_a_50_mb_payload(
+    redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
+) -> None:
     blob = "0123456789abcdef" * (50 * 2**20 // 16)
     policies = {"big:{name}": dataset(key="big:{name}")}
     origins: list[int] = []
@@ -569,15 +572,15 @@ def test_a_50_mb_payload(redis_server: RedisServer, prefix: str, record_property
         sizes = {r["outcome"]: r["payload_bytes"] for r in mine(records, prefix)}
         assert sizes["leader_fill"] == sizes["follower_hit"] > 50 * 2**20
         assert both_s < 5
-        measure(record_property, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
-        record_property("hit_s", round(hit_s, 3))
+        measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
+        note(request, "hit_s", round(hit_s, 3))
     finally:
         cache.delete(f"{prefix}big:x")
         cache.close()
 
 
 def test_a_payload_orjson_cannot_encode(
-    redis_server: RedisServer, prefix: str, record_property: Any
+    redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     fill = CacheFill(lease_ms=1_000, wait_ms=500, poll_min_ms=10, poll_max_ms=100)
     policies = {"odd:{name}": dataset(fill, key="odd:{name}")}
@@ -608,7 +611,7 @@ def test_a_payload_orjson_cannot_encode(
     assert fill.wait_ms / 1000 <= pair.follower_s < fill.wait_ms / 1000 + 0.2 + MARGIN_S
     assert not cache.exists(f"{prefix}odd:x")
     assert not cache.exists(lock_key(f"{prefix}odd:x"))
-    measure(record_property, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
     cache.close()
 
 
@@ -668,7 +671,10 @@ def test_the_follower_measures_wait_ms_on_the_clock_it_is_given(
 
 
 def test_a_wall_clock_jump_during_a_wait_changes_nothing(
-    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch, record_property: Any
+    redis_server: RedisServer,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     leader, follower, origins = two_instances(redis_server.port, prefix, fetch_s=0.3)
     wall = JumpingWallClock()
@@ -679,7 +685,7 @@ def test_a_wall_clock_jump_during_a_wait_changes_nothing(
     assert (pair.led.outcome, pair.followed.outcome) == ("leader_fill", "follower_hit")
     assert len(origins) == 1
     assert pair.follower_s < 0.3 + MARGIN_S
-    measure(record_property, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
+    measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
     assert not cache.exists(lock_key(f"{prefix}fault:x"))
     cache.close()
 

@@ -138,7 +138,10 @@ async def timed(call: Awaitable[Any]) -> tuple[Any, float]:
 
 
 async def test_callers_cancelled_mid_fetch_leave_the_fill_running(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
+    redis_server: RedisServer,
+    cache: redis.asyncio.Redis,
+    prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     origin = Origin(fetch_s=0.4)
     mf, fetch = await instance(redis_server.port, prefix, origin)
@@ -151,7 +154,7 @@ async def test_callers_cancelled_mid_fetch_leave_the_fill_running(
     assert outcomes(results[:4]) == Counter(cancelled=4)
     served = [result for result, _ in results[4:]]
     longest = max(waited for _, waited in results[4:])
-    measure(record_property, origin.calls, longest, logged(records))
+    measure(request, origin.calls, longest, logged(records))
     survivors = Counter(r.outcome for r in served)
     # Whichever caller's read missed first started the fill; the rest joined it.
     assert survivors in (Counter(leader_fill=1, local_join=3), Counter(local_join=4))
@@ -166,7 +169,10 @@ async def test_callers_cancelled_mid_fetch_leave_the_fill_running(
 
 
 async def test_every_caller_cancelled_mid_fetch_the_fill_still_lands(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
+    redis_server: RedisServer,
+    cache: redis.asyncio.Redis,
+    prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     origin = Origin(fetch_s=0.3)
     mf, fetch = await instance(redis_server.port, prefix, origin)
@@ -182,12 +188,15 @@ async def test_every_caller_cancelled_mid_fetch_the_fill_still_lands(
     assert await cache.get(f"{prefix}fault:x") == encode({"name": "x"})
     assert await cache.get(lock_key(f"{prefix}fault:x")) is None
     assert Counter(r["outcome"] for r in records) == Counter(leader_fill=1)
-    measure(record_property, origin.calls, None, logged(records))
+    measure(request, origin.calls, None, logged(records))
     assert (await fetch.call_with_outcome("x")).outcome == "hit"
 
 
 async def test_followers_cancelled_mid_wait(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
+    redis_server: RedisServer,
+    cache: redis.asyncio.Redis,
+    prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Another process holds the lock; some of this process's waiters give up."""
     key = f"{prefix}fault:x"
@@ -211,7 +220,7 @@ async def test_followers_cancelled_mid_wait(
     assert survivors in (Counter(follower_hit=1, local_join=2), Counter(local_join=3))
     assert all(r.value == {"name": "x"} for r in served)
     longest = max(waited for _, waited in results[3:6])
-    measure(record_property, origin.calls, longest, logged(records))
+    measure(request, origin.calls, longest, logged(records))
     assert longest < 0.2 + FILL.poll_max_ms / 1000 + MARGIN_S
     assert origin.calls == 0
     assert Counter(r["outcome"] for r in records) == survivors | Counter(follower_hit=1)
@@ -219,7 +228,10 @@ async def test_followers_cancelled_mid_wait(
 
 
 async def test_wait_for_timeouts_around_calls(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
+    redis_server: RedisServer,
+    cache: redis.asyncio.Redis,
+    prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     origin = Origin(fetch_s=0.4)
     leader_mf, leader = await instance(redis_server.port, prefix, origin)
@@ -233,7 +245,7 @@ async def test_wait_for_timeouts_around_calls(
         results = await asyncio.gather(*short, *patient, return_exceptions=True)
     assert outcomes(results[:4]) == Counter(timeout=4)
     served = [result for result, _ in results[4:]]
-    measure(record_property, origin.calls, max(s for _, s in results[4:]), logged(records))
+    measure(request, origin.calls, max(s for _, s in results[4:]), logged(records))
     assert [r.value for r in served] == [{"name": "x"}] * 2
     assert Counter(r.outcome for r in served) in (
         Counter(leader_fill=1, follower_hit=1),
@@ -250,7 +262,10 @@ async def test_wait_for_timeouts_around_calls(
 
 
 async def test_script_flush_mid_fill_is_recovered(
-    redis_server: RedisServer, cache: redis.asyncio.Redis, prefix: str, record_property: Any
+    redis_server: RedisServer,
+    cache: redis.asyncio.Redis,
+    prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     origin = Origin(fetch_s=0.3)
     _, leader = await instance(redis_server.port, prefix, origin)
@@ -266,12 +281,12 @@ async def test_script_flush_mid_fill_is_recovered(
     assert origin.calls == 1
     assert await cache.get(lock_key(f"{prefix}fault:x")) is None
     assert [r["error"] for r in records] == [None, None]
-    measure(record_property, origin.calls, waited, logged(records))
+    measure(request, origin.calls, waited, logged(records))
 
 
 @pytest.mark.parametrize("fault", ["pause", "kill"])
 async def test_redis_paused_or_killed_while_async_followers_wait(
-    own_redis_server: RedisServer, prefix: str, fault: str, record_property: Any
+    own_redis_server: RedisServer, prefix: str, fault: str, request: pytest.FixtureRequest
 ) -> None:
     origin = Origin(fetch_s=0.4)
     port = own_redis_server.port
@@ -293,7 +308,7 @@ async def test_redis_paused_or_killed_while_async_followers_wait(
     assert [r.value for r, _ in results] == [{"name": "x"}] * 4
     assert origin.calls == 2  # the leader's fetch and one local fetch in the other "process"
     longest = max(waited for _, waited in results)
-    measure(record_property, origin.calls, longest, logged(records))
+    measure(request, origin.calls, longest, logged(records))
     assert longest < SOCKET_TIMEOUT_S + 2 * origin.fetch_s + MARGIN_S
     error = "TimeoutError" if fault == "pause" else "ConnectionError"
     assert Counter((r["outcome"], r["error"]) for r in records) == Counter(
