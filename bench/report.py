@@ -80,6 +80,7 @@ def _stampede(stampede: dict[str, Any]) -> list[str]:
     repeats = len(any_result["runs"])
     rows = []
     outcome_lines = []
+    command_lines = []
     for slug, result in stampede.items():
         library = next(lib for lib in LIBRARIES if lib.slug == slug)
         summary = result["summary"]
@@ -95,10 +96,13 @@ def _stampede(stampede: dict[str, Any]) -> list[str]:
             _count(summary["errors"]["worst"] + summary["wrong_values"]["worst"]
                    + summary["hung"]["worst"]),
         ])
+        sent = result["runs"][-1]["round_trips_by_command"]
+        command_lines.append(f"- {library.label}: "
+                             + ", ".join(f"`{name}` {count}" for name, count in sent.items()))
         outcomes = result["runs"][-1]["outcomes"]
         if outcomes:
             text = ", ".join(f"{name} {count}" for name, count in outcomes.items())
-            outcome_lines.append(f"- {library.label}, last run: {text}")
+            outcome_lines.append(f"- {library.label}: {text}")
     header = ["row", "origin calls", "once every run", "caller p50 ms", "caller p99 ms",
               "caller max ms", "round trips", "server commands", "errors"]
     return [
@@ -109,7 +113,12 @@ def _stampede(stampede: dict[str, Any]) -> list[str]:
         "new key. Cells: median / worst over the runs.",
         "",
         *_table(header, rows),
-        *(["memofill outcomes (one per caller):", "", *outcome_lines, ""] if outcome_lines else []),
+        "Round trips by command, last run:",
+        "",
+        *command_lines,
+        "",
+        *(["memofill outcomes (one per caller), last run:", "", *outcome_lines, ""]
+          if outcome_lines else []),
     ]
 
 

@@ -51,7 +51,7 @@ class Scale:
 
 FULL = Scale(hit_iterations=20_000, hit_warmup=2_000, hit_rounds=100, processes=4, threads=25,
              repeats=5, growth_levels=(10, 100, 1000), growth_repeats=3,
-             payload_sizes=(2_000_000, 20_000_000), payload_rounds=5, payload_hits=3)
+             payload_sizes=(2_000_000, 20_000_000), payload_rounds=9, payload_hits=3)
 QUICK = Scale(hit_iterations=2_000, hit_warmup=200, hit_rounds=20, processes=2, threads=5,
               repeats=2, growth_levels=(10, 40), growth_repeats=1,
               payload_sizes=(500_000,), payload_rounds=2, payload_hits=2)
