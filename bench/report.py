@@ -46,6 +46,8 @@ def _row(family: str, is_async: bool) -> Library | None:
 def _hit(hit: dict[str, Any]) -> list[str]:
     rows = []
     for family in FAMILIES:
+        if not any(lib.slug in hit["rows"] for lib in LIBRARIES if lib.family == family):
+            continue  # not selected for this run
         cells = [family]
         for is_async in (False, True):
             library = _row(family, is_async)
@@ -253,7 +255,7 @@ def _notes(results: dict[str, Any]) -> list[str]:
     lines = ["## Notes", "", "How each row is configured (same server, same client options: "
              "redis-py with RESP3 and the hiredis parser; values kept 60 s):", ""]
     for library in LIBRARIES:
-        if library.slug in used:
+        if library.slug in used or not library.fills:
             lines.append(f"- **{library.label}**: {library.setup}")
     lines += [
         "",

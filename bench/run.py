@@ -151,18 +151,19 @@ def run(scenarios: list[str], libraries: list[Library], scale: Scale, command: s
             "libraries": [library.slug for library in libraries], "scale": scale.__dict__,
         }}
         fillers = [library for library in libraries if library.fills]
-        if "hit" in scenarios:
-            _log(f"hit: {scale.hit_iterations:,} calls per row, {len(libraries)} rows")
-            results["hit"] = hit.measure(server.port, libraries, iterations=scale.hit_iterations,
+        if "hit" in scenarios:  # always with both floors: every ratio needs its own
+            rows = [library for library in LIBRARIES if library in libraries or not library.fills]
+            _log(f"hit: {scale.hit_iterations:,} calls per row, {len(rows)} rows")
+            results["hit"] = hit.measure(server.port, rows, iterations=scale.hit_iterations,
                                          warmup=scale.hit_warmup, rounds=scale.hit_rounds)
-        if "stampede" in scenarios:
+        if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:
                 _log(f"stampede: {library.label}, {scale.processes} x {scale.threads} callers, "
                      f"{scale.repeats} runs")
                 results["stampede"][library.slug] = stampede.measure(
                     library, server.port, scale.processes, scale.threads, scale.repeats)
-        if "growth" in scenarios:
+        if "growth" in scenarios and fillers:
             results["growth"] = {}
             for library in fillers:
                 _log(f"growth: {library.label}, {' -> '.join(map(str, scale.growth_levels))}")
