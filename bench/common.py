@@ -41,8 +41,9 @@ MP = multiprocessing.get_context("spawn")
 #: INCR is the origin's call counter (no library measured here sends INCR). PING is *not*
 #: here: cashews sends ``PING`` after every failed lock attempt, so it is real traffic; the
 #: client side leaves out only redis-py's own health-check PINGs, which it can tell apart.
-EXCLUDED_COMMANDS = frozenset({"HELLO", "CLIENT", "AUTH", "SELECT", "INFO", "CONFIG", "COMMAND",
-                               "INCR"})
+EXCLUDED_COMMANDS = frozenset(
+    {"HELLO", "CLIENT", "AUTH", "SELECT", "INFO", "CONFIG", "COMMAND", "INCR"}
+)
 
 
 def sync_client(port: int) -> redis.Redis:
@@ -64,8 +65,9 @@ def small_value(name: str) -> dict[str, Any]:
     return {
         "name": name,
         "currency": "EUR",
-        "quotes": [{"t": 1_700_000_000 + i, "bid": 100.0 + i / 8, "ask": 100.5 + i / 8}
-                   for i in range(8)],
+        "quotes": [
+            {"t": 1_700_000_000 + i, "bid": 100.0 + i / 8, "ask": 100.5 + i / 8} for i in range(8)
+        ],
     }
 
 
@@ -78,8 +80,13 @@ def large_value(target_bytes: int) -> list[dict[str, Any]]:
     text = ("lorem ipsum dolor sit amet consectetur adipiscing elit " * 3)[:150]
     item_bytes = 235  # about the encoded size of one item below
     return [
-        {"id": i, "sku": f"SKU-{i:08d}", "price": round(i * 0.37, 2), "in_stock": i % 3 != 0,
-         "text": f"{i:09d} {text}"}  # one string per item, as decoded JSON would have
+        {
+            "id": i,
+            "sku": f"SKU-{i:08d}",
+            "price": round(i * 0.37, 2),
+            "in_stock": i % 3 != 0,
+            "text": f"{i:09d} {text}",
+        }  # one string per item, as decoded JSON would have
         for i in range(max(1, target_bytes // item_bytes))
     ]
 

@@ -15,8 +15,9 @@ from bench.libraries import Library
 from bench.stampede import repeat, split, summarise
 
 
-def measure(library: Library, port: int, processes: int, levels: list[int],
-            repeats: int) -> dict[str, Any]:
+def measure(
+    library: Library, port: int, processes: int, levels: list[int], repeats: int
+) -> dict[str, Any]:
     """For each caller count in ``levels``: ``repeats`` stampedes, summarised (median and worst).
 
     Each level gets a fresh fleet, so callers left over from a level that hung
@@ -26,6 +27,9 @@ def measure(library: Library, port: int, processes: int, levels: list[int],
     for callers in levels:
         per_process = split(callers, processes)
         runs = repeat(library, port, per_process, repeats)
-        results[str(callers)] = {"per_process": per_process, "runs": runs,
-                                 "summary": summarise(runs)}
+        results[str(callers)] = {
+            "per_process": per_process,
+            "runs": runs,
+            "summary": summarise(runs),
+        }
     return {"processes": processes, "levels": results}

@@ -49,8 +49,9 @@ async def _time_async(call: Callable[[str], Awaitable[Any]], count: int, out: li
         out.append(clock() - started)
 
 
-def _measure(*, port: int, slugs: list[str], rounds: int, per_round: int, warmup: int,
-             seed: int) -> dict[str, list[int]]:
+def _measure(
+    *, port: int, slugs: list[str], rounds: int, per_round: int, warmup: int, seed: int
+) -> dict[str, list[int]]:
     """In a fresh process: fill each row's key, warm up, then time rounds of hits."""
     loop = asyncio.new_event_loop()
     libraries = [BY_SLUG[slug] for slug in slugs]
@@ -95,13 +96,27 @@ def _measure(*, port: int, slugs: list[str], rounds: int, per_round: int, warmup
     return samples
 
 
-def measure(port: int, libraries: list[Library], *, iterations: int, warmup: int,
-            rounds: int = 100, seed: int = 1) -> dict[str, Any]:
+def measure(
+    port: int,
+    libraries: list[Library],
+    *,
+    iterations: int,
+    warmup: int,
+    rounds: int = 100,
+    seed: int = 1,
+) -> dict[str, Any]:
     """Time ``iterations`` hits per row; return per-row median, p99 (µs) and ratio to the floor."""
     slugs = [library.slug for library in libraries]
     per_round = max(1, iterations // rounds)
-    samples = in_child(_measure, port=port, slugs=slugs, rounds=rounds, per_round=per_round,
-                       warmup=warmup, seed=seed)
+    samples = in_child(
+        _measure,
+        port=port,
+        slugs=slugs,
+        rounds=rounds,
+        per_round=per_round,
+        warmup=warmup,
+        seed=seed,
+    )
     rows: dict[str, dict[str, Any]] = {}
     for library in libraries:
         values = sorted(samples[library.slug])

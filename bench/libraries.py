@@ -236,7 +236,8 @@ def _memofill(client: Any, namespace: str, origin: Origin, is_async: bool) -> Ca
 
     fill = memofill.CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250)
     instance = memofill.Memofill(
-        client, prefix=namespace,
+        client,
+        prefix=namespace,
         policies={DATASET: memofill.Dataset(DATASET, ttl_s=TTL_S, cache_fill=fill)},
     )
 
@@ -246,6 +247,7 @@ def _memofill(client: Any, namespace: str, origin: Origin, is_async: bool) -> Ca
         return counts
 
     if is_async:
+
         @instance.cached_dataset(DATASET)
         async def fetch_async(name: str) -> Any:
             return await origin(name)
@@ -267,32 +269,76 @@ def _memofill_async(port: int, namespace: str, origin: Origin) -> Cached:
     return _memofill(async_client(port), namespace, origin, is_async=True)
 
 
-_MEMOFILL_SETUP = (f"`Memofill(client, prefix=..., policies={{'{DATASET}': Dataset(ttl_s={TTL_S}, "
-                   "cache_fill=CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, "
-                   "poll_max_ms=250))})` and `@cached_dataset`")
+_MEMOFILL_SETUP = (
+    f"`Memofill(client, prefix=..., policies={{'{DATASET}': Dataset(ttl_s={TTL_S}, "
+    "cache_fill=CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, "
+    "poll_max_ms=250))})` and `@cached_dataset`"
+)
 
 #: Every row, in table order.
 LIBRARIES: tuple[Library, ...] = (
-    Library("floor-sync", "raw floor", False, False, _floor_sync,
-            "`GET` + `orjson.loads`, no wrapper, no miss handling"),
-    Library("floor-async", "raw floor", True, False, _floor_async,
-            "`await GET` + `orjson.loads`, no wrapper, no miss handling"),
-    Library("cache-aside-sync", "cache-aside", False, True, _cache_aside_sync,
-            "a 10-line decorator: `GET`; on a miss call the origin and `SET ... EX`; no lock"),
-    Library("cache-aside-async", "cache-aside", True, True, _cache_aside_async,
-            "the same decorator for coroutine functions"),
-    Library("dogpile", "dogpile.cache", False, True, _dogpile,
-            "`dogpile.cache.redis`, `distributed_lock=True`, `thread_local_lock=False`, other lock "
-            "settings default (`lock_sleep=0.1`, no `lock_timeout`); `serializer=orjson.dumps`; "
-            "`@region.cache_on_arguments()`"),
-    Library("cashews", "cashews", True, True, _cashews,
-            "`cache.setup('redis://...', pickle_type='json')` (its JSON codec, stdlib `json`; it "
-            "offers no way to plug orjson), other settings default (its pool blocks rather than "
-            "fails when full; the shared options raise its size from 10); "
-            "`@cache(ttl=60, key=..., lock=True)`"),
-    Library("aiocache", "aiocache", True, True, _aiocache,
-            "`@cached_stampede(lease=2, ttl=60, cache=Cache.REDIS, serializer=<orjson "
-            "BaseSerializer>)`"),
+    Library(
+        "floor-sync",
+        "raw floor",
+        False,
+        False,
+        _floor_sync,
+        "`GET` + `orjson.loads`, no wrapper, no miss handling",
+    ),
+    Library(
+        "floor-async",
+        "raw floor",
+        True,
+        False,
+        _floor_async,
+        "`await GET` + `orjson.loads`, no wrapper, no miss handling",
+    ),
+    Library(
+        "cache-aside-sync",
+        "cache-aside",
+        False,
+        True,
+        _cache_aside_sync,
+        "a 10-line decorator: `GET`; on a miss call the origin and `SET ... EX`; no lock",
+    ),
+    Library(
+        "cache-aside-async",
+        "cache-aside",
+        True,
+        True,
+        _cache_aside_async,
+        "the same decorator for coroutine functions",
+    ),
+    Library(
+        "dogpile",
+        "dogpile.cache",
+        False,
+        True,
+        _dogpile,
+        "`dogpile.cache.redis`, `distributed_lock=True`, `thread_local_lock=False`, other lock "
+        "settings default (`lock_sleep=0.1`, no `lock_timeout`); `serializer=orjson.dumps`; "
+        "`@region.cache_on_arguments()`",
+    ),
+    Library(
+        "cashews",
+        "cashews",
+        True,
+        True,
+        _cashews,
+        "`cache.setup('redis://...', pickle_type='json')` (its JSON codec, stdlib `json`; it "
+        "offers no way to plug orjson), other settings default (its pool blocks rather than "
+        "fails when full; the shared options raise its size from 10); "
+        "`@cache(ttl=60, key=..., lock=True)`",
+    ),
+    Library(
+        "aiocache",
+        "aiocache",
+        True,
+        True,
+        _aiocache,
+        "`@cached_stampede(lease=2, ttl=60, cache=Cache.REDIS, serializer=<orjson "
+        "BaseSerializer>)`",
+    ),
     Library("memofill-sync", "memofill", False, True, _memofill_sync, _MEMOFILL_SETUP),
     Library("memofill-async", "memofill", True, True, _memofill_async, _MEMOFILL_SETUP),
 )

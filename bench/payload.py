@@ -126,8 +126,9 @@ class _Entry:
         self._wait(closing)
 
 
-def _time(*, port: int, entries: list[str], size: int, rounds: int, hits: int,
-          seed: int) -> dict[str, Any]:
+def _time(
+    *, port: int, entries: list[str], size: int, rounds: int, hits: int, seed: int
+) -> dict[str, Any]:
     """In a fresh process: interleaved rounds of fill + hits per entry; median times in ms."""
     value = large_value(size)
     payload_bytes = len(orjson.dumps(value))
@@ -161,9 +162,11 @@ def _time(*, port: int, entries: list[str], size: int, rounds: int, hits: int,
         prepared.close()
     admin.close()
     loop.close()
-    return {"payload_bytes": payload_bytes,
-            "fill_ms": {entry: median(fills[entry]) for entry in entries},
-            "hit_ms": {entry: median(reads[entry]) for entry in entries}}
+    return {
+        "payload_bytes": payload_bytes,
+        "fill_ms": {entry: median(fills[entry]) for entry in entries},
+        "hit_ms": {entry: median(reads[entry]) for entry in entries},
+    }
 
 
 def _peak(*, port: int, entry: str, size: int, phase: str) -> dict[str, int]:
@@ -186,20 +189,26 @@ def _peak(*, port: int, entry: str, size: int, phase: str) -> dict[str, int]:
     del result
     prepared.close()
     loop.close()
-    return {"before_kb": before, "peak_kb": peak, "growth_kb": max(0, peak - before),
-            "held_kb": max(0, held - before)}
+    return {
+        "before_kb": before,
+        "peak_kb": peak,
+        "growth_kb": max(0, peak - before),
+        "held_kb": max(0, held - before),
+    }
 
 
-def measure(port: int, libraries: list[Library], *, sizes: list[int], rounds: int,
-            hits: int, seed: int = 1) -> dict[str, Any]:
+def measure(
+    port: int, libraries: list[Library], *, sizes: list[int], rounds: int, hits: int, seed: int = 1
+) -> dict[str, Any]:
     """Time and memory per size for the raw reference and each row that fills."""
     entries = [*RAW, *(library.slug for library in libraries if library.fills)]
     admin = sync_client(port)
     results: dict[str, Any] = {}
     for size in sizes:
         admin.flushdb()
-        timing = in_child(_time, port=port, entries=entries, size=size, rounds=rounds, hits=hits,
-                          seed=seed)
+        timing = in_child(
+            _time, port=port, entries=entries, size=size, rounds=rounds, hits=hits, seed=seed
+        )
         payload_bytes = timing["payload_bytes"]
         memory: dict[str, dict[str, Any]] = {}
         for entry in entries:

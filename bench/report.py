@@ -39,8 +39,14 @@ def _table(header: list[str], rows: Iterable[list[str]], align: str = "") -> lis
 
 
 def _row(family: str, is_async: bool) -> Library | None:
-    return next((library for library in LIBRARIES
-                 if library.family == family and library.is_async == is_async), None)
+    return next(
+        (
+            library
+            for library in LIBRARIES
+            if library.family == family and library.is_async == is_async
+        ),
+        None,
+    )
 
 
 def _hit(hit: dict[str, Any]) -> list[str]:
@@ -57,8 +63,15 @@ def _hit(hit: dict[str, Any]) -> list[str]:
             else:
                 cells += [_num(data["median_us"]), _num(data["p99_us"]), _num(data["ratio"], 2)]
         rows.append(cells)
-    header = ["library", "sync median µs", "sync p99 µs", "sync × floor",
-              "asyncio median µs", "asyncio p99 µs", "asyncio × floor"]
+    header = [
+        "library",
+        "sync median µs",
+        "sync p99 µs",
+        "sync × floor",
+        "asyncio median µs",
+        "asyncio p99 µs",
+        "asyncio × floor",
+    ]
     return [
         "## 1. Hit latency",
         "",
@@ -86,27 +99,42 @@ def _stampede(stampede: dict[str, Any]) -> list[str]:
     for slug, result in stampede.items():
         library = next(lib for lib in LIBRARIES if lib.slug == slug)
         summary = result["summary"]
-        rows.append([
-            library.label,
-            _median_worst(summary, "origin_calls"),
-            "yes" if summary["origin_once_every_run"] else "**no**",
-            _median_worst(summary, "p50_ms", 0),
-            _median_worst(summary, "p99_ms", 0),
-            _median_worst(summary, "max_ms", 0),
-            _median_worst(summary, "round_trips"),
-            _median_worst(summary, "server_commands"),
-            _count(summary["errors"]["worst"] + summary["wrong_values"]["worst"]
-                   + summary["hung"]["worst"]),
-        ])
+        rows.append(
+            [
+                library.label,
+                _median_worst(summary, "origin_calls"),
+                "yes" if summary["origin_once_every_run"] else "**no**",
+                _median_worst(summary, "p50_ms", 0),
+                _median_worst(summary, "p99_ms", 0),
+                _median_worst(summary, "max_ms", 0),
+                _median_worst(summary, "round_trips"),
+                _median_worst(summary, "server_commands"),
+                _count(
+                    summary["errors"]["worst"]
+                    + summary["wrong_values"]["worst"]
+                    + summary["hung"]["worst"]
+                ),
+            ]
+        )
         sent = result["runs"][-1]["round_trips_by_command"]
-        command_lines.append(f"- {library.label}: "
-                             + ", ".join(f"`{name}` {count}" for name, count in sent.items()))
+        command_lines.append(
+            f"- {library.label}: " + ", ".join(f"`{name}` {count}" for name, count in sent.items())
+        )
         outcomes = result["runs"][-1]["outcomes"]
         if outcomes:
             text = ", ".join(f"{name} {count}" for name, count in outcomes.items())
             outcome_lines.append(f"- {library.label}: {text}")
-    header = ["row", "origin calls", "once every run", "caller p50 ms", "caller p99 ms",
-              "caller max ms", "round trips", "server commands", "errors"]
+    header = [
+        "row",
+        "origin calls",
+        "once every run",
+        "caller p50 ms",
+        "caller p99 ms",
+        "caller max ms",
+        "round trips",
+        "server commands",
+        "errors",
+    ]
     return [
         "## 2. Stampede on a cold key",
         "",
@@ -119,8 +147,11 @@ def _stampede(stampede: dict[str, Any]) -> list[str]:
         "",
         *command_lines,
         "",
-        *(["memofill outcomes (one per caller), last run:", "", *outcome_lines, ""]
-          if outcome_lines else []),
+        *(
+            ["memofill outcomes (one per caller), last run:", "", *outcome_lines, ""]
+            if outcome_lines
+            else []
+        ),
     ]
 
 
@@ -137,9 +168,11 @@ def _growth(growth: dict[str, Any]) -> list[str]:
         cells = [library.label]
         for level in levels:
             summary = result["levels"][level]["summary"]
-            cells += [_count(summary["round_trips"]["median"]),
-                      _num(summary["p99_ms"]["median"], 0),
-                      _count(summary["origin_calls"]["worst"])]
+            cells += [
+                _count(summary["round_trips"]["median"]),
+                _num(summary["p99_ms"]["median"], 0),
+                _count(summary["origin_calls"]["worst"]),
+            ]
         rows.append(cells)
     return [
         "## 3. Growth: 10 → 100 → 1000 callers",
@@ -159,31 +192,53 @@ def _payload(payload: dict[str, Any]) -> list[str]:
         "the raw references in one process. Raw fill: `orjson.dumps` + `SET`; raw hit: `GET` + "
         "`orjson.loads`. Peak: growth of the peak resident set over the resident set just "
         "before the one large call, in a fresh process per figure, as a multiple of the "
-        "payload's size (a hit's peak includes the decoded value itself).")
+        "payload's size (a hit's peak includes the decoded value itself)."
+    )
     lines.append("")
     held = []
     for size, data in payload["sizes"].items():
         megabytes = data["payload_bytes"] / 1e6
         raw_memory = data["rows"]["raw-sync"]["memory"]
-        held.append(f"{megabytes:.1f} MB: "
-                    f"{raw_memory['hit']['held_kb'] * 1024 / data['payload_bytes']:.1f} ×")
+        held.append(
+            f"{megabytes:.1f} MB: "
+            f"{raw_memory['hit']['held_kb'] * 1024 / data['payload_bytes']:.1f} ×"
+        )
         rows = []
         for entry, row in data["rows"].items():
             label = RAW_LABELS.get(entry) or next(
-                lib.label for lib in LIBRARIES if lib.slug == entry)
-            rows.append([
-                label, _num(row["fill_ms"]), _num(row["fill_ratio"], 2), _num(row["hit_ms"]),
-                _num(row["hit_ratio"], 2), _num(row["fill_peak_x"], 1),
-                _num(row["hit_peak_x"], 1),
-            ])
-        header = ["row", "fill ms", "fill × raw", "hit ms", "hit × raw", "fill peak × payload",
-                  "hit peak × payload"]
-        lines += [f"### {megabytes:.1f} MB payload ({data['payload_bytes']:,} bytes, "
-                  f"requested {int(size):,})", "", *_table(header, rows)]
+                lib.label for lib in LIBRARIES if lib.slug == entry
+            )
+            rows.append(
+                [
+                    label,
+                    _num(row["fill_ms"]),
+                    _num(row["fill_ratio"], 2),
+                    _num(row["hit_ms"]),
+                    _num(row["hit_ratio"], 2),
+                    _num(row["fill_peak_x"], 1),
+                    _num(row["hit_peak_x"], 1),
+                ]
+            )
+        header = [
+            "row",
+            "fill ms",
+            "fill × raw",
+            "hit ms",
+            "hit × raw",
+            "fill peak × payload",
+            "hit peak × payload",
+        ]
+        lines += [
+            f"### {megabytes:.1f} MB payload ({data['payload_bytes']:,} bytes, "
+            f"requested {int(size):,})",
+            "",
+            *_table(header, rows),
+        ]
     lines += [
         "The value is a list of dicts, each with a 160-character text. What a raw hit leaves "
         "resident, the decoded value, is already several times the payload ("
-        + ", ".join(held) + "): a floor under every hit's peak. redis-py with hiredis packs "
+        + ", ".join(held)
+        + "): a floor under every hit's peak. redis-py with hiredis packs "
         "a `SET` into one buffer (`hiredis.pack_command`), so even the raw fill peaks well "
         "above the payload. Each row's × raw is against the raw reference of its own mode.",
         "",
@@ -204,56 +259,88 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for slug, mode in (("memofill-sync", "sync"), ("memofill-async", "asyncio")):
         if hit and slug in hit["rows"]:
             ratio = hit["rows"][slug]["ratio"]
-            checks.append({"target": f"hit ≤ 1.05 × floor ({mode})", "measured": f"{ratio:.2f} ×",
-                           "ok": ratio <= 1.05})
+            checks.append(
+                {
+                    "target": f"hit ≤ 1.05 × floor ({mode})",
+                    "measured": f"{ratio:.2f} ×",
+                    "ok": ratio <= 1.05,
+                }
+            )
         if stampede and slug in stampede:
             result = stampede[slug]
             summary = result["summary"]
             calls = summary["origin_calls_per_run"]
-            checks.append({"target": f"origin called once in every stampede run ({mode})",
-                           "measured": ", ".join(map(str, calls)),
-                           "ok": summary["origin_once_every_run"]})
+            checks.append(
+                {
+                    "target": f"origin called once in every stampede run ({mode})",
+                    "measured": ", ".join(map(str, calls)),
+                    "ok": summary["origin_once_every_run"],
+                }
+            )
             callers = result["processes"] * result["threads"]
             worst = summary["round_trips"]["worst"]
-            checks.append({
-                "target": f"≤ 150 round trips per 100-caller stampede ({mode})",
-                "measured": f"{worst:.0f} (worst run, {callers} callers)",
-                "ok": worst <= 150 if callers == 100 else None,
-            })
+            checks.append(
+                {
+                    "target": f"≤ 150 round trips per 100-caller stampede ({mode})",
+                    "measured": f"{worst:.0f} (worst run, {callers} callers)",
+                    "ok": worst <= 150 if callers == 100 else None,
+                }
+            )
             limit = result["origin_ms"] + 25
             p99 = summary["p99_ms"]
-            checks.append({
-                "target": f"caller p99 ≤ origin + 25 ms = {limit:.0f} ms ({mode})",
-                "measured": f"{p99['median']:.0f} ms median run, {p99['worst']:.0f} ms worst run",
-                "ok": p99["median"] <= limit,
-            })
+            checks.append(
+                {
+                    "target": f"caller p99 ≤ origin + 25 ms = {limit:.0f} ms ({mode})",
+                    "measured": (
+                        f"{p99['median']:.0f} ms median run, {p99['worst']:.0f} ms worst run"
+                    ),
+                    "ok": p99["median"] <= limit,
+                }
+            )
         if payload:
             for data in payload["sizes"].values():
                 row = data["rows"].get(slug)
                 if row is None:
                     continue
                 size = f"{data['payload_bytes'] / 1e6:.1f} MB, {mode}"
-                checks.append({"target": f"fill ≤ 1.2 × raw ({size})",
-                               "measured": f"{row['fill_ratio']:.2f} ×",
-                               "ok": row["fill_ratio"] <= 1.2})
-                checks.append({"target": f"hit ≤ 1.1 × raw ({size})",
-                               "measured": f"{row['hit_ratio']:.2f} ×",
-                               "ok": row["hit_ratio"] <= 1.1})
+                checks.append(
+                    {
+                        "target": f"fill ≤ 1.2 × raw ({size})",
+                        "measured": f"{row['fill_ratio']:.2f} ×",
+                        "ok": row["fill_ratio"] <= 1.2,
+                    }
+                )
+                checks.append(
+                    {
+                        "target": f"hit ≤ 1.1 × raw ({size})",
+                        "measured": f"{row['hit_ratio']:.2f} ×",
+                        "ok": row["hit_ratio"] <= 1.1,
+                    }
+                )
                 peak = max(row["fill_peak_x"], row["hit_peak_x"])
                 raw = data["rows"]["raw-async" if slug.endswith("async") else "raw-sync"]
-                checks.append({
-                    "target": f"peak RSS ≤ 3 × payload ({size})",
-                    "measured": f"fill {row['fill_peak_x']:.1f} ×, hit {row['hit_peak_x']:.1f} × "
-                                f"(raw: {raw['fill_peak_x']:.1f} ×, {raw['hit_peak_x']:.1f} ×)",
-                    "ok": peak <= 3,
-                })
+                checks.append(
+                    {
+                        "target": f"peak RSS ≤ 3 × payload ({size})",
+                        "measured": (
+                            f"fill {row['fill_peak_x']:.1f} ×, hit {row['hit_peak_x']:.1f} × "
+                            f"(raw: {raw['fill_peak_x']:.1f} ×, {raw['hit_peak_x']:.1f} ×)"
+                        ),
+                        "ok": peak <= 3,
+                    }
+                )
     return checks
 
 
 def _notes(results: dict[str, Any]) -> list[str]:
     used = set(results["meta"]["libraries"])
-    lines = ["## Notes", "", "How each row is configured (same server, same client options: "
-             "redis-py with RESP3 and the hiredis parser; values kept 60 s):", ""]
+    lines = [
+        "## Notes",
+        "",
+        "How each row is configured (same server, same client options: "
+        "redis-py with RESP3 and the hiredis parser; values kept 60 s):",
+        "",
+    ]
     for library in LIBRARIES:
         if library.slug in used or not library.fills:
             lines.append(f"- **{library.label}**: {library.setup}")
@@ -303,8 +390,11 @@ def render(results: dict[str, Any]) -> str:
     checks = targets(results)
     if checks:
         lines += ["## memofill against its targets", ""]
-        lines += _table(["target", "this run", "verdict"],
-                        ([c["target"], c["measured"], _check(c["ok"])] for c in checks), "llc")
+        lines += _table(
+            ["target", "this run", "verdict"],
+            ([c["target"], c["measured"], _check(c["ok"])] for c in checks),
+            "llc",
+        )
     if "hit" in results:
         lines += _hit(results["hit"])
     if "stampede" in results:

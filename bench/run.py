@@ -49,50 +49,92 @@ class Scale:
     payload_hits: int
 
 
-FULL = Scale(hit_iterations=20_000, hit_warmup=2_000, hit_rounds=100, processes=4, threads=25,
-             repeats=5, growth_levels=(10, 100, 1000), growth_repeats=3,
-             payload_sizes=(2_000_000, 20_000_000), payload_rounds=9, payload_hits=3)
-QUICK = Scale(hit_iterations=2_000, hit_warmup=200, hit_rounds=20, processes=2, threads=5,
-              repeats=2, growth_levels=(10, 40), growth_repeats=1,
-              payload_sizes=(500_000,), payload_rounds=2, payload_hits=2)
+FULL = Scale(
+    hit_iterations=20_000,
+    hit_warmup=2_000,
+    hit_rounds=100,
+    processes=4,
+    threads=25,
+    repeats=5,
+    growth_levels=(10, 100, 1000),
+    growth_repeats=3,
+    payload_sizes=(2_000_000, 20_000_000),
+    payload_rounds=9,
+    payload_hits=3,
+)
+QUICK = Scale(
+    hit_iterations=2_000,
+    hit_warmup=200,
+    hit_rounds=20,
+    processes=2,
+    threads=5,
+    repeats=2,
+    growth_levels=(10, 40),
+    growth_repeats=1,
+    payload_sizes=(500_000,),
+    payload_rounds=2,
+    payload_hits=2,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="memofill side by side with the raw floor, cache-aside, dogpile.cache, "
-                    "cashews and aiocache, against a private redis-server.")
-    parser.add_argument("--quick", action="store_true",
-                        help="a fast smoke run at small scale (report to stdout unless --out)")
-    parser.add_argument("--out", type=Path,
-                        help=f"markdown report path (default {DEFAULT_OUT}; none with --quick)")
-    parser.add_argument("--json", nargs="?", const=Path("bench/results.json"), type=Path,
-                        metavar="PATH", help="also dump every figure as JSON "
-                        "(default path bench/results.json)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated subset of {', '.join(SCENARIOS)}")
-    parser.add_argument("--libraries", default="",
-                        help="comma-separated row slugs (default all: "
-                             + ", ".join(library.slug for library in LIBRARIES) + ")")
+        "cashews and aiocache, against a private redis-server.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast smoke run at small scale (report to stdout unless --out)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help=f"markdown report path (default {DEFAULT_OUT}; none with --quick)"
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const=Path("bench/results.json"),
+        type=Path,
+        metavar="PATH",
+        help="also dump every figure as JSON (default path bench/results.json)",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--libraries",
+        default="",
+        help="comma-separated row slugs (default all: "
+        + ", ".join(library.slug for library in LIBRARIES)
+        + ")",
+    )
     parser.add_argument("--processes", type=int, help="stampede and growth worker processes")
     parser.add_argument("--threads", type=int, help="stampede callers per process")
-    parser.add_argument("--repeats", type=int, help="stampede runs per row (at least 5 for "
-                        "publication)")
+    parser.add_argument(
+        "--repeats", type=int, help="stampede runs per row (at least 5 for publication)"
+    )
     return parser
 
 
-def _choose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[
-        list[str], list[Library], Scale]:
+def _choose(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[list[str], list[Library], Scale]:
     scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(unknown)}; "
-                     f"choose from {', '.join(SCENARIOS)}")
+        parser.error(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
+        )
     slugs = [slug.strip() for slug in args.libraries.split(",") if slug.strip()]
     known = {library.slug for library in LIBRARIES}
     if set(slugs) - known:
-        parser.error(f"unknown row(s) {', '.join(sorted(set(slugs) - known))}; "
-                     f"choose from {', '.join(sorted(known))}")
+        parser.error(
+            f"unknown row(s) {', '.join(sorted(set(slugs) - known))}; "
+            f"choose from {', '.join(sorted(known))}"
+        )
     libraries = [library for library in LIBRARIES if not slugs or library.slug in slugs]
     scale = QUICK if args.quick else FULL
     overrides = {"processes": args.processes, "threads": args.threads, "repeats": args.repeats}
@@ -121,9 +163,13 @@ def _commit() -> str:
     """The commit of the repository this harness lives in (whatever the working directory)."""
     here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -135,46 +181,71 @@ def _load() -> str:
         return "unknown"
 
 
-def run(scenarios: list[str], libraries: list[Library], scale: Scale, command: str,
-        quick: bool) -> dict[str, Any]:
+def run(
+    scenarios: list[str], libraries: list[Library], scale: Scale, command: str, quick: bool
+) -> dict[str, Any]:
     """Start a private redis-server, run the scenarios in order, and return every figure."""
     server = RedisServer().start()
     try:
         with sync_client(server.port) as admin:
             redis_version = str(admin.info("server")["redis_version"])
-        results: dict[str, Any] = {"meta": {
-            "command": command, "quick": quick, "date": datetime.datetime.now(
-                datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "redis_server": redis_version,
-            "versions": _versions(), "commit": _commit(), "load_before": _load(),
-            "libraries": [library.slug for library in libraries], "scale": scale.__dict__,
-        }}
+        results: dict[str, Any] = {
+            "meta": {
+                "command": command,
+                "quick": quick,
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "redis_server": redis_version,
+                "versions": _versions(),
+                "commit": _commit(),
+                "load_before": _load(),
+                "libraries": [library.slug for library in libraries],
+                "scale": scale.__dict__,
+            }
+        }
         fillers = [library for library in libraries if library.fills]
         if "hit" in scenarios:  # always with both floors: every ratio needs its own
             rows = [library for library in LIBRARIES if library in libraries or not library.fills]
             _log(f"hit: {scale.hit_iterations:,} calls per row, {len(rows)} rows")
-            results["hit"] = hit.measure(server.port, rows, iterations=scale.hit_iterations,
-                                         warmup=scale.hit_warmup, rounds=scale.hit_rounds)
+            results["hit"] = hit.measure(
+                server.port,
+                rows,
+                iterations=scale.hit_iterations,
+                warmup=scale.hit_warmup,
+                rounds=scale.hit_rounds,
+            )
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:
-                _log(f"stampede: {library.label}, {scale.processes} x {scale.threads} callers, "
-                     f"{scale.repeats} runs")
+                _log(
+                    f"stampede: {library.label}, {scale.processes} x {scale.threads} callers, "
+                    f"{scale.repeats} runs"
+                )
                 results["stampede"][library.slug] = stampede.measure(
-                    library, server.port, scale.processes, scale.threads, scale.repeats)
+                    library, server.port, scale.processes, scale.threads, scale.repeats
+                )
         if "growth" in scenarios and fillers:
             results["growth"] = {}
             for library in fillers:
                 _log(f"growth: {library.label}, {' -> '.join(map(str, scale.growth_levels))}")
                 results["growth"][library.slug] = growth.measure(
-                    library, server.port, scale.processes, list(scale.growth_levels),
-                    scale.growth_repeats)
+                    library,
+                    server.port,
+                    scale.processes,
+                    list(scale.growth_levels),
+                    scale.growth_repeats,
+                )
         if "payload" in scenarios:
             _log(f"payload: {', '.join(f'{size:,}' for size in scale.payload_sizes)} bytes")
             results["payload"] = payload.measure(
-                server.port, libraries, sizes=list(scale.payload_sizes),
-                rounds=scale.payload_rounds, hits=scale.payload_hits)
+                server.port,
+                libraries,
+                sizes=list(scale.payload_sizes),
+                rounds=scale.payload_rounds,
+                hits=scale.payload_hits,
+            )
         results["meta"]["load_after"] = _load()
         return results
     finally:

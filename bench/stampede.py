@@ -80,8 +80,9 @@ class _Callers:
         self.errors: list[str] = []
         self.wrong = 0
 
-    def record(self, index: int, started: int, name: str, value: Any,
-               error: Exception | None) -> None:
+    def record(
+        self, index: int, started: int, name: str, value: Any, error: Exception | None
+    ) -> None:
         self.latencies_ns[index] = time.perf_counter_ns() - started
         if error is not None:
             self.errors.append(f"{type(error).__name__}: {error}"[:200])
@@ -115,8 +116,9 @@ def _run_threads(cached: Cached, name: str, count: int, release: Callable[[], No
     return callers
 
 
-async def _run_tasks(cached: Cached, name: str, count: int,
-                     release: Callable[[], None]) -> _Callers:
+async def _run_tasks(
+    cached: Cached, name: str, count: int, release: Callable[[], None]
+) -> _Callers:
     callers = _Callers(count)
     go = asyncio.Event()
 
@@ -168,13 +170,18 @@ def _worker(slug: str, port: int, namespace: str, conn: Connection, barrier: Any
             before = requests.snapshot()
             seen = callers(name, count, lambda: barrier.wait(RUN_TIMEOUT_S))
             sent = requests.snapshot() - before
-            conn.send(("result", {
-                "latencies_ns": seen.latencies_ns,
-                "errors": seen.errors,
-                "wrong": seen.wrong,
-                "requests": dict(sent),
-                "outcomes": cached.outcomes(),
-            }))
+            conn.send(
+                (
+                    "result",
+                    {
+                        "latencies_ns": seen.latencies_ns,
+                        "errors": seen.errors,
+                        "wrong": seen.wrong,
+                        "requests": dict(sent),
+                        "outcomes": cached.outcomes(),
+                    },
+                )
+            )
     closing = cached.close()
     if loop is not None:
         if asyncio.iscoroutine(closing):
@@ -195,7 +202,9 @@ class Fleet:
         for index in range(processes):
             parent, child = MP.Pipe()
             process = MP.Process(
-                target=_worker, name=f"bench-{library.slug}-{index}", daemon=True,
+                target=_worker,
+                name=f"bench-{library.slug}-{index}",
+                daemon=True,
                 args=(library.slug, port, self.namespace, child, self.barrier),
             )
             self.pipes.append(parent)
@@ -248,8 +257,9 @@ class Fleet:
         on_server = server_commands(self.admin) - before
         origin_calls = int(self.admin.get(ORIGIN_COUNTER + name) or 0)
         timeout_ns = int(RUN_TIMEOUT_S * 1e9)
-        latencies = [timeout_ns if lat is None else lat
-                     for reply in replies for lat in reply["latencies_ns"]]
+        latencies = [
+            timeout_ns if lat is None else lat for reply in replies for lat in reply["latencies_ns"]
+        ]
         hung = sum(reply["latencies_ns"].count(None) for reply in replies)
         sent: Counter[str] = Counter()
         outcomes: Counter[str] = Counter()
@@ -282,15 +292,26 @@ def split(callers: int, processes: int) -> list[int]:
     return [share + (1 if index < extra else 0) for index in range(processes)]
 
 
-SUMMARISED = ("origin_calls", "p50_ms", "p99_ms", "max_ms", "round_trips", "server_commands",
-              "errors", "wrong_values", "hung")
+SUMMARISED = (
+    "origin_calls",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "round_trips",
+    "server_commands",
+    "errors",
+    "wrong_values",
+    "hung",
+)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median and worst (largest) of each metric over the runs."""
     summary: dict[str, Any] = {
-        metric: {"median": median([run[metric] for run in runs]),
-                 "worst": max(run[metric] for run in runs)}
+        metric: {
+            "median": median([run[metric] for run in runs]),
+            "worst": max(run[metric] for run in runs),
+        }
         for metric in SUMMARISED
     }
     summary["origin_once_every_run"] = all(run["origin_calls"] == 1 for run in runs)
@@ -298,8 +319,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def repeat(library: Library, port: int, callers_per_process: list[int],
-           repeats: int) -> list[dict[str, Any]]:
+def repeat(
+    library: Library, port: int, callers_per_process: list[int], repeats: int
+) -> list[dict[str, Any]]:
     """Up to ``repeats`` stampedes, each on a new cold key, from one fresh fleet.
 
     Stops early after a run in which some callers never returned: they would
@@ -313,9 +335,15 @@ def repeat(library: Library, port: int, callers_per_process: list[int],
     return runs
 
 
-def measure(library: Library, port: int, processes: int, threads: int,
-            repeats: int) -> dict[str, Any]:
+def measure(
+    library: Library, port: int, processes: int, threads: int, repeats: int
+) -> dict[str, Any]:
     """``repeats`` stampedes of ``processes`` x ``threads`` callers, each on a new cold key."""
     runs = repeat(library, port, [threads] * processes, repeats)
-    return {"processes": processes, "threads": threads, "origin_ms": ORIGIN_S * 1000,
-            "runs": runs, "summary": summarise(runs)}
+    return {
+        "processes": processes,
+        "threads": threads,
+        "origin_ms": ORIGIN_S * 1000,
+        "runs": runs,
+        "summary": summarise(runs),
+    }

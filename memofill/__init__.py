@@ -1,5 +1,6 @@
 """memofill: Redis-backed caching that calls the upstream once per miss, across processes."""
 
+from memofill.decorator import CachedDataset, CallResult
 from memofill.errors import (
     ConfigurationError,
     FillError,
@@ -11,7 +12,6 @@ from memofill.errors import (
     RegistryLoadError,
     UnknownDatasetError,
 )
-from memofill.decorator import CachedDataset, CallResult
 from memofill.instance import Memofill, cached_dataset, configure
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate

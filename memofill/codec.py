@@ -55,7 +55,7 @@ def error_marker(error_type: str) -> bytes:
 
 
 def decode_special(raw: bytes) -> Any:
-    """What bytes that are not JSON stand for: :data:`NEGATIVE`, an :class:`ErrorMarker`, or :data:`CORRUPT`."""
+    """What non-JSON bytes mean: :data:`NEGATIVE`, an :class:`ErrorMarker` or :data:`CORRUPT`."""
     if raw == NEGATIVE_MARKER:
         return NEGATIVE
     if raw.startswith(_ERROR_PREFIX):
@@ -64,7 +64,7 @@ def decode_special(raw: bytes) -> Any:
 
 
 def decode_any(raw: bytes) -> Any:
-    """Decode any stored bytes: the value, :data:`NEGATIVE`, an :class:`ErrorMarker` or :data:`CORRUPT`."""
+    """Stored bytes decoded: a value, :data:`NEGATIVE`, :class:`ErrorMarker` or :data:`CORRUPT`."""
     try:
         return decode(raw)
     except DecodeError:

@@ -73,7 +73,9 @@ class Breaker:
     Redis answers with an error (no permission, out of memory) says Redis is up.
     """
 
-    def __init__(self, cooldown_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, cooldown_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.cooldown_s = cooldown_s
         self._clock = clock
         self._open_until = 0.0

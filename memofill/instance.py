@@ -13,19 +13,17 @@ import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from memofill.commands import Commands
 from memofill.coordinator import Result
+from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker, LocalStore
 from memofill.keys import lock_key, parse_template, prefix_problem
 from memofill.outcomes import Counters
 from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
 from memofill.singleflight import TaskFlights, ThreadFlights
-
-if TYPE_CHECKING:
-    from memofill.decorator import CachedDataset
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,7 +131,11 @@ class Memofill:
             try:
                 self._policies = load_policies(source)
             except ModuleNotFoundError as exc:
-                if not isinstance(source, str) or exc.name is None or not source.startswith(exc.name):
+                if (
+                    not isinstance(source, str)
+                    or exc.name is None
+                    or not source.startswith(exc.name)
+                ):
                     raise
                 raise ConfigurationError(
                     f"cannot import policies {source!r}: run `memofill gen`, or pass policies= "
@@ -142,12 +144,17 @@ class Memofill:
         return self._policies
 
     def policy(self, key: str) -> Dataset:
-        """The policy of ``key``; :class:`~memofill.errors.UnknownDatasetError` if none declares it."""
+        """The policy of ``key``.
+
+        Raises :class:`~memofill.errors.UnknownDatasetError` when no dataset declares it.
+        """
         try:
             return self.policies[key]
         except KeyError:
             known = ", ".join(sorted(self.policies)) or "none"
-            raise UnknownDatasetError(f"no dataset {key!r} in the policies (known: {known})") from None
+            raise UnknownDatasetError(
+                f"no dataset {key!r} in the policies (known: {known})"
+            ) from None
 
     def commands_for(self, is_async: bool) -> Commands | None:
         """The commands of the client that serves sync or coroutine functions."""
@@ -166,8 +173,6 @@ class Memofill:
         The policy is resolved, and the key template checked against the
         function's parameters, right now: a mistake fails at import time.
         """
-        from memofill.decorator import CachedDataset
-
         self.policy(key)
 
         def decorate(function: F) -> F:
