@@ -153,3 +153,17 @@ class Commands:
     def delete(self, key: str) -> Any:
         """``DEL key``: the next call misses and fills again."""
         return self.client.delete(key)
+
+    def describe(self, key: str, lock_key: str) -> Any:
+        """What ``memofill inspect`` shows: data TTL, size and head, lock TTL and holder.
+
+        Returns ``[data PTTL, data STRLEN, first 64 bytes, lock PTTL, lock token]``;
+        both keys share a slot, so a cluster pipeline sends them to one node.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.pttl(key)
+        pipe.strlen(key)
+        pipe.getrange(key, 0, 63)
+        pipe.pttl(lock_key)
+        pipe.get(lock_key)
+        return pipe.execute()
