@@ -8,6 +8,7 @@ is kept for ``check`` finding drift, so CI can tell "out of date" from "broken".
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -16,9 +17,13 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
 import attrs
+import orjson
+import redis
 
-from memofill import codegen
+from memofill import codegen, demo, inspection, timeline
 from memofill.errors import MemofillError, RegistryError
+from memofill.keys import prefix_problem
+from memofill.policy import Dataset, load_policies
 
 #: Used when no pyproject.toml sets ``[tool.memofill]`` (or none can be read).
 DEFAULT_REGISTRY = "registry.py"
@@ -182,6 +187,144 @@ def run_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def _policies_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policies",
+        metavar="PATH",
+        help="generated policy module to read (default: out in [tool.memofill])",
+    )
+
+
+def _policies(args: argparse.Namespace) -> tuple[Path, dict[str, Dataset] | None]:
+    """The generated module's policies, validated; ``None`` when the file does not exist."""
+    if args.policies:
+        path = Path(args.policies)
+    else:
+        path = _project(argparse.Namespace(registry=None, out=None)).out
+    if not path.is_file():
+        if args.policies:
+            raise CommandError(f"{path.as_posix()}: no such file")
+        return path, None
+    spec = importlib.util.spec_from_file_location("_memofill_policies", path)
+    if spec is None or spec.loader is None:
+        raise CommandError(f"{path.as_posix()}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # any error in a hand-edited module: one line, not a traceback
+        raise CommandError(f"{path.as_posix()}: cannot load: {exc}") from None
+    return path, load_policies(module)
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``low..high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--procs", type=_count(1, 64), default=4, metavar="N", help="caller processes (default: 4)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_count(1, 500),
+        default=25,
+        metavar="N",
+        help="caller threads per process (default: 25)",
+    )
+    parser.add_argument(
+        "--origin-ms",
+        type=_count(0, 60_000),
+        default=200,
+        metavar="MS",
+        help="how long the origin takes (default: 200)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as one JSON object on the last line of stdout",
+    )
+    parser.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="also write the coordinated burst as a timeline trace (JSON)",
+    )
+    parser.add_argument(
+        "--svg", metavar="PATH", help="also draw the coordinated burst as an SVG timeline"
+    )
+    _policies_argument(parser)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Two bursts on one cold key, coordinated and not; the table or the JSON summary."""
+    path, policies = _policies(args)
+    dataset = (policies or {}).get(demo.DEMO_DATASET)
+    if dataset is None or dataset.cache_fill is None:
+        where = path.as_posix() if policies is None else f"{demo.DEMO_DATASET} in {path.as_posix()}"
+        print(f"memofill: no {where}; using the built-in demo policy", file=sys.stderr)
+        dataset = demo.FALLBACK_POLICY
+    settings = demo.Settings(args.procs, args.threads, args.origin_ms, dataset)
+    try:
+        report = demo.run_demo(settings, demo.redis_url_from_env())
+    except redis.RedisError as exc:
+        raise CommandError(f"Redis failed during the demo: {exc}") from None
+    if args.trace:
+        Path(args.trace).write_bytes(orjson.dumps(demo.trace(report), option=orjson.OPT_INDENT_2))
+    if args.svg:
+        Path(args.svg).write_text(timeline.render_svg(demo.trace(report)), encoding="utf-8")
+    if args.json:
+        print(orjson.dumps(demo.summary(report)).decode())
+    else:
+        print(demo.format_table(report))
+    return 0
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key", metavar="KEY", help="registry key, such as 'market:quotes:{symbol}'")
+    parser.add_argument(
+        "fields", metavar="ARG", nargs="*", help="field values, in order or as name=value"
+    )
+    parser.add_argument("--url", help="Redis URL (default: $REDIS_URL)")
+    parser.add_argument("--prefix", default="", help="the key prefix the application configures")
+    _policies_argument(parser)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print one entry's policy, keys, TTLs, payload and lock holder; only reads."""
+    url = args.url or demo.redis_url_from_env()
+    if url is None:
+        raise CommandError("no Redis to inspect: pass --url or set REDIS_URL")
+    problem = prefix_problem(args.prefix)
+    if problem:
+        raise CommandError(f"--prefix {args.prefix!r}: {problem}")
+    path, policies = _policies(args)
+    if policies is None:
+        raise CommandError(f"{path.as_posix()}: no such file; run 'memofill gen' first")
+    dataset = policies.get(args.key)
+    if dataset is None:
+        known = ", ".join(sorted(policies)) or "none"
+        raise CommandError(f"no dataset {args.key!r} in {path.as_posix()} (known: {known})")
+    try:
+        lines = inspection.inspect_entry(url, args.prefix, dataset, args.fields)
+    except redis.RedisError as exc:
+        where = url.rsplit("@", 1)[-1]
+        raise CommandError(f"cannot read from Redis at {where}: {exc}") from None
+    width = max(len(label) for label, _ in lines) + 1
+    for label, value in lines:
+        print(f"{label + ':':{width}} {value}")
+    return 0
+
+
 #: Subcommand name -> its parser setup and handler. A new subcommand is one entry.
 COMMANDS: dict[str, Command] = {
     "gen": Command("write the generated policy module from the registry", _path_arguments, run_gen),
@@ -189,6 +332,16 @@ COMMANDS: dict[str, Command] = {
         "exit 0 if the generated module matches the registry, 1 with a diff if not",
         _path_arguments,
         run_check,
+    ),
+    "demo": Command(
+        "a real stampede on a cold dataset, coordinated and then plain cache-aside",
+        _demo_arguments,
+        run_demo,
+    ),
+    "inspect": Command(
+        "one dataset entry as Redis holds it now: keys, TTLs, payload, lock holder",
+        _inspect_arguments,
+        run_inspect,
     ),
 }
 
@@ -223,3 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. the output directory cannot be written
         _error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
         return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
