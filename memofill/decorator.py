@@ -23,7 +23,7 @@ from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_sp
 from memofill.commands import REDIS_ERRORS, Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import FillError, KeyTemplateError
-from memofill.keys import KeyTemplate, format_argument
+from memofill.keys import FieldText, KeyTemplate
 from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
 from memofill.policy import Dataset
 
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("memofill")
 _NO_DEFAULT: Any = inspect.Parameter.empty
 _rng = random.Random()
-#: What a lookup returns before it is unpacked: value, outcome name, whether this caller led.
-Looked = tuple[Any, str, bool]
 
 
 @attrs.frozen
@@ -74,6 +72,91 @@ def compile_fields(template: KeyTemplate, function: Callable[..., Any]) -> tuple
     return tuple(fields)
 
 
+#: Builds the final key of one call: ``(instance, args, kwargs) -> key``.
+KeyBuilder = Callable[[Any, tuple[Any, ...], dict[str, Any]], str]
+
+
+def compile_key(
+    prefix: str, template: KeyTemplate, fields: tuple[_Field, ...], dataset: str
+) -> KeyBuilder:
+    """The key builder of one decorated function, specialised once for its fields.
+
+    A key without fields is a constant; every field reads its argument by
+    position or name, the way the call binds it, and escapes it (see
+    :class:`~memofill.keys.FieldText`).
+    """
+    if not fields:
+        final = prefix + template.source
+        return lambda instance, args, kwargs: final
+    readers = tuple(_argument_reader(field, dataset) for field in fields)
+    literals = list(template.parts[0::2])
+    literals[0] = prefix + literals[0]
+    if len(readers) == 1:
+        (read,), (before, after) = readers, literals
+        return lambda instance, args, kwargs: before + read(instance, args, kwargs) + after
+
+    def build(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        texts = [read(instance, args, kwargs) for read in readers]
+        # One more literal than fields: the last follows the last field.
+        pairs = zip(literals, texts, strict=False)
+        return "".join(literal + text for literal, text in pairs) + literals[-1]
+
+    return build
+
+
+def _argument_reader(field: _Field, dataset: str) -> KeyBuilder:
+    """Reads one field's argument from a call and returns its escaped text."""
+    name, position, default = field.name, field.position, field.default
+    text_of = FieldText(name)
+    known = text_of.known
+
+    def read(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # A bound method's wrapper receives the arguments without ``self``.
+        if position is not None:
+            index = position if instance is None else position - 1
+            if 0 <= index < len(args):
+                value = args[index]
+                if type(value) is str:
+                    text = known.get(value)
+                    if text is not None:
+                        return text
+                return text_of(value)
+        if name in kwargs:
+            return text_of(kwargs[name])
+        if default is not _NO_DEFAULT:
+            return text_of(default)
+        raise TypeError(f"missing argument {name!r} for key {dataset!r}")
+
+    return read
+
+
+@attrs.define(slots=True)
+class _Binding:
+    """What one decorated function's calls read, refreshed when its instance is reconfigured.
+
+    The calls hold this object, not the wrapper: attributes of a slotted class
+    are read several times faster than a wrapt proxy's, and the hit path reads
+    them on every call.
+    """
+
+    memofill: Memofill
+    key: str
+    fields: tuple[_Field, ...]
+    is_async: bool
+    dataset: Dataset = attrs.field(init=False)
+    key_of: KeyBuilder = attrs.field(init=False)
+    count_hit: Callable[[], object] = attrs.field(init=False)
+    ttl_s: float = attrs.field(init=False)
+
+    def refresh(self) -> None:
+        """Take the instance's current policy, prefix and hit tally."""
+        memofill = self.memofill
+        self.dataset = memofill.policy(self.key)
+        self.key_of = compile_key(memofill.prefix, self.dataset.template, self.fields, self.key)
+        self.count_hit = memofill.counters.hit_tally(self.key).add
+        self.ttl_s = self.dataset.ttl_s
+
+
 class CachedDataset(wrapt.FunctionWrapper[..., Any]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
@@ -82,50 +165,52 @@ class CachedDataset(wrapt.FunctionWrapper[..., Any]):
 
     def __init__(self, wrapped: Callable[..., Any], memofill: Memofill, key: str) -> None:
         is_async = inspect.iscoroutinefunction(wrapped)
+        fields = compile_fields(memofill.policy(key).template, wrapped)
+        binding = _Binding(memofill, key, fields, is_async)
+        binding.refresh()
 
         def call_sync(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            return _lookup_sync(self, wrapped, instance, args, kwargs)[0]
+            key = binding.key_of(instance, args, kwargs)
+            return _lookup_sync(binding, key, wrapped, args, kwargs, with_outcome=False)
 
         async def call_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            return (await _lookup_async(self, wrapped, instance, args, kwargs))[0]
+            key = binding.key_of(instance, args, kwargs)
+            return await _lookup_async(binding, key, wrapped, args, kwargs, with_outcome=False)
 
         super().__init__(wrapped, call_async if is_async else call_sync)
-        self._self_memofill = memofill
-        self._self_is_async = is_async
-        self._self_key = key
-        self._self_dataset: Dataset = memofill.policy(key)
-        self._self_template = self._self_dataset.template
-        self._self_fields = compile_fields(self._self_template, wrapped)
+        self._self_cached = binding
         memofill._bind(self)
 
     @property
     def dataset(self) -> Dataset:
         """The registry entry this function is cached under."""
-        return self._self_dataset
+        return self._self_cached.dataset
 
     def _rebind(self) -> None:
-        self._self_dataset = self._self_memofill.policy(self._self_key)
+        self._self_cached.refresh()
 
     def redis_key(self, *args: Any, **kwargs: Any) -> str:
         """The final Redis key a call with these arguments reads and fills."""
-        return _redis_key(self, getattr(self, "_self_instance", None), args, kwargs)
+        instance = getattr(self, "_self_instance", None)
+        return self._self_cached.key_of(instance, args, kwargs)
 
     def invalidate(self, *args: Any, **kwargs: Any) -> Any:
         """Delete the cached value for these arguments (awaitable for coroutine functions)."""
-        key = _redis_key(self, getattr(self, "_self_instance", None), args, kwargs)
-        memofill = self._self_memofill
-        memofill.local_store.discard(key)
-        commands = memofill.commands_for(self._self_is_async)
+        binding = self._self_cached
+        key = self.redis_key(*args, **kwargs)
+        binding.memofill.local_store.discard(key)
+        commands = binding.memofill.commands_for(binding.is_async)
         if commands is None:
-            return _done(None) if self._self_is_async else None
+            return _done(None) if binding.is_async else None
         return commands.delete(key)
 
     def call_with_outcome(self, *args: Any, **kwargs: Any) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
-        instance = getattr(self, "_self_instance", None)
-        if self._self_is_async:
-            return _with_outcome(_lookup_async(self, self.__wrapped__, instance, args, kwargs))
-        return CallResult(*_lookup_sync(self, self.__wrapped__, instance, args, kwargs))
+        binding = self._self_cached
+        key = self.redis_key(*args, **kwargs)
+        if binding.is_async:
+            return _lookup_async(binding, key, self.__wrapped__, args, kwargs, with_outcome=True)
+        return _lookup_sync(binding, key, self.__wrapped__, args, kwargs, with_outcome=True)
 
 
 class _BoundCachedDataset(wrapt.BoundFunctionWrapper[..., Any]):
@@ -146,54 +231,51 @@ async def _done(value: Any) -> Any:
     return value
 
 
-async def _with_outcome(lookup: Any) -> CallResult:
-    return CallResult(*await lookup)
+def _after_get(
+    binding: _Binding, key: str, raw: bytes | None, error: Exception | None
+) -> CallResult | None:
+    """What a ``GET`` that was not a plain hit means: a result to return, or ``None`` to fill.
 
-
-def _redis_key(binding: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    fields = binding._self_fields
-    prefix = binding._self_memofill.prefix
-    if not fields:
-        return prefix + binding._self_key  # type: ignore[no-any-return]
-    shift = 0 if instance is None else 1
-    values = {}
-    for field in fields:
-        position = field.position
-        if position is not None and position - shift < len(args) and position - shift >= 0:
-            value = args[position - shift]
-        elif field.name in kwargs:
-            value = kwargs[field.name]
-        elif field.default is not _NO_DEFAULT:
-            value = field.default
-        else:
-            raise TypeError(f"missing argument {field.name!r} for key {binding._self_key!r}")
-        values[field.name] = format_argument(field.name, value)
-    template = binding._self_template
-    return prefix + "".join(  # type: ignore[no-any-return]
-        values[part] if index % 2 else part for index, part in enumerate(template.parts)
-    )
-
-
-def _found(binding: Any, key: str, raw: bytes) -> tuple[bool, Any]:
-    """Interpret bytes that are not plain JSON: a negative hit, an error marker, or corruption."""
+    Bytes that are not JSON may be a negative marker (a hit on ``None``), an
+    error marker (the last fill failed: raise at once), or corruption (a miss
+    that the fill overwrites). A failed ``GET`` trips the breaker when Redis is
+    unreachable and serves the locally kept value when there is one.
+    """
+    memofill = binding.memofill
+    if error is not None:
+        if is_unreachable(error):
+            memofill.breaker.trip()
+        value = memofill.local_store.get(key, None)
+        return None if value is None else _counted(binding, value, FALLBACK_HIT)
+    if raw is None:
+        return None
     special = decode_special(raw)
     if special is NEGATIVE:
-        return True, None
+        return _counted(binding, None, HIT)
     if isinstance(special, ErrorMarker):
-        raise FillError(binding._self_dataset.key, key, special.error)
+        raise FillError(binding.key, key, special.error)
     logger.warning(
         "corrupt bytes under %s (%d bytes): treated as a miss",
         key,
         len(raw),
-        extra={"dataset": binding._self_dataset.key, "redis_key": key},
+        extra={"dataset": binding.key, "redis_key": key},
     )
-    return False, None
+    return None
 
 
-def _plan(
-    binding: Any, key: str, commands: Commands | None, redis_ok: bool, read_error: str | None
-) -> Plan:
-    dataset: Dataset = binding._self_dataset
+def _counted(binding: _Binding, value: Any, name: str) -> CallResult:
+    binding.memofill.counters.add(binding.key, name)
+    return CallResult(value, name, False)
+
+
+def _plan(binding: _Binding, key: str, commands: Commands | None, error: Exception | None) -> Plan:
+    """The miss to run: Redis is usable unless the breaker is open or the ``GET`` failed to connect.
+
+    A ``GET`` that Redis answered with an error (another type under the key, say)
+    still leaves Redis usable: the lock path runs, and its write replaces the key.
+    """
+    dataset = binding.dataset
+    unreachable = error is not None and is_unreachable(error)
     return Plan(
         dataset=dataset.key,
         redis_key=key,
@@ -201,21 +283,20 @@ def _plan(
         negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
         # No client configured is the legacy set-up, not a lock error: nothing to coordinate on.
         cache_fill=None if commands is None else dataset.cache_fill,
-        redis_ok=redis_ok,
-        redis_error=read_error,
+        redis_ok=commands is not None and not binding.memofill.breaker.is_open and not unreachable,
+        redis_error=None if error is None else type(error).__name__,
         block_limit_ms=None if commands is None else commands.socket_timeout_ms,
     )
 
 
-def _record(binding: Any, key: str, started: float, result: Result, joined: bool) -> None:
+def _record(binding: _Binding, key: str, started: float, result: Result, joined: bool) -> None:
     """Log and count one miss; the fill's own record also remembers the value for outages."""
-    memofill = binding._self_memofill
-    dataset = binding._self_dataset
+    memofill = binding.memofill
     outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-    memofill.counters.add(dataset.key, outcome.value)
+    memofill.counters.add(binding.key, outcome.value)
     MissRecord(
         outcome=outcome,
-        dataset=dataset.key,
+        dataset=binding.key,
         redis_key=key,
         elapsed_ms=(time.monotonic() - started) * 1000,
         waited_ms=result.waited_ms,
@@ -224,10 +305,12 @@ def _record(binding: Any, key: str, started: float, result: Result, joined: bool
         error=result.error,
     ).emit()
     if not joined and result.exception is None and result.value is not None:
-        memofill.local_store.put(key, result.value, dataset.ttl_s)
+        memofill.local_store.put(key, result.value, binding.ttl_s)
 
 
-def _finish(binding: Any, key: str, started: float, result: Result, joined: bool) -> Looked:
+def _finish(
+    binding: _Binding, key: str, started: float, result: Result, joined: bool
+) -> CallResult:
     """Log a caller that joined another's fill; return the value or raise.
 
     The fill itself was recorded where it ran (see ``run`` in the lookups): an
@@ -237,108 +320,102 @@ def _finish(binding: Any, key: str, started: float, result: Result, joined: bool
     if joined:
         _record(binding, key, started, result, joined=True)
     outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-    return result.unwrap(), outcome.value, result.led and not joined
+    return CallResult(result.unwrap(), outcome.value, result.led and not joined)
 
 
-def _hit(binding: Any, key: str, value: Any, name: str = HIT) -> Looked:
-    memofill = binding._self_memofill
-    memofill.counters.add(binding._self_dataset.key, name)
-    if name == HIT and value is not None:
-        memofill.local_store.put(key, value, binding._self_dataset.ttl_s)
-    return value, name, False
+def _lookup_sync(
+    binding: _Binding, key: str, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
+) -> Any:
+    """One call of a sync function: a ``GET`` and a decode on a hit, else the coordinated fill.
 
-
-def _on_read_error(binding: Any, key: str, exc: Exception) -> Looked | None:
-    memofill = binding._self_memofill
-    if is_unreachable(exc):
-        memofill.breaker.trip()
-    value = memofill.local_store.get(key, None)
-    return None if value is None else _hit(binding, key, value, FALLBACK_HIT)
-
-
-def _lookup_sync(binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Looked:
+    Returns the value, or its :class:`CallResult` when ``with_outcome``. The hit
+    is written out here and in :func:`_lookup_async` (the only difference is an
+    ``await``): every cached call takes it, so it makes no call it can avoid.
+    Every other decision is shared.
+    """
     started = time.monotonic()
-    key = _redis_key(binding, instance, args, kwargs)
-    memofill = binding._self_memofill
+    memofill = binding.memofill
     commands = memofill.commands_for(False)
-    redis_ok = commands is not None and not memofill.breaker.is_open
-    read_error = None
-    if redis_ok:
+    breaker = memofill.breaker
+    error = None
+    if commands is not None and not (breaker.open_until and breaker.is_open):
         try:
             raw = commands.get(key)
         except REDIS_ERRORS as exc:
-            # Unreachable: skip Redis for this miss. Answered with an error (another type
-            # under the key, say): the lock path still runs, and its write replaces it.
-            redis_ok, read_error = not is_unreachable(exc), type(exc).__name__
-            served = _on_read_error(binding, key, exc)
-            if served is not None:
-                return served
+            raw, error = None, exc
         else:
             if raw is not None:
                 try:
-                    return _hit(binding, key, decode(raw))
+                    value = decode(raw)
                 except DecodeError:
-                    found, value = _found(binding, key, raw)
-                    if found:
-                        return _hit(binding, key, value)
-    elif (value := memofill.local_store.get(key, None)) is not None:
-        return _hit(binding, key, value, FALLBACK_HIT)
-    plan = _plan(binding, key, commands, redis_ok, read_error)
+                    pass
+                else:
+                    binding.count_hit()
+                    memofill.local_store.remember(key, value, binding.ttl_s)
+                    return CallResult(value, HIT, False) if with_outcome else value
+        served = _after_get(binding, key, raw, error)
+    else:
+        value = memofill.local_store.get(key, None)
+        served = None if value is None else _counted(binding, value, FALLBACK_HIT)
+    if served is None:
+        plan = _plan(binding, key, commands, error)
 
-    def run() -> Result:
-        result = run_sync(
-            fill(plan, time.monotonic, _rng),
-            commands,
-            lambda: wrapped(*args, **kwargs),
-            memofill.breaker,
-        )
-        _record(binding, key, started, result, joined=False)
-        return result
+        def run() -> Result:
+            result = run_sync(
+                fill(plan, time.monotonic, _rng),
+                commands,
+                lambda: wrapped(*args, **kwargs),
+                breaker,
+            )
+            _record(binding, key, started, result, joined=False)
+            return result
 
-    result, joined = memofill.thread_flights.run(key, run)
-    return _finish(binding, key, started, result, joined)
+        result, joined = memofill.thread_flights.run(key, run)
+        served = _finish(binding, key, started, result, joined)
+    return served if with_outcome else served.value
 
 
 async def _lookup_async(
-    binding: Any, wrapped: Any, instance: Any, args: Any, kwargs: Any
-) -> Looked:
+    binding: _Binding, key: str, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
+) -> Any:
+    """:func:`_lookup_sync` for coroutine functions, on the asyncio client."""
     started = time.monotonic()
-    key = _redis_key(binding, instance, args, kwargs)
-    memofill = binding._self_memofill
+    memofill = binding.memofill
     commands = memofill.commands_for(True)
-    redis_ok = commands is not None and not memofill.breaker.is_open
-    read_error = None
-    if redis_ok:
+    breaker = memofill.breaker
+    error = None
+    if commands is not None and not (breaker.open_until and breaker.is_open):
         try:
             raw = await commands.get(key)
         except REDIS_ERRORS as exc:
-            # Unreachable: skip Redis for this miss. Answered with an error (another type
-            # under the key, say): the lock path still runs, and its write replaces it.
-            redis_ok, read_error = not is_unreachable(exc), type(exc).__name__
-            served = _on_read_error(binding, key, exc)
-            if served is not None:
-                return served
+            raw, error = None, exc
         else:
             if raw is not None:
                 try:
-                    return _hit(binding, key, decode(raw))
+                    value = decode(raw)
                 except DecodeError:
-                    found, value = _found(binding, key, raw)
-                    if found:
-                        return _hit(binding, key, value)
-    elif (value := memofill.local_store.get(key, None)) is not None:
-        return _hit(binding, key, value, FALLBACK_HIT)
-    plan = _plan(binding, key, commands, redis_ok, read_error)
+                    pass
+                else:
+                    binding.count_hit()
+                    memofill.local_store.remember(key, value, binding.ttl_s)
+                    return CallResult(value, HIT, False) if with_outcome else value
+        served = _after_get(binding, key, raw, error)
+    else:
+        value = memofill.local_store.get(key, None)
+        served = None if value is None else _counted(binding, value, FALLBACK_HIT)
+    if served is None:
+        plan = _plan(binding, key, commands, error)
 
-    async def run() -> Result:
-        result = await run_async(
-            fill(plan, time.monotonic, _rng),
-            commands,
-            lambda: wrapped(*args, **kwargs),
-            memofill.breaker,
-        )
-        _record(binding, key, started, result, joined=False)
-        return result
+        async def run() -> Result:
+            result = await run_async(
+                fill(plan, time.monotonic, _rng),
+                commands,
+                lambda: wrapped(*args, **kwargs),
+                breaker,
+            )
+            _record(binding, key, started, result, joined=False)
+            return result
 
-    result, joined = await memofill.task_flights.run(key, run)
-    return _finish(binding, key, started, result, joined)
+        result, joined = await memofill.task_flights.run(key, run)
+        served = _finish(binding, key, started, result, joined)
+    return served if with_outcome else served.value

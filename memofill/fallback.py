@@ -22,6 +22,8 @@ from typing import Any
 MAX_LOCAL_TTL_S = 30.0
 #: The most values one process keeps for when Redis is down.
 MAX_LOCAL_ENTRIES = 5000
+#: How often a hit refreshes the locally kept copy of its value, at most.
+REFRESH_S = 1.0
 
 _MISSING: Any = object()
 
@@ -38,17 +40,29 @@ class LocalStore:
         self.max_entries = max_entries
         self.max_ttl_s = max_ttl_s
         self._clock = clock
-        self._entries: dict[str, tuple[float, Any]] = {}
+        #: key -> (expires, value, refresh after), all in clock seconds.
+        self._entries: dict[str, tuple[float, Any, float]] = {}
         self._lock = threading.Lock()
 
     def put(self, key: str, value: Any, ttl_s: float) -> None:
         """Remember ``value`` for ``min(ttl_s, max_ttl_s)`` seconds."""
-        expires = self._clock() + min(ttl_s, self.max_ttl_s)
+        now = self._clock()
+        expires = now + min(ttl_s, self.max_ttl_s)
         with self._lock:
             self._entries.pop(key, None)
-            self._entries[key] = (expires, value)
+            self._entries[key] = (expires, value, now + REFRESH_S)
             while len(self._entries) > self.max_entries:
                 del self._entries[next(iter(self._entries))]
+
+    def remember(self, key: str, value: Any, ttl_s: float) -> None:
+        """:meth:`put` from the hit path: skipped while the kept copy is under a second old.
+
+        Every hit would otherwise take the lock and reorder the map; a copy at
+        most :data:`REFRESH_S` older than the last hit serves an outage as well.
+        """
+        entry = self._entries.get(key)
+        if entry is None or entry[2] <= self._clock():
+            self.put(key, value, ttl_s)
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The remembered value, or ``default`` when there is none or it has expired."""
@@ -78,17 +92,19 @@ class Breaker:
     ) -> None:
         self.cooldown_s = cooldown_s
         self._clock = clock
-        self._open_until = 0.0
+        #: When the cool-down ends (monotonic seconds); ``0.0`` while closed, so the hit
+        #: path tests one float before it reads the clock.
+        self.open_until = 0.0
 
     @property
     def is_open(self) -> bool:
         """Whether calls should skip Redis right now."""
-        return self._open_until > self._clock()
+        return self.open_until > self._clock()
 
     def trip(self) -> None:
         """Redis just failed to answer: skip it for the cool-down."""
-        self._open_until = self._clock() + self.cooldown_s
+        self.open_until = self._clock() + self.cooldown_s
 
     def reset(self) -> None:
         """Redis answered: use it again."""
-        self._open_until = 0.0
+        self.open_until = 0.0

@@ -109,7 +109,7 @@ class Memofill:
         loaded = None
         if policies is not None:
             loaded = load_policies(policies)
-            missing = sorted({binding._self_key for binding in self._bindings} - loaded.keys())
+            missing = sorted({binding.dataset.key for binding in self._bindings} - loaded.keys())
             if missing:
                 raise UnknownDatasetError(
                     f"the new policies lack datasets that decorated functions use: {missing}"
@@ -119,8 +119,8 @@ class Memofill:
         self._sync, self._async = sync_commands, async_commands
         if policies is not None:
             self._policy_source, self._policies = policies, loaded
-            for binding in list(self._bindings):
-                binding._rebind()
+        for binding in list(self._bindings):
+            binding._rebind()  # decorated functions compile the prefix into their keys
         self.breaker.reset()
 
     @property

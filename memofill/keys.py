@@ -226,6 +226,43 @@ def format_argument(field: str, value: object) -> str:
     return escaped
 
 
+class FieldText:
+    """:func:`format_argument` for one field, with a bounded memo of the ``str`` values seen.
+
+    Escaping walks every byte of a value; on the hit path that walk would cost
+    more than the rest of the key. Services ask for the same few thousand
+    values over and over, so short ``str`` values are escaped once and looked
+    up after; ``int`` values never need escaping. The memo is cleared when it
+    fills, which keeps it bounded whatever the callers send.
+    """
+
+    #: Values kept per field before the memo starts over.
+    MAX_ENTRIES = 4096
+    #: Longer values are escaped each time rather than kept.
+    MAX_MEMO_CHARS = 256
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        #: Escaped text by ``str`` value, for callers that look up before they call.
+        self.known: dict[str, str] = {}
+
+    def __call__(self, value: object) -> str:
+        if type(value) is str:
+            text = self.known.get(value)
+            if text is None:
+                text = format_argument(self.field, value)
+                if len(value) <= self.MAX_MEMO_CHARS:
+                    if len(self.known) >= self.MAX_ENTRIES:
+                        self.known.clear()
+                    self.known[value] = text
+            return text
+        if type(value) is int:
+            text = str(value)  # digits and "-" only: nothing to escape
+            if len(text) <= MAX_FIELD_CHARS:
+                return text
+        return format_argument(self.field, value)
+
+
 def hash_tagged(final_key: str) -> str:
     """``final_key`` if it already carries a Redis Cluster hash tag, else the key wrapped in one.
 
