@@ -90,7 +90,7 @@ FALLBACK_HIT = "fallback_hit"
 class Tally:
     """An exact count that a thread adds to without taking a lock.
 
-    ``add`` is :func:`itertools.count`'s ``__next__``: one C call, which the
+    ``add`` is ``itertools.count().__next__``: one C call, which the
     interpreter never interrupts halfway, so concurrent adds are never lost.
     Reading takes one tick from the same sequence and subtracts the ticks that
     were not adds (earlier reads, and every tick before the last reset), so a
@@ -107,14 +107,14 @@ class Tally:
 
     @property
     def value(self) -> int:
-        """How many times :attr:`add` was called since it was made or last reset."""
+        """How many times ``add`` was called since it was made or last reset."""
         with self._lock:
             value = next(self._ticks) - self._not_adds
             self._not_adds += 1
         return value
 
     def reset(self) -> None:
-        """Count from zero again; holders of :attr:`add` keep adding to this tally."""
+        """Count from zero again; holders of ``add`` keep adding to this tally."""
         with self._lock:
             self._not_adds = next(self._ticks) + 1
 
