@@ -12,6 +12,7 @@ Every key one fill touches (data, lock, wake) shares a Redis Cluster hash slot
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
@@ -127,12 +128,11 @@ class Commands:
     def __init__(self, client: Any) -> None:
         check_client(client)
         self.client = client
+        #: ``GET key``: the stored bytes or ``None``. The client's own method, not a
+        #: wrapper around it: every hit calls it, and a wrapper would add a call.
+        self.get: Callable[[str], Any] = client.get
         self.socket_timeout_ms = socket_timeout_ms(client)
         self._release = client.register_script(RELEASE_SCRIPT)
-
-    def get(self, key: str) -> Any:
-        """``GET key``: the stored bytes or ``None``."""
-        return self.client.get(key)
 
     def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
         """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
