@@ -15,7 +15,12 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as _ConnectionError
 from redis.exceptions import TimeoutError as _TimeoutError
 
@@ -41,13 +46,22 @@ class RedisUnavailable(_ConnectionError):
     """Raised instead of sending a command while the breaker says Redis is unreachable."""
 
 
+#: What redis-py's pools say when they are out of connections (before redis-py 7 raised
+#: :class:`~redis.exceptions.MaxConnectionsError`, a plain ``ConnectionError`` said so).
+_POOL_EXHAUSTED = frozenset({"Too many connections", "No connection available."})
+
+
 def is_unreachable(error: BaseException) -> bool:
     """Whether ``error`` says Redis could not be reached (as opposed to an error it answered).
 
     A cluster that answers CLUSTERDOWN, or that the cluster client cannot route to,
     serves no key until it recovers: that counts as unreachable too (and redis-py
     sleeps 0.25 s on every CLUSTERDOWN, a cost the breaker then spares the callers).
+    A full connection pool is not Redis failing: it says this process has more
+    callers than connections, and skipping Redis would send them all upstream.
     """
+    if isinstance(error, MaxConnectionsError) or str(error) in _POOL_EXHAUSTED:
+        return False
     unreachable = (
         _ConnectionError,
         _TimeoutError,

@@ -707,3 +707,24 @@ def test_the_runtime_reads_no_wall_clock() -> None:
 
 
 WALL_CLOCKS = {"time", "time_ns", "now", "utcnow", "today"}
+
+
+# -- 8. A full connection pool is this process's limit, not Redis failing ---------------------
+
+
+def test_a_full_connection_pool_does_not_open_the_breaker(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    client = redis_server.client(max_connections=1)
+    held = client.connection_pool.get_connection()
+    try:
+        mf = Memofill(client, prefix=prefix, policies={"fault:{name}": dataset()})
+        fetch = mf.cached_dataset("fault:{name}")(lambda name: {"name": name})
+        result = fetch.call_with_outcome("x")
+        assert result.value == {"name": "x"}
+        assert result.outcome == "lock_error"
+        assert not mf.breaker.is_open
+    finally:
+        client.connection_pool.release(held)
+    assert fetch.call_with_outcome("x").outcome == "leader_fill"
+    client.close()
