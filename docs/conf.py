@@ -75,6 +75,14 @@ nitpick_ignore = [
     # redis-py, a third-party dependency: named in Memofill's docstrings.
     ("py:class", "redis.Redis"),
     ("py:class", "redis.asyncio.Redis"),
+    # The type variables of cached_dataset's signature: the decorated function's
+    # parameters (P) and return type (R), which CachedDataset[P, R] keeps.
+    ("py:class", "P"),
+    ("py:class", "R"),
+    ("py:class", "memofill.instance.P"),
+    ("py:class", "memofill.instance.R"),
+    ("py:class", "memofill.decorator.P"),
+    ("py:class", "memofill.decorator.R"),
 ]
 
 #: Standard-library modules whose names autodoc's type hints may mention.

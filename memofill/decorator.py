@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 import attrs
 import wrapt
@@ -29,6 +29,12 @@ from memofill.policy import Dataset
 
 if TYPE_CHECKING:
     from memofill.instance import Memofill
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_P2 = ParamSpec("_P2")
+_R2 = TypeVar("_R2")
+_T = TypeVar("_T")
 
 logger = logging.getLogger("memofill")
 _NO_DEFAULT: Any = inspect.Parameter.empty
@@ -157,13 +163,13 @@ class _Binding:
         self.ttl_s = self.dataset.ttl_s
 
 
-class CachedDataset(wrapt.FunctionWrapper[..., Any]):
+class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
     Besides being called, it offers :meth:`invalidate` and :meth:`call_with_outcome`.
     """
 
-    def __init__(self, wrapped: Callable[..., Any], memofill: Memofill, key: str) -> None:
+    def __init__(self, wrapped: Callable[P, R], memofill: Memofill, key: str) -> None:
         is_async = inspect.iscoroutinefunction(wrapped)
         fields = compile_fields(memofill.policy(key).template, wrapped)
         binding = _Binding(memofill, key, fields, is_async)
@@ -177,7 +183,8 @@ class CachedDataset(wrapt.FunctionWrapper[..., Any]):
             key = binding.key_of(instance, args, kwargs)
             return await _lookup_async(binding, key, wrapped, args, kwargs, with_outcome=False)
 
-        super().__init__(wrapped, call_async if is_async else call_sync)
+        wrapper: Any = call_async if is_async else call_sync
+        super().__init__(wrapped, wrapper)
         self._self_cached = binding
         memofill._bind(self)
 
@@ -189,12 +196,27 @@ class CachedDataset(wrapt.FunctionWrapper[..., Any]):
     def _rebind(self) -> None:
         self._self_cached.refresh()
 
-    def redis_key(self, *args: Any, **kwargs: Any) -> str:
+    if TYPE_CHECKING:
+        # What type checkers see of a method: the bound form keeps the helpers below.
+        @overload
+        def __get__(
+            self: CachedDataset[Concatenate[_T, _P2], _R2],
+            instance: _T,
+            owner: type[_T] | None = None,
+            /,
+        ) -> _BoundCachedDataset[_P2, _R2]: ...
+        @overload
+        def __get__(
+            self, instance: None, owner: type[Any] | None = None, /
+        ) -> CachedDataset[P, R]: ...
+        def __get__(self, instance: Any, owner: Any = None, /) -> Any: ...
+
+    def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The final Redis key a call with these arguments reads and fills."""
         instance = getattr(self, "_self_instance", None)
         return self._self_cached.key_of(instance, args, kwargs)
 
-    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Delete the cached value for these arguments (awaitable for coroutine functions)."""
         binding = self._self_cached
         key = self.redis_key(*args, **kwargs)
@@ -204,7 +226,7 @@ class CachedDataset(wrapt.FunctionWrapper[..., Any]):
             return _done(None) if binding.is_async else None
         return commands.delete(key)
 
-    def call_with_outcome(self, *args: Any, **kwargs: Any) -> Any:
+    def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
         binding = self._self_cached
         key = self.redis_key(*args, **kwargs)
@@ -213,10 +235,19 @@ class CachedDataset(wrapt.FunctionWrapper[..., Any]):
         return _lookup_sync(binding, key, self.__wrapped__, args, kwargs, with_outcome=True)
 
 
-class _BoundCachedDataset(wrapt.BoundFunctionWrapper[..., Any]):
-    invalidate = CachedDataset.invalidate
-    call_with_outcome = CachedDataset.call_with_outcome
-    redis_key = CachedDataset.redis_key
+class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
+    """A :class:`CachedDataset` method, bound: the same helpers, without ``self``."""
+
+    if TYPE_CHECKING:
+
+        def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+        def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+    else:
+        invalidate = CachedDataset.invalidate
+        call_with_outcome = CachedDataset.call_with_outcome
+        redis_key = CachedDataset.redis_key
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_self_") and name != "_self_instance":

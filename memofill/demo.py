@@ -22,13 +22,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import orjson
 import redis
 
-from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError
 from memofill.instance import Memofill
 from memofill.policy import CacheFill, Dataset
@@ -166,8 +165,7 @@ def _caller_worker(burst: _Burst, proc: int, barrier: Any, results: Any) -> None
     call: Callable[[str], Any]
     if burst.coordinated:
         memofill = Memofill(client, prefix=prefix, policies={dataset.key: dataset})
-        cached = cast("CachedDataset", memofill.cached_dataset(dataset.key)(origin))
-        call = cached.call_with_outcome
+        call = memofill.cached_dataset(dataset.key)(origin).call_with_outcome
     else:
         key = prefix + dataset.template.render({"run": run})
         call = _cache_aside(client, key, origin, round(dataset.ttl_s * 1000))

@@ -13,7 +13,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from memofill.commands import Commands
 from memofill.coordinator import Result
@@ -25,7 +25,8 @@ from memofill.outcomes import Counters
 from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
 from memofill.singleflight import TaskFlights, ThreadFlights
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _is_async_client(client: Any) -> bool:
@@ -66,7 +67,7 @@ class Memofill:
         breaker_cooldown_s: float = 1.0,
     ) -> None:
         self._start_fresh(breaker_cooldown_s)
-        self._bindings: weakref.WeakSet[CachedDataset] = weakref.WeakSet()
+        self._bindings: weakref.WeakSet[CachedDataset[..., Any]] = weakref.WeakSet()
         self._policy_source: PolicySource = policies
         self._policies: dict[str, Dataset] | None = None
         self._sync: Commands | None = None
@@ -167,7 +168,7 @@ class Memofill:
             )
         return commands
 
-    def cached_dataset(self, key: str) -> Callable[[F], F]:
+    def cached_dataset(self, key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
         """Decorate a fetch function so its results are cached under dataset ``key``.
 
         The policy is resolved, and the key template checked against the
@@ -175,8 +176,8 @@ class Memofill:
         """
         self.policy(key)
 
-        def decorate(function: F) -> F:
-            return CachedDataset(function, self, key)  # type: ignore[return-value]
+        def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
+            return CachedDataset(function, self, key)
 
         return decorate
 
@@ -223,7 +224,7 @@ class Memofill:
             for binding in bindings:
                 binding._rebind()
 
-    def _bind(self, binding: CachedDataset) -> None:
+    def _bind(self, binding: CachedDataset[..., Any]) -> None:
         self._bindings.add(binding)
 
 
@@ -243,6 +244,6 @@ def configure(
     return default
 
 
-def cached_dataset(key: str) -> Callable[[F], F]:
+def cached_dataset(key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
     """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
     return default.cached_dataset(key)

@@ -29,7 +29,7 @@ def _check_names(expected: dict[str, int]) -> None:
         raise TypeError(f"unknown outcome names {sorted(unknown)}; known: {sorted(COUNTED_NAMES)}")
 
 
-def _cached(function: Any) -> CachedDataset:
+def _cached(function: Any) -> CachedDataset[..., Any]:
     """The :class:`~memofill.CachedDataset` behind ``function``, or behind a method of it."""
     parent = getattr(function, "_self_parent", None)  # wrapt's bound form of a method
     target = function if parent is None else parent
@@ -192,7 +192,7 @@ class Outcomes:
 
     def _check_hit(
         self,
-        cached: CachedDataset,
+        cached: CachedDataset[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         result: CallResult,

@@ -1,0 +1,60 @@
+"""What a type checker sees of the public API: checked by ``mypy --strict`` in CI, never run.
+
+Each ``type: ignore[...]`` marks a line that must be an error; mypy's
+``warn_unused_ignores`` (part of ``--strict``) fails the check if it is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import memofill
+from memofill import CachedDataset, Dataset, Memofill
+
+cache = Memofill(None, policies={"item:{name}": Dataset("item:{name}", ttl_s=60)})
+
+
+@cache.cached_dataset("item:{name}")
+def fetch(name: str) -> dict[str, int]:
+    return {name: 1}
+
+
+@cache.cached_dataset("item:{name}")
+async def fetch_async(name: str) -> dict[str, int]:
+    return {name: 1}
+
+
+class Repository:
+    @cache.cached_dataset("item:{name}")
+    def item(self, name: str) -> dict[str, int]:
+        return {name: 2}
+
+
+@memofill.cached_dataset("item:{name}")
+def fetch_default(name: str) -> list[str]:
+    return [name]
+
+
+def uses() -> None:
+    wrapper: CachedDataset[[str], dict[str, int]] = fetch
+    value: dict[str, int] = wrapper("a")
+    key: str = fetch.redis_key("a")
+    fetch.invalidate(name="a")
+    outcome: Any = fetch.call_with_outcome("a")
+    fetch(1)  # type: ignore[arg-type]
+    fetch.redis_key("a", "b")  # type: ignore[call-arg]
+    text: str = fetch("a")  # type: ignore[assignment]
+
+    repository = Repository()
+    method_value: dict[str, int] = repository.item("a")
+    method_key: str = repository.item.redis_key("a")
+    repository.item.invalidate("a")
+    repository.item(2)  # type: ignore[arg-type]
+
+    default: list[str] = fetch_default("a")
+    print(value, key, outcome, text, method_value, method_key, default)
+
+
+async def uses_async() -> None:
+    value: dict[str, int] = await fetch_async("a")
+    print(value)
