@@ -42,7 +42,7 @@ class Memofill:
         async_client: an asyncio client for coroutine functions, when ``client``
             is a blocking one (both may be given).
         prefix: prepended to every key, so deployments sharing a Redis never share
-            a value or a lock. Braces only as one complete hash tag (``"{app}:"``).
+            a value or a lock. Braces only as one complete hash tag (``"{app}:"``); no ``#``.
         policies: the generated module, its dotted name, or a mapping of key to
             :class:`~memofill.Dataset`; validated when loaded.
         breaker_cooldown_s: after Redis fails to answer, how long calls skip it.

@@ -295,6 +295,8 @@ def prefix_problem(prefix: str) -> str | None:
     A prefix may hold no brace at all, or exactly one complete hash tag such as
     ``{tenant-7}:``; any other brace would move lock keys to another slot.
     """
+    if "#" in prefix:
+        return "a prefix may not hold '#', which starts the suffix of lock and wake keys"
     opens, closes = prefix.count("{"), prefix.count("}")
     if opens == closes == 0:
         return None

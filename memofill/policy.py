@@ -198,12 +198,15 @@ def load_policies(source: PolicySource = DEFAULT_POLICY_MODULE) -> dict[str, Dat
         datasets = [_dataset_or_item(key, data) for key, data in raw.items()]
     else:
         name = "policies"
-        datasets = []
-        for key, dataset in source.items():
-            if isinstance(dataset, Dataset) and dataset.key != key:
-                problem = Problem(key, "key", dataset.key, "mapping key differs from Dataset.key")
-                raise RegistryError([problem], name)
-            datasets.append(dataset)
+        datasets = list(source.values())
+        mismatched = [
+            Problem(key, "key", dataset.key, "mapping key differs from Dataset.key")
+            for key, dataset in source.items()
+            if isinstance(dataset, Dataset) and dataset.key != key
+        ]
+        problems = mismatched + validate(datasets)
+        if problems:
+            raise RegistryError(problems, name)
     ensure_valid(datasets, name)
     # ensure_valid refuses any item that is not a Dataset, so the cast only tells mypy.
     return {dataset.key: dataset for dataset in cast("list[Dataset]", datasets)}

@@ -153,3 +153,10 @@ def test_lock_keys_differ_between_prefixes_and_from_wake_keys() -> None:
 @pytest.mark.parametrize("prefix", ["{", "}", "{}", "a}{b", "{a}{b}", "}{a}"])
 def test_prefixes_whose_braces_would_move_the_slot_are_refused(prefix: str) -> None:
     assert prefix_problem(prefix) is not None
+
+
+@pytest.mark.parametrize("prefix", ["#", "app#", "{x}#lock", "a#wake:"])
+def test_prefixes_with_the_lock_suffix_character_are_refused(prefix: str) -> None:
+    problem = prefix_problem(prefix)
+    assert problem is not None
+    assert "'#'" in problem

@@ -220,3 +220,17 @@ def test_load_policies_refuses_a_mapping_whose_key_differs_from_the_dataset() ->
     assert caught.value.problems == (
         Problem("other:key", "key", KEY, "mapping key differs from Dataset.key"),
     )
+
+
+def test_load_policies_lists_every_problem_of_a_mapping() -> None:
+    bad_ttl = Dataset("b:v1", ttl_s=0)
+    bad_fill = Dataset("c:v1", ttl_s=5, cache_fill=CacheFill(5_000, 6_000, 10, 250))
+    with pytest.raises(RegistryError) as caught:
+        load_policies({"other:key": BASE, "b:v1": bad_ttl, "c:v1": bad_fill})
+    problems = caught.value.problems
+    assert Problem("other:key", "key", KEY, "mapping key differs from Dataset.key") in problems
+    assert {(p.key, p.field) for p in problems} >= {
+        ("other:key", "key"),
+        ("b:v1", "ttl_s"),
+        ("c:v1", "cache_fill.wait_ms"),
+    }
