@@ -22,7 +22,7 @@ import wrapt
 from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
 from memofill.commands import REDIS_ERRORS, Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
-from memofill.errors import FillError, KeyTemplateError
+from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.keys import FieldText, KeyTemplate
 from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
 from memofill.policy import Dataset
@@ -94,12 +94,11 @@ def compile_key(
     if not fields:
         final = prefix + template.source
         return lambda instance, args, kwargs: final
-    readers = tuple(_argument_reader(field, dataset) for field in fields)
     literals = list(template.parts[0::2])
     literals[0] = prefix + literals[0]
-    if len(readers) == 1:
-        (read,), (before, after) = readers, literals
-        return lambda instance, args, kwargs: before + read(instance, args, kwargs) + after
+    if len(fields) == 1:
+        return _argument_reader(fields[0], dataset, *literals)
+    readers = tuple(_argument_reader(field, dataset) for field in fields)
 
     def build(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         texts = [read(instance, args, kwargs) for read in readers]
@@ -110,8 +109,12 @@ def compile_key(
     return build
 
 
-def _argument_reader(field: _Field, dataset: str) -> KeyBuilder:
-    """Reads one field's argument from a call and returns its escaped text."""
+def _argument_reader(field: _Field, dataset: str, before: str = "", after: str = "") -> KeyBuilder:
+    """Reads one field's argument from a call: ``before`` + its escaped text + ``after``.
+
+    A key with one field is one such reader, its literals around it: the
+    commonest key costs one call.
+    """
     name, position, default = field.name, field.position, field.default
     text_of = FieldText(name)
     known = text_of.known
@@ -122,15 +125,12 @@ def _argument_reader(field: _Field, dataset: str) -> KeyBuilder:
             index = position if instance is None else position - 1
             if 0 <= index < len(args):
                 value = args[index]
-                if type(value) is str:
-                    text = known.get(value)
-                    if text is not None:
-                        return text
-                return text_of(value)
+                text = known.get(value) if type(value) is str else None
+                return before + (text_of(value) if text is None else text) + after
         if name in kwargs:
-            return text_of(kwargs[name])
+            return before + text_of(kwargs[name]) + after
         if default is not _NO_DEFAULT:
-            return text_of(default)
+            return before + text_of(default) + after
         raise TypeError(f"missing argument {name!r} for key {dataset!r}")
 
     return read
@@ -153,14 +153,30 @@ class _Binding:
     key_of: KeyBuilder = attrs.field(init=False)
     count_hit: Callable[[], object] = attrs.field(init=False)
     ttl_s: float = attrs.field(init=False)
+    #: The client's commands, or ``None`` (no client, or a client of the wrong kind).
+    commands: Commands | None = attrs.field(init=False)
+    #: Why ``commands`` is ``None`` when that is a mistake, raised at every call.
+    misconfigured: str | None = attrs.field(init=False)
+    #: The decorated function as it is now (``__wrapped__`` may be replaced after decoration).
+    current_function: Callable[[], Callable[..., Any]] = attrs.field(init=False)
 
     def refresh(self) -> None:
-        """Take the instance's current policy, prefix and hit tally."""
+        """Take the instance's current policy, prefix, client and hit tally."""
         memofill = self.memofill
         self.dataset = memofill.policy(self.key)
         self.key_of = compile_key(memofill.prefix, self.dataset.template, self.fields, self.key)
         self.count_hit = memofill.counters.hit_tally(self.key).add
         self.ttl_s = self.dataset.ttl_s
+        try:
+            self.commands, self.misconfigured = memofill.commands_for(self.is_async), None
+        except ConfigurationError as exc:
+            self.commands, self.misconfigured = None, str(exc)
+
+    def commands_or_raise(self) -> Commands | None:
+        """:attr:`commands`, or the configuration mistake that left it out."""
+        if self.misconfigured is not None:
+            raise ConfigurationError(self.misconfigured)
+        return self.commands
 
 
 class CachedDataset(wrapt.FunctionWrapper[P, R]):
@@ -169,24 +185,44 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     Besides being called, it offers :meth:`invalidate` and :meth:`call_with_outcome`.
     """
 
+    def __new__(cls, wrapped: Callable[P, R], memofill: Memofill, key: str) -> CachedDataset[P, R]:
+        # Each decorated function gets a class of its own, so that __init__ can give it a
+        # __call__ that closes over the function's binding (see __call__).
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        own: Any = type(cls.__name__, (cls,), namespace)
+        return super().__new__(own)
+
     def __init__(self, wrapped: Callable[P, R], memofill: Memofill, key: str) -> None:
         is_async = inspect.iscoroutinefunction(wrapped)
         fields = compile_fields(memofill.policy(key).template, wrapped)
         binding = _Binding(memofill, key, fields, is_async)
         binding.refresh()
 
-        def call_sync(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            key = binding.key_of(instance, args, kwargs)
-            return _lookup_sync(binding, key, wrapped, args, kwargs, with_outcome=False)
+        lookup = _lookup_async if is_async else _lookup_sync
 
-        async def call_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            key = binding.key_of(instance, args, kwargs)
-            return await _lookup_async(binding, key, wrapped, args, kwargs, with_outcome=False)
+        def through_wrapt(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            return lookup(binding, instance, wrapped, args, kwargs, with_outcome=False)
 
-        wrapper: Any = call_async if is_async else call_sync
-        super().__init__(wrapped, wrapper)
+        # A direct call: the function is read from the wrapper only on a miss, as it may
+        # have been replaced after decoration (``__wrapped__`` is writable).
+        def direct(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+            return lookup(binding, None, None, args, kwargs, with_outcome=False)
+
+        super().__init__(wrapped, through_wrapt)
+        type(self).__call__ = direct  # type: ignore[method-assign,assignment]
+        binding.current_function = lambda: self.__wrapped__
         self._self_cached = binding
         memofill._bind(self)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function through the cache.
+
+        Replaced, in each decorated function's own class, by a function that
+        closes over its binding: a direct call then skips wrapt's generic
+        wrapper protocol (kept for bound methods) and every attribute read
+        through the proxy, which together cost more than the rest of a hit.
+        """
+        raise NotImplementedError  # every instance's class defines its own
 
     @property
     def dataset(self) -> Dataset:
@@ -221,7 +257,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         binding = self._self_cached
         key = self.redis_key(*args, **kwargs)
         binding.memofill.local_store.discard(key)
-        commands = binding.memofill.commands_for(binding.is_async)
+        commands = binding.commands_or_raise()
         if commands is None:
             return _done(None) if binding.is_async else None
         return commands.delete(key)
@@ -229,10 +265,9 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
         binding = self._self_cached
-        key = self.redis_key(*args, **kwargs)
-        if binding.is_async:
-            return _lookup_async(binding, key, self.__wrapped__, args, kwargs, with_outcome=True)
-        return _lookup_sync(binding, key, self.__wrapped__, args, kwargs, with_outcome=True)
+        lookup = _lookup_async if binding.is_async else _lookup_sync
+        instance = getattr(self, "_self_instance", None)
+        return lookup(binding, instance, self.__wrapped__, args, kwargs, with_outcome=True)
 
 
 class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
@@ -355,18 +390,21 @@ def _finish(
 
 
 def _lookup_sync(
-    binding: _Binding, key: str, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
+    binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
 ) -> Any:
     """One call of a sync function: a ``GET`` and a decode on a hit, else the coordinated fill.
 
+    ``instance`` is the bound method's ``self`` (``None`` for a function), and
+    ``wrapped`` the function to call on a miss (``None``: the one decorated).
     Returns the value, or its :class:`CallResult` when ``with_outcome``. The hit
     is written out here and in :func:`_lookup_async` (the only difference is an
     ``await``): every cached call takes it, so it makes no call it can avoid.
     Every other decision is shared.
     """
     started = time.monotonic()
+    key = binding.key_of(instance, args, kwargs)
     memofill = binding.memofill
-    commands = memofill.commands_for(False)
+    commands = binding.commands if binding.misconfigured is None else binding.commands_or_raise()
     breaker = memofill.breaker
     error = None
     if commands is not None and not (breaker.open_until and breaker.is_open):
@@ -382,7 +420,10 @@ def _lookup_sync(
                     pass
                 else:
                     binding.count_hit()
-                    memofill.local_store.remember(key, value, binding.ttl_s)
+                    store = memofill.local_store
+                    kept = store.entries.get(key)
+                    if kept is None or kept[2] <= started:  # see LocalStore.remember
+                        store.put(key, value, binding.ttl_s)
                     return CallResult(value, HIT, False) if with_outcome else value
         served = _after_get(binding, key, raw, error)
     else:
@@ -390,12 +431,13 @@ def _lookup_sync(
         served = None if value is None else _counted(binding, value, FALLBACK_HIT)
     if served is None:
         plan = _plan(binding, key, commands, error)
+        function = binding.current_function() if wrapped is None else wrapped
 
         def run() -> Result:
             result = run_sync(
                 fill(plan, time.monotonic, _rng),
                 commands,
-                lambda: wrapped(*args, **kwargs),
+                lambda: function(*args, **kwargs),
                 breaker,
             )
             _record(binding, key, started, result, joined=False)
@@ -407,12 +449,13 @@ def _lookup_sync(
 
 
 async def _lookup_async(
-    binding: _Binding, key: str, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
+    binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
 ) -> Any:
     """:func:`_lookup_sync` for coroutine functions, on the asyncio client."""
     started = time.monotonic()
+    key = binding.key_of(instance, args, kwargs)
     memofill = binding.memofill
-    commands = memofill.commands_for(True)
+    commands = binding.commands if binding.misconfigured is None else binding.commands_or_raise()
     breaker = memofill.breaker
     error = None
     if commands is not None and not (breaker.open_until and breaker.is_open):
@@ -428,7 +471,10 @@ async def _lookup_async(
                     pass
                 else:
                     binding.count_hit()
-                    memofill.local_store.remember(key, value, binding.ttl_s)
+                    store = memofill.local_store
+                    kept = store.entries.get(key)
+                    if kept is None or kept[2] <= started:  # see LocalStore.remember
+                        store.put(key, value, binding.ttl_s)
                     return CallResult(value, HIT, False) if with_outcome else value
         served = _after_get(binding, key, raw, error)
     else:
@@ -436,12 +482,13 @@ async def _lookup_async(
         served = None if value is None else _counted(binding, value, FALLBACK_HIT)
     if served is None:
         plan = _plan(binding, key, commands, error)
+        function = binding.current_function() if wrapped is None else wrapped
 
         async def run() -> Result:
             result = await run_async(
                 fill(plan, time.monotonic, _rng),
                 commands,
-                lambda: wrapped(*args, **kwargs),
+                lambda: function(*args, **kwargs),
                 breaker,
             )
             _record(binding, key, started, result, joined=False)

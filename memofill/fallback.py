@@ -40,8 +40,9 @@ class LocalStore:
         self.max_entries = max_entries
         self.max_ttl_s = max_ttl_s
         self._clock = clock
-        #: key -> (expires, value, refresh after), all in clock seconds.
-        self._entries: dict[str, tuple[float, Any, float]] = {}
+        #: key -> (expires, value, refresh after), in clock seconds. Read it freely (the
+        #: hit path checks "refresh after" itself); change it through the methods.
+        self.entries: dict[str, tuple[float, Any, float]] = {}
         self._lock = threading.Lock()
 
     def put(self, key: str, value: Any, ttl_s: float) -> None:
@@ -49,10 +50,10 @@ class LocalStore:
         now = self._clock()
         expires = now + min(ttl_s, self.max_ttl_s)
         with self._lock:
-            self._entries.pop(key, None)
-            self._entries[key] = (expires, value, now + REFRESH_S)
-            while len(self._entries) > self.max_entries:
-                del self._entries[next(iter(self._entries))]
+            self.entries.pop(key, None)
+            self.entries[key] = (expires, value, now + REFRESH_S)
+            while len(self.entries) > self.max_entries:
+                del self.entries[next(iter(self.entries))]
 
     def remember(self, key: str, value: Any, ttl_s: float) -> None:
         """:meth:`put` from the hit path: skipped while the kept copy is under a second old.
@@ -60,13 +61,13 @@ class LocalStore:
         Every hit would otherwise take the lock and reorder the map; a copy at
         most :data:`REFRESH_S` older than the last hit serves an outage as well.
         """
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None or entry[2] <= self._clock():
             self.put(key, value, ttl_s)
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The remembered value, or ``default`` when there is none or it has expired."""
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None or entry[0] <= self._clock():
             return default
         return entry[1]
@@ -74,10 +75,10 @@ class LocalStore:
     def discard(self, key: str) -> None:
         """Forget ``key`` (after an invalidation)."""
         with self._lock:
-            self._entries.pop(key, None)
+            self.entries.pop(key, None)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
 
 class Breaker:

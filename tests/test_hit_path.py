@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memofill import KeyArgumentError, Memofill
+from memofill import CachedDataset, KeyArgumentError, Memofill
 from memofill.fallback import REFRESH_S, LocalStore
 from memofill.keys import FieldText, format_argument
 from memofill.outcomes import Counters, Tally
@@ -180,3 +180,41 @@ def test_hits_keep_a_copy_for_when_redis_is_unreachable(
     fetch = mf.cached_dataset("item:{name}")(lambda name: {"name": "origin"})
     assert fetch("warm") == {"name": "warm"}
     assert mf.local_store.get("t:item:warm") == {"name": "warm"}
+
+
+# --- the direct call -----------------------------------------------------------------------
+
+
+def test_each_decorated_function_has_its_own_call(mf: Memofill) -> None:
+    first = mf.cached_dataset("item:{name}")(lambda name: {"first": name})
+    second = mf.cached_dataset("plain:{name}")(lambda name: {"second": name})
+    assert isinstance(first, CachedDataset)
+    assert isinstance(second, CachedDataset)
+    assert type(first).__name__ == "CachedDataset"
+    assert type(first) is not type(second)
+    assert first("a") == {"first": "a"}
+    assert second("a") == {"second": "a"}
+
+
+def test_a_function_replaced_after_decoration_is_the_one_a_miss_calls(mf: Memofill) -> None:
+    fetch = mf.cached_dataset("item:{name}")(lambda name: {"old": name})
+    fetch.__wrapped__ = lambda name: {"new": name}
+    assert fetch("a") == {"new": "a"}
+    assert fetch("a") == {"new": "a"}  # and a hit returns what it stored
+
+
+async def test_a_coroutine_function_refuses_a_bad_argument_when_awaited(
+    raw: fakeredis.FakeRedis,
+) -> None:
+    client = fakeredis.FakeAsyncRedis(server=raw.connection_pool.connection_kwargs["server"])
+    amf = Memofill(client, prefix="t:", policies=POLICIES)
+
+    @amf.cached_dataset("item:{name}")
+    async def fetch(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    pending = fetch(1.5)  # type: ignore[arg-type]
+    with pytest.raises(KeyArgumentError):
+        await pending
+    assert await fetch("a") == {"name": "a"}
+    await client.aclose()
