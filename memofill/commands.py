@@ -152,9 +152,17 @@ class Commands:
         """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
         return self.client.set(key, payload, px=ttl_ms)
 
-    def acquire(self, lock_key: str, token: str, lease_ms: int) -> Any:
-        """``SET lock_key token NX PX lease_ms``: truthy when this caller now holds the lock."""
-        return self.client.set(lock_key, token, nx=True, px=lease_ms)
+    def acquire(self, lock_key: str, token: str, lease_ms: int, key: str) -> Any:
+        """``SET lock_key token NX PX lease_ms`` then ``GET key``, in one round trip.
+
+        Returns ``[acquired, stored bytes]``; either may be the error Redis
+        answered for that command. The two keys share a slot, so a cluster
+        pipeline sends both to one node.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(lock_key, token, nx=True, px=lease_ms)
+        pipe.get(key)
+        return pipe.execute(raise_on_error=False)
 
     def release(self, lock_key: str, wake_key: str, token: str, wake_ttl_ms: int) -> Any:
         """Run :data:`RELEASE_SCRIPT`: delete the lock if it is still ours, then wake followers."""

@@ -8,11 +8,13 @@ the steps with a blocking or an asyncio client; neither makes a decision.
 
 One miss, for a dataset with a fill policy:
 
-1. ``SET lock NX PX lease_ms`` with a fresh token.
-2. Acquired: **recheck** the data key. Between this caller's miss and its lock,
+1. ``SET lock NX PX lease_ms`` with a fresh token, and in the same round trip
+   ``GET key``: the **recheck**. Between this caller's miss and its lock,
    another leader may have written the value and released; without the recheck
-   every such race would call the upstream again. Still a miss: fetch, write
-   one ``SET key payload PX ttl``, release token-safely and wake followers.
+   every such race would call the upstream again (and a caller that did not get
+   the lock returns that value at once).
+2. Acquired and still a miss: fetch, write one ``SET key payload PX ttl``,
+   release token-safely and wake followers.
 3. Not acquired: follow. Block on the wake stream for the current backoff
    interval (the leader signals it as it releases), then read the **data** key,
    never the lock key: the value is the source of truth, and a follower returns
@@ -139,38 +141,72 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error))
     lock, token = lock_key(plan.redis_key), new_token()
     try:
-        acquired = yield Command("acquire", (lock, token, policy.lease_ms))
+        acquired, recheck = yield Command("acquire", (lock, token, policy.lease_ms, plan.redis_key))
+        if isinstance(acquired, Exception):
+            raise acquired
     except REDIS_ERRORS as exc:
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
     if acquired:
-        return (yield from _lead(plan, policy, lock, token))
+        return (yield from _lead(plan, policy, lock, token, recheck))
+    # The value may have landed since this caller's miss: then there is nothing to wait for.
+    landed = None if isinstance(recheck, Exception) else _landed(plan, recheck, 0, 0.0)
+    if landed is not None:
+        return landed
     return (yield from _follow(plan, policy, clock, rng))
 
 
-def _lead(plan: Plan, policy: CacheFill, lock: str, token: str) -> Steps:
+def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) -> Steps:
+    """Fill as the lock holder; ``recheck`` is the data key read with the lock (or its error)."""
     error = None
-    try:
-        raw = yield Command("get", (plan.redis_key,))
-    except REDIS_ERRORS as exc:
-        raw, error = None, type(exc).__name__
-    found = CORRUPT if raw is None else decode_any(raw)
+    if isinstance(recheck, Exception):
+        recheck, error = None, type(recheck).__name__
+    found = CORRUPT if recheck is None else decode_any(recheck)
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
-        error = (yield from _release(plan, policy, lock, token)) or error
+        _, release_error = yield from _write_and_release(
+            plan, policy, lock, token, payload=None, ttl_ms=0
+        )
         value = None if found is NEGATIVE else found
+        error = release_error or error
         return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error)
     try:
         value = yield FETCH
     except Exception as exc:
         marker_ms = min(MAX_ERROR_TTL_MS, plan.negative_ttl_ms)
-        if marker_ms > 0:
-            yield from _write(plan, error_marker(type(exc).__name__), marker_ms)
-        yield from _release(plan, policy, lock, token)
+        marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
+        yield from _write_and_release(plan, policy, lock, token, payload=marker, ttl_ms=marker_ms)
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    result = yield from _store(plan, value, Outcome.LEADER_FILL, led=True)
-    release_error = yield from _release(plan, policy, lock, token)
+    payload, ttl_ms, encode_error = _stored_form(plan, value)
+    write_error, release_error = yield from _write_and_release(
+        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms
+    )
+    outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
     # Report the first thing that went wrong: a failed recheck, then the write, then the release.
-    error = error or result.error or release_error
-    return attrs.evolve(result, error=error) if error else result
+    error = error or encode_error or write_error or release_error
+    size = 0 if value is None or payload is None else len(payload)
+    return Result(outcome, value=value, led=True, payload_bytes=size, error=error)
+
+
+def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
+    """A follower's result if ``raw`` is what a leader stored (value, ``None`` or failure)."""
+    found = CORRUPT if raw is None else decode_any(raw)
+    if isinstance(found, ErrorMarker):
+        failure = FillError(plan.dataset, plan.redis_key, found.error)
+        return Result(
+            Outcome.FETCH_ERROR,
+            exception=failure,
+            waited_ms=waited_ms,
+            polls=polls,
+            error=found.error,
+        )
+    if found is CORRUPT:
+        return None
+    return Result(
+        Outcome.FOLLOWER_HIT,
+        value=None if found is NEGATIVE else found,
+        waited_ms=waited_ms,
+        polls=polls,
+        payload_bytes=len(raw) if raw else 0,
+    )
 
 
 def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: random.Random) -> Steps:
@@ -203,27 +239,9 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
             result = yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error)
             return attrs.evolve(result, waited_ms=waited, polls=polls)
         polls += 1
-        found = CORRUPT if raw is None else decode_any(raw)
-        if isinstance(found, ErrorMarker):
-            failure = FillError(plan.dataset, plan.redis_key, found.error)
-            waited = (clock() - start) * 1000
-            return Result(
-                Outcome.FETCH_ERROR,
-                exception=failure,
-                waited_ms=waited,
-                polls=polls,
-                error=found.error,
-            )
-        if found is not CORRUPT:
-            value = None if found is NEGATIVE else found
-            waited = (clock() - start) * 1000
-            return Result(
-                Outcome.FOLLOWER_HIT,
-                value=value,
-                waited_ms=waited,
-                polls=polls,
-                payload_bytes=len(raw) if raw else 0,
-            )
+        landed = _landed(plan, raw, polls, (clock() - start) * 1000)
+        if landed is not None:
+            return landed
         interval_ms = min(interval_ms * 2, float(policy.poll_max_ms))
     waited = (clock() - start) * 1000
     result = yield from _uncoordinated(plan, Outcome.FOLLOWER_TIMEOUT)
@@ -236,51 +254,58 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
         value = yield FETCH
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    result = yield from _store(plan, value, outcome, led=True)
+    payload, ttl_ms, encode_error = _stored_form(plan, value)
+    write_error = None
+    if payload is not None and plan.redis_ok:
+        try:
+            yield Command("write", (plan.redis_key, payload, ttl_ms))
+        except REDIS_ERRORS as exc:
+            write_error = type(exc).__name__
+    size = 0 if value is None or payload is None else len(payload)
     # The Redis error that sent this caller here says more than a write refused after it.
-    return attrs.evolve(result, error=error) if error else result
+    first_error = error or encode_error or write_error
+    return Result(outcome, value=value, led=True, payload_bytes=size, error=first_error)
 
 
-def _store(plan: Plan, value: Any, outcome: Outcome, led: bool) -> Steps:
-    """Write the fetched value (or the negative marker) with one ``SET PX``; never raises."""
-    if value is None:
-        outcome = Outcome.NEGATIVE if outcome is Outcome.LEADER_FILL else outcome
-        if plan.negative_ttl_ms <= 0:
-            return Result(outcome, led=led)
-        error = yield from _write(plan, NEGATIVE_MARKER, plan.negative_ttl_ms)
-        return Result(outcome, led=led, error=error)
-    try:
-        payload = encode(value)
-    except EncodeError as exc:
-        return Result(outcome, value=value, led=led, error=type(exc).__name__)
-    error = yield from _write(plan, payload, plan.ttl_ms)
-    return Result(outcome, value=value, led=led, payload_bytes=len(payload), error=error)
+def _stored_form(plan: Plan, value: Any) -> tuple[bytes | None, int, str | None]:
+    """What a fill writes for ``value``: ``(payload or None, ttl_ms, encoding error)``.
 
-
-def _write(plan: Plan, payload: bytes, ttl_ms: int) -> Generator[Step, Any, str | None]:
-    if not plan.redis_ok:
-        return None
-    try:
-        yield Command("write", (plan.redis_key, payload, ttl_ms))
-    except REDIS_ERRORS as exc:
-        return type(exc).__name__
-    return None
-
-
-def _release(
-    plan: Plan, policy: CacheFill, lock: str, token: str
-) -> Generator[Step, Any, str | None]:
-    """Token-safe release and wake-up; on error the lock simply expires after ``lease_ms``.
-
-    Returns the error worth reporting: the Redis error, or :data:`LEASE_EXPIRED`
-    when the lock no longer held this caller's token.
+    ``None`` is stored as the negative marker for ``negative_ttl_ms`` (not at all
+    when that is 0); a value orjson cannot encode is not stored, and its error named.
     """
+    if value is None:
+        if plan.negative_ttl_ms <= 0:
+            return None, 0, None
+        return NEGATIVE_MARKER, plan.negative_ttl_ms, None
+    try:
+        return encode(value), plan.ttl_ms, None
+    except EncodeError as exc:
+        return None, 0, type(exc).__name__
+
+
+def _write_and_release(
+    plan: Plan, policy: CacheFill, lock: str, token: str, *, payload: bytes | None, ttl_ms: int
+) -> Generator[Step, Any, tuple[str | None, str | None]]:
+    """Write ``payload`` (if any), then release token-safely and wake followers.
+
+    Returns the errors worth reporting, ``(write, release)``: a Redis error, or
+    :data:`LEASE_EXPIRED` when the lock no longer held this caller's token. On a
+    release error the lock simply expires after ``lease_ms``. Two round trips,
+    on purpose: a pipeline would save one, but with a payload of megabytes it
+    measured slower than the two commands sent one after the other.
+    """
+    write_error = None
+    if payload is not None:
+        try:
+            yield Command("write", (plan.redis_key, payload, ttl_ms))
+        except REDIS_ERRORS as exc:
+            write_error = type(exc).__name__
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
         released = yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
     except REDIS_ERRORS as exc:
-        return type(exc).__name__
-    return None if released else LEASE_EXPIRED
+        return write_error, type(exc).__name__
+    return write_error, (None if released else LEASE_EXPIRED)
 
 
 def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:

@@ -87,6 +87,12 @@ class Driver:
     called with the step. When a list runs out the defaults apply: the lock is
     acquired, the data key is missing, writes and releases succeed, and a
     blocking wait times out after its full block time.
+
+    ``acquire`` is a pipeline (``SET NX`` then the recheck ``GET``), answered as
+    Redis answers one: ``[acquired, stored]`` from the ``acquire`` and ``get``
+    scripts (a follower's ``get`` is its first poll, so only a leader's recheck
+    takes a ``get`` reply). A command error Redis would answer becomes that
+    element; an unreachable Redis fails the whole step.
     """
 
     def __init__(
@@ -120,11 +126,27 @@ class Driver:
         if isinstance(step, Sleep):
             self.clock.advance(step.seconds)
             return None
+        if step.name == "acquire":
+            acquired = self.element(step, "acquire")
+            recheck = Command("get", (step.args[3],))
+            return [acquired, self.element(recheck, "get") if acquired is True else None]
+        return self.reply(step)
+
+    def reply(self, step: Command) -> Any:
         replies = self.script.get(step.name)
         reply = replies.pop(0) if replies else self.default(step)
         if isinstance(reply, BaseException):
             raise reply
         return reply(step) if callable(reply) else reply
+
+    def element(self, step: Command, name: str) -> Any:
+        """One command's reply inside a pipeline: an answered error is returned, not raised."""
+        try:
+            return self.reply(Command(name, step.args))
+        except (RedisConnectionError, RedisTimeoutError, RedisUnavailable):
+            raise
+        except Exception as exc:
+            return exc
 
     def run(self, plan: Plan | None = None, seed: int = 0) -> Result:
         steps = fill(plan or make_plan(), self.clock, random.Random(seed))
@@ -217,8 +239,8 @@ def test_acquire_takes_the_derived_lock_with_a_fresh_token_and_the_lease() -> No
     first.run()
     second.run()
     (acquire,) = first.commands("acquire")
-    lock, token, lease = acquire.args
-    assert (lock, lease) == (LOCK, POLICY.lease_ms)
+    lock, token, lease, recheck_key = acquire.args
+    assert (lock, lease, recheck_key) == (LOCK, POLICY.lease_ms, KEY)
     assert token != second.commands("acquire")[0].args[1]
     assert len(token) >= 32
 
@@ -231,9 +253,9 @@ def test_leader_fill_rechecks_fetches_writes_then_releases_with_its_token() -> N
     assert result.led
     assert result.payload_bytes == len(PAYLOAD)
     assert result.error is None
-    assert driver.names() == ["acquire", "get", "FETCH", "write", "release"]
-    token = driver.commands("acquire")[0].args[1]
-    assert driver.commands("get")[0].args == (KEY,)
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
+    lock_arg, token, lease_ms, recheck_key = driver.commands("acquire")[0].args
+    assert (lock_arg, lease_ms, recheck_key) == (LOCK, POLICY.lease_ms, KEY)
     assert driver.commands("write")[0].args == (KEY, PAYLOAD, 60_000)
     lock, wake, released_token, wake_ttl = driver.commands("release")[0].args
     assert (lock, wake, released_token) == (LOCK, WAKE, token)
@@ -251,7 +273,7 @@ def test_recheck_hit_returns_the_value_another_leader_wrote(stored: bytes, expec
     assert result.value == expected
     assert result.led
     assert driver.fetches == 0
-    assert driver.names() == ["acquire", "get", "release"]
+    assert driver.names() == ["acquire", "release"]
 
 
 @pytest.mark.parametrize("stored", [b"\xffnot json", error_marker("Boom")])
@@ -260,7 +282,7 @@ def test_recheck_that_finds_corrupt_bytes_or_an_error_marker_fetches(stored: byt
     result = driver.run()
     assert result.outcome is Outcome.LEADER_FILL
     assert result.value == VALUE
-    assert driver.names() == ["acquire", "get", "FETCH", "write", "release"]
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
 
 
 def test_recheck_error_still_fetches_under_the_lock_and_reports_it() -> None:
@@ -269,7 +291,7 @@ def test_recheck_error_still_fetches_under_the_lock_and_reports_it() -> None:
     assert result.outcome is Outcome.LEADER_FILL
     assert result.value == VALUE
     assert result.error == "ResponseError"
-    assert driver.names() == ["acquire", "get", "FETCH", "write", "release"]
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
 
 
 @pytest.mark.parametrize(
@@ -285,7 +307,7 @@ def test_fetch_error_writes_a_short_error_marker_and_releases(
     assert isinstance(result.exception, Boom)
     assert result.error == "Boom"
     assert result.led
-    assert driver.names() == ["acquire", "get", "FETCH", "write", "release"]
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
     assert driver.commands("write")[0].args == (KEY, error_marker("Boom"), marker_ms)
     assert b"secret" not in driver.commands("write")[0].args[1]
 
@@ -294,7 +316,7 @@ def test_fetch_error_without_negative_caching_writes_no_marker_but_releases() ->
     driver = Driver(fetch=raise_boom)
     result = driver.run(make_plan(negative_ttl_ms=0))
     assert isinstance(result.exception, Boom)
-    assert driver.names() == ["acquire", "get", "FETCH", "release"]
+    assert driver.names() == ["acquire", "FETCH", "release"]
 
 
 def test_fetch_error_is_returned_even_when_redis_fails_after_it() -> None:
@@ -313,7 +335,7 @@ def test_none_is_cached_as_a_negative_marker() -> None:
     assert result.outcome is Outcome.NEGATIVE
     assert result.value is None
     assert result.exception is None
-    assert driver.names() == ["acquire", "get", "FETCH", "write", "release"]
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
     assert driver.commands("write")[0].args == (KEY, NEGATIVE_MARKER, 120_000)
 
 
@@ -321,7 +343,7 @@ def test_none_without_negative_caching_writes_nothing() -> None:
     driver = Driver(fetch=lambda: None)
     result = driver.run(make_plan(negative_ttl_ms=0))
     assert result.outcome is Outcome.NEGATIVE
-    assert driver.names() == ["acquire", "get", "FETCH", "release"]
+    assert driver.names() == ["acquire", "FETCH", "release"]
 
 
 def test_unencodable_value_is_returned_not_cached_and_reported() -> None:
@@ -332,7 +354,7 @@ def test_unencodable_value_is_returned_not_cached_and_reported() -> None:
     assert result.value is value
     assert result.error == "TypeError"  # orjson.JSONEncodeError is TypeError
     assert result.payload_bytes == 0
-    assert driver.names() == ["acquire", "get", "FETCH", "release"]
+    assert driver.names() == ["acquire", "FETCH", "release"]
 
 
 def test_write_error_keeps_the_value_and_still_releases() -> None:
@@ -341,7 +363,7 @@ def test_write_error_keeps_the_value_and_still_releases() -> None:
     assert result.outcome is Outcome.LEADER_FILL
     assert result.value == VALUE
     assert result.error == "TimeoutError"
-    assert driver.names() == ["acquire", "get", "FETCH", "write", "release"]
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
 
 
 def test_release_error_keeps_the_value_and_is_reported() -> None:
@@ -368,12 +390,53 @@ def test_release_error_after_a_recheck_hit_is_reported() -> None:
     assert result.error == "NoPermissionError"
 
 
+def test_an_answered_error_on_the_lock_is_a_lock_error_even_inside_the_pipeline() -> None:
+    driver = Driver({"acquire": [NoPermissionError("set")]})
+    result = driver.run()
+    assert result.outcome is Outcome.LOCK_ERROR
+    assert result.error == "NoPermissionError"
+    assert driver.names() == ["acquire", "FETCH", "write"]
+
+
 # --- follower --------------------------------------------------------------------------
 
 
 def follower(script: dict[str, list[Any]] | None = None, **kwargs: Any) -> Driver:
     """A driver whose SET NX fails: another process holds the lock."""
     return Driver({"acquire": [None], **(script or {})}, **kwargs)
+
+
+@pytest.mark.parametrize(("stored", "expected"), [(PAYLOAD, VALUE), (NEGATIVE_MARKER, None)])
+def test_a_follower_whose_lock_attempt_finds_the_value_returns_at_once(
+    stored: bytes, expected: Any
+) -> None:
+    driver = follower(fetch=raise_boom)
+    driver.answer = landed(driver, stored)  # type: ignore[method-assign]
+    result = driver.run()
+    assert result.outcome is Outcome.FOLLOWER_HIT
+    assert result.value == expected
+    assert (result.polls, result.waited_ms) == (0, 0.0)
+    assert driver.names() == ["acquire"]
+
+
+def landed(driver: Driver, stored: bytes) -> Callable[[Any], Any]:
+    """The driver's answers, with ``stored`` under the data key as the lock is attempted."""
+    answer = driver.answer
+
+    def with_stored(step: Any) -> Any:
+        reply = answer(step)
+        return [reply[0], stored] if getattr(step, "name", None) == "acquire" else reply
+
+    return with_stored
+
+
+def test_a_follower_whose_lock_attempt_finds_an_error_marker_raises_at_once() -> None:
+    driver = follower()
+    driver.answer = landed(driver, error_marker("Boom"))  # type: ignore[method-assign]
+    result = driver.run()
+    assert result.outcome is Outcome.FETCH_ERROR
+    assert isinstance(result.exception, FillError)
+    assert driver.names() == ["acquire"]
 
 
 def test_follower_woken_by_the_leader_reads_the_data_key() -> None:

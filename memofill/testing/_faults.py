@@ -53,7 +53,9 @@ class LockHolder:
 
     def acquire(self) -> None:
         """Take the lock for the dataset's ``lease_ms`` (``lock_held`` does this)."""
-        if not self._commands.acquire(self.lock_key, self._token, self._cache_fill.lease_ms):
+        lease_ms = self._cache_fill.lease_ms
+        acquired, _ = self._commands.acquire(self.lock_key, self._token, lease_ms, self.redis_key)
+        if acquired is not True:
             raise RuntimeError(f"the lock {self.lock_key!r} is already held")
 
     def end(self) -> None:
