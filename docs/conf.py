@@ -40,7 +40,7 @@ extensions = [
     "bench_results",
 ]
 
-exclude_patterns = ["_build", "_ext", "_tools"]
+exclude_patterns = ["_build", "_ext"]
 nitpicky = True
 default_role = "py:obj"
 
