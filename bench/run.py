@@ -59,7 +59,7 @@ FULL = Scale(
     growth_levels=(10, 100, 1000),
     growth_repeats=3,
     payload_sizes=(2_000_000, 20_000_000),
-    payload_rounds=9,
+    payload_rounds=25,
     payload_hits=3,
 )
 QUICK = Scale(
