@@ -8,6 +8,7 @@ again here; a last test kills a master in the middle of a stampede.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio.cluster
 import redis.cluster
 from redis.crc import key_slot
 
@@ -345,3 +347,27 @@ def slot_unserved(node: RedisServer, slot: int) -> bool:
 def cluster_ok(node: RedisServer) -> bool:
     with node.client() as client:
         return str(client.cluster("info").get("cluster_state")) == "ok"
+
+
+async def test_an_asyncio_cluster_client_coalesces_fills_once_and_then_hits(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
+    mf = Memofill(client, prefix=prefix, policies=POLICIES)
+    fetched: list[str] = []
+
+    @mf.cached_dataset(DATASET.key)
+    async def fetch(name: str) -> dict[str, str]:
+        fetched.append(name)
+        await asyncio.sleep(0.1)
+        return {"name": name}
+
+    try:
+        results = await asyncio.gather(*(fetch.call_with_outcome("x") for _ in range(10)))
+        assert Counter(r.outcome for r in results) == Counter(leader_fill=1, local_join=9)
+        assert {r.value["name"] for r in results} == {"x"}
+        assert (await fetch.call_with_outcome("x")).outcome == "hit"
+        assert fetched == ["x"]
+        assert await client.get(lock_key(fetch.redis_key("x"))) is None
+    finally:
+        await client.aclose()
