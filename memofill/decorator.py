@@ -23,6 +23,7 @@ from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_sp
 from memofill.commands import REDIS_ERRORS, Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
+from memofill.fallback import Breaker
 from memofill.keys import FieldText, KeyTemplate
 from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
 from memofill.policy import Dataset
@@ -297,19 +298,44 @@ async def _done(value: Any) -> Any:
     return value
 
 
-def _after_get(
-    binding: _Binding, key: str, raw: bytes | None, error: Exception | None
-) -> CallResult | None:
-    """What a ``GET`` that was not a plain hit means: a result to return, or ``None`` to fill.
+def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
+    """The value of a plain hit, counted and kept for outages; :data:`_NOT_A_HIT` otherwise.
 
+    The local copy is refreshed at most every :data:`~memofill.fallback.REFRESH_S`
+    (the check :meth:`~memofill.fallback.LocalStore.remember` makes, without its call).
+    """
+    if raw is None:
+        return _NOT_A_HIT
+    try:
+        value = decode(raw)
+    except DecodeError:
+        return _NOT_A_HIT
+    binding.count_hit()
+    store = binding.memofill.local_store
+    kept = store.entries.get(key)
+    if kept is None or kept[2] <= started:
+        store.put(key, value, binding.ttl_s)
+    return value
+
+
+#: What :func:`_hit` returns for bytes that are not a plain value (``None`` is one).
+_NOT_A_HIT: Any = object()
+
+
+def _served_without_fill(
+    binding: _Binding, key: str, asked: bool, raw: bytes | None, error: Exception | None
+) -> CallResult | None:
+    """A result that needs no fill, or ``None`` to fill.
+
+    Redis not asked (breaker open, no client): the locally kept value, if any.
     Bytes that are not JSON may be a negative marker (a hit on ``None``), an
     error marker (the last fill failed: raise at once), or corruption (a miss
     that the fill overwrites). A failed ``GET`` trips the breaker when Redis is
     unreachable and serves the locally kept value when there is one.
     """
     memofill = binding.memofill
-    if error is not None:
-        if is_unreachable(error):
+    if not asked or error is not None:
+        if error is not None and is_unreachable(error):
             memofill.breaker.trip()
         value = memofill.local_store.get(key, None)
         return None if value is None else _counted(binding, value, FALLBACK_HIT)
@@ -334,59 +360,93 @@ def _counted(binding: _Binding, value: Any, name: str) -> CallResult:
     return CallResult(value, name, False)
 
 
-def _plan(binding: _Binding, key: str, commands: Commands | None, error: Exception | None) -> Plan:
-    """The miss to run: Redis is usable unless the breaker is open or the ``GET`` failed to connect.
+class _Miss:
+    """One caller's miss: the fill it runs or joins, and how it is logged.
 
-    A ``GET`` that Redis answered with an error (another type under the key, say)
-    still leaves Redis usable: the lock path runs, and its write replaces the key.
+    Everything here is shared by sync and asyncio callers; only the two lines
+    that run the fill differ (:meth:`run_sync`, :meth:`run_async`).
     """
-    dataset = binding.dataset
-    unreachable = error is not None and is_unreachable(error)
-    return Plan(
-        dataset=dataset.key,
-        redis_key=key,
-        ttl_ms=max(1, round(dataset.ttl_s * 1000)),
-        negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
-        # No client configured is the legacy set-up, not a lock error: nothing to coordinate on.
-        cache_fill=None if commands is None else dataset.cache_fill,
-        redis_ok=commands is not None and not binding.memofill.breaker.is_open and not unreachable,
-        redis_error=None if error is None else type(error).__name__,
-        block_limit_ms=None if commands is None else commands.socket_timeout_ms,
-    )
 
+    def __init__(
+        self,
+        binding: _Binding,
+        key: str,
+        started: float,
+        *,
+        commands: Commands | None,
+        error: Exception | None,
+        fetch: Callable[[], Any],
+    ) -> None:
+        self.binding, self.key, self.started = binding, key, started
+        self.commands, self.fetch = commands, fetch
+        self.plan = self._plan(error)
 
-def _record(binding: _Binding, key: str, started: float, result: Result, joined: bool) -> None:
-    """Log and count one miss; the fill's own record also remembers the value for outages."""
-    memofill = binding.memofill
-    outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-    memofill.counters.add(binding.key, outcome.value)
-    MissRecord(
-        outcome=outcome,
-        dataset=binding.key,
-        redis_key=key,
-        elapsed_ms=(time.monotonic() - started) * 1000,
-        waited_ms=result.waited_ms,
-        polls=0 if joined else result.polls,
-        payload_bytes=result.payload_bytes,
-        error=result.error,
-    ).emit()
-    if not joined and result.exception is None and result.value is not None:
-        memofill.local_store.put(key, result.value, binding.ttl_s)
+    def _plan(self, error: Exception | None) -> Plan:
+        """Redis is usable unless the breaker is open or the ``GET`` failed to connect.
 
+        A ``GET`` that Redis answered with an error (another type under the key,
+        say) still leaves Redis usable: the lock path runs, and its write
+        replaces the key.
+        """
+        dataset, commands = self.binding.dataset, self.commands
+        unreachable = error is not None and is_unreachable(error)
+        breaker_open = self.binding.memofill.breaker.is_open
+        return Plan(
+            dataset=dataset.key,
+            redis_key=self.key,
+            ttl_ms=max(1, round(dataset.ttl_s * 1000)),
+            negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
+            # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
+            cache_fill=None if commands is None else dataset.cache_fill,
+            redis_ok=commands is not None and not breaker_open and not unreachable,
+            redis_error=None if error is None else type(error).__name__,
+            block_limit_ms=None if commands is None else commands.socket_timeout_ms,
+        )
 
-def _finish(
-    binding: _Binding, key: str, started: float, result: Result, joined: bool
-) -> CallResult:
-    """Log a caller that joined another's fill; return the value or raise.
+    def run_sync(self) -> Result:
+        """Run the fill with the blocking client, and record it."""
+        steps = fill(self.plan, time.monotonic, _rng)
+        return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
-    The fill itself was recorded where it ran (see ``run`` in the lookups): an
-    asyncio caller that started it may be cancelled while it runs on, and the
-    fill, which called the origin, must still be logged exactly once.
-    """
-    if joined:
-        _record(binding, key, started, result, joined=True)
-    outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-    return CallResult(result.unwrap(), outcome.value, result.led and not joined)
+    async def run_async(self) -> Result:
+        """Run the fill with the asyncio client, and record it."""
+        steps = fill(self.plan, time.monotonic, _rng)
+        return self._record(await run_async(steps, self.commands, self.fetch, self._breaker()))
+
+    def _breaker(self) -> Breaker:
+        return self.binding.memofill.breaker
+
+    def _record(self, result: Result, joined: bool = False) -> Result:
+        """Log and count one miss; a fill's own record also keeps the value for outages.
+
+        The fill is recorded where it runs: an asyncio caller that started it may
+        be cancelled while it runs on, and the fill, which called the origin, must
+        still be logged exactly once.
+        """
+        binding = self.binding
+        memofill = binding.memofill
+        outcome = Outcome.LOCAL_JOIN if joined else result.outcome
+        memofill.counters.add(binding.key, outcome.value)
+        MissRecord(
+            outcome=outcome,
+            dataset=binding.key,
+            redis_key=self.key,
+            elapsed_ms=(time.monotonic() - self.started) * 1000,
+            waited_ms=result.waited_ms,
+            polls=0 if joined else result.polls,
+            payload_bytes=result.payload_bytes,
+            error=result.error,
+        ).emit()
+        if not joined and result.exception is None and result.value is not None:
+            memofill.local_store.put(self.key, result.value, binding.ttl_s)
+        return result
+
+    def finish(self, result: Result, joined: bool) -> CallResult:
+        """This caller's result: a joiner is logged as one; the value, or raise."""
+        if joined:
+            self._record(result, joined=True)
+        outcome = Outcome.LOCAL_JOIN if joined else result.outcome
+        return CallResult(result.unwrap(), outcome.value, result.led and not joined)
 
 
 def _lookup_sync(
@@ -396,55 +456,31 @@ def _lookup_sync(
 
     ``instance`` is the bound method's ``self`` (``None`` for a function), and
     ``wrapped`` the function to call on a miss (``None``: the one decorated).
-    Returns the value, or its :class:`CallResult` when ``with_outcome``. The hit
-    is written out here and in :func:`_lookup_async` (the only difference is an
-    ``await``): every cached call takes it, so it makes no call it can avoid.
-    Every other decision is shared.
+    Returns the value, or its :class:`CallResult` when ``with_outcome``.
+    :func:`_lookup_async` differs only where it awaits; every decision is in
+    the helpers both call.
     """
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
-    memofill = binding.memofill
     commands = binding.commands if binding.misconfigured is None else binding.commands_or_raise()
-    breaker = memofill.breaker
-    error = None
+    breaker = binding.memofill.breaker
+    asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
+        asked = True
         try:
             raw = commands.get(key)
         except REDIS_ERRORS as exc:
-            raw, error = None, exc
+            error = exc
         else:
-            if raw is not None:
-                try:
-                    value = decode(raw)
-                except DecodeError:
-                    pass
-                else:
-                    binding.count_hit()
-                    store = memofill.local_store
-                    kept = store.entries.get(key)
-                    if kept is None or kept[2] <= started:  # see LocalStore.remember
-                        store.put(key, value, binding.ttl_s)
-                    return CallResult(value, HIT, False) if with_outcome else value
-        served = _after_get(binding, key, raw, error)
-    else:
-        value = memofill.local_store.get(key, None)
-        served = None if value is None else _counted(binding, value, FALLBACK_HIT)
+            value = _hit(binding, key, raw, started)
+            if value is not _NOT_A_HIT:
+                return CallResult(value, HIT, False) if with_outcome else value
+    served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
-        plan = _plan(binding, key, commands, error)
         function = binding.current_function() if wrapped is None else wrapped
-
-        def run() -> Result:
-            result = run_sync(
-                fill(plan, time.monotonic, _rng),
-                commands,
-                lambda: function(*args, **kwargs),
-                breaker,
-            )
-            _record(binding, key, started, result, joined=False)
-            return result
-
-        result, joined = memofill.thread_flights.run(key, run)
-        served = _finish(binding, key, started, result, joined)
+        fetch = lambda: function(*args, **kwargs)  # noqa: E731
+        miss = _Miss(binding, key, started, commands=commands, error=error, fetch=fetch)
+        served = miss.finish(*binding.memofill.thread_flights.run(key, miss.run_sync))
     return served if with_outcome else served.value
 
 
@@ -454,46 +490,23 @@ async def _lookup_async(
     """:func:`_lookup_sync` for coroutine functions, on the asyncio client."""
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
-    memofill = binding.memofill
     commands = binding.commands if binding.misconfigured is None else binding.commands_or_raise()
-    breaker = memofill.breaker
-    error = None
+    breaker = binding.memofill.breaker
+    asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
+        asked = True
         try:
             raw = await commands.get(key)
         except REDIS_ERRORS as exc:
-            raw, error = None, exc
+            error = exc
         else:
-            if raw is not None:
-                try:
-                    value = decode(raw)
-                except DecodeError:
-                    pass
-                else:
-                    binding.count_hit()
-                    store = memofill.local_store
-                    kept = store.entries.get(key)
-                    if kept is None or kept[2] <= started:  # see LocalStore.remember
-                        store.put(key, value, binding.ttl_s)
-                    return CallResult(value, HIT, False) if with_outcome else value
-        served = _after_get(binding, key, raw, error)
-    else:
-        value = memofill.local_store.get(key, None)
-        served = None if value is None else _counted(binding, value, FALLBACK_HIT)
+            value = _hit(binding, key, raw, started)
+            if value is not _NOT_A_HIT:
+                return CallResult(value, HIT, False) if with_outcome else value
+    served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
-        plan = _plan(binding, key, commands, error)
         function = binding.current_function() if wrapped is None else wrapped
-
-        async def run() -> Result:
-            result = await run_async(
-                fill(plan, time.monotonic, _rng),
-                commands,
-                lambda: function(*args, **kwargs),
-                breaker,
-            )
-            _record(binding, key, started, result, joined=False)
-            return result
-
-        result, joined = await memofill.task_flights.run(key, run)
-        served = _finish(binding, key, started, result, joined)
+        fetch = lambda: function(*args, **kwargs)  # noqa: E731
+        miss = _Miss(binding, key, started, commands=commands, error=error, fetch=fetch)
+        served = miss.finish(*await binding.memofill.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
