@@ -353,6 +353,9 @@ async def test_an_asyncio_cluster_client_coalesces_fills_once_and_then_hits(
     redis_cluster: RedisCluster, prefix: str
 ) -> None:
     client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
+    # Learn the slots first: ten first commands at once on a client that has not yet
+    # would race its lazy set-up (memofill would still serve them, as lock_error).
+    await client.initialize()
     mf = Memofill(client, prefix=prefix, policies=POLICIES)
     fetched: list[str] = []
 
