@@ -20,7 +20,11 @@ One miss, for a dataset with a fill policy:
    never the lock key: the value is the source of truth, and a follower returns
    as soon as it lands. After ``wait_ms``, fetch uncoordinated.
 4. A Redis error anywhere in the lock path: fall back to a plain local fetch
-   (the caller's process already coalesced its own callers).
+   (the caller's process already coalesced its own callers). Whatever a command
+   raises counts as a Redis error, not only redis-py's ``RedisError``: a client
+   that fails inside itself (a bug, a race in its set-up) must not fail the
+   caller when the fetch can still run. The fetch's own exceptions are told
+   apart by the step they are thrown at.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
         acquired, recheck = yield Command("acquire", (lock, token, policy.lease_ms, plan.redis_key))
         if isinstance(acquired, Exception):
             raise acquired
-    except REDIS_ERRORS as exc:
+    except Exception as exc:  # from Redis: see the module doc
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
     if acquired:
         return (yield from _lead(plan, policy, lock, token, recheck))
@@ -226,13 +230,13 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
             last_id = last_entry_id(reply, last_id)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # from Redis: see the module doc
             # The data key stays the source of truth: poll it on a timer.
             wake_error = wake_error or type(exc).__name__
             yield Sleep(pause_ms / 1000)
         try:
             raw = yield Command("get", (plan.redis_key,))
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # from Redis: see the module doc
             waited = (clock() - start) * 1000
             # A timed-out wait opens the breaker; the read it then skips is not the news.
             error = wake_error or type(exc).__name__
@@ -259,7 +263,7 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
     if payload is not None and plan.redis_ok:
         try:
             yield Command("write", (plan.redis_key, payload, ttl_ms))
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
     size = 0 if value is None or payload is None else len(payload)
     # The Redis error that sent this caller here says more than a write refused after it.
@@ -298,12 +302,12 @@ def _write_and_release(
     if payload is not None:
         try:
             yield Command("write", (plan.redis_key, payload, ttl_ms))
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
         released = yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
-    except REDIS_ERRORS as exc:
+    except Exception as exc:  # from Redis: see the module doc
         return write_error, type(exc).__name__
     return write_error, (None if released else LEASE_EXPIRED)
 

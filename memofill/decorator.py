@@ -20,7 +20,7 @@ import attrs
 import wrapt
 
 from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
-from memofill.commands import REDIS_ERRORS, Commands, is_unreachable
+from memofill.commands import Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker
@@ -469,7 +469,7 @@ def _lookup_sync(
         asked = True
         try:
             raw = commands.get(key)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
         else:
             value = _hit(binding, key, raw, started)
@@ -497,7 +497,7 @@ async def _lookup_async(
         asked = True
         try:
             raw = await commands.get(key)
-        except REDIS_ERRORS as exc:
+        except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
         else:
             value = _hit(binding, key, raw, started)

@@ -8,6 +8,7 @@ the slow, obvious answer.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -217,4 +218,49 @@ async def test_a_coroutine_function_refuses_a_bad_argument_when_awaited(
     with pytest.raises(KeyArgumentError):
         await pending
     assert await fetch("a") == {"name": "a"}
+    await client.aclose()
+
+
+# --- a client that fails inside itself ------------------------------------------------------
+
+
+class BrokenClient(fakeredis.FakeRedis):
+    """A client whose commands fail with an error that is no RedisError (a client bug)."""
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+
+class BrokenAsyncClient(fakeredis.FakeAsyncRedis):
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+
+def test_a_client_that_fails_inside_itself_still_serves_the_fetch() -> None:
+    client = BrokenClient()
+    broken = Memofill(client, prefix="t:", policies=POLICIES)
+    fetch = broken.cached_dataset("item:{name}")(lambda name: {"name": name})
+    result = fetch.call_with_outcome("a")
+    assert (result.value, result.outcome) == ({"name": "a"}, "lock_error")
+    assert not broken.breaker.is_open  # it answered nothing about Redis being down
+    client.close()
+
+
+async def test_an_asyncio_client_that_fails_inside_itself_still_serves_the_fetch() -> None:
+    client = BrokenAsyncClient()
+    broken = Memofill(client, prefix="t:", policies=POLICIES)
+
+    @broken.cached_dataset("item:{name}")
+    async def fetch(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    results = await asyncio.gather(*(fetch.call_with_outcome("a") for _ in range(3)))
+    assert [r.value for r in results] == [{"name": "a"}] * 3
+    assert sorted(r.outcome for r in results) == ["local_join", "local_join", "lock_error"]
     await client.aclose()
