@@ -33,6 +33,8 @@ __all__ = [
     "RedisError",
     "RedisUnavailable",
     "is_unreachable",
+    "newest_entry",
+    "stream_entries",
 ]
 
 #: Every error that means "Redis failed" to memofill, none of which may reach a caller:
@@ -76,11 +78,13 @@ def is_unreachable(error: BaseException) -> bool:
 #:
 #: KEYS[1]: the lock key. KEYS[2]: the wake stream.
 #: ARGV[1]: this caller's token. ARGV[2]: how long the wake entry lives (ms).
+#: ARGV[3]: how the fill ended, for the followers: ``stored``, ``none`` or ``error:<Type>``.
 #:
 #: Deletes the lock only while it still holds this caller's token: a leader whose
 #: lease ran out must not delete the lock a later leader now holds. Then adds an
-#: entry to the wake stream, so that followers blocked in XREAD return at once
-#: and read the data key, without waiting for their next poll.
+#: entry to the wake stream, so that followers blocked in XREAD return at once:
+#: to read the data key, or, when the fetch returned ``None`` or raised, to
+#: answer at once even if nothing was stored for them (``negative_ttl_s = 0``).
 #: Returns 1 if the lock was deleted, 0 if it was no longer ours.
 RELEASE_SCRIPT = """
 local released = 0
@@ -88,7 +92,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     released = 1
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'filled', '1')
+redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'result', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return released
 """
@@ -122,18 +126,33 @@ def check_client(client: Any) -> None:
         )
 
 
-def last_entry_id(reply: Any, current: str) -> str:
-    """The newest stream entry id in an XREAD reply (RESP2 or RESP3), or ``current`` if none."""
+def stream_entries(reply: Any) -> list[Any]:
+    """The entries of an ``XREAD`` reply, RESP2 (``[[stream, entries]]``) or RESP3 (a dict)."""
     if not reply:
-        return current
+        return []
     streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
-    newest = current
-    for entries in streams:
-        for entry in entries:
-            if entry and entry[0]:
-                raw = entry[0]
-                newest = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return newest
+    return [entry for entries in streams for entry in entries]
+
+
+def newest_entry(entries: list[Any], current: str) -> tuple[str, str | None]:
+    """The last entry's id and ``result`` field, or ``(current, None)`` when there is none.
+
+    ``entries`` are ``(id, fields)`` pairs, as :func:`stream_entries` and
+    ``XREVRANGE`` give them.
+    """
+    newest, result = current, None
+    for entry in entries:
+        if entry and entry[0]:
+            newest, fields = _text(entry[0]), entry[1] if len(entry) > 1 else None
+            found = (
+                fields.get(b"result", fields.get("result")) if isinstance(fields, dict) else None
+            )
+            result = None if found is None else _text(found)
+    return newest, result
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 class Commands:
@@ -152,21 +171,26 @@ class Commands:
         """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
         return self.client.set(key, payload, px=ttl_ms)
 
-    def acquire(self, lock_key: str, token: str, lease_ms: int, key: str) -> Any:
-        """``SET lock_key token NX PX lease_ms`` then ``GET key``, in one round trip.
+    def acquire(self, lock_key: str, token: str, lease_ms: int, key: str, wake_key: str) -> Any:
+        """``SET lock_key token NX PX lease_ms``, ``GET key`` and the newest wake entry.
 
-        Returns ``[acquired, stored bytes]``; either may be the error Redis
-        answered for that command. The two keys share a slot, so a cluster
-        pipeline sends both to one node.
+        One round trip. Returns ``[acquired, stored bytes, [newest entry]]``, any
+        of them possibly the error Redis answered for that command: a follower
+        reads the wake stream from that entry on, so it never takes an earlier
+        fill's signal for this one's. The keys share a slot, so a cluster
+        pipeline sends them all to one node.
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.set(lock_key, token, nx=True, px=lease_ms)
         pipe.get(key)
+        pipe.xrevrange(wake_key, count=1)
         return pipe.execute(raise_on_error=False)
 
-    def release(self, lock_key: str, wake_key: str, token: str, wake_ttl_ms: int) -> Any:
+    def release(
+        self, lock_key: str, wake_key: str, token: str, wake_ttl_ms: int, result: str = "stored"
+    ) -> Any:
         """Run :data:`RELEASE_SCRIPT`: delete the lock if it is still ours, then wake followers."""
-        return self._release(keys=[lock_key, wake_key], args=[token, wake_ttl_ms])
+        return self._release(keys=[lock_key, wake_key], args=[token, wake_ttl_ms, result])
 
     def wait(self, wake_key: str, last_id: str, block_ms: int) -> Any:
         """``XREAD BLOCK block_ms STREAMS wake_key last_id``: a leader's signal, or a time-out."""

@@ -9,16 +9,20 @@ the steps with a blocking or an asyncio client; neither makes a decision.
 One miss, for a dataset with a fill policy:
 
 1. ``SET lock NX PX lease_ms`` with a fresh token, and in the same round trip
-   ``GET key``: the **recheck**. Between this caller's miss and its lock,
-   another leader may have written the value and released; without the recheck
-   every such race would call the upstream again (and a caller that did not get
-   the lock returns that value at once).
+   ``GET key`` (the **recheck**) and the newest entry of the wake stream.
+   Between this caller's miss and its lock, another leader may have written the
+   value and released; without the recheck every such race would call the
+   upstream again (and a caller that did not get the lock returns that value at
+   once).
 2. Acquired and still a miss: fetch, write one ``SET key payload PX ttl``,
-   release token-safely and wake followers.
-3. Not acquired: follow. Block on the wake stream for the current backoff
-   interval (the leader signals it as it releases), then read the **data** key,
-   never the lock key: the value is the source of truth, and a follower returns
-   as soon as it lands. After ``wait_ms``, fetch uncoordinated.
+   release token-safely and wake followers with how the fill ended
+   (:data:`STORED`, :data:`RETURNED_NONE` or :data:`RAISED` and the type name).
+3. Not acquired: follow. Block on the wake stream, after the entry step 1 saw,
+   for the current backoff interval, then read the **data** key, never the lock
+   key: the value is the source of truth, and a follower returns as soon as it
+   lands. A signal that the fetch returned ``None`` or raised is the answer
+   itself, stored or not (``negative_ttl_s = 0`` stores neither). After
+   ``wait_ms``, fetch uncoordinated.
 4. A Redis error anywhere in the lock path: fall back to a plain local fetch
    (the caller's process already coalesced its own callers). Whatever a command
    raises counts as a Redis error, not only redis-py's ``RedisError``: a client
@@ -52,8 +56,9 @@ from memofill.commands import (
     Commands,
     RedisUnavailable,
     is_unreachable,
-    last_entry_id,
     new_token,
+    newest_entry,
+    stream_entries,
 )
 from memofill.errors import FillError
 from memofill.fallback import Breaker
@@ -66,6 +71,15 @@ MAX_ERROR_TTL_MS = 30_000
 #: The ``error`` of a leader whose lock was gone, or another's, when it released: its fetch
 #: outlived ``lease_ms`` (or Redis lost the lock), so a second leader may have fetched too.
 LEASE_EXPIRED = "LeaseExpired"
+#: In the leader's wake entry, how its fill ended. This one says a value (or a marker)
+#: is under the key, to be read.
+STORED = "stored"
+#: In the wake entry, the fetch returned ``None``, which is then the followers' answer,
+#: stored as a marker or not.
+RETURNED_NONE = "none"
+#: In the wake entry, the fetch raised; followed by the exception's type name (never
+#: its message).
+RAISED = "error:"
 
 
 @attrs.frozen
@@ -143,9 +157,11 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     if not plan.redis_ok:
         error = plan.redis_error or RedisUnavailable.__name__
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error))
-    lock, token = lock_key(plan.redis_key), new_token()
+    lock, token, wake = lock_key(plan.redis_key), new_token(), wake_key(plan.redis_key)
     try:
-        acquired, recheck = yield Command("acquire", (lock, token, policy.lease_ms, plan.redis_key))
+        acquired, recheck, newest = yield Command(
+            "acquire", (lock, token, policy.lease_ms, plan.redis_key, wake)
+        )
         if isinstance(acquired, Exception):
             raise acquired
     except Exception as exc:  # from Redis: see the module doc
@@ -156,7 +172,9 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     landed = None if isinstance(recheck, Exception) else _landed(plan, recheck, 0, 0.0)
     if landed is not None:
         return landed
-    return (yield from _follow(plan, policy, clock, rng))
+    # Signals from here on are this fill's: an earlier fill's entry may still be there.
+    since, _ = ("0-0", None) if isinstance(newest, Exception) else newest_entry(newest, "0-0")
+    return (yield from _follow(plan, policy, clock, rng, since))
 
 
 def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) -> Steps:
@@ -167,7 +185,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     found = CORRUPT if recheck is None else decode_any(recheck)
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
         _, release_error = yield from _write_and_release(
-            plan, policy, lock, token, payload=None, ttl_ms=0
+            plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
         )
         value = None if found is NEGATIVE else found
         error = release_error or error
@@ -177,11 +195,15 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     except Exception as exc:
         marker_ms = min(MAX_ERROR_TTL_MS, plan.negative_ttl_ms)
         marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
-        yield from _write_and_release(plan, policy, lock, token, payload=marker, ttl_ms=marker_ms)
+        raised = RAISED + type(exc).__name__
+        yield from _write_and_release(
+            plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised
+        )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
     payload, ttl_ms, encode_error = _stored_form(plan, value)
+    told = RETURNED_NONE if value is None else STORED
     write_error, release_error = yield from _write_and_release(
-        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms
+        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told
     )
     outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
     # Report the first thing that went wrong: a failed recheck, then the write, then the release.
@@ -213,11 +235,14 @@ def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Resu
     )
 
 
-def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: random.Random) -> Steps:
+def _follow(
+    plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: random.Random, since: str
+) -> Steps:
+    """Wait for the value: woken by the leader's signal after ``since``, or on a timer."""
     wake = wake_key(plan.redis_key)
     start = clock()
     deadline = start + policy.wait_ms / 1000
-    interval_ms, polls, last_id, wake_error = float(policy.poll_min_ms), 0, "0-0", None
+    interval_ms, polls, last_id, wake_error = float(policy.poll_min_ms), 0, since, None
     while (remaining_ms := (deadline - clock()) * 1000) > 0:
         # Jitter within the upper half of the interval, but never under poll_min_ms: that is
         # the shortest wait the policy allows between two reads.
@@ -229,7 +254,10 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
             if wake_error:
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
-            last_id = last_entry_id(reply, last_id)
+            last_id, told = newest_entry(stream_entries(reply), last_id)
+            if told is not None and told != STORED:
+                # None or a failure: the leader's word is the answer, stored or not.
+                return _told(plan, told, polls, (clock() - start) * 1000)
         except Exception as exc:  # from Redis: see the module doc
             # The data key stays the source of truth: poll it on a timer.
             wake_error = wake_error or type(exc).__name__
@@ -250,6 +278,17 @@ def _follow(plan: Plan, policy: CacheFill, clock: Callable[[], float], rng: rand
     waited = (clock() - start) * 1000
     result = yield from _uncoordinated(plan, Outcome.FOLLOWER_TIMEOUT)
     return attrs.evolve(result, waited_ms=waited, polls=polls)
+
+
+def _told(plan: Plan, told: str, polls: int, waited_ms: float) -> Result:
+    """A follower's result from the leader's word alone: ``None``, or its fetch's failure."""
+    if told.startswith(RAISED):
+        error = told.removeprefix(RAISED)
+        failure = FillError(plan.dataset, plan.redis_key, error)
+        return Result(
+            Outcome.FETCH_ERROR, exception=failure, waited_ms=waited_ms, polls=polls, error=error
+        )
+    return Result(Outcome.FOLLOWER_HIT, value=None, waited_ms=waited_ms, polls=polls)
 
 
 def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> Steps:
@@ -288,7 +327,14 @@ def _stored_form(plan: Plan, value: Any) -> tuple[bytes | None, int, str | None]
 
 
 def _write_and_release(
-    plan: Plan, policy: CacheFill, lock: str, token: str, *, payload: bytes | None, ttl_ms: int
+    plan: Plan,
+    policy: CacheFill,
+    lock: str,
+    token: str,
+    *,
+    payload: bytes | None,
+    ttl_ms: int,
+    result: str,
 ) -> Generator[Step, Any, tuple[str | None, str | None]]:
     """Write ``payload`` (if any), then release token-safely and wake followers.
 
@@ -306,7 +352,9 @@ def _write_and_release(
             write_error = type(exc).__name__
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
-        released = yield Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms))
+        released = yield Command(
+            "release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms, result)
+        )
     except Exception as exc:  # from Redis: see the module doc
         return write_error, type(exc).__name__
     return write_error, (None if released else LEASE_EXPIRED)

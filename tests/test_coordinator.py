@@ -46,7 +46,12 @@ POLICY = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=20
 VALUE = {"answer": 42}
 PAYLOAD = encode(VALUE)
 #: A reply to XREAD that carries one entry: the leader signalled.
-WOKEN = [[WAKE.encode(), [(b"1700000000000-0", {b"filled": b"1"})]]]
+WOKEN = [[WAKE.encode(), [(b"1700000000000-0", {b"result": b"stored"})]]]
+
+
+def woken(result: bytes, entry_id: bytes = b"1700000000000-0") -> list[Any]:
+    """An XREAD reply whose one entry says how the leader's fill ended."""
+    return [[WAKE.encode(), [(entry_id, {b"result": result})]]]
 
 
 class FakeClock:
@@ -88,11 +93,12 @@ class Driver:
     acquired, the data key is missing, writes and releases succeed, and a
     blocking wait times out after its full block time.
 
-    ``acquire`` is a pipeline (``SET NX`` then the recheck ``GET``), answered as
-    Redis answers one: ``[acquired, stored]`` from the ``acquire`` and ``get``
-    scripts (a follower's ``get`` is its first poll, so only a leader's recheck
-    takes a ``get`` reply). A command error Redis would answer becomes that
-    element; an unreachable Redis fails the whole step.
+    ``acquire`` is a pipeline (``SET NX``, the recheck ``GET``, the newest wake
+    entry), answered as Redis answers one: ``[acquired, stored, entries]`` from
+    the ``acquire``, ``get`` and ``newest`` scripts (a follower's ``get`` is its
+    first poll, so only a leader's recheck takes a ``get`` reply; ``newest``
+    defaults to an empty stream). A command error Redis would answer becomes
+    that element; an unreachable Redis fails the whole step.
     """
 
     def __init__(
@@ -117,6 +123,8 @@ class Driver:
             return []
         if step.name == "release":
             return 1
+        if step.name == "newest":
+            return []
         return True
 
     def answer(self, step: Any) -> Any:
@@ -129,7 +137,8 @@ class Driver:
         if step.name == "acquire":
             acquired = self.element(step, "acquire")
             recheck = Command("get", (step.args[3],))
-            return [acquired, self.element(recheck, "get") if acquired is True else None]
+            newest = self.element(Command("newest", (step.args[4],)), "newest")
+            return [acquired, self.element(recheck, "get") if acquired is True else None, newest]
         return self.reply(step)
 
     def reply(self, step: Command) -> Any:
@@ -239,8 +248,8 @@ def test_acquire_takes_the_derived_lock_with_a_fresh_token_and_the_lease() -> No
     first.run()
     second.run()
     (acquire,) = first.commands("acquire")
-    lock, token, lease, recheck_key = acquire.args
-    assert (lock, lease, recheck_key) == (LOCK, POLICY.lease_ms, KEY)
+    lock, token, lease, recheck_key, wake = acquire.args
+    assert (lock, lease, recheck_key, wake) == (LOCK, POLICY.lease_ms, KEY, WAKE)
     assert token != second.commands("acquire")[0].args[1]
     assert len(token) >= 32
 
@@ -254,10 +263,11 @@ def test_leader_fill_rechecks_fetches_writes_then_releases_with_its_token() -> N
     assert result.payload_bytes == len(PAYLOAD)
     assert result.error is None
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    lock_arg, token, lease_ms, recheck_key = driver.commands("acquire")[0].args
-    assert (lock_arg, lease_ms, recheck_key) == (LOCK, POLICY.lease_ms, KEY)
+    lock_arg, token, lease_ms, recheck_key, wake_arg = driver.commands("acquire")[0].args
+    assert (lock_arg, lease_ms, recheck_key, wake_arg) == (LOCK, POLICY.lease_ms, KEY, WAKE)
     assert driver.commands("write")[0].args == (KEY, PAYLOAD, 60_000)
-    lock, wake, released_token, wake_ttl = driver.commands("release")[0].args
+    lock, wake, released_token, wake_ttl, told = driver.commands("release")[0].args
+    assert told == "stored"
     assert (lock, wake, released_token) == (LOCK, WAKE, token)
     assert wake_ttl >= POLICY.poll_max_ms
 
@@ -425,7 +435,7 @@ def landed(driver: Driver, stored: bytes) -> Callable[[Any], Any]:
 
     def with_stored(step: Any) -> Any:
         reply = answer(step)
-        return [reply[0], stored] if getattr(step, "name", None) == "acquire" else reply
+        return [reply[0], stored, reply[2]] if getattr(step, "name", None) == "acquire" else reply
 
     return with_stored
 
@@ -460,6 +470,48 @@ def test_follower_blocks_after_the_last_entry_it_saw() -> None:
     assert result.outcome is Outcome.FOLLOWER_HIT
     assert result.polls == 2
     assert [c.args[1] for c in driver.commands("wait")] == ["0-0", "1700000000000-0"]
+
+
+def test_follower_reads_the_wake_stream_only_after_the_entry_its_lock_attempt_saw() -> None:
+    earlier = [(b"1699999999999-0", {b"result": b"none"})]  # an earlier fill's signal
+    driver = follower({"newest": [earlier], "wait": [WOKEN], "get": [PAYLOAD]})
+    result = driver.run()
+    assert result.outcome is Outcome.FOLLOWER_HIT
+    assert result.value == VALUE  # not the earlier fill's None
+    assert driver.commands("wait")[0].args[1] == "1699999999999-0"
+
+
+def test_a_follower_told_the_fetch_returned_none_returns_none_without_a_read() -> None:
+    driver = follower({"wait": [woken(b"none")]}, fetch=raise_boom)
+    result = driver.run(make_plan(negative_ttl_ms=0))
+    assert result.outcome is Outcome.FOLLOWER_HIT
+    assert result.value is None
+    assert result.exception is None
+    assert driver.names() == ["acquire", "wait"]
+    assert driver.fetches == 0
+
+
+def test_a_follower_told_the_fetch_raised_raises_at_once_without_a_marker() -> None:
+    driver = follower({"wait": [woken(b"error:Boom")]})
+    result = driver.run(make_plan(negative_ttl_ms=0))
+    assert result.outcome is Outcome.FETCH_ERROR
+    assert isinstance(result.exception, FillError)
+    assert result.error == "Boom"
+    assert driver.names() == ["acquire", "wait"]
+    assert driver.fetches == 0
+    assert driver.clock.now - 1000.0 < POLICY.wait_ms / 1000  # well before wait_ms
+
+
+@pytest.mark.parametrize(
+    ("fetch", "told"),
+    [(lambda: VALUE, "stored"), (lambda: None, "none"), (raise_boom, "error:Boom")],
+)
+def test_the_leader_tells_the_followers_how_its_fill_ended(
+    fetch: Callable[[], Any], told: str
+) -> None:
+    driver = Driver(fetch=fetch)
+    driver.run(make_plan(negative_ttl_ms=0))
+    assert driver.commands("release")[0].args[4] == told
 
 
 def test_follower_never_reads_the_lock_key() -> None:

@@ -656,7 +656,7 @@ def test_the_follower_measures_wait_ms_on_the_clock_it_is_given(
         if step is FETCH:
             reply = {"name": "x"}
         elif step.name == "acquire":
-            reply = [None, None]  # another process holds the lock; no value yet
+            reply = [None, None, []]  # another process holds the lock; no value, no signal
         elif step.name == "wait":
             blocked_ms.append(step.args[2])
             now[0] += step.args[2] / 1000  # the XREAD blocks its full time

@@ -21,7 +21,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from memofill import Memofill
+from memofill import CacheFill, Dataset, FillError, Memofill
 from memofill.codec import encode
 from memofill.keys import lock_key, wake_key
 from tests.conftest import POLICIES
@@ -166,9 +166,10 @@ def test_followers_never_read_the_lock_key_across_processes(
     assert_lock_untouched_but_by_set_nx_and_release(monitor, lock)
     set_nx = [w for s, w in monitor.touching(lock) if s == "client" and w[0] == "SET"]
     assert 1 <= len(set_nx) <= 4
-    # Followers waited on the wake stream and read the data key, nothing else.
+    # Followers noted the newest wake entry with their lock attempt, waited on the wake
+    # stream and read the data key, nothing else.
     for _, words in monitor.touching(wake_key(key)):
-        assert words[0] in {"XREAD", "EVALSHA", "EVAL", "XADD", "PEXPIRE"}, words
+        assert words[0] in {"XREVRANGE", "XREAD", "EVALSHA", "EVAL", "XADD", "PEXPIRE"}, words
 
 
 def test_a_warm_key_costs_one_get_per_call_and_nothing_else(
@@ -465,3 +466,67 @@ def test_while_redis_is_down_recent_values_are_served_locally_then_redis_again(
     assert fetch.call_with_outcome("warm").outcome == "hit"
     assert calls == ["warm", "cold", "warm"]
     client.close()
+
+
+# -- followers are told how a fill ended, even when nothing was stored --------------------------
+
+
+@pytest.mark.parametrize("ending", ["raises", "returns None"])
+def test_without_negative_entries_followers_are_told_at_once(
+    real_client: redis.Redis, prefix: str, ending: str
+) -> None:
+    """``negative_ttl_s = 0``: no marker under the key, yet no follower waits out ``wait_ms``."""
+    quiet = Dataset(
+        "told:{name}",
+        ttl_s=60,
+        negative_ttl_s=0,
+        cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250),
+    )
+    leader_fetches, follower_fetches = [], []
+
+    def leader_fetch(name: str) -> Any:
+        leader_fetches.append(name)
+        time.sleep(0.3)
+        if ending == "raises":
+            raise LookupError("upstream said no")
+        return None
+
+    def follower_fetch(name: str) -> Any:
+        follower_fetches.append(name)
+        return {"name": name}
+
+    # Two instances: two processes' worth of coordination, without process-local joining.
+    leader = Memofill(real_client, prefix=prefix, policies={quiet.key: quiet})
+    follower = Memofill(real_client, prefix=prefix, policies={quiet.key: quiet})
+    lead = leader.cached_dataset(quiet.key)(leader_fetch)
+    follow = follower.cached_dataset(quiet.key)(follower_fetch)
+    outcome: dict[str, Any] = {}
+
+    def run_leader() -> None:
+        try:
+            outcome["leader"] = lead.call_with_outcome("x")
+        except LookupError as exc:
+            outcome["leader"] = exc
+
+    thread = threading.Thread(target=run_leader)
+    thread.start()
+    time.sleep(0.1)  # the leader holds the lock and is fetching
+    started = time.monotonic()
+    try:
+        outcome["follower"] = follow.call_with_outcome("x")
+    except FillError as exc:
+        outcome["follower"] = exc
+    waited = time.monotonic() - started
+    thread.join()
+
+    assert leader_fetches == ["x"]
+    assert follower_fetches == []
+    assert waited < 1.0  # the leader's 0.2 s left, not wait_ms (3 s)
+    assert real_client.exists(lead.redis_key("x")) == 0  # nothing was stored
+    if ending == "raises":
+        assert isinstance(outcome["leader"], LookupError)
+        assert isinstance(outcome["follower"], FillError)
+        assert "LookupError" in str(outcome["follower"])
+    else:
+        assert outcome["leader"].outcome == "negative"
+        assert (outcome["follower"].value, outcome["follower"].outcome) == (None, "follower_hit")

@@ -54,7 +54,9 @@ class LockHolder:
     def acquire(self) -> None:
         """Take the lock for the dataset's ``lease_ms`` (``lock_held`` does this)."""
         lease_ms = self._cache_fill.lease_ms
-        acquired, _ = self._commands.acquire(self.lock_key, self._token, lease_ms, self.redis_key)
+        acquired, _, _ = self._commands.acquire(
+            self.lock_key, self._token, lease_ms, self.redis_key, wake_key(self.redis_key)
+        )
         if acquired is not True:
             raise RuntimeError(f"the lock {self.lock_key!r} is already held")
 
