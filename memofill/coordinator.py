@@ -16,12 +16,14 @@ One miss, for a dataset with a fill policy:
    once).
 2. Acquired and still a miss: fetch, write one ``SET key payload PX ttl``,
    release token-safely and wake followers with how the fill ended
-   (:data:`STORED`, :data:`RETURNED_NONE` or :data:`RAISED` and the type name).
+   (:data:`STORED`, :data:`RETURNED_NONE`, or :data:`RAISED` or
+   :data:`UNSTORED` and an error's type name).
 3. Not acquired: follow. Block on the wake stream, after the entry step 1 saw,
    for the current backoff interval, then read the **data** key, never the lock
    key: the value is the source of truth, and a follower returns as soon as it
    lands. A signal that the fetch returned ``None`` or raised is the answer
-   itself, stored or not (``negative_ttl_s = 0`` stores neither). After
+   itself, stored or not (``negative_ttl_s = 0`` stores neither); one that the
+   value could not be stored sends the follower to fetch at once. After
    ``wait_ms``, fetch uncoordinated.
 4. A Redis error anywhere in the lock path: fall back to a plain local fetch
    (the caller's process already coalesced its own callers). Whatever a command
@@ -80,6 +82,9 @@ RETURNED_NONE = "none"
 #: In the wake entry, the fetch raised; followed by the exception's type name (never
 #: its message).
 RAISED = "error:"
+#: In the wake entry, the fetch returned a value that could not be stored (not JSON, or
+#: the write failed); followed by the error's type name. Followers then fetch at once.
+UNSTORED = "unstored:"
 
 
 @attrs.frozen
@@ -201,7 +206,10 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
     payload, ttl_ms, encode_error = _stored_form(plan, value)
-    told = RETURNED_NONE if value is None else STORED
+    if value is None:
+        told = RETURNED_NONE
+    else:
+        told = STORED if encode_error is None else UNSTORED + encode_error
     write_error, release_error = yield from _write_and_release(
         plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told
     )
@@ -255,6 +263,12 @@ def _follow(
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
             last_id, told = newest_entry(stream_entries(reply), last_id)
+            if told is not None and told.startswith(UNSTORED):
+                # The value will not appear: fetch now rather than after wait_ms.
+                waited = (clock() - start) * 1000
+                error = told.removeprefix(UNSTORED)
+                result = yield from _uncoordinated(plan, Outcome.FOLLOWER_TIMEOUT, error)
+                return attrs.evolve(result, waited_ms=waited, polls=polls)
             if told is not None and told != STORED:
                 # None or a failure: the leader's word is the answer, stored or not.
                 return _told(plan, told, polls, (clock() - start) * 1000)
@@ -338,6 +352,8 @@ def _write_and_release(
 ) -> Generator[Step, Any, tuple[str | None, str | None]]:
     """Write ``payload`` (if any), then release token-safely and wake followers.
 
+    ``result`` is what the wake entry tells the followers; a value whose write
+    failed is told as :data:`UNSTORED`, so that they do not wait for it.
     Returns the errors worth reporting, ``(write, release)``: a Redis error, or
     :data:`LEASE_EXPIRED` when the lock no longer held this caller's token. On a
     release error the lock simply expires after ``lease_ms``. Two round trips,
@@ -350,6 +366,7 @@ def _write_and_release(
             yield Command("write", (plan.redis_key, payload, ttl_ms))
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
+            result = UNSTORED + write_error if result == STORED else result
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
         released = yield Command(

@@ -16,7 +16,7 @@ from typing import Any
 import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memofill.codec import NEGATIVE_MARKER, encode, error_marker
@@ -504,7 +504,12 @@ def test_a_follower_told_the_fetch_raised_raises_at_once_without_a_marker() -> N
 
 @pytest.mark.parametrize(
     ("fetch", "told"),
-    [(lambda: VALUE, "stored"), (lambda: None, "none"), (raise_boom, "error:Boom")],
+    [
+        (lambda: VALUE, "stored"),
+        (lambda: None, "none"),
+        (raise_boom, "error:Boom"),
+        (lambda: {"tags": {1, 2}}, "unstored:TypeError"),
+    ],
 )
 def test_the_leader_tells_the_followers_how_its_fill_ended(
     fetch: Callable[[], Any], told: str
@@ -512,6 +517,23 @@ def test_the_leader_tells_the_followers_how_its_fill_ended(
     driver = Driver(fetch=fetch)
     driver.run(make_plan(negative_ttl_ms=0))
     assert driver.commands("release")[0].args[4] == told
+
+
+def test_a_value_whose_write_failed_is_told_as_unstored() -> None:
+    driver = Driver({"write": [OutOfMemoryError("OOM")]})
+    result = driver.run()
+    assert result.error == "OutOfMemoryError"
+    assert driver.commands("release")[0].args[4] == "unstored:OutOfMemoryError"
+
+
+def test_a_follower_told_the_value_was_not_stored_fetches_at_once() -> None:
+    driver = follower({"wait": [woken(b"unstored:TypeError")]})
+    result = driver.run()
+    assert result.outcome is Outcome.FOLLOWER_TIMEOUT
+    assert result.value == VALUE
+    assert result.error == "TypeError"
+    assert driver.names() == ["acquire", "wait", "FETCH", "write"]
+    assert driver.clock.now - 1000.0 < POLICY.wait_ms / 1000
 
 
 def test_follower_never_reads_the_lock_key() -> None:
