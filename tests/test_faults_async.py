@@ -120,7 +120,7 @@ def outcomes(results: list[Any]) -> Counter[str]:
         "cancelled"
         if isinstance(r, asyncio.CancelledError)
         else "timeout"
-        if isinstance(r, TimeoutError)
+        if isinstance(r, (TimeoutError, asyncio.TimeoutError))  # one class from Python 3.11
         else type(r).__name__
         if isinstance(r, BaseException)
         else r.outcome
