@@ -367,18 +367,21 @@ class _Miss:
     that run the fill differ (:meth:`run_sync`, :meth:`run_async`).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  # one call site per lookup, the lookup's own locals
         self,
         binding: _Binding,
         key: str,
         started: float,
-        *,
         commands: Commands | None,
         error: Exception | None,
-        fetch: Callable[[], Any],
+        wrapped: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        self.binding, self.key, self.started = binding, key, started
-        self.commands, self.fetch = commands, fetch
+        self.binding, self.key, self.started, self.commands = binding, key, started, commands
+        # ``wrapped`` is None for a direct call: the decorated function, as it is now.
+        function = binding.current_function() if wrapped is None else wrapped
+        self.fetch: Callable[[], Any] = lambda: function(*args, **kwargs)
         self.plan = self._plan(error)
 
     def _plan(self, error: Exception | None) -> Plan:
@@ -477,9 +480,7 @@ def _lookup_sync(
                 return CallResult(value, HIT, False) if with_outcome else value
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
-        function = binding.current_function() if wrapped is None else wrapped
-        fetch = lambda: function(*args, **kwargs)  # noqa: E731
-        miss = _Miss(binding, key, started, commands=commands, error=error, fetch=fetch)
+        miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
         served = miss.finish(*binding.memofill.thread_flights.run(key, miss.run_sync))
     return served if with_outcome else served.value
 
@@ -505,8 +506,6 @@ async def _lookup_async(
                 return CallResult(value, HIT, False) if with_outcome else value
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
-        function = binding.current_function() if wrapped is None else wrapped
-        fetch = lambda: function(*args, **kwargs)  # noqa: E731
-        miss = _Miss(binding, key, started, commands=commands, error=error, fetch=fetch)
+        miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
         served = miss.finish(*await binding.memofill.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
