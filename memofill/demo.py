@@ -73,6 +73,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def private_server_command(executable: str, port: int, directory: str) -> list[str]:
+    """A ``redis-server`` on loopback ``port`` that keeps nothing on disk (demo and tests)."""
+    return [
+        executable,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        directory,
+    ]
+
+
 @contextlib.contextmanager
 def embedded_redis() -> Iterator[tuple[str, str]]:
     """Start a private Redis for the demo; yields ``(url, kind)`` and stops it on exit."""
@@ -80,19 +97,7 @@ def embedded_redis() -> Iterator[tuple[str, str]]:
     if server is not None:
         port, directory = _free_port(), tempfile.mkdtemp(prefix="memofill-demo-")
         process = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-            ],
+            private_server_command(server, port, directory),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

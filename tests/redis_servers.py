@@ -21,6 +21,8 @@ from pathlib import Path
 
 import redis
 
+from memofill.demo import private_server_command
+
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 
@@ -86,17 +88,7 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         assert REDIS_SERVER is not None
         args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
+            *private_server_command(REDIS_SERVER, self.port, str(self.directory)),
             "--logfile",
             str(self.directory / f"redis-{self.port}.log"),
             *self.extra,
