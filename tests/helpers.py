@@ -36,3 +36,13 @@ def notify_after_acquire(mf: Memofill) -> threading.Event:
 
         commands.acquire = acquire
     return tried
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now

@@ -18,15 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from memofill import Memofill
 from memofill.fallback import MAX_LOCAL_ENTRIES, MAX_LOCAL_TTL_S, Breaker, LocalStore
 from tests.conftest import POLICIES
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.helpers import FakeClock
 
 # --- LocalStore ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from memofill.fallback import REFRESH_S, LocalStore
 from memofill.keys import FieldText, format_argument
 from memofill.outcomes import Counters, Tally
 from tests.conftest import POLICIES
+from tests.helpers import FakeClock
 
 
 @pytest.fixture
@@ -150,16 +151,8 @@ def test_override_gives_decorated_functions_fresh_counters(mf: Memofill) -> None
 # --- the locally kept copy -----------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_remember_refreshes_the_kept_copy_at_most_once_per_refresh_interval() -> None:
-    clock = Clock()
+    clock = FakeClock()
     store = LocalStore(clock=clock)
     store.remember("k", "v1", ttl_s=60)
     clock.now += REFRESH_S / 2
