@@ -12,11 +12,19 @@ from memofill.errors import (
     RegistryLoadError,
     UnknownDatasetError,
 )
-from memofill.instance import Memofill, cached_dataset, configure
+from memofill.instance import (
+    NO_CLIENT,
+    Memofill,
+    cached_dataset,
+    configure,
+    default_instance,
+    disabled,
+)
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate
 
 __all__ = [
+    "NO_CLIENT",
     "CacheFill",
     "CachedDataset",
     "CallResult",
@@ -34,6 +42,8 @@ __all__ = [
     "UnknownDatasetError",
     "cached_dataset",
     "configure",
+    "default_instance",
+    "disabled",
     "load_policies",
     "validate",
 ]

@@ -128,6 +128,9 @@ class Plan:
     redis_error: str | None = None
     #: A blocking wait must return before the client's socket time-out.
     block_limit_ms: float | None = None
+    #: A refresh: fetch even over a value present. The recheck no longer ends the fill,
+    #: and a follower waits for the leader's word rather than take the value it replaces.
+    refresh: bool = False
 
 
 @attrs.frozen
@@ -174,7 +177,8 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     if acquired:
         return (yield from _lead(plan, policy, lock, token, recheck))
     # The value may have landed since this caller's miss: then there is nothing to wait for.
-    landed = None if isinstance(recheck, Exception) else _landed(plan, recheck, 0, 0.0)
+    reusable = not plan.refresh and not isinstance(recheck, Exception)
+    landed = _landed(plan, recheck, 0, 0.0) if reusable else None
     if landed is not None:
         return landed
     # Signals from here on are this fill's: an earlier fill's entry may still be there.
@@ -187,7 +191,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     error = None
     if isinstance(recheck, Exception):
         recheck, error = None, type(recheck).__name__
-    found = CORRUPT if recheck is None else decode_any(recheck)
+    found = CORRUPT if recheck is None or plan.refresh else decode_any(recheck)
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
         _, release_error = yield from _write_and_release(
             plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
@@ -272,6 +276,8 @@ def _follow(
             if told is not None and told != STORED:
                 # None or a failure: the leader's word is the answer, stored or not.
                 return _told(plan, told, polls, (clock() - start) * 1000)
+            if plan.refresh and told is None:
+                continue  # the key still holds the value being replaced: wait for the word
         except Exception as exc:  # from Redis: see the module doc
             # The data key stays the source of truth: poll it on a timer.
             wake_error = wake_error or type(exc).__name__

@@ -9,7 +9,9 @@ one decode on a hit; only a miss enters :mod:`memofill.coordinator`.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import itertools
 import logging
 import random
 import time
@@ -23,13 +25,14 @@ from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_sp
 from memofill.commands import Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
-from memofill.fallback import Breaker
+from memofill.fallback import Breaker, LocalStore
 from memofill.keys import FieldText, KeyTemplate
-from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
+from memofill.outcomes import DISABLED, FALLBACK_HIT, HIT, Counters, MissRecord, Outcome
 from memofill.policy import Dataset
+from memofill.singleflight import TaskFlights, ThreadFlights
 
 if TYPE_CHECKING:
-    from memofill.instance import Memofill
+    from memofill.instance import Memofill, State
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -40,6 +43,14 @@ _T = TypeVar("_T")
 logger = logging.getLogger("memofill")
 _NO_DEFAULT: Any = inspect.Parameter.empty
 _rng = random.Random()
+
+#: ``True`` inside ``memofill.disabled()``: calls go straight to the function.
+bypassing: contextvars.ContextVar[bool] = contextvars.ContextVar("memofill_disabled", default=False)
+#: How many ``disabled()`` blocks are open in the process, any thread or task; while there
+#: is one, bindings are built gated, so that only then does a call read :data:`bypassing`.
+open_blocks = 0
+#: Ticks once per call that runs without a client: only the first logs the warning.
+_no_client_calls = itertools.count()
 
 
 @attrs.frozen
@@ -137,44 +148,89 @@ def _argument_reader(field: _Field, dataset: str, before: str = "", after: str =
     return read
 
 
-@attrs.define(slots=True)
-class _Binding:
-    """What one decorated function's calls read, refreshed when its instance is reconfigured.
+class _Bypass:
+    def __repr__(self) -> str:
+        return "BYPASS"
 
-    The calls hold this object, not the wrapper: attributes of a slotted class
-    are read several times faster than a wrapt proxy's, and the hit path reads
-    them on every call.
+
+#: What :meth:`_Binding.gate` returns when caching is off for this call.
+BYPASS: Any = _Bypass()
+
+
+@attrs.frozen
+class _Binding:
+    """What one decorated function's calls read: one immutable snapshot of its configuration.
+
+    Reconfiguring the instance builds a new snapshot and swaps one reference, so
+    a call that took a snapshot sees one configuration from start to end, never
+    a prefix of one and a client of another. The calls hold this object, not
+    the wrapper: attributes of a slotted class are read several times faster
+    than a wrapt proxy's, and the hit path reads them on every call.
     """
 
-    memofill: Memofill
     key: str
-    fields: tuple[_Field, ...]
     is_async: bool
-    dataset: Dataset = attrs.field(init=False)
-    key_of: KeyBuilder = attrs.field(init=False)
-    count_hit: Callable[[], object] = attrs.field(init=False)
-    ttl_s: float = attrs.field(init=False)
-    #: The client's commands, or ``None`` (no client, or a client of the wrong kind).
-    commands: Commands | None = attrs.field(init=False)
-    #: Why ``commands`` is ``None`` when that is a mistake, raised at every call.
-    misconfigured: str | None = attrs.field(init=False)
     #: The decorated function as it is now (``__wrapped__`` may be replaced after decoration).
-    current_function: Callable[[], Callable[..., Any]] = attrs.field(init=False)
+    current_function: Callable[[], Callable[..., Any]]
+    dataset: Dataset
+    key_of: KeyBuilder
+    count_hit: Callable[[], object]
+    ttl_s: float
+    #: The client's commands, or ``None`` (no client, or a client of the wrong kind).
+    commands: Commands | None
+    #: Whether a call must ask :meth:`gate` first (``False`` on the common, cached path).
+    gated: bool
+    #: Why ``commands`` is ``None`` when that is a mistake, raised at every call.
+    misconfigured: str | None
+    #: Caching is off for the whole process (``MEMOFILL_DISABLED``).
+    disabled: bool
+    counters: Counters
+    local_store: LocalStore
+    breaker: Breaker
+    thread_flights: ThreadFlights[Result]
+    task_flights: TaskFlights[Result]
 
-    def refresh(self) -> None:
-        """Take the instance's current policy, prefix, client and hit tally."""
-        memofill = self.memofill
-        self.dataset = memofill.policy(self.key)
-        self.key_of = compile_key(memofill.prefix, self.dataset.template, self.fields, self.key)
-        self.count_hit = memofill.counters.hit_tally(self.key).add
-        self.ttl_s = self.dataset.ttl_s
+    @classmethod
+    def build(
+        cls,
+        state: State,
+        key: str,
+        fields: tuple[_Field, ...],
+        is_async: bool,
+        current_function: Callable[[], Callable[..., Any]],
+    ) -> _Binding:
+        """The snapshot of ``state`` (the instance's configuration) for one function."""
+        dataset = state.policy(key)
         try:
-            self.commands, self.misconfigured = memofill.commands_for(self.is_async), None
+            commands, misconfigured = state.commands_for(is_async), None
         except ConfigurationError as exc:
-            self.commands, self.misconfigured = None, str(exc)
+            commands, misconfigured = None, str(exc)
+        return cls(
+            key=key,
+            is_async=is_async,
+            current_function=current_function,
+            dataset=dataset,
+            key_of=compile_key(state.prefix, dataset.template, fields, key),
+            count_hit=state.counters.hit_tally(key).add,
+            ttl_s=dataset.ttl_s,
+            commands=commands,
+            gated=misconfigured is not None or state.disabled or open_blocks > 0,
+            misconfigured=misconfigured,
+            disabled=state.disabled,
+            counters=state.counters,
+            local_store=state.local_store,
+            breaker=state.breaker,
+            thread_flights=state.thread_flights,
+            task_flights=state.task_flights,
+        )
 
-    def commands_or_raise(self) -> Commands | None:
-        """:attr:`commands`, or the configuration mistake that left it out."""
+    def gate(self) -> Commands | None:
+        """:data:`BYPASS` when caching is off for this call, else :attr:`commands`.
+
+        Raises the configuration mistake that left ``commands`` out.
+        """
+        if self.disabled or bypassing.get():
+            return BYPASS  # type: ignore[no-any-return]
         if self.misconfigured is not None:
             raise ConfigurationError(self.misconfigured)
         return self.commands
@@ -183,8 +239,13 @@ class _Binding:
 class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
-    Besides being called, it offers :meth:`invalidate` and :meth:`call_with_outcome`.
+    Besides being called, it offers :meth:`invalidate`, :meth:`refresh` and
+    :meth:`call_with_outcome`.
     """
+
+    #: The calls' snapshot of the configuration now (see :class:`_Binding`).
+    _self_snapshot: Callable[[], _Binding]
+    _self_rebind: Callable[[State], None]
 
     def __new__(cls, wrapped: Callable[P, R], memofill: Memofill, key: str) -> CachedDataset[P, R]:
         # Each decorated function gets a class of its own, so that __init__ can give it a
@@ -196,8 +257,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     def __init__(self, wrapped: Callable[P, R], memofill: Memofill, key: str) -> None:
         is_async = inspect.iscoroutinefunction(wrapped)
         fields = compile_fields(memofill.policy(key).template, wrapped)
-        binding = _Binding(memofill, key, fields, is_async)
-        binding.refresh()
+        binding: _Binding
 
         lookup = _lookup_async if is_async else _lookup_sync
 
@@ -209,10 +269,15 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         def direct(self: Any, /, *args: Any, **kwargs: Any) -> Any:
             return lookup(binding, None, None, args, kwargs, with_outcome=False)
 
+        def rebind(state: State) -> None:
+            # One reference swapped: the calls above read it once, as one snapshot.
+            nonlocal binding
+            binding = _Binding.build(state, key, fields, is_async, lambda: self.__wrapped__)
+
         super().__init__(wrapped, through_wrapt)
         type(self).__call__ = direct  # type: ignore[method-assign,assignment]
-        binding.current_function = lambda: self.__wrapped__
-        self._self_cached = binding
+        self._self_rebind = rebind
+        self._self_snapshot = lambda: binding
         memofill._bind(self)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -228,10 +293,11 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     @property
     def dataset(self) -> Dataset:
         """The registry entry this function is cached under."""
-        return self._self_cached.dataset
+        return self._self_snapshot().dataset
 
-    def _rebind(self) -> None:
-        self._self_cached.refresh()
+    def _rebind(self, state: State) -> None:
+        """Take ``state``, the instance's configuration now (the instance calls this)."""
+        self._self_rebind(state)
 
     if TYPE_CHECKING:
         # What type checkers see of a method: the bound form keeps the helpers below.
@@ -251,24 +317,37 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The final Redis key a call with these arguments reads and fills."""
         instance = getattr(self, "_self_instance", None)
-        return self._self_cached.key_of(instance, args, kwargs)
+        return self._self_snapshot().key_of(instance, args, kwargs)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Delete the cached value for these arguments (awaitable for coroutine functions)."""
-        binding = self._self_cached
-        key = self.redis_key(*args, **kwargs)
-        binding.memofill.local_store.discard(key)
-        commands = binding.commands_or_raise()
-        if commands is None:
+        binding = self._self_snapshot()
+        instance = getattr(self, "_self_instance", None)
+        key = binding.key_of(instance, args, kwargs)
+        binding.local_store.discard(key)
+        commands = binding.gate() if binding.gated else binding.commands
+        if commands is None or commands is BYPASS:
             return _done(None) if binding.is_async else None
         return commands.delete(key)
 
     def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
-        binding = self._self_cached
+        binding = self._self_snapshot()
         lookup = _lookup_async if binding.is_async else _lookup_sync
         instance = getattr(self, "_self_instance", None)
         return lookup(binding, instance, self.__wrapped__, args, kwargs, with_outcome=True)
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Fill again now, even over a value present, and return the new value.
+
+        The fill is coordinated as a miss's is (it takes the lock; a caller that
+        finds the lock held waits for that fill's value, not the one it
+        replaces). Awaitable for coroutine functions.
+        """
+        binding = self._self_snapshot()
+        refresh = _refresh_async if binding.is_async else _refresh_sync
+        instance = getattr(self, "_self_instance", None)
+        return refresh(binding, instance, self.__wrapped__, args, kwargs)
 
 
 class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
@@ -279,9 +358,11 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
         def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
         def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
 
     else:
         invalidate = CachedDataset.invalidate
+        refresh = CachedDataset.refresh
         call_with_outcome = CachedDataset.call_with_outcome
         redis_key = CachedDataset.redis_key
 
@@ -311,7 +392,7 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     except DecodeError:
         return _NOT_A_HIT
     binding.count_hit()
-    store = binding.memofill.local_store
+    store = binding.local_store
     kept = store.entries.get(key)
     if kept is None or kept[2] <= started:
         store.put(key, value, binding.ttl_s)
@@ -333,11 +414,10 @@ def _served_without_fill(
     that the fill overwrites). A failed ``GET`` trips the breaker when Redis is
     unreachable and serves the locally kept value when there is one.
     """
-    memofill = binding.memofill
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
-            memofill.breaker.trip()
-        value = memofill.local_store.get(key, None)
+            binding.breaker.trip()
+        value = binding.local_store.get(key, None)
         return None if value is None else _counted(binding, value, FALLBACK_HIT)
     if raw is None:
         return None
@@ -356,8 +436,41 @@ def _served_without_fill(
 
 
 def _counted(binding: _Binding, value: Any, name: str) -> CallResult:
-    binding.memofill.counters.add(binding.key, name)
+    binding.counters.add(binding.key, name)
     return CallResult(value, name, False)
+
+
+def _bypass(binding: _Binding, wrapped: Any, args: Any, kwargs: Any, with_outcome: bool) -> Any:
+    """Caching is off: call the function, count the call as ``disabled``, log nothing.
+
+    For a coroutine function this returns its coroutine, for the caller to await.
+    """
+    binding.counters.add(binding.key, DISABLED)
+    function = binding.current_function() if wrapped is None else wrapped
+    if not with_outcome:
+        return function(*args, **kwargs)
+    if binding.is_async:
+        return _with_outcome_async(function(*args, **kwargs))
+    return CallResult(function(*args, **kwargs), DISABLED, False)
+
+
+async def _with_outcome_async(call: Any) -> CallResult:
+    return CallResult(await call, DISABLED, False)
+
+
+def _warn_no_client(binding: _Binding) -> None:
+    """Once per process: a cached function ran with no Redis client, so nothing is shared."""
+    if next(_no_client_calls):
+        return
+    function = binding.current_function()
+    logger.warning(
+        "%s (dataset %s) ran with no Redis client configured: values are kept only in this "
+        "process, for at most 30 s, and every process calls the origin itself. Call "
+        "memofill.configure(client=redis.Redis(...)) at start-up (this is logged once)",
+        getattr(function, "__qualname__", function),
+        binding.key,
+        extra={"dataset": binding.key},
+    )
 
 
 class _Miss:
@@ -377,14 +490,17 @@ class _Miss:
         wrapped: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        refresh: bool = False,
     ) -> None:
         self.binding, self.key, self.started, self.commands = binding, key, started, commands
         # ``wrapped`` is None for a direct call: the decorated function, as it is now.
         function = binding.current_function() if wrapped is None else wrapped
         self.fetch: Callable[[], Any] = lambda: function(*args, **kwargs)
-        self.plan = self._plan(error)
+        if commands is None:
+            _warn_no_client(binding)
+        self.plan = self._plan(error, refresh)
 
-    def _plan(self, error: Exception | None) -> Plan:
+    def _plan(self, error: Exception | None, refresh: bool) -> Plan:
         """Redis is usable unless the breaker is open or the ``GET`` failed to connect.
 
         A ``GET`` that Redis answered with an error (another type under the key,
@@ -393,7 +509,7 @@ class _Miss:
         """
         dataset, commands = self.binding.dataset, self.commands
         unreachable = error is not None and is_unreachable(error)
-        breaker_open = self.binding.memofill.breaker.is_open
+        breaker_open = self.binding.breaker.is_open
         return Plan(
             dataset=dataset.key,
             redis_key=self.key,
@@ -404,6 +520,7 @@ class _Miss:
             redis_ok=commands is not None and not breaker_open and not unreachable,
             redis_error=None if error is None else type(error).__name__,
             block_limit_ms=None if commands is None else commands.socket_timeout_ms,
+            refresh=refresh,
         )
 
     def run_sync(self) -> Result:
@@ -417,7 +534,7 @@ class _Miss:
         return self._record(await run_async(steps, self.commands, self.fetch, self._breaker()))
 
     def _breaker(self) -> Breaker:
-        return self.binding.memofill.breaker
+        return self.binding.breaker
 
     def _record(self, result: Result, joined: bool = False) -> Result:
         """Log and count one miss; a fill's own record also keeps the value for outages.
@@ -427,9 +544,8 @@ class _Miss:
         still be logged exactly once.
         """
         binding = self.binding
-        memofill = binding.memofill
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-        memofill.counters.add(binding.key, outcome.value)
+        binding.counters.add(binding.key, outcome.value)
         MissRecord(
             outcome=outcome,
             dataset=binding.key,
@@ -441,7 +557,7 @@ class _Miss:
             error=result.error,
         ).emit()
         if not joined and result.exception is None and result.value is not None:
-            memofill.local_store.put(self.key, result.value, binding.ttl_s)
+            binding.local_store.put(self.key, result.value, binding.ttl_s)
         return result
 
     def finish(self, result: Result, joined: bool) -> CallResult:
@@ -463,10 +579,15 @@ def _lookup_sync(
     :func:`_lookup_async` differs only where it awaits; every decision is in
     the helpers both call.
     """
+    if binding.gated:
+        commands = binding.gate()
+        if commands is BYPASS:
+            return _bypass(binding, wrapped, args, kwargs, with_outcome)
+    else:
+        commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
-    commands = binding.commands if binding.misconfigured is None else binding.commands_or_raise()
-    breaker = binding.memofill.breaker
+    breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
@@ -481,7 +602,7 @@ def _lookup_sync(
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
-        served = miss.finish(*binding.memofill.thread_flights.run(key, miss.run_sync))
+        served = miss.finish(*binding.thread_flights.run(key, miss.run_sync))
     return served if with_outcome else served.value
 
 
@@ -489,10 +610,15 @@ async def _lookup_async(
     binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
 ) -> Any:
     """:func:`_lookup_sync` for coroutine functions, on the asyncio client."""
+    if binding.gated:
+        commands = binding.gate()
+        if commands is BYPASS:
+            return await _bypass(binding, wrapped, args, kwargs, with_outcome)
+    else:
+        commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
-    commands = binding.commands if binding.misconfigured is None else binding.commands_or_raise()
-    breaker = binding.memofill.breaker
+    breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
@@ -507,5 +633,36 @@ async def _lookup_async(
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
-        served = miss.finish(*await binding.memofill.task_flights.run(key, miss.run_async))
+        served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
+
+
+def _refresh_sync(binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:
+    """:meth:`CachedDataset.refresh` of a sync function: the miss's fill, told not to reuse."""
+    commands = binding.gate() if binding.gated else binding.commands
+    if commands is BYPASS:
+        return _bypass(binding, wrapped, args, kwargs, False)
+    started = time.monotonic()
+    key = binding.key_of(instance, args, kwargs)
+    miss = _Miss(binding, key, started, commands, None, wrapped, args, kwargs, refresh=True)
+    # Not joined with a plain miss in flight, which may end with the value it found.
+    result, joined = binding.thread_flights.run(_REFRESH + key, miss.run_sync)
+    return miss.finish(result, joined).value
+
+
+async def _refresh_async(
+    binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any
+) -> Any:
+    """:func:`_refresh_sync` for coroutine functions, on the asyncio client."""
+    commands = binding.gate() if binding.gated else binding.commands
+    if commands is BYPASS:
+        return await _bypass(binding, wrapped, args, kwargs, False)
+    started = time.monotonic()
+    key = binding.key_of(instance, args, kwargs)
+    miss = _Miss(binding, key, started, commands, None, wrapped, args, kwargs, refresh=True)
+    result, joined = await binding.task_flights.run(_REFRESH + key, miss.run_async)
+    return miss.finish(result, joined).value
+
+
+#: Prefixes a refresh's key in the process-local flights, apart from the misses'.
+_REFRESH = "refresh\0"

@@ -2,19 +2,29 @@
 
 Tests and multi-tenant applications create their own instances; most
 applications use the default through :func:`configure` and
-:func:`cached_dataset`. Decorating needs only the policies, so functions can be
-decorated at import time and the clients configured later, at start-up.
+:func:`cached_dataset` (:func:`default_instance` hands it out). Decorating
+needs only the policies, so functions can be decorated at import time and the
+clients configured later, at start-up.
+
+The configuration in force is one immutable :class:`State`; configuring
+builds a new one and swaps it in, and every decorated function swaps its own
+snapshot of it, under one lock. A call reads its function's snapshot once, so
+it sees the old configuration or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any, ParamSpec, TypeVar
 
+import attrs
+
+from memofill import decorator
 from memofill.commands import Commands
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
@@ -22,133 +32,75 @@ from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker, LocalStore
 from memofill.keys import lock_key, parse_template, prefix_problem
 from memofill.outcomes import Counters
-from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
+from memofill.policy import Dataset, PolicySource
+from memofill.project import resolve_policies
 from memofill.singleflight import TaskFlights, ThreadFlights
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: Set to ``1`` (or ``true``, ``yes``, ``on``) to switch caching off in this process; read
+#: when an instance is made and at every ``configure()``.
+DISABLED_ENV = "MEMOFILL_DISABLED"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+#: Serialises every change of configuration: configure, override, decoration, disabled().
+_lock = threading.RLock()
+#: Every instance, so that opening the first ``disabled()`` block can gate their functions.
+_instances: weakref.WeakSet[Memofill] = weakref.WeakSet()
+
+
+class _NoClient:
+    def __repr__(self) -> str:
+        return "memofill.NO_CLIENT"
+
+
+#: Pass as ``client=`` (or ``async_client=``) to remove the blocking (or asyncio) client.
+NO_CLIENT: Any = _NoClient()
 
 
 def _is_async_client(client: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
 
 
-class Memofill:
-    """A cache on one Redis (or Redis Cluster) with its own prefix, policies and counters.
+def _disabled_by_environment() -> bool:
+    value = os.environ.get(DISABLED_ENV, "").strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ConfigurationError(
+        f"{DISABLED_ENV}={os.environ[DISABLED_ENV]!r}: use 1 to switch caching off, 0 or unset "
+        "to keep it on"
+    )
 
-    Args:
-        client: a ``redis.Redis``, ``redis.cluster.RedisCluster`` or ``redis.asyncio``
-            client, or ``None`` for no Redis (process-local singleflight only).
-        async_client: an asyncio client for coroutine functions, when ``client``
-            is a blocking one (both may be given).
-        prefix: prepended to every key, so deployments sharing a Redis never share
-            a value or a lock. Braces only as one complete hash tag (``"{app}:"``); no ``#``.
-        policies: the generated module, its dotted name, or a mapping of key to
-            :class:`~memofill.Dataset`; validated when loaded.
-        breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
 
-    Attributes:
-        prefix: The prefix in force (see ``prefix`` above).
-        counters: Hits and miss outcomes per dataset, counted in this process
-            (:class:`~memofill.outcomes.Counters`).
-        local_store: Values this process recently read or wrote, served while
-            Redis is unreachable (:class:`~memofill.fallback.LocalStore`).
-        breaker: Skips Redis for a short cool-down after it failed to answer
-            (:class:`~memofill.fallback.Breaker`).
+@attrs.frozen
+class State:
+    """One configuration of an instance, immutable: replaced whole, never changed in place.
+
+    Besides what :meth:`Memofill.configure` sets, it holds what calls accumulate
+    (counters, values kept for outages, the breaker, fills in flight), so that
+    :meth:`Memofill.override` can start a block from nothing and put it all back.
     """
 
-    def __init__(
-        self,
-        client: Any = None,
-        *,
-        async_client: Any = None,
-        prefix: str = "",
-        policies: PolicySource = DEFAULT_POLICY_MODULE,
-        breaker_cooldown_s: float = 1.0,
-    ) -> None:
-        self._start_fresh(breaker_cooldown_s)
-        self._bindings: weakref.WeakSet[CachedDataset[..., Any]] = weakref.WeakSet()
-        self._policy_source: PolicySource = policies
-        self._policies: dict[str, Dataset] | None = None
-        self._sync: Commands | None = None
-        self._async: Commands | None = None
-        self.prefix = ""
-        self.configure(client, async_client=async_client, prefix=prefix)
-
-    def _start_fresh(self, breaker_cooldown_s: float) -> None:
-        """What calls accumulate: counts, values kept for outages, the breaker, fills in flight."""
-        self.counters = Counters()
-        self.local_store = LocalStore()
-        self.breaker = Breaker(breaker_cooldown_s)
-        self.thread_flights: ThreadFlights[Result] = ThreadFlights()
-        self.task_flights: TaskFlights[Result] = TaskFlights()
-
-    def configure(
-        self,
-        client: Any = None,
-        *,
-        async_client: Any = None,
-        prefix: str | None = None,
-        policies: PolicySource | None = None,
-    ) -> None:
-        """Set the clients, and the prefix or policies when given; decorated functions follow.
-
-        Everything is checked before anything changes: a configuration that is
-        refused leaves the instance as it was.
-        """
-        if prefix is not None:
-            problem = prefix_problem(prefix)
-            if problem:
-                raise ConfigurationError(f"prefix {prefix!r}: {problem}")
-        clients = [c for c in (client, async_client) if c is not None]
-        sync = [c for c in clients if not _is_async_client(c)]
-        asynchronous = [c for c in clients if _is_async_client(c)]
-        if len(sync) > 1 or len(asynchronous) > 1:
-            raise ConfigurationError("give at most one blocking and one asyncio Redis client")
-        sync_commands = Commands(sync[0]) if sync else None
-        async_commands = Commands(asynchronous[0]) if asynchronous else None
-        loaded = None
-        if policies is not None:
-            loaded = load_policies(policies)
-            missing = sorted({binding.dataset.key for binding in self._bindings} - loaded.keys())
-            if missing:
-                raise UnknownDatasetError(
-                    f"the new policies lack datasets that decorated functions use: {missing}"
-                )
-        if prefix is not None:
-            self.prefix = prefix
-        self._sync, self._async = sync_commands, async_commands
-        if policies is not None:
-            self._policy_source, self._policies = policies, loaded
-        for binding in list(self._bindings):
-            binding._rebind()  # decorated functions compile the prefix into their keys
-        self.breaker.reset()
-
-    @property
-    def policies(self) -> dict[str, Dataset]:
-        """Every loaded dataset policy by registry key (loaded on first use)."""
-        if self._policies is None:
-            source = self._policy_source
-            try:
-                self._policies = load_policies(source)
-            except ModuleNotFoundError as exc:
-                if (
-                    not isinstance(source, str)
-                    or exc.name is None
-                    or not source.startswith(exc.name)
-                ):
-                    raise
-                raise ConfigurationError(
-                    f"cannot import policies {source!r}: run `memofill gen`, or pass policies= "
-                    "(a module, its dotted name, or a mapping of key -> Dataset)"
-                ) from exc
-        return self._policies
+    sync: Commands | None
+    asynchronous: Commands | None
+    prefix: str
+    #: ``None``: found by the rule in :mod:`memofill.project`.
+    policy_source: PolicySource | None
+    policies: dict[str, Dataset] | None
+    disabled: bool
+    counters: Counters
+    local_store: LocalStore
+    breaker: Breaker
+    thread_flights: ThreadFlights[Result]
+    task_flights: TaskFlights[Result]
+    #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
+    held: frozenset[str] = frozenset()
 
     def policy(self, key: str) -> Dataset:
-        """The policy of ``key``.
-
-        Raises :class:`~memofill.errors.UnknownDatasetError` when no dataset declares it.
-        """
+        """The policy of ``key``; the policies must be loaded."""
+        assert self.policies is not None  # bindings are built after the policies are loaded
         try:
             return self.policies[key]
         except KeyError:
@@ -159,14 +111,218 @@ class Memofill:
 
     def commands_for(self, is_async: bool) -> Commands | None:
         """The commands of the client that serves sync or coroutine functions."""
-        commands = self._async if is_async else self._sync
-        if commands is None and (self._sync or self._async):
+        commands = self.asynchronous if is_async else self.sync
+        if commands is None and (self.sync or self.asynchronous):
             kind = "an asyncio" if is_async else "a blocking"
             raise ConfigurationError(
                 f"a {'coroutine ' if is_async else ''}function needs {kind} Redis client: "
                 "pass it as client= or async_client="
             )
         return commands
+
+
+def _fresh(breaker_cooldown_s: float) -> dict[str, Any]:
+    """What calls accumulate, new: counts, values kept for outages, the breaker, fills."""
+    return {
+        "counters": Counters(),
+        "local_store": LocalStore(),
+        "breaker": Breaker(breaker_cooldown_s),
+        "thread_flights": ThreadFlights(),
+        "task_flights": TaskFlights(),
+    }
+
+
+class Memofill:
+    """A cache on one Redis (or Redis Cluster) with its own prefix, policies and counters.
+
+    Without a Redis client, nothing is shared between processes: each process
+    coalesces its own concurrent callers, keeps values it fetched for at most
+    30 s (the store it serves from during an outage), and calls the origin
+    again after that; the first such call logs one WARNING that names the
+    function. Configure a client (:meth:`configure`) at start-up.
+
+    Args:
+        client: a ``redis.Redis``, ``redis.cluster.RedisCluster`` or ``redis.asyncio``
+            client, or ``None`` for no Redis (see above).
+        async_client: an asyncio client for coroutine functions, when ``client``
+            is a blocking one (both may be given).
+        prefix: prepended to every key, so deployments sharing a Redis never share
+            a value or a lock. Braces only as one complete hash tag (``"{app}:"``); no ``#``.
+        policies: the generated module, its dotted name, a mapping of key to
+            :class:`~memofill.Dataset`, or the registry's list of datasets; validated
+            when loaded. ``None``: ``$MEMOFILL_POLICIES``, else ``out`` in
+            ``[tool.memofill]`` of the nearest pyproject.toml, else
+            ``gen.cache_fill_registry`` (:mod:`memofill.project`).
+        breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
+
+    ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
+    straight to the function, counted as ``disabled``.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        async_client: Any = None,
+        prefix: str = "",
+        policies: PolicySource | None = None,
+        breaker_cooldown_s: float = 1.0,
+    ) -> None:
+        self._bindings: weakref.WeakSet[CachedDataset[..., Any]] = weakref.WeakSet()
+        self._state = State(
+            sync=None,
+            asynchronous=None,
+            prefix="",
+            policy_source=policies,
+            policies=None,
+            disabled=False,
+            **_fresh(breaker_cooldown_s),
+        )
+        self.configure(client, async_client=async_client, prefix=prefix)
+        _instances.add(self)
+
+    @property
+    def prefix(self) -> str:
+        """The prefix in force (see ``prefix`` above)."""
+        return self._state.prefix
+
+    @property
+    def counters(self) -> Counters:
+        """Hits and miss outcomes per dataset, counted in this process."""
+        return self._state.counters
+
+    @property
+    def local_store(self) -> LocalStore:
+        """Values this process recently read or wrote, served while Redis is unreachable."""
+        return self._state.local_store
+
+    @property
+    def breaker(self) -> Breaker:
+        """Skips Redis for a short cool-down after it failed to answer."""
+        return self._state.breaker
+
+    @property
+    def thread_flights(self) -> ThreadFlights[Result]:
+        """Fills in flight in this process, for blocking callers."""
+        return self._state.thread_flights
+
+    @property
+    def task_flights(self) -> TaskFlights[Result]:
+        """Fills in flight in this process, for asyncio callers."""
+        return self._state.task_flights
+
+    @property
+    def _sync(self) -> Commands | None:
+        """The blocking client's commands (tests look at them)."""
+        return self._state.sync
+
+    @property
+    def _async(self) -> Commands | None:
+        """The asyncio client's commands (tests look at them)."""
+        return self._state.asynchronous
+
+    def configure(
+        self,
+        client: Any = None,
+        *,
+        async_client: Any = None,
+        prefix: str | None = None,
+        policies: PolicySource | None = None,
+    ) -> None:
+        """Change what is given, keep the rest; decorated functions follow.
+
+        A client replaces the client of its kind (blocking or asyncio), whichever
+        argument it comes in; :data:`NO_CLIENT` removes one. ``None`` leaves a
+        setting as it is. ``MEMOFILL_DISABLED`` is read again. Inside
+        :meth:`override`, what the override set is kept (a test's fake Redis
+        survives an application's own ``configure()`` at start-up). Everything
+        is checked before anything changes: a configuration that is refused
+        leaves the instance as it was.
+        """
+        with _lock:
+            self._swap(self._composed(client, async_client, prefix, policies))
+
+    def _composed(
+        self,
+        client: Any,
+        async_client: Any,
+        prefix: str | None,
+        policies: PolicySource | None,
+        *,
+        state: State | None = None,
+        held: frozenset[str] = frozenset(),
+    ) -> State:
+        """``state`` (the one in force) with what is given, checked; what is ``held`` is kept."""
+        state = self._state if state is None else state
+        if prefix is not None:
+            problem = prefix_problem(prefix)
+            if problem:
+                raise ConfigurationError(f"prefix {prefix!r}: {problem}")
+        changes: dict[str, Any] = {"disabled": _disabled_by_environment()}
+        if client is NO_CLIENT:
+            changes["sync"] = None
+        if async_client is NO_CLIENT:
+            changes["asynchronous"] = None
+        given = [c for c in (client, async_client) if c is not None and c is not NO_CLIENT]
+        sync = [c for c in given if not _is_async_client(c)]
+        asynchronous = [c for c in given if _is_async_client(c)]
+        if len(sync) > 1 or len(asynchronous) > 1:
+            raise ConfigurationError("give at most one blocking and one asyncio Redis client")
+        if sync:
+            changes["sync"] = Commands(sync[0])
+        if asynchronous:
+            changes["asynchronous"] = Commands(asynchronous[0])
+        if prefix is not None:
+            changes["prefix"] = prefix
+        if policies is not None:
+            loaded = resolve_policies(policies)
+            missing = sorted({binding.dataset.key for binding in self._bindings} - loaded.keys())
+            if missing:
+                raise UnknownDatasetError(
+                    f"the new policies lack datasets that decorated functions use: {missing}"
+                )
+            changes["policy_source"], changes["policies"] = policies, loaded
+        kept = {name: value for name, value in changes.items() if name not in state.held}
+        return attrs.evolve(state, held=state.held | held, **kept)
+
+    def _swap(self, state: State) -> None:
+        """Put ``state`` in force, then give every decorated function its snapshot of it."""
+        if self._bindings and state.policies is None:
+            state = attrs.evolve(state, policies=resolve_policies(state.policy_source))
+        self._state = state
+        for binding in list(self._bindings):
+            binding._rebind(state)  # decorated functions compile the prefix into their keys
+        state.breaker.reset()
+
+    @property
+    def policies(self) -> dict[str, Dataset]:
+        """Every loaded dataset policy by registry key (loaded on first use).
+
+        Raises :class:`~memofill.errors.ConfigurationError` listing every place
+        looked at when they cannot be loaded.
+        """
+        policies = self._state.policies
+        if policies is None:
+            with _lock:
+                state = self._state
+                if state.policies is None:
+                    state = attrs.evolve(state, policies=resolve_policies(state.policy_source))
+                    self._state = state
+                policies = state.policies
+                assert policies is not None  # just loaded
+        return policies
+
+    def policy(self, key: str) -> Dataset:
+        """The policy of ``key``.
+
+        Raises :class:`~memofill.errors.UnknownDatasetError` when no dataset declares it.
+        """
+        self.policies  # noqa: B018  # loaded first
+        return self._state.policy(key)
+
+    def commands_for(self, is_async: bool) -> Commands | None:
+        """The commands of the client that serves sync or coroutine functions."""
+        return self._state.commands_for(is_async)
 
     def cached_dataset(self, key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
         """Decorate a fetch function so its results are cached under dataset ``key``.
@@ -177,7 +333,8 @@ class Memofill:
         self.policy(key)
 
         def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
-            return CachedDataset(function, self, key)
+            with _lock:  # not while the instance is reconfigured: it binds to one state
+                return CachedDataset(function, self, key)
 
         return decorate
 
@@ -207,29 +364,80 @@ class Memofill:
         Functions decorated at import time hold this instance, so a test points
         them at a fake Redis by reconfiguring the instance, not by replacing it.
         The block starts from nothing (zero counters, no values kept locally,
-        breaker closed, no fills in flight), so what the test sees is its own;
-        afterwards every attribute is as before, and functions decorated in the
-        block are forgotten (their dataset may exist only in the block's policies).
+        breaker closed, no fills in flight), so what the test sees is its own.
+        What the block sets is held: ``configure()`` inside it (an application's
+        start-up code) changes only the rest. Afterwards the configuration is as
+        before, and functions decorated in the block are forgotten (their dataset
+        may exist only in the block's policies).
         """
-        saved = dict(vars(self))
-        bindings = list(self._bindings)
+        given = {
+            "sync": client is not None or async_client is not None,
+            "asynchronous": client is not None or async_client is not None,
+            "prefix": prefix is not None,
+            "policy_source": policies is not None,
+            "policies": policies is not None,
+        }
+        held = frozenset(name for name, set_here in given.items() if set_here)
+        with _lock:
+            saved, bindings = self._state, list(self._bindings)
+            fresh = attrs.evolve(saved, held=frozenset(), **_fresh(saved.breaker.cooldown_s))
+            self._swap(
+                self._composed(client, async_client, prefix, policies, state=fresh, held=held)
+            )
         try:
-            self._start_fresh(self.breaker.cooldown_s)
-            self.configure(client, async_client=async_client, prefix=prefix, policies=policies)
             yield self
         finally:
-            vars(self).clear()
-            vars(self).update(saved)
-            self._bindings = weakref.WeakSet(bindings)
-            for binding in bindings:
-                binding._rebind()
+            with _lock:
+                self._bindings = weakref.WeakSet(bindings)
+                self._swap(saved)
 
     def _bind(self, binding: CachedDataset[..., Any]) -> None:
-        self._bindings.add(binding)
+        with _lock:
+            self.policies  # noqa: B018  # loaded: the snapshot needs them
+            self._bindings.add(binding)
+            binding._rebind(self._state)
+
+    def _regate(self) -> None:
+        """Rebuild the snapshots of the state in force (a ``disabled()`` block opened or closed)."""
+        for binding in list(self._bindings):
+            binding._rebind(self._state)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Switch caching off for the calls made inside the block, in this thread or task.
+
+    The calls go straight to their functions, counted as ``disabled``. Other
+    threads and tasks keep caching. Blocks nest.
+    """
+    with _lock:
+        decorator.open_blocks += 1
+        if decorator.open_blocks == 1:  # functions read the context variable from now on
+            for instance in list(_instances):
+                instance._regate()
+    token = decorator.bypassing.set(True)
+    try:
+        yield
+    finally:
+        decorator.bypassing.reset(token)
+        with _lock:
+            decorator.open_blocks -= 1
+            if decorator.open_blocks == 0:
+                for instance in list(_instances):
+                    instance._regate()
 
 
 #: The instance behind :func:`configure` and :func:`cached_dataset`.
 default = Memofill()
+
+
+def default_instance() -> Memofill:
+    """The module-level default instance: the one :func:`configure` and :func:`cached_dataset` use.
+
+    Use it for what the module-level functions do not offer: ``counters``,
+    ``override()`` in tests, ``final_key()``.
+    """
+    return default
 
 
 def configure(
@@ -237,9 +445,9 @@ def configure(
     *,
     async_client: Any = None,
     prefix: str | None = None,
-    policies: PolicySource | ModuleType | None = None,
+    policies: PolicySource | None = None,
 ) -> Memofill:
-    """Configure the module-level default instance; returns it."""
+    """Configure the module-level default instance (see :meth:`Memofill.configure`); returns it."""
     default.configure(client, async_client=async_client, prefix=prefix, policies=policies)
     return default
 

@@ -85,6 +85,9 @@ class MissRecord:
 HIT = "hit"
 #: Served from the process-local fallback while Redis was unreachable.
 FALLBACK_HIT = "fallback_hit"
+#: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
+#: directly. Counted, never logged, like a hit.
+DISABLED = "disabled"
 
 
 class Tally:
@@ -132,7 +135,7 @@ class Counters:
         self._lock = threading.Lock()
 
     def add(self, dataset: str, name: str) -> None:
-        """Count one ``name`` (an outcome value, :data:`HIT` or :data:`FALLBACK_HIT`)."""
+        """Count one ``name``: an outcome value, :data:`HIT`, :data:`FALLBACK_HIT`, ``disabled``."""
         if name == HIT:
             self.hit_tally(dataset).add()
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, cast
 
@@ -177,11 +177,13 @@ def dataset_to_data(dataset: Dataset) -> dict[str, Any]:
     }
 
 
-PolicySource = ModuleType | str | Mapping[str, Dataset]
+#: Where policies come from: the generated module, its dotted name, a mapping of key ->
+#: :class:`Dataset`, or the registry's own list of datasets (``DATASETS``).
+PolicySource = ModuleType | str | Mapping[str, Dataset] | Sequence[Dataset]
 
 
 def load_policies(source: PolicySource = DEFAULT_POLICY_MODULE) -> dict[str, Dataset]:
-    """Load and validate policies from a generated module, its dotted name, or a mapping.
+    """Load and validate policies from a generated module, its dotted name, a mapping or a list.
 
     Raises :class:`~memofill.errors.RegistryError` with every problem when a
     policy breaks a rule (a hand-edited generated file, say), and
@@ -196,6 +198,14 @@ def load_policies(source: PolicySource = DEFAULT_POLICY_MODULE) -> dict[str, Dat
             problem = Problem(name, "POLICIES", raw, "must be a dict of key -> policy")
             raise RegistryError([problem], name)
         datasets = [_dataset_or_item(key, data) for key, data in raw.items()]
+    elif isinstance(source, (list, tuple)):  # the registry's DATASETS, validated as they stand
+        name = "policies"
+        datasets = list(source)
+    elif not isinstance(source, Mapping):
+        raise TypeError(
+            f"policies must be a module, its dotted name, a mapping of key -> Dataset or a list "
+            f"of Dataset, not {type(source).__name__}"
+        )
     else:
         name = "policies"
         datasets = list(source.values())

@@ -183,7 +183,6 @@ def test_default_is_restored_after_the_test(pytester: pytest.Pytester) -> None:
         def test_inner(memofill_default):
             assert memofill_default.prefix == "in:"
             assert memofill.cached_dataset("inner:v1")(lambda: 1)() == 1
-            memofill_default.outcomes_seen = True
         """
     )
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -130,7 +130,7 @@ def _new_cache(
         harness.client() if blocking else None,
         async_client=harness.async_client(),
         prefix=prefix,
-        policies=DEFAULT_POLICY_MODULE if policies is None else policies,
+        policies=policies,
     )
     try:
         cache.policies  # noqa: B018  # load now: a missing or invalid policy module fails the setup

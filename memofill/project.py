@@ -1,0 +1,154 @@
+"""Where the run time finds a project's policies: ``policies=``, the environment, pyproject.toml.
+
+One rule, in this order, the first place that is set wins (it never falls
+through, so a missing file cannot quietly load another project's policies):
+
+1. the ``policies=`` given to :class:`~memofill.Memofill` or ``configure()``;
+2. the ``MEMOFILL_POLICIES`` environment variable: a dotted module name, or a
+   file path (ending in ``.py`` or containing a path separator);
+3. ``out`` in ``[tool.memofill]`` of the nearest pyproject.toml, from the current
+   directory upwards (relative to that file), imported from its path;
+4. the module ``gen.cache_fill_registry``.
+
+:func:`tool_settings` reads ``[tool.memofill]`` for anyone who needs it (the
+command line too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, BinaryIO
+
+from memofill.errors import ConfigurationError
+from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
+
+#: The environment variable naming the policies module (dotted name or file path).
+POLICIES_ENV = "MEMOFILL_POLICIES"
+
+TomlLoader = Callable[[BinaryIO], dict[str, Any]]
+
+
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest pyproject.toml in ``start`` or above it, as tools such as ruff look."""
+    for directory in (start, *start.parents):
+        candidate = directory / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _toml_loader() -> TomlLoader | None:
+    """tomllib's ``load``; tomli's on Python 3.10; ``None`` when neither can be imported."""
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415  # chosen by version, so imported here
+
+        return tomllib.load
+    try:
+        import tomli  # noqa: PLC0415
+    except ImportError:
+        return None
+    load: TomlLoader = tomli.load
+    return load
+
+
+def tool_settings(pyproject: Path) -> dict[str, Any]:
+    """The ``[tool.memofill]`` table of ``pyproject`` (``{}`` without one, or without a reader).
+
+    Raises :class:`~memofill.errors.ConfigurationError` naming the file when it
+    cannot be read or parsed, or the table or a path in it has the wrong type.
+    """
+    load = _toml_loader()
+    if load is None:
+        return {}
+    try:
+        with pyproject.open("rb") as file:
+            data = load(file)
+    except OSError as exc:
+        raise ConfigurationError(f"{pyproject}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError, or bytes that are not UTF-8
+        raise ConfigurationError(f"{pyproject}: invalid TOML: {exc}") from None
+    section = data.get("tool", {}).get("memofill", {})
+    if not isinstance(section, dict):
+        raise ConfigurationError(f"{pyproject}: [tool.memofill] must be a table")
+    for name in ("registry", "out"):
+        if not isinstance(section.get(name, ""), str):
+            raise ConfigurationError(f"{pyproject}: [tool.memofill] {name} must be a string path")
+    return section
+
+
+def import_file(path: Path) -> ModuleType:
+    """Import the module at ``path`` under a name of its own (not in ``sys.modules``).
+
+    By path, not by a dotted name, so that no other package of the same name
+    (an installed ``gen``, say) can stand in for it.
+    """
+    digest = hashlib.sha1(str(path.resolve()).encode(), usedforsecurity=False).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(f"_memofill_policies_{digest}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigurationError(f"{path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_named(name: str) -> dict[str, Dataset]:
+    """A dotted module name, or a file path when it looks like one."""
+    if name.endswith(".py") or os.sep in name or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigurationError(f"{path}: no such file")
+        return load_policies(import_file(path))
+    return load_policies(importlib.import_module(name))
+
+
+def resolve_policies(source: PolicySource | None) -> dict[str, Dataset]:
+    """The policies from the first place that is set (see the module docstring), validated.
+
+    Raises :class:`~memofill.errors.ConfigurationError` listing every place it
+    looked when the one in force cannot be loaded, and
+    :class:`~memofill.errors.RegistryError` when it loads but breaks a rule.
+    """
+    if source is not None:
+        try:
+            return load_policies(source)
+        except ModuleNotFoundError as exc:
+            if not isinstance(source, str) or exc.name is None or not source.startswith(exc.name):
+                raise  # the module was found, and an import inside it failed
+            raise ConfigurationError(
+                f"cannot import policies {source!r}: run `memofill gen`, or pass policies= (a "
+                "module, its dotted name, a mapping of key -> Dataset, or the registry's DATASETS)"
+            ) from exc
+    looked = ["policies= (not given)"]
+    try:
+        named = os.environ.get(POLICIES_ENV)
+        if named:
+            looked.append(f"${POLICIES_ENV}={named}")
+            return _load_named(named)
+        looked.append(f"${POLICIES_ENV} (not set)")
+        pyproject = find_pyproject(Path.cwd())
+        out = None if pyproject is None else tool_settings(pyproject).get("out")
+        if pyproject is None:
+            looked.append(f"pyproject.toml (none in {Path.cwd()} or above)")
+        elif not out:
+            looked.append(f"{pyproject} (no [tool.memofill] out)")
+        else:
+            path = pyproject.parent / out
+            looked.append(f"[tool.memofill] out of {pyproject}: {path}")
+            if not path.is_file():
+                raise ConfigurationError(f"{path}: no such file")
+            return load_policies(import_file(path))
+        looked.append(f"module {DEFAULT_POLICY_MODULE}")
+        return load_policies(importlib.import_module(DEFAULT_POLICY_MODULE))
+    except (ImportError, ConfigurationError) as exc:
+        raise ConfigurationError(
+            f"cannot load the policies ({exc}); looked at, in order: {'; '.join(looked)}. "
+            "Run `memofill gen`, or pass policies= (a module, its dotted name, a mapping of "
+            f"key -> Dataset, or the registry's DATASETS), or set ${POLICIES_ENV}"
+        ) from exc
