@@ -159,12 +159,30 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _package_init(project: Project) -> Path | None:
+    """The ``__init__.py`` the generated module's directory lacks, or ``None``.
+
+    Never in the working directory or a project root (a directory holding
+    pyproject.toml), which must not become packages; an existing one, hand-written
+    or generated, is left as it is.
+    """
+    directory = project.out.parent
+    init = directory / "__init__.py"
+    if directory.resolve() == Path.cwd().resolve() or (directory / "pyproject.toml").exists():
+        return None
+    return None if init.exists() else init
+
+
 def run_gen(args: argparse.Namespace) -> int:
     """Render the registry and write the module; nothing is written if the registry is invalid."""
     project = _project(args)
     text = _render(project)
     _write_atomically(project.out, text.encode("utf-8"))
     print(f"memofill: wrote {project.out.as_posix()} from {project.registry.as_posix()}")
+    init = _package_init(project)
+    if init is not None:
+        _write_atomically(init, codegen.PACKAGE_INIT.encode("utf-8"))
+        print(f"memofill: wrote {init.as_posix()}, so that no other package named like it wins")
     return 0
 
 
@@ -177,9 +195,13 @@ def run_check(args: argparse.Namespace) -> int:
         actual: bytes | None = project.out.read_bytes()
     except FileNotFoundError:
         actual = None
-    if actual == expected.encode("utf-8"):
+    init = _package_init(project)
+    if actual == expected.encode("utf-8") and init is None:
         print(f"memofill: {out} is in sync with {project.registry.as_posix()}")
         return 0
+    if init is not None and actual == expected.encode("utf-8"):
+        print(f"memofill: {init.as_posix()} is missing; run 'memofill gen'", file=sys.stderr)
+        return 1
     on_disk = "" if actual is None else actual.decode("utf-8", "replace")
     sys.stdout.write(codegen.diff(expected, on_disk, out))
     state = "is missing" if actual is None else "is out of date"

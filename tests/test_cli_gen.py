@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from memofill.cli import main
-from memofill.codegen import load_registry, render
+from memofill.codegen import PACKAGE_INIT, load_registry, render
 
 VALID = """from memofill import CacheFill, Dataset
 
@@ -69,11 +69,33 @@ def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
 def test_gen_writes_the_module_named_in_pyproject(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run(capsys, "gen") == (0, "memofill: wrote build/policies.py from src/reg.py\n", "")
+    assert run(capsys, "gen") == (
+        0,
+        "memofill: wrote build/policies.py from src/reg.py\n"
+        "memofill: wrote build/__init__.py, so that no other package named like it wins\n",
+        "",
+    )
     out = project / "build" / "policies.py"
     assert out.read_text() == render(load_registry(project / "src" / "reg.py"), "src/reg.py")
     assert out.stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in out.parent.iterdir()] == ["policies.py"], "no temporary file left"
+    assert (out.parent / "__init__.py").read_text() == PACKAGE_INIT
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["__init__.py", "policies.py"], "no temporary file left"
+
+
+def test_gen_keeps_an_existing_package_init_and_check_wants_one(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "build").mkdir()
+    (project / "build" / "__init__.py").write_text("OWN = 1\n")
+    assert run(capsys, "gen") == (0, "memofill: wrote build/policies.py from src/reg.py\n", "")
+    assert (project / "build" / "__init__.py").read_text() == "OWN = 1\n"
+    (project / "build" / "__init__.py").unlink()
+    code, _, err = run(capsys, "check")
+    assert code == 1
+    assert err == "memofill: build/__init__.py is missing; run 'memofill gen'\n"
+    assert run(capsys, "gen")[0] == 0
+    assert run(capsys, "check")[0] == 0
 
 
 def test_gen_is_deterministic_from_any_directory(
@@ -93,7 +115,7 @@ def test_gen_is_deterministic_from_any_directory(
 def test_flags_override_pyproject(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (project / "other.py").write_text(VALID.replace("ttl_s=300", "ttl_s=30"))
     code, out, _ = run(capsys, "gen", "--registry", "other.py", "--out", "x/y.py")
-    assert (code, out) == (0, "memofill: wrote x/y.py from other.py\n")
+    assert (code, out.splitlines()[0]) == (0, "memofill: wrote x/y.py from other.py")
     assert '"ttl_s": 30,' in (project / "x" / "y.py").read_text()
     assert not (project / "build").exists()
     assert run(capsys, "gen", "--out", "z.py")[1] == "memofill: wrote z.py from src/reg.py\n"
@@ -112,8 +134,11 @@ def test_built_in_defaults_without_a_tool_memofill_table(
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
     (tmp_path / "registry.py").write_text(VALID)
     monkeypatch.chdir(tmp_path)
-    assert run(capsys, "gen")[1] == "memofill: wrote gen/cache_fill_registry.py from registry.py\n"
+    assert run(capsys, "gen")[1].splitlines()[0] == (
+        "memofill: wrote gen/cache_fill_registry.py from registry.py"
+    )
     assert (tmp_path / "gen" / "cache_fill_registry.py").is_file()
+    assert (tmp_path / "gen" / "__init__.py").read_text() == PACKAGE_INIT
 
 
 @pytest.mark.parametrize("command", ["gen", "check"])
