@@ -24,6 +24,7 @@ import memofill
 from memofill import CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.instance import default as default_instance
 from memofill.testing import CORRUPT_PAYLOAD, Faults, Harness, Outcomes
+from tests.redis_servers import free_port
 
 pytest_plugins = ["pytester"]
 
@@ -693,3 +694,32 @@ def test_without_fakeredis_the_fixtures_say_what_to_install(pytester: pytest.Pyt
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["memofill's test fixtures need fakeredis: pip install *"])
+
+
+# --- tests never reach a real Redis by accident ------------------------------------------
+
+
+def test_an_app_configure_inside_the_fixture_keeps_the_fake(pytester: pytest.Pytester) -> None:
+    port = free_port()  # a free port, nothing listening: a write there would fail
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(
+        f"""
+        import memofill
+        import redis
+
+        def create_app():  # an app factory, or a FastAPI lifespan, configuring at start-up
+            memofill.configure(redis.Redis(port={port}), prefix="prod:")
+
+        def test_app(memofill_default, memofill_redis):
+            create_app()
+
+            @memofill.cached_dataset("weather:alerts:v2")
+            def alerts():
+                return ["storm"]
+
+            assert alerts() == ["storm"]
+            assert memofill_redis.get("weather:alerts:v2") == b'["storm"]'
+            assert memofill_default.prefix == ""
+        """
+    )
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
