@@ -460,8 +460,8 @@ def test_override_while_calls_run_raises_nothing(
         with mf.override(inner, prefix="o:"):
             pass
     assert join() == []
-    assert all(key.startswith(b"base:") for key in base.keys())
-    assert all(key.startswith(b"o:") for key in inner.keys())
+    assert all(key.startswith(b"base:") for key in base.scan_iter())
+    assert all(key.startswith(b"o:") for key in inner.scan_iter())
 
 
 def test_decorating_while_configure_runs_binds_each_function_to_one_state(
