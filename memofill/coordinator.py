@@ -128,7 +128,7 @@ class Plan:
     redis_error: str | None = None
     #: A blocking wait must return before the client's socket time-out.
     block_limit_ms: float | None = None
-    #: A refresh: fetch even over a value present. The recheck no longer ends the fill,
+    #: Fetch even over a value present (a refresh). The recheck then never ends the fill,
     #: and a follower waits for the leader's word rather than take the value it replaces.
     refresh: bool = False
 
