@@ -177,8 +177,10 @@ class Memofill:
         method's ``self`` or ``cls`` aside) is a ``{field}`` of the registry key
         or named in ``ignore`` (a tuple of parameter names, for arguments that
         never change the result, such as a database session). Key fields take
-        the types of :mod:`memofill.keys` (``str``, ``int``, ``bool``, ``None``,
-        enums, ``UUID``, ``date``, ``datetime``, ``Decimal``).
+        ``str``, ``int``, ``bool``, ``None``, enums, ``UUID``, ``date``,
+        ``datetime`` and ``Decimal``, each value by one exact text
+        (:ref:`key-fields`); other values raise
+        :class:`~memofill.errors.KeyArgumentError` at call time.
 
         The policy is resolved, and the key template checked against the
         function's parameters and their annotations, right now: a mistake

@@ -2,7 +2,7 @@
 
 A registry key such as ``market:quotes:{symbol}`` is parsed once into literal
 text and fields. Every parameter of a decorated function is either a field or
-listed in ``ignore=`` (:mod:`memofill.decorator` checks that); at call time each
+listed in ``ignore=`` (the decorator checks that when it decorates); at call time each
 field is filled with the canonical text of its argument:
 
 =====================  ==========================================  =========================
