@@ -85,7 +85,8 @@ def _typed(name: str, kind: str, text: str) -> object:
     try:
         return parse(text)
     except (ValueError, decimal.InvalidOperation) as exc:
-        raise KeyArgumentError(f"{name}:{kind}={text!r}: cannot be read as {kind} ({exc})") from None
+        message = f"{name}:{kind}={text!r}: cannot be read as {kind} ({exc})"
+        raise KeyArgumentError(message) from None
 
 
 def _ttl(milliseconds: int) -> str:
