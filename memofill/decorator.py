@@ -174,10 +174,14 @@ def is_coroutine_function(function: Callable[..., Any]) -> bool:
     wrapped coroutine function's result is itself a coroutine function in all
     but name; treated as sync, it would never be cached (a coroutine object is
     not a value) and would block the event loop on Redis. So the
-    ``__wrapped__`` chain decides, as does :func:`inspect.markcoroutinefunction`.
+    ``__wrapped__`` chain decides, as does :func:`inspect.markcoroutinefunction`;
+    so does an object's ``async def __call__``.
     """
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        inspect.unwrap(function)
+    innermost = inspect.unwrap(function)
+    return (
+        inspect.iscoroutinefunction(function)
+        or inspect.iscoroutinefunction(innermost)
+        or inspect.iscoroutinefunction(inspect.getattr_static(type(innermost), "__call__", None))
     )
 
 

@@ -288,6 +288,21 @@ async def test_an_async_function_behind_a_plain_wrapper_is_cached_as_one(
     assert raw.get("t:item:a") == encode({"name": "a", "call": 1})
 
 
+async def test_an_object_with_an_async_call_is_cached_as_a_coroutine_function(
+    amf: Memofill,
+) -> None:
+    origin = Origin()
+
+    class AsyncOrigin:
+        async def __call__(self, name: str) -> dict[str, Any]:
+            return origin(name)
+
+    fetch = amf.cached_dataset("item:{name}")(AsyncOrigin())
+    assert await fetch("a") == {"name": "a", "call": 1}
+    assert (await fetch.call_with_outcome("a")).outcome == "hit"
+    assert origin.calls == ["a"]
+
+
 def test_a_plain_function_behind_a_plain_wrapper_stays_sync(
     mf: Memofill, raw: fakeredis.FakeRedis
 ) -> None:
