@@ -292,7 +292,11 @@ def run_demo(args: argparse.Namespace) -> int:
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("key", metavar="KEY", help="registry key, such as 'market:quotes:{symbol}'")
     parser.add_argument(
-        "fields", metavar="ARG", nargs="*", help="field values, in order or as name=value"
+        "fields",
+        metavar="ARG",
+        nargs="*",
+        help="field values (str), in order or as name=value; other types as name:TYPE=value, "
+        "such as page:int=42 (TYPE: " + ", ".join(inspection.TYPED_WORDS) + ")",
     )
     parser.add_argument("--url", help="Redis URL (default: $REDIS_URL)")
     parser.add_argument("--prefix", default="", help="the key prefix the application configures")

@@ -13,7 +13,8 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 import attrs
@@ -24,7 +25,7 @@ from memofill.commands import Commands, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker
-from memofill.keys import FieldText, KeyTemplate
+from memofill.keys import FieldText, KeyTemplate, annotation_problem
 from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
 from memofill.policy import Dataset
 
@@ -58,25 +59,130 @@ class _Field:
     default: Any
 
 
-def compile_fields(template: KeyTemplate, function: Callable[..., Any]) -> tuple[_Field, ...]:
-    """Where each key field comes from in a call of ``function``; fails if one is no parameter."""
-    parameters = inspect.signature(function).parameters
+def compile_fields(
+    template: KeyTemplate, function: Callable[..., Any], ignore: Iterable[str] = ()
+) -> tuple[_Field, ...]:
+    """Where each key field comes from in a call of ``function``, once the key is known to fit.
+
+    The key must see every argument that can change the result: each
+    parameter is a field of ``template`` or named in ``ignore`` (a method's
+    first ``self`` or ``cls`` aside), else two calls that differ only in it
+    would share one cached value. Fields whose annotation (when it resolves)
+    names a type without an exact key text are refused here too, at import
+    time rather than at the first call.
+    """
+    signature = inspect.signature(function)
+    parameters = signature.parameters
+    where = f"key {template.source!r} on {_name(function)}{signature}"
+    ignored = _ignored_names(ignore, where)
+    for name in ignored:
+        if name not in parameters:
+            raise KeyTemplateError(f"{where}: ignore= names {name!r}, which is not a parameter")
+        if name in template.fields:
+            raise KeyTemplateError(
+                f"{where}: ignore= names {name!r}, which is a key field; "
+                f"drop it from ignore= or {{{name}}} from the registry key"
+            )
     positional = [
         name
         for name, p in parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
+    hints = _type_hints(function)
     fields = []
     for name in template.fields:
-        parameter = parameters.get(name)
-        if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        source = parameters.get(name)
+        if source is None or source.kind in (source.VAR_POSITIONAL, source.VAR_KEYWORD):
+            raise KeyTemplateError(f"{where}: field {{{name}}} is not a named parameter")
+        problem = annotation_problem(hints[name]) if name in hints else None
+        if problem:
             raise KeyTemplateError(
-                f"key {template.source!r}: field {{{name}}} is not a named parameter of "
-                f"{function.__qualname__}{inspect.signature(function)}"
+                f"{where}: field {{{name}}}: {problem}; annotate it str, int, bool, None, "
+                "an enum, UUID, date, datetime or Decimal (convert before the call), "
+                f"or drop {{{name}}} from the key and pass ignore=({name!r},)"
             )
         position = positional.index(name) if name in positional else None
-        fields.append(_Field(name, position, parameter.default))
+        fields.append(_Field(name, position, source.default))
+    _check_every_parameter_is_keyed(parameters, template.fields, ignored, where)
     return tuple(fields)
+
+
+def _check_every_parameter_is_keyed(
+    parameters: Mapping[str, inspect.Parameter],
+    fields: tuple[str, ...],
+    ignored: frozenset[str],
+    where: str,
+) -> None:
+    """Refuse a parameter that is neither a key field nor ignored: it would go unseen."""
+    first = next(iter(parameters.values()), None)
+    for parameter in parameters.values():
+        name = parameter.name
+        if name in fields or name in ignored:
+            continue
+        if (
+            parameter is first
+            and name in ("self", "cls")
+            and parameter.kind != parameter.KEYWORD_ONLY
+        ):
+            continue  # a method's instance or class: the method, not the call, picks it
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise KeyTemplateError(
+                f"{where}: {parameter} takes arguments the key cannot see; "
+                f"list it as ignore=({name!r},) if they never change the result, "
+                "or replace it with named parameters that the key holds"
+            )
+        raise KeyTemplateError(
+            f"{where}: parameter {name!r} is not in the key, so calls that differ only in it "
+            f"would share one cached value; add {{{name}}} to the registry key, "
+            f"or pass ignore=({name!r},) if it never changes the result"
+        )
+
+
+def _name(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", type(function).__qualname__)
+
+
+def _ignored_names(ignore: Iterable[str], where: str) -> frozenset[str]:
+    if isinstance(ignore, str):
+        raise KeyTemplateError(
+            f"{where}: ignore= takes a tuple of parameter names, such as ignore=({ignore!r},), "
+            "not a str"
+        )
+    names = tuple(ignore)
+    odd = [name for name in names if not isinstance(name, str)]
+    if odd:
+        raise KeyTemplateError(f"{where}: ignore= holds {odd[0]!r}; it takes parameter names")
+    return frozenset(names)
+
+
+def _type_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved annotations of ``function``, or none when they do not resolve.
+
+    A name only imported under ``TYPE_CHECKING``, say, leaves the check to
+    call time rather than failing a decoration that would work.
+    """
+    try:
+        return typing.get_type_hints(inspect.unwrap(function), include_extras=True)
+    except Exception:  # any failure to resolve: skip the early check
+        return {}
+
+
+def is_coroutine_function(function: Callable[..., Any]) -> bool:
+    """Whether calls of ``function`` return awaitables, even behind a plain wrapper.
+
+    A ``functools.wraps`` wrapper written as a plain ``def`` that returns the
+    wrapped coroutine function's result is itself a coroutine function in all
+    but name; treated as sync, it would never be cached (a coroutine object is
+    not a value) and would block the event loop on Redis. So the
+    ``__wrapped__`` chain decides, as does :func:`inspect.markcoroutinefunction`;
+    so does an object's ``async def __call__``.
+    """
+    innermost = inspect.unwrap(function)
+    return (
+        inspect.iscoroutinefunction(function)
+        or inspect.iscoroutinefunction(innermost)
+        or inspect.iscoroutinefunction(inspect.getattr_static(type(innermost), "__call__", None))
+    )
 
 
 #: Builds the final key of one call: ``(instance, args, kwargs) -> key``.
@@ -186,16 +292,20 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     Besides being called, it offers :meth:`invalidate` and :meth:`call_with_outcome`.
     """
 
-    def __new__(cls, wrapped: Callable[P, R], memofill: Memofill, key: str) -> CachedDataset[P, R]:
+    def __new__(
+        cls, wrapped: Callable[P, R], memofill: Memofill, key: str, ignore: Iterable[str] = ()
+    ) -> CachedDataset[P, R]:
         # Each decorated function gets a class of its own, so that __init__ can give it a
         # __call__ that closes over the function's binding (see __call__).
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
         own: Any = type(cls.__name__, (cls,), namespace)
         return super().__new__(own)
 
-    def __init__(self, wrapped: Callable[P, R], memofill: Memofill, key: str) -> None:
-        is_async = inspect.iscoroutinefunction(wrapped)
-        fields = compile_fields(memofill.policy(key).template, wrapped)
+    def __init__(
+        self, wrapped: Callable[P, R], memofill: Memofill, key: str, ignore: Iterable[str] = ()
+    ) -> None:
+        is_async = is_coroutine_function(wrapped)
+        fields = compile_fields(memofill.policy(key).template, wrapped, ignore)
         binding = _Binding(memofill, key, fields, is_async)
         binding.refresh()
 

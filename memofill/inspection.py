@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -14,19 +18,54 @@ from memofill.keys import lock_key, parse_template
 from memofill.policy import Dataset
 
 
-def field_values(dataset: Dataset, arguments: list[str]) -> dict[str, str]:
-    """Key fields from ``name=value`` words, or plain values in the template's field order."""
+def _none(text: str) -> None:
+    if text:
+        raise ValueError("takes no value: write name:none=")
+
+
+def _bool(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError("takes true or false")
+    return text == "true"
+
+
+def _datetime(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+#: The types a ``name:type=value`` word gives a field, parsed from the command line's text.
+TYPED_WORDS: dict[str, Callable[[str], object]] = {
+    "str": str,
+    "int": int,
+    "bool": _bool,
+    "none": _none,
+    "uuid": uuid.UUID,
+    "date": datetime.date.fromisoformat,
+    "datetime": _datetime,
+    "decimal": decimal.Decimal,
+}
+
+
+def field_values(dataset: Dataset, arguments: list[str]) -> dict[str, object]:
+    """Key fields from ``name=value`` words, or plain values in the template's field order.
+
+    Command-line values are text, so they name ``str`` arguments; a field the
+    function takes as another type is given as ``name:type=value``, such as
+    ``page:int=42`` (see :data:`TYPED_WORDS`), since ``42`` and ``"42"`` are
+    two keys.
+    """
     fields = dataset.template.fields
-    values: dict[str, str] = {}
+    values: dict[str, object] = {}
     positional = [word for word in arguments if "=" not in word]
     for word in arguments:
         if "=" in word:
-            name, _, value = word.partition("=")
+            spec, _, text = word.partition("=")
+            name, _, kind = spec.partition(":")
             if name not in fields:
                 raise KeyArgumentError(
                     f"{dataset.key!r} has no field {name!r} (fields: {', '.join(fields) or 'none'})"
                 )
-            values[name] = value
+            values[name] = _typed(name, kind, text) if kind else text
     remaining = [name for name in fields if name not in values]
     if len(positional) > len(remaining):
         raise KeyArgumentError(f"{dataset.key!r} takes {len(fields)} field value(s), got more")
@@ -35,6 +74,19 @@ def field_values(dataset: Dataset, arguments: list[str]) -> dict[str, str]:
     if missing:
         raise KeyArgumentError(f"{dataset.key!r} needs a value for {', '.join(missing)}")
     return values
+
+
+def _typed(name: str, kind: str, text: str) -> object:
+    parse = TYPED_WORDS.get(kind)
+    if parse is None:
+        raise KeyArgumentError(
+            f"{name}:{kind}=: unknown type {kind!r} (types: {', '.join(TYPED_WORDS)})"
+        )
+    try:
+        return parse(text)
+    except (ValueError, decimal.InvalidOperation) as exc:
+        message = f"{name}:{kind}={text!r}: cannot be read as {kind} ({exc})"
+        raise KeyArgumentError(message) from None
 
 
 def _ttl(milliseconds: int) -> str:

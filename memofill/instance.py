@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any, ParamSpec, TypeVar
 
@@ -168,16 +168,28 @@ class Memofill:
             )
         return commands
 
-    def cached_dataset(self, key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
+    def cached_dataset(
+        self, key: str, *, ignore: Iterable[str] = ()
+    ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
         """Decorate a fetch function so its results are cached under dataset ``key``.
 
+        The key must see every argument: each parameter of the function (a
+        method's ``self`` or ``cls`` aside) is a ``{field}`` of the registry key
+        or named in ``ignore`` (a tuple of parameter names, for arguments that
+        never change the result, such as a database session). Key fields take
+        ``str``, ``int``, ``bool``, ``None``, enums, ``UUID``, ``date``,
+        ``datetime`` and ``Decimal``, each value by one exact text
+        (:ref:`key-fields`); other values raise
+        :class:`~memofill.errors.KeyArgumentError` at call time.
+
         The policy is resolved, and the key template checked against the
-        function's parameters, right now: a mistake fails at import time.
+        function's parameters and their annotations, right now: a mistake
+        fails at import time with :class:`~memofill.errors.KeyTemplateError`.
         """
         self.policy(key)
 
         def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
-            return CachedDataset(function, self, key)
+            return CachedDataset(function, self, key, ignore)
 
         return decorate
 
@@ -244,6 +256,8 @@ def configure(
     return default
 
 
-def cached_dataset(key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
+def cached_dataset(
+    key: str, *, ignore: Iterable[str] = ()
+) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
     """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
-    return default.cached_dataset(key)
+    return default.cached_dataset(key, ignore=ignore)

@@ -1,7 +1,10 @@
-"""Hypothesis strategies for registries: valid ones, and ones that break exactly one rule."""
+"""Hypothesis strategies for registries (valid ones, and ones that break exactly one rule),
+and for the values a key field takes."""
 
 from __future__ import annotations
 
+import datetime
+import enum
 import string
 
 import attrs
@@ -128,3 +131,46 @@ def single_violations(draw: st.DrawFn) -> tuple[list[object], str, str]:
         broken = attrs.evolve(dataset, cache_fill=fill)
     registry[index] = broken
     return registry, broken.key, field
+
+
+class Shade(enum.Enum):
+    """An enum of each kind of value, for key texts."""
+
+    RED = "red"
+    NINE = 9
+    NONE = None
+
+
+_offsets = st.sampled_from(
+    [
+        datetime.timezone.utc,
+        datetime.timezone(datetime.timedelta(hours=5, minutes=30)),
+        datetime.timezone(datetime.timedelta(hours=-8)),
+    ]
+)
+_years = {"min_value": datetime.datetime(2, 1, 1), "max_value": datetime.datetime(9998, 12, 31)}
+#: Every kind of value a key field takes, with the edges of each (digit strings, huge ints...).
+key_values = st.one_of(
+    st.text(max_size=20),
+    st.text(alphabet="-0123456789", max_size=6),
+    st.text(min_size=190, max_size=220),
+    st.integers(),
+    st.integers(min_value=10**198),
+    st.booleans(),
+    st.none(),
+    st.uuids(),
+    st.dates(),
+    st.datetimes(**_years),
+    st.datetimes(**_years, timezones=_offsets),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.sampled_from(Shade),
+)
+
+
+def canonical_kind(value: object) -> str:
+    """The kind of value a key text stands for: an enum member stands for its value."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, datetime.datetime):
+        return "naive datetime" if value.utcoffset() is None else "aware datetime"
+    return type(value).__name__

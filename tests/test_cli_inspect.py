@@ -53,6 +53,26 @@ def test_filled_entry(
     assert shown["lock holder"] == "none"
 
 
+def test_a_typed_word_names_the_entry_of_a_typed_argument(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Command-line text is a str; ``42`` and ``"42"`` are two keys, so an int says so."""
+    cache = Memofill(redis_server.client(), prefix=prefix)
+    quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
+    quotes(42)
+    argv = ("--url", redis_server.url, "--prefix", prefix)
+    code, typed, err = inspect(capsys, QUOTES, "symbol:int=42", *argv)
+    assert code == 0, err
+    assert typed["final key"] == f"{prefix}market:quotes:42"
+    assert typed["payload"].endswith("JSON value")
+    code, text, err = inspect(capsys, QUOTES, "42", *argv)
+    assert code == 0, err
+    assert text["final key"] == f"{prefix}market:quotes:%342"
+    assert text["payload"] == "0 bytes, none"
+    code, none, err = inspect(capsys, QUOTES, "symbol:none=", *argv)
+    assert none["final key"] == f"{prefix}market:quotes:~n"
+
+
 def test_lock_holder_and_negative_marker(
     redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -95,6 +115,8 @@ def test_redis_url_from_environment(
         ([QUOTES], "needs a value for symbol"),
         ([QUOTES, "A", "B"], "takes 1 field value(s), got more"),
         ([QUOTES, "colour=red"], "has no field 'colour'"),
+        ([QUOTES, "symbol:int=x"], "symbol:int='x': cannot be read as int"),
+        ([QUOTES, "symbol:float=1.5"], "unknown type 'float' (types: str, int, bool, none"),
         ([QUOTES, "A", "--prefix", "{a"], "--prefix '{a'"),
         ([QUOTES, "A", "--policies", "nowhere.py"], "nowhere.py: no such file"),
         ([], "the following arguments are required: KEY"),

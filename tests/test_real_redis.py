@@ -21,7 +21,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from memofill import CacheFill, Dataset, FillError, Memofill
+from memofill import CacheFill, Dataset, FillError, KeyTemplateError, Memofill
 from memofill.codec import encode
 from memofill.keys import lock_key, wake_key
 from tests.conftest import POLICIES
@@ -530,3 +530,51 @@ def test_without_negative_entries_followers_are_told_at_once(
     else:
         assert outcome["leader"].outcome == "negative"
         assert (outcome["follower"].value, outcome["follower"].outcome) == (None, "follower_hit")
+
+
+# -- keys cover every argument ---------------------------------------------------------------
+
+LANG_POLICIES = {
+    key: Dataset(key, ttl_s=60, cache_fill=POLICIES["item:{name}"].cache_fill)
+    for key in ("b:{topic}", "b:{topic}:{lang}", "p:{topic}/{page}")
+}
+
+
+def test_an_unkeyed_argument_is_refused_and_a_keyed_one_gets_its_own_value(
+    real_client: redis.Redis, prefix: str
+) -> None:
+    """The issue's case: ``lang`` left out of the key once served English to French callers."""
+    mf = Memofill(real_client, prefix=prefix, policies=LANG_POLICIES)
+
+    def b(topic: str, lang: str = "en") -> dict[str, str]:
+        return {"topic": topic, "lang": lang}
+
+    with pytest.raises(KeyTemplateError, match=r"parameter 'lang' is not in the key"):
+        mf.cached_dataset("b:{topic}")(b)
+    assert real_client.keys(f"{prefix}*") == []
+
+    keyed = mf.cached_dataset("b:{topic}:{lang}")(b)
+    assert keyed("rates") == {"topic": "rates", "lang": "en"}
+    assert keyed("rates", lang="fr") == {"topic": "rates", "lang": "fr"}
+    assert keyed.call_with_outcome("rates", lang="fr").outcome == "hit"
+    assert keyed.call_with_outcome("rates").value == {"topic": "rates", "lang": "en"}
+    assert real_client.get(f"{prefix}b:rates:fr") == encode({"topic": "rates", "lang": "fr"})
+    assert real_client.get(f"{prefix}b:rates:en") == encode({"topic": "rates", "lang": "en"})
+
+
+def test_an_int_its_text_and_none_are_three_entries(real_client: redis.Redis, prefix: str) -> None:
+    mf = Memofill(real_client, prefix=prefix, policies=LANG_POLICIES)
+    calls: list[object] = []
+
+    @mf.cached_dataset("p:{topic}/{page}")
+    def page(topic: str, page: int | str | None = None) -> str:
+        calls.append(page)
+        return f"{topic} page {page!r}"
+
+    for value in (42, "42", None, "None", ""):
+        assert page("rates", value) == f"rates page {value!r}"
+        assert page.call_with_outcome("rates", value).outcome == "hit"
+    assert calls == [42, "42", None, "None", ""]
+    assert sorted(real_client.keys(f"{prefix}p:rates/*")) == sorted(
+        f"{prefix}p:rates/{text}".encode() for text in ("42", "%342", "~n", "None", "")
+    )
