@@ -126,4 +126,4 @@ def test_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
 def test_no_url(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     assert main(["inspect", QUOTES, "A"]) == 2
-    assert "pass --url or set REDIS_URL" in capsys.readouterr().err
+    assert "pass --url, set REDIS_URL, or set url in [tool.memofill]" in capsys.readouterr().err
