@@ -56,8 +56,9 @@ class Command:
 class Project:
     """Where ``gen`` and ``check`` read and write.
 
-    ``registry`` and ``out`` are relative to the current directory where
-    possible, so messages name short paths; ``label`` names the registry
+    ``registry`` and ``out`` are as the user gave them (a flag, or an absolute
+    path in pyproject.toml), else relative to the current directory, so
+    messages name the paths the user knows; ``label`` names the registry
     relative to the project root, so the generated header is the same on every
     machine and from every working directory.
     """
