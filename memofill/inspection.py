@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import decimal
+import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 import redis
 
-from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
+from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_any, decode_special
 from memofill.commands import Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
-from memofill.keys import lock_key, parse_template
+from memofill.keys import SEPARATORS, lock_key
 from memofill.policy import Dataset
 
 
@@ -110,11 +112,102 @@ def _kind(head: bytes, size: int) -> str:
     return "JSON value"
 
 
+def _final_key_pattern(dataset: Dataset) -> re.Pattern[str]:
+    """A regex for the final keys (without prefix) of ``dataset``.
+
+    An argument never holds a separator (see :mod:`memofill.keys`), so each
+    field matches a run of anything else; the registry refuses overlapping
+    templates, so at most one dataset matches a key.
+    """
+    stop = re.escape("".join(sorted(SEPARATORS)))
+    parts = dataset.template.parts
+    return re.compile(
+        "".join(f"[^{stop}]*" if index % 2 else re.escape(part) for index, part in enumerate(parts))
+    )
+
+
+def match_final_key(policies: Mapping[str, Dataset], prefix: str, key: str) -> Dataset | None:
+    """The dataset whose final keys under ``prefix`` include ``key``, as the logs print it."""
+    if not key.startswith(prefix):
+        return None
+    rest = key[len(prefix) :]
+    for dataset in policies.values():
+        if _final_key_pattern(dataset).fullmatch(rest):
+            return dataset
+    return None
+
+
+def prefix_hint(policies: Mapping[str, Dataset], prefix: str, key: str) -> str:
+    """``; ...`` naming the prefix that would make ``key`` match a dataset, else ``""``.
+
+    Tries every leading part of ``key`` (shortest first) as the prefix, so a
+    final key logged by a service with a prefix the command was not told about
+    gets a pointer rather than a bare "no dataset".
+    """
+    for end in range(1, len(key)):
+        dataset = match_final_key(policies, key[:end], key)
+        if dataset is not None and key[:end] != prefix:
+            return (
+                f"; it is a key of {dataset.key!r} under the prefix {key[:end]!r}: "
+                f"pass --prefix {key[:end]!r} or set prefix in [tool.memofill]"
+            )
+    return ""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _other_prefix(client: redis.Redis, final: str) -> str | None:
+    """A key that ends with ``final`` under some longer prefix, from one cheap SCAN step.
+
+    One ``SCAN 0 MATCH *<final> COUNT 1000`` only: a hint, not a search, so it
+    costs the same on a large keyspace and may find nothing where a key exists.
+    """
+    _, keys = client.scan(0, match="*" + _glob_escape(final), count=1000)
+    for raw in keys:
+        found = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        if found != final:
+            return found
+    return None
+
+
+#: The most of a stored value ``--value`` fetches, and the most of its JSON it prints.
+MAX_VALUE_BYTES = 1 << 20
+MAX_VALUE_LINES = 200
+
+
+def describe_value(raw: bytes | None) -> str:
+    """A stored value as an operator wants to read it: pretty JSON, or what the bytes are.
+
+    Markers and foreign bytes are named, never decoded into an exception; long
+    JSON is cut at :data:`MAX_VALUE_LINES` lines with a note saying so.
+    """
+    if raw is None:
+        return "(no value: the key does not exist)"
+    value = decode_any(raw)
+    if value is NEGATIVE:
+        return "(negative marker: the fetch returned None; callers get None until it expires)"
+    if isinstance(value, ErrorMarker):
+        return f"(error marker: the last fill raised {value.error}; callers retry after it expires)"
+    if value is CORRUPT:
+        return f"(not a memofill value; the first bytes are {raw[:64]!r})"
+    lines = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode().splitlines()
+    if len(lines) > MAX_VALUE_LINES:
+        cut = len(lines) - MAX_VALUE_LINES
+        lines = [*lines[:MAX_VALUE_LINES], f"... ({cut} more lines not shown)"]
+    return "\n".join(lines)
+
+
 def inspect_entry(
-    url: str, prefix: str, dataset: Dataset, arguments: list[str]
-) -> list[tuple[str, str]]:
-    """The lines ``memofill inspect`` prints, as ``(label, value)`` pairs."""
-    final = prefix + parse_template(dataset.key).render(field_values(dataset, arguments))
+    url: str, dataset: Dataset, final: str, *, show_value: bool = False
+) -> tuple[list[tuple[str, str]], str | None]:
+    """The lines ``memofill inspect`` prints, as ``(label, value)`` pairs, and the value text.
+
+    The value text is ``None`` unless ``show_value``; a value larger than
+    :data:`MAX_VALUE_BYTES` is described, not fetched.
+    """
     lock = lock_key(final)
     fill = dataset.cache_fill
     policy = (
@@ -127,12 +220,19 @@ def inspect_entry(
     )
     try:
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    except ValueError as exc:
-        raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from None
+    except ValueError as exc:  # the URL is not quoted: it may hold a password
+        raise ConfigurationError(f"bad Redis URL: {exc}") from None
+    value: str | None = None
     with contextlib.closing(client):
         data_ttl, size, head, lock_ttl, holder = Commands(client).describe(final, lock)
+        elsewhere = _other_prefix(client, final) if data_ttl == -2 else None
+        if show_value and size > MAX_VALUE_BYTES:
+            value = f"(not shown: {size} bytes is more than {MAX_VALUE_BYTES})"
+        elif show_value:
+            raw = client.get(final)
+            value = describe_value(raw if raw is None or isinstance(raw, bytes) else raw.encode())
     token: Any = holder.decode(errors="replace") if holder else "none"
-    return [
+    lines = [
         ("dataset", dataset.key),
         ("ttl", f"{dataset.ttl_s} s, negative {dataset.negative_ttl_s} s"),
         ("fill policy", policy),
@@ -143,3 +243,12 @@ def inspect_entry(
         ("lock ttl left", _ttl(lock_ttl)),
         ("lock holder", token),
     ]
+    if elsewhere is not None:
+        missing = elsewhere[: -len(final)] if elsewhere.endswith(final) else elsewhere
+        lines.append(
+            (
+                "hint",
+                f"{final!r} is absent but {elsewhere!r} exists: is the prefix {missing!r} missing?",
+            )
+        )
+    return lines, value
