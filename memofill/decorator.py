@@ -411,10 +411,11 @@ class _Miss:
         steps = fill(self.plan, time.monotonic, _rng)
         return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
-    async def run_async(self) -> Result:
-        """Run the fill with the asyncio client, and record it."""
+    async def run_async(self, on_fetch: Callable[[], object]) -> Result:
+        """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
         steps = fill(self.plan, time.monotonic, _rng)
-        return self._record(await run_async(steps, self.commands, self.fetch, self._breaker()))
+        breaker = self._breaker()
+        return self._record(await run_async(steps, self.commands, self.fetch, breaker, on_fetch))
 
     def _breaker(self) -> Breaker:
         return self.binding.memofill.breaker
