@@ -455,7 +455,8 @@ async def run_async(
     :func:`asyncio.run` returns with a fill in flight, it cancels the fill's
     task and runs the loop until that task ends, so the clean-up reaches Redis.
     ``on_fetch`` is called before the origin is: from then on the fill must
-    run to its end (see :class:`~memofill.singleflight.TaskFlights`).
+    run to its end (the asyncio singleflight, ``TaskFlights``, stops a fill that no caller
+    awaits any more only before then).
     """
     reply: Any = None
     failure: BaseException | None = None

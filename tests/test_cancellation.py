@@ -27,6 +27,7 @@ from memofill.commands import Commands
 from memofill.coordinator import CANCELLED, Plan, fill, run_async
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
+from tests.fault_helpers import note
 from tests.helpers import notify_after_acquire
 from tests.redis_servers import RedisServer
 
@@ -71,7 +72,7 @@ def leader_until_asyncio_run_returns(port: int, prefix: str, stop_key: str) -> N
 
 
 def test_asyncio_run_returning_mid_fetch_frees_the_lock_and_a_follower_takes_over_at_once(
-    redis_server: RedisServer, real_client: redis.Redis, prefix: str
+    redis_server: RedisServer, real_client: redis.Redis, prefix: str, request: Any
 ) -> None:
     key = f"{prefix}slow:a"
     ctx = multiprocessing.get_context("spawn")
@@ -114,6 +115,7 @@ def test_asyncio_run_returning_mid_fetch_frees_the_lock_and_a_follower_takes_ove
     finally:
         if leader.is_alive():
             leader.kill()
+    note(request, "take_over_s", round(took_s, 3))
     assert seen["r"].value == {"name": "a", "by": "follower"}
     assert seen["r"].outcome == "leader_fill"  # it took the lock over, not fetched around it
     assert took_s < TAKE_OVER_BOUND_S
