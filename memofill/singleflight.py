@@ -3,7 +3,8 @@
 The same two-method shape serves threads and asyncio tasks. With tasks, the
 fill runs in a task of its own and every caller awaits it through
 :func:`asyncio.shield`, so a caller that is cancelled or times out leaves the
-shared fill running for the others.
+shared fill running for the others. When the last of them goes, the fill stops
+too, unless it has already called the origin (see :class:`TaskFlights`).
 """
 
 from __future__ import annotations
