@@ -17,14 +17,19 @@ One miss, for a dataset with a fill policy:
 2. Acquired and still a miss: fetch, write one ``SET key payload PX ttl``,
    release token-safely and wake followers with how the fill ended
    (:data:`STORED`, :data:`RETURNED_NONE`, or :data:`RAISED` or
-   :data:`UNSTORED` and an error's type name).
+   :data:`UNSTORED` and an error's type name). A leader cancelled before its
+   value is stored (the asyncio driver throws :class:`asyncio.CancelledError`
+   into the generator) still releases and tells :data:`CANCELLED`, then
+   re-raises: its followers retry the lock at once instead of waiting out
+   ``wait_ms``, and one of them takes the fill over.
 3. Not acquired: follow. Block on the wake stream, after the entry step 1 saw,
    for the current backoff interval, then read the **data** key, never the lock
    key: the value is the source of truth, and a follower returns as soon as it
    lands. A signal that the fetch returned ``None`` or raised is the answer
    itself, stored or not (``negative_ttl_s = 0`` stores neither); one that the
-   value could not be stored sends the follower to fetch at once. After
-   ``wait_ms``, fetch uncoordinated.
+   value could not be stored sends the follower to fetch at once, and one that
+   the leader was cancelled sends it back to step 1. After ``wait_ms``, fetch
+   uncoordinated. A follower that is cancelled simply stops: it holds nothing.
 4. A Redis error anywhere in the lock path: fall back to a plain local fetch
    (the caller's process already coalesced its own callers). Whatever a command
    raises counts as a Redis error, not only redis-py's ``RedisError``: a client
@@ -85,6 +90,11 @@ RAISED = "error:"
 #: In the wake entry, the fetch returned a value that could not be stored (not JSON, or
 #: the write failed); followed by the error's type name. Followers then fetch at once.
 UNSTORED = "unstored:"
+#: In the wake entry, the leader was cancelled (its task, or the event loop shutting down)
+#: before its value was stored. Followers retry the lock at once, so that exactly one of
+#: them takes over the fill. It is an :data:`UNSTORED` entry, so that a follower that does
+#: not know this one fetches at once rather than take it for the answer.
+CANCELLED = UNSTORED + "CancelledError"
 
 
 @attrs.frozen
@@ -197,6 +207,12 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error)
     try:
         value = yield FETCH
+    except asyncio.CancelledError:
+        # Nothing was fetched for the followers: free the lock and send them back to it.
+        yield from _write_and_release(
+            plan, policy, lock, token, payload=None, ttl_ms=0, result=CANCELLED
+        )
+        raise
     except Exception as exc:
         marker_ms = min(MAX_ERROR_TTL_MS, plan.negative_ttl_ms)
         marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
@@ -263,6 +279,9 @@ def _follow(
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
             last_id, told = newest_entry(stream_entries(reply), last_id)
+            if told == CANCELLED:
+                # The lock is free again: whoever of the followers takes it fills.
+                return (yield from fill(plan, clock, rng))
             if told is not None and told.startswith(UNSTORED):
                 # The value will not appear: fetch now rather than after wait_ms.
                 waited = (clock() - start) * 1000
@@ -361,9 +380,13 @@ def _write_and_release(
     measured slower than the two commands sent one after the other.
     """
     write_error = None
+    cancelled: asyncio.CancelledError | None = None
     if payload is not None:
         try:
             yield Command("write", (plan.redis_key, payload, ttl_ms))
+        except asyncio.CancelledError as exc:
+            # The write may not have landed: followers must not wait for it.
+            cancelled, result = exc, CANCELLED
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
             result = UNSTORED + write_error if result == STORED else result
@@ -374,6 +397,8 @@ def _write_and_release(
         )
     except Exception as exc:  # from Redis: see the module doc
         return write_error, type(exc).__name__
+    if cancelled is not None:
+        raise cancelled
     return write_error, (None if released else LEASE_EXPIRED)
 
 
@@ -415,11 +440,26 @@ def run_sync(
 
 
 async def run_async(
-    steps: Steps, commands: Commands | None, fetch: Callable[[], Awaitable[Any]], breaker: Breaker
+    steps: Steps,
+    commands: Commands | None,
+    fetch: Callable[[], Awaitable[Any]],
+    breaker: Breaker,
+    on_fetch: Callable[[], object] = lambda: None,
 ) -> Result:
-    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`."""
+    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`.
+
+    A cancellation is thrown into the algorithm like any other failure of a
+    step: it yields its clean-up steps (a leader releases its lock), which this
+    driver performs even though its task is being cancelled (the cancellation
+    was delivered; the next awaits run), then re-raises it. When
+    :func:`asyncio.run` returns with a fill in flight, it cancels the fill's
+    task and runs the loop until that task ends, so the clean-up reaches Redis.
+    ``on_fetch`` is called before the origin is: from then on the fill must
+    run to its end (the asyncio singleflight, ``TaskFlights``, stops a fill that no caller
+    awaits any more only before then).
+    """
     reply: Any = None
-    failure: Exception | None = None
+    failure: BaseException | None = None
     while True:
         try:
             step = steps.send(reply) if failure is None else steps.throw(failure)
@@ -428,6 +468,7 @@ async def run_async(
         reply, failure = None, None
         try:
             if isinstance(step, _Fetch):
+                on_fetch()
                 reply = await fetch()
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
@@ -435,5 +476,7 @@ async def run_async(
                 raise RedisUnavailable("no Redis client is configured")
             else:
                 reply = await _send(commands, step, breaker)
+        except asyncio.CancelledError as exc:
+            failure = exc  # the algorithm cleans up and re-raises it
         except Exception as exc:
             failure = _on_error(exc, breaker)

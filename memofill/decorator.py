@@ -21,12 +21,12 @@ import attrs
 import wrapt
 
 from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
-from memofill.commands import Commands, is_unreachable
+from memofill.commands import Commands, acl_rule, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
-from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome
+from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome, refused_by_acl
 from memofill.policy import Dataset
 
 if TYPE_CHECKING:
@@ -266,6 +266,8 @@ class _Binding:
     misconfigured: str | None = attrs.field(init=False)
     #: The decorated function as it is now (``__wrapped__`` may be replaced after decoration).
     current_function: Callable[[], Callable[..., Any]] = attrs.field(init=False)
+    #: Whether Redis's refusal of a command (an ACL) was logged since the last refresh.
+    told_permission: bool = attrs.field(init=False, default=False)
 
     def refresh(self) -> None:
         """Take the instance's current policy, prefix, client and hit tally."""
@@ -274,6 +276,7 @@ class _Binding:
         self.key_of = compile_key(memofill.prefix, self.dataset.template, self.fields, self.key)
         self.count_hit = memofill.counters.hit_tally(self.key).add
         self.ttl_s = self.dataset.ttl_s
+        self.told_permission = False  # a new client may have other rights
         try:
             self.commands, self.misconfigured = memofill.commands_for(self.is_async), None
         except ConfigurationError as exc:
@@ -521,10 +524,11 @@ class _Miss:
         steps = fill(self.plan, time.monotonic, _rng)
         return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
-    async def run_async(self) -> Result:
-        """Run the fill with the asyncio client, and record it."""
+    async def run_async(self, on_fetch: Callable[[], object]) -> Result:
+        """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
         steps = fill(self.plan, time.monotonic, _rng)
-        return self._record(await run_async(steps, self.commands, self.fetch, self._breaker()))
+        breaker = self._breaker()
+        return self._record(await run_async(steps, self.commands, self.fetch, breaker, on_fetch))
 
     def _breaker(self) -> Breaker:
         return self.binding.memofill.breaker
@@ -540,6 +544,16 @@ class _Miss:
         memofill = binding.memofill
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         memofill.counters.add(binding.key, outcome.value)
+        if not binding.told_permission and refused_by_acl(result.outcome, result.error):
+            binding.told_permission = True
+            logger.error(
+                "Redis refused memofill a command or key for dataset %s (NoPermissionError): "
+                "its misses are not coordinated across processes until the ACL user may run "
+                "them; grant it: %s",
+                binding.key,
+                acl_rule(memofill.prefix),
+                extra={"dataset": binding.key, "redis_key": self.key},
+            )
         MissRecord(
             outcome=outcome,
             dataset=binding.key,

@@ -9,6 +9,7 @@ drivers (``run_sync``, ``run_async``) on fakeredis.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from memofill.codec import NEGATIVE_MARKER, encode, error_marker
 from memofill.commands import Commands, RedisUnavailable
 from memofill.coordinator import (
+    CANCELLED,
     FETCH,
     LEASE_EXPIRED,
     MAX_ERROR_TTL_MS,
@@ -828,3 +830,62 @@ async def test_run_async_degrades_when_the_breaker_is_open() -> None:
 
 def test_redis_unavailable_is_a_connection_error() -> None:
     assert issubclass(RedisUnavailable, RedisConnectionError)
+
+
+# --- cancellation ----------------------------------------------------------------------
+
+
+def test_a_follower_told_the_leader_was_cancelled_retries_the_lock_at_once() -> None:
+    # The first lock attempt fails (another leader); its wake entry says it was cancelled.
+    driver = follower({"wait": [woken(CANCELLED.encode())], "get": [None]})
+    result = driver.run()
+    assert result.outcome is Outcome.LEADER_FILL
+    assert result.value == VALUE
+    assert driver.names() == ["acquire", "wait", "acquire", "FETCH", "write", "release"]
+    assert driver.clock.now == 1000.0  # no time passed: it did not wait out wait_ms
+
+
+def test_a_follower_told_cancelled_follows_again_when_another_took_the_lock() -> None:
+    script = {"acquire": [None, None], "wait": [woken(CANCELLED.encode())], "get": [PAYLOAD]}
+    driver = follower(script, fetch=raise_boom)
+    result = driver.run()
+    assert driver.fetches == 0
+    assert driver.names() == ["acquire", "wait", "acquire", "wait", "get"]
+    assert (result.outcome, result.value) == (Outcome.FOLLOWER_HIT, VALUE)
+
+
+def test_a_leader_cancelled_mid_fetch_releases_with_cancelled_and_re_raises() -> None:
+    steps = fill(make_plan(), FakeClock(), random.Random(0))
+    assert steps.send(None).name == "acquire"  # type: ignore[union-attr]
+    assert steps.send([True, None, []]) is FETCH
+    release = steps.throw(asyncio.CancelledError())
+    assert isinstance(release, Command)
+    assert release.name == "release"
+    assert release.args[0] == LOCK
+    assert release.args[-1] == CANCELLED
+    with pytest.raises(asyncio.CancelledError):
+        steps.send(1)
+
+
+def test_a_leader_cancelled_mid_write_releases_with_cancelled_and_re_raises() -> None:
+    steps = fill(make_plan(), FakeClock(), random.Random(0))
+    steps.send(None)
+    steps.send([True, None, []])
+    write = steps.send(VALUE)
+    assert isinstance(write, Command)
+    assert write.name == "write"
+    release = steps.throw(asyncio.CancelledError())
+    assert isinstance(release, Command)
+    assert release.args[-1] == CANCELLED
+    with pytest.raises(asyncio.CancelledError):
+        steps.send(1)
+
+
+def test_a_follower_cancelled_mid_wait_stops_without_a_step() -> None:
+    steps = fill(make_plan(), FakeClock(), random.Random(0))
+    steps.send(None)
+    wait = steps.send([False, None, []])
+    assert isinstance(wait, Command)
+    assert wait.name == "wait"
+    with pytest.raises(asyncio.CancelledError):
+        steps.throw(asyncio.CancelledError())
