@@ -164,8 +164,13 @@ def _other_prefix(client: redis.Redis, final: str) -> str | None:
 
     One ``SCAN 0 MATCH *<final> COUNT 1000`` only: a hint, not a search, so it
     costs the same on a large keyspace and may find nothing where a key exists.
+    A user whose ACL does not grant ``SCAN`` (the least-privilege user memofill
+    documents) gets no hint rather than an error.
     """
-    _, keys = client.scan(0, match="*" + _glob_escape(final), count=1000)
+    try:
+        _, keys = client.scan(0, match="*" + _glob_escape(final), count=1000)
+    except redis.ResponseError:
+        return None
     for raw in keys:
         found = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         if found != final:

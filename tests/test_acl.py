@@ -64,8 +64,13 @@ def test_a_stampede_under_the_documented_acl_user_calls_the_origin_once(
     assert admin.execute_command("ACL", "LOG") == []
     # invalidate, and what `memofill inspect` reads, are covered too.
     url = f"redis://memofill:{PASSWORD}@127.0.0.1:{server.port}/0"
-    lines = dict(inspect_entry(url, prefix, spec.dataset, ["name=x"]))
-    assert lines["payload"].endswith("JSON value")
+    lines, value = inspect_entry(url, spec.dataset, f"{prefix}fault:x", show_value=True)
+    assert dict(lines)["payload"].endswith("JSON value")
+    assert value is not None
+    assert '"name": "x"' in value
+    # A missing key asks for a hint with SCAN, which this user may not run: no hint, no error.
+    missing, _ = inspect_entry(url, spec.dataset, f"{prefix}fault:absent")
+    assert dict(missing)["payload"] == "0 bytes, none"
     client = server.client(username="memofill", password=PASSWORD)
     mf = Memofill(client, prefix=prefix, policies={spec.dataset.key: spec.dataset})
 
