@@ -210,6 +210,95 @@ def _segments_overlap(a: tuple[str, str | None, str], b: tuple[str, str | None, 
     return prefix_ok and suffix_ok
 
 
+_Shape = tuple[str, str | None, str]
+
+
+@attrs.define
+class _Node:
+    """One level of :class:`OverlapIndex`: the templates' next segment, literal or with a field."""
+
+    literals: dict[str, _Node] = attrs.Factory(dict)
+    #: Keyed by ``(before, after)``: which field a segment holds does not change what it matches.
+    fields: dict[tuple[str, str], _Node] = attrs.Factory(dict)
+    #: ``(order added, source)`` of the templates that end here.
+    ends: list[tuple[int, str]] = attrs.Factory(list)
+
+
+class OverlapIndex:
+    """Templates seen so far, arranged so that finding the ones a new template overlaps
+    does not compare it with every other one.
+
+    :func:`templates_overlap` is exact but pairwise, and checking every pair of a
+    registry of thousands of datasets took seconds at every process start. Two
+    templates can only overlap when their separators line up, so templates are
+    grouped by their separators; within a group, a tree branches on each segment,
+    and a literal segment looks up the equal literal directly. Only segments with
+    a field are compared one by one, against the few siblings they could match.
+    The answers are exactly those of :func:`templates_overlap`.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[str, _Node] = {}
+        self._count = 0
+
+    def add(self, template: KeyTemplate) -> None:
+        """Remember ``template``."""
+        separators, shapes = _shapes(template)
+        node = self._groups.setdefault(separators, _Node())
+        for before, field, after in shapes:
+            if field is None:
+                node = node.literals.setdefault(before, _Node())
+            else:
+                node = node.fields.setdefault((before, after), _Node())
+        node.ends.append((self._count, template.source))
+        self._count += 1
+
+    def overlapping(self, template: KeyTemplate) -> list[str]:
+        """The sources of the remembered templates that overlap ``template``, oldest first."""
+        separators, shapes = _shapes(template)
+        root = self._groups.get(separators)
+        if root is None:
+            return []
+        found: list[tuple[int, str]] = []
+        pending = [(root, 0)]
+        while pending:
+            node, depth = pending.pop()
+            if depth == len(shapes):
+                found.extend(node.ends)
+                continue
+            shape = shapes[depth]
+            pending.extend((child, depth + 1) for child in _matching(node, shape))
+        return [source for _, source in sorted(found)]
+
+
+def _shapes(template: KeyTemplate) -> tuple[str, list[_Shape]]:
+    """The template's separators, in order, and the segments between them."""
+    segments = template.segments()
+    return "".join(s[0] for s in segments[1::2]), segments[::2]
+
+
+def _matching(node: _Node, shape: _Shape) -> list[_Node]:
+    """The children of ``node`` whose segment can render the same text as ``shape``."""
+    text, field, _ = shape
+    children = []
+    if field is None:
+        exact = node.literals.get(text)
+        if exact is not None:
+            children.append(exact)
+    else:
+        children.extend(
+            child
+            for literal, child in node.literals.items()
+            if _segments_overlap(shape, (literal, None, ""))
+        )
+    children.extend(
+        child
+        for (other_before, other_after), child in node.fields.items()
+        if _segments_overlap(shape, (other_before, "", other_after))
+    )
+    return children
+
+
 def format_argument(field: str, value: object) -> str:
     """The escaped text of one field's value (see the module doc for the rules)."""
     if isinstance(value, enum.Enum):
