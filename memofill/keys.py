@@ -213,15 +213,18 @@ def _segments_overlap(a: tuple[str, str | None, str], b: tuple[str, str | None, 
 _Shape = tuple[str, str | None, str]
 
 
-@attrs.define
 class _Node:
     """One level of :class:`OverlapIndex`: the templates' next segment, literal or with a field."""
 
-    literals: dict[str, _Node] = attrs.Factory(dict)
-    #: Keyed by ``(before, after)``: which field a segment holds does not change what it matches.
-    fields: dict[tuple[str, str], _Node] = attrs.Factory(dict)
-    #: ``(order added, source)`` of the templates that end here.
-    ends: list[tuple[int, str]] = attrs.Factory(list)
+    __slots__ = ("ends", "fields", "literals")
+
+    def __init__(self) -> None:
+        self.literals: dict[str, _Node] = {}
+        #: Keyed by ``(before, after)``: which field a segment holds does not change what
+        #: it matches.
+        self.fields: dict[tuple[str, str], _Node] = {}
+        #: ``(order added, source)`` of the templates that end here.
+        self.ends: list[tuple[int, str]] = []
 
 
 class OverlapIndex:
@@ -241,10 +244,19 @@ class OverlapIndex:
         self._groups: dict[str, _Node] = {}
         self._count = 0
 
-    def add(self, template: KeyTemplate) -> None:
-        """Remember ``template``."""
+    def add(self, template: KeyTemplate) -> list[str]:
+        """Remember ``template``; return the earlier templates it overlaps, oldest first."""
         separators, shapes = _shapes(template)
-        node = self._groups.setdefault(separators, _Node())
+        root = self._groups.setdefault(separators, _Node())
+        found: list[tuple[int, str]] = []
+        pending = [(root, 0)]
+        while pending:
+            node, depth = pending.pop()
+            if depth == len(shapes):
+                found.extend(node.ends)
+            else:
+                pending.extend((child, depth + 1) for child in _matching(node, shapes[depth]))
+        node = root
         for before, field, after in shapes:
             if field is None:
                 node = node.literals.setdefault(before, _Node())
@@ -252,22 +264,6 @@ class OverlapIndex:
                 node = node.fields.setdefault((before, after), _Node())
         node.ends.append((self._count, template.source))
         self._count += 1
-
-    def overlapping(self, template: KeyTemplate) -> list[str]:
-        """The sources of the remembered templates that overlap ``template``, oldest first."""
-        separators, shapes = _shapes(template)
-        root = self._groups.get(separators)
-        if root is None:
-            return []
-        found: list[tuple[int, str]] = []
-        pending = [(root, 0)]
-        while pending:
-            node, depth = pending.pop()
-            if depth == len(shapes):
-                found.extend(node.ends)
-                continue
-            shape = shapes[depth]
-            pending.extend((child, depth + 1) for child in _matching(node, shape))
         return [source for _, source in sorted(found)]
 
 

@@ -8,6 +8,7 @@ them listed in one :class:`~memofill.errors.RegistryError`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Iterable, Mapping
@@ -16,7 +17,7 @@ from typing import Any, cast
 
 import attrs
 
-from memofill.errors import Problem, RegistryError
+from memofill.errors import KeyTemplateError, Problem, RegistryError
 from memofill.keys import KeyTemplate, OverlapIndex, parse_template, template_problems
 
 #: The dotted name :func:`load_policies` imports when it is given nothing else.
@@ -144,9 +145,21 @@ def _seconds_problem(value: object, zero_allowed: bool, most: float, why: str) -
     return None
 
 
-def _dataset_problems(dataset: Dataset) -> list[Problem]:
+def _parsed(key: object) -> tuple[KeyTemplate | None, list[str]]:
+    """The key's template, or ``None`` and every problem with it.
+
+    The template is parsed first since most keys are well formed: listing every
+    problem costs a second pass, worth paying only for a malformed one.
+    """
+    if isinstance(key, str):
+        with contextlib.suppress(KeyTemplateError):
+            return parse_template(key), []
+    return None, template_problems(key)
+
+
+def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
     key = dataset.key if isinstance(dataset.key, str) else repr(dataset.key)
-    problems = [Problem(key, "key", dataset.key, rule) for rule in template_problems(dataset.key)]
+    problems = [Problem(key, "key", dataset.key, rule) for rule in key_rules]
     ttl = dataset.ttl_s
     ttl_ok = _seconds_problem(ttl, False, MAX_TTL_S, "10 years") is None
     error_most: float = MAX_ERROR_TTL_S
@@ -188,21 +201,19 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
             name = f"DATASETS[{index}]"
             problems.append(Problem(name, "item", dataset, "must be a memofill.Dataset"))
             continue
-        own = _dataset_problems(dataset)
-        problems.extend(own)
+        template, key_rules = _parsed(dataset.key)
+        problems.extend(_dataset_problems(dataset, key_rules))
         if not isinstance(dataset.key, str):
             continue
         if dataset.key in seen:
             problems.append(Problem(dataset.key, "key", dataset.key, "is declared twice"))
             continue
         seen.add(dataset.key)
-        if any(p.field == "key" for p in own):
+        if template is None:
             continue
-        template = dataset.template
-        for other_key in overlaps.overlapping(template):
+        for other_key in overlaps.add(template):
             rule = f"can render the same Redis key as {other_key!r}"
             problems.append(Problem(dataset.key, "key", dataset.key, rule))
-        overlaps.add(template)
     return problems
 
 
