@@ -126,7 +126,7 @@ class Plan:
     redis_error: str | None = None
     #: A blocking wait must return before the client's socket time-out.
     block_limit_ms: float | None = None
-    #: How long a failed fetch is remembered under the key (0: not at all).
+    #: How long a failed fetch is remembered under the key, in ms; 0 stores nothing.
     error_ttl_ms: int = 0
 
 

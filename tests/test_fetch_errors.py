@@ -265,7 +265,7 @@ LONGEST = Dataset(
 
 def test_the_longest_durations_are_valid_and_the_next_ones_are_not() -> None:
     assert validate([LONGEST]) == []
-    beyond = {
+    beyond: dict[str, Any] = {
         "ttl_s": math.nextafter(MAX_TTL_S, math.inf),
         "negative_ttl_s": math.nextafter(MAX_TTL_S, math.inf),
         "error_ttl_s": math.nextafter(MAX_ERROR_TTL_S, math.inf),
