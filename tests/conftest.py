@@ -25,6 +25,12 @@ POLICIES = {
         cache_fill=CacheFill(lease_ms=1_000, wait_ms=500, poll_min_ms=5, poll_max_ms=50),
     ),
     "plain:{name}": Dataset("plain:{name}", ttl_s=60),
+    "careful:{name}": Dataset(
+        "careful:{name}",
+        ttl_s=60,
+        error_ttl_s=5,
+        cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200),
+    ),
 }
 
 
