@@ -247,15 +247,13 @@ class OverlapIndex:
     def add(self, template: KeyTemplate) -> list[str]:
         """Remember ``template``; return the earlier templates it overlaps, oldest first."""
         separators, shapes = _shapes(template)
-        root = self._groups.setdefault(separators, _Node())
-        found: list[tuple[int, str]] = []
-        pending = [(root, 0)]
-        while pending:
-            node, depth = pending.pop()
-            if depth == len(shapes):
-                found.extend(node.ends)
-            else:
-                pending.extend((child, depth + 1) for child in _matching(node, shapes[depth]))
+        root = self._groups.get(separators)
+        if root is None:
+            root = self._groups[separators] = _Node()
+        level = [root]
+        for shape in shapes:
+            level = [child for node in level for child in _matching(node, shape)]
+        found = sorted(end for node in level for end in node.ends)
         node = root
         for before, field, after in shapes:
             if field is None:
@@ -264,13 +262,24 @@ class OverlapIndex:
                 node = node.fields.setdefault((before, after), _Node())
         node.ends.append((self._count, template.source))
         self._count += 1
-        return [source for _, source in sorted(found)]
+        return [source for _, source in found]
+
+
+_SEPARATOR = re.compile("([:/])")
 
 
 def _shapes(template: KeyTemplate) -> tuple[str, list[_Shape]]:
-    """The template's separators, in order, and the segments between them."""
-    segments = template.segments()
-    return "".join(s[0] for s in segments[1::2]), segments[::2]
+    """The template's separators, in order, and the segments between them.
+
+    As :meth:`KeyTemplate.segments` gives them, but with the field's name left
+    out (``""``), which matters to no overlap; a template is split this way once.
+    """
+    pieces = _SEPARATOR.split("\0".join(template.parts[::2]))
+    shapes: list[_Shape] = []
+    for piece in pieces[::2]:
+        before, marker, after = piece.partition("\0")
+        shapes.append((before, "" if marker else None, after))
+    return "".join(pieces[1::2]), shapes
 
 
 def _matching(node: _Node, shape: _Shape) -> list[_Node]:
@@ -282,16 +291,12 @@ def _matching(node: _Node, shape: _Shape) -> list[_Node]:
         if exact is not None:
             children.append(exact)
     else:
-        children.extend(
-            child
-            for literal, child in node.literals.items()
-            if _segments_overlap(shape, (literal, None, ""))
-        )
-    children.extend(
-        child
-        for (other_before, other_after), child in node.fields.items()
-        if _segments_overlap(shape, (other_before, "", other_after))
-    )
+        for literal, child in node.literals.items():
+            if _segments_overlap(shape, (literal, None, "")):
+                children.append(child)
+    for (other_before, other_after), child in node.fields.items():
+        if _segments_overlap(shape, (other_before, "", other_after)):
+            children.append(child)
     return children
 
 
