@@ -131,7 +131,7 @@ def _seconds_problem(value: object, zero_allowed: bool, most: float, why: str) -
     if not _is_number(value):
         return "must be a number of seconds"
     number = cast("float", value)
-    if not math.isfinite(number):
+    if isinstance(number, float) and not math.isfinite(number):  # an int is always finite
         return "must be finite"
     if number == 0 and zero_allowed:
         return None
@@ -163,7 +163,7 @@ def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
     ttl = dataset.ttl_s
     ttl_ok = _seconds_problem(ttl, False, MAX_TTL_S, "10 years") is None
     error_most: float = MAX_ERROR_TTL_S
-    error_why = "30 s"
+    error_why = "errors are remembered at most 30 s"
     if ttl_ok and ttl < error_most:
         error_most, error_why = ttl, "ttl_s"
     checks = [

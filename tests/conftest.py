@@ -6,9 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from memofill import CacheFill, Dataset
 from tests.redis_servers import RedisCluster, RedisServer
+
+# The test machine may be busy: how fast examples are drawn or run is no property under test.
+settings.register_profile("busy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("busy")
 
 #: Policies the runtime tests use, independent of the project's registry.
 POLICIES = {

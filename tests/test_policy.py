@@ -140,7 +140,17 @@ def test_the_spec_registry_is_valid() -> None:
             id="error_ttl_s finite",
         ),
         pytest.param(
-            {"error_ttl_s": 31}, [("error_ttl_s", 31, "must be <= 30 (30 s)")], id="error_ttl_s<=30"
+            {"error_ttl_s": 31},
+            [("error_ttl_s", 31, "must be <= 30 (errors are remembered at most 30 s)")],
+            id="error_ttl_s<=30",
+        ),
+        pytest.param(
+            {"ttl_s": 10**400, "negative_ttl_s": -(10**400)},
+            [
+                ("ttl_s", 10**400, f"must be <= {MAX_TTL_S} (10 years)"),
+                ("negative_ttl_s", -(10**400), "must be >= 0"),
+            ],
+            id="ints too large for a float",
         ),
         pytest.param(
             {"ttl_s": 5, "error_ttl_s": 6},
