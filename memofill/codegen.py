@@ -135,7 +135,8 @@ def _literal(value: object, depth: int) -> str:
     if isinstance(value, int):
         return repr(int(value))
     if isinstance(value, float):
-        return repr(float(value)).replace("e+", "e")  # ruff format writes 1e16, not 1e+16
+        # Valid durations lie between 0.001 and 10 years, where repr never uses an exponent.
+        return repr(float(value))
     raise TypeError(f"cannot render {type(value).__name__} as a policy literal")
 
 

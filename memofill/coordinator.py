@@ -26,10 +26,11 @@ One miss, for a dataset with a fill policy:
    for the current backoff interval, then read the **data** key, never the lock
    key: the value is the source of truth, and a follower returns as soon as it
    lands. A signal that the fetch returned ``None`` or raised is the answer
-   itself, stored or not (``negative_ttl_s = 0`` stores neither); one that the
-   value could not be stored sends the follower to fetch at once, and one that
-   the leader was cancelled sends it back to step 1. After ``wait_ms``, fetch
-   uncoordinated. A follower that is cancelled simply stops: it holds nothing.
+   itself, stored or not (``negative_ttl_s`` or ``error_ttl_s`` of 0 stores
+   nothing); one that the value could not be stored sends the follower to
+   fetch at once, and one that the leader was cancelled sends it back to step 1.
+   After ``wait_ms``, fetch uncoordinated. A follower that is cancelled simply
+   stops: it holds nothing.
 4. A Redis error anywhere in the lock path: fall back to a plain local fetch
    (the caller's process already coalesced its own callers). Whatever a command
    raises counts as a Redis error, not only redis-py's ``RedisError``: a client
@@ -73,8 +74,6 @@ from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
 
-#: An error marker lives at most this long (and never longer than ``negative_ttl_s``).
-MAX_ERROR_TTL_MS = 30_000
 #: The ``error`` of a leader whose lock was gone, or another's, when it released: its fetch
 #: outlived ``lease_ms`` (or Redis lost the lock), so a second leader may have fetched too.
 LEASE_EXPIRED = "LeaseExpired"
@@ -138,6 +137,8 @@ class Plan:
     redis_error: str | None = None
     #: A blocking wait must return before the client's socket time-out.
     block_limit_ms: float | None = None
+    #: How long a failed fetch is remembered under the key, in ms; 0 stores nothing.
+    error_ttl_ms: int = 0
 
 
 @attrs.frozen
@@ -214,7 +215,10 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         )
         raise
     except Exception as exc:
-        marker_ms = min(MAX_ERROR_TTL_MS, plan.negative_ttl_ms)
+        # The followers waiting now learn of the failure from the wake signal. Nothing is
+        # stored for later callers unless the dataset asks (error_ttl_s): the next call
+        # fetches again, one at a time across processes, since it takes the lock first.
+        marker_ms = plan.error_ttl_ms
         marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
         raised = RAISED + type(exc).__name__
         yield from _write_and_release(

@@ -512,6 +512,7 @@ class _Miss:
             redis_key=self.key,
             ttl_ms=max(1, round(dataset.ttl_s * 1000)),
             negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
+            error_ttl_ms=round(dataset.error_ttl_s * 1000),
             # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
             cache_fill=None if commands is None else dataset.cache_fill,
             redis_ok=commands is not None and not breaker_open and not unreachable,

@@ -239,7 +239,11 @@ def inspect_entry(
     token: Any = holder.decode(errors="replace") if holder else "none"
     lines = [
         ("dataset", dataset.key),
-        ("ttl", f"{dataset.ttl_s} s, negative {dataset.negative_ttl_s} s"),
+        (
+            "ttl",
+            f"{dataset.ttl_s} s, negative {dataset.negative_ttl_s} s, "
+            f"error {dataset.error_ttl_s} s",
+        ),
         ("fill policy", policy),
         ("final key", final),
         ("lock key", lock),

@@ -258,6 +258,96 @@ def _segments_overlap(a: tuple[str, str | None, str], b: tuple[str, str | None, 
     return prefix_ok and suffix_ok
 
 
+_Shape = tuple[str, str | None, str]
+
+
+class _Node:
+    """One level of :class:`OverlapIndex`: the templates' next segment, literal or with a field."""
+
+    __slots__ = ("ends", "fields", "literals")
+
+    def __init__(self) -> None:
+        self.literals: dict[str, _Node] = {}
+        #: Keyed by ``(before, after)``: which field a segment holds does not change what
+        #: it matches.
+        self.fields: dict[tuple[str, str], _Node] = {}
+        #: ``(order added, source)`` of the templates that end here.
+        self.ends: list[tuple[int, str]] = []
+
+
+class OverlapIndex:
+    """Templates seen so far, arranged so that finding the ones a new template overlaps
+    does not compare it with every other one.
+
+    :func:`templates_overlap` is exact but pairwise, and checking every pair of a
+    registry of thousands of datasets took seconds at every process start. Two
+    templates can only overlap when their separators line up, so templates are
+    grouped by their separators; within a group, a tree branches on each segment,
+    and a literal segment looks up the equal literal directly. Only segments with
+    a field are compared one by one, against the few siblings they could match.
+    The answers are exactly those of :func:`templates_overlap`.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[str, _Node] = {}
+        self._count = 0
+
+    def add(self, template: KeyTemplate) -> list[str]:
+        """Remember ``template``; return the earlier templates it overlaps, oldest first."""
+        separators, shapes = _shapes(template)
+        root = self._groups.get(separators)
+        if root is None:
+            root = self._groups[separators] = _Node()
+        level = [root]
+        for shape in shapes:
+            level = [child for node in level for child in _matching(node, shape)]
+        found = sorted(end for node in level for end in node.ends)
+        node = root
+        for before, field, after in shapes:
+            if field is None:
+                node = node.literals.setdefault(before, _Node())
+            else:
+                node = node.fields.setdefault((before, after), _Node())
+        node.ends.append((self._count, template.source))
+        self._count += 1
+        return [source for _, source in found]
+
+
+_SEPARATOR = re.compile("([:/])")
+
+
+def _shapes(template: KeyTemplate) -> tuple[str, list[_Shape]]:
+    """The template's separators, in order, and the segments between them.
+
+    As :meth:`KeyTemplate.segments` gives them, but with the field's name left
+    out (``""``), which matters to no overlap; a template is split this way once.
+    """
+    pieces = _SEPARATOR.split("\0".join(template.parts[::2]))
+    shapes: list[_Shape] = []
+    for piece in pieces[::2]:
+        before, marker, after = piece.partition("\0")
+        shapes.append((before, "" if marker else None, after))
+    return "".join(pieces[1::2]), shapes
+
+
+def _matching(node: _Node, shape: _Shape) -> list[_Node]:
+    """The children of ``node`` whose segment can render the same text as ``shape``."""
+    text, field, _ = shape
+    children = []
+    if field is None:
+        exact = node.literals.get(text)
+        if exact is not None:
+            children.append(exact)
+    else:
+        for literal, child in node.literals.items():
+            if _segments_overlap(shape, (literal, None, "")):
+                children.append(child)
+    for (other_before, other_after), child in node.fields.items():
+        if _segments_overlap(shape, (other_before, "", other_after)):
+            children.append(child)
+    return children
+
+
 def format_argument(field: str, value: object) -> str:
     """The canonical text of one field's value (see the module doc for the rules)."""
     if isinstance(value, str):

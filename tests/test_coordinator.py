@@ -26,7 +26,6 @@ from memofill.coordinator import (
     CANCELLED,
     FETCH,
     LEASE_EXPIRED,
-    MAX_ERROR_TTL_MS,
     Command,
     Plan,
     Result,
@@ -306,29 +305,29 @@ def test_recheck_error_still_fetches_under_the_lock_and_reports_it() -> None:
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
 
 
-@pytest.mark.parametrize(
-    ("negative_ttl_ms", "marker_ms"),
-    [(120_000, MAX_ERROR_TTL_MS), (5_000, 5_000), (MAX_ERROR_TTL_MS, MAX_ERROR_TTL_MS)],
-)
-def test_fetch_error_writes_a_short_error_marker_and_releases(
-    negative_ttl_ms: int, marker_ms: int
-) -> None:
+@pytest.mark.parametrize("negative_ttl_ms", [0, 120_000])
+def test_fetch_error_stores_nothing_by_default_and_releases(negative_ttl_ms: int) -> None:
+    """A failure is told to the followers waiting now, and stored for no later caller."""
     driver = Driver(fetch=raise_boom)
     result = driver.run(make_plan(negative_ttl_ms=negative_ttl_ms))
     assert result.outcome is Outcome.FETCH_ERROR
     assert isinstance(result.exception, Boom)
     assert result.error == "Boom"
     assert result.led
-    assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    assert driver.commands("write")[0].args == (KEY, error_marker("Boom"), marker_ms)
-    assert b"secret" not in driver.commands("write")[0].args[1]
-
-
-def test_fetch_error_without_negative_caching_writes_no_marker_but_releases() -> None:
-    driver = Driver(fetch=raise_boom)
-    result = driver.run(make_plan(negative_ttl_ms=0))
-    assert isinstance(result.exception, Boom)
     assert driver.names() == ["acquire", "FETCH", "release"]
+    assert driver.commands("release")[0].args[4] == "error:Boom"
+
+
+@pytest.mark.parametrize("error_ttl_ms", [1, 5_000, 30_000])
+def test_fetch_error_with_error_ttl_writes_an_error_marker_for_that_long(
+    error_ttl_ms: int,
+) -> None:
+    driver = Driver(fetch=raise_boom)
+    result = driver.run(make_plan(error_ttl_ms=error_ttl_ms, negative_ttl_ms=0))
+    assert isinstance(result.exception, Boom)
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
+    assert driver.commands("write")[0].args == (KEY, error_marker("Boom"), error_ttl_ms)
+    assert b"secret" not in driver.commands("write")[0].args[1]
 
 
 def test_fetch_error_is_returned_even_when_redis_fails_after_it() -> None:

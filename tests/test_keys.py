@@ -18,6 +18,7 @@ from memofill import KeyArgumentError
 from memofill.keys import (
     MAX_FIELD_CHARS,
     FieldText,
+    OverlapIndex,
     format_argument,
     lock_key,
     parse_template,
@@ -264,6 +265,46 @@ def test_a_template_overlaps_every_key_it_renders(source: str, data: st.DataObje
     words = st.text(alphabet="ab", max_size=3)
     rendered = template.render({name: data.draw(words) for name in template.fields})
     assert templates_overlap(template, parse_template(rendered))
+
+
+#: Segments from a small pool, so that random templates overlap often.
+_SEGMENTS = ["a", "ab", "b", "", "{f}", "a{f}", "{f}b", "a{f}b", "ab{f}"]
+
+
+@st.composite
+def small_templates(draw: st.DrawFn) -> str:
+    """A well-formed template of one to three segments drawn from :data:`_SEGMENTS`."""
+    count = draw(st.integers(1, 3))
+    pieces = []
+    for index in range(count):
+        pool = _SEGMENTS if index else [s for s in _SEGMENTS if s]  # a key is never empty
+        segment = draw(st.sampled_from(pool)).replace("{f}", f"{{f{index}}}")
+        separator = draw(st.sampled_from(":/")) if index else ""
+        pieces.append(separator + segment)
+    return "".join(pieces)
+
+
+@given(st.lists(small_templates(), max_size=12, unique=True))
+def test_the_overlap_index_finds_exactly_the_pairs_templates_overlap_finds(
+    sources: list[str],
+) -> None:
+    """The index must report every overlapping pair the pairwise check reports, and no other."""
+    index = OverlapIndex()
+    templates = [parse_template(source) for source in sources]
+    for position, template in enumerate(templates):
+        expected = [
+            other.source for other in templates[:position] if templates_overlap(template, other)
+        ]
+        assert index.add(template) == expected
+
+
+def test_the_overlap_index_compares_field_segments_with_literal_ones() -> None:
+    index = OverlapIndex()
+    for source in ["u:1:x", "u:2:x", "v:{id}:x", "u:{id}:y", "u:a{id}:x"]:
+        assert index.add(parse_template(source)) == []
+    assert index.add(parse_template("u:{n}:x")) == ["u:1:x", "u:2:x", "u:a{id}:x"]
+    assert index.add(parse_template("{t}:1:x")) == ["u:1:x", "v:{id}:x", "u:{n}:x"]
+    assert index.add(parse_template("u/{n}:x")) == []
 
 
 def test_crc16_is_the_cluster_one() -> None:
