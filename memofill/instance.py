@@ -24,6 +24,7 @@ from memofill.keys import lock_key, parse_template, prefix_problem
 from memofill.outcomes import Counters
 from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
 from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.values import Codec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -82,6 +83,8 @@ class Memofill:
         self.breaker = Breaker(breaker_cooldown_s)
         self.thread_flights: ThreadFlights[Result] = ThreadFlights()
         self.task_flights: TaskFlights[Result] = TaskFlights()
+        #: Datasets whose unstorable values were already reported (one WARNING each).
+        self.unstorable_warned: set[str] = set()
 
     def configure(
         self,
@@ -168,16 +171,25 @@ class Memofill:
             )
         return commands
 
-    def cached_dataset(self, key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
+    def cached_dataset(
+        self, key: str, *, codec: Codec | None = None
+    ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
         """Decorate a fetch function so its results are cached under dataset ``key``.
 
         The policy is resolved, and the key template checked against the
         function's parameters, right now: a mistake fails at import time.
+        Values round-trip as the function's return annotation says (see
+        :mod:`memofill.values`); ``codec`` replaces that with your own encoding:
+        any object with ``encode(value) -> bytes`` and ``decode(bytes) -> value``.
         """
         self.policy(key)
+        if codec is not None and not isinstance(codec, Codec):
+            raise TypeError(
+                f"codec={codec!r} needs encode(value) -> bytes and decode(bytes) -> value methods"
+            )
 
         def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
-            return CachedDataset(function, self, key)
+            return CachedDataset(function, self, key, codec)
 
         return decorate
 
@@ -244,6 +256,8 @@ def configure(
     return default
 
 
-def cached_dataset(key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
+def cached_dataset(
+    key: str, *, codec: Codec | None = None
+) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
     """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
-    return default.cached_dataset(key)
+    return default.cached_dataset(key, codec=codec)
