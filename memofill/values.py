@@ -11,7 +11,7 @@ nested generics, ``Optional``). A ``codec=`` given to ``cached_dataset`` wins
 over both (any object with ``encode`` and ``decode``, see :class:`Codec`).
 
 Stored markers (``None``, a failed fill) keep their NUL-prefixed form from
-:mod:`memofill.codec`, whatever the codec: :func:`decode_stored` tells them
+``memofill.codec``, whatever the codec: :func:`decode_stored` tells them
 apart before the codec sees the bytes.
 """
 
