@@ -56,6 +56,8 @@ class Memofill:
             Redis is unreachable (:class:`~memofill.fallback.LocalStore`).
         breaker: Skips Redis for a short cool-down after it failed to answer
             (:class:`~memofill.fallback.Breaker`).
+        unstorable_warned: Datasets whose values could not be stored, each
+            reported once by a WARNING.
     """
 
     def __init__(
@@ -83,7 +85,6 @@ class Memofill:
         self.breaker = Breaker(breaker_cooldown_s)
         self.thread_flights: ThreadFlights[Result] = ThreadFlights()
         self.task_flights: TaskFlights[Result] = TaskFlights()
-        #: Datasets whose unstorable values were already reported (one WARNING each).
         self.unstorable_warned: set[str] = set()
 
     def configure(

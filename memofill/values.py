@@ -76,19 +76,30 @@ def _check_finite(payload: bytes, data: Any) -> bytes:
     return payload
 
 
+_ATOMS = frozenset({str, int, bool, type(None)})
+
+
 def _has_non_finite(data: Any) -> bool:
     stack = [data]
+    pop, extend = stack.pop, stack.extend
     while stack:
-        item = stack.pop()
-        if type(item) is float:
+        item = pop()
+        kind = type(item)
+        if kind in _ATOMS:
+            continue
+        if isinstance(item, float):
             if not math.isfinite(item):
                 return True
+        elif kind is dict:
+            extend(item.values())
+        elif kind is list or kind is tuple:
+            extend(item)
         elif isinstance(item, dict):
-            stack.extend(item.values())
+            extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
+            extend(item)
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            stack.extend(vars(item).values() if hasattr(item, "__dict__") else ())
+            extend(getattr(item, field.name) for field in dataclasses.fields(item))
     return False
 
 
@@ -176,7 +187,8 @@ class TypedCodec:
             adapter: Any = sys.modules["pydantic"].TypeAdapter(annotation)
 
             def encode_pydantic(value: Any) -> bytes:
-                payload: bytes = adapter.dump_json(value)
+                # A value that is not of the annotated type is refused, not guessed at.
+                payload: bytes = adapter.dump_json(value, warnings="error")
                 return _check_finite(payload, adapter.dump_python(value))
 
             self.encode = encode_pydantic

@@ -333,3 +333,26 @@ def test_non_finite_floats_are_refused_loudly_not_stored_as_null(
 def test_a_null_that_was_none_is_still_stored() -> None:
     assert JSON.encode({"a": None, "b": 1.5}) == b'{"a":null,"b":1.5}'
     assert TypedCodec(Optional[Quote]).encode(None) == b"null"  # noqa: UP045
+
+
+@pytest.mark.memofill(unstorable=True)
+@pytest.mark.parametrize("annotation", [Quote, Model])
+def test_a_value_of_another_type_than_annotated_is_refused_not_guessed_at(
+    mf: Memofill, raw: fakeredis.FakeRedis, annotation: Any
+) -> None:
+    fetch = mf.cached_dataset("item:{name}")(_returning(annotation, 42))
+    assert fetch("a") == 42
+    assert raw.get("t:item:a") is None
+    assert mf.unstorable_warned == {"item:{name}"}
+
+
+def test_the_module_level_decorator_takes_a_codec(memofill_default: Memofill) -> None:
+    import memofill  # noqa: PLC0415  # the module-level function, beside the instance's
+
+    memofill_default.configure(
+        memofill_default._sync.client,  # type: ignore[union-attr]
+        policies=POLICIES,
+    )
+    fetch = memofill.cached_dataset("item:{name}", codec=ZlibJson())(lambda name: [name])
+    assert fetch("z") == ["z"]
+    assert fetch.call_with_outcome("z").outcome == "hit"
