@@ -24,6 +24,7 @@ import orjson
 import pydantic
 import pytest
 
+import memofill
 from memofill import Memofill
 from memofill.values import JSON, TypedCodec, codec_for
 from tests.conftest import POLICIES
@@ -346,13 +347,11 @@ def test_a_value_of_another_type_than_annotated_is_refused_not_guessed_at(
     assert mf.unstorable_warned == {"item:{name}"}
 
 
-def test_the_module_level_decorator_takes_a_codec(memofill_default: Memofill) -> None:
-    import memofill  # noqa: PLC0415  # the module-level function, beside the instance's
-
-    memofill_default.configure(
-        memofill_default._sync.client,  # type: ignore[union-attr]
-        policies=POLICIES,
-    )
+@pytest.mark.memofill(policies=POLICIES, prefix="t:")
+def test_the_module_level_decorator_takes_a_codec(
+    memofill_default: Memofill, memofill_redis: Any
+) -> None:
     fetch = memofill.cached_dataset("item:{name}", codec=ZlibJson())(lambda name: [name])
     assert fetch("z") == ["z"]
+    assert orjson.loads(zlib.decompress(memofill_redis.get("t:item:z"))) == ["z"]
     assert fetch.call_with_outcome("z").outcome == "hit"
