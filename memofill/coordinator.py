@@ -193,9 +193,8 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         )
         value = None if found is NEGATIVE else found
         error = release_error or error
-        return Result(
-            Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error, stored=recheck
-        )
+        stored = None if value is None else recheck
+        return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error, stored=stored)
     try:
         value = yield FETCH
     except Exception as exc:

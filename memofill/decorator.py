@@ -487,7 +487,8 @@ class _Miss:
             self._record(result, joined=True)
         value = result.unwrap()
         if joined and result.stored is not None:
-            value = decode_stored(self.binding.values.codec, result.stored)
+            copy = decode_stored(self.binding.values.codec, result.stored)
+            value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         return CallResult(value, outcome.value, result.led and not joined)
 

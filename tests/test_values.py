@@ -355,3 +355,18 @@ def test_the_module_level_decorator_takes_a_codec(
     assert fetch("z") == ["z"]
     assert orjson.loads(zlib.decompress(memofill_redis.get("t:item:z"))) == ["z"]
     assert fetch.call_with_outcome("z").outcome == "hit"
+
+
+@pytest.mark.memofill(policies=POLICIES)
+async def test_a_coroutine_function_gets_its_type_back_too(memofill_cache: Memofill) -> None:
+    @memofill_cache.cached_dataset("item:{name}")
+    async def fetch(name: str) -> Trade:
+        return Trade(name, WHEN, Decimal("1.5"))
+
+    assert await fetch("a") == Trade("a", WHEN, Decimal("1.5"))
+    hit = await fetch.call_with_outcome("a")
+    assert (hit.outcome, hit.value, type(hit.value)) == (
+        "hit",
+        Trade("a", WHEN, Decimal("1.5")),
+        Trade,
+    )
