@@ -57,10 +57,6 @@ class NonFiniteFloatError(ValueError):
     """A value holds NaN or an infinity, which JSON cannot carry: it is not stored."""
 
 
-class SchemaMismatch(ValueError):
-    """Stored bytes are JSON but not of the function's return type (its schema changed)."""
-
-
 def _check_finite(payload: bytes, data: Any) -> bytes:
     """``payload``, unless ``data`` held a NaN or an infinity that JSON turned into ``null``.
 
@@ -219,9 +215,6 @@ def codec_for(annotation: Any) -> Codec:
     return TypedCodec(annotation)
 
 
-_UNRESOLVED: Any = object()
-
-
 def return_annotation(function: Callable[..., Any]) -> Any:
     """The resolved return annotation of ``function``: ``Any`` when it has none.
 
@@ -234,8 +227,12 @@ def return_annotation(function: Callable[..., Any]) -> Any:
 
 
 class Values:
-    """One decorated function's codec, resolved at decoration or, for a forward reference
-    that is not defined yet, once on first use."""
+    """One decorated function's codec: resolved at decoration, or once on first use.
+
+    A return annotation that names a class defined later in its module (a
+    forward reference) cannot be resolved at decoration; it is resolved on the
+    function's first call, and never again.
+    """
 
     def __init__(self, function: Callable[..., Any], codec: Codec | None) -> None:
         self._function = function
