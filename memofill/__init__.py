@@ -15,11 +15,13 @@ from memofill.errors import (
 from memofill.instance import Memofill, cached_dataset, configure
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate
+from memofill.values import Codec
 
 __all__ = [
     "CacheFill",
     "CachedDataset",
     "CallResult",
+    "Codec",
     "ConfigurationError",
     "Dataset",
     "FillError",

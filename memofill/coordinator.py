@@ -49,16 +49,7 @@ from typing import Any
 
 import attrs
 
-from memofill.codec import (
-    CORRUPT,
-    NEGATIVE,
-    NEGATIVE_MARKER,
-    EncodeError,
-    ErrorMarker,
-    decode_any,
-    encode,
-    error_marker,
-)
+from memofill.codec import CORRUPT, NEGATIVE, NEGATIVE_MARKER, ErrorMarker, error_marker
 from memofill.commands import (
     REDIS_ERRORS,
     Commands,
@@ -73,6 +64,7 @@ from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
+from memofill.values import JSON, Codec, decode_stored
 
 #: The ``error`` of a leader whose lock was gone, or another's, when it released: its fetch
 #: outlived ``lease_ms`` (or Redis lost the lock), so a second leader may have fetched too.
@@ -139,6 +131,8 @@ class Plan:
     block_limit_ms: float | None = None
     #: How long a failed fetch is remembered under the key, in ms; 0 stores nothing.
     error_ttl_ms: int = 0
+    #: How this function's values are stored and read (:mod:`memofill.values`).
+    codec: Codec = JSON
 
 
 @attrs.frozen
@@ -154,6 +148,11 @@ class Result:
     payload_bytes: int = 0
     #: Type name of the error worth logging (a Redis error met on the way, an unencodable value).
     error: str | None = None
+    #: The bytes under the key that ``value`` was read from or written as, if any: what the
+    #: process keeps for outages and decodes for callers joined to this fill.
+    stored: bytes | None = None
+    #: Why ``value`` could not be encoded (``"TypeError: ..."``), when it could not.
+    unstorable: str | None = None
 
     def unwrap(self) -> Any:
         """The value, or raise the exception the caller must see."""
@@ -198,14 +197,15 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     error = None
     if isinstance(recheck, Exception):
         recheck, error = None, type(recheck).__name__
-    found = CORRUPT if recheck is None else decode_any(recheck)
+    found = CORRUPT if recheck is None else decode_stored(plan.codec, recheck)
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
         _, release_error = yield from _write_and_release(
             plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
         )
         value = None if found is NEGATIVE else found
         error = release_error or error
-        return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error)
+        stored = None if value is None else recheck
+        return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error, stored=stored)
     try:
         value = yield FETCH
     except asyncio.CancelledError:
@@ -225,7 +225,8 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
             plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, encode_error = _stored_form(plan, value)
+    payload, ttl_ms, unstorable = _stored_form(plan, value)
+    encode_error = None if unstorable is None else unstorable.partition(":")[0]
     if value is None:
         told = RETURNED_NONE
     else:
@@ -237,12 +238,20 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     # Report the first thing that went wrong: a failed recheck, then the write, then the release.
     error = error or encode_error or write_error or release_error
     size = 0 if value is None or payload is None else len(payload)
-    return Result(outcome, value=value, led=True, payload_bytes=size, error=error)
+    return Result(
+        outcome,
+        value=value,
+        led=True,
+        payload_bytes=size,
+        error=error,
+        stored=None if value is None else payload,
+        unstorable=unstorable,
+    )
 
 
 def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
     """A follower's result if ``raw`` is what a leader stored (value, ``None`` or failure)."""
-    found = CORRUPT if raw is None else decode_any(raw)
+    found = CORRUPT if raw is None else decode_stored(plan.codec, raw)
     if isinstance(found, ErrorMarker):
         failure = FillError(plan.dataset, plan.redis_key, found.error)
         return Result(
@@ -260,6 +269,7 @@ def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Resu
         waited_ms=waited_ms,
         polls=polls,
         payload_bytes=len(raw) if raw else 0,
+        stored=None if found is NEGATIVE else raw,
     )
 
 
@@ -334,7 +344,8 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
         value = yield FETCH
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, encode_error = _stored_form(plan, value)
+    payload, ttl_ms, unstorable = _stored_form(plan, value)
+    encode_error = None if unstorable is None else unstorable.partition(":")[0]
     write_error = None
     if payload is not None and plan.redis_ok:
         try:
@@ -344,23 +355,32 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
     size = 0 if value is None or payload is None else len(payload)
     # The Redis error that sent this caller here says more than a write refused after it.
     first_error = error or encode_error or write_error
-    return Result(outcome, value=value, led=True, payload_bytes=size, error=first_error)
+    return Result(
+        outcome,
+        value=value,
+        led=True,
+        payload_bytes=size,
+        error=first_error,
+        stored=None if value is None else payload,
+        unstorable=unstorable,
+    )
 
 
 def _stored_form(plan: Plan, value: Any) -> tuple[bytes | None, int, str | None]:
-    """What a fill writes for ``value``: ``(payload or None, ttl_ms, encoding error)``.
+    """What a fill writes for ``value``: ``(payload or None, ttl_ms, why it is unstorable)``.
 
     ``None`` is stored as the negative marker for ``negative_ttl_ms`` (not at all
-    when that is 0); a value orjson cannot encode is not stored, and its error named.
+    when that is 0); a value the function's codec cannot encode is not stored,
+    and the reason given as ``"ErrorType: message"``.
     """
     if value is None:
         if plan.negative_ttl_ms <= 0:
             return None, 0, None
         return NEGATIVE_MARKER, plan.negative_ttl_ms, None
     try:
-        return encode(value), plan.ttl_ms, None
-    except EncodeError as exc:
-        return None, 0, type(exc).__name__
+        return plan.codec.encode(value), plan.ttl_ms, None
+    except Exception as exc:  # whatever the codec raises on a value it cannot encode
+        return None, 0, f"{type(exc).__name__}: {exc}"
 
 
 def _write_and_release(

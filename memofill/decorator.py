@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 import attrs
 import wrapt
 
-from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
+from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
 from memofill.commands import Commands, acl_rule, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
@@ -28,6 +28,7 @@ from memofill.fallback import Breaker
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
 from memofill.outcomes import FALLBACK_HIT, HIT, MissRecord, Outcome, refused_by_acl
 from memofill.policy import Dataset
+from memofill.values import JSON, Codec, Values, decode_stored
 
 if TYPE_CHECKING:
     from memofill.instance import Memofill
@@ -256,6 +257,10 @@ class _Binding:
     key: str
     fields: tuple[_Field, ...]
     is_async: bool
+    #: How this function's values are stored and read.
+    values: Values
+    #: The codec's ``decode``, read by every hit (``orjson.loads`` for plain JSON data).
+    decode: Callable[[bytes], Any] = attrs.field(init=False)
     dataset: Dataset = attrs.field(init=False)
     key_of: KeyBuilder = attrs.field(init=False)
     count_hit: Callable[[], object] = attrs.field(init=False)
@@ -268,6 +273,15 @@ class _Binding:
     current_function: Callable[[], Callable[..., Any]] = attrs.field(init=False)
     #: Whether Redis's refusal of a command (an ACL) was logged since the last refresh.
     told_permission: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        codec = self.values.resolved
+        self.decode = self._resolve_and_decode if codec is None else codec.decode
+
+    def _resolve_and_decode(self, raw: bytes) -> Any:
+        """The first hit of a function whose return annotation was a forward reference."""
+        self.decode = self.values.codec.decode
+        return self.decode(raw)
 
     def refresh(self) -> None:
         """Take the instance's current policy, prefix, client and hit tally."""
@@ -296,7 +310,12 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """
 
     def __new__(
-        cls, wrapped: Callable[P, R], memofill: Memofill, key: str, ignore: Iterable[str] = ()
+        cls,
+        wrapped: Callable[P, R],
+        memofill: Memofill,
+        key: str,
+        ignore: Iterable[str] = (),
+        codec: Codec | None = None,
     ) -> CachedDataset[P, R]:
         # Each decorated function gets a class of its own, so that __init__ can give it a
         # __call__ that closes over the function's binding (see __call__).
@@ -305,11 +324,16 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         return super().__new__(own)
 
     def __init__(
-        self, wrapped: Callable[P, R], memofill: Memofill, key: str, ignore: Iterable[str] = ()
+        self,
+        wrapped: Callable[P, R],
+        memofill: Memofill,
+        key: str,
+        ignore: Iterable[str] = (),
+        codec: Codec | None = None,
     ) -> None:
         is_async = is_coroutine_function(wrapped)
         fields = compile_fields(memofill.policy(key).template, wrapped, ignore)
-        binding = _Binding(memofill, key, fields, is_async)
+        binding = _Binding(memofill, key, fields, is_async, Values(wrapped, codec))
         binding.refresh()
 
         lookup = _lookup_async if is_async else _lookup_sync
@@ -420,14 +444,14 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     if raw is None:
         return _NOT_A_HIT
     try:
-        value = decode(raw)
-    except DecodeError:
+        value = binding.decode(raw)
+    except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
         return _NOT_A_HIT
     binding.count_hit()
     store = binding.memofill.local_store
     kept = store.entries.get(key)
     if kept is None or kept[2] <= started:
-        store.put(key, value, binding.ttl_s)
+        store.put(key, raw, binding.ttl_s)
     return value
 
 
@@ -440,18 +464,23 @@ def _served_without_fill(
 ) -> CallResult | None:
     """A result that needs no fill, or ``None`` to fill.
 
-    Redis not asked (breaker open, no client): the locally kept value, if any.
-    Bytes that are not JSON may be a negative marker (a hit on ``None``), an
-    error marker (the last fill failed: raise at once), or corruption (a miss
-    that the fill overwrites). A failed ``GET`` trips the breaker when Redis is
-    unreachable and serves the locally kept value when there is one.
+    Redis not asked (breaker open, no client): the locally kept value, if any,
+    decoded afresh from its bytes, so no two callers ever hold the same object.
+    Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
+    error marker (the last fill failed: raise at once), or corruption or another
+    schema (a miss that the fill overwrites). A failed ``GET`` trips the breaker
+    when Redis is unreachable and serves the locally kept value when there is one.
     """
     memofill = binding.memofill
+    codec = binding.values.codec
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
             memofill.breaker.trip()
-        value = memofill.local_store.get(key, None)
-        return None if value is None else _counted(binding, value, FALLBACK_HIT)
+        kept = memofill.local_store.get(key, None)
+        value = None if kept is None else decode_stored(codec, kept)
+        if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
+            return None
+        return _counted(binding, value, FALLBACK_HIT)
     if raw is None:
         return None
     special = decode_special(raw)
@@ -459,8 +488,12 @@ def _served_without_fill(
         return _counted(binding, None, HIT)
     if isinstance(special, ErrorMarker):
         raise FillError(binding.key, key, special.error)
+    why = "corrupt bytes"
+    if codec is not JSON:
+        why = f"bytes that {codec!r} cannot decode (written before a change of type?)"
     logger.warning(
-        "corrupt bytes under %s (%d bytes): treated as a miss",
+        "%s under %s (%d bytes): treated as a miss",
+        why,
         key,
         len(raw),
         extra={"dataset": binding.key, "redis_key": key},
@@ -518,6 +551,7 @@ class _Miss:
             redis_ok=commands is not None and not breaker_open and not unreachable,
             redis_error=None if error is None else type(error).__name__,
             block_limit_ms=None if commands is None else commands.socket_timeout_ms,
+            codec=self.binding.values.codec,
         )
 
     def run_sync(self) -> Result:
@@ -565,16 +599,45 @@ class _Miss:
             payload_bytes=result.payload_bytes,
             error=result.error,
         ).emit()
-        if not joined and result.exception is None and result.value is not None:
-            memofill.local_store.put(self.key, result.value, binding.ttl_s)
+        if joined:
+            return result
+        if result.stored is not None:
+            memofill.local_store.put(self.key, result.stored, binding.ttl_s)
+        if result.unstorable is not None:
+            _warn_unstorable(binding, self.key, result)
         return result
 
     def finish(self, result: Result, joined: bool) -> CallResult:
-        """This caller's result: a joiner is logged as one; the value, or raise."""
+        """This caller's result: a joiner is logged as one; the value, or raise.
+
+        A joiner gets its own copy, decoded from the bytes the fill stored, so
+        that no caller can change what another holds; a value that could not be
+        stored is the one object every joiner shares.
+        """
         if joined:
             self._record(result, joined=True)
+        value = result.unwrap()
+        if joined and result.stored is not None:
+            copy = decode_stored(self.binding.values.codec, result.stored)
+            value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-        return CallResult(result.unwrap(), outcome.value, result.led and not joined)
+        return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _warn_unstorable(binding: _Binding, key: str, result: Result) -> None:
+    """Say once per dataset and instance that its values are never stored, and how to fix it."""
+    warned = binding.memofill.unstorable_warned
+    if binding.key in warned:
+        return
+    warned.add(binding.key)
+    logger.warning(
+        "dataset %s: a %s value cannot be stored (%s), so every call fetches; annotate the "
+        "function's return type, pass codec= to cached_dataset, or return JSON data",
+        binding.key,
+        type(result.value).__qualname__,
+        result.unstorable,
+        extra={"dataset": binding.key, "redis_key": key, "unstorable": result.unstorable},
+    )
 
 
 def _lookup_sync(

@@ -3,6 +3,8 @@
 Two small pieces, both process-local and thread-safe:
 
 * :class:`LocalStore` keeps the values this process recently read or wrote,
+  as their stored bytes (never an object a caller holds, so no caller can
+  change what the next one is served),
   each for at most 30 s and at most 5000 of them (oldest dropped first), so a
   warm process keeps serving them while Redis is down instead of sending every
   caller to the upstream.
@@ -29,7 +31,7 @@ _MISSING: Any = object()
 
 
 class LocalStore:
-    """A bounded map of final key -> (expiry, value), evicting the oldest entry first."""
+    """A bounded map of final key -> (expiry, stored bytes), evicting the oldest entry first."""
 
     def __init__(
         self,
@@ -45,8 +47,8 @@ class LocalStore:
         self.entries: dict[str, tuple[float, Any, float]] = {}
         self._lock = threading.Lock()
 
-    def put(self, key: str, value: Any, ttl_s: float) -> None:
-        """Remember ``value`` for ``min(ttl_s, max_ttl_s)`` seconds."""
+    def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Remember ``value`` (a value's stored bytes) for ``min(ttl_s, max_ttl_s)`` seconds."""
         now = self._clock()
         expires = now + min(ttl_s, self.max_ttl_s)
         with self._lock:
@@ -55,7 +57,7 @@ class LocalStore:
             while len(self.entries) > self.max_entries:
                 del self.entries[next(iter(self.entries))]
 
-    def remember(self, key: str, value: Any, ttl_s: float) -> None:
+    def remember(self, key: str, value: bytes, ttl_s: float) -> None:
         """:meth:`put` from the hit path: skipped while the kept copy is under a second old.
 
         Every hit would otherwise take the lock and reorder the map; a copy at

@@ -24,6 +24,7 @@ from memofill.keys import lock_key, parse_template, prefix_problem
 from memofill.outcomes import Counters
 from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
 from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.values import Codec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,6 +56,8 @@ class Memofill:
             Redis is unreachable (:class:`~memofill.fallback.LocalStore`).
         breaker: Skips Redis for a short cool-down after it failed to answer
             (:class:`~memofill.fallback.Breaker`).
+        unstorable_warned: Datasets whose values could not be stored, each
+            reported once by a WARNING.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Memofill:
         self.breaker = Breaker(breaker_cooldown_s)
         self.thread_flights: ThreadFlights[Result] = ThreadFlights()
         self.task_flights: TaskFlights[Result] = TaskFlights()
+        self.unstorable_warned: set[str] = set()
 
     def configure(
         self,
@@ -169,7 +173,7 @@ class Memofill:
         return commands
 
     def cached_dataset(
-        self, key: str, *, ignore: Iterable[str] = ()
+        self, key: str, *, ignore: Iterable[str] = (), codec: Codec | None = None
     ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
         """Decorate a fetch function so its results are cached under dataset ``key``.
 
@@ -185,11 +189,18 @@ class Memofill:
         The policy is resolved, and the key template checked against the
         function's parameters and their annotations, right now: a mistake
         fails at import time with :class:`~memofill.errors.KeyTemplateError`.
+        Values round-trip as the function's return annotation says (see
+        :mod:`memofill.values`); ``codec`` replaces that with your own encoding:
+        any object with ``encode(value) -> bytes`` and ``decode(bytes) -> value``.
         """
         self.policy(key)
+        if codec is not None and not isinstance(codec, Codec):
+            raise TypeError(
+                f"codec={codec!r} needs encode(value) -> bytes and decode(bytes) -> value methods"
+            )
 
         def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
-            return CachedDataset(function, self, key, ignore)
+            return CachedDataset(function, self, key, ignore, codec)
 
         return decorate
 
@@ -257,7 +268,7 @@ def configure(
 
 
 def cached_dataset(
-    key: str, *, ignore: Iterable[str] = ()
+    key: str, *, ignore: Iterable[str] = (), codec: Codec | None = None
 ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
     """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
-    return default.cached_dataset(key, ignore=ignore)
+    return default.cached_dataset(key, ignore=ignore, codec=codec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from redis.retry import Retry
 from memofill import CacheFill, Dataset, FillError, KeyTemplateError, Memofill
 from memofill.codec import encode
 from memofill.keys import lock_key, wake_key
+from tests import typed_values
 from tests.conftest import POLICIES
 from tests.helpers import notify_after_acquire
 from tests.redis_servers import RedisServer
@@ -578,3 +580,31 @@ def test_an_int_its_text_and_none_are_three_entries(real_client: redis.Redis, pr
     assert sorted(real_client.keys(f"{prefix}p:rates/*")) == sorted(
         f"{prefix}p:rates/{text}".encode() for text in ("42", "%342", "~n", "None", "")
     )
+
+
+# --- typed values across processes ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_typed_values_filled_in_one_process_come_back_typed_in_another(
+    redis_server: RedisServer, real_client: redis.Redis, prefix: str
+) -> None:
+    filler = multiprocessing.get_context("spawn").Process(
+        target=typed_values.fill_in_this_process, args=(redis_server.port, prefix)
+    )
+    filler.start()
+    filler.join(60)
+    assert filler.exitcode == 0
+
+    def must_not_fetch(kind: str) -> Any:
+        raise AssertionError(f"{kind} was not filled by the other process")
+
+    mf = Memofill(
+        real_client, prefix=prefix, policies={typed_values.DATASET.key: typed_values.DATASET}
+    )
+    for kind, function in typed_values.functions(mf, must_not_fetch).items():
+        result = function.call_with_outcome(kind)
+        expected = typed_values.VALUES[kind]
+        assert result.outcome == "hit"
+        assert result.value == expected
+        assert type(result.value) is type(expected)
