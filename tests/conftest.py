@@ -6,9 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from memofill import CacheFill, Dataset
 from tests.redis_servers import RedisCluster, RedisServer
+
+# How fast a busy machine draws examples or runs one says nothing about the properties tested:
+# no per-example deadline, and no failing a test because input generation was slow.
+settings.register_profile("memofill", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("memofill")
 
 #: Policies the runtime tests use, independent of the project's registry.
 POLICIES = {
