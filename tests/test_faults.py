@@ -643,7 +643,8 @@ def test_a_50_mb_payload(
 def test_a_payload_orjson_cannot_encode(
     redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
-    fill = CacheFill(lease_ms=1_000, wait_ms=500, poll_min_ms=10, poll_max_ms=100)
+    # A wait_ms far beyond the fetch: "at once, not after wait_ms" holds on a busy machine.
+    fill = CacheFill(lease_ms=60_000, wait_ms=30_000, poll_min_ms=10, poll_max_ms=100)
     policies = {"odd:{name}": dataset(fill, key="odd:{name}")}
     origins: list[int] = []
 
