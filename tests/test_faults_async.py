@@ -123,6 +123,11 @@ async def assert_nothing_left_behind(*instances: Memofill) -> None:
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+#: What it means when a caller whose wait_for ran out is still waiting: redis-py returns the
+#: reply of a read whose task was cancelled (on a loop that stalled), and the caller went on.
+LOST_CANCEL = "a caller's time-out expired, yet it kept waiting: its cancellation was lost"
+
+
 def logged(records: list[dict[str, Any]]) -> Counter[tuple[str, str | None]]:
     return Counter((r["outcome"], r["error"]) for r in records)
 
@@ -221,13 +226,13 @@ async def test_followers_cancelled_mid_wait(
         await asyncio.sleep(0.2)
         for task in tasks[:3]:
             task.cancel()
-        # Their 0.1 s are up before the value exists (on a stalled loop, a wait_for whose
-        # inner call finishes while it is being cancelled returns the value instead).
-        await asyncio.wait(timeouts)
+        # Their 0.1 s are up before the value exists, however slow the loop.
+        _, late = await asyncio.wait(timeouts, timeout=10)
         # The other process's leader writes the value and wakes the followers.
         await cache.set(key, encode({"name": "x"}), px=60_000)
         await cache.xadd(wake_key(key), {"filled": "1"})
         results = await asyncio.gather(*tasks, *timeouts, return_exceptions=True)
+    assert not late, LOST_CANCEL
     assert outcomes(results[6:]) == Counter(timeout=2)
     assert outcomes(results[:3]) == Counter(cancelled=3)
     served = [result for result, _ in results[3:6]]
@@ -263,11 +268,11 @@ async def test_wait_for_timeouts_around_calls(
             )
             for f in (leader, follower)
         ]
-        # The fetch goes on once the short waits are over: on a stalled loop, a wait_for whose
-        # call has finished by the time it wakes returns the value rather than time out.
-        await asyncio.wait(short)
+        # The fetch goes on once the short waits are over, however slow the loop.
+        _, late = await asyncio.wait(short, timeout=10)
         gate.set()
         results = await asyncio.gather(*short, *patient, return_exceptions=True)
+    assert not late, LOST_CANCEL
     assert outcomes(results[:4]) == Counter(timeout=4)
     served = [result for result, _ in results[4:]]
     measure(request, origin.calls, max(s for _, s in results[4:]), logged(records))
