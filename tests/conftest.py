@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, settings
 from memofill import CacheFill, Dataset
 from tests.redis_servers import RedisCluster, RedisServer
 
-# The test machine may be busy: how fast examples are drawn or run is no property under test.
-settings.register_profile("busy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("busy")
+# How fast a busy machine draws examples or runs one says nothing about the properties tested:
+# no per-example deadline, and no failing a test because input generation was slow.
+settings.register_profile("memofill", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("memofill")
 
 #: Policies the runtime tests use, independent of the project's registry.
 POLICIES = {
