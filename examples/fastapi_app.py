@@ -22,6 +22,8 @@ import memofill
 import redis.asyncio
 import redis.asyncio.cluster
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 import upstream_calls
 
@@ -45,7 +47,8 @@ def price_of(symbol: str) -> float:
 
 async def connect() -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     """An asyncio client on ``REDIS_URL``, or on ``REDIS_CLUSTER_URL`` for a Redis Cluster."""
-    timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+    # A stalled Redis costs a command socket_timeout; an unreachable one, the connect time-out.
+    timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0}
     cluster_url = os.environ.get("REDIS_CLUSTER_URL")
     if cluster_url:
         cluster = redis.asyncio.cluster.RedisCluster.from_url(
@@ -58,7 +61,11 @@ async def connect() -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     # A blocking pool: past MAX_CONNECTIONS a command waits up to `timeout` seconds
     # for a free connection, where a plain pool would fail it.
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        os.environ["REDIS_URL"], max_connections=MAX_CONNECTIONS, timeout=5.0, **timeouts
+        os.environ["REDIS_URL"],
+        max_connections=MAX_CONNECTIONS,
+        timeout=5.0,
+        retry=Retry(NoBackoff(), 1),  # one retry on a fresh connection, not redis-py's ten
+        **timeouts,
     )
     return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool and closes it
 

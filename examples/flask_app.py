@@ -18,6 +18,8 @@ from typing import Any
 import memofill
 import redis
 from flask import Flask
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import upstream_calls
 
@@ -45,9 +47,10 @@ def create_app(redis_url: str | None = None) -> Flask:
     pool = redis.BlockingConnectionPool.from_url(
         redis_url or os.environ["REDIS_URL"],
         max_connections=MAX_CONNECTIONS,
-        timeout=5.0,
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
+        timeout=5.0,  # how long a command waits for a free connection
+        socket_timeout=2.0,  # a stalled Redis costs a command this long...
+        socket_connect_timeout=1.0,
+        retry=Retry(NoBackoff(), 1),  # ...at most twice
     )
     memofill.configure(redis.Redis.from_pool(pool), prefix="weather-web:")
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import memofill
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import upstream_calls
 
@@ -46,9 +48,10 @@ def start_worker() -> None:
     pool = redis.BlockingConnectionPool.from_url(
         os.environ["REDIS_URL"],
         max_connections=MAX_CONNECTIONS,
-        timeout=5.0,
-        socket_timeout=5.0,
-        socket_connect_timeout=2.0,
+        timeout=5.0,  # how long a command waits for a free connection
+        socket_timeout=2.0,  # a stalled Redis costs a command this long...
+        socket_connect_timeout=1.0,
+        retry=Retry(NoBackoff(), 1),  # ...at most twice
     )
     memofill.configure(redis.Redis.from_pool(pool), prefix="invoicing:")
 

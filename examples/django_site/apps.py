@@ -6,6 +6,8 @@ import memofill
 import redis
 from django.apps import AppConfig
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 #: Connections per server process. Django's development server runs a thread per
 #: request, unbounded: past this many, a thread waits up to 5 s for a free connection.
@@ -20,8 +22,9 @@ class CatalogueConfig(AppConfig):
         pool = redis.BlockingConnectionPool.from_url(
             settings.REDIS_URL,
             max_connections=MAX_CONNECTIONS,
-            timeout=5.0,
-            socket_timeout=5.0,
-            socket_connect_timeout=2.0,
+            timeout=5.0,  # how long a command waits for a free connection
+            socket_timeout=2.0,  # a stalled Redis costs a command this long...
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 1),  # ...at most twice
         )
         memofill.configure(redis.Redis.from_pool(pool), prefix="catalogue:")

@@ -10,12 +10,12 @@ import flask_app
 
 FORECAST = {"city": "Oslo", "high_c": flask_app.high_of("Oslo")}
 
-#: A follower gives up after 0.2 s, not 8: for the test that makes one wait.
+#: A follower gives up after 2 s, not 8: for the test that makes one wait.
 QUICK = {
     "flask:forecasts:{city}": Dataset(
         "flask:forecasts:{city}",
         ttl_s=300,
-        cache_fill=CacheFill(lease_ms=1_000, wait_ms=200, poll_min_ms=5, poll_max_ms=50),
+        cache_fill=CacheFill(lease_ms=3_000, wait_ms=2_000, poll_min_ms=5, poll_max_ms=50),
     ),
 }
 
@@ -55,4 +55,7 @@ def test_a_request_returns_what_another_process_fetched(
         other_process.fill({"city": "Oslo", "high_c": -3}, after_ms=50)
         assert client.get("/forecasts/Oslo").json == {"city": "Oslo", "high_c": -3}
     assert upstream.count == 0
-    memofill_outcomes.assert_outcomes("flask:forecasts:{city}", follower_hit=1)
+    # Usually the request waits for the value (follower_hit); on a slow machine the value
+    # may land before the request reads it (hit). Either way it is the other process's.
+    assert sum(memofill_outcomes.counts("flask:forecasts:{city}").values()) == 1
+    assert memofill_outcomes.counts("flask:forecasts:{city}").keys() <= {"follower_hit", "hit"}
