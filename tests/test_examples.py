@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from memofill import Dataset, Memofill
 from tests.redis_servers import RedisCluster, RedisServer, free_port
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
@@ -142,6 +143,11 @@ def upstream_calls(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def final_key(prefix: str, key: str, **fields: str) -> str:
+    """The Redis key an app with ``prefix`` stores dataset ``key``'s entry under."""
+    return Memofill(prefix=prefix, policies={key: Dataset(key, ttl_s=60)}).final_key(key, **fields)
+
+
 def assert_one_upstream_call(
     responses: list[tuple[int, Any]], expected: Any, calls: Path, call: str
 ) -> None:
@@ -162,7 +168,7 @@ def test_uvicorn_serves_a_stampede_with_one_upstream_call(
 
     assert_one_upstream_call(responses, {"symbol": "ACME", "price": 27.8}, calls, "quote ACME")
     with own_redis_server.client() as redis:
-        assert redis.exists("quotes-api:fastapi:quotes:ACME")
+        assert redis.exists(final_key("quotes-api:", "fastapi:quotes:{symbol}", symbol="ACME"))
 
 
 def test_uvicorn_on_a_redis_cluster_serves_a_stampede_with_one_upstream_call(
@@ -196,7 +202,7 @@ def test_gunicorn_serves_a_stampede_with_one_upstream_call(
 
     assert_one_upstream_call(responses, {"city": "Oslo", "high_c": 28}, calls, "forecast Oslo")
     with own_redis_server.client() as redis:
-        assert redis.exists("weather-web:flask:forecasts:Oslo")
+        assert redis.exists(final_key("weather-web:", "flask:forecasts:{city}", city="Oslo"))
 
 
 def test_django_runserver_serves_a_stampede_with_one_upstream_call(
@@ -213,7 +219,7 @@ def test_django_runserver_serves_a_stampede_with_one_upstream_call(
     book = {"isbn": "9780262510875", "pages": 475}
     assert_one_upstream_call(responses, book, calls, "book 9780262510875")
     with own_redis_server.client() as redis:
-        assert redis.exists("catalogue:django:books:9780262510875")
+        assert redis.exists(final_key("catalogue:", "django:books:{isbn}", isbn="9780262510875"))
 
 
 def test_a_worker_pool_fetches_a_shared_rate_once(
@@ -235,4 +241,4 @@ def test_a_worker_pool_fetches_a_shared_rate_once(
     assert [job["eur"] for job in converted] == [round(10.0 * n / 11.6, 2) for n in range(100)]
     assert upstream_calls(calls) == ["rate NOK"]
     with own_redis_server.client() as redis:
-        assert redis.exists("invoicing:worker:rates:NOK")
+        assert redis.exists(final_key("invoicing:", "worker:rates:{currency}", currency="NOK"))
