@@ -27,9 +27,13 @@ from redis.backoff import NoBackoff
 
 import upstream_calls
 
-#: Connections per worker process. Callers of one key share one fill in the process,
-#: so this bounds the distinct keys being filled or waited for at once, not requests.
+#: Connections per worker process. Callers of one key share one fill in the process, so
+#: past the hits' GETs in flight this bounds the distinct keys being filled or waited for
+#: at once, not requests; a request that finds none free waits for one (a blocking pool).
 MAX_CONNECTIONS = 64
+#: Connections per cluster node: redis-py's asyncio cluster client has no blocking pool, and
+#: fails a command past this limit, so it must exceed the requests a worker serves at once.
+CLUSTER_MAX_CONNECTIONS = 1024
 
 
 @memofill.cached_dataset("fastapi:quotes:{symbol}")
@@ -52,7 +56,7 @@ async def connect() -> redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster:
     cluster_url = os.environ.get("REDIS_CLUSTER_URL")
     if cluster_url:
         cluster = redis.asyncio.cluster.RedisCluster.from_url(
-            cluster_url, max_connections=MAX_CONNECTIONS, **timeouts
+            cluster_url, max_connections=CLUSTER_MAX_CONNECTIONS, **timeouts
         )
         # Learn the slots now: a burst of first requests on a client that has not yet
         # would race its lazy set-up, and those fills would not be coordinated.
