@@ -9,9 +9,11 @@ one decode on a hit; only a miss enters :mod:`memofill.coordinator`.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import random
+import sys
 import time
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -694,6 +696,24 @@ async def _lookup_async(
                 return CallResult(value, HIT, False) if with_outcome else value
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
+        _raise_if_cancel_was_lost()
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
         served = miss.finish(*await binding.memofill.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
+
+
+def _raise_if_cancel_was_lost() -> None:
+    """Raise the cancellation a Redis reply swallowed, before a miss joins a fill.
+
+    redis-py's asyncio client, cancelled while the reply of its command is
+    already waiting (a busy event loop), returns the reply and drops the
+    ``CancelledError``; the task is still marked as being cancelled. The caller
+    would then join the fill and wait for it, so an ``asyncio.timeout`` or
+    ``wait_for`` around the call would not end when it should. Checked on the
+    miss path only (a hit returns at once anyway), from Python 3.11, which
+    counts cancellation requests. A miss made while the task handles its own
+    cancellation (in an ``except CancelledError`` block) is refused the same way.
+    """
+    task = asyncio.current_task()
+    if task is not None and sys.version_info >= (3, 11) and task.cancelling():
+        raise asyncio.CancelledError

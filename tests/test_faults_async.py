@@ -10,6 +10,7 @@ singleflight, so they meet only through Redis.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from collections import Counter
@@ -345,3 +346,28 @@ async def test_redis_paused_or_killed_while_async_followers_wait(
         {("leader_fill", error): 1, ("lock_error", error): 1, ("local_join", error): 2}
     )
     await assert_nothing_left_behind(leader_mf, follower_mf)
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 does not count cancellation requests"
+)
+async def test_a_cancellation_the_redis_reply_swallowed_still_ends_the_call(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """redis-py returns a reply that was already waiting and drops the ``CancelledError``.
+
+    The loop is blocked while the ``GET`` is in flight, so its reply is waiting
+    when the caller is cancelled: redis-py hands the reply back, and the caller
+    must not go on to join (and wait for) a fill it was told to leave.
+    """
+    origin = Origin(fetch_s=0.2)
+    mf, fetch = await instance(redis_server.port, prefix, origin)
+    assert (await fetch("warm")) == {"name": "warm"}  # the connection is open and warm
+    call = asyncio.create_task(fetch("x"))
+    await asyncio.sleep(0)  # the GET is sent
+    time.sleep(0.06)  # and its reply arrives while the loop is blocked
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert origin.calls == 1  # only the warm-up: the cancelled miss never fetched
+    await assert_nothing_left_behind(mf)
