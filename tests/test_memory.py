@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 
 from memofill import Dataset, Memofill
 from memofill.fallback import MAX_LOCAL_BYTES
@@ -36,8 +37,6 @@ def _rss_bytes() -> int:
 
 def read_every_value(port: int, prefix: str, results: Any) -> None:
     """Read each value once through memofill (all hits); report growth and the store's state."""
-    import redis
-
     dataset = Dataset("blob:{index}", ttl_s=600)
     mf = Memofill(redis.Redis(port=port), prefix=prefix, policies={dataset.key: dataset})
 
