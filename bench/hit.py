@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from bench import typed
 from bench.common import in_child, median, percentile, small_value, sync_client
 from bench.libraries import BY_SLUG, Cached, Library
 
@@ -129,4 +130,107 @@ def measure(
         floor = rows.get("floor-async" if library.is_async else "floor-sync")
         row = rows[library.slug]
         row["ratio"] = row["median_us"] / floor["median_us"] if floor else None
+    return {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "rows": rows}
+
+
+# -- typed values: memofill's hit against the same library's own decode of the same bytes --------
+
+#: Typed rows, each with the reference it is divided by: ``GET`` and the structuring
+#: library alone (cattrs for a dataclass, pydantic for a model), and the plain-dict row
+#: against ``GET`` + ``orjson.loads``.
+TYPED_ROWS = {
+    "memofill-dict": "floor-dict",
+    "memofill-dataclass": "cattrs-dataclass",
+    "memofill-pydantic": "pydantic-model",
+}
+
+
+def _typed_calls(port: int) -> dict[str, Callable[[str], Any]]:
+    """In the child: every typed row and reference, ready to call on a filled key."""
+    import cattrs.preconf.orjson  # noqa: PLC0415  # the child's imports are its own
+    import pydantic  # noqa: PLC0415
+
+    import memofill  # noqa: PLC0415
+
+    raw = sync_client(port)
+    get, loads = raw.get, orjson.loads
+    structure = cattrs.preconf.orjson.make_converter().get_structure_hook(typed.Quote)
+    validate = pydantic.TypeAdapter(typed.QuoteModel).validate_json
+    instance = memofill.Memofill(
+        sync_client(port),
+        prefix="bench:typed:",
+        policies={"dict:{name}": memofill.Dataset("dict:{name}", ttl_s=600)}
+        | {
+            f"{kind}:{{name}}": memofill.Dataset(f"{kind}:{{name}}", ttl_s=600)
+            for kind in ("dc", "pd")
+        },
+    )
+
+    @instance.cached_dataset("dict:{name}")
+    def plain(name: str) -> dict[str, Any]:
+        return small_value(name)
+
+    @instance.cached_dataset("dc:{name}")
+    def dataclass_row(name: str) -> typed.Quote:
+        return typed.quote(name)
+
+    @instance.cached_dataset("pd:{name}")
+    def pydantic_row(name: str) -> typed.QuoteModel:
+        return typed.QuoteModel.model_validate(small_value(name))
+
+    for function in (plain, dataclass_row, pydantic_row):
+        function(NAME)  # fills
+    return {
+        "floor-dict": lambda name: loads(get("bench:typed:dict:" + name)),
+        "memofill-dict": plain,
+        "cattrs-dataclass": lambda name: structure(
+            loads(get("bench:typed:dc:" + name)), typed.Quote
+        ),
+        "memofill-dataclass": dataclass_row,
+        "pydantic-model": lambda name: validate(get("bench:typed:pd:" + name)),
+        "memofill-pydantic": pydantic_row,
+    }
+
+
+def _measure_typed(
+    *, port: int, rounds: int, per_round: int, warmup: int, seed: int
+) -> dict[str, list[int]]:
+    """In a fresh process: fill, check each row returns its type, then time interleaved rounds."""
+    calls = _typed_calls(port)
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call(NAME)
+        value = call(NAME)
+        if name.endswith("dict") and value != small_value(NAME):
+            raise AssertionError(f"{name} returned {value!r}")
+    if type(calls["memofill-dataclass"](NAME)) is not type(calls["cattrs-dataclass"](NAME)):
+        raise AssertionError("the dataclass row returned another type than cattrs")
+    if type(calls["memofill-pydantic"](NAME)) is not type(calls["pydantic-model"](NAME)):
+        raise AssertionError("the pydantic row returned another type than pydantic")
+    samples: dict[str, list[int]] = {name: [] for name in calls}
+    order = list(calls)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        gc.collect()
+        for name in order:
+            _time_sync(calls[name], per_round, samples[name])
+    return samples
+
+
+def measure_typed(
+    port: int, *, iterations: int, warmup: int, rounds: int = 100, seed: int = 1
+) -> dict[str, Any]:
+    """Time typed hits; each memofill row's ratio is over its library's own decode + ``GET``."""
+    per_round = max(1, iterations // rounds)
+    samples = in_child(
+        _measure_typed, port=port, rounds=rounds, per_round=per_round, warmup=warmup, seed=seed
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    for name, values in samples.items():
+        values.sort()
+        rows[name] = {"median_us": median(values) / 1000, "p99_us": percentile(values, 99) / 1000}
+    for name, reference in TYPED_ROWS.items():
+        rows[name]["reference"] = reference
+        rows[name]["ratio"] = rows[name]["median_us"] / rows[reference]["median_us"]
     return {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "rows": rows}

@@ -49,6 +49,30 @@ def _row(family: str, is_async: bool) -> Library | None:
     )
 
 
+def _hit_typed(typed: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            name,
+            _num(data["median_us"]),
+            _num(data["p99_us"]),
+            data.get("reference", ""),
+            _num(data.get("ratio"), 2),
+        ]
+        for name, data in typed["rows"].items()
+    ]
+    return [
+        "",
+        "### Typed values (sync)",
+        "",
+        f"{typed['iterations']:,} timed calls per row, interleaved in {typed['rounds']} rounds. "
+        "Each memofill row is divided by its reference: `GET` + `orjson.loads` for a plain dict, "
+        "`GET` + cattrs `structure(orjson.loads(b))` for a dataclass, `GET` + pydantic "
+        "`TypeAdapter.validate_json(b)` for a model.",
+        "",
+        *_table(["row", "median µs", "p99 µs", "reference", "× reference"], rows),
+    ]
+
+
 def _hit(hit: dict[str, Any]) -> list[str]:
     rows = []
     for family in FAMILIES:
@@ -397,6 +421,8 @@ def render(results: dict[str, Any]) -> str:
         )
     if "hit" in results:
         lines += _hit(results["hit"])
+    if "hit_typed" in results:
+        lines += _hit_typed(results["hit_typed"])
     if "stampede" in results:
         lines += _stampede(results["stampede"])
     if "growth" in results:

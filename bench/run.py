@@ -216,6 +216,13 @@ def run(
                 warmup=scale.hit_warmup,
                 rounds=scale.hit_rounds,
             )
+            _log(f"hit, typed values: {scale.hit_iterations:,} calls per row")
+            results["hit_typed"] = hit.measure_typed(
+                server.port,
+                iterations=scale.hit_iterations,
+                warmup=scale.hit_warmup,
+                rounds=scale.hit_rounds,
+            )
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:

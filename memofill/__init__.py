@@ -22,12 +22,14 @@ from memofill.instance import (
 )
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate
+from memofill.values import Codec
 
 __all__ = [
     "NO_CLIENT",
     "CacheFill",
     "CachedDataset",
     "CallResult",
+    "Codec",
     "ConfigurationError",
     "Dataset",
     "FillError",

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import NoReturn
 
 import attrs
 import orjson
@@ -24,12 +24,11 @@ from memofill import codegen, demo, inspection, timeline
 from memofill.errors import MemofillError, RegistryError
 from memofill.keys import prefix_problem
 from memofill.policy import Dataset, load_policies
+from memofill.project import find_pyproject, tool_settings
 
 #: Used when no pyproject.toml sets ``[tool.memofill]`` (or none can be read).
 DEFAULT_REGISTRY = "registry.py"
 DEFAULT_OUT = "gen/cache_fill_registry.py"
-
-TomlLoader = Callable[[BinaryIO], dict[str, Any]]
 
 
 class CommandError(MemofillError):
@@ -56,8 +55,9 @@ class Command:
 class Project:
     """Where ``gen`` and ``check`` read and write.
 
-    ``registry`` and ``out`` are relative to the current directory where
-    possible, so messages name short paths; ``label`` names the registry
+    ``registry`` and ``out`` are as the user gave them (a flag, or an absolute
+    path in pyproject.toml), else relative to the current directory, so
+    messages name the paths the user knows; ``label`` names the registry
     relative to the project root, so the generated header is the same on every
     machine and from every working directory.
     """
@@ -70,50 +70,6 @@ class Project:
 def _path_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", metavar="PATH", help="registry file to read")
     parser.add_argument("--out", metavar="PATH", help="generated module to write or check")
-
-
-def _find_pyproject(start: Path) -> Path | None:
-    """The nearest pyproject.toml in ``start`` or above it, as tools such as ruff look."""
-    for directory in (start, *start.parents):
-        candidate = directory / "pyproject.toml"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _toml_loader() -> TomlLoader | None:
-    """tomllib's ``load``; tomli's on Python 3.10; ``None`` when neither can be imported."""
-    if sys.version_info >= (3, 11):
-        import tomllib  # noqa: PLC0415  # chosen by version, so imported here
-
-        return tomllib.load
-    try:
-        import tomli  # noqa: PLC0415
-    except ImportError:
-        return None
-    load: TomlLoader = tomli.load
-    return load
-
-
-def _settings(pyproject: Path | None) -> dict[str, str]:
-    """The ``[tool.memofill]`` table, or ``{}`` when there is no file or no TOML reader."""
-    load = _toml_loader()
-    if pyproject is None or load is None:
-        return {}
-    try:
-        with pyproject.open("rb") as file:
-            data = load(file)
-    except OSError as exc:
-        raise CommandError(f"{pyproject}: cannot read: {exc.strerror or exc}") from None
-    except ValueError as exc:  # tomllib.TOMLDecodeError, or bytes that are not UTF-8
-        raise CommandError(f"{pyproject}: invalid TOML: {exc}") from None
-    section = data.get("tool", {}).get("memofill", {})
-    if not isinstance(section, dict):
-        raise CommandError(f"{pyproject}: [tool.memofill] must be a table")
-    for name in ("registry", "out"):
-        if not isinstance(section.get(name, ""), str):
-            raise CommandError(f"{pyproject}: [tool.memofill] {name} must be a string path")
-    return section
 
 
 def _relative(path: Path, start: Path) -> Path:
@@ -132,13 +88,19 @@ def _project(args: argparse.Namespace) -> Project:
     commands work from any subdirectory.
     """
     cwd = Path.cwd()
-    pyproject = _find_pyproject(cwd)
+    pyproject = find_pyproject(cwd)
     root = cwd if pyproject is None else pyproject.parent
-    settings = {} if args.registry and args.out else _settings(pyproject)
-    registry = Path(args.registry or root / settings.get("registry", DEFAULT_REGISTRY))
-    out = Path(args.out or root / settings.get("out", DEFAULT_OUT))
-    label = _relative(registry, root).as_posix()
-    return Project(registry=_relative(registry, cwd), out=_relative(out, cwd), label=label)
+    settings = {} if args.registry and args.out else tool_settings(pyproject)
+
+    def where(flag: str | None, name: str, default: str) -> Path:
+        if flag:
+            return Path(flag)  # as the user typed it, so messages name it the same way
+        setting = Path(settings.get(name, default))
+        return setting if setting.is_absolute() else _relative(root / setting, cwd)
+
+    registry = where(args.registry, "registry", DEFAULT_REGISTRY)
+    out = where(args.out, "out", DEFAULT_OUT)
+    return Project(registry=registry, out=out, label=_relative(registry, root).as_posix())
 
 
 def _render(project: Project) -> str:
@@ -146,16 +108,30 @@ def _render(project: Project) -> str:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Write through a temporary file and ``os.replace``: readers never see half a module."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file and ``os.replace``: readers never see half a module.
+
+    Failures name ``path`` (or its directory), never the temporary file, which
+    the user did not ask for and which is gone by the time they read the line.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(
+            f"{path.parent.as_posix()}: cannot create the directory: {exc.strerror or exc}"
+        ) from None
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise CommandError(f"{path.as_posix()}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         os.chmod(temp, 0o644)  # mkstemp makes 0600; a source file is world-readable
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise CommandError(f"{path.as_posix()}: cannot write: {exc.strerror or exc}") from None
         raise
 
 
@@ -233,8 +209,10 @@ def _policies(args: argparse.Namespace) -> tuple[Path, dict[str, Dataset] | None
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # any error in a hand-edited module: one line, not a traceback
-        raise CommandError(f"{path.as_posix()}: cannot load: {exc}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a hand-edited module, even one calling sys.exit(): one line
+        raise CommandError(f"{path.as_posix()}: cannot load: {codegen.failure(exc)}") from None
     return path, load_policies(module)
 
 
@@ -312,38 +290,86 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("key", metavar="KEY", help="registry key, such as 'market:quotes:{symbol}'")
     parser.add_argument(
-        "fields", metavar="ARG", nargs="*", help="field values, in order or as name=value"
+        "key",
+        metavar="KEY",
+        help="registry key, such as 'market:quotes:{symbol}', or a final key as logged",
     )
-    parser.add_argument("--url", help="Redis URL (default: $REDIS_URL)")
-    parser.add_argument("--prefix", default="", help="the key prefix the application configures")
+    parser.add_argument(
+        "fields",
+        metavar="ARG",
+        nargs="*",
+        help="field values (str), in order or as name=value; other types as name:TYPE=value, "
+        "such as page:int=42 (TYPE: " + ", ".join(inspection.TYPED_WORDS) + ")",
+    )
+    parser.add_argument(
+        "--url", help="Redis URL (default: $REDIS_URL, else url in [tool.memofill])"
+    )
+    parser.add_argument(
+        "--prefix",
+        help="the key prefix the application configures (default: prefix in [tool.memofill])",
+    )
+    parser.add_argument("--value", action="store_true", help="also print the stored value, decoded")
     _policies_argument(parser)
 
 
-def run_inspect(args: argparse.Namespace) -> int:
-    """Print one entry's policy, keys, TTLs, payload and lock holder; only reads."""
-    url = args.url or demo.redis_url_from_env()
-    if url is None:
-        raise CommandError("no Redis to inspect: pass --url or set REDIS_URL")
-    problem = prefix_problem(args.prefix)
+def _redis_target(args: argparse.Namespace) -> tuple[str, str]:
+    """The URL and prefix to inspect: the flag, else (URL only) ``REDIS_URL``, else pyproject."""
+    settings: dict[str, str] = {}
+    if args.url is None or args.prefix is None:
+        settings = tool_settings(find_pyproject(Path.cwd()))
+    url = args.url or demo.redis_url_from_env() or settings.get("url")
+    if not url:
+        raise CommandError(
+            "no Redis to inspect: pass --url, set REDIS_URL, or set url in [tool.memofill]"
+        )
+    if args.prefix is not None:
+        prefix, source = args.prefix, "--prefix"
+    else:
+        prefix, source = settings.get("prefix", ""), "[tool.memofill] prefix"
+    problem = prefix_problem(prefix)
     if problem:
-        raise CommandError(f"--prefix {args.prefix!r}: {problem}")
+        raise CommandError(f"{source} {prefix!r}: {problem}")
+    return url, prefix
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print one entry's policy, keys, TTLs, payload and lock holder; only reads.
+
+    KEY is a registry key followed by field values, or a final key as the logs
+    print it (prefix included), which is matched against every dataset.
+    """
+    url, prefix = _redis_target(args)
     path, policies = _policies(args)
     if policies is None:
         raise CommandError(f"{path.as_posix()}: no such file; run 'memofill gen' first")
     dataset = policies.get(args.key)
-    if dataset is None:
-        known = ", ".join(sorted(policies)) or "none"
-        raise CommandError(f"no dataset {args.key!r} in {path.as_posix()} (known: {known})")
+    if dataset is not None:
+        values = inspection.field_values(dataset, args.fields)
+        final = prefix + dataset.template.render(values)
+    else:
+        dataset = inspection.match_final_key(policies, prefix, args.key)
+        if dataset is not None and args.fields:
+            raise CommandError(
+                f"{args.key!r} is a final key of {dataset.key!r}: give no field values with it"
+            )
+        if dataset is None:
+            known = ", ".join(sorted(policies)) or "none"
+            hint = inspection.prefix_hint(policies, prefix, args.key)
+            raise CommandError(
+                f"no dataset {args.key!r} in {path.as_posix()}, and no final key of one"
+                f"{hint} (known: {known})"
+            )
+        final = args.key
     try:
-        lines = inspection.inspect_entry(url, args.prefix, dataset, args.fields)
+        lines, value = inspection.inspect_entry(url, dataset, final, show_value=args.value)
     except redis.RedisError as exc:
-        where = url.rsplit("@", 1)[-1]
-        raise CommandError(f"cannot read from Redis at {where}: {exc}") from None
+        raise CommandError(f"cannot read from Redis at {demo.redact(url)}: {exc}") from None
     width = max(len(label) for label, _ in lines) + 1
-    for label, value in lines:
-        print(f"{label + ':':{width}} {value}")
+    for label, text in lines:
+        print(f"{label + ':':{width}} {text}")
+    if value is not None:
+        print(value)
     return 0
 
 
@@ -378,7 +404,8 @@ def _parser() -> _Parser:
 
 
 def _error(message: str) -> None:
-    print(f"memofill: error: {' '.join(message.split())}", file=sys.stderr)
+    """One error line; any password in a URL it quotes is blanked out first."""
+    print(f"memofill: error: {' '.join(demo.redact(message).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,9 +41,12 @@ def load_registry(path: Path | str) -> list[object]:
 
     The file is compiled and executed here, rather than imported, so that
     every way it can fail becomes one :class:`RegistryLoadError` line naming
-    the file, and so that reading it never writes bytecode next to it. Items
-    that are not :class:`Dataset` are left for :func:`~memofill.policy.validate`
-    to report along with every other problem.
+    the file (as given), and so that reading it never writes bytecode next to
+    it. Its own directory comes first on ``sys.path`` while it runs, so a
+    registry that imports a module beside it loads the same from the
+    ``memofill`` script and from ``python -m memofill``. Items that are not
+    :class:`Dataset` are left for :func:`~memofill.policy.validate` to report
+    along with every other problem.
     """
     path = Path(path)
     try:
@@ -57,13 +61,19 @@ def load_registry(path: Path | str) -> list[object]:
         raise RegistryLoadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
     except ValueError as exc:  # null bytes, before Python 3.12 made them a SyntaxError
         raise RegistryLoadError(f"{path}: not Python source: {_one_line(exc)}") from None
+    except (MemoryError, RecursionError):  # an expression nested thousands of levels deep
+        raise RegistryLoadError(f"{path}: too deeply nested for Python to compile") from None
     namespace: dict[str, object] = {"__name__": "__memofill_registry__", "__file__": str(path)}
+    saved_path = list(sys.path)
+    sys.path.insert(0, str(path.resolve().parent))
     try:
         exec(code, namespace)
-    except Exception as exc:  # the registry is user code: any failure is reported, not raised
-        message = _one_line(exc)
-        error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-        raise RegistryLoadError(f"{path}: raised {error} while running") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # user code: even sys.exit() is a failure to report, not obey
+        raise RegistryLoadError(f"{path}: {failure(exc)} while running") from None
+    finally:
+        sys.path[:] = saved_path
     if "DATASETS" not in namespace:
         raise RegistryLoadError(f"{path}: defines no DATASETS")
     datasets = namespace["DATASETS"]
@@ -73,9 +83,25 @@ def load_registry(path: Path | str) -> list[object]:
     return list(datasets)
 
 
+def failure(exc: BaseException) -> str:
+    """How user code (a registry, a policy module) stopped, as a phrase for a one-line error.
+
+    ``SystemExit`` is named as an exit, since ``raised SystemExit: 0`` reads as
+    success; any other exception by its type and one-line message.
+    """
+    if isinstance(exc, SystemExit):
+        return f"exited (sys.exit({exc.code!r}))"
+    message = _one_line(exc)
+    return f"raised {type(exc).__name__}: {message}" if message else f"raised {type(exc).__name__}"
+
+
 def _one_line(exc: BaseException) -> str:
     """An exception's message on one line, since every CLI error is a single line."""
-    return " ".join(str(exc).split())
+    try:
+        text = str(exc)
+    except Exception:  # a user exception whose __str__ fails still gets its type reported
+        return ""
+    return " ".join(text.split())
 
 
 def render(datasets: Sequence[object], source_label: str) -> str:
@@ -116,7 +142,8 @@ def _literal(value: object, depth: int) -> str:
     if isinstance(value, int):
         return repr(int(value))
     if isinstance(value, float):
-        return repr(float(value)).replace("e+", "e")  # ruff format writes 1e16, not 1e+16
+        # Valid durations lie between 0.001 and 10 years, where repr never uses an exponent.
+        return repr(float(value))
     raise TypeError(f"cannot render {type(value).__name__} as a policy literal")
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "Commands",
     "RedisError",
     "RedisUnavailable",
+    "acl_rule",
     "is_unreachable",
     "newest_entry",
     "stream_entries",
@@ -96,6 +97,40 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'result', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return released
 """
+
+
+#: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
+#: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
+#: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
+#: serve ``memofill inspect``.
+ACL_COMMANDS = (
+    "get",
+    "set",
+    "del",
+    "evalsha",
+    "script|load",
+    "xread",
+    "xrevrange",
+    "xadd",
+    "pexpire",
+    "pttl",
+    "strlen",
+    "getrange",
+)
+
+
+def acl_rule(prefix: str) -> str:
+    """The ACL key patterns and commands a least-privilege Redis user needs under ``prefix``.
+
+    Lock and wake keys begin with ``{`` (``{<key>}#lock``, see
+    :func:`memofill.keys.lock_key`) so that they share the data key's Cluster
+    slot: ``~<prefix>*`` alone does not cover them; ``~{<prefix>*`` does (ACL
+    patterns treat ``{`` as an ordinary character). With a prefix that is a hash
+    tag itself (``{app}:``) every key already starts with the prefix, and the
+    second pattern is harmless.
+    """
+    keys = f"~{prefix}* ~{{{prefix}*" if prefix else "~*"
+    return keys + " " + " ".join("+" + command for command in ACL_COMMANDS)
 
 
 def new_token() -> str:

@@ -17,14 +17,20 @@ One miss, for a dataset with a fill policy:
 2. Acquired and still a miss: fetch, write one ``SET key payload PX ttl``,
    release token-safely and wake followers with how the fill ended
    (:data:`STORED`, :data:`RETURNED_NONE`, or :data:`RAISED` or
-   :data:`UNSTORED` and an error's type name).
+   :data:`UNSTORED` and an error's type name). A leader cancelled before its
+   value is stored (the asyncio driver throws :class:`asyncio.CancelledError`
+   into the generator) still releases and tells :data:`CANCELLED`, then
+   re-raises: its followers retry the lock at once instead of waiting out
+   ``wait_ms``, and one of them takes the fill over.
 3. Not acquired: follow. Block on the wake stream, after the entry step 1 saw,
    for the current backoff interval, then read the **data** key, never the lock
    key: the value is the source of truth, and a follower returns as soon as it
    lands. A signal that the fetch returned ``None`` or raised is the answer
-   itself, stored or not (``negative_ttl_s = 0`` stores neither); one that the
-   value could not be stored sends the follower to fetch at once. After
-   ``wait_ms``, fetch uncoordinated.
+   itself, stored or not (``negative_ttl_s`` or ``error_ttl_s`` of 0 stores
+   nothing); one that the value could not be stored sends the follower to
+   fetch at once, and one that the leader was cancelled sends it back to step 1.
+   After ``wait_ms``, fetch uncoordinated. A follower that is cancelled simply
+   stops: it holds nothing.
 4. A Redis error anywhere in the lock path: fall back to a plain local fetch
    (the caller's process already coalesced its own callers). Whatever a command
    raises counts as a Redis error, not only redis-py's ``RedisError``: a client
@@ -43,16 +49,7 @@ from typing import Any
 
 import attrs
 
-from memofill.codec import (
-    CORRUPT,
-    NEGATIVE,
-    NEGATIVE_MARKER,
-    EncodeError,
-    ErrorMarker,
-    decode_any,
-    encode,
-    error_marker,
-)
+from memofill.codec import CORRUPT, NEGATIVE, NEGATIVE_MARKER, ErrorMarker, error_marker
 from memofill.commands import (
     REDIS_ERRORS,
     Commands,
@@ -67,9 +64,8 @@ from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
+from memofill.values import JSON, Codec, decode_stored
 
-#: An error marker lives at most this long (and never longer than ``negative_ttl_s``).
-MAX_ERROR_TTL_MS = 30_000
 #: The ``error`` of a leader whose lock was gone, or another's, when it released: its fetch
 #: outlived ``lease_ms`` (or Redis lost the lock), so a second leader may have fetched too.
 LEASE_EXPIRED = "LeaseExpired"
@@ -85,6 +81,11 @@ RAISED = "error:"
 #: In the wake entry, the fetch returned a value that could not be stored (not JSON, or
 #: the write failed); followed by the error's type name. Followers then fetch at once.
 UNSTORED = "unstored:"
+#: In the wake entry, the leader was cancelled (its task, or the event loop shutting down)
+#: before its value was stored. Followers retry the lock at once, so that exactly one of
+#: them takes over the fill. It is an :data:`UNSTORED` entry, so that a follower that does
+#: not know this one fetches at once rather than take it for the answer.
+CANCELLED = UNSTORED + "CancelledError"
 
 
 @attrs.frozen
@@ -131,6 +132,10 @@ class Plan:
     #: Fetch even over a value present (a refresh). The recheck then never ends the fill,
     #: and a follower waits for the leader's word rather than take the value it replaces.
     refresh: bool = False
+    #: How long a failed fetch is remembered under the key, in ms; 0 stores nothing.
+    error_ttl_ms: int = 0
+    #: How this function's values are stored and read (:mod:`memofill.values`).
+    codec: Codec = JSON
 
 
 @attrs.frozen
@@ -146,6 +151,11 @@ class Result:
     payload_bytes: int = 0
     #: Type name of the error worth logging (a Redis error met on the way, an unencodable value).
     error: str | None = None
+    #: The bytes under the key that ``value`` was read from or written as, if any: what the
+    #: process keeps for outages and decodes for callers joined to this fill.
+    stored: bytes | None = None
+    #: Why ``value`` could not be encoded (``"TypeError: ..."``), when it could not.
+    unstorable: str | None = None
 
     def unwrap(self) -> Any:
         """The value, or raise the exception the caller must see."""
@@ -191,25 +201,36 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     error = None
     if isinstance(recheck, Exception):
         recheck, error = None, type(recheck).__name__
-    found = CORRUPT if recheck is None or plan.refresh else decode_any(recheck)
+    found = CORRUPT if recheck is None or plan.refresh else decode_stored(plan.codec, recheck)
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
         _, release_error = yield from _write_and_release(
             plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
         )
         value = None if found is NEGATIVE else found
         error = release_error or error
-        return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error)
+        stored = None if value is None else recheck
+        return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error, stored=stored)
     try:
         value = yield FETCH
+    except asyncio.CancelledError:
+        # Nothing was fetched for the followers: free the lock and send them back to it.
+        yield from _write_and_release(
+            plan, policy, lock, token, payload=None, ttl_ms=0, result=CANCELLED
+        )
+        raise
     except Exception as exc:
-        marker_ms = min(MAX_ERROR_TTL_MS, plan.negative_ttl_ms)
+        # The followers waiting now learn of the failure from the wake signal. Nothing is
+        # stored for later callers unless the dataset asks (error_ttl_s): the next call
+        # fetches again, one at a time across processes, since it takes the lock first.
+        marker_ms = plan.error_ttl_ms
         marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
         raised = RAISED + type(exc).__name__
         yield from _write_and_release(
             plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, encode_error = _stored_form(plan, value)
+    payload, ttl_ms, unstorable = _stored_form(plan, value)
+    encode_error = None if unstorable is None else unstorable.partition(":")[0]
     if value is None:
         told = RETURNED_NONE
     else:
@@ -221,12 +242,20 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     # Report the first thing that went wrong: a failed recheck, then the write, then the release.
     error = error or encode_error or write_error or release_error
     size = 0 if value is None or payload is None else len(payload)
-    return Result(outcome, value=value, led=True, payload_bytes=size, error=error)
+    return Result(
+        outcome,
+        value=value,
+        led=True,
+        payload_bytes=size,
+        error=error,
+        stored=None if value is None else payload,
+        unstorable=unstorable,
+    )
 
 
 def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
     """A follower's result if ``raw`` is what a leader stored (value, ``None`` or failure)."""
-    found = CORRUPT if raw is None else decode_any(raw)
+    found = CORRUPT if raw is None else decode_stored(plan.codec, raw)
     if isinstance(found, ErrorMarker):
         failure = FillError(plan.dataset, plan.redis_key, found.error)
         return Result(
@@ -244,6 +273,7 @@ def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Resu
         waited_ms=waited_ms,
         polls=polls,
         payload_bytes=len(raw) if raw else 0,
+        stored=None if found is NEGATIVE else raw,
     )
 
 
@@ -267,6 +297,9 @@ def _follow(
                 raise RedisUnavailable("wake stream not used")
             reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
             last_id, told = newest_entry(stream_entries(reply), last_id)
+            if told == CANCELLED:
+                # The lock is free again: whoever of the followers takes it fills.
+                return (yield from fill(plan, clock, rng))
             if told is not None and told.startswith(UNSTORED):
                 # The value will not appear: fetch now rather than after wait_ms.
                 waited = (clock() - start) * 1000
@@ -317,7 +350,8 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
         value = yield FETCH
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, encode_error = _stored_form(plan, value)
+    payload, ttl_ms, unstorable = _stored_form(plan, value)
+    encode_error = None if unstorable is None else unstorable.partition(":")[0]
     write_error = None
     if payload is not None and plan.redis_ok:
         try:
@@ -327,23 +361,32 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
     size = 0 if value is None or payload is None else len(payload)
     # The Redis error that sent this caller here says more than a write refused after it.
     first_error = error or encode_error or write_error
-    return Result(outcome, value=value, led=True, payload_bytes=size, error=first_error)
+    return Result(
+        outcome,
+        value=value,
+        led=True,
+        payload_bytes=size,
+        error=first_error,
+        stored=None if value is None else payload,
+        unstorable=unstorable,
+    )
 
 
 def _stored_form(plan: Plan, value: Any) -> tuple[bytes | None, int, str | None]:
-    """What a fill writes for ``value``: ``(payload or None, ttl_ms, encoding error)``.
+    """What a fill writes for ``value``: ``(payload or None, ttl_ms, why it is unstorable)``.
 
     ``None`` is stored as the negative marker for ``negative_ttl_ms`` (not at all
-    when that is 0); a value orjson cannot encode is not stored, and its error named.
+    when that is 0); a value the function's codec cannot encode is not stored,
+    and the reason given as ``"ErrorType: message"``.
     """
     if value is None:
         if plan.negative_ttl_ms <= 0:
             return None, 0, None
         return NEGATIVE_MARKER, plan.negative_ttl_ms, None
     try:
-        return encode(value), plan.ttl_ms, None
-    except EncodeError as exc:
-        return None, 0, type(exc).__name__
+        return plan.codec.encode(value), plan.ttl_ms, None
+    except Exception as exc:  # whatever the codec raises on a value it cannot encode
+        return None, 0, f"{type(exc).__name__}: {exc}"
 
 
 def _write_and_release(
@@ -367,9 +410,13 @@ def _write_and_release(
     measured slower than the two commands sent one after the other.
     """
     write_error = None
+    cancelled: asyncio.CancelledError | None = None
     if payload is not None:
         try:
             yield Command("write", (plan.redis_key, payload, ttl_ms))
+        except asyncio.CancelledError as exc:
+            # The write may not have landed: followers must not wait for it.
+            cancelled, result = exc, CANCELLED
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
             result = UNSTORED + write_error if result == STORED else result
@@ -380,6 +427,8 @@ def _write_and_release(
         )
     except Exception as exc:  # from Redis: see the module doc
         return write_error, type(exc).__name__
+    if cancelled is not None:
+        raise cancelled
     return write_error, (None if released else LEASE_EXPIRED)
 
 
@@ -421,11 +470,26 @@ def run_sync(
 
 
 async def run_async(
-    steps: Steps, commands: Commands | None, fetch: Callable[[], Awaitable[Any]], breaker: Breaker
+    steps: Steps,
+    commands: Commands | None,
+    fetch: Callable[[], Awaitable[Any]],
+    breaker: Breaker,
+    on_fetch: Callable[[], object] = lambda: None,
 ) -> Result:
-    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`."""
+    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`.
+
+    A cancellation is thrown into the algorithm like any other failure of a
+    step: it yields its clean-up steps (a leader releases its lock), which this
+    driver performs even though its task is being cancelled (the cancellation
+    was delivered; the next awaits run), then re-raises it. When
+    :func:`asyncio.run` returns with a fill in flight, it cancels the fill's
+    task and runs the loop until that task ends, so the clean-up reaches Redis.
+    ``on_fetch`` is called before the origin is: from then on the fill must
+    run to its end (the asyncio singleflight, ``TaskFlights``, stops a fill that no caller
+    awaits any more only before then).
+    """
     reply: Any = None
-    failure: Exception | None = None
+    failure: BaseException | None = None
     while True:
         try:
             step = steps.send(reply) if failure is None else steps.throw(failure)
@@ -434,6 +498,7 @@ async def run_async(
         reply, failure = None, None
         try:
             if isinstance(step, _Fetch):
+                on_fetch()
                 reply = await fetch()
             elif isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
@@ -441,5 +506,7 @@ async def run_async(
                 raise RedisUnavailable("no Redis client is configured")
             else:
                 reply = await _send(commands, step, breaker)
+        except asyncio.CancelledError as exc:
+            failure = exc  # the algorithm cleans up and re-raises it
         except Exception as exc:
             failure = _on_error(exc, breaker)

@@ -9,27 +9,40 @@ one decode on a hit; only a miss enters :mod:`memofill.coordinator`.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import itertools
 import logging
 import random
+import sys
+import threading
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 import attrs
 import wrapt
 
-from memofill.codec import NEGATIVE, DecodeError, ErrorMarker, decode, decode_special
-from memofill.commands import Commands, is_unreachable
+from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
+from memofill.commands import Commands, acl_rule, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker, LocalStore
-from memofill.keys import FieldText, KeyTemplate
-from memofill.outcomes import DISABLED, FALLBACK_HIT, HIT, Counters, MissRecord, Outcome
+from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.outcomes import (
+    DISABLED,
+    FALLBACK_HIT,
+    HIT,
+    Counters,
+    MissRecord,
+    Outcome,
+    refused_by_acl,
+)
 from memofill.policy import Dataset
 from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.values import JSON, Codec, Values, decode_stored
 
 if TYPE_CHECKING:
     from memofill.instance import Memofill, State
@@ -49,6 +62,8 @@ bypassing: contextvars.ContextVar[bool] = contextvars.ContextVar("memofill_disab
 #: How many ``disabled()`` blocks are open in the process, any thread or task; while there
 #: is one, bindings are built gated, so that only then does a call read :data:`bypassing`.
 open_blocks = 0
+#: Held while a function's snapshot is swapped, so that two swaps never undo each other.
+_swapping = threading.Lock()
 #: Ticks once per call that runs without a client: only the first logs the warning.
 _no_client_calls = itertools.count()
 
@@ -69,25 +84,130 @@ class _Field:
     default: Any
 
 
-def compile_fields(template: KeyTemplate, function: Callable[..., Any]) -> tuple[_Field, ...]:
-    """Where each key field comes from in a call of ``function``; fails if one is no parameter."""
-    parameters = inspect.signature(function).parameters
+def compile_fields(
+    template: KeyTemplate, function: Callable[..., Any], ignore: Iterable[str] = ()
+) -> tuple[_Field, ...]:
+    """Where each key field comes from in a call of ``function``, once the key is known to fit.
+
+    The key must see every argument that can change the result: each
+    parameter is a field of ``template`` or named in ``ignore`` (a method's
+    first ``self`` or ``cls`` aside), else two calls that differ only in it
+    would share one cached value. Fields whose annotation (when it resolves)
+    names a type without an exact key text are refused here too, at import
+    time rather than at the first call.
+    """
+    signature = inspect.signature(function)
+    parameters = signature.parameters
+    where = f"key {template.source!r} on {_name(function)}{signature}"
+    ignored = _ignored_names(ignore, where)
+    for name in ignored:
+        if name not in parameters:
+            raise KeyTemplateError(f"{where}: ignore= names {name!r}, which is not a parameter")
+        if name in template.fields:
+            raise KeyTemplateError(
+                f"{where}: ignore= names {name!r}, which is a key field; "
+                f"drop it from ignore= or {{{name}}} from the registry key"
+            )
     positional = [
         name
         for name, p in parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
+    hints = _type_hints(function)
     fields = []
     for name in template.fields:
-        parameter = parameters.get(name)
-        if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        source = parameters.get(name)
+        if source is None or source.kind in (source.VAR_POSITIONAL, source.VAR_KEYWORD):
+            raise KeyTemplateError(f"{where}: field {{{name}}} is not a named parameter")
+        problem = annotation_problem(hints[name]) if name in hints else None
+        if problem:
             raise KeyTemplateError(
-                f"key {template.source!r}: field {{{name}}} is not a named parameter of "
-                f"{function.__qualname__}{inspect.signature(function)}"
+                f"{where}: field {{{name}}}: {problem}; annotate it str, int, bool, None, "
+                "an enum, UUID, date, datetime or Decimal (convert before the call), "
+                f"or drop {{{name}}} from the key and pass ignore=({name!r},)"
             )
         position = positional.index(name) if name in positional else None
-        fields.append(_Field(name, position, parameter.default))
+        fields.append(_Field(name, position, source.default))
+    _check_every_parameter_is_keyed(parameters, template.fields, ignored, where)
     return tuple(fields)
+
+
+def _check_every_parameter_is_keyed(
+    parameters: Mapping[str, inspect.Parameter],
+    fields: tuple[str, ...],
+    ignored: frozenset[str],
+    where: str,
+) -> None:
+    """Refuse a parameter that is neither a key field nor ignored: it would go unseen."""
+    first = next(iter(parameters.values()), None)
+    for parameter in parameters.values():
+        name = parameter.name
+        if name in fields or name in ignored:
+            continue
+        if (
+            parameter is first
+            and name in ("self", "cls")
+            and parameter.kind != parameter.KEYWORD_ONLY
+        ):
+            continue  # a method's instance or class: the method, not the call, picks it
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise KeyTemplateError(
+                f"{where}: {parameter} takes arguments the key cannot see; "
+                f"list it as ignore=({name!r},) if they never change the result, "
+                "or replace it with named parameters that the key holds"
+            )
+        raise KeyTemplateError(
+            f"{where}: parameter {name!r} is not in the key, so calls that differ only in it "
+            f"would share one cached value; add {{{name}}} to the registry key, "
+            f"or pass ignore=({name!r},) if it never changes the result"
+        )
+
+
+def _name(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", type(function).__qualname__)
+
+
+def _ignored_names(ignore: Iterable[str], where: str) -> frozenset[str]:
+    if isinstance(ignore, str):
+        raise KeyTemplateError(
+            f"{where}: ignore= takes a tuple of parameter names, such as ignore=({ignore!r},), "
+            "not a str"
+        )
+    names = tuple(ignore)
+    odd = [name for name in names if not isinstance(name, str)]
+    if odd:
+        raise KeyTemplateError(f"{where}: ignore= holds {odd[0]!r}; it takes parameter names")
+    return frozenset(names)
+
+
+def _type_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved annotations of ``function``, or none when they do not resolve.
+
+    A name only imported under ``TYPE_CHECKING``, say, leaves the check to
+    call time rather than failing a decoration that would work.
+    """
+    try:
+        return typing.get_type_hints(inspect.unwrap(function), include_extras=True)
+    except Exception:  # any failure to resolve: skip the early check
+        return {}
+
+
+def is_coroutine_function(function: Callable[..., Any]) -> bool:
+    """Whether calls of ``function`` return awaitables, even behind a plain wrapper.
+
+    A ``functools.wraps`` wrapper written as a plain ``def`` that returns the
+    wrapped coroutine function's result is itself a coroutine function in all
+    but name; treated as sync, it would never be cached (a coroutine object is
+    not a value) and would block the event loop on Redis. So the
+    ``__wrapped__`` chain decides, as does :func:`inspect.markcoroutinefunction`;
+    so does an object's ``async def __call__``.
+    """
+    innermost = inspect.unwrap(function)
+    return (
+        inspect.iscoroutinefunction(function)
+        or inspect.iscoroutinefunction(innermost)
+        or inspect.iscoroutinefunction(inspect.getattr_static(type(innermost), "__call__", None))
+    )
 
 
 #: Builds the final key of one call: ``(instance, args, kwargs) -> key``.
@@ -172,6 +292,10 @@ class _Binding:
     is_async: bool
     #: The decorated function as it is now (``__wrapped__`` may be replaced after decoration).
     current_function: Callable[[], Callable[..., Any]]
+    #: How this function's values are stored and read.
+    values: Values
+    #: The codec's ``decode``, read by every hit (``orjson.loads`` for plain JSON data).
+    decode: Callable[[bytes], Any]
     dataset: Dataset
     key_of: KeyBuilder
     count_hit: Callable[[], object]
@@ -184,19 +308,27 @@ class _Binding:
     misconfigured: str | None
     #: Caching is off for the whole process (``MEMOFILL_DISABLED``).
     disabled: bool
+    prefix: str
     counters: Counters
     local_store: LocalStore
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
+    #: The instance's datasets already warned of as unstorable (see :func:`_warn_unstorable`).
+    unstorable_warned: set[str]
+    #: Its datasets whose refusal by an ACL was logged since the client was configured.
+    told_permission: set[str]
 
     @classmethod
     def build(
         cls,
         state: State,
         key: str,
+        *,
         fields: tuple[_Field, ...],
         is_async: bool,
+        values: Values,
+        decode: Callable[[bytes], Any],
         current_function: Callable[[], Callable[..., Any]],
     ) -> _Binding:
         """The snapshot of ``state`` (the instance's configuration) for one function."""
@@ -209,6 +341,8 @@ class _Binding:
             key=key,
             is_async=is_async,
             current_function=current_function,
+            values=values,
+            decode=decode,
             dataset=dataset,
             key_of=compile_key(state.prefix, dataset.template, fields, key),
             count_hit=state.counters.hit_tally(key).add,
@@ -217,11 +351,14 @@ class _Binding:
             gated=misconfigured is not None or state.disabled or open_blocks > 0,
             misconfigured=misconfigured,
             disabled=state.disabled,
+            prefix=state.prefix,
             counters=state.counters,
             local_store=state.local_store,
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
+            unstorable_warned=state.unstorable_warned,
+            told_permission=state.told_permission,
         )
 
     def gate(self) -> Commands | None:
@@ -247,16 +384,31 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     _self_snapshot: Callable[[], _Binding]
     _self_rebind: Callable[[State], None]
 
-    def __new__(cls, wrapped: Callable[P, R], memofill: Memofill, key: str) -> CachedDataset[P, R]:
+    def __new__(
+        cls,
+        wrapped: Callable[P, R],
+        memofill: Memofill,
+        key: str,
+        ignore: Iterable[str] = (),
+        codec: Codec | None = None,
+    ) -> CachedDataset[P, R]:
         # Each decorated function gets a class of its own, so that __init__ can give it a
         # __call__ that closes over the function's binding (see __call__).
         namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
         own: Any = type(cls.__name__, (cls,), namespace)
         return super().__new__(own)
 
-    def __init__(self, wrapped: Callable[P, R], memofill: Memofill, key: str) -> None:
-        is_async = inspect.iscoroutinefunction(wrapped)
-        fields = compile_fields(memofill.policy(key).template, wrapped)
+    def __init__(
+        self,
+        wrapped: Callable[P, R],
+        memofill: Memofill,
+        key: str,
+        ignore: Iterable[str] = (),
+        codec: Codec | None = None,
+    ) -> None:
+        is_async = is_coroutine_function(wrapped)
+        fields = compile_fields(memofill.policy(key).template, wrapped, ignore)
+        values = Values(wrapped, codec)
         binding: _Binding
 
         lookup = _lookup_async if is_async else _lookup_sync
@@ -272,7 +424,27 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         def rebind(state: State) -> None:
             # One reference swapped: the calls above read it once, as one snapshot.
             nonlocal binding
-            binding = _Binding.build(state, key, fields, is_async, lambda: self.__wrapped__)
+            resolved = values.resolved
+            decode = resolve_and_decode if resolved is None else resolved.decode
+            with _swapping:
+                binding = _Binding.build(
+                    state,
+                    key,
+                    fields=fields,
+                    is_async=is_async,
+                    values=values,
+                    decode=decode,
+                    current_function=lambda: self.__wrapped__,
+                )
+
+        def resolve_and_decode(raw: bytes) -> Any:
+            # The first hit of a function whose return annotation was a forward reference:
+            # resolve it, and give later calls a snapshot that calls the codec directly.
+            nonlocal binding
+            decode = values.codec.decode
+            with _swapping:  # not over a snapshot that a reconfiguration swapped in meanwhile
+                binding = attrs.evolve(binding, decode=decode)
+            return decode(raw)
 
         super().__init__(wrapped, through_wrapt)
         type(self).__call__ = direct  # type: ignore[method-assign,assignment]
@@ -388,14 +560,14 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     if raw is None:
         return _NOT_A_HIT
     try:
-        value = decode(raw)
-    except DecodeError:
+        value = binding.decode(raw)
+    except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
         return _NOT_A_HIT
     binding.count_hit()
     store = binding.local_store
     kept = store.entries.get(key)
     if kept is None or kept[2] <= started:
-        store.put(key, value, binding.ttl_s)
+        store.put(key, raw, binding.ttl_s)
     return value
 
 
@@ -408,17 +580,22 @@ def _served_without_fill(
 ) -> CallResult | None:
     """A result that needs no fill, or ``None`` to fill.
 
-    Redis not asked (breaker open, no client): the locally kept value, if any.
-    Bytes that are not JSON may be a negative marker (a hit on ``None``), an
-    error marker (the last fill failed: raise at once), or corruption (a miss
-    that the fill overwrites). A failed ``GET`` trips the breaker when Redis is
-    unreachable and serves the locally kept value when there is one.
+    Redis not asked (breaker open, no client): the locally kept value, if any,
+    decoded afresh from its bytes, so no two callers ever hold the same object.
+    Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
+    error marker (the last fill failed: raise at once), or corruption or another
+    schema (a miss that the fill overwrites). A failed ``GET`` trips the breaker
+    when Redis is unreachable and serves the locally kept value when there is one.
     """
+    codec = binding.values.codec
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
             binding.breaker.trip()
-        value = binding.local_store.get(key, None)
-        return None if value is None else _counted(binding, value, FALLBACK_HIT)
+        kept = binding.local_store.get(key, None)
+        value = None if kept is None else decode_stored(codec, kept)
+        if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
+            return None
+        return _counted(binding, value, FALLBACK_HIT)
     if raw is None:
         return None
     special = decode_special(raw)
@@ -426,8 +603,12 @@ def _served_without_fill(
         return _counted(binding, None, HIT)
     if isinstance(special, ErrorMarker):
         raise FillError(binding.key, key, special.error)
+    why = "corrupt bytes"
+    if codec is not JSON:
+        why = f"bytes that {codec!r} cannot decode (written before a change of type?)"
     logger.warning(
-        "corrupt bytes under %s (%d bytes): treated as a miss",
+        "%s under %s (%d bytes): treated as a miss",
+        why,
         key,
         len(raw),
         extra={"dataset": binding.key, "redis_key": key},
@@ -515,12 +696,14 @@ class _Miss:
             redis_key=self.key,
             ttl_ms=max(1, round(dataset.ttl_s * 1000)),
             negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
+            error_ttl_ms=round(dataset.error_ttl_s * 1000),
             # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
             cache_fill=None if commands is None else dataset.cache_fill,
             redis_ok=commands is not None and not breaker_open and not unreachable,
             redis_error=None if error is None else type(error).__name__,
             block_limit_ms=None if commands is None else commands.socket_timeout_ms,
             refresh=refresh,
+            codec=self.binding.values.codec,
         )
 
     def run_sync(self) -> Result:
@@ -528,10 +711,11 @@ class _Miss:
         steps = fill(self.plan, time.monotonic, _rng)
         return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
-    async def run_async(self) -> Result:
-        """Run the fill with the asyncio client, and record it."""
+    async def run_async(self, on_fetch: Callable[[], object]) -> Result:
+        """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
         steps = fill(self.plan, time.monotonic, _rng)
-        return self._record(await run_async(steps, self.commands, self.fetch, self._breaker()))
+        breaker = self._breaker()
+        return self._record(await run_async(steps, self.commands, self.fetch, breaker, on_fetch))
 
     def _breaker(self) -> Breaker:
         return self.binding.breaker
@@ -546,6 +730,17 @@ class _Miss:
         binding = self.binding
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         binding.counters.add(binding.key, outcome.value)
+        told = binding.told_permission
+        if binding.key not in told and refused_by_acl(result.outcome, result.error):
+            told.add(binding.key)
+            logger.error(
+                "Redis refused memofill a command or key for dataset %s (NoPermissionError): "
+                "its misses are not coordinated across processes until the ACL user may run "
+                "them; grant it: %s",
+                binding.key,
+                acl_rule(binding.prefix),
+                extra={"dataset": binding.key, "redis_key": self.key},
+            )
         MissRecord(
             outcome=outcome,
             dataset=binding.key,
@@ -556,16 +751,45 @@ class _Miss:
             payload_bytes=result.payload_bytes,
             error=result.error,
         ).emit()
-        if not joined and result.exception is None and result.value is not None:
-            binding.local_store.put(self.key, result.value, binding.ttl_s)
+        if joined:
+            return result
+        if result.stored is not None:
+            binding.local_store.put(self.key, result.stored, binding.ttl_s)
+        if result.unstorable is not None:
+            _warn_unstorable(binding, self.key, result)
         return result
 
     def finish(self, result: Result, joined: bool) -> CallResult:
-        """This caller's result: a joiner is logged as one; the value, or raise."""
+        """This caller's result: a joiner is logged as one; the value, or raise.
+
+        A joiner gets its own copy, decoded from the bytes the fill stored, so
+        that no caller can change what another holds; a value that could not be
+        stored is the one object every joiner shares.
+        """
         if joined:
             self._record(result, joined=True)
+        value = result.unwrap()
+        if joined and result.stored is not None:
+            copy = decode_stored(self.binding.values.codec, result.stored)
+            value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
-        return CallResult(result.unwrap(), outcome.value, result.led and not joined)
+        return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _warn_unstorable(binding: _Binding, key: str, result: Result) -> None:
+    """Say once per dataset and instance that its values are never stored, and how to fix it."""
+    warned = binding.unstorable_warned
+    if binding.key in warned:
+        return
+    warned.add(binding.key)
+    logger.warning(
+        "dataset %s: a %s value cannot be stored (%s), so every call fetches; annotate the "
+        "function's return type, pass codec= to cached_dataset, or return JSON data",
+        binding.key,
+        type(result.value).__qualname__,
+        result.unstorable,
+        extra={"dataset": binding.key, "redis_key": key, "unstorable": result.unstorable},
+    )
 
 
 def _lookup_sync(
@@ -632,6 +856,7 @@ async def _lookup_async(
                 return CallResult(value, HIT, False) if with_outcome else value
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
+        _raise_if_cancel_was_lost()
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
         served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
@@ -666,3 +891,20 @@ async def _refresh_async(
 
 #: Prefixes a refresh's key in the process-local flights, apart from the misses'.
 _REFRESH = "refresh\0"
+
+
+def _raise_if_cancel_was_lost() -> None:
+    """Raise the cancellation a Redis reply swallowed, before a miss joins a fill.
+
+    redis-py's asyncio client, cancelled while the reply of its command is
+    already waiting (a busy event loop), returns the reply and drops the
+    ``CancelledError``; the task is still marked as being cancelled. The caller
+    would then join the fill and wait for it, so an ``asyncio.timeout`` or
+    ``wait_for`` around the call would not end when it should. Checked on the
+    miss path only (a hit returns at once anyway), from Python 3.11, which
+    counts cancellation requests. A miss made while the task handles its own
+    cancellation (in an ``except CancelledError`` block) is refused the same way.
+    """
+    task = asyncio.current_task()
+    if task is not None and sys.version_info >= (3, 11) and task.cancelling():
+        raise asyncio.CancelledError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,8 @@ from typing import Any
 import attrs
 import orjson
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from memofill.errors import ConfigurationError
 from memofill.instance import Memofill
@@ -291,8 +294,10 @@ def run_demo(settings: Settings, url: str | None, progress: Any = sys.stderr) ->
         kind = "url"
         if url is None:
             url, kind = stack.enter_context(embedded_redis())
+        else:
+            check_reachable(url)
         prefix = f"memofill-demo:{uuid.uuid4().hex[:8]}:"
-        print(f"redis: {kind} at {url.split('@')[-1]}", file=progress)
+        print(f"redis: {kind} at {redact(url)}", file=progress)
         try:
             callers = settings.procs * settings.threads
             print(
@@ -352,3 +357,39 @@ def trace(report: dict[str, Any]) -> dict[str, Any]:
 def redis_url_from_env() -> str | None:
     """``REDIS_URL`` when set and not empty."""
     return os.environ.get("REDIS_URL") or None
+
+
+#: A URL's ``user:password@`` part (the password up to the last ``@`` of the host part).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#]*@")
+#: A password passed as a query parameter, as redis-py also accepts.
+_QUERY_PASSWORD = re.compile(r"(?P<name>[?&]password=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``.
+
+    Every message the command line prints goes through here, so a URL quoted
+    by redis-py, by urllib or by memofill itself never shows a password.
+    """
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    return _QUERY_PASSWORD.sub(r"\g<name>***", text)
+
+
+def check_reachable(url: str) -> None:
+    """Fail within seconds, with one line, when ``url`` is malformed or no Redis answers there.
+
+    Without this the demo's caller processes would die connecting and the
+    parent would wait out its 60 s start barrier; one PING with short timeouts
+    and no retries tells the user at once.
+    """
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=2, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"REDIS_URL {redact(url)!r} is not a Redis URL: {exc}") from None
+    try:
+        with contextlib.closing(client):
+            client.ping()
+    except redis.RedisError as exc:
+        raise ConfigurationError(f"cannot reach Redis at REDIS_URL {redact(url)}: {exc}") from None

@@ -3,9 +3,11 @@
 Two small pieces, both process-local and thread-safe:
 
 * :class:`LocalStore` keeps the values this process recently read or wrote,
-  each for at most 30 s and at most 5000 of them (oldest dropped first), so a
-  warm process keeps serving them while Redis is down instead of sending every
-  caller to the upstream.
+  as their stored bytes (never an object a caller holds, so no caller can
+  change what the next one is served), each for at most 30 s, within a budget
+  of bytes and of entries (oldest dropped first), so a warm process keeps
+  serving them while Redis is down instead of sending every caller to the
+  upstream, and a process that reads many large values does not grow with them.
 * :class:`Breaker` remembers that Redis just failed to connect or answer, and
   for a short cool-down sends calls straight to the local path: a paused Redis
   would otherwise cost every caller a full socket time-out.
@@ -13,15 +15,25 @@ Two small pieces, both process-local and thread-safe:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+logger = logging.getLogger("memofill")
+
 #: The longest a value is served locally without Redis, whatever the dataset's TTL.
 MAX_LOCAL_TTL_S = 30.0
 #: The most values one process keeps for when Redis is down.
 MAX_LOCAL_ENTRIES = 5000
+#: The most bytes of values one process keeps for when Redis is down: a few of them fit a
+#: container of a few hundred MB with room to spare. A value over a quarter of it is not kept.
+MAX_LOCAL_BYTES = 32 * 1024 * 1024
+#: What an entry costs beyond its key and its bytes: the dict slot, the tuple, two floats.
+ENTRY_OVERHEAD_BYTES = 200
+#: Evictions are told at most this often, with their count since the last time.
+EVICTION_LOG_INTERVAL_S = 60.0
 #: How often a hit refreshes the locally kept copy of its value, at most.
 REFRESH_S = 1.0
 
@@ -29,33 +41,81 @@ _MISSING: Any = object()
 
 
 class LocalStore:
-    """A bounded map of final key -> (expiry, value), evicting the oldest entry first."""
+    """A map of final key -> (expiry, stored bytes), bounded in bytes and entries.
+
+    When a new entry would pass either bound, the oldest entries are dropped
+    first (a dict keeps insertion order, and :meth:`put` re-inserts). Each
+    eviction is counted (:attr:`evictions`, :attr:`evicted_bytes`) and told on
+    the ``memofill`` logger at INFO, at most once a minute. A value larger than
+    a quarter of the byte budget is not kept at all (:attr:`too_large`): one
+    huge value would otherwise push out every other. The hit path reads
+    :attr:`entries` without the lock and calls :meth:`put` at most once a
+    second per key, so the bookkeeping stays off the hit.
+    """
 
     def __init__(
         self,
         max_entries: int = MAX_LOCAL_ENTRIES,
         max_ttl_s: float = MAX_LOCAL_TTL_S,
         clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = MAX_LOCAL_BYTES,
     ) -> None:
         self.max_entries = max_entries
         self.max_ttl_s = max_ttl_s
+        self.max_bytes = max_bytes
         self._clock = clock
         #: key -> (expires, value, refresh after), in clock seconds. Read it freely (the
         #: hit path checks "refresh after" itself); change it through the methods.
         self.entries: dict[str, tuple[float, Any, float]] = {}
+        #: What the entries cost, by :func:`entry_bytes`.
+        self.bytes = 0
+        #: Entries dropped to make room, and their bytes, since the store was made.
+        self.evictions = 0
+        self.evicted_bytes = 0
+        #: Values not kept because they alone were over a quarter of ``max_bytes``.
+        self.too_large = 0
+        self._told_evictions = 0
+        self._told_at = -EVICTION_LOG_INTERVAL_S
         self._lock = threading.Lock()
 
-    def put(self, key: str, value: Any, ttl_s: float) -> None:
-        """Remember ``value`` for ``min(ttl_s, max_ttl_s)`` seconds."""
+    def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Remember ``value`` (a value's stored bytes) for ``min(ttl_s, max_ttl_s)`` seconds."""
         now = self._clock()
         expires = now + min(ttl_s, self.max_ttl_s)
+        size = entry_bytes(key, value)
         with self._lock:
-            self.entries.pop(key, None)
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.bytes -= entry_bytes(key, old[1])
+            if size > self.max_bytes // 4:
+                self.too_large += 1
+                return
             self.entries[key] = (expires, value, now + REFRESH_S)
-            while len(self.entries) > self.max_entries:
-                del self.entries[next(iter(self.entries))]
+            self.bytes += size
+            while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+                oldest = next(iter(self.entries))
+                dropped = entry_bytes(oldest, self.entries.pop(oldest)[1])
+                self.bytes -= dropped
+                self.evictions += 1
+                self.evicted_bytes += dropped
+            if self.evictions > self._told_evictions and now - self._told_at >= (
+                EVICTION_LOG_INTERVAL_S
+            ):
+                self._tell_evictions(now)
 
-    def remember(self, key: str, value: Any, ttl_s: float) -> None:
+    def _tell_evictions(self, now: float) -> None:
+        logger.info(
+            "outage store full (%d entries, %d of %d bytes): %d older entries dropped since "
+            "the last report; values kept for Redis outages are bounded by max_bytes",
+            len(self.entries),
+            self.bytes,
+            self.max_bytes,
+            self.evictions - self._told_evictions,
+            extra={"evictions": self.evictions, "evicted_bytes": self.evicted_bytes},
+        )
+        self._told_evictions, self._told_at = self.evictions, now
+
+    def remember(self, key: str, value: bytes, ttl_s: float) -> None:
         """:meth:`put` from the hit path: skipped while the kept copy is under a second old.
 
         Every hit would otherwise take the lock and reorder the map; a copy at
@@ -75,10 +135,17 @@ class LocalStore:
     def discard(self, key: str) -> None:
         """Forget ``key`` (after an invalidation)."""
         with self._lock:
-            self.entries.pop(key, None)
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self.bytes -= entry_bytes(key, old[1])
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def entry_bytes(key: str, value: bytes) -> int:
+    """What one kept entry costs against the byte budget."""
+    return len(key) + len(value) + ENTRY_OVERHEAD_BYTES
 
 
 class Breaker:

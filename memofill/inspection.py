@@ -3,30 +3,71 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
+import re
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 import redis
 
-from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
+from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_any, decode_special
 from memofill.commands import Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
-from memofill.keys import lock_key, parse_template
+from memofill.keys import SEPARATORS, lock_key
 from memofill.policy import Dataset
 
 
-def field_values(dataset: Dataset, arguments: list[str]) -> dict[str, str]:
-    """Key fields from ``name=value`` words, or plain values in the template's field order."""
+def _none(text: str) -> None:
+    if text:
+        raise ValueError("takes no value: write name:none=")
+
+
+def _bool(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError("takes true or false")
+    return text == "true"
+
+
+def _datetime(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text)
+
+
+#: The types a ``name:type=value`` word gives a field, parsed from the command line's text.
+TYPED_WORDS: dict[str, Callable[[str], object]] = {
+    "str": str,
+    "int": int,
+    "bool": _bool,
+    "none": _none,
+    "uuid": uuid.UUID,
+    "date": datetime.date.fromisoformat,
+    "datetime": _datetime,
+    "decimal": decimal.Decimal,
+}
+
+
+def field_values(dataset: Dataset, arguments: list[str]) -> dict[str, object]:
+    """Key fields from ``name=value`` words, or plain values in the template's field order.
+
+    Command-line values are text, so they name ``str`` arguments; a field the
+    function takes as another type is given as ``name:type=value``, such as
+    ``page:int=42`` (see :data:`TYPED_WORDS`), since ``42`` and ``"42"`` are
+    two keys.
+    """
     fields = dataset.template.fields
-    values: dict[str, str] = {}
+    values: dict[str, object] = {}
     positional = [word for word in arguments if "=" not in word]
     for word in arguments:
         if "=" in word:
-            name, _, value = word.partition("=")
+            spec, _, text = word.partition("=")
+            name, _, kind = spec.partition(":")
             if name not in fields:
                 raise KeyArgumentError(
                     f"{dataset.key!r} has no field {name!r} (fields: {', '.join(fields) or 'none'})"
                 )
-            values[name] = value
+            values[name] = _typed(name, kind, text) if kind else text
     remaining = [name for name in fields if name not in values]
     if len(positional) > len(remaining):
         raise KeyArgumentError(f"{dataset.key!r} takes {len(fields)} field value(s), got more")
@@ -35,6 +76,19 @@ def field_values(dataset: Dataset, arguments: list[str]) -> dict[str, str]:
     if missing:
         raise KeyArgumentError(f"{dataset.key!r} needs a value for {', '.join(missing)}")
     return values
+
+
+def _typed(name: str, kind: str, text: str) -> object:
+    parse = TYPED_WORDS.get(kind)
+    if parse is None:
+        raise KeyArgumentError(
+            f"{name}:{kind}=: unknown type {kind!r} (types: {', '.join(TYPED_WORDS)})"
+        )
+    try:
+        return parse(text)
+    except (ValueError, decimal.InvalidOperation) as exc:
+        message = f"{name}:{kind}={text!r}: cannot be read as {kind} ({exc})"
+        raise KeyArgumentError(message) from None
 
 
 def _ttl(milliseconds: int) -> str:
@@ -58,11 +112,107 @@ def _kind(head: bytes, size: int) -> str:
     return "JSON value"
 
 
+def _final_key_pattern(dataset: Dataset) -> re.Pattern[str]:
+    """A regex for the final keys (without prefix) of ``dataset``.
+
+    An argument never holds a separator (see :mod:`memofill.keys`), so each
+    field matches a run of anything else; the registry refuses overlapping
+    templates, so at most one dataset matches a key.
+    """
+    stop = re.escape("".join(sorted(SEPARATORS)))
+    parts = dataset.template.parts
+    return re.compile(
+        "".join(f"[^{stop}]*" if index % 2 else re.escape(part) for index, part in enumerate(parts))
+    )
+
+
+def match_final_key(policies: Mapping[str, Dataset], prefix: str, key: str) -> Dataset | None:
+    """The dataset whose final keys under ``prefix`` include ``key``, as the logs print it."""
+    if not key.startswith(prefix):
+        return None
+    rest = key[len(prefix) :]
+    for dataset in policies.values():
+        if _final_key_pattern(dataset).fullmatch(rest):
+            return dataset
+    return None
+
+
+def prefix_hint(policies: Mapping[str, Dataset], prefix: str, key: str) -> str:
+    """``; ...`` naming the prefix that would make ``key`` match a dataset, else ``""``.
+
+    Tries every leading part of ``key`` (shortest first) as the prefix, so a
+    final key logged by a service with a prefix the command was not told about
+    gets a pointer rather than a bare "no dataset".
+    """
+    for end in range(1, len(key)):
+        dataset = match_final_key(policies, key[:end], key)
+        if dataset is not None and key[:end] != prefix:
+            return (
+                f"; it is a key of {dataset.key!r} under the prefix {key[:end]!r}: "
+                f"pass --prefix {key[:end]!r} or set prefix in [tool.memofill]"
+            )
+    return ""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _other_prefix(client: redis.Redis, final: str) -> str | None:
+    """A key that ends with ``final`` under some longer prefix, from one cheap SCAN step.
+
+    One ``SCAN 0 MATCH *<final> COUNT 1000`` only: a hint, not a search, so it
+    costs the same on a large keyspace and may find nothing where a key exists.
+    A user whose ACL does not grant ``SCAN`` (the least-privilege user memofill
+    documents) gets no hint rather than an error.
+    """
+    try:
+        _, keys = client.scan(0, match="*" + _glob_escape(final), count=1000)
+    except redis.ResponseError:
+        return None
+    for raw in keys:
+        found = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        if found != final:
+            return found
+    return None
+
+
+#: The most of a stored value ``--value`` fetches, and the most of its JSON it prints.
+MAX_VALUE_BYTES = 1 << 20
+MAX_VALUE_LINES = 200
+
+
+def describe_value(raw: bytes | None) -> str:
+    """A stored value as an operator wants to read it: pretty JSON, or what the bytes are.
+
+    Markers and foreign bytes are named, never decoded into an exception; long
+    JSON is cut at :data:`MAX_VALUE_LINES` lines with a note saying so.
+    """
+    if raw is None:
+        return "(no value: the key does not exist)"
+    value = decode_any(raw)
+    if value is NEGATIVE:
+        return "(negative marker: the fetch returned None; callers get None until it expires)"
+    if isinstance(value, ErrorMarker):
+        return f"(error marker: the last fill raised {value.error}; callers retry after it expires)"
+    if value is CORRUPT:
+        return f"(not a memofill value; the first bytes are {raw[:64]!r})"
+    lines = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode().splitlines()
+    if len(lines) > MAX_VALUE_LINES:
+        cut = len(lines) - MAX_VALUE_LINES
+        lines = [*lines[:MAX_VALUE_LINES], f"... ({cut} more lines not shown)"]
+    return "\n".join(lines)
+
+
 def inspect_entry(
-    url: str, prefix: str, dataset: Dataset, arguments: list[str]
-) -> list[tuple[str, str]]:
-    """The lines ``memofill inspect`` prints, as ``(label, value)`` pairs."""
-    final = prefix + parse_template(dataset.key).render(field_values(dataset, arguments))
+    url: str, dataset: Dataset, final: str, *, show_value: bool = False
+) -> tuple[list[tuple[str, str]], str | None]:
+    """The lines ``memofill inspect`` prints, as ``(label, value)`` pairs, and the value text.
+
+    The value text is ``None`` unless ``show_value``; a value larger than
+    :data:`MAX_VALUE_BYTES` is described, not fetched.
+    """
     lock = lock_key(final)
     fill = dataset.cache_fill
     policy = (
@@ -75,14 +225,25 @@ def inspect_entry(
     )
     try:
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    except ValueError as exc:
-        raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from None
+    except ValueError as exc:  # the URL is not quoted: it may hold a password
+        raise ConfigurationError(f"bad Redis URL: {exc}") from None
+    value: str | None = None
     with contextlib.closing(client):
         data_ttl, size, head, lock_ttl, holder = Commands(client).describe(final, lock)
+        elsewhere = _other_prefix(client, final) if data_ttl == -2 else None
+        if show_value and size > MAX_VALUE_BYTES:
+            value = f"(not shown: {size} bytes is more than {MAX_VALUE_BYTES})"
+        elif show_value:
+            raw = client.get(final)
+            value = describe_value(raw if raw is None or isinstance(raw, bytes) else raw.encode())
     token: Any = holder.decode(errors="replace") if holder else "none"
-    return [
+    lines = [
         ("dataset", dataset.key),
-        ("ttl", f"{dataset.ttl_s} s, negative {dataset.negative_ttl_s} s"),
+        (
+            "ttl",
+            f"{dataset.ttl_s} s, negative {dataset.negative_ttl_s} s, "
+            f"error {dataset.error_ttl_s} s",
+        ),
         ("fill policy", policy),
         ("final key", final),
         ("lock key", lock),
@@ -91,3 +252,12 @@ def inspect_entry(
         ("lock ttl left", _ttl(lock_ttl)),
         ("lock holder", token),
     ]
+    if elsewhere is not None:
+        missing = elsewhere[: -len(final)] if elsewhere.endswith(final) else elsewhere
+        lines.append(
+            (
+                "hint",
+                f"{final!r} is absent but {elsewhere!r} exists: is the prefix {missing!r} missing?",
+            )
+        )
+    return lines, value

@@ -19,7 +19,7 @@ import inspect
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import attrs
@@ -35,6 +35,7 @@ from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.project import resolve_policies
 from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.values import Codec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -95,6 +96,11 @@ class State:
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
+    #: Datasets whose values could not be stored, each reported once by a WARNING.
+    unstorable_warned: set[str]
+    #: Datasets whose refusal by Redis's ACL was logged: once per client configured (a new
+    #: client may have other rights).
+    told_permission: set[str]
     #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
     held: frozenset[str] = frozenset()
 
@@ -129,6 +135,8 @@ def _fresh(breaker_cooldown_s: float) -> dict[str, Any]:
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
         "task_flights": TaskFlights(),
+        "unstorable_warned": set(),
+        "told_permission": set(),
     }
 
 
@@ -212,6 +220,11 @@ class Memofill:
         return self._state.task_flights
 
     @property
+    def unstorable_warned(self) -> set[str]:
+        """Datasets whose values could not be stored, each reported once by a WARNING."""
+        return self._state.unstorable_warned
+
+    @property
     def _sync(self) -> Commands | None:
         """The blocking client's commands (tests look at them)."""
         return self._state.sync
@@ -258,7 +271,8 @@ class Memofill:
             problem = prefix_problem(prefix)
             if problem:
                 raise ConfigurationError(f"prefix {prefix!r}: {problem}")
-        changes: dict[str, Any] = {"disabled": _disabled_by_environment()}
+        # A refusal is told again under a new client, which may have other rights.
+        changes: dict[str, Any] = {"disabled": _disabled_by_environment(), "told_permission": set()}
         if client is NO_CLIENT:
             changes["sync"] = None
         if async_client is NO_CLIENT:
@@ -324,17 +338,36 @@ class Memofill:
         """The commands of the client that serves sync or coroutine functions."""
         return self._state.commands_for(is_async)
 
-    def cached_dataset(self, key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
+    def cached_dataset(
+        self, key: str, *, ignore: Iterable[str] = (), codec: Codec | None = None
+    ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
         """Decorate a fetch function so its results are cached under dataset ``key``.
 
+        The key must see every argument: each parameter of the function (a
+        method's ``self`` or ``cls`` aside) is a ``{field}`` of the registry key
+        or named in ``ignore`` (a tuple of parameter names, for arguments that
+        never change the result, such as a database session). Key fields take
+        ``str``, ``int``, ``bool``, ``None``, enums, ``UUID``, ``date``,
+        ``datetime`` and ``Decimal``, each value by one exact text
+        (:ref:`key-fields`); other values raise
+        :class:`~memofill.errors.KeyArgumentError` at call time.
+
         The policy is resolved, and the key template checked against the
-        function's parameters, right now: a mistake fails at import time.
+        function's parameters and their annotations, right now: a mistake
+        fails at import time with :class:`~memofill.errors.KeyTemplateError`.
+        Values round-trip as the function's return annotation says (see
+        :mod:`memofill.values`); ``codec`` replaces that with your own encoding:
+        any object with ``encode(value) -> bytes`` and ``decode(bytes) -> value``.
         """
         self.policy(key)
+        if codec is not None and not isinstance(codec, Codec):
+            raise TypeError(
+                f"codec={codec!r} needs encode(value) -> bytes and decode(bytes) -> value methods"
+            )
 
         def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
             with _lock:  # not while the instance is reconfigured: it binds to one state
-                return CachedDataset(function, self, key)
+                return CachedDataset(function, self, key, ignore, codec)
 
         return decorate
 
@@ -452,6 +485,8 @@ def configure(
     return default
 
 
-def cached_dataset(key: str) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
+def cached_dataset(
+    key: str, *, ignore: Iterable[str] = (), codec: Codec | None = None
+) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
     """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
-    return default.cached_dataset(key)
+    return default.cached_dataset(key, ignore=ignore, codec=codec)

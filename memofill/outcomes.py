@@ -45,6 +45,14 @@ class Outcome(str, enum.Enum):
 
 #: Outcomes that mean something went wrong, logged at WARNING; the rest at INFO.
 WARNING_OUTCOMES = frozenset({Outcome.FOLLOWER_TIMEOUT, Outcome.LOCK_ERROR, Outcome.FETCH_ERROR})
+#: The ``error`` of a miss that Redis refused a command or key (an ACL): a configuration
+#: mistake, logged once at ERROR with its fix, so its misses are logged at INFO.
+PERMISSION_ERROR = "NoPermissionError"
+
+
+def refused_by_acl(outcome: Outcome, error: str | None) -> bool:
+    """Whether Redis refused this miss a command or key (not the fetch raising that error)."""
+    return error == PERMISSION_ERROR and outcome is not Outcome.FETCH_ERROR
 
 
 @attrs.frozen
@@ -62,7 +70,8 @@ class MissRecord:
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger (never the payload, only its size)."""
-        level = logging.WARNING if self.outcome in WARNING_OUTCOMES else logging.INFO
+        warn = self.outcome in WARNING_OUTCOMES and not refused_by_acl(self.outcome, self.error)
+        level = logging.WARNING if warn else logging.INFO
         if not logger.isEnabledFor(level):
             return
         fields = attrs.asdict(self)

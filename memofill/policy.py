@@ -8,6 +8,7 @@ them listed in one :class:`~memofill.errors.RegistryError`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,11 +17,27 @@ from typing import Any, cast
 
 import attrs
 
-from memofill.errors import Problem, RegistryError
-from memofill.keys import KeyTemplate, parse_template, template_problems, templates_overlap
+from memofill.errors import KeyTemplateError, Problem, RegistryError
+from memofill.keys import KeyTemplate, OverlapIndex, parse_template, template_problems
 
 #: The dotted name :func:`load_policies` imports when it is given nothing else.
 DEFAULT_POLICY_MODULE = "gen.cache_fill_registry"
+
+#: The longest ``ttl_s`` or ``negative_ttl_s``: ten years. Redis itself accepts an
+#: expiry up to about 292 million years (the expiry time, in ms since 1970, must fit
+#: a signed 64-bit integer), but an entry meant to outlive a decade is not a cache
+#: entry, and a number that large is a unit mistake (ms written as s, say).
+MAX_TTL_S = 10 * 365 * 24 * 3600
+#: The longest an error is remembered (``error_ttl_s``): an upstream that failed
+#: is asked again after at most this long.
+MAX_ERROR_TTL_S = 30
+#: The longest ``lease_ms`` (and so ``wait_ms`` and the poll intervals): one hour. A
+#: leader that dies holds its key's fill for ``lease_ms``; a fetch slower than an hour
+#: is a batch job, not a cache fill.
+MAX_LEASE_MS = 3_600_000
+#: The shortest non-zero duration in seconds: Redis expires keys in whole milliseconds,
+#: and a shorter one would round to 0.
+MIN_DURATION_S = 0.001
 
 
 @attrs.frozen
@@ -51,12 +68,16 @@ class Dataset:
         negative_ttl_s: Seconds a ``None`` result is remembered (0: not remembered).
         cache_fill: The cross-process fill policy, or ``None`` for the legacy
             process-local path.
+        error_ttl_s: Seconds a failed fetch is remembered, so that later callers
+            get :class:`~memofill.errors.FillError` without calling the upstream
+            (0, the default: not remembered, the next call fetches again).
     """
 
     key: str
     ttl_s: float
     negative_ttl_s: float = 120
     cache_fill: CacheFill | None = None
+    error_ttl_s: float = 0
 
     @property
     def template(self) -> KeyTemplate:
@@ -86,13 +107,18 @@ def _fill_problems(key: str, fill: object) -> list[Problem]:
     if not typed:
         return problems
     lease, wait, poll_min, poll_max = (getattr(fill, name) for name in names)
+    at_most = f"must be <= {MAX_LEASE_MS} (1 hour)"
     rules = [
         ("lease_ms", lease, lease > 0, "must be > 0"),
+        ("lease_ms", lease, lease <= MAX_LEASE_MS, at_most),
         ("wait_ms", wait, wait < lease, f"must be < lease_ms ({lease})"),
         ("wait_ms", wait, wait > 0, "must be > 0"),
+        ("wait_ms", wait, wait <= MAX_LEASE_MS, at_most),
         ("poll_min_ms", poll_min, poll_min > 0, "must be > 0"),
+        ("poll_min_ms", poll_min, poll_min <= MAX_LEASE_MS, at_most),
         ("poll_max_ms", poll_max, poll_max >= poll_min, f"must be >= poll_min_ms ({poll_min})"),
         ("poll_max_ms", poll_max, poll_max < wait, f"must be < wait_ms ({wait})"),
+        ("poll_max_ms", poll_max, poll_max <= MAX_LEASE_MS, at_most),
     ]
     problems.extend(
         Problem(key, f"cache_fill.{name}", value, rule) for name, value, ok, rule in rules if not ok
@@ -100,52 +126,94 @@ def _fill_problems(key: str, fill: object) -> list[Problem]:
     return problems
 
 
-def _dataset_problems(dataset: Dataset) -> list[Problem]:
+def _seconds_problem(value: object, zero_allowed: bool, most: float, why: str) -> str | None:
+    """What is wrong with a duration in seconds, or ``None``; ``why`` explains ``most``."""
+    if not _is_number(value):
+        return "must be a number of seconds"
+    number = cast("float", value)
+    if isinstance(number, float) and not math.isfinite(number):  # an int is always finite
+        return "must be finite"
+    if number == 0 and zero_allowed:
+        return None
+    if number < 0 or (number == 0 and not zero_allowed):
+        return "must be >= 0" if zero_allowed else "must be > 0"
+    if number < MIN_DURATION_S:
+        zero = "0 or " if zero_allowed else ""
+        return f"must be {zero}>= {MIN_DURATION_S} (Redis expires in whole ms)"
+    if number > most:
+        return f"must be <= {most} ({why})"
+    return None
+
+
+def _parsed(key: object) -> tuple[KeyTemplate | None, list[str]]:
+    """The key's template, or ``None`` and every problem with it.
+
+    The template is parsed first since most keys are well formed: listing every
+    problem costs a second pass, worth paying only for a malformed one.
+    """
+    if isinstance(key, str):
+        with contextlib.suppress(KeyTemplateError):
+            return parse_template(key), []
+    return None, template_problems(key)
+
+
+def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
     key = dataset.key if isinstance(dataset.key, str) else repr(dataset.key)
-    problems = [Problem(key, "key", dataset.key, rule) for rule in template_problems(dataset.key)]
-    for name, minimum in (("ttl_s", "> 0"), ("negative_ttl_s", ">= 0")):
-        value = getattr(dataset, name)
-        if not _is_number(value):
-            problems.append(Problem(key, name, value, "must be a number of seconds"))
-        elif isinstance(value, float) and not math.isfinite(value):
-            problems.append(Problem(key, name, value, "must be finite"))
-        elif (value <= 0) if minimum == "> 0" else (value < 0):
-            problems.append(Problem(key, name, value, f"must be {minimum}"))
+    problems = [Problem(key, "key", dataset.key, rule) for rule in key_rules]
+    ttl = dataset.ttl_s
+    ttl_ok = _seconds_problem(ttl, False, MAX_TTL_S, "10 years") is None
+    error_most: float = MAX_ERROR_TTL_S
+    error_why = "errors are remembered at most 30 s"
+    if ttl_ok and ttl < error_most:
+        error_most, error_why = ttl, "ttl_s"
+    checks = [
+        ("ttl_s", ttl, False, MAX_TTL_S, "10 years"),
+        ("negative_ttl_s", dataset.negative_ttl_s, True, MAX_TTL_S, "10 years"),
+        ("error_ttl_s", dataset.error_ttl_s, True, error_most, error_why),
+    ]
+    for name, value, zero_allowed, most, why in checks:
+        rule = _seconds_problem(value, zero_allowed, most, why)
+        if rule is not None:
+            problems.append(Problem(key, name, value, rule))
     if dataset.cache_fill is not None:
         problems.extend(_fill_problems(key, dataset.cache_fill))
+    elif _is_number(dataset.error_ttl_s) and dataset.error_ttl_s != 0:
+        rule = "must be 0 without cache_fill (only a coordinated fill remembers errors)"
+        problems.append(Problem(key, "error_ttl_s", dataset.error_ttl_s, rule))
     return problems
 
 
 def validate(datasets: Iterable[object]) -> list[Problem]:
     """Every rule the datasets break, in registry order; an empty list means valid.
 
-    Rules: ``ttl_s > 0``, ``negative_ttl_s >= 0``, ``lease_ms > 0``,
-    ``0 < wait_ms < lease_ms``, ``poll_min_ms > 0``,
-    ``poll_min_ms <= poll_max_ms < wait_ms``, numbers of the right type, well
+    Rules: ``0 < ttl_s <= 10 years``, ``0 <= negative_ttl_s <= 10 years``,
+    ``0 <= error_ttl_s <= min(30, ttl_s)``, each non-zero one at least 1 ms;
+    ``0 < lease_ms <= 1 hour``, ``0 < wait_ms < lease_ms``, ``poll_min_ms > 0``,
+    ``poll_min_ms <= poll_max_ms < wait_ms``; numbers of the right type, well
     formed key templates, unique keys, and no two keys that some arguments could
-    render to the same Redis key.
+    render to the same Redis key (each pair reported once, under the later key).
     """
     problems: list[Problem] = []
-    seen: dict[str, KeyTemplate | None] = {}
+    seen: set[str] = set()
+    overlaps = OverlapIndex()
     for index, dataset in enumerate(datasets):
         if not isinstance(dataset, Dataset):
             name = f"DATASETS[{index}]"
             problems.append(Problem(name, "item", dataset, "must be a memofill.Dataset"))
             continue
-        own = _dataset_problems(dataset)
-        problems.extend(own)
+        template, key_rules = _parsed(dataset.key)
+        problems.extend(_dataset_problems(dataset, key_rules))
         if not isinstance(dataset.key, str):
             continue
         if dataset.key in seen:
             problems.append(Problem(dataset.key, "key", dataset.key, "is declared twice"))
             continue
-        template = None if any(p.field == "key" for p in own) else dataset.template
-        if template is not None:
-            for other_key, other in seen.items():
-                if other is not None and templates_overlap(template, other):
-                    rule = f"can render the same Redis key as {other_key!r}"
-                    problems.append(Problem(dataset.key, "key", dataset.key, rule))
-        seen[dataset.key] = template
+        seen.add(dataset.key)
+        if template is None:
+            continue
+        for other_key in overlaps.add(template):
+            rule = f"can render the same Redis key as {other_key!r}"
+            problems.append(Problem(dataset.key, "key", dataset.key, rule))
     return problems
 
 
@@ -164,17 +232,22 @@ def dataset_from_data(key: str, data: Mapping[str, Any]) -> Dataset:
         ttl_s=data.get("ttl_s"),  # type: ignore[arg-type]  # validated after
         negative_ttl_s=data.get("negative_ttl_s", 120),
         cache_fill=CacheFill(**fill) if isinstance(fill, Mapping) else fill,
+        error_ttl_s=data.get("error_ttl_s", 0),
     )
 
 
 def dataset_to_data(dataset: Dataset) -> dict[str, Any]:
-    """The plain-data form of a dataset, as the generated module holds it."""
+    """The plain-data form of a dataset, as the generated module holds it.
+
+    ``error_ttl_s`` is written only when it is not 0, its default, so that the
+    modules generated before it existed stay byte for byte the same.
+    """
     fill = dataset.cache_fill
-    return {
-        "ttl_s": dataset.ttl_s,
-        "negative_ttl_s": dataset.negative_ttl_s,
-        "cache_fill": None if fill is None else attrs.asdict(fill),
-    }
+    data: dict[str, Any] = {"ttl_s": dataset.ttl_s, "negative_ttl_s": dataset.negative_ttl_s}
+    if dataset.error_ttl_s != 0:
+        data["error_ttl_s"] = dataset.error_ttl_s
+    data["cache_fill"] = None if fill is None else attrs.asdict(fill)
+    return data
 
 
 #: Where policies come from: the generated module, its dotted name, a mapping of key ->
@@ -233,4 +306,5 @@ def _dataset_or_item(key: str, data: object) -> object:
             ttl_s=data.get("ttl_s"),  # type: ignore[arg-type]  # validated after
             negative_ttl_s=data.get("negative_ttl_s", 120),
             cache_fill=data.get("cache_fill"),
+            error_ttl_s=data.get("error_ttl_s", 0),
         )

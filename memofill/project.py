@@ -58,14 +58,26 @@ def _toml_loader() -> TomlLoader | None:
     return load
 
 
-def tool_settings(pyproject: Path) -> dict[str, Any]:
-    """The ``[tool.memofill]`` table of ``pyproject`` (``{}`` without one, or without a reader).
+#: The ``[tool.memofill]`` keys, each a string: two paths (``memofill gen`` and ``check``, and
+#: ``out`` for the run time), then what ``memofill inspect`` reads.
+SETTINGS = {
+    "registry": "a string path",
+    "out": "a string path",
+    "prefix": "a string",
+    "url": "a string",
+}
 
-    Raises :class:`~memofill.errors.ConfigurationError` naming the file when it
-    cannot be read or parsed, or the table or a path in it has the wrong type.
+
+def tool_settings(pyproject: Path | None) -> dict[str, str]:
+    """The ``[tool.memofill]`` table of ``pyproject``: ``{}`` without a file, table or reader.
+
+    Every level is checked for its shape (``tool = 1`` is a mistake to report,
+    not a crash), and every known key must be a string. Raises
+    :class:`~memofill.errors.ConfigurationError`, one line naming the file,
+    when it cannot be read or parsed or has the wrong shape.
     """
     load = _toml_loader()
-    if load is None:
+    if pyproject is None or load is None:
         return {}
     try:
         with pyproject.open("rb") as file:
@@ -74,13 +86,30 @@ def tool_settings(pyproject: Path) -> dict[str, Any]:
         raise ConfigurationError(f"{pyproject}: cannot read: {exc.strerror or exc}") from None
     except ValueError as exc:  # tomllib.TOMLDecodeError, or bytes that are not UTF-8
         raise ConfigurationError(f"{pyproject}: invalid TOML: {exc}") from None
-    section = data.get("tool", {}).get("memofill", {})
+    except (MemoryError, RecursionError):  # arrays or tables nested thousands deep
+        raise ConfigurationError(f"{pyproject}: invalid TOML: nested too deeply to read") from None
+    tool = data.get("tool", {})
+    if not isinstance(tool, dict):
+        raise ConfigurationError(f"{pyproject}: [tool] must be a table, not {_toml_type(tool)}")
+    section = tool.get("memofill", {})
     if not isinstance(section, dict):
-        raise ConfigurationError(f"{pyproject}: [tool.memofill] must be a table")
-    for name in ("registry", "out"):
-        if not isinstance(section.get(name, ""), str):
-            raise ConfigurationError(f"{pyproject}: [tool.memofill] {name} must be a string path")
+        raise ConfigurationError(
+            f"{pyproject}: [tool.memofill] must be a table, not {_toml_type(section)}"
+        )
+    for name, kind in SETTINGS.items():
+        value = section.get(name, "")
+        if not isinstance(value, str):
+            raise ConfigurationError(
+                f"{pyproject}: [tool.memofill] {name} must be {kind}, not {_toml_type(value)}"
+            )
     return section
+
+
+def _toml_type(value: object) -> str:
+    """What a TOML value is called in TOML's own words, for messages about pyproject.toml."""
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    names.update({list: "an array", dict: "a table"})
+    return names.get(type(value), "a date or time")
 
 
 def import_file(path: Path) -> ModuleType:
@@ -133,7 +162,7 @@ def resolve_policies(source: PolicySource | None) -> dict[str, Dataset]:
             return _load_named(named)
         looked.append(f"${POLICIES_ENV} (not set)")
         pyproject = find_pyproject(Path.cwd())
-        out = None if pyproject is None else tool_settings(pyproject).get("out")
+        out = tool_settings(pyproject).get("out")
         if pyproject is None:
             looked.append(f"pyproject.toml (none in {Path.cwd()} or above)")
         elif not out:

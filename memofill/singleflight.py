@@ -3,7 +3,8 @@
 The same two-method shape serves threads and asyncio tasks. With tasks, the
 fill runs in a task of its own and every caller awaits it through
 :func:`asyncio.shield`, so a caller that is cancelled or times out leaves the
-shared fill running for the others.
+shared fill running for the others. When the last of them goes, the fill stops
+too, unless it has already called the origin (see :class:`TaskFlights`).
 """
 
 from __future__ import annotations
@@ -64,29 +65,64 @@ class ThreadFlights(Generic[T]):
         return len(self._flights)
 
 
+class _TaskFlight(Generic[T]):
+    __slots__ = ("committed", "task", "waiters")
+
+    def __init__(self, fill: Callable[[Callable[[], None]], Awaitable[T]]) -> None:
+        self.task: asyncio.Task[T] = asyncio.get_running_loop().create_task(
+            _call(fill, self.commit)
+        )
+        self.waiters = 0
+        self.committed = False
+
+    def commit(self) -> None:
+        """The fill is about to call the origin: from now on it runs to its end."""
+        self.committed = True
+
+
 class TaskFlights(Generic[T]):
-    """Coalesces fills of one key across the asyncio tasks of each event loop."""
+    """Coalesces fills of one key across the asyncio tasks of each event loop.
+
+    A fill that nobody awaits any more stops, unless it has called the origin:
+    when the last caller awaiting it is cancelled, its task is cancelled too
+    while it is still waiting for another process's fill (or for its lock), so
+    an abandoned wait never ends in an origin call. A fill that has called the
+    origin runs on and stores the value, which the next caller (here or in
+    another process) then finds: the origin's work is not thrown away.
+    """
 
     def __init__(self) -> None:
-        self._flights: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Task[T]] = {}
+        self._flights: dict[tuple[asyncio.AbstractEventLoop, str], _TaskFlight[T]] = {}
 
-    async def run(self, key: str, fill: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+    async def run(
+        self, key: str, fill: Callable[[Callable[[], None]], Awaitable[T]]
+    ) -> tuple[T, bool]:
         """Await the fill of ``key``, starting it in its own task if none is running.
 
-        Returns the result and whether this caller joined another's fill.
+        ``fill`` is called with the callback it calls before it calls the
+        origin. Returns the result and whether this caller joined another's fill.
         """
         loop = asyncio.get_running_loop()
         slot = (loop, key)
-        task = self._flights.get(slot)
-        joined = task is not None
-        if task is None:
-            task = loop.create_task(_call(fill))
-            self._flights[slot] = task
-            task.add_done_callback(lambda done: self._finish(slot, done))
-        return await asyncio.shield(task), joined
+        flight = self._flights.get(slot)
+        joined = flight is not None
+        if flight is None:
+            flight = self._flights[slot] = _TaskFlight(fill)
+            flight.task.add_done_callback(lambda done: self._finish(slot, done))
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task), joined
+        finally:
+            flight.waiters -= 1
+            if flight.waiters == 0 and not flight.committed and not flight.task.done():
+                # Every caller gave up before the origin was called: stop waiting for nothing.
+                if self._flights.get(slot) is flight:
+                    del self._flights[slot]
+                flight.task.cancel()
 
     def _finish(self, slot: tuple[asyncio.AbstractEventLoop, str], task: asyncio.Task[T]) -> None:
-        if self._flights.get(slot) is task:
+        flight = self._flights.get(slot)
+        if flight is not None and flight.task is task:
             del self._flights[slot]
         if not task.cancelled():
             task.exception()  # retrieved here, so a fill nobody awaits any more logs no warning
@@ -95,5 +131,7 @@ class TaskFlights(Generic[T]):
         return len(self._flights)
 
 
-async def _call(fill: Callable[[], Awaitable[Any]]) -> Any:
-    return await fill()
+async def _call(
+    fill: Callable[[Callable[[], None]], Awaitable[Any]], commit: Callable[[], None]
+) -> Any:
+    return await fill(commit)

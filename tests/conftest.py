@@ -6,9 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
 
 from memofill import CacheFill, Dataset
 from tests.redis_servers import RedisCluster, RedisServer
+
+# How fast a busy machine draws examples or runs one says nothing about the properties tested:
+# no per-example deadline, and no failing a test because input generation was slow.
+settings.register_profile("memofill", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("memofill")
 
 #: Policies the runtime tests use, independent of the project's registry.
 POLICIES = {
@@ -25,6 +31,12 @@ POLICIES = {
         cache_fill=CacheFill(lease_ms=1_000, wait_ms=500, poll_min_ms=5, poll_max_ms=50),
     ),
     "plain:{name}": Dataset("plain:{name}", ttl_s=60),
+    "careful:{name}": Dataset(
+        "careful:{name}",
+        ttl_s=60,
+        error_ttl_s=5,
+        cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200),
+    ),
 }
 
 

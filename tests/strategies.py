@@ -1,7 +1,10 @@
-"""Hypothesis strategies for registries: valid ones, and ones that break exactly one rule."""
+"""Hypothesis strategies for registries (valid ones, and ones that break exactly one rule),
+and for the values a key field takes."""
 
 from __future__ import annotations
 
+import datetime
+import enum
 import string
 
 import attrs
@@ -9,6 +12,7 @@ from hypothesis import strategies as st
 
 from memofill import CacheFill, Dataset
 from memofill.keys import ARGUMENT_CHARS
+from memofill.policy import MAX_ERROR_TTL_S, MAX_LEASE_MS, MAX_TTL_S, MIN_DURATION_S
 
 #: Field names a key template may use.
 field_names = st.builds(
@@ -48,18 +52,27 @@ def cache_fills(draw: st.DrawFn) -> CacheFill:
 
 
 finite = {"allow_nan": False, "allow_infinity": False}
-positive_seconds = st.integers(1, 10**7) | st.floats(min_value=0.001, max_value=1e9, **finite)
-non_negative_seconds = st.integers(0, 10**7) | st.floats(min_value=0.0, max_value=1e9, **finite)
+positive_seconds = st.integers(1, 10**7) | st.floats(
+    min_value=MIN_DURATION_S, max_value=MAX_TTL_S, **finite
+)
+non_negative_seconds = st.sampled_from([0, 0.0]) | positive_seconds
 
 
 @st.composite
 def datasets(draw: st.DrawFn, head: str = "k") -> Dataset:
     """A valid dataset whose key starts with the literal segment ``head``."""
+    ttl = draw(positive_seconds)
+    fill = draw(st.none() | cache_fills())
+    longest_error = min(MAX_ERROR_TTL_S, ttl)
+    error_ttl = st.just(0)
+    if fill is not None and longest_error >= MIN_DURATION_S:
+        error_ttl |= st.floats(min_value=MIN_DURATION_S, max_value=longest_error, **finite)
     return Dataset(
         key=draw(key_templates(head)),
-        ttl_s=draw(positive_seconds),
+        ttl_s=ttl,
         negative_ttl_s=draw(non_negative_seconds),
-        cache_fill=draw(st.none() | cache_fills()),
+        cache_fill=fill,
+        error_ttl_s=draw(error_ttl),
     )
 
 
@@ -88,9 +101,9 @@ def fill_violations(draw: st.DrawFn, fill: CacheFill) -> tuple[CacheFill, str]:
     step = draw(st.integers(0, 1_000))
     lease, wait, poll_min = fill.lease_ms, fill.wait_ms, fill.poll_min_ms
     choices = {
-        "lease_ms": [-step, draw(st.booleans()), float(lease), str(lease)],
-        "wait_ms": [lease + step, float(wait)],
-        "poll_min_ms": [-step, str(poll_min)],
+        "lease_ms": [-step, draw(st.booleans()), float(lease), str(lease), 10**19],
+        "wait_ms": [lease + step, float(wait), MAX_LEASE_MS + 1 + step],
+        "poll_min_ms": [-step, str(poll_min), MAX_LEASE_MS + 1 + step],
         "poll_max_ms": [poll_min - 1 - step, wait + step, True],
     }
     field = draw(st.sampled_from(sorted(choices)))
@@ -105,15 +118,22 @@ def single_violations(draw: st.DrawFn) -> tuple[list[object], str, str]:
     index = draw(st.integers(0, len(registry) - 1))
     dataset = registry[index]
     assert isinstance(dataset, Dataset)
-    kinds = ["ttl_s", "negative_ttl_s", "key", "type", "duplicate"]
+    kinds = ["ttl_s", "negative_ttl_s", "error_ttl_s", "key", "type", "duplicate"]
     if dataset.cache_fill is not None:
         kinds.append("cache_fill")
     kind = draw(st.sampled_from(kinds))
     field = kind
+    too_long = st.sampled_from([MAX_TTL_S + 1, 1e16, 10**20])
     if kind == "ttl_s":
-        broken = attrs.evolve(dataset, ttl_s=draw(st.integers(-100, 0) | st.just(float("nan"))))
+        nonsense = st.sampled_from([float("nan"), 0.0004]) | too_long
+        broken = attrs.evolve(dataset, ttl_s=draw(st.integers(-100, 0) | nonsense))
     elif kind == "negative_ttl_s":
-        broken = attrs.evolve(dataset, negative_ttl_s=draw(st.integers(-100, -1)))
+        nonsense = st.sampled_from([float("inf"), 1e-5]) | too_long
+        broken = attrs.evolve(dataset, negative_ttl_s=draw(st.integers(-100, -1) | nonsense))
+    elif kind == "error_ttl_s":
+        longest = min(MAX_ERROR_TTL_S, dataset.ttl_s)
+        nonsense = st.sampled_from([-1, 1e-4, longest + 0.5, float("nan")])
+        broken = attrs.evolve(dataset, error_ttl_s=draw(nonsense))
     elif kind == "key":
         broken = attrs.evolve(dataset, key=draw(st.sampled_from(MALFORMED_KEYS)))
     elif kind == "type":
@@ -128,3 +148,46 @@ def single_violations(draw: st.DrawFn) -> tuple[list[object], str, str]:
         broken = attrs.evolve(dataset, cache_fill=fill)
     registry[index] = broken
     return registry, broken.key, field
+
+
+class Shade(enum.Enum):
+    """An enum of each kind of value, for key texts."""
+
+    RED = "red"
+    NINE = 9
+    NONE = None
+
+
+_offsets = st.sampled_from(
+    [
+        datetime.timezone.utc,
+        datetime.timezone(datetime.timedelta(hours=5, minutes=30)),
+        datetime.timezone(datetime.timedelta(hours=-8)),
+    ]
+)
+_years = {"min_value": datetime.datetime(2, 1, 1), "max_value": datetime.datetime(9998, 12, 31)}
+#: Every kind of value a key field takes, with the edges of each (digit strings, huge ints...).
+key_values = st.one_of(
+    st.text(max_size=20),
+    st.text(alphabet="-0123456789", max_size=6),
+    st.text(min_size=190, max_size=220),
+    st.integers(),
+    st.integers(min_value=10**198),
+    st.booleans(),
+    st.none(),
+    st.uuids(),
+    st.dates(),
+    st.datetimes(**_years),
+    st.datetimes(**_years, timezones=_offsets),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.sampled_from(Shade),
+)
+
+
+def canonical_kind(value: object) -> str:
+    """The kind of value a key text stands for: an enum member stands for its value."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, datetime.datetime):
+        return "naive datetime" if value.utcoffset() is None else "aware datetime"
+    return type(value).__name__

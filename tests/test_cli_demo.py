@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,3 +183,39 @@ def _interrupt_during_first_burst(
     process.send_signal(signal.SIGINT)
     code = process.wait(timeout=30)
     return port, code, process.stderr.read(), time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("redis://127.0.0.1:1/0", "cannot reach Redis at REDIS_URL redis://127.0.0.1:1/0: "),
+        ("redis://user:s3cret@127.0.0.1:1/0", "cannot reach Redis at REDIS_URL redis://***@"),
+        ("redis://user:s3cret@host:notaport/0", "is not a Redis URL: Port could not be cast"),
+        ("mysql://127.0.0.1/0", "is not a Redis URL"),
+    ],
+)
+def test_unreachable_or_malformed_redis_url_is_one_line_exit_2(url: str, fragment: str) -> None:
+    """Checked with one PING before any caller process starts (no 60 s barrier wait)."""
+    done = demo(*SMALL, env={"REDIS_URL": url})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("memofill: error: ")
+    assert fragment in lines[0]
+    assert "s3cret" not in done.stderr
+
+
+def test_a_silent_server_is_reported_not_waited_for() -> None:
+    """A port that accepts connections but never answers: the PING times out, no retries."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        done = demo(*SMALL, env={"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(
+        f"memofill: error: cannot reach Redis at REDIS_URL redis://127.0.0.1:{port}/0"
+    )
+    assert len(done.stderr.splitlines()) == 1, done.stderr

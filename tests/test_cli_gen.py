@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from memofill.cli import main
 from memofill.codegen import PACKAGE_INIT, load_registry, render
+from memofill.errors import RegistryLoadError
 
 VALID = """from memofill import CacheFill, Dataset
 
@@ -327,3 +329,136 @@ def test_python_m_memofill_errors_have_no_traceback(
     assert (result.returncode, result.stdout) == (2, "")
     assert "Traceback" not in result.stderr
     assert_one_error(result.stderr)
+
+
+def memofill_script(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the command as the installed ``memofill`` script runs it.
+
+    A console script puts its own directory first on ``sys.path``, not the
+    current directory as ``python -m`` does; this script is the same two lines
+    pip writes, in a directory of its own, so the difference is reproduced.
+    """
+    bin_dir = cwd.parent / f"{cwd.name}-bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "memofill"
+    script.write_text("import sys\nfrom memofill.cli import main\nsys.exit(main())\n")
+    command = [sys.executable, str(script), *argv]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, timeout=60)
+
+
+ENTRY_POINTS = [python_m_memofill, memofill_script]
+IMPORTING = """from memofill import Dataset
+from mydatasets import TTL_S
+
+DATASETS = [Dataset("news:digest:v1", ttl_s=TTL_S)]
+"""
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=["python-m", "script"])
+def test_a_registry_imports_a_module_beside_it(project: Path, entry: Any) -> None:
+    (project / "src" / "reg.py").write_text(IMPORTING)
+    (project / "src" / "mydatasets.py").write_text("TTL_S = 123\n")
+    generated = entry(project, "gen")
+    assert (generated.returncode, generated.stderr) == (0, ""), generated.stderr
+    assert '"ttl_s": 123' in (project / "build" / "policies.py").read_text()
+    checked = entry(project / "src", "check")  # from another directory, the same module
+    assert (checked.returncode, checked.stderr) == (0, ""), checked.stderr
+
+
+def test_both_entry_points_write_the_same_module(project: Path) -> None:
+    (project / "src" / "reg.py").write_text(IMPORTING)
+    (project / "src" / "mydatasets.py").write_text("TTL_S = 77\n")
+    outputs = []
+    for entry in ENTRY_POINTS:
+        (project / "build" / "__init__.py").unlink(missing_ok=True)  # each run writes its own
+        done = entry(project, "gen")
+        assert done.returncode == 0, done.stderr
+        outputs.append((done.stdout, (project / "build" / "policies.py").read_bytes()))
+    assert outputs[0] == outputs[1]
+
+
+def test_loading_a_registry_restores_sys_path(project: Path) -> None:
+    (project / "src" / "reg.py").write_text(IMPORTING)
+    (project / "src" / "mydatasets.py").write_text("TTL_S = 5\n")
+    before = list(sys.path)
+    load_registry(project / "src" / "reg.py")
+    assert sys.path == before
+    (project / "src" / "reg.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(RegistryLoadError):
+        load_registry(project / "src" / "reg.py")
+    assert sys.path == before
+
+
+DEEP = "x = " + "-" * 200_000 + "1\n"
+STOPS = """class Stop(BaseException):
+    pass
+
+raise Stop("halt")
+"""
+
+
+@pytest.mark.parametrize("command", ["gen", "check"])
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        (DEEP, "src/reg.py: too deeply nested for Python to compile"),
+        ("x = " + "(lambda: " * 3000 + "1" + ")" * 3000 + "\n", "too deeply nested"),
+        ("raise GeneratorExit\n", "src/reg.py: raised GeneratorExit while running"),
+        (STOPS, "src/reg.py: raised Stop: halt while running"),
+        ("import sys\nsys.exit(0)\n", "src/reg.py: exited (sys.exit(0)) while running"),
+        ("raise SystemExit\n", "src/reg.py: exited (sys.exit(None)) while running"),
+    ],
+    ids=["deep-unary", "deep-lambdas", "generator-exit", "base-exception", "exit-0", "exit"],
+)
+def test_registry_that_stops_the_interpreter_is_one_line_exit_2(
+    project: Path, command: str, source: str, fragment: str
+) -> None:
+    (project / "src" / "reg.py").write_text(source)
+    done = python_m_memofill(project, command)
+    assert (done.returncode, done.stdout) == (2, ""), done.stdout
+    assert "Traceback" not in done.stderr
+    assert_one_error(done.stderr, fragment)
+    assert not (project / "build").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("tool = 1\n", "[tool] must be a table, not an integer"),
+        ("[tool]\nmemofill = 3\n", "[tool.memofill] must be a table, not an integer"),
+        ("[tool]\nmemofill = [1]\n", "[tool.memofill] must be a table, not an array"),
+        ("[tool.memofill]\nout = 5\n", "[tool.memofill] out must be a string path, not an integer"),
+        ("[tool.memofill]\nprefix = true\n", "prefix must be a string, not a boolean"),
+        ("[tool.memofill]\nurl = {a = 1}\n", "url must be a string, not a table"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "invalid TOML: nested too deeply"),
+    ],
+)
+def test_a_pyproject_of_the_wrong_shape_is_one_line(
+    project: Path, content: str, fragment: str
+) -> None:
+    (project / "pyproject.toml").write_text(content)
+    done = python_m_memofill(project, "check")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "Traceback" not in done.stderr
+    assert_one_error(done.stderr, "pyproject.toml: ", fragment)
+
+
+def test_absolute_paths_are_named_as_given(project: Path, tmp_path_factory: Any) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    registry, out = project / "src" / "reg.py", elsewhere / "policies.py"
+    done = python_m_memofill(elsewhere, "gen", "--registry", str(registry), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"memofill: wrote {out} from {registry}\n"
+    registry.write_text("DATASETS = [\n")
+    done = python_m_memofill(elsewhere, "check", "--registry", str(registry), "--out", str(out))
+    assert done.returncode == 2
+    assert_one_error(done.stderr, f"{registry}:1: syntax error")
+
+
+def test_a_failed_write_names_the_output_not_a_temporary_file(project: Path) -> None:
+    (project / "build" / "policies.py").mkdir(parents=True)  # os.replace onto a directory fails
+    done = python_m_memofill(project, "gen")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert_one_error(done.stderr, "build/policies.py: cannot write")
+    assert ".tmp" not in done.stderr
+    assert [p.name for p in (project / "build").iterdir()] == ["policies.py"]

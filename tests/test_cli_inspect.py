@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
+import orjson
 import pytest
 
 from memofill import Memofill
 from memofill.cli import main
-from memofill.codec import NEGATIVE_MARKER
+from memofill.codec import NEGATIVE_MARKER, error_marker
+from memofill.inspection import MAX_VALUE_BYTES, MAX_VALUE_LINES
 from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -53,6 +60,26 @@ def test_filled_entry(
     assert shown["lock holder"] == "none"
 
 
+def test_a_typed_word_names_the_entry_of_a_typed_argument(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Command-line text is a str; ``42`` and ``"42"`` are two keys, so an int says so."""
+    cache = Memofill(redis_server.client(), prefix=prefix)
+    quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
+    quotes(42)
+    argv = ("--url", redis_server.url, "--prefix", prefix)
+    code, typed, err = inspect(capsys, QUOTES, "symbol:int=42", *argv)
+    assert code == 0, err
+    assert typed["final key"] == f"{prefix}market:quotes:42"
+    assert typed["payload"].endswith("JSON value")
+    code, text, err = inspect(capsys, QUOTES, "42", *argv)
+    assert code == 0, err
+    assert text["final key"] == f"{prefix}market:quotes:%342"
+    assert text["payload"] == "0 bytes, none"
+    code, none, err = inspect(capsys, QUOTES, "symbol:none=", *argv)
+    assert none["final key"] == f"{prefix}market:quotes:~n"
+
+
 def test_lock_holder_and_negative_marker(
     redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -95,6 +122,8 @@ def test_redis_url_from_environment(
         ([QUOTES], "needs a value for symbol"),
         ([QUOTES, "A", "B"], "takes 1 field value(s), got more"),
         ([QUOTES, "colour=red"], "has no field 'colour'"),
+        ([QUOTES, "symbol:int=x"], "symbol:int='x': cannot be read as int"),
+        ([QUOTES, "symbol:float=1.5"], "unknown type 'float' (types: str, int, bool, none"),
         ([QUOTES, "A", "--prefix", "{a"], "--prefix '{a'"),
         ([QUOTES, "A", "--policies", "nowhere.py"], "nowhere.py: no such file"),
         ([], "the following arguments are required: KEY"),
@@ -126,4 +155,232 @@ def test_unreachable_redis(capsys: pytest.CaptureFixture[str]) -> None:
 def test_no_url(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     assert main(["inspect", QUOTES, "A"]) == 2
-    assert "pass --url or set REDIS_URL" in capsys.readouterr().err
+    assert "pass --url, set REDIS_URL, or set url in [tool.memofill]" in capsys.readouterr().err
+
+
+def test_final_key_as_logged_names_its_dataset(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    final = f"{prefix}market:quotes:AAPL"
+    redis_server.client().set(final, b'{"bid":2}', px=30_000)
+    code, shown, err = inspect(capsys, final, "--url", redis_server.url, "--prefix", prefix)
+    assert code == 0, err
+    assert shown["dataset"] == QUOTES
+    assert shown["final key"] == final
+    assert shown["payload"] == "9 bytes, JSON value"
+
+
+def test_final_key_takes_no_field_values(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = inspect(
+        capsys, f"{prefix}market:quotes:A", "B", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert code == 2
+    assert "is a final key of 'market:quotes:{symbol}': give no field values" in err
+
+
+def test_a_final_key_without_its_prefix_gets_a_hint(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = inspect(capsys, "prod:market:quotes:AAPL", "--url", redis_server.url)
+    assert (code, out) == (2, {})
+    assert len(err.splitlines()) == 1
+    assert "no dataset 'prod:market:quotes:AAPL'" in err
+    assert "it is a key of 'market:quotes:{symbol}' under the prefix 'prod:'" in err
+    assert "pass --prefix 'prod:'" in err
+
+
+def test_an_absent_key_that_exists_under_another_prefix_gets_a_hint(
+    own_redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A server of its own: the hint comes from one SCAN step, which must see the key.
+    own_redis_server.client().set(f"{prefix}market:quotes:HINT", b"1", px=30_000)
+    code, shown, err = inspect(capsys, QUOTES, "HINT", "--url", own_redis_server.url)
+    assert code == 0, err
+    assert shown["data ttl left"] == "absent"
+    assert shown["hint"] == (
+        f"'market:quotes:HINT' is absent but '{prefix}market:quotes:HINT' exists: "
+        f"is the prefix {prefix!r} missing?"
+    )
+
+
+def test_no_hint_when_the_key_exists(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis_server.client().set(f"{prefix}market:quotes:HERE", b"1", px=30_000)
+    code, shown, _ = inspect(capsys, QUOTES, "HERE", "--url", redis_server.url, "--prefix", prefix)
+    assert code == 0
+    assert "hint" not in shown
+
+
+def inspect_value(
+    capsys: pytest.CaptureFixture[str], client_url: str, prefix: str, symbol: str
+) -> tuple[int, str]:
+    code = main(["inspect", QUOTES, symbol, "--url", client_url, "--prefix", prefix, "--value"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[8].startswith("lock holder:")
+    return code, "\n".join(lines[9:])
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (b'{"bid":1.5,"tags":["a"]}', '{\n  "bid": 1.5,\n  "tags": [\n    "a"\n  ]\n}'),
+        (NEGATIVE_MARKER, "(negative marker: the fetch returned None;"),
+        (error_marker("TimeoutError"), "(error marker: the last fill raised TimeoutError;"),
+        (
+            b"\x00\xff{not json",
+            "(not a memofill value; the first bytes are b'\\x00\\xff{not json')",
+        ),
+        (b"\xff\xfe", "(not a memofill value; the first bytes are b'\\xff\\xfe')"),
+        (None, "(no value: the key does not exist)"),
+    ],
+    ids=["json", "negative", "error", "corrupt-nul", "corrupt", "absent"],
+)
+def test_value_is_decoded_or_named(
+    redis_server: RedisServer,
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    stored: bytes | None,
+    expected: str,
+) -> None:
+    if stored is not None:
+        redis_server.client().set(f"{prefix}market:quotes:V", stored, px=30_000)
+    _, value = inspect_value(capsys, redis_server.url, prefix, "V")
+    assert value.startswith(expected), value
+
+
+def test_a_long_value_is_cut_with_a_note(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = list(range(MAX_VALUE_LINES * 2))
+    redis_server.client().set(f"{prefix}market:quotes:LONG", orjson.dumps(rows), px=30_000)
+    _, value = inspect_value(capsys, redis_server.url, prefix, "LONG")
+    lines = value.splitlines()
+    assert len(lines) == MAX_VALUE_LINES + 1
+    assert lines[-1] == f"... ({MAX_VALUE_LINES + 2} more lines not shown)"
+
+
+def test_a_huge_value_is_described_not_fetched(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    size = MAX_VALUE_BYTES + 1
+    redis_server.client().set(f"{prefix}market:quotes:HUGE", b"1" * size, px=30_000)
+    _, value = inspect_value(capsys, redis_server.url, prefix, "HUGE")
+    assert value == f"(not shown: {size} bytes is more than {MAX_VALUE_BYTES})"
+
+
+# -- settings from pyproject.toml ------------------------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], None]:
+    """Writes a pyproject.toml naming the repository's policies, a url and a prefix; cwd is it."""
+    policies = Path(__file__).parent.parent / "gen" / "cache_fill_registry.py"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+
+    def write(url: str, prefix: str) -> None:
+        (tmp_path / "pyproject.toml").write_text(
+            f'[tool.memofill]\nout = "{policies}"\nurl = "{url}"\nprefix = "{prefix}"\n'
+        )
+
+    return write
+
+
+def test_prefix_and_url_from_pyproject(
+    redis_server: RedisServer,
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    project: Callable[[str, str], None],
+) -> None:
+    redis_server.client().set(f"{prefix}market:quotes:P", b"1", px=30_000)
+    project(redis_server.url, prefix)
+    code, shown, err = inspect(capsys, f"{prefix}market:quotes:P")
+    assert code == 0, err
+    assert shown["dataset"] == QUOTES
+    assert shown["payload"] == "1 bytes, JSON value"
+
+
+def test_flags_then_environment_override_pyproject(
+    redis_server: RedisServer,
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    project: Callable[[str, str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project("redis://127.0.0.1:1/0", "wrong:")
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    code, shown, err = inspect(capsys, QUOTES, "F", "--prefix", prefix)
+    assert code == 0, err  # REDIS_URL beat the unreachable url in pyproject.toml
+    assert shown["final key"] == f"{prefix}market:quotes:F"
+    code, _, err = inspect(capsys, QUOTES, "F", "--url", "redis://127.0.0.1:1/0")
+    assert code == 2  # --url beat REDIS_URL
+    assert "cannot read from Redis at redis://127.0.0.1:1/0" in err
+
+
+def test_a_bad_prefix_in_pyproject_is_named(
+    capsys: pytest.CaptureFixture[str], project: Callable[[str, str], None]
+) -> None:
+    project("redis://127.0.0.1:1/0", "{a")
+    code, _, err = inspect(capsys, QUOTES, "A")
+    assert code == 2
+    assert "[tool.memofill] prefix '{a'" in err
+
+
+# -- as a process: no secret, no traceback ---------------------------------------------------
+
+
+def inspect_process(
+    *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "memofill", "inspect", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+        check=False,
+    )
+
+
+def assert_one_line_exit_2(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert (done.returncode, done.stdout) == (2, ""), done.stdout
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("memofill: error: ")
+    assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:s3cret-pw@host:notaport/0",
+        "redis://:s3cret-pw@host:99999/0",
+        "http://user:s3cret-pw@host/0",
+        "redis://user:s3cret-pw@127.0.0.1:1/0",
+        "redis://127.0.0.1:1/0?password=s3cret-pw",
+    ],
+)
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_a_bad_url_never_prints_its_password(url: str, via: str) -> None:
+    if via == "flag":
+        done = inspect_process(QUOTES, "A", "--url", url)
+    else:
+        done = inspect_process(QUOTES, "A", env={"REDIS_URL": url})
+    assert_one_line_exit_2(done, "Redis")
+    assert "s3cret" not in done.stderr
+
+
+def test_a_policy_module_that_exits_is_an_error(tmp_path: Path) -> None:
+    policies = tmp_path / "policies.py"
+    policies.write_text("import sys\nsys.exit(0)\n")
+    done = inspect_process(
+        QUOTES, "A", "--url", "redis://127.0.0.1:1/0", "--policies", str(policies)
+    )
+    assert_one_line_exit_2(done, f"{policies}: cannot load: exited (sys.exit(0))")

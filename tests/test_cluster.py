@@ -108,11 +108,13 @@ def test_data_lock_and_wake_keys_share_a_slot_on_the_server(
 def test_a_stampede_through_the_cluster_calls_the_origin_once(
     redis_cluster: RedisCluster, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
+    # wait_ms covers the fill however busy the machine: the one origin call is then promised.
+    patient = dataset(CacheFill(lease_ms=60_000, wait_ms=30_000, poll_min_ms=10, poll_max_ms=100))
     spec = Stampede(
         target=Target(redis_cluster.nodes[0].port, cluster=True),
         counter_port=counter.get_connection_kwargs()["port"],
         prefix=prefix,
-        dataset=DATASET,
+        dataset=patient,
         fetch_s=0.3,
         threads=3,
     )
@@ -120,11 +122,15 @@ def test_a_stampede_through_the_cluster_calls_the_origin_once(
     measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
     result.assert_every_caller_got_its_value()
     assert origin_calls(counter, spec) == 1
-    assert result.outcomes == Counter(leader_fill=1, follower_hit=2, local_join=6)
-    assert result.errors == Counter(
-        {("leader_fill", None): 1, ("follower_hit", None): 2, ("local_join", None): 6}
-    )
-    assert result.longest_wait_s < spec.fetch_s + MARGIN_S
+    # One leader; every other caller followed it, joined its process's miss, or (a process
+    # that started after the write) hit. How many of each depends on when processes start.
+    assert result.outcomes["leader_fill"] == 1
+    assert set(result.outcomes) <= {"leader_fill", "follower_hit", "local_join", "hit"}
+    assert all(sum(c.values()) == spec.threads for c in result.per_process())
+    assert all(c["leader_fill"] + c["follower_hit"] <= 1 for c in result.per_process())
+    assert {error for _, error in result.errors} == {None}
+    # The followers were woken by the leader's write, not released by wait_ms running out.
+    assert result.longest_wait_s < patient.cache_fill.wait_ms / 1000
 
 
 def test_the_recheck_finds_a_value_written_between_the_miss_and_the_lock(
@@ -179,8 +185,8 @@ def test_a_second_leader_after_the_lease_keeps_its_lock_through_the_cluster(
 
     @mf.cached_dataset(short.key)
     def fetch(name: str) -> dict[str, str]:
-        wait_until(lambda: not cluster_client.exists(lock_key(key)), timeout_s=2)
-        cluster_client.set(lock_key(key), b"second-leader", px=5_000)  # another process got in
+        wait_until(lambda: not cluster_client.exists(lock_key(key)), timeout_s=30)
+        cluster_client.set(lock_key(key), b"second-leader", px=60_000)  # another process got in
         return {"name": name}
 
     with recorded() as records:
@@ -206,7 +212,8 @@ def test_a_stalled_master_degrades_to_a_local_fetch(
     port = node_of(cluster_client, key)
     node = next(n for n in redis_cluster.nodes if n.port == port)
     admin = node.client()
-    admin.execute_command("CLIENT", "PAUSE", 2_000, "WRITE")
+    # Long enough that the call surely meets it; the finally block ends it at once.
+    admin.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
     try:
         with recorded() as records:
             started = time.monotonic()

@@ -163,15 +163,15 @@ class Seconds(enum.IntEnum):
 
 def test_render_writes_plain_numbers_for_subclasses_and_odd_floats() -> None:
     odd = [
-        Dataset("a:v1", ttl_s=Seconds.MINUTE, negative_ttl_s=1e16),
-        Dataset("b:v1", ttl_s=0.5, negative_ttl_s=1e-05),
-        Dataset("c:v1", ttl_s=10**20, negative_ttl_s=0),
+        Dataset("a:v1", ttl_s=Seconds.MINUTE, negative_ttl_s=315_359_999.999),
+        Dataset("b:v1", ttl_s=0.5, negative_ttl_s=0.001),
+        Dataset("c:v1", ttl_s=315_360_000, negative_ttl_s=0, error_ttl_s=0.0),
     ]
     text = render(odd, "registry.py")
     assert '"ttl_s": 60,' in text
-    assert '"negative_ttl_s": 1e16,' in text
-    assert '"negative_ttl_s": 1e-05,' in text
-    assert load_policies(as_module(text))["a:v1"].negative_ttl_s == 1e16
+    assert '"negative_ttl_s": 315359999.999,' in text
+    assert '"negative_ttl_s": 0.001,' in text
+    assert load_policies(as_module(text))["a:v1"].negative_ttl_s == 315_359_999.999
 
 
 def test_render_of_an_empty_registry() -> None:
@@ -186,7 +186,10 @@ def ruff(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_rendered_modules_are_ruff_clean(tmp_path: Path) -> None:
     pytest.importorskip("ruff", reason="ruff comes with the dev extra")
-    odd = [Dataset("a:v1", ttl_s=0.5, negative_ttl_s=1e16), Dataset("b:{x}", ttl_s=1e-05)]
+    odd = [
+        Dataset("a:v1", ttl_s=0.5, negative_ttl_s=315_360_000.0),
+        Dataset("b:{x}", ttl_s=0.001, error_ttl_s=0.001, cache_fill=FILL),
+    ]
     write(tmp_path / "real.py", render(REGISTRY, "registry.py"))
     write(tmp_path / "odd.py", render(odd, "registry.py"))
     write(tmp_path / "empty.py", render([], "registry.py"))

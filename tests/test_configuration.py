@@ -8,6 +8,7 @@ forced, and reconfiguring while calls are in flight.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis.exceptions import NoPermissionError
 
 import memofill
 from memofill import NO_CLIENT, ConfigurationError, Dataset, Memofill
@@ -64,6 +66,7 @@ def test_exported_members_are_pinned() -> None:
         "CacheFill",
         "CachedDataset",
         "CallResult",
+        "Codec",
         "ConfigurationError",
         "Dataset",
         "FillError",
@@ -245,6 +248,34 @@ def test_no_client_logs_one_warning_per_process_naming_the_function(tmp_path: Pa
     assert "first_function" in warnings[0]
     assert "no Redis client" in warnings[0]
     assert "memofill.configure(client=" in warnings[0]
+
+
+class _RefusingRedis(fakeredis.FakeRedis):
+    """A client whose ACL user may read but not lock or write."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if str(args[0]).upper() != "GET":
+            raise NoPermissionError("this user has no permissions to run this command")
+        return super().execute_command(*args, **options)
+
+
+def test_a_refusal_by_acl_is_logged_once_per_client_configured(
+    server: fakeredis.FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    mf = Memofill(_RefusingRedis(server=server), prefix="t:", policies=POLICIES)
+    fetch = mf.cached_dataset("item:{name}")(Origin())
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+    with caplog.at_level(logging.INFO, "memofill"):
+        assert (fetch("a"), fetch("b")) == ("a-1", "b-2")  # the origin serves, uncoordinated
+        assert len(refusals()) == 1
+        assert "grant it: " in refusals()[0]
+        mf.configure(_RefusingRedis(server=server))  # another client may have other rights
+        fetch("c")
+        fetch("d")
+    assert len(refusals()) == 2
 
 
 def test_memofill_disabled_sends_every_call_to_the_function(

@@ -183,24 +183,45 @@ async def test_none_is_cached_as_a_negative_result(backend: Backend) -> None:
     assert 25_000 < backend.raw.pttl(key) <= 30_000  # negative_ttl_s, not ttl_s
 
 
-async def test_a_failed_fill_raises_then_is_remembered_briefly(backend: Backend) -> None:
+async def test_a_failed_fill_raises_and_the_next_call_asks_again(backend: Backend) -> None:
+    mf = backend.memofill()
+    outcomes = iter([Boom("upstream said no"), {"name": "a"}])
+
+    def flaky(name: str) -> Any:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    origin = Origin(flaky)
+    fetch = backend.define(mf, "item:{name}", origin)
+    with pytest.raises(Boom):
+        await backend.call(fetch, "a")
+    key = backend.prefix + "item:a"
+    assert backend.raw.exists(key) == 0  # no error is remembered by default
+    assert backend.raw.exists(lock_key(key)) == 0
+    assert await backend.call(fetch, "a") == {"name": "a"}
+    assert origin.calls == ["a", "a"]
+
+
+async def test_a_failed_fill_is_remembered_for_error_ttl_s(backend: Backend) -> None:
     mf = backend.memofill()
 
     def fail(name: str) -> Any:
         raise Boom(f"upstream said no about {name}")
 
     origin = Origin(fail)
-    fetch = backend.define(mf, "item:{name}", origin)
+    fetch = backend.define(mf, "careful:{name}", origin)
     with pytest.raises(Boom):
         await backend.call(fetch, "a")
-    key = backend.prefix + "item:a"
+    key = backend.prefix + "careful:a"
     assert backend.raw.get(key) == b"\x00memofill:error:Boom"
-    assert backend.raw.pttl(key) <= 30_000
+    assert 0 < backend.raw.pttl(key) <= 5_000
     assert backend.raw.exists(lock_key(key)) == 0
     with pytest.raises(FillError, match="Boom") as info:
         await backend.call(fetch, "a")
     assert (info.value.dataset, info.value.redis_key, info.value.error) == (
-        "item:{name}",
+        "careful:{name}",
         key,
         "Boom",
     )

@@ -9,6 +9,7 @@ drivers (``run_sync``, ``run_async``) on fakeredis.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +23,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from memofill.codec import NEGATIVE_MARKER, encode, error_marker
 from memofill.commands import Commands, RedisUnavailable
 from memofill.coordinator import (
+    CANCELLED,
     FETCH,
     LEASE_EXPIRED,
-    MAX_ERROR_TTL_MS,
     Command,
     Plan,
     Result,
@@ -304,29 +305,29 @@ def test_recheck_error_still_fetches_under_the_lock_and_reports_it() -> None:
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
 
 
-@pytest.mark.parametrize(
-    ("negative_ttl_ms", "marker_ms"),
-    [(120_000, MAX_ERROR_TTL_MS), (5_000, 5_000), (MAX_ERROR_TTL_MS, MAX_ERROR_TTL_MS)],
-)
-def test_fetch_error_writes_a_short_error_marker_and_releases(
-    negative_ttl_ms: int, marker_ms: int
-) -> None:
+@pytest.mark.parametrize("negative_ttl_ms", [0, 120_000])
+def test_fetch_error_stores_nothing_by_default_and_releases(negative_ttl_ms: int) -> None:
+    """A failure is told to the followers waiting now, and stored for no later caller."""
     driver = Driver(fetch=raise_boom)
     result = driver.run(make_plan(negative_ttl_ms=negative_ttl_ms))
     assert result.outcome is Outcome.FETCH_ERROR
     assert isinstance(result.exception, Boom)
     assert result.error == "Boom"
     assert result.led
-    assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    assert driver.commands("write")[0].args == (KEY, error_marker("Boom"), marker_ms)
-    assert b"secret" not in driver.commands("write")[0].args[1]
-
-
-def test_fetch_error_without_negative_caching_writes_no_marker_but_releases() -> None:
-    driver = Driver(fetch=raise_boom)
-    result = driver.run(make_plan(negative_ttl_ms=0))
-    assert isinstance(result.exception, Boom)
     assert driver.names() == ["acquire", "FETCH", "release"]
+    assert driver.commands("release")[0].args[4] == "error:Boom"
+
+
+@pytest.mark.parametrize("error_ttl_ms", [1, 5_000, 30_000])
+def test_fetch_error_with_error_ttl_writes_an_error_marker_for_that_long(
+    error_ttl_ms: int,
+) -> None:
+    driver = Driver(fetch=raise_boom)
+    result = driver.run(make_plan(error_ttl_ms=error_ttl_ms, negative_ttl_ms=0))
+    assert isinstance(result.exception, Boom)
+    assert driver.names() == ["acquire", "FETCH", "write", "release"]
+    assert driver.commands("write")[0].args == (KEY, error_marker("Boom"), error_ttl_ms)
+    assert b"secret" not in driver.commands("write")[0].args[1]
 
 
 def test_fetch_error_is_returned_even_when_redis_fails_after_it() -> None:
@@ -828,3 +829,62 @@ async def test_run_async_degrades_when_the_breaker_is_open() -> None:
 
 def test_redis_unavailable_is_a_connection_error() -> None:
     assert issubclass(RedisUnavailable, RedisConnectionError)
+
+
+# --- cancellation ----------------------------------------------------------------------
+
+
+def test_a_follower_told_the_leader_was_cancelled_retries_the_lock_at_once() -> None:
+    # The first lock attempt fails (another leader); its wake entry says it was cancelled.
+    driver = follower({"wait": [woken(CANCELLED.encode())], "get": [None]})
+    result = driver.run()
+    assert result.outcome is Outcome.LEADER_FILL
+    assert result.value == VALUE
+    assert driver.names() == ["acquire", "wait", "acquire", "FETCH", "write", "release"]
+    assert driver.clock.now == 1000.0  # no time passed: it did not wait out wait_ms
+
+
+def test_a_follower_told_cancelled_follows_again_when_another_took_the_lock() -> None:
+    script = {"acquire": [None, None], "wait": [woken(CANCELLED.encode())], "get": [PAYLOAD]}
+    driver = follower(script, fetch=raise_boom)
+    result = driver.run()
+    assert driver.fetches == 0
+    assert driver.names() == ["acquire", "wait", "acquire", "wait", "get"]
+    assert (result.outcome, result.value) == (Outcome.FOLLOWER_HIT, VALUE)
+
+
+def test_a_leader_cancelled_mid_fetch_releases_with_cancelled_and_re_raises() -> None:
+    steps = fill(make_plan(), FakeClock(), random.Random(0))
+    assert steps.send(None).name == "acquire"  # type: ignore[union-attr]
+    assert steps.send([True, None, []]) is FETCH
+    release = steps.throw(asyncio.CancelledError())
+    assert isinstance(release, Command)
+    assert release.name == "release"
+    assert release.args[0] == LOCK
+    assert release.args[-1] == CANCELLED
+    with pytest.raises(asyncio.CancelledError):
+        steps.send(1)
+
+
+def test_a_leader_cancelled_mid_write_releases_with_cancelled_and_re_raises() -> None:
+    steps = fill(make_plan(), FakeClock(), random.Random(0))
+    steps.send(None)
+    steps.send([True, None, []])
+    write = steps.send(VALUE)
+    assert isinstance(write, Command)
+    assert write.name == "write"
+    release = steps.throw(asyncio.CancelledError())
+    assert isinstance(release, Command)
+    assert release.args[-1] == CANCELLED
+    with pytest.raises(asyncio.CancelledError):
+        steps.send(1)
+
+
+def test_a_follower_cancelled_mid_wait_stops_without_a_step() -> None:
+    steps = fill(make_plan(), FakeClock(), random.Random(0))
+    steps.send(None)
+    wait = steps.send([False, None, []])
+    assert isinstance(wait, Command)
+    assert wait.name == "wait"
+    with pytest.raises(asyncio.CancelledError):
+        steps.throw(asyncio.CancelledError())

@@ -5,11 +5,14 @@ All on fakeredis; the same behaviour on a real server is in ``test_contract.py``
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import enum
 import functools
 import inspect
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated, Any, Literal, Optional, Union
 
 import fakeredis
 import pytest
@@ -95,6 +98,226 @@ def test_template_field_bound_to_var_args_fails_when_decorating(
         mf.cached_dataset("item:{name}")(namespace["fetch"])
 
 
+# --- the key covers every argument ---------------------------------------------------------
+
+LANG = {
+    "b:{topic}": Dataset("b:{topic}", ttl_s=60),
+    "b:{topic}:{lang}": Dataset("b:{topic}:{lang}", ttl_s=60),
+}
+
+
+def test_a_parameter_the_key_does_not_hold_fails_when_decorating() -> None:
+    mf = Memofill(None, policies=LANG)
+    with pytest.raises(KeyTemplateError) as caught:
+
+        @mf.cached_dataset("b:{topic}")
+        def b(topic: str, lang: str = "en") -> dict[str, str]:
+            return {"topic": topic, "lang": lang}
+
+    message = str(caught.value)
+    assert "parameter 'lang' is not in the key" in message
+    assert "add {lang} to the registry key" in message
+    assert "ignore=('lang',)" in message
+    assert "\n" not in message
+
+
+def test_with_the_parameter_in_the_key_each_value_gets_its_entry(raw: fakeredis.FakeRedis) -> None:
+    mf = Memofill(raw, policies=LANG)
+
+    @mf.cached_dataset("b:{topic}:{lang}")
+    def b(topic: str, lang: str = "en") -> dict[str, str]:
+        return {"topic": topic, "lang": lang}
+
+    assert b("rates") == {"topic": "rates", "lang": "en"}
+    assert b("rates", lang="fr") == {"topic": "rates", "lang": "fr"}
+    assert sorted(raw.keys()) == [b"b:rates:en", b"b:rates:fr"]
+
+
+def test_an_ignored_parameter_is_left_out_of_the_key(mf: Memofill) -> None:
+    origin = Origin()
+
+    @mf.cached_dataset("item:{name}", ignore=("db", "timeout_s"))
+    def fetch(db: object, name: str, *, timeout_s: float = 1.0) -> dict[str, Any]:
+        return origin(name)
+
+    assert (
+        fetch.redis_key("session-1", "a") == fetch.redis_key(None, "a", timeout_s=9) == "t:item:a"
+    )
+    fetch("session-1", "a")
+    fetch("session-2", "a", timeout_s=2.0)
+    assert origin.calls == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("signature", "name"), [("name, *args", "args"), ("name, **options", "options")]
+)
+def test_var_args_must_be_ignored(mf: Memofill, signature: str, name: str) -> None:
+    namespace: dict[str, Any] = {}
+    exec(f"def fetch({signature}): return 1", namespace)
+    with pytest.raises(
+        KeyTemplateError,
+        match=rf"takes arguments the key cannot see; list it as ignore=\('{name}',\)",
+    ):
+        mf.cached_dataset("item:{name}")(namespace["fetch"])
+    fetch = mf.cached_dataset("item:{name}", ignore=(name,))(namespace["fetch"])
+    assert fetch.redis_key("a") == "t:item:a"
+
+
+@pytest.mark.parametrize(
+    ("ignore", "message"),
+    [
+        (("nope",), "ignore= names 'nope', which is not a parameter"),
+        (("name",), "ignore= names 'name', which is a key field"),
+        ("db", r"ignore= takes a tuple of parameter names, such as ignore=\('db',\), not a str"),
+        ((1,), "ignore= holds 1; it takes parameter names"),
+    ],
+)
+def test_a_wrong_ignore_fails_when_decorating(mf: Memofill, ignore: Any, message: str) -> None:
+    with pytest.raises(KeyTemplateError, match=message):
+
+        @mf.cached_dataset("item:{name}", ignore=ignore)
+        def fetch(name: str, db: object = None) -> int:
+            return 1
+
+
+def test_a_methods_self_and_cls_need_no_ignore(mf: Memofill) -> None:
+    class Service:
+        @mf.cached_dataset("item:{name}")
+        def by_self(self, name: str) -> str:
+            return name
+
+        @mf.cached_dataset("fast:{name}")
+        def by_cls(cls, name: str) -> str:  # as a classmethod names it
+            return name
+
+    assert Service().by_self.redis_key("a") == "t:item:a"
+    with pytest.raises(KeyTemplateError, match="parameter 'this'"):
+
+        @mf.cached_dataset("item:{name}")
+        def odd(this: object, name: str) -> str:
+            return name
+
+
+# --- key field types --------------------------------------------------------------------------
+
+
+class Tier(enum.Enum):
+    GOLD = "gold"
+
+
+def test_supported_annotations_are_accepted(mf: Memofill) -> None:
+    @mf.cached_dataset("item:{name}")
+    def optional(name: int | None = None) -> int:
+        return 1
+
+    @mf.cached_dataset("item:{name}")
+    def literal(name: Literal["a", 1, Tier.GOLD]) -> int:
+        return 1
+
+    @mf.cached_dataset("item:{name}")
+    def annotated(name: Annotated[Optional[uuid.UUID], "doc"]) -> int:  # noqa: UP045  # typing's
+        return 1
+
+    @mf.cached_dataset("item:{name}")
+    def many(name: Union[str, Tier, datetime.date, decimal.Decimal, bool]) -> int:  # noqa: UP007
+        return 1
+
+    assert optional.redis_key() == "t:item:~n"
+    assert optional.redis_key(3) == "t:item:3"
+
+
+@pytest.mark.parametrize(
+    ("annotation", "problem"),
+    [
+        ("float", "float has no exact key text"),
+        ("int | float", "float has no exact key text"),
+        ("list[str]", "list has no exact key text"),
+        ("Literal['a', 1.5]", "Literal value 1.5 has no exact key text"),
+        ("Annotated[bytes, 'x']", "bytes has no exact key text"),
+    ],
+)
+def test_an_annotation_without_an_exact_text_fails_when_decorating(
+    mf: Memofill, annotation: str, problem: str
+) -> None:
+    namespace: dict[str, Any] = {"Literal": Literal, "Annotated": Annotated}
+    exec(f"def fetch(name: {annotation!r}): return 1", namespace)
+    with pytest.raises(KeyTemplateError) as caught:
+        mf.cached_dataset("item:{name}")(namespace["fetch"])
+    message = str(caught.value)
+    assert f"field {{name}}: {problem}; annotate it str, int" in message
+    assert "ignore=('name',)" in message
+
+
+def test_an_annotation_that_does_not_resolve_is_checked_at_call_time(mf: Memofill) -> None:
+    namespace: dict[str, Any] = {}
+    exec("def fetch(name: 'NotImportedHere'): return 1", namespace)
+    fetch = mf.cached_dataset("item:{name}")(namespace["fetch"])
+    assert fetch("a") == 1
+    with pytest.raises(KeyArgumentError, match="not float"):
+        fetch(1.5)
+
+
+# --- coroutine functions behind a plain wrapper -----------------------------------------------
+
+
+def plain_wrapper(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator written as a plain ``def``: it returns the coroutine unawaited."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+async def test_an_async_function_behind_a_plain_wrapper_is_cached_as_one(
+    amf: Memofill, raw: fakeredis.FakeRedis
+) -> None:
+    origin = Origin()
+
+    @amf.cached_dataset("item:{name}")
+    @plain_wrapper
+    async def fetch(name: str) -> dict[str, Any]:
+        return origin(name)
+
+    assert inspect.iscoroutinefunction(fetch.__wrapped__.__wrapped__)
+    assert await fetch("a") == {"name": "a", "call": 1}
+    result = await fetch.call_with_outcome("a")
+    assert (result.outcome, result.value) == ("hit", {"name": "a", "call": 1})
+    assert origin.calls == ["a"]
+    assert raw.get("t:item:a") == encode({"name": "a", "call": 1})
+
+
+async def test_an_object_with_an_async_call_is_cached_as_a_coroutine_function(
+    amf: Memofill,
+) -> None:
+    origin = Origin()
+
+    class AsyncOrigin:
+        async def __call__(self, name: str) -> dict[str, Any]:
+            return origin(name)
+
+    fetch = amf.cached_dataset("item:{name}")(AsyncOrigin())
+    assert await fetch("a") == {"name": "a", "call": 1}
+    assert (await fetch.call_with_outcome("a")).outcome == "hit"
+    assert origin.calls == ["a"]
+
+
+def test_a_plain_function_behind_a_plain_wrapper_stays_sync(
+    mf: Memofill, raw: fakeredis.FakeRedis
+) -> None:
+    origin = Origin()
+
+    @mf.cached_dataset("item:{name}")
+    @plain_wrapper
+    def fetch(name: str) -> dict[str, Any]:
+        return origin(name)
+
+    assert fetch("a") == {"name": "a", "call": 1}
+    assert fetch.call_with_outcome("a").outcome == "hit"
+    assert origin.calls == ["a"]
+
+
 def test_decorating_needs_no_client_only_policies() -> None:
     unconfigured = Memofill(None, policies=POLICIES)
 
@@ -127,7 +350,7 @@ def test_keeps_name_doc_signature_and_module(mf: Memofill) -> None:
         """Fetch one item from the slow upstream."""
         return {}
 
-    wrapped = mf.cached_dataset("item:{name}")(fetch_item)
+    wrapped = mf.cached_dataset("item:{name}", ignore=("verbose",))(fetch_item)
     assert wrapped.__name__ == "fetch_item"
     assert wrapped.__qualname__ == fetch_item.__qualname__
     assert wrapped.__doc__ == "Fetch one item from the slow upstream."
@@ -243,7 +466,7 @@ async def test_async_method_via_instance_and_via_class(amf: Memofill) -> None:
 def test_field_from_keyword_default_and_keyword_only(mf: Memofill) -> None:
     origin = Origin()
 
-    @mf.cached_dataset("item:{name}")
+    @mf.cached_dataset("item:{name}", ignore=("limit",))
     def with_default(limit: int = 5, name: str = "dflt") -> dict[str, Any]:
         return origin(name)
 
@@ -279,28 +502,27 @@ def test_an_argument_with_separators_cannot_forge_another_key(mf: Memofill) -> N
     def admin(uid: str) -> str:
         return f"admin {uid}"
 
-    assert admin("7") == "admin 7"
-    assert user("7:admin") == "user 7:admin"  # not the admin entry
-    assert user.redis_key("7:admin") == "t:user:7%3Aadmin"
-    assert admin.redis_key("7") == "t:user:7:admin"
+    assert admin("u7") == "admin u7"
+    assert user("u7:admin") == "user u7:admin"  # not the admin entry
+    assert user.redis_key("u7:admin") == "t:user:u7%3Aadmin"
+    assert admin.redis_key("u7") == "t:user:u7:admin"
     assert len({user.redis_key(v) for v in ["a/b", "a%2Fb", "a b", "a\nb", "{a}", "a:b"]}) == 6
 
 
-def test_str_and_int_name_the_same_entry(mf: Memofill) -> None:
+def test_values_of_different_types_name_different_entries(mf: Memofill) -> None:
     origin = Origin()
     fetch = mf.cached_dataset("item:{name}")(origin)
 
     class Color(enum.Enum):
         RED = "red"
 
-    fetch(42)
-    fetch("42")
-    fetch(Color.RED)
-    fetch("red")
-    assert origin.calls == [42, Color.RED]
+    for value in [42, "42", None, "None", "", True, 1, "True", Color.RED, "red"]:
+        fetch(value)
+    # An enum member names its value's entry; every other value is its own.
+    assert origin.calls == [42, "42", None, "None", "", True, 1, "True", Color.RED]
 
 
-@pytest.mark.parametrize("bad", [None, 1.5, True, object(), b"bytes"])
+@pytest.mark.parametrize("bad", [1.5, object(), b"bytes", [1], float("nan")])
 def test_an_argument_that_cannot_name_a_key_is_refused_before_redis(
     mf: Memofill, raw: fakeredis.FakeRedis, bad: Any
 ) -> None:
@@ -393,6 +615,20 @@ def test_something_that_is_not_a_redis_client_is_refused() -> None:
 def test_a_prefix_that_would_split_lock_and_data_slots_is_refused(prefix: str) -> None:
     with pytest.raises(ConfigurationError, match="prefix"):
         Memofill(None, prefix=prefix, policies=POLICIES)
+
+
+@pytest.mark.parametrize(("prefix", "type_name"), [(b"app:", "bytes"), (7, "int")])
+def test_a_prefix_that_is_not_a_str_is_a_configuration_error(
+    raw: fakeredis.FakeRedis, prefix: Any, type_name: str
+) -> None:
+    expected = f"prefix {prefix!r}: a prefix must be a str, such as 'app:', not {type_name}"
+    with pytest.raises(ConfigurationError) as caught:
+        Memofill(None, prefix=prefix, policies=POLICIES)
+    assert str(caught.value) == expected
+    mf = Memofill(raw, prefix="t:", policies=POLICIES)
+    with pytest.raises(ConfigurationError, match="must be a str"):
+        mf.configure(raw, prefix=prefix)
+    assert mf.prefix == "t:"
 
 
 def test_a_hash_tag_prefix_is_kept_for_data_and_lock_keys(raw: fakeredis.FakeRedis) -> None:

@@ -7,6 +7,7 @@ The same on a real server that is stopped is in ``test_real_redis.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,7 +17,14 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from memofill import Memofill
-from memofill.fallback import MAX_LOCAL_ENTRIES, MAX_LOCAL_TTL_S, Breaker, LocalStore
+from memofill.fallback import (
+    EVICTION_LOG_INTERVAL_S,
+    MAX_LOCAL_ENTRIES,
+    MAX_LOCAL_TTL_S,
+    Breaker,
+    LocalStore,
+    entry_bytes,
+)
 from tests.conftest import POLICIES
 from tests.helpers import FakeClock
 
@@ -53,11 +61,55 @@ def test_the_local_store_is_bounded_and_drops_the_oldest_first() -> None:
 
 def test_the_local_store_forgets_a_discarded_key() -> None:
     store = LocalStore(clock=FakeClock())
-    store.put("a", 1, ttl_s=10)
+    store.put("a", b"1", ttl_s=10)
     store.discard("a")
     store.discard("never-there")
     assert store.get("a", None) is None
     assert len(store) == 0
+    assert store.bytes == 0
+
+
+def test_the_local_store_is_bounded_in_bytes_and_counts_what_it_drops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    store = LocalStore(clock=clock, max_bytes=10_000)
+    value = b"x" * 1_000
+    cost = entry_bytes("k00", value)
+    with caplog.at_level(logging.INFO, logger="memofill"):
+        for index in range(30):
+            store.put(f"k{index:02}", value, ttl_s=10)
+    assert store.bytes == len(store) * cost <= store.max_bytes
+    assert len(store) == store.max_bytes // cost
+    # The newest are kept, the oldest dropped, and every drop counted.
+    assert store.get("k29") == value
+    assert store.get("k00", None) is None
+    assert store.evictions == 30 - len(store)
+    assert store.evicted_bytes == store.evictions * cost
+    # Told once, not per eviction; told again only after the interval, with the new count.
+    told = [r for r in caplog.records if "outage store full" in r.getMessage()]
+    assert len(told) == 1
+    assert told[0].levelno == logging.INFO
+    clock.now += EVICTION_LOG_INTERVAL_S
+    with caplog.at_level(logging.INFO, logger="memofill"):
+        store.put("k30", value, ttl_s=10)
+    told = [r for r in caplog.records if "outage store full" in r.getMessage()]
+    assert len(told) == 2
+    assert told[1].evictions == store.evictions  # type: ignore[attr-defined]
+
+
+def test_a_value_over_a_quarter_of_the_budget_is_not_kept_and_pushes_nothing_out() -> None:
+    store = LocalStore(clock=FakeClock(), max_bytes=10_000)
+    store.put("small", b"s" * 100, ttl_s=10)
+    store.put("small-then-huge", b"s" * 100, ttl_s=10)
+    store.put("huge", b"h" * 3_000, ttl_s=10)
+    store.put("small-then-huge", b"h" * 3_000, ttl_s=10)  # replaced by a huge one: forgotten
+    assert store.get("small") == b"s" * 100
+    assert store.get("huge", None) is None
+    assert store.get("small-then-huge", None) is None
+    assert store.too_large == 2
+    assert store.evictions == 0
+    assert store.bytes == entry_bytes("small", b"s" * 100)
 
 
 # --- Breaker ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from memofill.keys import lock_key
 from tests.fault_helpers import (
     FAULT_FILL,
     MARGIN_S,
+    PATIENT_SOCKET_TIMEOUT_S,
     SOCKET_TIMEOUT_S,
     Stampede,
     Target,
@@ -62,10 +63,16 @@ def counter(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def stampede(server_port: int, counter: redis.Redis, prefix: str, **changes: Any) -> Stampede:
+def stampede(
+    server_port: int,
+    counter: redis.Redis,
+    prefix: str,
+    socket_timeout: float = SOCKET_TIMEOUT_S,
+    **changes: Any,
+) -> Stampede:
     port = counter.get_connection_kwargs()["port"]
     return Stampede(
-        target=Target(server_port),
+        target=Target(server_port, socket_timeout=socket_timeout),
         counter_port=port,
         prefix=prefix,
         dataset=changes.pop("dataset", dataset()),
@@ -155,7 +162,9 @@ def test_redis_paused_longer_than_the_socket_timeout_then_resumed(
     own_redis_server: RedisServer, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     spec = stampede(own_redis_server.port, counter, prefix, fetch_s=0.6, threads=2)
-    paused_s = 1.0
+    # Far longer than any caller should wait, so "nobody waits for the pause to end" holds
+    # with room to spare on a busy machine.
+    paused_s = 4.0
 
     def pause_during_the_fetch(_: float) -> None:
         wait_until(lambda: origin_calls(counter, spec) >= 1)
@@ -222,53 +231,93 @@ def test_redis_restarted_while_followers_wait(
 def test_leader_killed_mid_fetch(
     own_redis_server: RedisServer, counter: redis.Redis, prefix: str, request: pytest.FixtureRequest
 ) -> None:
-    fill = CacheFill(lease_ms=1_500, wait_ms=800, poll_min_ms=10, poll_max_ms=100)
-    followers = stampede(
-        own_redis_server.port, counter, prefix, threads=2, fetch_s=0.2, dataset=dataset(fill)
+    fill = CacheFill(lease_ms=4_000, wait_ms=800, poll_min_ms=10, poll_max_ms=100)
+    # Redis itself stays up here: a slow reply on a busy machine is no fault to degrade on.
+    followers_spec = stampede(
+        own_redis_server.port,
+        counter,
+        prefix,
+        PATIENT_SOCKET_TIMEOUT_S,
+        threads=2,
+        fetch_s=0.2,
+        dataset=dataset(fill),
     )
-    leader = Workers(
-        stampede(
-            own_redis_server.port, counter, prefix, threads=1, fetch_s=60, dataset=dataset(fill)
-        ),
-        processes=1,
-    )
+    leader_spec = attrs.evolve(followers_spec, threads=1, fetch_s=60)
+    # The followers are spawned first and parked at their barrier, so that the time an
+    # interpreter takes to start on a busy machine is not spent out of the leader's lease.
+    followers = Workers(followers_spec, processes=3)
+    leader = Workers(leader_spec, processes=1)
     cache = own_redis_server.client()
     lock = lock_key(f"{prefix}fault:x")
     try:
+        followers.wait_ready()
         leader.release()
-        wait_until(lambda: origin_calls(counter, followers) == 1)
+        wait_until(lambda: origin_calls(counter, followers_spec) == 1)
         acquired = time.monotonic()  # the lock was taken moments ago: the fetch has begun
-        assert 0 < cache.pttl(lock) <= fill.lease_ms
-
-        def kill_the_leader(_: float) -> None:
-            time.sleep(0.2)  # the followers are waiting on the leader now
-            leader.kill()
-
-        result = run_stampede(followers, processes=3, during=kill_the_leader)
+        dead_token, lease_left_ms = cache.get(lock), cache.pttl(lock)
+        assert dead_token is not None
+        assert 0 < lease_left_ms <= fill.lease_ms
+        followers.release()
+        time.sleep(0.2)  # the followers are waiting on the leader now (or about to)
+        leader.kill()
+        result = followers.collect()
+        # Still the dead leader's lock after every follower returned: each of them found it.
+        held_throughout = cache.get(lock) == dead_token
+        checked = time.monotonic()
+    except BaseException:
+        followers.kill()
+        followers.close()
+        raise
     finally:
         leader.kill()
         leader.close()
 
-    measure(request, origin_calls(counter, followers), result.longest_wait_s, result.errors)
+    records = result.records
+    measure(request, origin_calls(counter, followers_spec), result.longest_wait_s, result.errors)
     result.assert_every_caller_got_its_value()
-    # The dead leader's fetch, then one uncoordinated fetch per follower process.
-    assert origin_calls(counter, followers) == 1 + 3
-    assert result.per_process() == [Counter(follower_timeout=1, local_join=1)] * 3
-    assert result.longest_wait_s < (fill.wait_ms / 1000) + followers.fetch_s + MARGIN_S
-    assert min(call.elapsed_s for call in result.calls) >= fill.wait_ms / 1000
+    # Each follower process makes one coordinated miss; its other thread joins it.
+    missed = [Counter(c) - Counter(local_join=1) for c in result.per_process()]
+    assert all(sum(c.values()) == 1 for c in missed), result.per_process()
+    assert Counter(r["outcome"] for r in records if r["outcome"] != "local_join") == sum(
+        missed, Counter()
+    )
+    seen = sum(missed, Counter())
+    assert set(seen) <= {"follower_timeout", "leader_fill", "follower_hit"}, seen
+    # The dead leader's fetch, then one per process that fetched (a follower_hit did not).
+    assert (
+        origin_calls(counter, followers_spec) == 1 + seen["follower_timeout"] + seen["leader_fill"]
+    )
+    # A follower that found the lock waited wait_ms, not the lease nor the dead fetch.
+    for record in records:
+        if record["outcome"] == "follower_timeout":
+            assert fill.wait_ms <= record["waited_ms"] < fill.lease_ms, record
+            assert record["error"] is None, record
+    assert result.longest_wait_s < fill.wait_ms / 1000 + followers_spec.fetch_s + MARGIN_S
+    if held_throughout:
+        # Every follower found the dead leader's lock: each one waited and fetched itself.
+        assert seen == Counter(follower_timeout=3)
+        assert min(call.elapsed_s for call in result.calls) >= fill.wait_ms / 1000
+    else:
+        # The followers outlasted the lease (a very busy machine). The lock ran out, it was
+        # not deleted early; then at most one new leader took it (its fetch is 0.2 s).
+        assert checked - acquired >= lease_left_ms / 1000 - 0.005
+        assert seen["leader_fill"] <= 1
+        assert seen["follower_hit"] == 0 or seen["leader_fill"] == 1
 
-    # Nobody deletes the dead leader's lock: it expires after lease_ms.
-    gone_after = acquired + wait_until(lambda: not cache.exists(lock), timeout_s=5) - acquired
-    assert gone_after <= fill.lease_ms / 1000 + MARGIN_S
+    # Nobody deletes the dead leader's lock: it expires after lease_ms, not before.
+    if held_throughout:
+        wait_until(lambda: cache.get(lock) != dead_token, timeout_s=fill.lease_ms / 1000 + 10)
+        gone_after = time.monotonic() - acquired
+        assert lease_left_ms / 1000 - 0.005 <= gone_after <= fill.lease_ms / 1000 + MARGIN_S
 
     # Then the next miss fills normally.
     cache.delete(f"{prefix}fault:x")
     mf = Memofill(
-        make_client(followers.target),
+        make_client(followers_spec.target),
         prefix=prefix,
-        policies={followers.dataset.key: followers.dataset},
+        policies={followers_spec.dataset.key: followers_spec.dataset},
     )
-    fetch = mf.cached_dataset(followers.dataset.key)(lambda name: {"name": name})
+    fetch = mf.cached_dataset(followers_spec.dataset.key)(lambda name: {"name": name})
     assert fetch.call_with_outcome("x").outcome == "leader_fill"
     assert not cache.exists(lock)
     cache.close()
@@ -287,7 +336,8 @@ def test_fetch_longer_than_the_lease_lets_a_second_leader_in_but_not_delete_its_
     finish = {"A": threading.Event(), "B": threading.Event()}
 
     def instance(label: str) -> Any:
-        mf = Memofill(make_client(Target(redis_server.port)), prefix=prefix, policies=policies)
+        client = make_client(Target(redis_server.port, socket_timeout=PATIENT_SOCKET_TIMEOUT_S))
+        mf = Memofill(client, prefix=prefix, policies=policies)
 
         @mf.cached_dataset("lease:{name}")
         def fetch(name: str) -> dict[str, str]:
@@ -348,7 +398,11 @@ def test_fetch_longer_than_the_lease_lets_a_second_leader_in_but_not_delete_its_
 def two_instances(
     port: int, prefix: str, fetch_s: float, fill: CacheFill = FAULT_FILL, **target: Any
 ) -> tuple[Any, Any, list[int]]:
-    """A leader's and a follower's cached function (two instances: two processes' worth)."""
+    """A leader's and a follower's cached function (two instances: two processes' worth).
+
+    These tests do not stall Redis: the clients wait for slow replies on a busy machine.
+    """
+    target = {"socket_timeout": PATIENT_SOCKET_TIMEOUT_S} | target
     policies = {"fault:{name}": dataset(fill)}
     origins: list[int] = []
 
@@ -397,8 +451,11 @@ def leader_and_follower(leader: Any, follower: Any, origins: list[int], during: 
     second.start()
     if during is not None:
         during()
-    first.join(timeout=10)
-    second.join(timeout=10)
+    # Generous: a call that hangs fails here, a slow machine does not.
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert not first.is_alive(), "the leader's call did not return in 60 s"
+    assert not second.is_alive(), "the follower's call did not return in 60 s"
     return Pair(results["leader"], results["follower"], waited["leader"], waited["follower"])
 
 
@@ -536,11 +593,14 @@ def test_a_50_mb_payload(
     redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     blob = "0123456789abcdef" * (50 * 2**20 // 16)
-    policies = {"big:{name}": dataset(key="big:{name}")}
+    # Encoding and writing 50 MB can take seconds on a busy machine: the follower's wait_ms
+    # must cover the fill, or it would rightly give up and fetch itself (a second origin call).
+    patient = CacheFill(lease_ms=120_000, wait_ms=60_000, poll_min_ms=10, poll_max_ms=100)
+    policies = {"big:{name}": dataset(patient, key="big:{name}")}
     origins: list[int] = []
 
     def instance() -> Any:
-        client = make_client(Target(redis_server.port, socket_timeout=10))
+        client = make_client(Target(redis_server.port, socket_timeout=PATIENT_SOCKET_TIMEOUT_S))
         mf = Memofill(client, prefix=prefix, policies=policies)
 
         @mf.cached_dataset("big:{name}")
@@ -571,8 +631,9 @@ def test_a_50_mb_payload(
         assert cache.strlen(f"{prefix}big:x") > 50 * 2**20
         sizes = {r["outcome"]: r["payload_bytes"] for r in mine(records, prefix)}
         assert sizes["leader_fill"] == sizes["follower_hit"] > 50 * 2**20
-        assert both_s < 5
+        # How long it took is measured, not asserted (timing claims belong in bench/).
         measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
+        note(request, "both_s", round(both_s, 3))
         note(request, "hit_s", round(hit_s, 3))
     finally:
         cache.delete(f"{prefix}big:x")
@@ -582,12 +643,14 @@ def test_a_50_mb_payload(
 def test_a_payload_orjson_cannot_encode(
     redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
-    fill = CacheFill(lease_ms=1_000, wait_ms=500, poll_min_ms=10, poll_max_ms=100)
+    # A wait_ms far beyond the fetch: "at once, not after wait_ms" holds on a busy machine.
+    fill = CacheFill(lease_ms=60_000, wait_ms=30_000, poll_min_ms=10, poll_max_ms=100)
     policies = {"odd:{name}": dataset(fill, key="odd:{name}")}
     origins: list[int] = []
 
     def instance() -> Any:
-        mf = Memofill(make_client(Target(redis_server.port)), prefix=prefix, policies=policies)
+        client = make_client(Target(redis_server.port, socket_timeout=PATIENT_SOCKET_TIMEOUT_S))
+        mf = Memofill(client, prefix=prefix, policies=policies)
 
         @mf.cached_dataset("odd:{name}")
         def fetch(name: str) -> dict[str, Any]:

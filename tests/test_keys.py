@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import enum
+import hashlib
 import string
+import uuid
 
 import pytest
 from hypothesis import assume, given
@@ -13,6 +17,8 @@ from redis.crc import key_slot
 from memofill import KeyArgumentError
 from memofill.keys import (
     MAX_FIELD_CHARS,
+    FieldText,
+    OverlapIndex,
     format_argument,
     lock_key,
     parse_template,
@@ -20,10 +26,15 @@ from memofill.keys import (
     templates_overlap,
     wake_key,
 )
-from tests.strategies import key_templates
+from tests.strategies import canonical_kind, key_templates, key_values
 
 FORBIDDEN = set(":/{}" + string.whitespace)
 HEX_DIGEST = set(string.hexdigits.lower())
+PLUS_ONE = datetime.timezone(datetime.timedelta(hours=1))
+
+
+def plain(value: object) -> object:
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 class Color(enum.Enum):
@@ -45,6 +56,7 @@ def test_no_argument_renders_a_separator_brace_or_whitespace(value: str | int) -
     rendered = format_argument("x", value)
     assert rendered.isascii(), "so no Unicode space or separator can slip through"
     assert not FORBIDDEN.intersection(rendered)
+    assert "~" not in rendered or rendered.startswith("~h"), "only other types' texts hold '~'"
 
 
 def test_escaping_examples() -> None:
@@ -53,36 +65,162 @@ def test_escaping_examples() -> None:
     assert template.render({"symbol": "a:b {c}\n"}) == "market:quotes:a%3Ab%20%7Bc%7D%0A"
     assert format_argument("x", "100%") == "100%25"
     assert format_argument("x", "é") == "%C3%A9"
-    assert format_argument("x", "~abc") == "%7Eabc", "'~' marks digests, so it is escaped"
+    assert format_argument("x", "~abc") == "%7Eabc", "'~' marks other types, so it is escaped"
+    assert format_argument("x", "~n") == "%7En"
     assert format_argument("x", "\ud800") == "%ED%A0%80", "a lone surrogate is still one key"
 
 
-def test_ints_and_their_text_name_the_same_key_and_enums_use_their_value() -> None:
-    assert format_argument("x", 42) == format_argument("x", "42") == "42"
+def test_each_type_has_its_own_text_and_enums_use_their_value() -> None:
+    assert format_argument("x", 42) == "42"
+    assert format_argument("x", "42") == "%342", "a str never takes an int's text"
     assert format_argument("x", -7) == "-7"
+    assert format_argument("x", "-7") == "%2D7"
+    assert format_argument("x", "-") == "-"
+    assert format_argument("x", "4a") == "4a"
     assert format_argument("x", Color.RED) == "red"
     assert format_argument("x", Size.LARGE) == "3"
+    texts = {format_argument("x", v) for v in [None, "None", "", True, 1, "True", False, 0]}
+    assert len(texts) == 8
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, "~n"),
+        (True, "~t"),
+        (False, "~f"),
+        (uuid.UUID(int=255), "~u000000000000000000000000000000ff"),
+        (datetime.date(2024, 1, 31), "~d2024-01-31"),
+        (datetime.datetime(2024, 1, 31, 9, 30), "~d2024-01-31T09.30.00"),
+        (datetime.datetime(2024, 1, 31, 9, 30, 0, 5), "~d2024-01-31T09.30.00.000005"),
+        (datetime.datetime(2024, 1, 31, 9, 30, tzinfo=PLUS_ONE), "~D2024-01-31T08.30.00Z"),
+        (decimal.Decimal("1.50"), "~m1.5"),
+        (decimal.Decimal("-0.00"), "~m0"),
+        (decimal.Decimal("100"), "~m1E2"),
+        (
+            decimal.Decimal("1.2345678901234567890123456789012345"),
+            "~m1.2345678901234567890123456789012345",
+        ),
+    ],
+)
+def test_tagged_texts(value: object, text: str) -> None:
+    assert format_argument("x", value) == text
+
+
+def test_equal_aware_datetimes_share_a_key_and_never_meet_a_naive_one() -> None:
+    utc = datetime.datetime(2024, 1, 31, 8, 30, tzinfo=datetime.timezone.utc)
+    paris = datetime.datetime(2024, 1, 31, 9, 30, tzinfo=PLUS_ONE)
+    naive = datetime.datetime(2024, 1, 31, 8, 30)
+    assert format_argument("x", utc) == format_argument("x", paris)
+    assert format_argument("x", naive) != format_argument("x", utc)
+    assert format_argument("x", datetime.date(2024, 1, 31)) != format_argument(
+        "x", datetime.datetime(2024, 1, 31)
+    )
+
+
+def test_an_int_subclass_cannot_take_another_ints_key() -> None:
+    class Sneaky(int):
+        def __str__(self) -> str:
+            return "7"
+
+        __repr__ = __str__
+
+    assert format_argument("x", Sneaky(5)) == "5"
+    assert FieldText("x")(Sneaky(5)) == "5"
+
+
+def test_an_int_past_the_str_conversion_limit_is_digested() -> None:
+    huge = 10**5000
+    for value in (huge, -huge, huge + 1):
+        text = format_argument("x", value)
+        assert text.startswith("~h")
+        assert len(text) == 66
+        assert set(text[2:]) <= HEX_DIGEST
+    assert format_argument("x", huge) != format_argument("x", huge + 1)
+    assert format_argument("x", huge) != format_argument("x", -huge)
+    assert FieldText("x")(huge) == format_argument("x", huge)
+
+
+def test_a_non_finite_decimal_is_refused() -> None:
+    for value in ("NaN", "Infinity", "-Infinity", "sNaN"):
+        with pytest.raises(KeyArgumentError, match="finite Decimal"):
+            format_argument("x", decimal.Decimal(value))
+
+
+def test_an_aware_datetime_out_of_range_in_utc_is_refused() -> None:
+    early = datetime.datetime.min.replace(tzinfo=PLUS_ONE)
+    with pytest.raises(KeyArgumentError, match="out of range in UTC"):
+        format_argument("x", early)
+
+
+@given(key_values, key_values)
+def test_values_of_different_types_never_share_a_text(first: object, second: object) -> None:
+    assume(canonical_kind(first) != canonical_kind(second))
+    assert format_argument("x", first) != format_argument("x", second)
+
+
+@given(key_values, key_values)
+def test_a_text_names_one_value(first: object, second: object) -> None:
+    """Equal values share their text; different values of one type never do."""
+    same = canonical_kind(first) == canonical_kind(second) and plain(first) == plain(second)
+    assert (format_argument("x", first) == format_argument("x", second)) is same
+
+
+@given(key_values)
+def test_no_key_value_renders_a_separator_brace_or_whitespace(value: object) -> None:
+    rendered = format_argument("x", value)
+    assert rendered.isascii()
+    assert not FORBIDDEN.intersection(rendered)
+    assert len(rendered) <= MAX_FIELD_CHARS
 
 
 def test_long_values_are_hashed() -> None:
     assert format_argument("x", "a" * MAX_FIELD_CHARS) == "a" * MAX_FIELD_CHARS
     hashed = format_argument("x", "a" * (MAX_FIELD_CHARS + 1))
-    assert hashed[0] == "~"
-    assert len(hashed) == 65
-    assert set(hashed[1:]) <= HEX_DIGEST
+    assert hashed[:2] == "~h"
+    assert len(hashed) == 66
+    assert set(hashed[2:]) <= HEX_DIGEST
     # 34 two-byte characters escape to 204 characters: the escaped length decides.
-    assert format_argument("x", "é" * 34).startswith("~")
+    assert format_argument("x", "é" * 34).startswith("~h")
+    assert format_argument("x", "é" * 33) == "%C3%A9" * 33
     assert format_argument("x", "a" * 500) != format_argument("x", "a" * 501)
+    assert format_argument("x", 10**199 - 1) == "9" * 199
+    assert format_argument("x", 10**199).startswith("~h")
+
+
+def test_a_long_argument_is_digested_from_its_bytes_without_escaping() -> None:
+    """The digest is of the raw UTF-8: equal to one computed without the escape table."""
+    value = "é/" * 500_000
+    raw = value.encode("utf-8")
+    assert format_argument("x", value) == "~h" + hashlib.sha256(b"s" + raw).hexdigest()
 
 
 @pytest.mark.parametrize(
     ("value", "type_name"),
-    [(None, "NoneType"), (True, "bool"), (1.5, "float"), (object(), "object"), (b"ab", "bytes")],
+    [
+        (1.5, "float"),
+        (float("nan"), "float"),
+        (object(), "object"),
+        (b"ab", "bytes"),
+        ([1], "list"),
+    ],
 )
 def test_values_that_cannot_name_a_key_are_refused(value: object, type_name: str) -> None:
     with pytest.raises(KeyArgumentError) as caught:
         parse_template("market:quotes:{symbol}").render({"symbol": value})
-    assert str(caught.value) == f"key field {{symbol}} takes a str or int, not {type_name}"
+    message = str(caught.value)
+    assert message.startswith("key field {symbol} takes a str or int (or bool, None,")
+    assert f"not {type_name}: convert it before the call" in message
+    assert "ignore=" in message
+
+
+class Floaty(enum.Enum):
+    HALF = 0.5
+
+
+def test_an_enum_whose_value_has_no_text_is_refused() -> None:
+    with pytest.raises(KeyArgumentError, match="not float"):
+        format_argument("x", Floaty.HALF)
 
 
 @pytest.mark.parametrize(
@@ -127,6 +265,46 @@ def test_a_template_overlaps_every_key_it_renders(source: str, data: st.DataObje
     words = st.text(alphabet="ab", max_size=3)
     rendered = template.render({name: data.draw(words) for name in template.fields})
     assert templates_overlap(template, parse_template(rendered))
+
+
+#: Segments from a small pool, so that random templates overlap often.
+_SEGMENTS = ["a", "ab", "b", "", "{f}", "a{f}", "{f}b", "a{f}b", "ab{f}"]
+
+
+@st.composite
+def small_templates(draw: st.DrawFn) -> str:
+    """A well-formed template of one to three segments drawn from :data:`_SEGMENTS`."""
+    count = draw(st.integers(1, 3))
+    pieces = []
+    for index in range(count):
+        pool = _SEGMENTS if index else [s for s in _SEGMENTS if s]  # a key is never empty
+        segment = draw(st.sampled_from(pool)).replace("{f}", f"{{f{index}}}")
+        separator = draw(st.sampled_from(":/")) if index else ""
+        pieces.append(separator + segment)
+    return "".join(pieces)
+
+
+@given(st.lists(small_templates(), max_size=12, unique=True))
+def test_the_overlap_index_finds_exactly_the_pairs_templates_overlap_finds(
+    sources: list[str],
+) -> None:
+    """The index must report every overlapping pair the pairwise check reports, and no other."""
+    index = OverlapIndex()
+    templates = [parse_template(source) for source in sources]
+    for position, template in enumerate(templates):
+        expected = [
+            other.source for other in templates[:position] if templates_overlap(template, other)
+        ]
+        assert index.add(template) == expected
+
+
+def test_the_overlap_index_compares_field_segments_with_literal_ones() -> None:
+    index = OverlapIndex()
+    for source in ["u:1:x", "u:2:x", "v:{id}:x", "u:{id}:y", "u:a{id}:x"]:
+        assert index.add(parse_template(source)) == []
+    assert index.add(parse_template("u:{n}:x")) == ["u:1:x", "u:2:x", "u:a{id}:x"]
+    assert index.add(parse_template("{t}:1:x")) == ["u:1:x", "v:{id}:x", "u:{n}:x"]
+    assert index.add(parse_template("u/{n}:x")) == []
 
 
 def test_crc16_is_the_cluster_one() -> None:

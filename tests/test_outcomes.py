@@ -126,7 +126,7 @@ def test_a_fetch_error_is_logged_as_its_type_only(mf: Memofill, records: Records
     def fetch(name: str) -> Any:
         raise Boom(SECRET)
 
-    cached = mf.cached_dataset("item:{name}")(fetch)
+    cached = mf.cached_dataset("careful:{name}")(fetch)  # error_ttl_s: the error is stored
     with pytest.raises(Boom):
         cached("a")
     record = records.only_miss()

@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 
 from memofill import CacheFill, Dataset, Problem, RegistryError, load_policies, validate
-from memofill.policy import ensure_valid
+from memofill.policy import (
+    MAX_LEASE_MS,
+    MAX_TTL_S,
+    dataset_from_data,
+    dataset_to_data,
+    ensure_valid,
+)
 from tests.strategies import registries, single_violations
 
 FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250)
@@ -87,10 +93,75 @@ def test_the_spec_registry_is_valid() -> None:
             [("cache_fill.poll_min_ms", 10.0, "must be an int (ms)")],
             id="float for poll_min_ms",
         ),
+        pytest.param(
+            {"ttl_s": 1e16}, [("ttl_s", 1e16, f"must be <= {MAX_TTL_S} (10 years)")], id="ttl_s max"
+        ),
+        pytest.param(
+            {"ttl_s": 0.0004},
+            [("ttl_s", 0.0004, "must be >= 0.001 (Redis expires in whole ms)")],
+            id="ttl_s under 1 ms",
+        ),
+        pytest.param(
+            {"negative_ttl_s": 0.0004},
+            [("negative_ttl_s", 0.0004, "must be 0 or >= 0.001 (Redis expires in whole ms)")],
+            id="negative_ttl_s under 1 ms",
+        ),
+        pytest.param(
+            {"negative_ttl_s": 10**19},
+            [("negative_ttl_s", 10**19, f"must be <= {MAX_TTL_S} (10 years)")],
+            id="negative_ttl_s max",
+        ),
+        pytest.param(
+            {"lease_ms": 10**19},
+            [("cache_fill.lease_ms", 10**19, "must be <= 3600000 (1 hour)")],
+            id="lease_ms max",
+        ),
+        pytest.param(
+            {"lease_ms": 10**19, "wait_ms": 10**18, "poll_min_ms": 10**17, "poll_max_ms": 10**17},
+            [
+                ("cache_fill.lease_ms", 10**19, "must be <= 3600000 (1 hour)"),
+                ("cache_fill.wait_ms", 10**18, "must be <= 3600000 (1 hour)"),
+                ("cache_fill.poll_min_ms", 10**17, "must be <= 3600000 (1 hour)"),
+                ("cache_fill.poll_max_ms", 10**17, "must be <= 3600000 (1 hour)"),
+            ],
+            id="every ms field max",
+        ),
+        pytest.param(
+            {"error_ttl_s": -1}, [("error_ttl_s", -1, "must be >= 0")], id="error_ttl_s>=0"
+        ),
+        pytest.param(
+            {"error_ttl_s": "5"},
+            [("error_ttl_s", "5", "must be a number of seconds")],
+            id="str for error_ttl_s",
+        ),
+        pytest.param(
+            {"error_ttl_s": float("nan")},
+            [("error_ttl_s", float("nan"), "must be finite")],
+            id="error_ttl_s finite",
+        ),
+        pytest.param(
+            {"error_ttl_s": 31},
+            [("error_ttl_s", 31, "must be <= 30 (errors are remembered at most 30 s)")],
+            id="error_ttl_s<=30",
+        ),
+        pytest.param(
+            {"ttl_s": 10**400, "negative_ttl_s": -(10**400)},
+            [
+                ("ttl_s", 10**400, f"must be <= {MAX_TTL_S} (10 years)"),
+                ("negative_ttl_s", -(10**400), "must be >= 0"),
+            ],
+            id="ints too large for a float",
+        ),
+        pytest.param(
+            {"ttl_s": 5, "error_ttl_s": 6},
+            [("error_ttl_s", 6, "must be <= 5 (ttl_s)")],
+            id="error_ttl_s<=ttl_s",
+        ),
     ],
 )
 def test_each_rule_alone(changes: dict[str, object], expected: list[tuple[object, ...]]) -> None:
-    assert found([broken(**changes)]) == [(KEY, *problem) for problem in expected]
+    # repr, so that a nan value compares equal to itself
+    assert repr(found([broken(**changes)])) == repr([(KEY, *problem) for problem in expected])
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -107,11 +178,53 @@ def test_ttls_must_be_finite(value: float) -> None:
         {"poll_max_ms": 10},
         {"poll_max_ms": 2_999},
         {"ttl_s": 0.001},
+        {"ttl_s": MAX_TTL_S, "negative_ttl_s": MAX_TTL_S},
+        {"negative_ttl_s": 0.001},
+        {"error_ttl_s": 30},
+        {"error_ttl_s": 0.001},
+        {"ttl_s": 5, "error_ttl_s": 5},
+        {"lease_ms": MAX_LEASE_MS, "wait_ms": MAX_LEASE_MS - 1, "poll_max_ms": MAX_LEASE_MS - 2},
     ],
     ids=str,
 )
 def test_boundaries_that_are_allowed(changes: dict[str, object]) -> None:
     assert validate([broken(**changes)]) == []
+
+
+def test_error_ttl_s_needs_a_cache_fill() -> None:
+    legacy = Dataset("weather:alerts:v2", ttl_s=300, error_ttl_s=5)
+    assert found([legacy]) == [
+        (
+            legacy.key,
+            "error_ttl_s",
+            5,
+            "must be 0 without cache_fill (only a coordinated fill remembers errors)",
+        )
+    ]
+
+
+def test_every_bound_broken_at_once_is_listed_together() -> None:
+    fill = CacheFill(lease_ms=10**19, wait_ms=5_000_000, poll_min_ms=10, poll_max_ms=250)
+    registry: list[object] = [
+        Dataset("a:{x}", ttl_s=1e16, negative_ttl_s=1e16, error_ttl_s=40, cache_fill=fill),
+        Dataset("b:{x}", ttl_s=5, error_ttl_s=6, cache_fill=FILL),
+    ]
+    assert [(p.key, p.field) for p in validate(registry)] == [
+        ("a:{x}", "ttl_s"),
+        ("a:{x}", "negative_ttl_s"),
+        ("a:{x}", "error_ttl_s"),
+        ("a:{x}", "cache_fill.lease_ms"),
+        ("a:{x}", "cache_fill.wait_ms"),
+        ("b:{x}", "error_ttl_s"),
+    ]
+
+
+def test_error_ttl_s_round_trips_through_the_generated_form() -> None:
+    dataset = attrs.evolve(BASE, error_ttl_s=2.5)
+    assert dataset_to_data(dataset)["error_ttl_s"] == 2.5
+    assert dataset_from_data(dataset.key, dataset_to_data(dataset)) == dataset
+    assert "error_ttl_s" not in dataset_to_data(BASE)  # unchanged generated files
+    assert dataset_from_data(KEY, dataset_to_data(BASE)) == BASE
 
 
 def test_cache_fill_must_be_a_cache_fill() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import threading
 import time
 import uuid
@@ -21,10 +22,12 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from memofill import CacheFill, Dataset, FillError, Memofill
+from memofill import CacheFill, Dataset, FillError, KeyTemplateError, Memofill
 from memofill.codec import encode
 from memofill.keys import lock_key, wake_key
+from tests import typed_values
 from tests.conftest import POLICIES
+from tests.fault_helpers import wait_until
 from tests.helpers import notify_after_acquire
 from tests.redis_servers import RedisServer
 from tests.stampede import run_stampede
@@ -69,7 +72,8 @@ class Monitor:
     """
 
     def __init__(self, server: RedisServer) -> None:
-        self.client = server.client()
+        # No socket time-out: the recording may sit idle while processes start on a busy machine.
+        self.client = server.client(socket_timeout=None)
         # The command that ends the recording goes over a connection opened now, before
         # MONITOR starts, so that its handshake (HELLO, CLIENT SETINFO) is not recorded.
         self.stopper = server.client()
@@ -254,7 +258,8 @@ def test_a_follower_blocks_under_its_socket_timeout_and_wakes_on_release(
         )
         follower.start()
         assert following.wait(PATIENCE_S)
-        time.sleep(0.4)  # several waits, each shorter than the 100 ms socket time-out
+        # Several waits, each shorter than the 100 ms socket time-out, before the release.
+        wait_until(lambda: sum(w[0] == "XREAD" for _, w in monitor.commands) >= 2, PATIENCE_S)
         release.set()
         leader.join(PATIENCE_S)
         follower.join(PATIENCE_S)
@@ -480,7 +485,7 @@ def test_without_negative_entries_followers_are_told_at_once(
         "told:{name}",
         ttl_s=60,
         negative_ttl_s=0,
-        cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250),
+        cache_fill=CacheFill(lease_ms=60_000, wait_ms=30_000, poll_min_ms=10, poll_max_ms=250),
     )
     leader_fetches, follower_fetches = [], []
 
@@ -510,7 +515,7 @@ def test_without_negative_entries_followers_are_told_at_once(
 
     thread = threading.Thread(target=run_leader)
     thread.start()
-    time.sleep(0.1)  # the leader holds the lock and is fetching
+    wait_until(lambda: leader_fetches, PATIENCE_S)  # the leader holds the lock and is fetching
     started = time.monotonic()
     try:
         outcome["follower"] = follow.call_with_outcome("x")
@@ -521,7 +526,7 @@ def test_without_negative_entries_followers_are_told_at_once(
 
     assert leader_fetches == ["x"]
     assert follower_fetches == []
-    assert waited < 1.0  # the leader's 0.2 s left, not wait_ms (3 s)
+    assert waited < quiet.cache_fill.wait_ms / 1000  # told when the fetch ended, not after
     assert real_client.exists(lead.redis_key("x")) == 0  # nothing was stored
     if ending == "raises":
         assert isinstance(outcome["leader"], LookupError)
@@ -530,3 +535,79 @@ def test_without_negative_entries_followers_are_told_at_once(
     else:
         assert outcome["leader"].outcome == "negative"
         assert (outcome["follower"].value, outcome["follower"].outcome) == (None, "follower_hit")
+
+
+# -- keys cover every argument ---------------------------------------------------------------
+
+LANG_POLICIES = {
+    key: Dataset(key, ttl_s=60, cache_fill=POLICIES["item:{name}"].cache_fill)
+    for key in ("b:{topic}", "b:{topic}:{lang}", "p:{topic}/{page}")
+}
+
+
+def test_an_unkeyed_argument_is_refused_and_a_keyed_one_gets_its_own_value(
+    real_client: redis.Redis, prefix: str
+) -> None:
+    """The issue's case: ``lang`` left out of the key once served English to French callers."""
+    mf = Memofill(real_client, prefix=prefix, policies=LANG_POLICIES)
+
+    def b(topic: str, lang: str = "en") -> dict[str, str]:
+        return {"topic": topic, "lang": lang}
+
+    with pytest.raises(KeyTemplateError, match=r"parameter 'lang' is not in the key"):
+        mf.cached_dataset("b:{topic}")(b)
+    assert real_client.keys(f"{prefix}*") == []
+
+    keyed = mf.cached_dataset("b:{topic}:{lang}")(b)
+    assert keyed("rates") == {"topic": "rates", "lang": "en"}
+    assert keyed("rates", lang="fr") == {"topic": "rates", "lang": "fr"}
+    assert keyed.call_with_outcome("rates", lang="fr").outcome == "hit"
+    assert keyed.call_with_outcome("rates").value == {"topic": "rates", "lang": "en"}
+    assert real_client.get(f"{prefix}b:rates:fr") == encode({"topic": "rates", "lang": "fr"})
+    assert real_client.get(f"{prefix}b:rates:en") == encode({"topic": "rates", "lang": "en"})
+
+
+def test_an_int_its_text_and_none_are_three_entries(real_client: redis.Redis, prefix: str) -> None:
+    mf = Memofill(real_client, prefix=prefix, policies=LANG_POLICIES)
+    calls: list[object] = []
+
+    @mf.cached_dataset("p:{topic}/{page}")
+    def page(topic: str, page: int | str | None = None) -> str:
+        calls.append(page)
+        return f"{topic} page {page!r}"
+
+    for value in (42, "42", None, "None", ""):
+        assert page("rates", value) == f"rates page {value!r}"
+        assert page.call_with_outcome("rates", value).outcome == "hit"
+    assert calls == [42, "42", None, "None", ""]
+    assert sorted(real_client.keys(f"{prefix}p:rates/*")) == sorted(
+        f"{prefix}p:rates/{text}".encode() for text in ("42", "%342", "~n", "None", "")
+    )
+
+
+# --- typed values across processes ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_typed_values_filled_in_one_process_come_back_typed_in_another(
+    redis_server: RedisServer, real_client: redis.Redis, prefix: str
+) -> None:
+    filler = multiprocessing.get_context("spawn").Process(
+        target=typed_values.fill_in_this_process, args=(redis_server.port, prefix)
+    )
+    filler.start()
+    filler.join(60)
+    assert filler.exitcode == 0
+
+    def must_not_fetch(kind: str) -> Any:
+        raise AssertionError(f"{kind} was not filled by the other process")
+
+    mf = Memofill(
+        real_client, prefix=prefix, policies={typed_values.DATASET.key: typed_values.DATASET}
+    )
+    for kind, function in typed_values.functions(mf, must_not_fetch).items():
+        result = function.call_with_outcome(kind)
+        expected = typed_values.VALUES[kind]
+        assert result.outcome == "hit"
+        assert result.value == expected
+        assert type(result.value) is type(expected)

@@ -127,7 +127,7 @@ async def test_tasks_share_one_fill() -> None:
     flights: TaskFlights[str] = TaskFlights()
     calls: list[int] = []
 
-    async def fill() -> str:
+    async def fill(commit: Callable[[], None]) -> str:
         calls.append(1)
         await asyncio.sleep(0.05)
         return "value"
@@ -143,8 +143,9 @@ async def test_a_cancelled_caller_neither_cancels_the_fill_nor_fails_the_others(
     release = asyncio.Event()
     calls: list[int] = []
 
-    async def fill() -> str:
+    async def fill(commit: Callable[[], None]) -> str:
         calls.append(1)
+        commit()
         await release.wait()
         return "value"
 
@@ -167,7 +168,8 @@ async def test_a_caller_that_times_out_leaves_the_fill_running() -> None:
     flights: TaskFlights[str] = TaskFlights()
     done: list[str] = []
 
-    async def fill() -> str:
+    async def fill(commit: Callable[[], None]) -> str:
+        commit()  # it has called the origin
         await asyncio.sleep(0.2)
         done.append("filled")
         return "value"
@@ -184,7 +186,8 @@ async def test_a_fill_nobody_awaits_any_more_finishes_without_a_warning() -> Non
     flights: TaskFlights[str] = TaskFlights()
     finished = asyncio.Event()
 
-    async def fill() -> str:
+    async def fill(commit: Callable[[], None]) -> str:
+        commit()
         await asyncio.sleep(0.01)
         finished.set()
         raise Boom
@@ -200,7 +203,7 @@ async def test_a_fill_nobody_awaits_any_more_finishes_without_a_warning() -> Non
 async def test_every_task_gets_the_fills_exception() -> None:
     flights: TaskFlights[str] = TaskFlights()
 
-    async def fill() -> str:
+    async def fill(commit: Callable[[], None]) -> str:
         await asyncio.sleep(0.01)
         raise Boom
 
@@ -209,6 +212,33 @@ async def test_every_task_gets_the_fills_exception() -> None:
     )
     assert all(isinstance(result, Boom) for result in results)
     assert len(flights) == 0
+
+
+async def test_a_fill_that_has_not_called_the_origin_stops_with_its_last_caller() -> None:
+    flights: TaskFlights[str] = TaskFlights()
+    stopped, calls = asyncio.Event(), []
+
+    async def fill(commit: Callable[[], None]) -> str:
+        try:
+            await asyncio.sleep(PATIENCE_S)  # waiting for another process's fill
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        commit()
+        calls.append(1)
+        return "value"
+
+    callers = [asyncio.ensure_future(flights.run("k", fill)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    callers[0].cancel()
+    callers[1].cancel()
+    await asyncio.sleep(0.01)
+    assert not stopped.is_set()  # one caller still waits
+    assert len(flights) == 1
+    callers[2].cancel()
+    await asyncio.wait_for(stopped.wait(), PATIENCE_S)
+    assert len(flights) == 0
+    assert calls == []
 
 
 # --- through the decorator -------------------------------------------------------------

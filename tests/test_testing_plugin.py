@@ -249,8 +249,14 @@ def test_counts_hits_joins_and_origin_calls(
     assert memofill_outcomes.assert_hit(item, "a") == {"name": "a"}
     assert origin.count == 1
     assert origin.calls == [(("a",), {})]
-    memofill_outcomes.assert_outcomes("item:{name}", leader_fill=1, local_join=3, hit=1)
-    assert memofill_outcomes.counts("item:{name}") == Counter(leader_fill=1, local_join=3, hit=1)
+    # A thread that starts after the fill landed hits instead of joining (a busy machine).
+    joined = memofill_outcomes.counts("item:{name}")["local_join"]
+    memofill_outcomes.assert_outcomes(
+        "item:{name}", leader_fill=1, local_join=joined, hit=4 - joined
+    )
+    assert memofill_outcomes.counts("item:{name}") == Counter(
+        leader_fill=1, local_join=joined, hit=4 - joined
+    )
     [record] = [r for r in memofill_outcomes.records("item:{name}") if r.outcome == "leader_fill"]
     assert record.redis_key == "t:item:a"
 
@@ -423,6 +429,11 @@ def test_lock_held_is_released_when_the_block_ends(
     assert not memofill_redis.exists(lock)
 
 
+#: The caller meets the holder's fill as a follower; on a busy machine its lock attempt (or its
+#: first read) may come after the holder's fill: a recheck hit (or a hit). Never a fetch.
+FILLED_BY_THE_HOLDER = (Counter(follower_hit=1), Counter(leader_recheck_hit=1), Counter(hit=1))
+
+
 def test_lock_held_then_filled_by_its_holder(
     memofill_cache: Memofill, memofill_outcomes: Outcomes, memofill_faults: Faults
 ) -> None:
@@ -435,7 +446,7 @@ def test_lock_held_then_filled_by_its_holder(
         holder.fill({"name": "theirs"}, after_ms=30)
         assert item("a") == {"name": "theirs"}
     assert origin.count == 0
-    memofill_outcomes.assert_outcomes("item:{name}", follower_hit=1)
+    assert memofill_outcomes.counts("item:{name}") in FILLED_BY_THE_HOLDER
 
 
 async def test_lock_held_then_filled_async(
@@ -448,7 +459,7 @@ async def test_lock_held_then_filled_async(
     with memofill_faults.lock_held("item:{name}", name="a") as holder:
         holder.fill(None, after_ms=30)
         assert await item("a") is None
-    memofill_outcomes.assert_outcomes("item:{name}", follower_hit=1)
+    assert memofill_outcomes.counts("item:{name}") in FILLED_BY_THE_HOLDER
 
 
 def test_a_fill_that_fails_in_the_background_fails_the_test(
@@ -585,11 +596,16 @@ def docs_project(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
+#: A whole pytest run (with its own xdist workers) on a busy machine can take minutes.
+PATIENCE_S = 300
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(PATIENCE_S + 60)
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
 def test_the_documented_example_passes(docs_project: pytest.Pytester, workers: list[str]) -> None:
     # A subprocess: the example decorates functions on its own default instance at import.
-    result = docs_project.runpytest_subprocess(*workers)
+    result = docs_project.runpytest_subprocess(*workers, timeout=PATIENCE_S)
     result.assert_outcomes(passed=6)
 
 

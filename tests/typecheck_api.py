@@ -35,6 +35,19 @@ def fetch_default(name: str) -> list[str]:
     return [name]
 
 
+@cache.cached_dataset("item:{name}", ignore=("db",))
+def fetch_with(db: object, name: str) -> int:
+    return 1
+
+
+@memofill.cached_dataset("item:{name}", ignore=["db"])
+def fetch_default_with(db: object, name: str) -> int:
+    return 1
+
+
+cache.cached_dataset("item:{name}", ignore=(1,))  # type: ignore[arg-type]
+
+
 def uses() -> None:
     wrapper: CachedDataset[[str], dict[str, int]] = fetch
     value: dict[str, int] = wrapper("a")

@@ -49,7 +49,7 @@ __all__ = [
 #: The bytes :meth:`Faults.corrupt` stores, neither JSON nor a memofill marker.
 CORRUPT_PAYLOAD = _faults.CORRUPT_PAYLOAD
 
-_MARKER_OPTIONS = frozenset({"policies", "prefix"})
+_MARKER_OPTIONS = frozenset({"policies", "prefix", "unstorable"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,8 +66,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the ``memofill`` marker, so that ``--strict-markers`` accepts it."""
     config.addinivalue_line(
         "markers",
-        "memofill(policies=None, prefix=''): the policies (generated module, dotted name, or "
-        "mapping of key -> Dataset) and the key prefix of this test's memofill_* fixtures",
+        "memofill(policies=None, prefix='', unstorable=False): the policies (generated module, "
+        "dotted name, or mapping of key -> Dataset) and the key prefix of this test's memofill_* "
+        "fixtures; unstorable=True: the test expects values that cannot be stored",
     )
 
 
@@ -87,11 +88,23 @@ def _marker_options(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 @pytest.fixture
-def memofill_harness() -> Iterator[Harness]:
-    """This test's fake Redis server, and what the other ``memofill_*`` fixtures share on it."""
+def memofill_harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """This test's fake Redis server, and what the other ``memofill_*`` fixtures share on it.
+
+    A cached function that returned a value its codec could not store fails the
+    test (in production that is one WARNING, and every call fetches), unless
+    the test is marked ``@pytest.mark.memofill(unstorable=True)``.
+    """
     harness = Harness()
     with harness.cleanup:
         yield harness
+    if harness.unstorable and not _marker_options(request).get("unstorable", False):
+        pytest.fail(
+            "a cached function returned values that cannot be stored:\n"
+            + "\n".join(record.getMessage() for record in harness.unstorable)
+            + "\n(mark the test @pytest.mark.memofill(unstorable=True) if it expects that)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture

@@ -81,10 +81,14 @@ class _MissRecords(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.records: list[logging.LogRecord] = []
+        #: The warnings that a dataset's values cannot be stored.
+        self.unstorable: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "outcome"):
             self.records.append(record)
+        elif hasattr(record, "unstorable"):
+            self.unstorable.append(record)
 
 
 def _import_fakeredis() -> Any:
@@ -132,6 +136,11 @@ class Harness:
     def records(self) -> list[logging.LogRecord]:
         """The miss records logged since the test began, oldest first."""
         return self._handler.records
+
+    @property
+    def unstorable(self) -> list[logging.LogRecord]:
+        """The warnings, logged since the test began, that a dataset's values cannot be stored."""
+        return self._handler.unstorable
 
     def client(self) -> redis.Redis:
         """A new blocking client on this test's server; :meth:`Faults.slow` slows it."""

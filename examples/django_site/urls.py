@@ -1,0 +1,10 @@
+"""URLs of django_site."""
+
+from django.urls import path
+
+from django_site import views
+
+urlpatterns = [
+    path("books/<str:isbn>", views.book),
+    path("healthz", views.healthz),
+]

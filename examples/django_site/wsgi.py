@@ -1,0 +1,8 @@
+"""The WSGI application, for gunicorn: ``gunicorn django_site.wsgi``."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_site.settings")
+application = get_wsgi_application()

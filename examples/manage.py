@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Django's command line for django_site, e.g. ``python manage.py runserver --noreload``."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_site.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

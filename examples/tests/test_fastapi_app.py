@@ -1,0 +1,41 @@
+"""The FastAPI app through its lifespan, on the plugin's fake Redis."""
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from memofill.testing import Faults, Outcomes
+
+import fastapi_app
+
+QUOTE = {"symbol": "ACME", "price": fastapi_app.price_of("ACME")}
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    """The app, started once: its lifespan runs before memofill_default takes over."""
+    with TestClient(fastapi_app.app) as client:
+        yield client
+
+
+def test_a_quote_is_fetched_once_then_served_from_redis(
+    client: TestClient, memofill_default: object, memofill_outcomes: Outcomes
+) -> None:
+    upstream = memofill_outcomes.origin_calls(fastapi_app.fetch_quote)
+
+    responses = [client.get("/quotes/ACME") for _ in range(3)]
+
+    assert [r.json() for r in responses] == [QUOTE] * 3
+    assert upstream.count == 1
+    memofill_outcomes.assert_outcomes("fastapi:quotes:{symbol}", leader_fill=1, hit=2)
+
+
+def test_quotes_are_served_while_redis_is_down(
+    client: TestClient,
+    memofill_default: object,
+    memofill_faults: Faults,
+    memofill_outcomes: Outcomes,
+) -> None:
+    with memofill_faults.redis_down():
+        assert client.get("/quotes/ACME").json() == QUOTE
+    memofill_outcomes.assert_outcomes("fastapi:quotes:{symbol}", lock_error=1)

@@ -1,0 +1,116 @@
+"""A least-privilege ACL user on a private redis-server: the documented rule is enough, and exact.
+
+Lock and wake keys start with ``{`` so that they share their data key's Cluster
+slot; a user limited to ``~<prefix>*`` cannot touch them. The rule
+:func:`memofill.commands.acl_rule` prints (and the deployment docs show) adds
+``~{<prefix>*`` and the commands memofill sends: a stampede of processes under
+that user calls the origin once, and Redis logs no denial at all. A user
+without the second pattern is told once, at ERROR, with the rule to grant.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from memofill import Memofill
+from memofill.commands import acl_rule
+from memofill.inspection import inspect_entry
+from tests.conftest import POLICIES
+from tests.fault_helpers import Stampede, Target, dataset, origin_calls, run_stampede
+from tests.redis_servers import RedisServer
+
+pytestmark = [pytest.mark.redis_server]
+
+PASSWORD = "acl-test-secret"
+
+
+def set_user(admin: redis.Redis, name: str, rule: str) -> None:
+    admin.execute_command("ACL", "SETUSER", name, "reset", "on", f">{PASSWORD}", *rule.split())
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A private server, so that its ACL LOG holds this test's denials only."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("prefix", ["app:", "{app}:"])
+def test_a_stampede_under_the_documented_acl_user_calls_the_origin_once(
+    server: RedisServer, prefix: str
+) -> None:
+    admin = server.client()
+    set_user(admin, "memofill", acl_rule(prefix))
+    admin.execute_command("ACL", "LOG", "RESET")
+    spec = Stampede(
+        target=Target(server.port, username="memofill", password=PASSWORD),
+        counter_port=server.port,
+        prefix=prefix,
+        dataset=dataset(),
+        threads=3,
+    )
+    result = run_stampede(spec, processes=3)
+    result.assert_every_caller_got_its_value()
+    assert origin_calls(admin, spec) == 1
+    assert not [r for r in result.records if r["error"]], result.errors
+    # Nothing memofill sent was refused: not the lock, the script, the wake stream.
+    assert admin.execute_command("ACL", "LOG") == []
+    # invalidate, and what `memofill inspect` reads, are covered too.
+    url = f"redis://memofill:{PASSWORD}@127.0.0.1:{server.port}/0"
+    lines, value = inspect_entry(url, spec.dataset, f"{prefix}fault:x", show_value=True)
+    assert dict(lines)["payload"].endswith("JSON value")
+    assert value is not None
+    assert '"name": "x"' in value
+    client = server.client(username="memofill", password=PASSWORD)
+    mf = Memofill(client, prefix=prefix, policies={spec.dataset.key: spec.dataset})
+
+    @mf.cached_dataset(spec.dataset.key)
+    def fetch(name: str) -> str:
+        return name
+
+    fetch.invalidate("x")
+    assert admin.exists(f"{prefix}fault:x") == 0
+    assert admin.execute_command("ACL", "LOG") == []
+    # A missing key asks for a hint with SCAN, which this user may not run: no hint, no error.
+    missing, _ = inspect_entry(url, spec.dataset, f"{prefix}fault:absent")
+    assert dict(missing)["payload"] == "0 bytes, none"
+    client.close()
+    admin.close()
+
+
+def test_a_user_limited_to_the_prefix_is_told_once_at_error_with_the_rule_to_grant(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = f"p{uuid.uuid4().hex[:6]}:"
+    admin = server.client()
+    # The rule as it was once written: the prefix alone, which leaves the lock keys out.
+    set_user(admin, "narrow", acl_rule(prefix).replace(f" ~{{{prefix}*", ""))
+    client = server.client(username="narrow", password=PASSWORD)
+    mf = Memofill(client, prefix=prefix, policies=POLICIES)
+    calls: list[str] = []
+
+    @mf.cached_dataset("item:{name}")
+    def fetch(name: str) -> dict[str, str]:
+        calls.append(name)
+        time.sleep(0.05)
+        return {"name": name}
+
+    caplog.set_level(logging.INFO, logger="memofill")
+    for name in ("a", "b", "c"):
+        assert fetch(name) == {"name": name}  # callers are still served
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelno for r in errors] == [logging.ERROR], errors
+    assert acl_rule(prefix) in errors[0].getMessage()
+    assert "item:{name}" in errors[0].getMessage()
+    outcomes = [getattr(r, "outcome", None) for r in caplog.records if hasattr(r, "outcome")]
+    assert outcomes == ["lock_error"] * 3
+    assert calls == ["a", "b", "c"]
+    client.close()
+    admin.close()
