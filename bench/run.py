@@ -22,12 +22,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import growth, hit, payload, report, stampede
+from bench import growth, hit, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import LIBRARIES, Library
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "stampede", "growth", "payload")
+SCENARIOS = ("hit", "stampede", "growth", "payload", "registry")
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -47,6 +47,8 @@ class Scale:
     payload_sizes: tuple[int, ...]
     payload_rounds: int
     payload_hits: int
+    registry_datasets: int
+    registry_repeats: int
 
 
 FULL = Scale(
@@ -61,6 +63,8 @@ FULL = Scale(
     payload_sizes=(2_000_000, 20_000_000),
     payload_rounds=25,
     payload_hits=3,
+    registry_datasets=5_000,
+    registry_repeats=5,
 )
 QUICK = Scale(
     hit_iterations=2_000,
@@ -74,6 +78,8 @@ QUICK = Scale(
     payload_sizes=(500_000,),
     payload_rounds=2,
     payload_hits=2,
+    registry_datasets=500,
+    registry_repeats=2,
 )
 
 
@@ -253,6 +259,12 @@ def run(
                 rounds=scale.payload_rounds,
                 hits=scale.payload_hits,
             )
+        if "registry" in scenarios:
+            _log(f"registry: {scale.registry_datasets:,} datasets, {scale.registry_repeats} runs")
+            results["registry"] = {
+                "datasets": scale.registry_datasets,
+                "seconds": registry.measure(scale.registry_datasets, scale.registry_repeats),
+            }
         results["meta"]["load_after"] = _load()
         return results
     finally:

@@ -27,8 +27,9 @@ logger = logging.getLogger("memofill")
 MAX_LOCAL_TTL_S = 30.0
 #: The most values one process keeps for when Redis is down.
 MAX_LOCAL_ENTRIES = 5000
-#: The most bytes of values one process keeps for when Redis is down: a few of them fit a
-#: container of a few hundred MB with room to spare. A value over a quarter of it is not kept.
+#: The most bytes of values one process keeps for when Redis is down. Several worker
+#: processes with this much fit a container of a few hundred MB with room to spare; a
+#: value over a quarter of it is not kept.
 MAX_LOCAL_BYTES = 32 * 1024 * 1024
 #: What an entry costs beyond its key and its bytes: the dict slot, the tuple, two floats.
 ENTRY_OVERHEAD_BYTES = 200
@@ -69,8 +70,9 @@ class LocalStore:
         self.entries: dict[str, tuple[float, Any, float]] = {}
         #: What the entries cost, by :func:`entry_bytes`.
         self.bytes = 0
-        #: Entries dropped to make room, and their bytes, since the store was made.
+        #: Entries dropped to make room since the store was made.
         self.evictions = 0
+        #: What those entries cost, by :func:`entry_bytes`.
         self.evicted_bytes = 0
         #: Values not kept because they alone were over a quarter of ``max_bytes``.
         self.too_large = 0

@@ -23,6 +23,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ import pytest
 import redis
 
 from memofill import CacheFill, Memofill
+from memofill.commands import acl_rule
 from memofill.keys import lock_key
 from tests.fault_helpers import (
     MARGIN_S,
@@ -39,6 +41,8 @@ from tests.fault_helpers import (
     dataset,
     make_async_client,
     make_client,
+    measure,
+    recorded,
     wait_until,
 )
 from tests.redis_servers import RedisServer
@@ -51,13 +55,13 @@ FETCH_S = 0.4
 FOLLOWERS = 3
 #: How long a timed fault (a pause, a server down) lasts.
 FAULT_S = 1.0
-#: Every command memofill sends (see memofill/commands.py); an ACL case takes one away.
-COMMANDS = ["+get", "+set", "+evalsha", "+eval", "+script", "+xread", "+xrevrange", "+del", "+ping"]
+#: The ACL cases: memofill's documented least-privilege user, less one command.
+ACL_CASES = ("evalsha", "xread", "set", "xadd")
 
 
 @attrs.frozen
 class Fault:
-    """What to break (``start``), what mends it (``end``), or the ACL user to call as."""
+    """What to break (``start``), what mends it (``end``), or the command an ACL user lacks."""
 
     start: Callable[[RedisServer, redis.Redis], object] = lambda server, admin: None
     end: Callable[[RedisServer, redis.Redis], object] = lambda server, admin: None
@@ -87,9 +91,7 @@ FAULTS = {
     "flushall": Fault(lambda s, a: a.flushall()),
     "out-of-memory": Fault(_oom, lambda s, a: a.config_set("maxmemory", 0), lasts=True),
     "debug-sleep": Fault(lambda s, a: a.execute_command("DEBUG", "SLEEP", "0.5")),  # type: ignore[no-untyped-call]
-    "acl-no-evalsha": Fault(denied="evalsha"),
-    "acl-no-xread": Fault(denied="xread"),
-    "acl-no-set": Fault(denied="set"),
+    **{f"acl-no-{command}": Fault(denied=command) for command in ACL_CASES},
 }
 
 
@@ -142,14 +144,14 @@ class Case:
             self.values.append(value)
 
 
-def _target(server: RedisServer, admin: redis.Redis, fault: Fault) -> Target:
+def _target(server: RedisServer, admin: redis.Redis, fault: Fault, prefix: str) -> Target:
     if fault.denied is None:
         return Target(server.port)
     name = f"no-{fault.denied}"
-    commands = [c for c in COMMANDS if c != f"+{fault.denied}"]
-    admin.acl_setuser(
-        name, enabled=True, passwords=["+pw"], keys=["*"], commands=["-@all", *commands]
-    )
+    rule = acl_rule(prefix).split()
+    assert f"+{fault.denied}" in rule
+    rule.remove(f"+{fault.denied}")
+    admin.execute_command("ACL", "SETUSER", name, "on", ">pw", "resetkeys", "-@all", *rule)  # type: ignore[no-untyped-call]
     return Target(server.port, username=name, password="pw")
 
 
@@ -217,18 +219,23 @@ def _break_and_mend(fault: Fault, server: RedisServer, admin: redis.Redis) -> No
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["blocking", "asyncio"])
 @pytest.mark.parametrize("name", sorted(FAULTS))
 def test_a_fault_mid_fill_breaks_no_promise(
-    server: RedisServer, name: str, asynchronous: bool
+    server: RedisServer, name: str, asynchronous: bool, request: pytest.FixtureRequest
 ) -> None:
     fault = FAULTS[name]
     admin = server.client(socket_timeout=10)
-    case = Case(_target(server, admin, fault), f"m{uuid.uuid4().hex[:8]}:")
+    prefix = f"m{uuid.uuid4().hex[:8]}:"
+    case = Case(_target(server, admin, fault, prefix), prefix)
     try:
-        (_run_async if asynchronous else _run_sync)(case, fault, server, admin)
+        with recorded() as records:
+            (_run_async if asynchronous else _run_sync)(case, fault, server, admin)
     finally:
         server.resume()
         if server.process is None:
             server.start()
     admin = server.client(socket_timeout=10)
+    mine = [r for r in records if r["redis_key"].startswith(case.prefix)]
+    logged = Counter((r["outcome"], r["error"]) for r in mine if r["outcome"] != "local_join")
+    measure(request, len(case.origins), max(case.waits), logged)
 
     assert not case.errors, case.errors
     assert case.values == [{"name": "x"}] * (1 + FOLLOWERS)

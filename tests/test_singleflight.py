@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from memofill import Memofill
+from memofill import Memofill, singleflight
 from memofill.singleflight import TaskFlights, ThreadFlights
 from tests.conftest import POLICIES
 
@@ -25,6 +26,45 @@ PATIENCE_S = 10.0
 
 class Boom(Exception):
     """The shared fill failed."""
+
+
+class Waiters:
+    """How many threads wait on a fill in flight, so a test opens its gate once all have joined."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def all_in(self, count: int, gate: threading.Event) -> None:
+        """Set ``gate`` once ``count`` threads wait (in a thread of its own)."""
+
+        def watch() -> None:
+            deadline = time.monotonic() + PATIENCE_S
+            while self.count < count and time.monotonic() < deadline:
+                time.sleep(0.001)
+            gate.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
+@pytest.fixture
+def waiters(monkeypatch: pytest.MonkeyPatch) -> Waiters:
+    """Counts the threads that join a fill: its ``done`` event counts who waits on it."""
+    seen = Waiters()
+
+    class CountedEvent(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            with seen._lock:
+                seen.count += 1
+            return super().wait(timeout)
+
+    class CountedFlight(singleflight._Flight[Any]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.done = CountedEvent()
+
+    monkeypatch.setattr(singleflight, "_Flight", CountedFlight)
+    return seen
 
 
 def in_threads(count: int, target: Callable[[], Any]) -> list[Any]:
@@ -51,7 +91,7 @@ def in_threads(count: int, target: Callable[[], Any]) -> list[Any]:
 # --- ThreadFlights ---------------------------------------------------------------------
 
 
-def test_threads_share_one_fill_and_its_result() -> None:
+def test_threads_share_one_fill_and_its_result(waiters: Waiters) -> None:
     flights: ThreadFlights[str] = ThreadFlights()
     gate = threading.Event()
     calls: list[int] = []
@@ -61,7 +101,7 @@ def test_threads_share_one_fill_and_its_result() -> None:
         gate.wait(PATIENCE_S)
         return "value"
 
-    threading.Timer(0.2, gate.set).start()
+    waiters.all_in(9, gate)
     results = in_threads(10, lambda: flights.run("k", fill))
     assert calls == [1]
     assert Counter(joined for _, joined in results) == Counter({True: 9, False: 1})
@@ -296,7 +336,7 @@ async def test_concurrent_tasks_on_different_keys_do_not_coalesce(amf: Memofill)
     assert amf.counters.snapshot() == {"item:{name}": {"leader_fill": 10}}
 
 
-def test_threads_through_the_decorator_all_get_the_fetchs_exception() -> None:
+def test_threads_through_the_decorator_all_get_the_fetchs_exception(waiters: Waiters) -> None:
     mf = Memofill(fakeredis.FakeRedis(server=fakeredis.FakeServer()), policies=POLICIES)
     calls: list[str] = []
     gate = threading.Event()
@@ -307,7 +347,7 @@ def test_threads_through_the_decorator_all_get_the_fetchs_exception() -> None:
         gate.wait(PATIENCE_S)
         raise Boom(name)
 
-    threading.Timer(0.2, gate.set).start()
+    waiters.all_in(7, gate)
     results = in_threads(8, lambda: fetch("a"))
     assert all(isinstance(result, Boom) for result in results)
     assert len({id(result) for result in results}) == 1
