@@ -285,7 +285,10 @@ class _Binding:
     a call that took a snapshot sees one configuration from start to end, never
     a prefix of one and a client of another. The calls hold this object, not
     the wrapper: attributes of a slotted class are read several times faster
-    than a wrapt proxy's, and the hit path reads them on every call.
+    than a wrapt proxy's, and the hit path reads them on every call. Nothing
+    in it changes: what calls accumulate (counts, sets of datasets already
+    warned of) are objects of the instance's state that it points to, and a
+    codec resolved on first use is swapped in as a new snapshot.
     """
 
     key: str
