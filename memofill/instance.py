@@ -29,7 +29,7 @@ from memofill.commands import Commands
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
-from memofill.fallback import Breaker, LocalStore
+from memofill.fallback import MAX_LOCAL_BYTES, Breaker, LocalStore
 from memofill.keys import lock_key, parse_template, prefix_problem
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
@@ -127,11 +127,11 @@ class State:
         return commands
 
 
-def _fresh(breaker_cooldown_s: float) -> dict[str, Any]:
+def _fresh(breaker_cooldown_s: float, local_store_bytes: int) -> dict[str, Any]:
     """What calls accumulate, new: counts, values kept for outages, the breaker, fills."""
     return {
         "counters": Counters(),
-        "local_store": LocalStore(),
+        "local_store": LocalStore(max_bytes=local_store_bytes),
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
         "task_flights": TaskFlights(),
@@ -162,6 +162,9 @@ class Memofill:
             ``[tool.memofill]`` of the nearest pyproject.toml, else
             ``gen.cache_fill_registry`` (:mod:`memofill.project`).
         breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
+        local_store_bytes: the most bytes of values this process keeps to serve
+            while Redis is unreachable (:data:`~memofill.fallback.MAX_LOCAL_BYTES`,
+            32 MiB, by default; the oldest are dropped first).
 
     ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
     straight to the function, counted as ``disabled``.
@@ -175,7 +178,16 @@ class Memofill:
         prefix: str = "",
         policies: PolicySource | None = None,
         breaker_cooldown_s: float = 1.0,
+        local_store_bytes: int = MAX_LOCAL_BYTES,
     ) -> None:
+        if isinstance(local_store_bytes, bool) or not isinstance(local_store_bytes, int):
+            raise ConfigurationError(
+                f"local_store_bytes={local_store_bytes!r}: must be an int (bytes), such as 32 << 20"
+            )
+        if local_store_bytes < 0:
+            raise ConfigurationError(
+                f"local_store_bytes={local_store_bytes}: must be >= 0 (0 keeps nothing)"
+            )
         self._bindings: weakref.WeakSet[CachedDataset[..., Any]] = weakref.WeakSet()
         self._state = State(
             sync=None,
@@ -184,7 +196,7 @@ class Memofill:
             policy_source=policies,
             policies=None,
             disabled=False,
-            **_fresh(breaker_cooldown_s),
+            **_fresh(breaker_cooldown_s, local_store_bytes),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
         _instances.add(self)
@@ -413,7 +425,11 @@ class Memofill:
         held = frozenset(name for name, set_here in given.items() if set_here)
         with _lock:
             saved, bindings = self._state, list(self._bindings)
-            fresh = attrs.evolve(saved, held=frozenset(), **_fresh(saved.breaker.cooldown_s))
+            fresh = attrs.evolve(
+                saved,
+                held=frozenset(),
+                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes),
+            )
             self._swap(
                 self._composed(client, async_client, prefix, policies, state=fresh, held=held)
             )

@@ -18,7 +18,7 @@ import orjson
 import pytest
 import redis
 
-from memofill import Dataset, Memofill
+from memofill import ConfigurationError, Dataset, Memofill
 from memofill.fallback import MAX_LOCAL_BYTES
 from tests.redis_servers import RedisServer
 
@@ -81,3 +81,14 @@ def test_reading_many_large_values_keeps_the_process_within_the_store_budget(
     assert evictions == VALUES - kept  # every value read was kept, then the oldest dropped
     # 300 MB read; the process grew by the store's budget at most, plus its working set.
     assert growth <= MAX_LOCAL_BYTES + SLACK_BYTES, growth
+
+
+def test_the_store_budget_is_set_per_instance_and_checked() -> None:
+    mf = Memofill(policies={}, local_store_bytes=1 << 20)
+    assert mf.local_store.max_bytes == 1 << 20
+    with mf.override():  # a test's fresh store keeps the instance's budget
+        assert mf.local_store.max_bytes == 1 << 20
+    assert Memofill(policies={}).local_store.max_bytes == MAX_LOCAL_BYTES
+    for bad in (-1, 1.5, "32MB", True):
+        with pytest.raises(ConfigurationError, match="local_store_bytes"):
+            Memofill(policies={}, local_store_bytes=bad)  # type: ignore[arg-type]
