@@ -241,16 +241,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
     # Report the first thing that went wrong: a failed recheck, then the write, then the release.
     error = error or encode_error or write_error or release_error
-    size = 0 if value is None or payload is None else len(payload)
-    return Result(
-        outcome,
-        value=value,
-        led=True,
-        payload_bytes=size,
-        error=error,
-        stored=None if value is None else payload,
-        unstorable=unstorable,
-    )
+    return _fetched(outcome, value, payload, error, unstorable)
 
 
 def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
@@ -358,15 +349,20 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
             yield Command("write", (plan.redis_key, payload, ttl_ms))
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
-    size = 0 if value is None or payload is None else len(payload)
     # The Redis error that sent this caller here says more than a write refused after it.
-    first_error = error or encode_error or write_error
+    return _fetched(outcome, value, payload, error or encode_error or write_error, unstorable)
+
+
+def _fetched(
+    outcome: Outcome, value: Any, payload: bytes | None, error: str | None, unstorable: str | None
+) -> Result:
+    """The result of a fetch this caller ran: its value, and the bytes stored for it, if any."""
     return Result(
         outcome,
         value=value,
         led=True,
-        payload_bytes=size,
-        error=first_error,
+        payload_bytes=0 if value is None or payload is None else len(payload),
+        error=error,
         stored=None if value is None else payload,
         unstorable=unstorable,
     )
