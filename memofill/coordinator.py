@@ -36,7 +36,11 @@ One miss, for a dataset with a fill policy:
    raises counts as a Redis error, not only redis-py's ``RedisError``: a client
    that fails inside itself (a bug, a race in its set-up) must not fail the
    caller when the fetch can still run. The fetch's own exceptions are told
-   apart by the step they are thrown at.
+   apart by the step they are thrown at. Two failures are not Redis failing:
+   a full connection pool (the command waits for a connection and is sent again),
+   and a blocking wait that timed out (the follower reads the data key and
+   keeps following; the wait is sized to end before the socket time-out, but
+   Redis ends it on its own timer and a busy process may read it late).
 """
 
 from __future__ import annotations
@@ -129,8 +133,7 @@ class Plan:
     redis_ok: bool = True
     #: Why ``redis_ok`` is false, when this miss found out itself (the read's error type name).
     redis_error: str | None = None
-    #: The client's socket time-out: a blocking wait must return well before it
-    #: (:func:`_block_cap_ms`).
+    #: The client's socket time-out in ms, which every blocking wait ends well before.
     block_limit_ms: float | None = None
     #: How long a failed fetch is remembered under the key, in ms; 0 stores nothing.
     error_ttl_ms: int = 0

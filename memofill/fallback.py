@@ -33,7 +33,7 @@ logger = logging.getLogger("memofill")
 MAX_LOCAL_TTL_S = 30.0
 #: The most values one process keeps for when Redis is down.
 MAX_LOCAL_ENTRIES = 5000
-#: The most bytes of values one process keeps for when Redis is down: a few of them fit a
+#: The most bytes of values one process keeps for when Redis is down; a few of them fit a
 #: container of a few hundred MB with room to spare. A value over a quarter of it is not kept.
 MAX_LOCAL_BYTES = 32 * 1024 * 1024
 #: What an entry costs beyond its key and its bytes: the dict slot, the tuple, two floats.
@@ -51,7 +51,7 @@ class LocalStore:
 
     When a new entry would pass either bound, the oldest entries are dropped
     first (a dict keeps insertion order, and :meth:`put` re-inserts). Each
-    eviction is counted (:attr:`evictions`, :attr:`evicted_bytes`) and told on
+    eviction is counted (:attr:`evictions`, ``evicted_bytes``) and told on
     the ``memofill`` logger at INFO, at most once a minute. A value larger than
     a quarter of the byte budget is not kept at all (:attr:`too_large`): one
     huge value would otherwise push out every other. The hit path reads

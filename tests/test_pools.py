@@ -40,6 +40,13 @@ pytestmark = [pytest.mark.redis_server]
 #: key is then what the contract promises, not what a quiet run happened to do.
 FILL = CacheFill(lease_ms=60_000, wait_ms=30_000, poll_min_ms=10, poll_max_ms=100)
 POLICIES = {"fault:{name}": dataset(FILL)}
+#: Long pauses between reads: each blocking wait then asks for as long as the socket
+#: time-out allows.
+LONG_POLLS = {
+    "fault:{name}": dataset(
+        CacheFill(lease_ms=60_000, wait_ms=30_000, poll_min_ms=10, poll_max_ms=1_000)
+    )
+}
 RUNS = 5
 
 
@@ -148,18 +155,20 @@ async def test_400_asyncio_hits_through_a_small_plain_pool_call_no_origin(
 # --- a blocking wait near the socket time-out -------------------------------------------
 
 
+@pytest.mark.parametrize("socket_timeout", [0.25, 0.3])
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "asyncio"])
 async def test_a_wait_near_the_socket_timeout_on_a_healthy_redis_is_not_a_failure(
-    redis_server: RedisServer, is_async: bool
+    redis_server: RedisServer, is_async: bool, socket_timeout: float
 ) -> None:
-    """socket_timeout 0.3 s, a 1.5 s fetch: the follower blocks on XREAD many times, each
-    ending on Redis's 100 ms timer; none may cost an origin call or open the breaker."""
+    """A 1.5 s fetch: the follower blocks on XREAD many times, each ending on Redis's 100 ms
+    timer (BLOCK 200 returns after about 300 ms); none may cost an origin call or open the
+    breaker."""
     prefix, origin = new_prefix(), f"origin:{uuid.uuid4().hex}"
     counter = redis_server.client()
     settings: dict[str, Any] = {
         "port": redis_server.port,
-        "socket_timeout": 0.3,
-        "socket_connect_timeout": 0.3,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
     }
     if is_async:
         clients: list[Any] = [
@@ -167,7 +176,7 @@ async def test_a_wait_near_the_socket_timeout_on_a_healthy_redis_is_not_a_failur
         ]
     else:
         clients = [redis.Redis(**settings, retry=Retry(NoBackoff(), 0)) for _ in range(2)]
-    leader, follower = (Memofill(c, prefix=prefix, policies=POLICIES) for c in clients)
+    leader, follower = (Memofill(c, prefix=prefix, policies=LONG_POLLS) for c in clients)
     fetch_leader = counting_fetch(leader, counter, origin, 1.5, is_async=is_async)
     fetch_follower = counting_fetch(follower, counter, origin, 1.5, is_async=is_async)
     if is_async:
