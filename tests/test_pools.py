@@ -102,29 +102,39 @@ def new_prefix() -> str:
 # --- one process, asyncio ---------------------------------------------------------------
 
 
+def async_client(server: RedisServer, pool: str) -> Any:
+    """The recommended client (a blocking pool), or a plain pool that refuses past its size."""
+    if pool == "blocking":
+        return memofill.redis_client(server.url, asyncio=True, max_connections=8)
+    return redis.asyncio.Redis(
+        port=server.port, max_connections=8, socket_timeout=1.0, retry=AsyncRetry(NoBackoff(), 1)
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("run", range(RUNS))
+@pytest.mark.parametrize("pool", ["blocking", "plain"])
 async def test_200_asyncio_requests_in_one_process_cost_one_origin_call_per_cold_key(
-    redis_server: RedisServer, run: int
+    redis_server: RedisServer, pool: str, run: int
 ) -> None:
     """Two instances stand for two workers (each its own pool and singleflight, meeting only
-    in Redis); 200 requests on 10 cold keys, pools of 8 recommended connections."""
+    in Redis); 200 requests on 40 cold keys through pools of 8 connections."""
     prefix, origin = new_prefix(), f"origin:{uuid.uuid4().hex}"
     counter = redis_server.client()
-    clients = [memofill.redis_client(redis_server.url, asyncio=True, max_connections=8)]
-    clients.append(memofill.redis_client(redis_server.url, asyncio=True, max_connections=8))
+    clients = [async_client(redis_server, pool), async_client(redis_server, pool)]
     instances = [Memofill(c, prefix=prefix, policies=POLICIES) for c in clients]
     fetches = [counting_fetch(mf, counter, origin, 0.3, is_async=True) for mf in instances]
-    names = [f"k{i}" for i in range(10)]
+    names = [f"k{i % 40}" for i in range(200)]
     try:
         with cpu_bound_thread():
-            values = await asyncio.gather(*(fetches[i % 2](names[i % 10]) for i in range(200)))
+            values = await asyncio.gather(*(fetches[i % 2](name) for i, name in enumerate(names)))
     finally:
         for client in clients:
             await client.aclose()
-    assert [v["name"] for v in values] == [names[i % 10] for i in range(200)]
+    assert [v["name"] for v in values] == names
     assert origin_calls(counter, origin) == dict.fromkeys(names, 1)
     assert not any(mf.breaker.is_open for mf in instances)
+    assert not any(mf.counters.snapshot()["fault:{name}"].get("lock_error") for mf in instances)
 
 
 async def test_400_asyncio_hits_through_a_small_plain_pool_call_no_origin(
