@@ -36,6 +36,7 @@ __all__ = [
     "RedisUnavailable",
     "acl_rule",
     "is_pool_exhausted",
+    "is_pool_refusal",
     "is_timeout",
     "is_unreachable",
     "newest_entry",
@@ -59,13 +60,23 @@ _POOL_EXHAUSTED = frozenset({"Too many connections", "No connection available."}
 
 
 def is_pool_exhausted(error: BaseException) -> bool:
-    """Whether ``error`` is the client's pool refusing a connection: wait for one, then go on.
+    """Whether ``error`` is the client's pool out of connections: no sign of Redis failing.
 
     A full pool says this process has more callers than connections at this
-    moment, not that Redis failed: the command is retried once a connection is
-    free (:func:`memofill.coordinator.fill`), never answered by the origin.
+    moment, not that Redis failed, so it never opens the breaker.
     """
     return isinstance(error, MaxConnectionsError) or str(error) in _POOL_EXHAUSTED
+
+
+def is_pool_refusal(error: BaseException) -> bool:
+    """Whether a plain pool refused a connection at once: the command may be sent again.
+
+    A blocking pool raises "No connection available." only after waiting its
+    own ``timeout``; a plain pool refuses the moment it is full, so the caller
+    waits for a connection itself (:func:`memofill.coordinator.fill`) rather
+    than fetch from the origin.
+    """
+    return isinstance(error, MaxConnectionsError) or str(error) == "Too many connections"
 
 
 def is_timeout(error: BaseException) -> bool:

@@ -58,7 +58,7 @@ from memofill.commands import (
     REDIS_ERRORS,
     Commands,
     RedisUnavailable,
-    is_pool_exhausted,
+    is_pool_refusal,
     is_timeout,
     is_unreachable,
     new_token,
@@ -363,7 +363,9 @@ def _ask(plan: Plan, command: Command) -> Generator[Step, Any, Any]:
     connections), not Redis failing, so it must not make a caller fetch
     uncoordinated. The pauses double from 1 ms to :data:`POOL_PAUSE_MAX_MS`,
     for at most the dataset's ``wait_ms`` in all; then the error is the
-    caller's, as any other Redis error.
+    caller's, as any other Redis error. Only a plain pool's refusal is sent
+    again: a blocking pool has already waited its own ``timeout`` for a
+    connection, and that is the bound the application chose.
     """
     budget_ms = POOL_WAIT_MS if plan.cache_fill is None else float(plan.cache_fill.wait_ms)
     waited_ms, pause_ms = 0.0, 1.0
@@ -371,7 +373,7 @@ def _ask(plan: Plan, command: Command) -> Generator[Step, Any, Any]:
         try:
             return (yield command)
         except Exception as exc:  # from Redis: see the module doc
-            if not is_pool_exhausted(exc) or waited_ms >= budget_ms:
+            if not is_pool_refusal(exc) or waited_ms >= budget_ms:
                 raise
         yield Sleep(pause_ms / 1000)
         waited_ms += pause_ms

@@ -648,6 +648,13 @@ def test_a_full_pool_waits_for_a_connection_and_never_fetches_uncoordinated(
     assert sleeps[:5] == [1, 2, 4, 8, 16]
 
 
+def test_a_blocking_pool_that_waited_its_own_timeout_is_not_asked_again() -> None:
+    driver = Driver({"acquire": [RedisConnectionError("No connection available.")]})
+    result = driver.run()
+    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "ConnectionError")
+    assert not [s for s in driver.steps if isinstance(s, Sleep)]
+
+
 def test_a_pool_full_for_longer_than_wait_ms_is_a_lock_error() -> None:
     driver = Driver({"acquire": [MaxConnectionsError("Too many connections")] * 10_000})
     result = driver.run()
