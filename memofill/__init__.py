@@ -1,5 +1,6 @@
 """memofill: Redis-backed caching that calls the upstream once per miss, across processes."""
 
+from memofill.clients import redis_client
 from memofill.decorator import CachedDataset, CallResult
 from memofill.errors import (
     ConfigurationError,
@@ -47,5 +48,6 @@ __all__ = [
     "default_instance",
     "disabled",
     "load_policies",
+    "redis_client",
     "validate",
 ]

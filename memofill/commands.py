@@ -11,7 +11,9 @@ Every key one fill touches (data, lock, wake) shares a Redis Cluster hash slot
 
 from __future__ import annotations
 
+import os
 import secrets
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,9 @@ __all__ = [
     "RedisError",
     "RedisUnavailable",
     "acl_rule",
+    "is_pool_exhausted",
+    "is_pool_refusal",
+    "is_timeout",
     "is_unreachable",
     "newest_entry",
     "stream_entries",
@@ -54,6 +59,35 @@ class RedisUnavailable(_ConnectionError):
 _POOL_EXHAUSTED = frozenset({"Too many connections", "No connection available."})
 
 
+def is_pool_exhausted(error: BaseException) -> bool:
+    """Whether ``error`` is the client's pool out of connections: no sign of Redis failing.
+
+    A full pool says this process has more callers than connections at this
+    moment, not that Redis failed, so it never opens the breaker.
+    """
+    return isinstance(error, MaxConnectionsError) or str(error) in _POOL_EXHAUSTED
+
+
+def is_pool_refusal(error: BaseException) -> bool:
+    """Whether a plain pool refused a connection at once: the command may be sent again.
+
+    A blocking pool raises "No connection available." only after waiting its
+    own ``timeout``; a plain pool refuses the moment it is full, so the caller
+    waits for a connection itself (:func:`memofill.coordinator.fill`) rather
+    than fetch from the origin.
+    """
+    return isinstance(error, MaxConnectionsError) or str(error) == "Too many connections"
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a time-out: a slow reply, not yet proof that Redis is gone.
+
+    One time-out may be this process's busy event loop or CPU, not Redis; the
+    breaker opens on a few in a row (:meth:`memofill.fallback.Breaker.failed`).
+    """
+    return isinstance(error, (_TimeoutError, TimeoutError))
+
+
 def is_unreachable(error: BaseException) -> bool:
     """Whether ``error`` says Redis could not be reached (as opposed to an error it answered).
 
@@ -63,7 +97,7 @@ def is_unreachable(error: BaseException) -> bool:
     A full connection pool is not Redis failing: it says this process has more
     callers than connections, and skipping Redis would send them all upstream.
     """
-    if isinstance(error, MaxConnectionsError) or str(error) in _POOL_EXHAUSTED:
+    if is_pool_exhausted(error):
         return False
     unreachable = (
         _ConnectionError,
@@ -201,6 +235,7 @@ class Commands:
         self.get: Callable[[str], Any] = client.get
         self.socket_timeout_ms = socket_timeout_ms(client)
         self._release = client.register_script(RELEASE_SCRIPT)
+        _live_commands.add(self)
 
     def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
         """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
@@ -248,3 +283,24 @@ class Commands:
         pipe.pttl(lock_key)
         pipe.get(lock_key)
         return pipe.execute()
+
+
+_live_commands: weakref.WeakSet[Commands] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not use the parent's sockets: its asyncio pools start empty.
+
+    redis-py's blocking pools notice the fork themselves (they compare the
+    pid before handing out a connection); its asyncio pools do not, so the
+    child would send commands on the connections the parent still uses, and
+    their replies would interleave. The parent's connections are dropped
+    without being closed: closing them would not be the child's business.
+    """
+    for commands in list(_live_commands):
+        pool = getattr(commands.client, "connection_pool", None)
+        if pool is not None and type(pool).__module__.startswith("redis.asyncio"):
+            pool.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

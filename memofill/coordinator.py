@@ -36,7 +36,11 @@ One miss, for a dataset with a fill policy:
    raises counts as a Redis error, not only redis-py's ``RedisError``: a client
    that fails inside itself (a bug, a race in its set-up) must not fail the
    caller when the fetch can still run. The fetch's own exceptions are told
-   apart by the step they are thrown at.
+   apart by the step they are thrown at. Two failures are not Redis failing:
+   a full connection pool (the command waits for a connection and is sent again),
+   and a blocking wait that timed out (the follower reads the data key and
+   keeps following; the wait is sized to end before the socket time-out, but
+   Redis ends it on its own timer and a busy process may read it late).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from memofill.commands import (
     REDIS_ERRORS,
     Commands,
     RedisUnavailable,
+    is_pool_refusal,
+    is_timeout,
     is_unreachable,
     new_token,
     newest_entry,
@@ -127,7 +133,7 @@ class Plan:
     redis_ok: bool = True
     #: Why ``redis_ok`` is false, when this miss found out itself (the read's error type name).
     redis_error: str | None = None
-    #: A blocking wait must return before the client's socket time-out.
+    #: The client's socket time-out in ms, which every blocking wait ends well before.
     block_limit_ms: float | None = None
     #: Fetch even over a value present (a refresh). The recheck then never ends the fill,
     #: and a follower waits for the leader's word rather than take the value it replaces.
@@ -177,8 +183,8 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error))
     lock, token, wake = lock_key(plan.redis_key), new_token(), wake_key(plan.redis_key)
     try:
-        acquired, recheck, newest = yield Command(
-            "acquire", (lock, token, policy.lease_ms, plan.redis_key, wake)
+        acquired, recheck, newest = yield from _ask(
+            plan, Command("acquire", (lock, token, policy.lease_ms, plan.redis_key, wake))
         )
         if isinstance(acquired, Exception):
             raise acquired
@@ -280,13 +286,11 @@ def _follow(
         # Jitter within the upper half of the interval, but never under poll_min_ms: that is
         # the shortest wait the policy allows between two reads.
         jittered_ms = max(interval_ms * (0.5 + rng.random() / 2), policy.poll_min_ms)
-        pause_ms = min(jittered_ms, remaining_ms)
-        if plan.block_limit_ms is not None:
-            pause_ms = min(pause_ms, plan.block_limit_ms * 0.8)
+        pause_ms = max(1.0, min(jittered_ms, remaining_ms, _block_cap_ms(plan.block_limit_ms)))
         try:
             if wake_error:
                 raise RedisUnavailable("wake stream not used")
-            reply = yield Command("wait", (wake, last_id, max(1, round(pause_ms))))
+            reply = yield from _ask(plan, Command("wait", (wake, last_id, round(pause_ms))))
             last_id, told = newest_entry(stream_entries(reply), last_id)
             if told == CANCELLED:
                 # The lock is free again: whoever of the followers takes it fills.
@@ -303,14 +307,16 @@ def _follow(
             if plan.refresh and told is None:
                 continue  # the key still holds the value being replaced: wait for the word
         except Exception as exc:  # from Redis: see the module doc
-            # The data key stays the source of truth: poll it on a timer.
-            wake_error = wake_error or type(exc).__name__
-            yield Sleep(pause_ms / 1000)
+            if not is_timeout(exc):
+                # The data key stays the source of truth: poll it on a timer.
+                wake_error = wake_error or type(exc).__name__
+                yield Sleep(pause_ms / 1000)
+            # A wait that timed out took its time already: it means "not yet", so read the
+            # data key and keep following (a busy process can be late to read the reply).
         try:
-            raw = yield Command("get", (plan.redis_key,))
+            raw = yield from _ask(plan, Command("get", (plan.redis_key,)))
         except Exception as exc:  # from Redis: see the module doc
             waited = (clock() - start) * 1000
-            # A timed-out wait opens the breaker; the read it then skips is not the news.
             error = wake_error or type(exc).__name__
             result = yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error)
             return attrs.evolve(result, waited_ms=waited, polls=polls)
@@ -322,6 +328,53 @@ def _follow(
     waited = (clock() - start) * 1000
     result = yield from _uncoordinated(plan, Outcome.FOLLOWER_TIMEOUT)
     return attrs.evolve(result, waited_ms=waited, polls=polls)
+
+
+#: Redis ends a blocked ``XREAD`` on its timer (``hz 10``: every 100 ms), so a ``BLOCK``
+#: returns up to about this much after it asked for, plus the reply's own trip.
+SERVER_TIMER_SLACK_MS = 150.0
+#: The longest a command waits, in all, for a connection from a full pool when the dataset
+#: has no ``wait_ms`` (a legacy dataset's write): a burst queues instead of failing.
+POOL_WAIT_MS = 1000.0
+#: The longest pause between two tries for a connection from a full pool.
+POOL_PAUSE_MAX_MS = 20.0
+
+
+def _block_cap_ms(socket_timeout_ms: float | None) -> float:
+    """The longest ``XREAD BLOCK`` that ends before the client's socket time-out.
+
+    Half the time-out, and at least :data:`SERVER_TIMER_SLACK_MS` under it:
+    with 0.3 s, blocks of 150 ms, which Redis ends by about 250 ms. A wait that
+    still times out (a busy process reads the reply late) is "not yet" to
+    :func:`_follow`, never a sign that Redis is gone.
+    """
+    if socket_timeout_ms is None:
+        return float("inf")
+    return min(socket_timeout_ms / 2, socket_timeout_ms - SERVER_TIMER_SLACK_MS)
+
+
+def _ask(plan: Plan, command: Command) -> Generator[Step, Any, Any]:
+    """Send ``command``; when the client's pool is full, wait for a connection and send again.
+
+    A full pool is this process's own congestion (more callers than
+    connections), not Redis failing, so it must not make a caller fetch
+    uncoordinated. The pauses double from 1 ms to :data:`POOL_PAUSE_MAX_MS`,
+    for at most the dataset's ``wait_ms`` in all; then the error is the
+    caller's, as any other Redis error. Only a plain pool's refusal is sent
+    again: a blocking pool has already waited its own ``timeout`` for a
+    connection, and that is the bound the application chose.
+    """
+    budget_ms = POOL_WAIT_MS if plan.cache_fill is None else float(plan.cache_fill.wait_ms)
+    waited_ms, pause_ms = 0.0, 1.0
+    while True:
+        try:
+            return (yield command)
+        except Exception as exc:  # from Redis: see the module doc
+            if not is_pool_refusal(exc) or waited_ms >= budget_ms:
+                raise
+        yield Sleep(pause_ms / 1000)
+        waited_ms += pause_ms
+        pause_ms = min(pause_ms * 2, POOL_PAUSE_MAX_MS)
 
 
 def _told(plan: Plan, told: str, polls: int, waited_ms: float) -> Result:
@@ -346,7 +399,7 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
     write_error = None
     if payload is not None and plan.redis_ok:
         try:
-            yield Command("write", (plan.redis_key, payload, ttl_ms))
+            yield from _ask(plan, Command("write", (plan.redis_key, payload, ttl_ms)))
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
     # The Redis error that sent this caller here says more than a write refused after it.
@@ -409,7 +462,7 @@ def _write_and_release(
     cancelled: asyncio.CancelledError | None = None
     if payload is not None:
         try:
-            yield Command("write", (plan.redis_key, payload, ttl_ms))
+            yield from _ask(plan, Command("write", (plan.redis_key, payload, ttl_ms)))
         except asyncio.CancelledError as exc:
             # The write may not have landed: followers must not wait for it.
             cancelled, result = exc, CANCELLED
@@ -418,8 +471,8 @@ def _write_and_release(
             result = UNSTORED + write_error if result == STORED else result
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
-        released = yield Command(
-            "release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms, result)
+        released = yield from _ask(
+            plan, Command("release", (lock, wake_key(plan.redis_key), token, wake_ttl_ms, result))
         )
     except Exception as exc:  # from Redis: see the module doc
         return write_error, type(exc).__name__
@@ -434,9 +487,18 @@ def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:
     return getattr(commands, step.name)(*step.args)
 
 
-def _on_error(exc: Exception, breaker: Breaker) -> Exception:
-    if isinstance(exc, REDIS_ERRORS) and is_unreachable(exc):
-        breaker.trip()
+def _on_error(exc: Exception, breaker: Breaker, step: Step) -> Exception:
+    """Tell the breaker of a failure to reach Redis; a blocking wait's time-out is none.
+
+    A ``wait`` blocks on purpose, for nearly as long as the socket time-out
+    allows: its time-out says the process or the server's timer was late, and
+    Redis answers the read that follows it.
+    """
+    if not (isinstance(exc, REDIS_ERRORS) and is_unreachable(exc)):
+        return exc
+    timed_out = is_timeout(exc)
+    if not (timed_out and isinstance(step, Command) and step.name == "wait"):
+        breaker.failed(timed_out=timed_out)
     return exc
 
 
@@ -461,8 +523,9 @@ def run_sync(
                 raise RedisUnavailable("no Redis client is configured")
             else:
                 reply = _send(commands, step, breaker)
+                breaker.answered()
         except Exception as exc:
-            failure = _on_error(exc, breaker)
+            failure = _on_error(exc, breaker, step)
 
 
 async def run_async(
@@ -502,7 +565,8 @@ async def run_async(
                 raise RedisUnavailable("no Redis client is configured")
             else:
                 reply = await _send(commands, step, breaker)
+                breaker.answered()
         except asyncio.CancelledError as exc:
             failure = exc  # the algorithm cleans up and re-raises it
         except Exception as exc:
-            failure = _on_error(exc, breaker)
+            failure = _on_error(exc, breaker, step)

@@ -26,7 +26,7 @@ import attrs
 import wrapt
 
 from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
-from memofill.commands import Commands, acl_rule, is_unreachable
+from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker, LocalStore
@@ -587,13 +587,14 @@ def _served_without_fill(
     decoded afresh from its bytes, so no two callers ever hold the same object.
     Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
     error marker (the last fill failed: raise at once), or corruption or another
-    schema (a miss that the fill overwrites). A failed ``GET`` trips the breaker
-    when Redis is unreachable and serves the locally kept value when there is one.
+    schema (a miss that the fill overwrites). A failed ``GET`` is told to the breaker
+    when Redis seems unreachable and serves the locally kept value when there is one;
+    one refused by a full pool goes on to the fill, which waits for a connection.
     """
     codec = binding.values.codec
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
-            binding.breaker.trip()
+            binding.breaker.failed(timed_out=is_timeout(error))
         kept = binding.local_store.get(key, None)
         value = None if kept is None else decode_stored(codec, kept)
         if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
@@ -692,7 +693,8 @@ class _Miss:
         replaces the key.
         """
         dataset, commands = self.binding.dataset, self.commands
-        unreachable = error is not None and is_unreachable(error)
+        # A time-out alone is not proof (the breaker counts them): the lock path runs.
+        unreachable = error is not None and is_unreachable(error) and not is_timeout(error)
         breaker_open = self.binding.breaker.is_open
         return Plan(
             dataset=dataset.key,

@@ -8,16 +8,22 @@ Two small pieces, both process-local and thread-safe:
   of bytes and of entries (oldest dropped first), so a warm process keeps
   serving them while Redis is down instead of sending every caller to the
   upstream, and a process that reads many large values does not grow with them.
-* :class:`Breaker` remembers that Redis just failed to connect or answer, and
-  for a short cool-down sends calls straight to the local path: a paused Redis
-  would otherwise cost every caller a full socket time-out.
+* :class:`Breaker` remembers that Redis just failed to connect (or timed out
+  several times in a row), and for a short cool-down sends calls straight to
+  the local path: a paused Redis would otherwise cost every caller a full
+  socket time-out.
+
+Both survive a ``fork()`` (a pre-forking server, ``multiprocessing``): the
+child gets fresh locks and a closed breaker, and keeps the values.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +52,7 @@ class LocalStore:
 
     When a new entry would pass either bound, the oldest entries are dropped
     first (a dict keeps insertion order, and :meth:`put` re-inserts). Each
-    eviction is counted (:attr:`evictions`, :attr:`evicted_bytes`) and told on
+    eviction is counted (:attr:`evictions`, ``evicted_bytes``) and told on
     the ``memofill`` logger at INFO, at most once a minute. A value larger than
     a quarter of the byte budget is not kept at all (:attr:`too_large`): one
     huge value would otherwise push out every other. The hit path reads
@@ -79,6 +85,7 @@ class LocalStore:
         self._told_evictions = 0
         self._told_at = -EVICTION_LOG_INTERVAL_S
         self._lock = threading.Lock()
+        _live_stores.add(self)
 
     def put(self, key: str, value: bytes, ttl_s: float) -> None:
         """Remember ``value`` (a value's stored bytes) for ``min(ttl_s, max_ttl_s)`` seconds."""
@@ -150,11 +157,23 @@ def entry_bytes(key: str, value: bytes) -> int:
     return len(key) + len(value) + ENTRY_OVERHEAD_BYTES
 
 
-class Breaker:
-    """Open for ``cooldown_s`` after a connection failure; while open, calls skip Redis.
+#: How many time-outs in a row (no reply between them, each within the cool-down of the
+#: last) open the breaker. One slow reply says little: a busy event loop or CPU delays
+#: replies from a healthy Redis; a stalled Redis times out every caller.
+TIMEOUTS_TO_OPEN = 3
 
-    Only failures to reach Redis open it (refused, reset, timed out): a command
-    Redis answers with an error (no permission, out of memory) says Redis is up.
+
+class Breaker:
+    """Open for ``cooldown_s`` once Redis is shown unreachable; while open, calls skip Redis.
+
+    Evidence, not one bad moment, opens it: a connection refused, reset or
+    not made (:meth:`failed` with ``timed_out=False``) opens it at once;
+    time-outs open it when :data:`TIMEOUTS_TO_OPEN` come in a row, each within
+    ``cooldown_s`` of the one before, with no reply between them
+    (:meth:`answered`). A command Redis answers with an error (no permission,
+    out of memory) says Redis is up and is not reported at all. The breaker is
+    process-wide, so one slow reply opening it would send the misses of every
+    dataset to their origins for the cool-down.
     """
 
     def __init__(
@@ -165,6 +184,10 @@ class Breaker:
         #: When the cool-down ends (monotonic seconds); ``0.0`` while closed, so the hit
         #: path tests one float before it reads the clock.
         self.open_until = 0.0
+        #: Time-outs in a row, and when the last one was.
+        self.timeouts = 0
+        self._last_timeout = 0.0
+        _live_breakers.add(self)
 
     @property
     def is_open(self) -> bool:
@@ -172,9 +195,49 @@ class Breaker:
         return self.open_until > self._clock()
 
     def trip(self) -> None:
-        """Redis just failed to answer: skip it for the cool-down."""
+        """Redis is unreachable: skip it for the cool-down."""
         self.open_until = self._clock() + self.cooldown_s
+        self.timeouts = 0
+
+    def failed(self, *, timed_out: bool) -> None:
+        """Redis failed to answer a command: open now, or on the last of a few time-outs."""
+        if not timed_out:
+            self.trip()
+            return
+        now = self._clock()
+        in_a_row = self.timeouts and now - self._last_timeout <= self.cooldown_s
+        self.timeouts = self.timeouts + 1 if in_a_row else 1
+        self._last_timeout = now
+        if self.timeouts >= TIMEOUTS_TO_OPEN:
+            self.trip()
+
+    def answered(self) -> None:
+        """Redis replied to a command: the time-outs before it were not in a row."""
+        if self.timeouts:
+            self.timeouts = 0
 
     def reset(self) -> None:
         """Redis answered: use it again."""
         self.open_until = 0.0
+        self.timeouts = 0
+
+
+_live_stores: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+_live_breakers: weakref.WeakSet[Breaker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with a closed breaker and unheld locks; kept values stay.
+
+    The parent's threads do not exist in the child, so a lock one of them held
+    at the fork would never be released; the stored bytes are plain data and
+    still serve outages. The parent's breaker state says nothing of the child's
+    connections, which are new.
+    """
+    for store in list(_live_stores):
+        store._lock = threading.Lock()
+    for breaker in list(_live_breakers):
+        breaker.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

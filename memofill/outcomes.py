@@ -12,7 +12,9 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
 import threading
+import weakref
 from collections import Counter
 
 import attrs
@@ -142,6 +144,7 @@ class Counters:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._hits: dict[str, Tally] = {}
         self._lock = threading.Lock()
+        _live_counters.add(self)
 
     def add(self, dataset: str, name: str) -> None:
         """Count one ``name``: an outcome value, :data:`HIT`, :data:`FALLBACK_HIT`, ``disabled``."""
@@ -178,3 +181,22 @@ class Counters:
             tallies = list(self._hits.values())
         for tally in tallies:
             tally.reset()
+
+
+_live_counters: weakref.WeakSet[Counters] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child counts from zero, with locks no parent thread can be holding.
+
+    Counts are per process: a child that kept the parent's would have them
+    counted twice in any sum over the workers of a pre-forking server.
+    """
+    for counters in list(_live_counters):
+        counters._lock = threading.Lock()
+        for tally in counters._hits.values():
+            tally._lock = threading.Lock()
+        counters.reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

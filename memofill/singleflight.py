@@ -5,12 +5,18 @@ fill runs in a task of its own and every caller awaits it through
 :func:`asyncio.shield`, so a caller that is cancelled or times out leaves the
 shared fill running for the others. When the last of them goes, the fill stops
 too, unless it has already called the origin (see :class:`TaskFlights`).
+
+A forked child (a pre-forking server, ``multiprocessing``) starts with no fills
+in flight: it inherits the parent's table but not the threads or tasks that
+would finish those fills, so a caller there would wait for them forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -31,6 +37,12 @@ class ThreadFlights(Generic[T]):
 
     def __init__(self) -> None:
         self._flights: dict[str, _Flight[T]] = {}
+        self._lock = threading.Lock()
+        _live.add(self)
+
+    def _forget(self) -> None:
+        """In a forked child: no fill is in flight, and nobody holds the lock."""
+        self._flights = {}
         self._lock = threading.Lock()
 
     def run(self, key: str, fill: Callable[[], T]) -> tuple[T, bool]:
@@ -93,6 +105,11 @@ class TaskFlights(Generic[T]):
 
     def __init__(self) -> None:
         self._flights: dict[tuple[asyncio.AbstractEventLoop, str], _TaskFlight[T]] = {}
+        _live.add(self)
+
+    def _forget(self) -> None:
+        """In a forked child: the parent's event loops and their fills do not run here."""
+        self._flights = {}
 
     async def run(
         self, key: str, fill: Callable[[Callable[[], None]], Awaitable[T]]
@@ -135,3 +152,14 @@ async def _call(
     fill: Callable[[Callable[[], None]], Awaitable[Any]], commit: Callable[[], None]
 ) -> Any:
     return await fill(commit)
+
+
+_live: weakref.WeakSet[ThreadFlights[Any] | TaskFlights[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for flights in list(_live):
+        flights._forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -84,6 +84,7 @@ def test_exported_members_are_pinned() -> None:
         "default_instance",
         "disabled",
         "load_policies",
+        "redis_client",
         "validate",
     ]
     assert all(hasattr(memofill, name) for name in memofill.__all__)

@@ -17,7 +17,12 @@ from typing import Any
 import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, OutOfMemoryError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memofill.codec import NEGATIVE_MARKER, encode, error_marker
@@ -601,11 +606,61 @@ def test_wake_stream_error_falls_back_to_polling_on_a_timer() -> None:
     assert driver.names() == ["acquire", "wait", "sleep", "get", "sleep", "get", "sleep", "get"]
 
 
-def test_wake_stream_timeout_then_a_skipped_read_reports_the_timeout() -> None:
+def test_a_timed_out_wait_means_not_yet_and_the_follower_keeps_following() -> None:
+    # A blocking XREAD that outlives the socket time-out (Redis ends blocks on its 100 ms
+    # timer; a busy process reads the reply late) says nothing about Redis's health.
+    driver = follower({"wait": [RedisTimeoutError("read"), RedisTimeoutError("read")]})
+    driver.script["get"] = [None, None, PAYLOAD]
+    result = driver.run()
+    assert result.outcome is Outcome.FOLLOWER_HIT
+    assert result.value == VALUE
+    assert driver.fetches == 0
+    # No timer sleep after a timed-out wait (it took its time), and the stream is used again.
+    assert driver.names() == ["acquire", "wait", "get", "wait", "get", "wait", "get"]
+
+
+def test_a_wait_timeout_then_a_failed_read_degrades_with_the_read_error() -> None:
     driver = follower({"wait": [RedisTimeoutError("read")], "get": [RedisUnavailable("breaker")]})
     result = driver.run()
-    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "TimeoutError")
+    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "RedisUnavailable")
     assert result.value == VALUE
+
+
+@pytest.mark.parametrize(
+    "full",
+    [MaxConnectionsError("Too many connections"), RedisConnectionError("Too many connections")],
+)
+@pytest.mark.parametrize("name", ["acquire", "get", "wait", "write", "release"])
+def test_a_full_pool_waits_for_a_connection_and_never_fetches_uncoordinated(
+    full: Exception, name: str
+) -> None:
+    script: dict[str, list[Any]] = {name: [full] * 5}
+    if name in ("get", "wait"):
+        driver = follower({**script, "get": [*script.get("get", []), None, PAYLOAD]})
+        expected = Outcome.FOLLOWER_HIT
+    else:
+        driver = Driver(script)
+        expected = Outcome.LEADER_FILL
+    result = driver.run()
+    assert (result.outcome, result.error) == (expected, None)
+    assert driver.fetches == (1 if expected is Outcome.LEADER_FILL else 0)
+    sleeps = [s.seconds * 1000 for s in driver.steps if isinstance(s, Sleep)]
+    assert sleeps[:5] == [1, 2, 4, 8, 16]
+
+
+def test_a_blocking_pool_that_waited_its_own_timeout_is_not_asked_again() -> None:
+    driver = Driver({"acquire": [RedisConnectionError("No connection available.")]})
+    result = driver.run()
+    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "ConnectionError")
+    assert not [s for s in driver.steps if isinstance(s, Sleep)]
+
+
+def test_a_pool_full_for_longer_than_wait_ms_is_a_lock_error() -> None:
+    driver = Driver({"acquire": [MaxConnectionsError("Too many connections")] * 10_000})
+    result = driver.run()
+    assert (result.outcome, result.error) == (Outcome.LOCK_ERROR, "MaxConnectionsError")
+    slept = sum(s.seconds for s in driver.steps if isinstance(s, Sleep))
+    assert POLICY.wait_ms / 1000 <= slept <= POLICY.wait_ms / 1000 + 0.1
 
 
 def test_follower_timeout_fetches_uncoordinated_and_writes() -> None:
@@ -669,12 +724,17 @@ def test_timer_polling_uses_the_same_backoff() -> None:
     assert sum(sleeps) == pytest.approx(POLICY.wait_ms, abs=1)
 
 
-def test_block_is_clamped_under_the_socket_timeout() -> None:
-    driver = follower()
-    result = driver.run(make_plan(block_limit_ms=100.0))
+@pytest.mark.parametrize(
+    ("socket_timeout_ms", "cap_ms"), [(300.0, 150), (1000.0, 500), (200.0, 50)]
+)
+def test_block_ends_well_before_the_socket_timeout(socket_timeout_ms: float, cap_ms: int) -> None:
+    # Redis ends a BLOCK on its own timer (every 100 ms at hz 10): BLOCK 240 returns after
+    # about 300 ms, so 80% of a 0.3 s time-out is not enough; a block stays 150 ms under it.
+    driver = follower(script={}, fetch=lambda: VALUE)
+    policy = CacheFill(lease_ms=5_000, wait_ms=2_000, poll_min_ms=10, poll_max_ms=1_000)
+    result = driver.run(make_plan(block_limit_ms=socket_timeout_ms, cache_fill=policy))
     assert result.outcome is Outcome.FOLLOWER_TIMEOUT
-    assert max(block_times(driver)) <= 80
-    assert result.waited_ms == pytest.approx(POLICY.wait_ms, abs=1)
+    assert max(block_times(driver)) == cap_ms
 
 
 def test_block_is_never_zero_which_would_block_forever() -> None:

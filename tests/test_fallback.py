@@ -130,6 +130,31 @@ def test_the_breaker_opens_for_its_cool_down_then_closes() -> None:
     assert not breaker.is_open
 
 
+def test_a_refused_connection_opens_the_breaker_at_once() -> None:
+    breaker = Breaker(cooldown_s=1.0, clock=FakeClock())
+    breaker.failed(timed_out=False)
+    assert breaker.is_open
+
+
+def test_time_outs_open_the_breaker_only_when_three_come_in_a_row() -> None:
+    clock = FakeClock()
+    breaker = Breaker(cooldown_s=1.0, clock=clock)
+    breaker.failed(timed_out=True)
+    breaker.failed(timed_out=True)
+    assert not breaker.is_open  # one slow moment of a busy process is not an outage
+    breaker.answered()  # a reply between them: they were not in a row
+    breaker.failed(timed_out=True)
+    breaker.failed(timed_out=True)
+    assert not breaker.is_open
+    clock.now += 1.5  # more than the cool-down since the last: a new row starts
+    breaker.failed(timed_out=True)
+    breaker.failed(timed_out=True)
+    assert not breaker.is_open
+    breaker.failed(timed_out=True)
+    assert breaker.is_open
+    assert breaker.timeouts == 0
+
+
 # --- through the decorator -------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
@@ -46,32 +47,52 @@ def _timed_out() -> RedisTimeoutError:
 def _slowed(client: C, delay: _Delay) -> C:
     """Make every command of ``client`` wait as ``delay`` says, as on a slow server.
 
-    Every command goes through ``execute_command`` (scripts too), so wrapping it
-    on this one client object slows exactly the clients the fixtures made.
+    Every single command goes through ``execute_command`` (scripts too), and
+    every pipeline through its ``execute``: wrapping them on this one client
+    object slows exactly the clients the fixtures made.
     """
     execute = client.execute_command  # type: ignore[attr-defined]
+    pipeline = client.pipeline  # type: ignore[attr-defined]
     if inspect.iscoroutinefunction(execute):
 
-        async def execute_async(*args: Any, **options: Any) -> Any:
-            seconds, fails = delay.pause()
-            if seconds:
-                await asyncio.sleep(seconds)
-            if fails:
-                raise _timed_out()
-            return await execute(*args, **options)
+        def slowed_async(run: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def slow_run(*args: Any, **options: Any) -> Any:
+                seconds, fails = delay.pause()
+                if seconds:
+                    await asyncio.sleep(seconds)
+                if fails:
+                    raise _timed_out()
+                return await run(*args, **options)
 
-        client.execute_command = execute_async  # type: ignore[attr-defined]
-    else:
+            return slow_run
 
-        def execute_sync(*args: Any, **options: Any) -> Any:
+        def pipeline_async(*args: Any, **options: Any) -> Any:
+            pipe = pipeline(*args, **options)
+            pipe.execute = slowed_async(pipe.execute)
+            return pipe
+
+        client.execute_command = slowed_async(execute)  # type: ignore[attr-defined]
+        client.pipeline = pipeline_async  # type: ignore[attr-defined]
+        return client
+
+    def slowed(run: Callable[..., Any]) -> Callable[..., Any]:
+        def slow_run(*args: Any, **options: Any) -> Any:
             seconds, fails = delay.pause()
             if seconds:
                 time.sleep(seconds)
             if fails:
                 raise _timed_out()
-            return execute(*args, **options)
+            return run(*args, **options)
 
-        client.execute_command = execute_sync  # type: ignore[attr-defined]
+        return slow_run
+
+    def pipeline_sync(*args: Any, **options: Any) -> Any:
+        pipe = pipeline(*args, **options)
+        pipe.execute = slowed(pipe.execute)
+        return pipe
+
+    client.execute_command = slowed(execute)  # type: ignore[attr-defined]
+    client.pipeline = pipeline_sync  # type: ignore[attr-defined]
     return client
 
 
