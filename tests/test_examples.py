@@ -172,6 +172,43 @@ def test_uvicorn_serves_a_stampede_with_one_upstream_call(
         assert redis.exists(final_key("quotes-api:", "fastapi:quotes:{symbol}", symbol="ACME"))
 
 
+#: Put in front of an example's path, it starts a CPU-bound thread in every Python process
+#: it starts (the server and each of its workers), as a busy service would have.
+BUSY_SITECUSTOMIZE = """
+import threading
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+threading.Thread(target=_spin, name="cpu-bound", daemon=True).start()
+"""
+
+
+@pytest.mark.slow
+def test_three_busy_uvicorn_workers_call_the_upstream_once_per_cold_key_in_five_runs(
+    own_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """300 concurrent requests across 3 workers, each with a CPU-bound thread, five cold keys."""
+    calls, port, busy = tmp_path / "calls", free_port(), tmp_path / "busy"
+    busy.mkdir()
+    (busy / "sitecustomize.py").write_text(BUSY_SITECUSTOMIZE)
+    env = example_env(REDIS_URL=own_redis_server.url, UPSTREAM_CALLS_FILE=str(calls))
+    env["PYTHONPATH"] = os.pathsep.join([str(busy), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "uvicorn", "fastapi_app:app", "--port", str(port)]
+    symbols = [f"RUN{run}" for run in range(5)]
+    with serving([*command, "--workers", "3"], port, env, tmp_path / "log") as base:
+        for symbol in symbols:
+            responses = stampede(f"{base}/quotes/{symbol}", 300)
+            assert {status for status, _ in responses} == {200}
+            assert len({json.dumps(body) for _, body in responses}) == 1
+            assert responses[0][1]["symbol"] == symbol
+    # One upstream call per cold key, in every run.
+    assert upstream_calls(calls) == [f"quote {symbol}" for symbol in symbols]
+
+
 @pytest.fixture
 def own_redis_cluster() -> Iterator[RedisCluster]:
     """A cluster of this test's own: the session's is one that fault tests stall and restore."""
