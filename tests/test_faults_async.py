@@ -129,6 +129,27 @@ async def assert_nothing_left_behind(*instances: Memofill) -> None:
 LOST_CANCEL = "a caller's time-out expired, yet it kept waiting: its cancellation was lost"
 
 
+def lost_cancels(late: set[asyncio.Task[Any]]) -> int:
+    """How many callers kept waiting after their time-out: none from Python 3.11.
+
+    Python 3.10 does not count cancellation requests, so memofill cannot tell
+    that redis-py dropped one (see
+    ``test_a_cancellation_the_redis_reply_swallowed_still_ends_the_call``): on a
+    stalled loop such a caller waits on for the fill and gets its value.
+    """
+    if sys.version_info >= (3, 11):
+        assert not late, LOST_CANCEL
+    return len(late)
+
+
+def split_served(results: list[Any]) -> tuple[list[Any], list[BaseException]]:
+    """Values returned and exceptions raised, apart."""
+    return (
+        [r for r in results if not isinstance(r, BaseException)],
+        [r for r in results if isinstance(r, BaseException)],
+    )
+
+
 def logged(records: list[dict[str, Any]]) -> Counter[tuple[str, str | None]]:
     return Counter((r["outcome"], r["error"]) for r in records)
 
@@ -233,8 +254,10 @@ async def test_followers_cancelled_mid_wait(
         await cache.set(key, encode({"name": "x"}), px=60_000)
         await cache.xadd(wake_key(key), {"filled": "1"})
         results = await asyncio.gather(*tasks, *timeouts, return_exceptions=True)
-    assert not late, LOST_CANCEL
-    assert outcomes(results[6:]) == Counter(timeout=2)
+    lost = lost_cancels(late)
+    values, errors = split_served(results[6:])
+    assert values == [{"name": "x"}] * lost
+    assert outcomes(errors) == Counter(timeout=2 - lost)
     assert outcomes(results[:3]) == Counter(cancelled=3)
     served = [result for result, _ in results[3:6]]
     survivors = Counter(r.outcome for r in served)
@@ -244,7 +267,11 @@ async def test_followers_cancelled_mid_wait(
     measure(request, origin.calls, longest, logged(records))
     assert longest < 0.2 + FILL.poll_max_ms / 1000 + MARGIN_S
     assert origin.calls == 0
-    assert Counter(r["outcome"] for r in records) == survivors | Counter(follower_hit=1)
+    expected = survivors | Counter(follower_hit=1)
+    if lost:  # the callers that kept waiting joined the fill too
+        assert Counter(r["outcome"] for r in records) - expected == Counter(local_join=lost)
+    else:
+        assert Counter(r["outcome"] for r in records) == expected
     await assert_nothing_left_behind(mf)
 
 
@@ -273,8 +300,10 @@ async def test_wait_for_timeouts_around_calls(
         _, late = await asyncio.wait(short, timeout=10)
         gate.set()
         results = await asyncio.gather(*short, *patient, return_exceptions=True)
-    assert not late, LOST_CANCEL
-    assert outcomes(results[:4]) == Counter(timeout=4)
+    lost = lost_cancels(late)
+    values, errors = split_served(results[:4])
+    assert values == [{"name": "x"}] * lost
+    assert outcomes(errors) == Counter(timeout=4 - lost)
     served = [result for result, _ in results[4:]]
     measure(request, origin.calls, max(s for _, s in results[4:]), logged(records))
     assert [r.value for r in served] == [{"name": "x"}] * 2
