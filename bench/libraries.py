@@ -15,6 +15,7 @@ library of its own row, and a run restricted to some rows needs only those.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,8 @@ class Library:
     make: Callable[[int, str, Origin], Cached]
     #: How the row is configured, for the table notes.
     setup: str
+    #: Expiry rows only: seconds a value is fresh (soft expiry where the library has one).
+    fresh_s: float = 0.0
 
     @property
     def mode(self) -> str:
@@ -231,15 +234,20 @@ def _aiocache(port: int, namespace: str, origin: Origin) -> Cached:
 # -- memofill: the dataset policy the issue prescribes -------------------------------------------
 
 
-def _memofill(client: Any, namespace: str, origin: Origin, is_async: bool) -> Cached:
+def _memofill(
+    client: Any,
+    namespace: str,
+    origin: Origin,
+    is_async: bool,
+    dataset: Any = None,
+) -> Cached:
+    """memofill's decorator on one dataset: the bench's policy unless ``dataset`` is given."""
     import memofill  # noqa: PLC0415
 
-    fill = memofill.CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250)
-    instance = memofill.Memofill(
-        client,
-        prefix=namespace,
-        policies={DATASET: memofill.Dataset(DATASET, ttl_s=TTL_S, cache_fill=fill)},
-    )
+    if dataset is None:
+        fill = memofill.CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250)
+        dataset = memofill.Dataset(DATASET, ttl_s=TTL_S, cache_fill=fill)
+    instance = memofill.Memofill(client, prefix=namespace, policies={DATASET: dataset})
 
     def outcomes() -> dict[str, int]:
         counts = instance.counters.snapshot().get(DATASET, {})
@@ -267,6 +275,122 @@ def _memofill_sync(port: int, namespace: str, origin: Origin) -> Cached:
 
 def _memofill_async(port: int, namespace: str, origin: Origin) -> Cached:
     return _memofill(async_client(port), namespace, origin, is_async=True)
+
+
+# -- expiry under load: a hot key whose freshness runs out while callers keep calling ----------
+
+#: Seconds an expiry row's value is fresh, and how long past that it may be served stale.
+FRESH_S = 1
+STALE_S = 1
+#: Early refresh needs a freshness well above its lead time, δβ(ln(rδβ) + 0.577) ≈ 1.2 s
+#: at β = 1, δ = 0.2 s and ~1,300 reads a second, so its rows keep values fresh 3 s.
+EARLY_FRESH_S = 3
+EARLY_BETA = 1.0
+#: After a failed refresh no process retries for this long; it must fit in the stale window.
+REFRESH_RETRY_MS = 1000
+
+
+def _expiry_dataset(fresh_s: float, stale_s: float = 0, early_beta: float = 0.0) -> Any:
+    """The bench's fill policy with freshness ``fresh_s`` and the serve-stale settings given.
+
+    With neither ``stale_s`` nor ``early_beta`` it is today's dataset (the baseline), built
+    without naming the serve-stale fields at all.
+    """
+    import memofill  # noqa: PLC0415
+
+    refresh: dict[str, Any] = {}
+    if stale_s or early_beta:
+        refresh["refresh_retry_ms"] = REFRESH_RETRY_MS
+    if early_beta:
+        refresh["early_beta"] = early_beta
+    fill = memofill.CacheFill(
+        lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250, **refresh
+    )
+    stale: dict[str, Any] = {"stale_s": stale_s} if stale_s else {}
+    return memofill.Dataset(DATASET, ttl_s=fresh_s, cache_fill=fill, **stale)
+
+
+def _memofill_ttl(is_async: bool) -> Callable[[int, str, Origin], Cached]:
+    def make(port: int, namespace: str, origin: Origin) -> Cached:
+        client = async_client(port) if is_async else sync_client(port)
+        return _memofill(client, namespace, origin, is_async, _expiry_dataset(FRESH_S))
+
+    return make
+
+
+def _memofill_stale(is_async: bool) -> Callable[[int, str, Origin], Cached]:
+    def make(port: int, namespace: str, origin: Origin) -> Cached:
+        client = async_client(port) if is_async else sync_client(port)
+        dataset = _expiry_dataset(FRESH_S, stale_s=STALE_S)
+        return _memofill(client, namespace, origin, is_async, dataset)
+
+    return make
+
+
+def _memofill_early(is_async: bool) -> Callable[[int, str, Origin], Cached]:
+    def make(port: int, namespace: str, origin: Origin) -> Cached:
+        client = async_client(port) if is_async else sync_client(port)
+        dataset = _expiry_dataset(EARLY_FRESH_S, stale_s=EARLY_FRESH_S, early_beta=EARLY_BETA)
+        return _memofill(client, namespace, origin, is_async, dataset)
+
+    return make
+
+
+def _dogpile_stale(port: int, namespace: str, origin: Origin) -> Cached:
+    """dogpile.cache's serve-stale mode: soft expiry, a hard Redis TTL, refresh in a thread.
+
+    The caller that wins the (non-blocking) mutex hands it to the runner and returns
+    the stale value; the runner calls the origin in a new thread, writes the value and
+    releases the mutex, as dogpile's documentation shows.
+    """
+    from dogpile.cache import make_region  # noqa: PLC0415
+
+    def runner(region: Any, key: Any, creator: Callable[[], Any], mutex: Any) -> None:
+        def refresh() -> None:
+            try:
+                region.set(key, creator())
+            finally:
+                mutex.release()
+
+        threading.Thread(target=refresh, daemon=True).start()
+
+    region = make_region(
+        serializer=orjson.dumps, deserializer=orjson.loads, async_creation_runner=runner
+    ).configure(
+        "dogpile.cache.redis",
+        expiration_time=FRESH_S,
+        arguments={
+            "host": HOST,
+            "port": port,
+            "db": 0,
+            "redis_expiration_time": FRESH_S + STALE_S,
+            "distributed_lock": True,
+            "thread_local_lock": False,  # the runner's thread releases the lock
+            "lock_timeout": 5,  # as memofill's lease: a lost runner frees the lock
+            "connection_kwargs": dict(CLIENT_OPTIONS),
+        },
+    )
+
+    @region.cache_on_arguments(namespace=namespace)
+    def fetch(name: str) -> Any:
+        return origin(name)
+
+    return Cached(fetch, region.backend.writer_client.close)
+
+
+def _cashews_early(port: int, namespace: str, origin: Origin) -> Cached:
+    """cashews' early refresh: after ``early_ttl`` one caller refreshes in a task."""
+    from cashews import Cache  # noqa: PLC0415
+
+    cache = Cache(name=namespace)
+    # Not its JSON codec: @cache.early stores [datetime, value], which that codec cannot encode.
+    cache.setup(f"redis://{HOST}:{port}/0", **CLIENT_OPTIONS)
+
+    @cache.early(ttl=FRESH_S + STALE_S, early_ttl=FRESH_S, key=namespace + "{name}")
+    async def fetch(name: str) -> Any:
+        return await origin(name)
+
+    return Cached(fetch, cache.close)
 
 
 _MEMOFILL_SETUP = (
@@ -343,4 +467,94 @@ LIBRARIES: tuple[Library, ...] = (
     Library("memofill-async", "memofill", True, True, _memofill_async, _MEMOFILL_SETUP),
 )
 
-BY_SLUG: dict[str, Library] = {library.slug: library for library in LIBRARIES}
+_EXPIRY_FILL = "CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250"
+_STALE_SETUP = (
+    f"`Dataset(ttl_s={FRESH_S}, stale_s={STALE_S}, cache_fill={_EXPIRY_FILL}, "
+    f"refresh_retry_ms={REFRESH_RETRY_MS}))`"
+)
+_EARLY_SETUP = (
+    f"`Dataset(ttl_s={EARLY_FRESH_S}, stale_s={EARLY_FRESH_S}, cache_fill={_EXPIRY_FILL}, "
+    f"early_beta={EARLY_BETA:g}, refresh_retry_ms={REFRESH_RETRY_MS}))`"
+)
+
+#: The rows of the expiry scenario, in table order: each keeps values fresh ``fresh_s``.
+EXPIRY_LIBRARIES: tuple[Library, ...] = (
+    Library(
+        "memofill-ttl-sync",
+        "memofill, no stale_s",
+        False,
+        True,
+        _memofill_ttl(is_async=False),
+        f"today's behaviour: `Dataset(ttl_s={FRESH_S}, cache_fill={_EXPIRY_FILL}))`",
+        FRESH_S,
+    ),
+    Library(
+        "memofill-ttl-async",
+        "memofill, no stale_s",
+        True,
+        True,
+        _memofill_ttl(is_async=True),
+        f"today's behaviour: `Dataset(ttl_s={FRESH_S}, cache_fill={_EXPIRY_FILL}))`",
+        FRESH_S,
+    ),
+    Library(
+        "memofill-stale-sync",
+        "memofill, stale_s",
+        False,
+        True,
+        _memofill_stale(is_async=False),
+        _STALE_SETUP + ", `refresh='background'` (the default: a pool of 4 threads)",
+        FRESH_S,
+    ),
+    Library(
+        "memofill-stale-async",
+        "memofill, stale_s",
+        True,
+        True,
+        _memofill_stale(is_async=True),
+        _STALE_SETUP + ", `refresh='background'` (the default: a task)",
+        FRESH_S,
+    ),
+    Library(
+        "dogpile-stale",
+        "dogpile.cache, serve stale",
+        False,
+        True,
+        _dogpile_stale,
+        f"`expiration_time={FRESH_S}` (soft), `redis_expiration_time={FRESH_S + STALE_S}`, "
+        "`distributed_lock=True`, `thread_local_lock=False`, `lock_timeout=5`, and an "
+        "`async_creation_runner` that refreshes in a new thread and then releases the lock",
+        FRESH_S,
+    ),
+    Library(
+        "cashews-early",
+        "cashews, early",
+        True,
+        True,
+        _cashews_early,
+        f"`@cache.early(ttl={FRESH_S + STALE_S}, early_ttl={FRESH_S}, key=...)`, "
+        "its default codec (pickle: `@cache.early` stores `[datetime, value]`, which its JSON "
+        "codec cannot encode); the refresh runs in a background task",
+        FRESH_S,
+    ),
+    Library(
+        "memofill-early-sync",
+        "memofill, early β = 1",
+        False,
+        True,
+        _memofill_early(is_async=False),
+        _EARLY_SETUP,
+        EARLY_FRESH_S,
+    ),
+    Library(
+        "memofill-early-async",
+        "memofill, early β = 1",
+        True,
+        True,
+        _memofill_early(is_async=True),
+        _EARLY_SETUP,
+        EARLY_FRESH_S,
+    ),
+)
+
+BY_SLUG: dict[str, Library] = {library.slug: library for library in (*LIBRARIES, *EXPIRY_LIBRARIES)}

@@ -12,8 +12,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import registry
-from bench.libraries import LIBRARIES, Library
+from bench import expiry, registry
+from bench.libraries import BY_SLUG, LIBRARIES, STALE_S, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
 RAW_LABELS = {"raw-sync": "raw `SET`/`GET` (sync)", "raw-async": "raw `SET`/`GET` (asyncio)"}
@@ -272,6 +272,185 @@ def _payload(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _per_expiry(runs: list[list[int]]) -> str:
+    """Origin calls per expiry, each run: ``1,1,1 / 1,2,1``."""
+    return " / ".join(",".join(map(str, run)) for run in runs)
+
+
+def _expiry(results: dict[str, Any]) -> list[str]:
+    done = {slug: result for slug, result in results.items() if "failed" not in result}
+    failed = [
+        f"- {BY_SLUG[slug].label}: could not run ({result['failed']})"
+        for slug, result in results.items()
+        if "failed" in result
+    ]
+    any_result = next(iter(done.values()), None)
+    lines = ["## 5. Expiry under load", ""]
+    if any_result is None:
+        return [*lines, *failed, ""]
+    repeats = len(any_result["runs"])
+    lines += [
+        f"{any_result['processes']} processes × {any_result['callers']} callers call one key, "
+        f"each pausing {expiry.PAUSE_S[0] * 1000:.0f}–{expiry.PAUSE_S[1] * 1000:.0f} ms between "
+        f"calls; origin {any_result['origin_ms']:.0f} ms; a warm fill, then callers run until "
+        f"{expiry.EXPIRIES} expiries have passed; {repeats} run(s) per row, each on a new key "
+        "and a `redis-server` of the row's own. *At expiry*: calls that started while a "
+        "refresh (or the fill after a miss) was calling the origin; *hit p99*: every other "
+        f"call of the same run. *Slow*: calls over {expiry.SLOW_MS:.0f} ms, worst run. *Oldest "
+        "past freshness*: the largest age of a value served (from the start of the origin call "
+        "that made it) minus the row's freshness, over all runs. *Extra round trips*: requests "
+        "beyond each call's own read, per expiry, median run; *lock attempts*: `SET ... NX` "
+        "requests per expiry, median run.",
+        "",
+    ]
+    header = [
+        "row",
+        "fresh / stale s",
+        "origin calls per expiry, each run",
+        "one per expiry",
+        "slow calls",
+        "at expiry p50 / p99 ms",
+        "hit p99 ms",
+        "oldest past freshness ms",
+        "extra round trips per expiry",
+        "lock attempts per expiry",
+        "errors",
+    ]
+    rows, commands, outcomes = [], [], []
+    for slug, result in done.items():
+        library, summary = BY_SLUG[slug], result["summary"]
+        if slug.startswith("memofill-early"):
+            continue
+        stale = "–" if slug.startswith("memofill-ttl") else f"{STALE_S:g}"
+        rows.append(
+            [
+                library.label,
+                f"{result['fresh_s']:g} / {stale}",
+                _per_expiry(summary["origin_per_expiry"]),
+                "yes" if summary["origin_once_every_expiry"] else "**no**",
+                _count(summary["slow_calls"]),
+                f"{_num(summary['at_expiry_p50_ms'])} / {_num(summary['at_expiry_p99_ms'])}",
+                _num(summary["hit_p99_ms"]),
+                _num(summary["oldest_past_fresh_ms"], 0),
+                _num(summary["extra_round_trips_per_expiry"]),
+                _num(summary["lock_attempts_per_expiry"]),
+                _count(summary["errors"]),
+            ]
+        )
+    early_rows = []
+    for slug, result in done.items():
+        library, summary = BY_SLUG[slug], result["summary"]
+        last = result["runs"][-1]
+        commands.append(
+            f"- {library.label}: "
+            + ", ".join(
+                f"`{name}` {count}" for name, count in last["round_trips_by_command"].items()
+            )
+        )
+        if last["outcomes"]:
+            text = ", ".join(f"{name} {count}" for name, count in last["outcomes"].items())
+            outcomes.append(f"- {library.label}: {text}")
+        if slug.startswith("memofill-early"):
+            early_rows.append(
+                [
+                    library.label,
+                    f"{result['fresh_s']:g} s",
+                    _count(summary["expiries"]),
+                    f"{summary['early_share'] * 100:.0f} %",
+                    _num(summary["lock_attempts_mean"]),
+                    _per_expiry(summary["origin_per_expiry"]),
+                    _count(summary["slow_calls"]),
+                    _count(summary["errors"]),
+                ]
+            )
+    lines += _table(header, rows)
+    if early_rows:
+        lines += [
+            "Early refresh: the same load on a key fresh for longer (at these read rates the "
+            "XFetch rule's lead time, δβ(ln(rδβ) + 0.577), is about 1.2 s). *Refreshed early*: "
+            "cycles whose origin call started before the previous value's freshness ran out; "
+            "*lock attempts*: `SET ... NX` requests per cycle over all runs.",
+            "",
+            *_table(
+                [
+                    "row",
+                    "fresh",
+                    "cycles",
+                    "refreshed early",
+                    "lock attempts per cycle",
+                    "origin calls per cycle, each run",
+                    "slow calls",
+                    "errors",
+                ],
+                early_rows,
+            ),
+        ]
+    lines += ["Round trips by command, last run:", "", *commands, ""]
+    if outcomes:
+        lines += ["memofill outcomes, last run:", "", *outcomes, ""]
+    if failed:
+        lines += [*failed, ""]
+    return lines
+
+
+def _expiry_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    for slug, result in results.items():
+        if "failed" in result or not slug.startswith(("memofill-stale", "memofill-early")):
+            continue
+        mode = BY_SLUG[slug].mode
+        summary = result["summary"]
+        if slug.startswith("memofill-early"):
+            share = summary["early_share"]
+            checks.append(
+                {
+                    "target": f"≥ 99 % of cycles refreshed early, β = 1 ({mode})",
+                    "measured": f"{share * 100:.0f} % of {summary['expiries']} cycles",
+                    "ok": share >= 0.99,
+                }
+            )
+            attempts = summary["lock_attempts_mean"]
+            checks.append(
+                {
+                    "target": f"≤ 3.2 lock attempts per cycle, β = 1 ({mode})",
+                    "measured": f"{attempts:.1f}",
+                    "ok": attempts <= 3.2,
+                }
+            )
+            continue
+        limit = result["processes"] + 2
+        over = summary["p99_over_hit_ms"]
+        checks += [
+            {
+                "target": f"0 calls > 100 ms across expiries, stale_s ({mode})",
+                "measured": f"{summary['slow_calls']} (worst run)",
+                "ok": summary["slow_calls"] == 0,
+            },
+            {
+                "target": f"1 origin call per expiry in every run, stale_s ({mode})",
+                "measured": _per_expiry(summary["origin_per_expiry"]),
+                "ok": summary["origin_once_every_expiry"],
+            },
+            {
+                "target": f"p99 at expiry ≤ hit p99 + 1 ms ({mode})",
+                "measured": f"{over:+.1f} ms (worst run)",
+                "ok": over <= 1.0,
+            },
+            {
+                "target": f"no value served past freshness + stale_s ({mode})",
+                "measured": f"{summary['oldest_past_fresh_ms']:.0f} ms past freshness "
+                f"(stale_s {STALE_S * 1000:.0f} ms)",
+                "ok": summary["oldest_past_fresh_ms"] <= STALE_S * 1000,
+            },
+            {
+                "target": f"extra round trips per refresh ≤ processes + 2 = {limit} ({mode})",
+                "measured": f"{summary['extra_round_trips_worst']:.1f} (worst run)",
+                "ok": summary["extra_round_trips_worst"] <= limit,
+            },
+        ]
+    return checks
+
+
 def _check(ok: bool | None) -> str:
     return NA if ok is None else ("met" if ok else "**missed**")
 
@@ -355,6 +534,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "ok": peak <= 3,
                     }
                 )
+    if results.get("expiry"):
+        checks += _expiry_targets(results["expiry"])
     data = results.get("registry")
     if data and data["datasets"] >= 5_000:
         for step, limit_s in (("load", 0.5), ("generate", 2.0)):
@@ -371,16 +552,27 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _notes(results: dict[str, Any]) -> list[str]:
     used = set(results["meta"]["libraries"])
-    lines = [
-        "## Notes",
-        "",
-        "How each row is configured (same server, same client options: "
-        "redis-py with RESP3 and the hiredis parser; values kept 60 s):",
-        "",
-    ]
-    for library in LIBRARIES:
-        if library.slug in used or not library.fills:
-            lines.append(f"- **{library.label}**: {library.setup}")
+    lines = ["## Notes", ""]
+    if any(name in results for name in ("hit", "stampede", "growth", "payload")):
+        lines += [
+            "How each row is configured (same server, same client options: "
+            "redis-py with RESP3 and the hiredis parser; values kept 60 s):",
+            "",
+        ]
+        lines += [
+            f"- **{library.label}**: {library.setup}"
+            for library in LIBRARIES
+            if library.slug in used or not library.fills
+        ]
+    if results.get("expiry"):
+        lines += [
+            "",
+            "Expiry rows (section 5), each on a `redis-server` of its own, same client options:",
+            "",
+        ]
+        lines += [
+            f"- **{BY_SLUG[slug].label}**: {BY_SLUG[slug].setup}" for slug in results["expiry"]
+        ]
     lines += [
         "",
         "- *n/a*: dogpile.cache has no asyncio API; cashews and aiocache have no blocking API; "
@@ -442,6 +634,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _growth(results["growth"])
     if "payload" in results:
         lines += _payload(results["payload"])
+    if "expiry" in results:
+        lines += _expiry(results["expiry"])
     if "registry" in results:
         data = results["registry"]
         lines += [

@@ -22,12 +22,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import growth, hit, payload, registry, report, stampede
+from bench import expiry, growth, hit, payload, registry, report, stampede
 from bench.common import sync_client
-from bench.libraries import LIBRARIES, Library
+from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "stampede", "growth", "payload", "registry")
+SCENARIOS = ("hit", "stampede", "growth", "payload", "registry", "expiry")
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -49,6 +49,9 @@ class Scale:
     payload_hits: int
     registry_datasets: int
     registry_repeats: int
+    expiry_processes: int
+    expiry_callers: int
+    expiry_repeats: int
 
 
 FULL = Scale(
@@ -65,6 +68,9 @@ FULL = Scale(
     payload_hits=3,
     registry_datasets=5_000,
     registry_repeats=5,
+    expiry_processes=4,
+    expiry_callers=5,
+    expiry_repeats=3,
 )
 QUICK = Scale(
     hit_iterations=2_000,
@@ -80,6 +86,9 @@ QUICK = Scale(
     payload_hits=2,
     registry_datasets=500,
     registry_repeats=2,
+    expiry_processes=2,
+    expiry_callers=3,
+    expiry_repeats=1,
 )
 
 
@@ -95,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a fast smoke run at small scale (report to stdout unless --out)",
     )
     parser.add_argument(
-        "--out", type=Path, help=f"markdown report path (default {DEFAULT_OUT}; none with --quick)"
+        "--out",
+        type=Path,
+        help=f"markdown report path (default {DEFAULT_OUT} for a full run; a quick run or "
+        "a subset of scenarios prints its report only)",
     )
     parser.add_argument(
         "--json",
@@ -111,16 +123,26 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {', '.join(SCENARIOS)}",
     )
     parser.add_argument(
+        "only",
+        nargs="*",
+        metavar="SCENARIO",
+        help="run only these scenarios (as --scenarios does), e.g. `python -m bench expiry`",
+    )
+    parser.add_argument(
         "--libraries",
         default="",
         help="comma-separated row slugs (default all: "
-        + ", ".join(library.slug for library in LIBRARIES)
+        + ", ".join(library.slug for library in (*LIBRARIES, *EXPIRY_LIBRARIES))
         + ")",
     )
-    parser.add_argument("--processes", type=int, help="stampede and growth worker processes")
-    parser.add_argument("--threads", type=int, help="stampede callers per process")
     parser.add_argument(
-        "--repeats", type=int, help="stampede runs per row (at least 5 for publication)"
+        "--processes", type=int, help="stampede, growth and expiry worker processes"
+    )
+    parser.add_argument("--threads", type=int, help="stampede and expiry callers per process")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="stampede and expiry runs per row (at least 5 and 3 for publication)",
     )
     return parser
 
@@ -128,26 +150,31 @@ def _parser() -> argparse.ArgumentParser:
 def _choose(
     args: argparse.Namespace, parser: argparse.ArgumentParser
 ) -> tuple[list[str], list[Library], Scale]:
-    scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    chosen = ",".join(args.only) if args.only else args.scenarios
+    scenarios = [name.strip() for name in chosen.split(",") if name.strip()]
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(
             f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
         )
     slugs = [slug.strip() for slug in args.libraries.split(",") if slug.strip()]
-    known = {library.slug for library in LIBRARIES}
+    every = (*LIBRARIES, *EXPIRY_LIBRARIES)
+    known = {library.slug for library in every}
     if set(slugs) - known:
         parser.error(
             f"unknown row(s) {', '.join(sorted(set(slugs) - known))}; "
             f"choose from {', '.join(sorted(known))}"
         )
-    libraries = [library for library in LIBRARIES if not slugs or library.slug in slugs]
+    libraries = [library for library in every if not slugs or library.slug in slugs]
     scale = QUICK if args.quick else FULL
     overrides = {"processes": args.processes, "threads": args.threads, "repeats": args.repeats}
     for name, value in overrides.items():
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1")
-    scale = Scale(**{**scale.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    expiry_names = {"processes": "expiry_processes", "threads": "expiry_callers"}
+    given |= {expiry_names.get(k, "expiry_repeats"): v for k, v in given.items()}
+    scale = Scale(**{**scale.__dict__, **given})
     return scenarios, libraries, scale
 
 
@@ -211,6 +238,8 @@ def run(
                 "scale": scale.__dict__,
             }
         }
+        expiry_rows = [library for library in libraries if library in EXPIRY_LIBRARIES]
+        libraries = [library for library in libraries if library in LIBRARIES]
         fillers = [library for library in libraries if library.fills]
         if "hit" in scenarios:  # always with both floors: every ratio needs its own
             rows = [library for library in LIBRARIES if library in libraries or not library.fills]
@@ -265,6 +294,16 @@ def run(
                 "datasets": scale.registry_datasets,
                 "seconds": registry.measure(scale.registry_datasets, scale.registry_repeats),
             }
+        if "expiry" in scenarios and expiry_rows:
+            results["expiry"] = {}
+            for library in expiry_rows:
+                _log(
+                    f"expiry: {library.label}, {scale.expiry_processes} x "
+                    f"{scale.expiry_callers} callers, {scale.expiry_repeats} runs"
+                )
+                results["expiry"][library.slug] = expiry.measure(
+                    library, scale.expiry_processes, scale.expiry_callers, scale.expiry_repeats
+                )
         results["meta"]["load_after"] = _load()
         return results
     finally:
@@ -280,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench", *argv])
     results = run(scenarios, libraries, scale, command, args.quick)
     document = report.render(results)
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    # Only a full run replaces the published report; a quick run or a subset prints its own.
+    full = not args.quick and set(scenarios) == set(SCENARIOS)
+    out = args.out if args.out is not None else (DEFAULT_OUT if full else None)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(document, encoding="utf-8")

@@ -192,7 +192,15 @@ def _worker(slug: str, port: int, namespace: str, conn: Connection, barrier: Any
 class Fleet:
     """P worker processes serving one row, started once and reused for every run."""
 
-    def __init__(self, library: Library, port: int, processes: int) -> None:
+    def __init__(
+        self,
+        library: Library,
+        port: int,
+        processes: int,
+        worker: Callable[..., None] | None = None,
+        extra_args: tuple[Any, ...] = (),
+    ) -> None:
+        """``worker`` (this scenario's by default) is started with ``extra_args`` after its own."""
         self.library = library
         self.port = port
         self.namespace = f"bench:{library.slug}:{uuid.uuid4().hex[:8]}:"
@@ -202,10 +210,10 @@ class Fleet:
         for index in range(processes):
             parent, child = MP.Pipe()
             process = MP.Process(
-                target=_worker,
+                target=worker or _worker,
                 name=f"bench-{library.slug}-{index}",
                 daemon=True,
-                args=(library.slug, port, self.namespace, child, self.barrier),
+                args=(library.slug, port, self.namespace, child, self.barrier, *extra_args),
             )
             self.pipes.append(parent)
             self.processes.append(process)
