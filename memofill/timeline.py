@@ -1,4 +1,4 @@
-"""A stampede trace drawn as an SVG timeline: one bar per caller, coloured by how its miss ended.
+"""A stampede trace drawn as an SVG timeline: one row per caller, a bar per call, by outcome.
 
 Pure standard library: nothing in the library imports this module; the
 command line uses it to draw ``memofill demo --trace``, and the docs use it for
@@ -18,6 +18,13 @@ their picture of a real stampede. The trace is plain JSON data::
 Times are milliseconds relative to the moment every caller was released at
 once. Without ``landed_ms``, the value is taken to have landed when the first
 leader's call ended.
+
+A caller may make several calls: records with the same ``proc`` and ``thread``
+share one row, a bar each. That is how a hot key's expiry is drawn: each caller
+calls again and again, and ``0`` is the moment the value went stale. Such a
+trace says so in three optional strings: ``title`` (instead of the counts of
+callers and origin calls), ``description`` (what the picture shows, for screen
+readers) and ``axis_label`` (what the times are counted from).
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ OUTCOME_COLOURS: dict[str, str] = {
     "legacy": "#999933",
     "hit": "#AAAAAA",
     "fallback_hit": "#DDCC77",
+    "stale_hit": "#44AA99",
+    "stale_on_error": "#661100",
+    "refresh_fill": "#117733",
+    "refresh_recheck_hit": "#88CCEE",
+    "refresh_error": "#AA4499",
 }
 _OTHER_COLOUR = "#666666"
 
@@ -147,10 +159,13 @@ def render_svg(trace: Mapping[str, Any]) -> str:
 
     processes = chart.processes
     noun = "process" if len(processes) == 1 else "processes"
-    title = f"{len(callers)} callers in {len(processes)} {noun}"
+    title = f"{chart.rows} callers in {len(processes)} {noun}"
     origin_calls = trace.get("origin_calls")
     if origin_calls is not None:
         title += f", {origin_calls} origin call{'' if origin_calls == 1 else 's'}"
+    title = str(trace.get("title") or title)
+    description = str(trace.get("description") or "Timeline of a cache stampede")
+    axis_label = str(trace.get("axis_label") or "ms after every caller was released at once")
     subtitle = ", ".join(f"{counts[name]} {name}" for name in legend)
     if trace.get("origin_ms") is not None:
         origin_ms = _number(trace["origin_ms"], "origin_ms")
@@ -162,7 +177,7 @@ def render_svg(trace: Mapping[str, Any]) -> str:
         f'viewBox="0 0 {_WIDTH} {height}" font-family={quoteattr(_FONT)} font-size="12" '
         'role="img" aria-labelledby="title desc">',
         f'<title id="title">{escape(title)}</title>',
-        f'<desc id="desc">{escape("Timeline of a cache stampede: " + subtitle)}</desc>',
+        f'<desc id="desc">{escape(description + ": " + subtitle)}</desc>',
         f'<rect width="{_WIDTH}" height="{height}" fill="#ffffff"/>',
         f'<text x="{_LEFT}" y="24" font-size="16" font-weight="bold" fill="#222222">'
         f"{escape(title)}</text>",
@@ -170,7 +185,7 @@ def render_svg(trace: Mapping[str, Any]) -> str:
     ]
     out += _legend(legend, any(c.led for c in callers))
     out += chart.backgrounds()
-    out += chart.grid()
+    out += chart.grid(axis_label)
     out += chart.bars()
     out += chart.markers()
     out.append("</svg>")
@@ -205,11 +220,13 @@ class _Chart:
         self.callers = callers
         self.landed = landed
         self.processes = sorted({c.proc for c in callers})
-        self.row = 14.0 if len(callers) <= 48 else max(4.0, 672 / len(callers))
+        #: Rows: one per caller (process and thread), whatever the number of its calls.
+        self.rows = len({(c.proc, c.thread) for c in callers})
+        self.row = 14.0 if self.rows <= 48 else max(4.0, 672 / self.rows)
         self.bar = max(2.0, self.row * 0.7)
         self.top = float(_TOP + _LEGEND_ROW + 12)
         gaps = _GROUP_GAP * max(0, len(self.processes) - 1)
-        self.bottom = self.top + self.row * len(callers) + gaps
+        self.bottom = self.top + self.row * self.rows + gaps
         self.height = self.bottom + _AXIS + 8
         self.width = float(_WIDTH - _LEFT - _RIGHT)
         end = max([c.end_ms for c in callers] + [landed or 0.0, 1.0])
@@ -220,11 +237,15 @@ class _Chart:
     def x(self, ms: float) -> float:
         return _LEFT + (ms - self.start) / (self.end - self.start) * self.width
 
-    def groups(self) -> list[tuple[int, float, list[_Caller]]]:
-        """``(proc, top y, callers)`` for each process, top to bottom."""
+    def groups(self) -> list[tuple[int, float, list[list[_Caller]]]]:
+        """``(proc, top y, rows)`` per process, top to bottom; a row holds one thread's calls."""
         groups, y = [], self.top
         for proc in self.processes:
-            rows = [c for c in self.callers if c.proc == proc]
+            threads: dict[int, list[_Caller]] = {}
+            for caller in self.callers:
+                if caller.proc == proc:
+                    threads.setdefault(caller.thread, []).append(caller)
+            rows = [threads[thread] for thread in sorted(threads)]
             groups.append((proc, y, rows))
             y += self.row * len(rows) + _GROUP_GAP
         return groups
@@ -248,7 +269,7 @@ class _Chart:
         out.append("</g>")
         return out
 
-    def grid(self) -> list[str]:
+    def grid(self, axis_label: str) -> list[str]:
         ticks, value = [], math.floor(self.start / self.step) * self.step
         while value <= self.end + self.step / 1000:
             if value >= self.start:
@@ -266,7 +287,7 @@ class _Chart:
             )
         out.append(
             f'<text x="{_fmt(_LEFT + self.width / 2)}" y="{_fmt(self.bottom + 34)}">'
-            "ms after every caller was released at once</text>"
+            f"{escape(axis_label)}</text>"
         )
         out.append("</g>")
         return out
@@ -275,31 +296,34 @@ class _Chart:
         out = []
         for proc, y, rows in self.groups():
             out.append(f'<g class="process" data-proc="{proc}">')
-            for position, caller in enumerate(rows):
+            for position, calls in enumerate(rows):
                 top = y + position * self.row + (self.row - self.bar) / 2
-                colour = OUTCOME_COLOURS.get(caller.outcome, _OTHER_COLOUR)
-                left = self.x(caller.start_ms)
-                width = max(1.0, self.x(caller.end_ms) - left)
-                outline = ' stroke="#000000" stroke-width="1.5"' if caller.led else ""
-                tip = (
-                    f"process {proc} thread {caller.thread}: {caller.outcome}"
-                    f"{' (led)' if caller.led else ''}, "
-                    f"{_fmt(caller.start_ms)} to {_fmt(caller.end_ms)} ms"
-                )
                 if self.row >= 10:
                     out.append(
                         f'<text x="{_LEFT - 6}" y="{_fmt(top + self.bar - 1)}" '
                         f'font-size="{_fmt(self.bar)}" text-anchor="end" fill="#777777">'
-                        f"t{caller.thread}</text>"
+                        f"t{calls[0].thread}</text>"
                     )
-                out.append(
-                    f'<rect class="bar" data-outcome={quoteattr(caller.outcome)} '
-                    f'x="{_fmt(left)}" y="{_fmt(top)}" width="{_fmt(width)}" '
-                    f'height="{_fmt(self.bar)}" fill="{colour}"{outline}>'
-                    f"<title>{escape(tip)}</title></rect>"
-                )
+                out += [self._bar(proc, caller, top) for caller in calls]
             out.append("</g>")
         return out
+
+    def _bar(self, proc: int, caller: _Caller, top: float) -> str:
+        colour = OUTCOME_COLOURS.get(caller.outcome, _OTHER_COLOUR)
+        left = self.x(caller.start_ms)
+        width = max(1.0, self.x(caller.end_ms) - left)
+        outline = ' stroke="#000000" stroke-width="1.5"' if caller.led else ""
+        tip = (
+            f"process {proc} thread {caller.thread}: {caller.outcome}"
+            f"{' (led)' if caller.led else ''}, "
+            f"{_fmt(caller.start_ms)} to {_fmt(caller.end_ms)} ms"
+        )
+        return (
+            f'<rect class="bar" data-outcome={quoteattr(caller.outcome)} '
+            f'x="{_fmt(left)}" y="{_fmt(top)}" width="{_fmt(width)}" '
+            f'height="{_fmt(self.bar)}" fill="{colour}"{outline}>'
+            f"<title>{escape(tip)}</title></rect>"
+        )
 
     def markers(self) -> list[str]:
         """The release moment (0 ms) and, dashed, the moment the value landed."""

@@ -139,6 +139,51 @@ def test_many_callers_still_fit() -> None:
     assert float(root.get("height", "0")) < 1000
 
 
+def expiry_trace() -> dict[str, Any]:
+    """One process, two callers calling again and again while one refresh runs in a third row."""
+    calls: list[dict[str, Any]] = [
+        {"proc": 0, "thread": t, "start_ms": start, "end_ms": start + 0.5, "outcome": outcome}
+        for t in (0, 1)
+        for start, outcome in ((-30.0, "hit"), (5.0, "stale_hit"), (120.0, "stale_hit"))
+    ]
+    refresh: dict[str, Any] = {
+        "start_ms": 5.2,
+        "end_ms": 205.0,
+        "outcome": "refresh_fill",
+        "led": True,
+    }
+    calls.append({"proc": 0, "thread": 2, **refresh})
+    return {
+        "origin_ms": 200,
+        "origin_calls": 1,
+        "landed_ms": 205.0,
+        "callers": calls,
+        "title": "Two callers at an expiry, one refresh",
+        "description": "Timeline of an expiry",
+        "axis_label": "ms after the value went stale",
+    }
+
+
+def test_the_calls_of_one_caller_share_its_row() -> None:
+    root = parse(render_svg(expiry_trace()))
+    found = bars(root)
+    assert len(found) == 7
+    rows = {b.get("y") for b in found}
+    assert len(rows) == 3  # two callers and the refresh
+    assert [t for t in texts(root) if t in {"t0", "t1", "t2"}] == ["t0", "t1", "t2"]
+
+
+def test_an_expiry_trace_names_itself_and_its_axis() -> None:
+    root = parse(render_svg(expiry_trace()))
+    title, desc = root.find(f"{SVG}title"), root.find(f"{SVG}desc")
+    assert title is not None
+    assert title.text == "Two callers at an expiry, one refresh"
+    assert desc is not None
+    assert (desc.text or "").startswith("Timeline of an expiry: ")
+    assert "ms after the value went stale" in texts(root)
+    assert legend(root) == ["hit", "stale_hit", "refresh_fill"]
+
+
 def test_an_empty_trace_still_renders() -> None:
     root = parse(render_svg({"callers": []}))
     assert bars(root) == []
