@@ -39,6 +39,7 @@ import asyncio
 import contextvars
 import functools
 import itertools
+import logging
 import os
 import random
 import threading
@@ -156,8 +157,8 @@ class _Run:
     """What one worker's callers saw in one run, and when they stop."""
 
     def __init__(self, stop: Any, stop_later: Callable[[], object]) -> None:
-        #: (start, latency ns, the value's fetch start, error, requests the call sent)
-        self.calls: list[tuple[float, int, float | None, str | None, int]] = []
+        #: (start, latency ns, the value's fetch start, error, requests the call sent, caller)
+        self.calls: list[tuple[float, int, float | None, str | None, int, int]] = []
         self.wrong = 0
         self.stop = stop
         self._stop_later = stop_later
@@ -166,6 +167,7 @@ class _Run:
 
     def record(  # noqa: PLR0917
         self,
+        caller: int,
         name: str,
         started: float,
         latency_ns: int,
@@ -177,7 +179,7 @@ class _Run:
         text = None if error is None else f"{type(error).__name__}: {error}"[:200]
         last = False
         with self._lock:
-            self.calls.append((started, latency_ns, fetched, text, requests))
+            self.calls.append((started, latency_ns, fetched, text, requests, caller))
             if error is None and (
                 not isinstance(fetched, float)
                 or {k: v for k, v in value.items() if k != "fetched_at"} != small_value(name)
@@ -219,7 +221,7 @@ def _run_threads(
                 error = exc
             latency_ns = time.perf_counter_ns() - clock
             _CALL.reset(token)
-            run.record(name, started, latency_ns, value, error, box[0])
+            run.record(index, name, started, latency_ns, value, error, box[0])
             time.sleep(rng.uniform(*PAUSE_S))
 
     threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(count)]
@@ -258,7 +260,7 @@ async def _run_tasks(
                 error = exc
             latency_ns = time.perf_counter_ns() - clock
             _CALL.reset(token)
-            run.record(name, started, latency_ns, value, error, box[0])
+            run.record(index, name, started, latency_ns, value, error, box[0])
             await asyncio.sleep(rng.uniform(*PAUSE_S))
 
     tasks = [asyncio.ensure_future(caller(i)) for i in range(count)]
@@ -268,11 +270,29 @@ async def _run_tasks(
     await asyncio.wait(tasks, timeout=limit_s + 30)
 
 
+class _Records(logging.Handler):
+    """memofill's log records (one per coordinated miss or refresh): when, and the outcome."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.created, str(getattr(record, "outcome", record.msg))))
+
+    def take(self) -> list[tuple[float, str]]:
+        records, self.records = self.records, []
+        return records
+
+
 def _worker(  # noqa: PLR0917  # a Process target takes its arguments by position
     slug: str, port: int, namespace: str, conn: Connection, barrier: Any, stop: Any
 ) -> None:
     """One worker process: build the row's cached function, then serve the harness's commands."""
     requests = cast(_Requests, _Requests.install())
+    records = _Records()
+    logging.getLogger("memofill").addHandler(records)
+    logging.getLogger("memofill").setLevel(logging.INFO)
     library = BY_SLUG[slug]
     origin = _Origin()
     cached = library.make(port, namespace, origin.asynchronous if library.is_async else origin.sync)
@@ -301,6 +321,7 @@ def _worker(  # noqa: PLR0917  # a Process target takes its arguments by positio
     # Warm up on a key of its own: connections, scripts, lazy imports.
     call_once(f"warm-{uuid.uuid4().hex[:12]}")
     origin.take()
+    records.take()
     cached.outcomes()
     conn.send(("ready", None))
     while True:
@@ -308,6 +329,7 @@ def _worker(  # noqa: PLR0917  # a Process target takes its arguments by positio
         if command == "stop":
             break
         if command == "fill":
+            records.take()
             call_once(args[0])
             cached.outcomes()
             conn.send(("filled", None))
@@ -328,6 +350,7 @@ def _worker(  # noqa: PLR0917  # a Process target takes its arguments by positio
                         "calls": run.calls,
                         "wrong": run.wrong,
                         "origin_calls": origin.take(),
+                        "records": records.take(),
                         "requests": dict(sent),
                         "lock_attempts": requests.lock_attempts - locks_before,
                         "outcomes": cached.outcomes(),
@@ -407,6 +430,74 @@ def analyse(replies: list[dict[str, Any]], fresh_s: float) -> dict[str, Any]:
     }
 
 
+#: How much of the timeline to draw around the first expiry: before it, and after its refresh.
+TRACE_MARGIN_S = 0.06
+
+
+def trace(replies: list[dict[str, Any]], fresh_s: float, callers: int) -> dict[str, Any] | None:
+    """A run's first expiry as a :mod:`memofill.timeline` trace: every call, and the refresh.
+
+    Time 0 is the moment the warm value's freshness ran out (the start of its
+    origin call plus the freshness). Each worker is a process, each caller a
+    row; a call is a ``hit`` or, if the value it got was past its freshness when
+    the call began, a ``stale_hit``, or a ``miss`` if its value was fetched
+    while it waited. Each origin call of that expiry gets a row of its own after
+    the callers', named by the outcome memofill logged for it.
+    """
+    groups = cycles([call for reply in replies for call in reply["origin_calls"]])
+    if len(groups) < 2:
+        return None
+    zero = groups[0][0][0] + fresh_s
+    low = zero - TRACE_MARGIN_S
+    first = set(groups[1])
+    landed = max(end for _, end in first)
+    high = landed + TRACE_MARGIN_S
+    entries: list[dict[str, Any]] = []
+    for proc, reply in enumerate(replies):
+        for started, latency_ns, fetched, error, _, caller in reply["calls"]:
+            if not low <= started <= high:
+                continue
+            if error is not None:
+                outcome = "error"
+            elif fetched is not None and fetched >= started:
+                outcome = "miss"
+            elif fetched is not None and started - fetched > fresh_s:
+                outcome = "stale_hit"
+            else:
+                outcome = "hit"
+            entries.append(_entry(proc, caller, started, started + latency_ns / 1e9, zero, outcome))
+        for start, end in reply["origin_calls"]:
+            if (start, end) in first:
+                logged = [o for at, o in reply["records"] if end - 0.001 <= at <= end + ORIGIN_S]
+                outcome = next((o for o in logged if o.startswith("refresh")), "origin call")
+                entries.append(_entry(proc, callers, start, end, zero, outcome) | {"led": True})
+    slowest = max((e["end_ms"] - e["start_ms"] for e in entries if not e.get("led")), default=0.0)
+    count = len(first)
+    return {
+        "title": f"{len(replies) * callers} callers in {len(replies)} processes as the value "
+        f"goes stale: {count} origin call{'' if count == 1 else 's'}, slowest call "
+        f"{slowest:.1f} ms",
+        "description": "Timeline of a hot key's expiry",
+        "axis_label": "ms after the value's freshness ran out",
+        "origin_ms": ORIGIN_S * 1000,
+        "origin_calls": count,
+        "landed_ms": round((landed - zero) * 1000, 2),
+        "callers": sorted(entries, key=lambda e: (e["proc"], e["thread"], e["start_ms"])),
+    }
+
+
+def _entry(  # noqa: PLR0917
+    proc: int, thread: int, start: float, end: float, zero: float, outcome: str
+) -> dict[str, Any]:
+    return {
+        "proc": proc,
+        "thread": thread,
+        "start_ms": round((start - zero) * 1000, 2),
+        "end_ms": round((end - zero) * 1000, 2),
+        "outcome": outcome,
+    }
+
+
 def _one_run(fleet: Fleet, stop: Any, callers: int, index: int) -> dict[str, Any]:
     name = f"expiry-{index}-{uuid.uuid4().hex[:8]}"
     first, process = fleet.pipes[0], fleet.processes[0]
@@ -421,6 +512,9 @@ def _one_run(fleet: Fleet, stop: Any, callers: int, index: int) -> dict[str, Any
     stop.clear()
     result = analyse(replies, fleet.library.fresh_s)
     result["server_commands"] = sum((server_commands(fleet.admin) - before).values())
+    if index == 0 and fleet.library.slug.startswith("memofill-stale"):
+        # Only there is freshness counted from the fetch's start, as the trace's labels are.
+        result["trace"] = trace(replies, fleet.library.fresh_s, callers)
     return result
 
 
@@ -449,6 +543,7 @@ def measure(library: Library, processes: int, callers: int, repeats: int) -> dic
         "callers": callers,
         "origin_ms": ORIGIN_S * 1000,
         "fresh_s": library.fresh_s,
+        "trace": runs[0].pop("trace", None) if runs else None,
         "runs": runs,
         "summary": summarise(runs),
     }

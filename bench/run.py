@@ -25,6 +25,7 @@ from typing import Any
 from bench import expiry, growth, hit, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
+from memofill import timeline
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
 SCENARIOS = ("hit", "stampede", "growth", "payload", "registry", "expiry")
@@ -134,6 +135,15 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated row slugs (default all: "
         + ", ".join(library.slug for library in (*LIBRARIES, *EXPIRY_LIBRARIES))
         + ")",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="PATH",
+        help="expiry: write the first expiry of the first row's first run as a timeline trace",
+    )
+    parser.add_argument(
+        "--svg", type=Path, metavar="PATH", help="expiry: also draw that trace as an SVG timeline"
     )
     parser.add_argument(
         "--processes", type=int, help="stampede, growth and expiry worker processes"
@@ -326,6 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(document, encoding="utf-8")
         _log(f"wrote {out}")
+    traced = next(
+        (row["trace"] for row in results.get("expiry", {}).values() if row.get("trace")), None
+    )
+    if traced is not None and args.trace is not None:
+        args.trace.write_text(json.dumps(traced, indent=1) + "\n", encoding="utf-8")
+        _log(f"wrote {args.trace}")
+    if traced is not None and args.svg is not None:
+        args.svg.write_text(timeline.render_svg(traced), encoding="utf-8")
+        _log(f"wrote {args.svg}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
