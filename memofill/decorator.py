@@ -720,6 +720,7 @@ class _Miss:
             dataset=dataset.key,
             redis_key=self.key,
             ttl_ms=max(1, round(dataset.ttl_s * 1000)),
+            window_ms=round(dataset.window_s * 1000),
             negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
             error_ttl_ms=round(dataset.error_ttl_s * 1000),
             # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
