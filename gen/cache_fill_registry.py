@@ -38,6 +38,19 @@ POLICIES = {
             "poll_max_ms": 500,
         },
     },
+    "news:headlines:{lang}": {
+        "ttl_s": 60,
+        "negative_ttl_s": 120,
+        "stale_s": 30,
+        "stale_if_error_s": 300,
+        "cache_fill": {
+            "lease_ms": 2500,
+            "wait_ms": 2000,
+            "poll_min_ms": 25,
+            "poll_max_ms": 500,
+            "early_beta": 1.0,
+        },
+    },
     "weather:alerts:v2": {
         "ttl_s": 300,
         "negative_ttl_s": 120,

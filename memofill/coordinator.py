@@ -53,7 +53,16 @@ from typing import Any
 
 import attrs
 
-from memofill.codec import CORRUPT, NEGATIVE, NEGATIVE_MARKER, ErrorMarker, error_marker
+from memofill.codec import (
+    CORRUPT,
+    NEGATIVE,
+    NEGATIVE_MARKER,
+    ErrorMarker,
+    Header,
+    error_marker,
+    header_bytes,
+    payload_size,
+)
 from memofill.commands import (
     REDIS_ERRORS,
     Commands,
@@ -67,6 +76,7 @@ from memofill.commands import (
 )
 from memofill.errors import FillError
 from memofill.fallback import Breaker
+from memofill.freshness import wall_clock
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
@@ -142,6 +152,11 @@ class Plan:
     error_ttl_ms: int = 0
     #: How this function's values are stored and read (:mod:`memofill.values`).
     codec: Codec = JSON
+    #: How long past ``ttl_ms`` Redis keeps a value, in ms (the larger stale window): its
+    #: ``PX`` is ``ttl_ms + window_ms``, while its header says it is fresh for ``ttl_ms``.
+    window_ms: int = 0
+    #: The wall clock (seconds), read for the stored header: when the fetch began, how long it took.
+    wall: Callable[[], float] = wall_clock
 
 
 @attrs.frozen
@@ -217,7 +232,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         stored = None if value is None else recheck
         return Result(Outcome.LEADER_RECHECK_HIT, value=value, led=True, error=error, stored=stored)
     try:
-        value = yield FETCH
+        value, started_ms, delta_ms = yield from _timed_fetch(plan)
     except asyncio.CancelledError:
         # Nothing was fetched for the followers: free the lock and send them back to it.
         yield from _write_and_release(
@@ -235,7 +250,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
             plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, unstorable = _stored_form(plan, value)
+    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     if value is None:
         told = RETURNED_NONE
@@ -269,7 +284,7 @@ def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Resu
         value=None if found is NEGATIVE else found,
         waited_ms=waited_ms,
         polls=polls,
-        payload_bytes=len(raw) if raw else 0,
+        payload_bytes=payload_size(raw) if raw else 0,
         stored=None if found is NEGATIVE else raw,
     )
 
@@ -391,10 +406,10 @@ def _told(plan: Plan, told: str, polls: int, waited_ms: float) -> Result:
 def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> Steps:
     """Fetch without a lock (legacy, degraded or timed out), then write if Redis lets us."""
     try:
-        value = yield FETCH
+        value, started_ms, delta_ms = yield from _timed_fetch(plan)
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, unstorable = _stored_form(plan, value)
+    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     write_error = None
     if payload is not None and plan.redis_ok:
@@ -414,28 +429,42 @@ def _fetched(
         outcome,
         value=value,
         led=True,
-        payload_bytes=0 if value is None or payload is None else len(payload),
+        payload_bytes=0 if value is None or payload is None else payload_size(payload),
         error=error,
         stored=None if value is None else payload,
         unstorable=unstorable,
     )
 
 
-def _stored_form(plan: Plan, value: Any) -> tuple[bytes | None, int, str | None]:
+def _timed_fetch(plan: Plan) -> Generator[Step, Any, tuple[Any, int, int]]:
+    """Call the fetch: ``(value, when it began in wall ms, how long it took in ms)``."""
+    started = plan.wall()
+    value = yield FETCH
+    return value, round(started * 1000), max(0, round((plan.wall() - started) * 1000))
+
+
+def _stored_form(
+    plan: Plan, value: Any, started_ms: int, delta_ms: int
+) -> tuple[bytes | None, int, str | None]:
     """What a fill writes for ``value``: ``(payload or None, ttl_ms, why it is unstorable)``.
 
     ``None`` is stored as the negative marker for ``negative_ttl_ms`` (not at all
     when that is 0); a value the function's codec cannot encode is not stored,
-    and the reason given as ``"ErrorType: message"``.
+    and the reason given as ``"ErrorType: message"``. A value goes behind a
+    :class:`~memofill.codec.Header` saying when its fetch began and until when
+    it is fresh (counted from that start, so never later than the ``PX``), and
+    is kept by Redis for its stale window beyond that.
     """
     if value is None:
         if plan.negative_ttl_ms <= 0:
             return None, 0, None
         return NEGATIVE_MARKER, plan.negative_ttl_ms, None
     try:
-        return plan.codec.encode(value), plan.ttl_ms, None
+        encoded = plan.codec.encode(value)
     except Exception as exc:  # whatever the codec raises on a value it cannot encode
         return None, 0, f"{type(exc).__name__}: {exc}"
+    header = Header(started_ms, started_ms + plan.ttl_ms, delta_ms, 0)
+    return header_bytes(header) + encoded, plan.ttl_ms + plan.window_ms, None
 
 
 def _write_and_release(

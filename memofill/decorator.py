@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 import attrs
 import wrapt
 
-from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
+from memofill.codec import (
+    CORRUPT,
+    HEADED,
+    HEADER_LEN,
+    NEGATIVE,
+    VIEW_FROM_BYTES,
+    ErrorMarker,
+    decode_special,
+    payload,
+)
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
@@ -299,6 +308,9 @@ class _Binding:
     values: Values
     #: The codec's ``decode``, read by every hit (``orjson.loads`` for plain JSON data).
     decode: Callable[[bytes], Any]
+    #: The payload of a large headered value: a ``memoryview`` (no copy) when the codec is
+    #: orjson's, which reads one; bytes for any other codec.
+    view: Callable[[bytes], Any]
     dataset: Dataset
     key_of: KeyBuilder
     count_hit: Callable[[], object]
@@ -346,6 +358,7 @@ class _Binding:
             current_function=current_function,
             values=values,
             decode=decode,
+            view=payload if values.resolved is JSON else _after_header,
             dataset=dataset,
             key_of=compile_key(state.prefix, dataset.template, fields, key),
             count_hit=state.counters.hit_tally(key).add,
@@ -562,8 +575,11 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     """
     if raw is None:
         return _NOT_A_HIT
+    body = raw
+    if raw[:2] == HEADED:
+        body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
     try:
-        value = binding.decode(raw)
+        value = binding.decode(body)
     except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
         return _NOT_A_HIT
     binding.count_hit()
@@ -572,6 +588,10 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     if kept is None or kept[2] <= started:
         store.put(key, raw, binding.ttl_s)
     return value
+
+
+def _after_header(raw: bytes) -> bytes:
+    return raw[HEADER_LEN:]
 
 
 #: What :func:`_hit` returns for bytes that are not a plain value (``None`` is one).
@@ -700,6 +720,7 @@ class _Miss:
             dataset=dataset.key,
             redis_key=self.key,
             ttl_ms=max(1, round(dataset.ttl_s * 1000)),
+            window_ms=round(dataset.window_s * 1000),
             negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
             error_ttl_ms=round(dataset.error_ttl_s * 1000),
             # No client configured is the legacy set-up, not a lock error: nothing to coordinate.

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import decimal
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,7 +14,15 @@ from typing import Any
 import orjson
 import redis
 
-from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_any, decode_special
+from memofill.codec import (
+    CORRUPT,
+    HEADER_LEN,
+    NEGATIVE,
+    ErrorMarker,
+    decode_any,
+    decode_special,
+    read_header,
+)
 from memofill.commands import Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
 from memofill.keys import SEPARATORS, lock_key
@@ -110,6 +119,28 @@ def _kind(head: bytes, size: int) -> str:
     if special is CORRUPT:
         return "not a memofill value (corrupt or foreign bytes)"
     return "JSON value"
+
+
+def _header_len(head: bytes) -> int:
+    return HEADER_LEN if read_header(head) is not None else 0
+
+
+def describe_header(head: bytes, now_ms: int) -> str:
+    """The stored header in words: when the fetch began, until when the value is fresh, δ, seq."""
+    header = read_header(head)
+    if header is None:
+        return "none (fresh until Redis expires it)"
+
+    def when(ms: int) -> str:
+        moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc)
+        text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        ago = (now_ms - ms) / 1000
+        return f"{text} ({ago:.3f} s ago)" if ago >= 0 else f"{text} (in {-ago:.3f} s)"
+
+    return (
+        f"fetched {when(header.fetch_start_ms)}, fresh until {when(header.soft_until_ms)}, "
+        f"fetch took {header.delta_ms} ms, seq {header.seq}"
+    )
 
 
 def _final_key_pattern(dataset: Dataset) -> re.Pattern[str]:
@@ -248,7 +279,8 @@ def inspect_entry(
         ("final key", final),
         ("lock key", lock),
         ("data ttl left", _ttl(data_ttl)),
-        ("payload", f"{size} bytes, {_kind(head, size)}"),
+        ("payload", f"{size - _header_len(head)} bytes, {_kind(head, size)}"),
+        ("header", describe_header(head, round(time.time() * 1000)) if size else "none"),
         ("lock ttl left", _ttl(lock_ttl)),
         ("lock holder", token),
     ]

@@ -50,12 +50,22 @@ class CacheFill:
             itself. Less than ``lease_ms``, so a follower never outwaits a live lease.
         poll_min_ms: The follower's first wait between reads of the data key.
         poll_max_ms: The longest wait between two reads; less than ``wait_ms``.
+        early_beta: XFetch's β: on a fresh hit, refresh early with probability
+            ``exp(-(time left) / (δ·β))``, δ being how long the last fetch took.
+            0 (the default): no early refresh. 1 refreshes hot keys about
+            ``δ·ln(reads/s · δ)`` before they go stale, with about ``e^(1/β)`` lock
+            attempts per cycle fleet-wide.
+        refresh_retry_ms: After a refresh fails, no process tries again for this
+            long: the lock is held that long instead of released, so the origin
+            sees one call per ``refresh_retry_ms`` per key while it is down.
     """
 
     lease_ms: int
     wait_ms: int
     poll_min_ms: int
     poll_max_ms: int
+    early_beta: float = 0.0
+    refresh_retry_ms: int = 5_000
 
 
 @attrs.frozen
@@ -71,6 +81,13 @@ class Dataset:
         error_ttl_s: Seconds a failed fetch is remembered, so that later callers
             get :class:`~memofill.errors.FillError` without calling the upstream
             (0, the default: not remembered, the next call fetches again).
+        stale_s: Seconds past ``ttl_s`` a value is still served, at once, while
+            exactly one caller fleet-wide refreshes it (0, the default: off).
+        stale_if_error_s: Seconds past ``ttl_s`` a value is served when refreshing
+            it fails (0, the default: off); 0 or at least ``stale_s``.
+
+    Redis keeps a value ``ttl_s + max(stale_s, stale_if_error_s)``: no value is
+    served longer than that after its fetch began.
     """
 
     key: str
@@ -78,6 +95,13 @@ class Dataset:
     negative_ttl_s: float = 120
     cache_fill: CacheFill | None = None
     error_ttl_s: float = 0
+    stale_s: float = 0.0
+    stale_if_error_s: float = 0.0
+
+    @property
+    def window_s(self) -> float:
+        """How long past ``ttl_s`` Redis keeps a value: the larger stale window."""
+        return max(self.stale_s, self.stale_if_error_s)
 
     @property
     def template(self) -> KeyTemplate:
@@ -123,6 +147,16 @@ def _fill_problems(key: str, fill: object) -> list[Problem]:
     problems.extend(
         Problem(key, f"cache_fill.{name}", value, rule) for name, value, ok, rule in rules if not ok
     )
+    beta = fill.early_beta
+    if not _is_number(beta) or not math.isfinite(beta) or beta < 0:
+        rule = "must be a finite number >= 0 (0: no early refresh)"
+        problems.append(Problem(key, "cache_fill.early_beta", beta, rule))
+    retry = fill.refresh_retry_ms
+    if not _is_int(retry):
+        problems.append(Problem(key, "cache_fill.refresh_retry_ms", retry, "must be an int (ms)"))
+    elif not 0 < retry <= MAX_LEASE_MS:
+        rule = f"must be > 0 and <= {MAX_LEASE_MS} (1 hour)"
+        problems.append(Problem(key, "cache_fill.refresh_retry_ms", retry, rule))
     return problems
 
 
@@ -170,16 +204,45 @@ def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
         ("ttl_s", ttl, False, MAX_TTL_S, "10 years"),
         ("negative_ttl_s", dataset.negative_ttl_s, True, MAX_TTL_S, "10 years"),
         ("error_ttl_s", dataset.error_ttl_s, True, error_most, error_why),
+        ("stale_s", dataset.stale_s, True, MAX_TTL_S, "10 years"),
+        ("stale_if_error_s", dataset.stale_if_error_s, True, MAX_TTL_S, "10 years"),
     ]
+    typed = set()
     for name, value, zero_allowed, most, why in checks:
         rule = _seconds_problem(value, zero_allowed, most, why)
         if rule is not None:
             problems.append(Problem(key, name, value, rule))
+        else:
+            typed.add(name)
     if dataset.cache_fill is not None:
         problems.extend(_fill_problems(key, dataset.cache_fill))
     elif _is_number(dataset.error_ttl_s) and dataset.error_ttl_s != 0:
         rule = "must be 0 without cache_fill (only a coordinated fill remembers errors)"
         problems.append(Problem(key, "error_ttl_s", dataset.error_ttl_s, rule))
+    if {"stale_s", "stale_if_error_s"} <= typed:
+        problems.extend(_stale_problems(key, dataset))
+    return problems
+
+
+def _stale_problems(key: str, dataset: Dataset) -> list[Problem]:
+    """The rules between the stale windows and the fill policy (both windows are valid numbers)."""
+    stale, if_error, fill = dataset.stale_s, dataset.stale_if_error_s, dataset.cache_fill
+    problems: list[Problem] = []
+    if fill is None:
+        # A refresh takes the fill's lock: without it, every process would refresh.
+        rule = "must be 0 without cache_fill (the refresh takes the fill lock)"
+        problems.extend(
+            Problem(key, name, value, rule)
+            for name, value in (("stale_s", stale), ("stale_if_error_s", if_error))
+            if value != 0
+        )
+    if if_error != 0 and if_error < stale:
+        rule = f"must be 0 or >= stale_s ({stale}): it extends the stale window, never shortens it"
+        problems.append(Problem(key, "stale_if_error_s", if_error, rule))
+    retry = getattr(fill, "refresh_retry_ms", None)
+    if stale > 0 and isinstance(retry, int) and _is_int(retry) and retry > stale * 1000:
+        rule = f"must be <= stale_s x 1000 ({stale * 1000:g}): a retry must fit in the window"
+        problems.append(Problem(key, "cache_fill.refresh_retry_ms", retry, rule))
     return problems
 
 
@@ -187,9 +250,13 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
     """Every rule the datasets break, in registry order; an empty list means valid.
 
     Rules: ``0 < ttl_s <= 10 years``, ``0 <= negative_ttl_s <= 10 years``,
-    ``0 <= error_ttl_s <= min(30, ttl_s)``, each non-zero one at least 1 ms;
+    ``0 <= error_ttl_s <= min(30, ttl_s)``, ``0 <= stale_s <= 10 years``,
+    ``stale_if_error_s`` 0 or ``>= stale_s``, each non-zero one at least 1 ms;
+    ``stale_s``, ``stale_if_error_s`` and ``early_beta`` 0 without ``cache_fill``;
     ``0 < lease_ms <= 1 hour``, ``0 < wait_ms < lease_ms``, ``poll_min_ms > 0``,
-    ``poll_min_ms <= poll_max_ms < wait_ms``; numbers of the right type, well
+    ``poll_min_ms <= poll_max_ms < wait_ms``, ``early_beta >= 0`` and finite,
+    ``0 < refresh_retry_ms <= 1 hour`` and ``<= stale_s × 1000`` when ``stale_s > 0``;
+    numbers of the right type, well
     formed key templates, unique keys, and no two keys that some arguments could
     render to the same Redis key (each pair reported once, under the later key).
     """
@@ -233,20 +300,36 @@ def dataset_from_data(key: str, data: Mapping[str, Any]) -> Dataset:
         negative_ttl_s=data.get("negative_ttl_s", 120),
         cache_fill=CacheFill(**fill) if isinstance(fill, Mapping) else fill,
         error_ttl_s=data.get("error_ttl_s", 0),
+        stale_s=data.get("stale_s", 0.0),
+        stale_if_error_s=data.get("stale_if_error_s", 0.0),
     )
+
+
+#: Fields written to the generated module only when they differ from these defaults, so
+#: that the modules generated before the fields existed stay byte for byte the same.
+_DATASET_DEFAULTS = {"error_ttl_s": 0, "stale_s": 0, "stale_if_error_s": 0}
+_FILL_DEFAULTS = {"early_beta": 0, "refresh_retry_ms": 5_000}
 
 
 def dataset_to_data(dataset: Dataset) -> dict[str, Any]:
     """The plain-data form of a dataset, as the generated module holds it.
 
-    ``error_ttl_s`` is written only when it is not 0, its default, so that the
-    modules generated before it existed stay byte for byte the same.
+    Fields added after the first release are written only when they differ
+    from their defaults (:data:`_DATASET_DEFAULTS`, :data:`_FILL_DEFAULTS`).
     """
     fill = dataset.cache_fill
     data: dict[str, Any] = {"ttl_s": dataset.ttl_s, "negative_ttl_s": dataset.negative_ttl_s}
-    if dataset.error_ttl_s != 0:
-        data["error_ttl_s"] = dataset.error_ttl_s
-    data["cache_fill"] = None if fill is None else attrs.asdict(fill)
+    for name, default in _DATASET_DEFAULTS.items():
+        if getattr(dataset, name) != default:
+            data[name] = getattr(dataset, name)
+    if fill is None:
+        data["cache_fill"] = None
+    else:
+        data["cache_fill"] = {
+            name: value
+            for name, value in attrs.asdict(fill).items()
+            if name not in _FILL_DEFAULTS or value != _FILL_DEFAULTS[name]
+        }
     return data
 
 
@@ -307,4 +390,6 @@ def _dataset_or_item(key: str, data: object) -> object:
             negative_ttl_s=data.get("negative_ttl_s", 120),
             cache_fill=data.get("cache_fill"),
             error_ttl_s=data.get("error_ttl_s", 0),
+            stale_s=data.get("stale_s", 0.0),
+            stale_if_error_s=data.get("stale_if_error_s", 0.0),
         )

@@ -31,7 +31,14 @@ import orjson
 from cattrs.cols import is_namedtuple
 from cattrs.preconf.orjson import make_converter
 
-from memofill.codec import CORRUPT, NEGATIVE_MARKER, decode_any, decode_special
+from memofill.codec import (
+    CORRUPT,
+    HEADED,
+    HEADER_LEN,
+    NEGATIVE_MARKER,
+    decode_any,
+    decode_special,
+)
 
 _MARKER_START = NEGATIVE_MARKER[:10]  # b"\x00memofill:", shared by every marker
 
@@ -260,13 +267,14 @@ def decode_stored(codec: Codec, raw: bytes) -> Any:
     """Stored bytes read with ``codec``: a value, ``NEGATIVE``, an ``ErrorMarker`` or ``CORRUPT``.
 
     Bytes the codec cannot read (a schema changed after a deploy) are
-    ``CORRUPT``: a miss that the fill overwrites.
+    ``CORRUPT``: a miss that the fill overwrites. The stored header, if any, is
+    skipped: a codec sees only the bytes it encoded.
     """
     if codec is JSON:
         return decode_any(raw)
     if raw.startswith(_MARKER_START):
         return decode_special(raw)
     try:
-        return codec.decode(raw)
+        return codec.decode(raw[HEADER_LEN:] if raw[:2] == HEADED else raw)
     except Exception:  # whatever the codec raises on bytes it cannot read
         return CORRUPT

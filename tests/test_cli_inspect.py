@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -54,6 +55,11 @@ def test_filled_entry(
     assert "lease_ms=5000" in shown["fill policy"]
     payload = b'{"symbol":"ACME","bid":1.5}'
     assert shown["payload"] == f"{len(payload)} bytes, JSON value"
+    assert re.fullmatch(
+        r"fetched \S+Z \([\d.]+ s ago\), fresh until \S+Z \(in [\d.]+ s\), "
+        r"fetch took \d+ ms, seq 0",
+        shown["header"],
+    ), shown["header"]
     seconds = float(shown["data ttl left"].removesuffix(" s"))
     assert 55 < seconds <= 60
     assert shown["lock ttl left"] == "absent"
@@ -221,8 +227,8 @@ def inspect_value(
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[8].startswith("lock holder:")
-    return code, "\n".join(lines[9:])
+    assert lines[9].startswith("lock holder:")
+    return code, "\n".join(lines[10:])
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from redis.exceptions import NoPermissionError
 import memofill
 from memofill import NO_CLIENT, ConfigurationError, Dataset, Memofill
 from memofill.codegen import render
+from memofill.testing import stored_payload
 from registry import DATASETS
 from tests.conftest import POLICIES
 from tests.redis_servers import RedisServer
@@ -108,7 +109,7 @@ def test_an_asyncio_client_given_later_keeps_the_blocking_one(
     fetch = mf.cached_dataset("item:{name}")(Origin())
     mf.configure(async_client=async_client(server))
     assert fetch("a") == "a-1"
-    assert sync_client(server).get("item:a") == b'"a-1"'
+    assert stored_payload(sync_client(server).get("item:a")) == b'"a-1"'
 
 
 def test_a_prefix_given_later_keeps_the_clients_and_policies(
@@ -118,7 +119,7 @@ def test_a_prefix_given_later_keeps_the_clients_and_policies(
     fetch = mf.cached_dataset("item:{name}")(Origin())
     mf.configure(prefix="p:")
     assert fetch("a") == "a-1"
-    assert sync_client(server).get("p:item:a") == b'"a-1"'
+    assert stored_payload(sync_client(server).get("p:item:a")) == b'"a-1"'
     assert fetch.dataset is POLICIES["item:{name}"]
 
 
@@ -360,7 +361,7 @@ def test_refresh_fetches_over_a_present_value_and_stores_it(
     assert fetch("a") == "a-1"
     assert fetch.refresh("a") == "a-2"
     assert fetch("a") == "a-2"
-    assert sync_client(server).get("item:a") == b'"a-2"'
+    assert stored_payload(sync_client(server).get("item:a")) == b'"a-2"'
     assert sync_client(server).keys("*lock*") == []  # released
     counts = mf.counters.snapshot()["item:{name}"]
     assert counts == {"leader_fill": 2, "hit": 1}

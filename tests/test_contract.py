@@ -25,6 +25,7 @@ import redis.asyncio
 from memofill import CachedDataset, CallResult, FillError, Memofill
 from memofill.codec import NEGATIVE_MARKER, decode, encode
 from memofill.keys import lock_key, wake_key
+from memofill.testing import stored_payload
 from tests.conftest import POLICIES
 from tests.helpers import notify_after_acquire
 from tests.redis_servers import RedisServer
@@ -158,7 +159,7 @@ async def test_the_value_is_stored_as_orjson_bytes_with_the_dataset_ttl(backend:
     fetch = backend.define(mf, "item:{name}", Origin(lambda name: {"é": [1, 2.5, None]}))
     await backend.call(fetch, "a")
     key = backend.prefix + "item:a"
-    assert backend.raw.get(key) == encode({"é": [1, 2.5, None]})
+    assert stored_payload(backend.raw.get(key)) == encode({"é": [1, 2.5, None]})
     assert 55_000 < backend.raw.pttl(key) <= 60_000
     assert backend.raw.exists(lock_key(key)) == 0  # released
     assert 0 < backend.raw.pttl(wake_key(key)) <= 60_000  # the wake stream does not linger
@@ -251,7 +252,7 @@ async def test_corrupt_bytes_are_a_miss_and_the_fill_replaces_them(backend: Back
     key = backend.prefix + "item:a"
     backend.raw.set(key, b"\xff\x00 not json")
     assert (await backend.outcome(fetch, "a")).outcome == "leader_fill"
-    assert decode(backend.raw.get(key)) == {"name": "a", "n": 1}
+    assert decode(stored_payload(backend.raw.get(key))) == {"name": "a", "n": 1}
 
 
 # --- invalidate, outcome, keys, prefixes -----------------------------------------------
@@ -357,5 +358,5 @@ async def test_a_follower_whose_leader_vanished_fetches_after_wait_ms(backend: B
     waited = asyncio.get_running_loop().time() - started
     assert result == CallResult({"name": "a", "n": 1}, "follower_timeout", True)
     assert 0.45 < waited < 5  # wait_ms is 500
-    assert decode(backend.raw.get(key)) == {"name": "a", "n": 1}
+    assert decode(stored_payload(backend.raw.get(key))) == {"name": "a", "n": 1}
     assert backend.raw.get(lock_key(key)) == b"a-leader-that-died"  # not its lock to release

@@ -44,6 +44,7 @@ from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
+from memofill.testing import stored_payload
 
 KEY = "t:item:a"
 LOCK = lock_key(KEY)
@@ -207,7 +208,8 @@ def test_no_policy_fetches_and_writes_without_a_lock() -> None:
     assert result.outcome is Outcome.LEGACY
     assert result.value == VALUE
     assert driver.names() == ["FETCH", "write"]
-    assert driver.commands("write")[0].args == (KEY, PAYLOAD, 60_000)
+    key, written, ttl_ms = driver.commands("write")[0].args
+    assert (key, stored_payload(written), ttl_ms) == (KEY, PAYLOAD, 60_000)
 
 
 def test_redis_known_down_fetches_without_any_command() -> None:
@@ -271,7 +273,8 @@ def test_leader_fill_rechecks_fetches_writes_then_releases_with_its_token() -> N
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
     lock_arg, token, lease_ms, recheck_key, wake_arg = driver.commands("acquire")[0].args
     assert (lock_arg, lease_ms, recheck_key, wake_arg) == (LOCK, POLICY.lease_ms, KEY, WAKE)
-    assert driver.commands("write")[0].args == (KEY, PAYLOAD, 60_000)
+    key, written, ttl_ms = driver.commands("write")[0].args
+    assert (key, stored_payload(written), ttl_ms) == (KEY, PAYLOAD, 60_000)
     lock, wake, released_token, wake_ttl, told = driver.commands("release")[0].args
     assert told == "stored"
     assert (lock, wake, released_token) == (LOCK, WAKE, token)
@@ -810,7 +813,7 @@ def test_run_sync_on_fakeredis_fills_and_releases(fake_client: fakeredis.FakeRed
         fill(make_plan(), FakeClock(), random.Random(0)), commands, lambda: VALUE, Breaker()
     )
     assert result.outcome is Outcome.LEADER_FILL
-    assert fake_client.get(KEY) == PAYLOAD
+    assert stored_payload(fake_client.get(KEY)) == PAYLOAD
     assert 59_000 < fake_client.pttl(KEY) <= 60_000
     assert fake_client.exists(LOCK) == 0
     assert fake_client.xlen(WAKE) == 1
@@ -860,7 +863,7 @@ async def test_run_async_on_fakeredis_fills_and_follows() -> None:
             fill(make_plan(), FakeClock(), random.Random(0)), commands, fetch, Breaker()
         )
         assert led.outcome is Outcome.LEADER_FILL
-        assert await client.get(KEY) == PAYLOAD
+        assert stored_payload(await client.get(KEY)) == PAYLOAD
         await client.set(LOCK, "holder", px=5_000)
         followed = await run_async(
             fill(make_plan(), FakeClock(), random.Random(0)), commands, fetch, Breaker()

@@ -31,6 +31,7 @@ from memofill import (
     UnknownDatasetError,
 )
 from memofill.codec import encode
+from memofill.testing import stored_payload
 from tests.conftest import POLICIES
 
 
@@ -285,7 +286,7 @@ async def test_an_async_function_behind_a_plain_wrapper_is_cached_as_one(
     result = await fetch.call_with_outcome("a")
     assert (result.outcome, result.value) == ("hit", {"name": "a", "call": 1})
     assert origin.calls == ["a"]
-    assert raw.get("t:item:a") == encode({"name": "a", "call": 1})
+    assert stored_payload(raw.get("t:item:a")) == encode({"name": "a", "call": 1})
 
 
 async def test_an_object_with_an_async_call_is_cached_as_a_coroutine_function(
@@ -383,7 +384,7 @@ def test_function_is_called_once_then_served_from_redis(
     assert fetch("a") == {"name": "a", "call": 1}
     assert fetch("a") == {"name": "a", "call": 1}
     assert origin.calls == ["a"]
-    assert raw.get("t:item:a") == encode({"name": "a", "call": 1})
+    assert stored_payload(raw.get("t:item:a")) == encode({"name": "a", "call": 1})
 
 
 async def test_coroutine_function_is_called_once(amf: Memofill, raw: fakeredis.FakeRedis) -> None:
@@ -670,7 +671,7 @@ def test_module_level_configure_returns_the_default_instance(raw: fakeredis.Fake
             return "today"
 
         assert digest() == "today"
-        assert raw.get("m:news:digest:v1") == b'"today"'
+        assert stored_payload(raw.get("m:news:digest:v1")) == b'"today"'
 
 
 def test_a_refused_configuration_changes_nothing(mf: Memofill, raw: fakeredis.FakeRedis) -> None:

@@ -28,6 +28,7 @@ from memofill import CacheFill, Memofill, Outcome
 from memofill.coordinator import FETCH, Plan, fill
 from memofill.fallback import Breaker, LocalStore
 from memofill.keys import lock_key
+from memofill.testing import stored_payload
 from tests.fault_helpers import (
     FAULT_FILL,
     MARGIN_S,
@@ -566,7 +567,7 @@ def test_corrupt_bytes_are_a_miss_and_are_overwritten(
     assert by_outcome(mine(records, prefix)) == Counter({("leader_fill", None): 1})
     measure(request, len(origins), None, by_outcome(mine(records, prefix)))
     assert any("corrupt bytes" in r.getMessage() for r in caplog.records)
-    assert cache.get(f"{prefix}fault:x") == b'{"name":"x"}'
+    assert stored_payload(cache.get(f"{prefix}fault:x")) == b'{"name":"x"}'
     cache.close()
 
 
@@ -754,7 +755,11 @@ def test_a_wall_clock_jump_during_a_wait_changes_nothing(
 
 
 def test_the_runtime_reads_no_wall_clock() -> None:
-    """Waits, leases, the breaker and the local store all use monotonic clocks."""
+    """Waits, leases, the breaker and the local store all use monotonic clocks.
+
+    Only the stored header's timestamps are wall-clock ms (compared across
+    hosts), and only :mod:`memofill.freshness` reads that clock.
+    """
     runtime = ["coordinator", "decorator", "fallback", "singleflight", "commands", "instance"]
     for name in runtime:
         source = (Path(memofill.__file__).parent / f"{name}.py").read_text()

@@ -23,7 +23,7 @@ import redis
 import memofill
 from memofill import CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.instance import default as default_instance
-from memofill.testing import CORRUPT_PAYLOAD, Faults, Harness, Outcomes
+from memofill.testing import CORRUPT_PAYLOAD, Faults, Harness, Outcomes, stored_payload
 from tests.redis_servers import free_port
 
 pytest_plugins = ["pytester"]
@@ -86,7 +86,7 @@ def test_marker_sets_policies_and_prefix(
     assert memofill_cache.prefix == "t:"
     assert set(memofill_cache.policies) == set(POLICIES)
     assert item("a") == {"name": "a"}
-    assert memofill_redis.get("t:item:a") == b'{"name":"a"}'
+    assert stored_payload(memofill_redis.get("t:item:a")) == b'{"name":"a"}'
 
 
 @pytest.mark.memofill(prefix="closer:")
@@ -154,7 +154,7 @@ def test_default_points_import_time_functions_at_the_fake(
     assert digest() == {"items": 3}
     assert memofill_outcomes.assert_hit(digest) == {"items": 3}
     memofill_outcomes.assert_outcomes("news:digest:v1", leader_fill=1, hit=1)
-    assert memofill_redis.get("t:news:digest:v1") == b'{"items":3}'
+    assert stored_payload(memofill_redis.get("t:news:digest:v1")) == b'{"items":3}'
 
 
 def test_default_takes_the_policies_the_test_gives(memofill_default: Memofill) -> None:
@@ -506,7 +506,7 @@ def test_corrupt_value_is_a_miss_and_is_refilled(
     assert memofill_redis.get(key) == CORRUPT_PAYLOAD
     assert item("a") == {"name": "a"}
     memofill_outcomes.assert_outcomes("item:{name}", leader_fill=1)
-    assert memofill_redis.get(key) == b'{"name":"a"}'
+    assert stored_payload(memofill_redis.get(key)) == b'{"name":"a"}'
     assert "corrupt bytes under t:item:a" in caplog.text
 
 
@@ -722,6 +722,7 @@ def test_an_app_configure_inside_the_fixture_keeps_the_fake(pytester: pytest.Pyt
         f"""
         import memofill
         import redis
+        from memofill.testing import stored_payload
 
         def create_app():  # an app factory, or a FastAPI lifespan, configuring at start-up
             memofill.configure(redis.Redis(port={port}), prefix="prod:")
@@ -734,7 +735,7 @@ def test_an_app_configure_inside_the_fixture_keeps_the_fake(pytester: pytest.Pyt
                 return ["storm"]
 
             assert alerts() == ["storm"]
-            assert memofill_redis.get("weather:alerts:v2") == b'["storm"]'
+            assert stored_payload(memofill_redis.get("weather:alerts:v2")) == b'["storm"]'
             assert memofill_default.prefix == ""
         """
     )

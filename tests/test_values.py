@@ -26,6 +26,7 @@ import pytest
 
 import memofill
 from memofill import Memofill
+from memofill.testing import stored_payload
 from memofill.values import JSON, TypedCodec, codec_for
 from tests.conftest import POLICIES
 
@@ -227,7 +228,7 @@ def test_a_codec_of_ones_own_is_used_for_fills_hits_and_markers(
         lambda name: None if name == "none" else {"name": name}
     )
     assert fetch("a") == {"name": "a"}
-    assert orjson.loads(zlib.decompress(raw.get("t:item:a"))) == {"name": "a"}
+    assert orjson.loads(zlib.decompress(stored_payload(raw.get("t:item:a")))) == {"name": "a"}
     assert fetch.call_with_outcome("a").outcome == "hit"
     assert fetch.call_with_outcome("none").outcome == "negative"
     assert fetch.call_with_outcome("none").outcome == "hit"
@@ -427,7 +428,7 @@ def test_the_module_level_decorator_takes_a_codec(
 ) -> None:
     fetch = memofill.cached_dataset("item:{name}", codec=ZlibJson())(lambda name: [name])
     assert fetch("z") == ["z"]
-    assert orjson.loads(zlib.decompress(memofill_redis.get("t:item:z"))) == ["z"]
+    assert orjson.loads(zlib.decompress(stored_payload(memofill_redis.get("t:item:z")))) == ["z"]
     assert fetch.call_with_outcome("z").outcome == "hit"
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from memofill.codec import payload
 from memofill.errors import ConfigurationError
 from memofill.instance import Memofill
 from memofill.instance import default as _default_instance
@@ -44,10 +45,24 @@ __all__ = [
     "LockHolder",
     "OriginCalls",
     "Outcomes",
+    "stored_payload",
 ]
 
 #: The bytes :meth:`Faults.corrupt` stores, neither JSON nor a memofill marker.
 CORRUPT_PAYLOAD = _faults.CORRUPT_PAYLOAD
+
+
+def stored_payload(raw: bytes | None) -> bytes | None:
+    """The value's own bytes under a key, without the header memofill stores in front of them.
+
+    ``memofill_redis.get(key)`` returns the header too (when the fetch began,
+    until when the value is fresh); compare what this returns with the bytes
+    the codec makes. Markers and foreign bytes come back as they are.
+    """
+    if raw is None:
+        return None
+    return bytes(payload(raw))
+
 
 _MARKER_OPTIONS = frozenset({"policies", "prefix", "unstorable"})
 
