@@ -238,3 +238,111 @@ def measure_typed(
         rows[name]["reference"] = reference
         rows[name]["ratio"] = rows[name]["median_us"] / rows[reference]["median_us"]
     return {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "rows": rows}
+
+
+# -- fresh and stale hits: what the stored header and a stale window cost a hit -------------------
+
+#: The rows, each divided by the raw floor measured in the same rounds.
+HEADER_ROWS = ("floor", "memofill-fresh", "memofill-stale")
+
+
+def _header_calls(port: int) -> dict[str, Callable[[str], Any]]:
+    """In the child: the floor, a fresh hit (with its header) and a stale hit, ready to call.
+
+    The stale row's value is rewritten with a soft deadline in the past, and its lock
+    is held by another token for an hour: the first stale hit tries the refresh once,
+    finds the lock taken, and no later hit tries again (the busy memo), so every
+    timed call is a stale hit that hands nothing off, which is what a stale hit costs
+    while another process refreshes.
+    """
+    import memofill  # noqa: PLC0415  # the child's imports are its own
+    from memofill import codec, keys  # noqa: PLC0415
+
+    raw = sync_client(port)
+    get, loads = raw.get, orjson.loads
+    hour_ms = 3_600_000
+    instance = memofill.Memofill(
+        sync_client(port),
+        prefix="bench:header:",
+        policies={
+            "fresh:{name}": memofill.Dataset("fresh:{name}", ttl_s=600),
+            "stale:{name}": memofill.Dataset(
+                "stale:{name}",
+                ttl_s=600,
+                stale_s=3600,
+                cache_fill=memofill.CacheFill(
+                    lease_ms=hour_ms,
+                    wait_ms=3000,
+                    poll_min_ms=10,
+                    poll_max_ms=250,
+                    refresh_retry_ms=hour_ms,
+                ),
+            ),
+        },
+    )
+
+    @instance.cached_dataset("fresh:{name}")
+    def fresh(name: str) -> dict[str, Any]:
+        return small_value(name)
+
+    @instance.cached_dataset("stale:{name}")
+    def stale(name: str) -> dict[str, Any]:
+        return small_value(name)
+
+    fresh(NAME)
+    stale(NAME)
+    key = "bench:header:stale:" + NAME
+    stored = get(key)
+    now_ms = int(time.time() * 1000)
+    header = codec.Header(now_ms - 700_000, now_ms - 100_000, 200, 0)
+    raw.set(key, codec.header_bytes(header) + bytes(codec.payload(stored)), px=hour_ms)
+    raw.set(keys.lock_key(key), "another-process", px=hour_ms)
+    raw.set("bench:header:floor:" + NAME, orjson.dumps(small_value(NAME)))
+    if codec.read_header(get("bench:header:fresh:" + NAME)) is None:
+        raise AssertionError("the fresh row's value has no header")
+    outcome = stale.call_with_outcome(NAME).outcome
+    if outcome != "stale_hit":
+        raise AssertionError(f"the stale row's hit was {outcome!r}, not a stale_hit")
+    return {
+        "floor": lambda name: loads(get("bench:header:floor:" + name)),
+        "memofill-fresh": fresh,
+        "memofill-stale": stale,
+    }
+
+
+def _measure_header(
+    *, port: int, rounds: int, per_round: int, warmup: int, seed: int
+) -> dict[str, list[int]]:
+    """In a fresh process: set the rows up, check their values, then time interleaved rounds."""
+    calls = _header_calls(port)
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call(NAME)
+        if call(NAME) != small_value(NAME):
+            raise AssertionError(f"{name} returned another value")
+    samples: dict[str, list[int]] = {name: [] for name in calls}
+    order = list(calls)
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        gc.collect()
+        for name in order:
+            _time_sync(calls[name], per_round, samples[name])
+    return samples
+
+
+def measure_header(
+    port: int, *, iterations: int, warmup: int, rounds: int = 100, seed: int = 1
+) -> dict[str, Any]:
+    """Time the floor, a fresh hit with its header and a stale hit; ratios over the floor."""
+    per_round = max(1, iterations // rounds)
+    samples = in_child(
+        _measure_header, port=port, rounds=rounds, per_round=per_round, warmup=warmup, seed=seed
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    for name in HEADER_ROWS:
+        values = sorted(samples[name])
+        rows[name] = {"median_us": median(values) / 1000, "p99_us": percentile(values, 99) / 1000}
+    for row in rows.values():
+        row["ratio"] = row["median_us"] / rows["floor"]["median_us"]
+    return {"iterations": per_round * rounds, "rounds": rounds, "warmup": warmup, "rows": rows}

@@ -261,6 +261,13 @@ def run(
                 warmup=scale.hit_warmup,
                 rounds=scale.hit_rounds,
             )
+            _log(f"hit, fresh and stale: {scale.hit_iterations:,} calls per row")
+            results["hit_header"] = hit.measure_header(
+                server.port,
+                iterations=scale.hit_iterations,
+                warmup=scale.hit_warmup,
+                rounds=scale.hit_rounds,
+            )
             _log(f"hit, typed values: {scale.hit_iterations:,} calls per row")
             results["hit_typed"] = hit.measure_typed(
                 server.port,
