@@ -168,6 +168,11 @@ class Plan:
     #: this wall-clock ms (0: any value counts): the stale value that sent a caller here must
     #: not end its fill as if another leader had just written it.
     fresh_after_ms: int = 0
+    #: A leader whose fetch raises holds the lock for ``refresh_retry_ms`` instead of releasing
+    #: it (as a failed refresh does), so the fleet backs off while the origin fails: set for
+    #: datasets that serve stale or refresh early. Callers that meet the hold get the stale
+    #: value or, past the windows, :class:`~memofill.errors.FillError`, without a fetch.
+    hold_on_error: bool = False
 
 
 @attrs.frozen
@@ -275,7 +280,7 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         )
         raise
     except Exception as exc:
-        if plan.stale is not None:
+        if plan.hold_on_error:
             # The stale value stays and the fleet backs off, as after a failed refresh.
             yield from _hold(plan, policy, lock, token, RAISED + type(exc).__name__)
             return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)

@@ -878,8 +878,7 @@ class _Miss:
         self.fetch = _fetcher(binding, wrapped, args, kwargs)
         if commands is None:
             _warn_no_client(binding)
-        # A value read under the key must be fresher than now to end this fill.
-        fresh_after_ms = round(wall_clock() * 1000) if binding.late is not None else 0
+        timed = binding.late is not None
         self.plan = _plan(
             binding,
             key,
@@ -887,7 +886,9 @@ class _Miss:
             error,
             refresh=refresh,
             stale=stale,
-            fresh_after_ms=fresh_after_ms,
+            # A value read under the key must be fresher than now to end this fill.
+            fresh_after_ms=round(wall_clock() * 1000) if timed else 0,
+            hold_on_error=timed and not refresh,
         )
 
     def run_sync(self) -> Result:
