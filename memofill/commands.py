@@ -29,12 +29,14 @@ from redis.exceptions import TimeoutError as _TimeoutError
 from memofill.errors import ConfigurationError
 
 __all__ = [
+    "HOLD_SCRIPT",
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
     "Commands",
     "RedisError",
     "RedisUnavailable",
     "acl_rule",
+    "is_hold",
     "is_pool_exhausted",
     "is_pool_refusal",
     "is_timeout",
@@ -133,6 +135,34 @@ return released
 """
 
 
+#: Token-safe hold after a failed fetch, sent by EVALSHA like :data:`RELEASE_SCRIPT`.
+#:
+#: KEYS[1]: the lock key. KEYS[2]: the wake stream.
+#: ARGV[1]: this caller's token. ARGV[2]: how long to hold the lock (``refresh_retry_ms``).
+#: ARGV[3]: how the fetch ended, ``error:<Type>``. ARGV[4]: how long a plain wake entry lives.
+#:
+#: Instead of deleting the lock, keeps it for ARGV[2] ms more while it still holds this
+#: caller's token: every process then finds it held, keeps serving its stale value, and
+#: does not retry until it lapses, so the origin sees one call per ``refresh_retry_ms``
+#: fleet-wide while it fails. The wake entry tells followers blocked now that the fetch
+#: raised; with a ``hold`` field (the hold's ms) it also tells callers that arrive while
+#: the lock is held that it is held after a failure, not for a fetch in progress, so they
+#: answer at once rather than wait. Old followers read only ``result``. A lock that is no
+#: longer ours is left alone and the entry carries no ``hold``.
+#: Returns 1 if the lock is now held for ARGV[2] ms, 0 if it was no longer ours.
+HOLD_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'result', ARGV[3], 'hold', ARGV[2])
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+    return 1
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'result', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 0
+"""
+
+
 #: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
 #: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
 #: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
@@ -220,6 +250,14 @@ def newest_entry(entries: list[Any], current: str) -> tuple[str, str | None]:
     return newest, result
 
 
+def is_hold(entries: Any) -> bool:
+    """Whether the newest of ``entries`` says the lock is held after a failure (a hold)."""
+    if not entries or isinstance(entries, Exception):
+        return False
+    fields = entries[-1][1] if len(entries[-1]) > 1 else None
+    return isinstance(fields, dict) and (b"hold" in fields or "hold" in fields)
+
+
 def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
@@ -235,6 +273,7 @@ class Commands:
         self.get: Callable[[str], Any] = client.get
         self.socket_timeout_ms = socket_timeout_ms(client)
         self._release = client.register_script(RELEASE_SCRIPT)
+        self._hold = client.register_script(HOLD_SCRIPT)
         _live_commands.add(self)
 
     def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
@@ -261,6 +300,12 @@ class Commands:
     ) -> Any:
         """Run :data:`RELEASE_SCRIPT`: delete the lock if it is still ours, then wake followers."""
         return self._release(keys=[lock_key, wake_key], args=[token, wake_ttl_ms, result])
+
+    def hold(  # noqa: PLR0917  # sent as a Command, whose args are positional
+        self, lock_key: str, wake_key: str, token: str, hold_ms: int, wake_ttl_ms: int, result: str
+    ) -> Any:
+        """Run :data:`HOLD_SCRIPT`: keep the lock ``hold_ms`` more if it is still ours, and tell."""
+        return self._hold(keys=[lock_key, wake_key], args=[token, hold_ms, result, wake_ttl_ms])
 
     def wait(self, wake_key: str, last_id: str, block_ms: int) -> Any:
         """``XREAD BLOCK block_ms STREAMS wake_key last_id``: a leader's signal, or a time-out."""

@@ -46,6 +46,7 @@ One miss, for a dataset with a fill policy:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -62,11 +63,13 @@ from memofill.codec import (
     error_marker,
     header_bytes,
     payload_size,
+    read_header,
 )
 from memofill.commands import (
     REDIS_ERRORS,
     Commands,
     RedisUnavailable,
+    is_hold,
     is_pool_refusal,
     is_timeout,
     is_unreachable,
@@ -157,6 +160,19 @@ class Plan:
     window_ms: int = 0
     #: The wall clock (seconds), read for the stored header: when the fetch began, how long it took.
     wall: Callable[[], float] = wall_clock
+    #: The stale value this caller read (past ``stale_s``, within ``stale_if_error_s``): served
+    #: instead of the error if the fill fails (:data:`Outcome.STALE_ON_ERROR`). A fetch that
+    #: raises then holds the lock (see :func:`refresh`) rather than release it.
+    stale: bytes | None = None
+    #: A value read under the key counts as filled only if its header says it is fresh after
+    #: this wall-clock ms (0: any value counts): the stale value that sent a caller here must
+    #: not end its fill as if another leader had just written it.
+    fresh_after_ms: int = 0
+    #: A leader whose fetch raises holds the lock for ``refresh_retry_ms`` instead of releasing
+    #: it (as a failed refresh does), so the fleet backs off while the origin fails: set for
+    #: datasets that serve stale or refresh early. Callers that meet the hold get the stale
+    #: value or, past the windows, :class:`~memofill.errors.FillError`, without a fetch.
+    hold_on_error: bool = False
 
 
 @attrs.frozen
@@ -177,6 +193,8 @@ class Result:
     stored: bytes | None = None
     #: Why ``value`` could not be encoded (``"TypeError: ..."``), when it could not.
     unstorable: str | None = None
+    #: How long this caller's fetch took, in ms (0 when it fetched nothing).
+    delta_ms: int = 0
 
     def unwrap(self) -> Any:
         """The value, or raise the exception the caller must see."""
@@ -189,7 +207,24 @@ Steps = Generator[Step, Any, Result]
 
 
 def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
-    """The miss algorithm (see the module docstring): yields steps, returns a :class:`Result`."""
+    """The miss algorithm (see the module docstring): yields steps, returns a :class:`Result`.
+
+    A caller holding a stale value (:attr:`Plan.stale`) gets it back when the fill
+    fails, here or in the leader it followed, as :data:`Outcome.STALE_ON_ERROR`.
+    """
+    result = yield from _fill(plan, clock, rng)
+    if plan.stale is None or result.outcome is not Outcome.FETCH_ERROR:
+        return result
+    stale = decode_stored(plan.codec, plan.stale)
+    if stale is CORRUPT or stale is NEGATIVE or isinstance(stale, ErrorMarker):
+        return result
+    return attrs.evolve(
+        result, outcome=Outcome.STALE_ON_ERROR, value=stale, exception=None, stored=plan.stale
+    )
+
+
+def _fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
+    """:func:`fill` without the stale value's rescue."""
     policy = plan.cache_fill
     if policy is None:
         return (yield from _uncoordinated(plan, Outcome.LEGACY))
@@ -207,6 +242,10 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
     if acquired:
         return (yield from _lead(plan, policy, lock, token, recheck))
+    if is_hold(newest):
+        # Held after a failed fetch: nobody fetches before it lapses, so its word is the answer.
+        _, told = newest_entry(newest, "0-0")
+        return _told(plan, told or RAISED, 0, 0.0)
     # The value may have landed since this caller's miss: then there is nothing to wait for.
     reusable = not plan.refresh and not isinstance(recheck, Exception)
     landed = _landed(plan, recheck, 0, 0.0) if reusable else None
@@ -222,7 +261,8 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     error = None
     if isinstance(recheck, Exception):
         recheck, error = None, type(recheck).__name__
-    found = CORRUPT if recheck is None or plan.refresh else decode_stored(plan.codec, recheck)
+    reusable = recheck is not None and not plan.refresh and _fresh_enough(plan, recheck)
+    found = decode_stored(plan.codec, recheck) if reusable else CORRUPT
     if found is not CORRUPT and not isinstance(found, ErrorMarker):
         _, release_error = yield from _write_and_release(
             plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
@@ -240,6 +280,10 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         )
         raise
     except Exception as exc:
+        if plan.hold_on_error:
+            # The stale value stays and the fleet backs off, as after a failed refresh.
+            yield from _hold(plan, policy, lock, token, RAISED + type(exc).__name__)
+            return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
         # The followers waiting now learn of the failure from the wake signal. Nothing is
         # stored for later callers unless the dataset asks (error_ttl_s): the next call
         # fetches again, one at a time across processes, since it takes the lock first.
@@ -262,12 +306,105 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
     outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
     # Report the first thing that went wrong: a failed recheck, then the write, then the release.
     error = error or encode_error or write_error or release_error
-    return _fetched(outcome, value, payload, error, unstorable)
+    return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
+
+
+def refresh(plan: Plan, seen_start_ms: int) -> Steps:
+    """The refresh of a value that is stale or due early: one fetch fleet-wide, nobody waits.
+
+    Its callers were served the value it replaces already, so it never waits and
+    never fetches without the lock:
+
+    1. Take the lock (the same one round trip as a miss: ``SET NX PX``, the recheck,
+       the newest wake entry). Held by another process: :data:`Outcome.REFRESH_BUSY`.
+       A Redis error: :data:`Outcome.REFRESH_LOCK_ERROR`, and no fetch at all (the
+       stale value is the right answer while Redis misbehaves; a miss would instead
+       fetch uncoordinated, having nothing to serve).
+    2. The recheck shows a value whose fetch began after ``seen_start_ms`` (the one
+       that was read): another process refreshed it meanwhile; release and stop
+       (:data:`Outcome.REFRESH_RECHECK_HIT`).
+    3. Fetch, write the value with a new header, release token-safely (followers of
+       a key that hard-expired meanwhile are woken as after any fill).
+    4. The fetch raised: the stale value is left alone and the lock is **held** for
+       ``refresh_retry_ms`` (:data:`~memofill.commands.HOLD_SCRIPT`) rather than
+       released: every process finds it held and keeps serving the stale value, so
+       the origin sees one call per ``refresh_retry_ms`` while it fails.
+    5. Cancelled (asyncio; the loop shutting down): release as a cancelled leader does.
+    """
+    policy = plan.cache_fill
+    if policy is None or not plan.redis_ok:
+        return Result(Outcome.REFRESH_LOCK_ERROR, error=plan.redis_error or "RedisUnavailable")
+    lock, token, wake = lock_key(plan.redis_key), new_token(), wake_key(plan.redis_key)
+    try:
+        acquired, recheck, _ = yield from _ask(
+            plan, Command("acquire", (lock, token, policy.lease_ms, plan.redis_key, wake))
+        )
+        if isinstance(acquired, Exception):
+            raise acquired
+    except Exception as exc:  # from Redis: see the module doc
+        return Result(Outcome.REFRESH_LOCK_ERROR, error=type(exc).__name__)
+    if not acquired:
+        return Result(Outcome.REFRESH_BUSY)
+    header = read_header(recheck) if isinstance(recheck, bytes) else None
+    if header is not None and header.fetch_start_ms > seen_start_ms:
+        _, release_error = yield from _write_and_release(
+            plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
+        )
+        return Result(Outcome.REFRESH_RECHECK_HIT, error=release_error, stored=recheck)
+    try:
+        value, started_ms, delta_ms = yield from _timed_fetch(plan)
+    except asyncio.CancelledError:
+        yield from _write_and_release(
+            plan, policy, lock, token, payload=None, ttl_ms=0, result=CANCELLED
+        )
+        raise
+    except Exception as exc:
+        # The fetch's error is the one to report: a hold that failed only shortens the back-off.
+        yield from _hold(plan, policy, lock, token, RAISED + type(exc).__name__)
+        return Result(Outcome.REFRESH_ERROR, error=type(exc).__name__)
+    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
+    encode_error = None if unstorable is None else unstorable.partition(":")[0]
+    if value is None:
+        told = RETURNED_NONE
+    else:
+        told = STORED if encode_error is None else UNSTORED + encode_error
+    write_error, release_error = yield from _write_and_release(
+        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told
+    )
+    outcome = Outcome.REFRESH_NEGATIVE if value is None else Outcome.REFRESH_FILL
+    error = encode_error or write_error or release_error
+    return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
+
+
+def _hold(
+    plan: Plan, policy: CacheFill, lock: str, token: str, result: str
+) -> Generator[Step, Any, None]:
+    """Hold the lock for ``refresh_retry_ms`` after a failed fetch, and tell; see :func:`refresh`.
+
+    A Redis error here, or a lock that is no longer ours, holds nothing: the
+    lock lapses with its lease, and the next stale read may retry then.
+    """
+    wake_ttl_ms = max(policy.poll_max_ms, 100)
+    command = Command(
+        "hold",
+        (lock, wake_key(plan.redis_key), token, policy.refresh_retry_ms, wake_ttl_ms, result),
+    )
+    with contextlib.suppress(Exception):  # from Redis: see the module doc
+        yield from _ask(plan, command)
+
+
+def _fresh_enough(plan: Plan, raw: bytes) -> bool:
+    """Whether ``raw`` can end a fill: it has no header, or one fresh after ``fresh_after_ms``."""
+    if not plan.fresh_after_ms:
+        return True
+    header = read_header(raw)
+    return header is None or header.soft_until_ms > plan.fresh_after_ms
 
 
 def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
     """A follower's result if ``raw`` is what a leader stored (value, ``None`` or failure)."""
-    found = CORRUPT if raw is None else decode_stored(plan.codec, raw)
+    landed = raw is not None and _fresh_enough(plan, raw)
+    found = decode_stored(plan.codec, raw) if raw is not None and landed else CORRUPT
     if isinstance(found, ErrorMarker):
         failure = FillError(plan.dataset, plan.redis_key, found.error)
         return Result(
@@ -309,7 +446,7 @@ def _follow(
             last_id, told = newest_entry(stream_entries(reply), last_id)
             if told == CANCELLED:
                 # The lock is free again: whoever of the followers takes it fills.
-                return (yield from fill(plan, clock, rng))
+                return (yield from _fill(plan, clock, rng))
             if told is not None and told.startswith(UNSTORED):
                 # The value will not appear: fetch now rather than after wait_ms.
                 waited = (clock() - start) * 1000

@@ -32,24 +32,30 @@ from memofill.codec import (
     NEGATIVE,
     VIEW_FROM_BYTES,
     ErrorMarker,
+    Header,
     decode_special,
     payload,
+    read_header,
 )
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
-from memofill.coordinator import Plan, Result, fill, run_async, run_sync
+from memofill.coordinator import Plan, Result, fill, refresh, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker, LocalStore
+from memofill.freshness import EARLY, STALE, STALE_IF_ERROR, late_rule, verdict, wall_clock
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
 from memofill.outcomes import (
     DISABLED,
     FALLBACK_HIT,
     HIT,
+    STALE_HIT,
     Counters,
     MissRecord,
     Outcome,
+    RefreshRecord,
     refused_by_acl,
 )
 from memofill.policy import Dataset
+from memofill.refreshing import Refreshes
 from memofill.singleflight import TaskFlights, ThreadFlights
 from memofill.values import JSON, Codec, Values, decode_stored
 
@@ -333,6 +339,11 @@ class _Binding:
     unstorable_warned: set[str]
     #: Its datasets whose refusal by an ACL was logged since the client was configured.
     told_permission: set[str]
+    #: Whether headered bytes are not a plain fresh hit (stale, or due early): ``None`` for a
+    #: dataset with no stale window and no early refresh, whose values are fresh until
+    #: Redis expires them.
+    late: Callable[[bytes], bool] | None
+    refreshes: Refreshes
 
     @classmethod
     def build(
@@ -375,6 +386,8 @@ class _Binding:
             task_flights=state.task_flights,
             unstorable_warned=state.unstorable_warned,
             told_permission=state.told_permission,
+            late=_late_rule(dataset),
+            refreshes=state.refreshes,
         )
 
     def gate(self) -> Commands | None:
@@ -387,6 +400,14 @@ class _Binding:
         if self.misconfigured is not None:
             raise ConfigurationError(self.misconfigured)
         return self.commands
+
+
+def _late_rule(dataset: Dataset) -> Callable[[bytes], bool] | None:
+    """The late rule (see :mod:`memofill.freshness`) of a dataset with a stale window or β."""
+    fill = dataset.cache_fill
+    if fill is None or not (dataset.stale_s or dataset.stale_if_error_s or fill.early_beta):
+        return None
+    return late_rule(fill.early_beta)
 
 
 class CachedDataset(wrapt.FunctionWrapper[P, R]):
@@ -577,6 +598,9 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
         return _NOT_A_HIT
     body = raw
     if raw[:2] == HEADED:
+        late = binding.late
+        if late is not None and late(raw):
+            return _NOT_A_HIT  # stale, or due early: see _late_read
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
     try:
         value = binding.decode(body)
@@ -678,6 +702,158 @@ def _warn_no_client(binding: _Binding) -> None:
     )
 
 
+def _fetcher(
+    binding: _Binding, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """The call of the origin with these arguments (``wrapped`` None: the function as it is now)."""
+    function = binding.current_function() if wrapped is None else wrapped
+    return lambda: function(*args, **kwargs)
+
+
+def _plan(
+    binding: _Binding, key: str, commands: Commands | None, error: Exception | None, **extra: Any
+) -> Plan:
+    """What a fill or a refresh of ``key`` needs; Redis usable unless the breaker is open or
+    the ``GET`` failed to connect.
+
+    A ``GET`` that Redis answered with an error (another type under the key,
+    say) still leaves Redis usable: the lock path runs, and its write
+    replaces the key. ``extra`` sets the :class:`Plan` fields of one kind of fill.
+    """
+    dataset = binding.dataset
+    # A time-out alone is not proof (the breaker counts them): the lock path runs.
+    unreachable = error is not None and is_unreachable(error) and not is_timeout(error)
+    breaker_open = binding.breaker.is_open
+    return Plan(
+        dataset=dataset.key,
+        redis_key=key,
+        ttl_ms=max(1, round(dataset.ttl_s * 1000)),
+        window_ms=round(dataset.window_s * 1000),
+        negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
+        error_ttl_ms=round(dataset.error_ttl_s * 1000),
+        # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
+        cache_fill=None if commands is None else dataset.cache_fill,
+        redis_ok=commands is not None and not breaker_open and not unreachable,
+        redis_error=None if error is None else type(error).__name__,
+        block_limit_ms=None if commands is None else commands.socket_timeout_ms,
+        codec=binding.values.codec,
+        **extra,
+    )
+
+
+class _LateRead:
+    """A read whose header says it is not a plain fresh hit: stale, or due for an early refresh.
+
+    ``result`` is what the caller gets at once (a hit, or a ``stale_hit``), when
+    the value may be served; else ``stale`` holds the bytes a miss serves if its
+    fill fails (within ``stale_if_error_s``), or ``None`` (a plain miss).
+    """
+
+    def __init__(self, binding: _Binding, key: str, raw: bytes) -> None:
+        self.binding, self.key = binding, key
+        dataset = binding.dataset
+        self.now_ms = wall_clock() * 1000
+        header = read_header(raw)
+        self.header: Header = header or Header(0, 0, 0, 0)
+        stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
+        kind = "expired" if header is None else verdict(self.now_ms, header, stale_ms, if_error_ms)
+        self.trigger = "early" if kind == EARLY else "stale"
+        self.result: CallResult | None = None
+        if kind in (EARLY, STALE):
+            value = decode_stored(binding.values.codec, raw)
+            if not (value is CORRUPT or value is NEGATIVE or isinstance(value, ErrorMarker)):
+                name = HIT if kind == EARLY else STALE_HIT
+                binding.counters.add(binding.key, name)
+                self.result = CallResult(value, name, False)
+        self.stale = raw if kind == STALE_IF_ERROR else None
+
+    def hand_off(
+        self, commands: Commands | None, wrapped: Any, args: Any, kwargs: Any
+    ) -> _Refresh | None:
+        """The refresh to run, unless one is in flight here or another process holds the lock."""
+        if commands is None or not self.binding.refreshes.claim(self.key):
+            return None
+        stale_age_ms = self.now_ms - self.header.soft_until_ms
+        fetch = _fetcher(self.binding, wrapped, args, kwargs)
+        return _Refresh(
+            self.binding, self.key, commands, fetch, self.trigger, self.header, stale_age_ms
+        )
+
+    def after_inline(self, result: Result) -> CallResult:
+        """What the caller that refreshed inline returns: the new value, when there is one."""
+        assert self.result is not None  # only a served read hands a refresh off
+        if result.outcome is Outcome.REFRESH_FILL:
+            return CallResult(result.value, self.result.outcome, False)
+        return self.result
+
+
+class _Refresh:
+    """One refresh of a value served stale (or early), run by a worker, a task or the caller."""
+
+    def __init__(  # noqa: PLR0917  # one call site
+        self,
+        binding: _Binding,
+        key: str,
+        commands: Commands,
+        fetch: Callable[[], Any],
+        trigger: str,
+        seen: Header,
+        stale_age_ms: float,
+    ) -> None:
+        self.binding, self.key, self.commands, self.fetch = binding, key, commands, fetch
+        self.trigger, self.seen, self.stale_age_ms = trigger, seen, stale_age_ms
+        self.plan = _plan(binding, key, commands, None)
+
+    def run_sync(self) -> Result:
+        """Run the refresh with the blocking client, and record it."""
+        started = time.monotonic()
+        steps = refresh(self.plan, self.seen.fetch_start_ms)
+        try:
+            result = run_sync(steps, self.commands, self.fetch, self.binding.breaker)
+        except BaseException:
+            self.binding.refreshes.done(self.key)
+            raise
+        return self._record(result, started)
+
+    async def run_async(self) -> Result:
+        """Run the refresh with the asyncio client, and record it."""
+        started = time.monotonic()
+        steps = refresh(self.plan, self.seen.fetch_start_ms)
+        try:
+            result = await run_async(steps, self.commands, self.fetch, self.binding.breaker)
+        except BaseException:  # cancelled: the refresh released its lock, token-safely
+            self.binding.refreshes.done(self.key)
+            raise
+        return self._record(result, started)
+
+    def _record(self, result: Result, started: float) -> Result:
+        """Count and log the refresh, keep its value for outages, and set the busy memo."""
+        binding, policy, outcome = self.binding, self.plan.cache_fill, result.outcome
+        busy_s = 0.0
+        if policy is not None and outcome is Outcome.REFRESH_ERROR:
+            busy_s = policy.refresh_retry_ms / 1000  # the lock is held that long
+        elif policy is not None and outcome in (Outcome.REFRESH_BUSY, Outcome.REFRESH_LOCK_ERROR):
+            # Free by the end of a lease, or of a hold after a failure, whichever comes first.
+            busy_s = min(policy.lease_ms, policy.refresh_retry_ms) / 1000
+        binding.refreshes.done(self.key, busy_s)
+        binding.counters.add(binding.key, outcome.value)
+        RefreshRecord(
+            outcome=outcome,
+            dataset=binding.key,
+            redis_key=self.key,
+            trigger=self.trigger,
+            stale_age_ms=self.stale_age_ms,
+            delta_ms=result.delta_ms,
+            elapsed_ms=(time.monotonic() - started) * 1000,
+            error=result.error,
+        ).emit()
+        if outcome is Outcome.REFRESH_FILL and result.stored is not None:
+            binding.local_store.put(self.key, result.stored, binding.ttl_s)
+        if result.unstorable is not None:
+            _warn_unstorable(binding, self.key, result)
+        return result
+
+
 class _Miss:
     """One caller's miss: the fill it runs or joins, and how it is logged.
 
@@ -696,40 +872,23 @@ class _Miss:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         refresh: bool = False,
+        stale: bytes | None = None,
     ) -> None:
         self.binding, self.key, self.started, self.commands = binding, key, started, commands
-        # ``wrapped`` is None for a direct call: the decorated function, as it is now.
-        function = binding.current_function() if wrapped is None else wrapped
-        self.fetch: Callable[[], Any] = lambda: function(*args, **kwargs)
+        self.fetch = _fetcher(binding, wrapped, args, kwargs)
         if commands is None:
             _warn_no_client(binding)
-        self.plan = self._plan(error, refresh)
-
-    def _plan(self, error: Exception | None, refresh: bool) -> Plan:
-        """Redis is usable unless the breaker is open or the ``GET`` failed to connect.
-
-        A ``GET`` that Redis answered with an error (another type under the key,
-        say) still leaves Redis usable: the lock path runs, and its write
-        replaces the key.
-        """
-        dataset, commands = self.binding.dataset, self.commands
-        # A time-out alone is not proof (the breaker counts them): the lock path runs.
-        unreachable = error is not None and is_unreachable(error) and not is_timeout(error)
-        breaker_open = self.binding.breaker.is_open
-        return Plan(
-            dataset=dataset.key,
-            redis_key=self.key,
-            ttl_ms=max(1, round(dataset.ttl_s * 1000)),
-            window_ms=round(dataset.window_s * 1000),
-            negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
-            error_ttl_ms=round(dataset.error_ttl_s * 1000),
-            # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
-            cache_fill=None if commands is None else dataset.cache_fill,
-            redis_ok=commands is not None and not breaker_open and not unreachable,
-            redis_error=None if error is None else type(error).__name__,
-            block_limit_ms=None if commands is None else commands.socket_timeout_ms,
+        timed = binding.late is not None
+        self.plan = _plan(
+            binding,
+            key,
+            commands,
+            error,
             refresh=refresh,
-            codec=self.binding.values.codec,
+            stale=stale,
+            # A value read under the key must be fresher than now to end this fill.
+            fresh_after_ms=round(wall_clock() * 1000) if timed else 0,
+            hold_on_error=timed and not refresh,
         )
 
     def run_sync(self) -> Result:
@@ -849,9 +1008,21 @@ def _lookup_sync(
             value = _hit(binding, key, raw, started)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
+    stale = None
+    if raw is not None and binding.late is not None and raw[:2] == HEADED:
+        late = _LateRead(binding, key, raw)
+        if late.result is not None:
+            now = late.result
+            job = late.hand_off(commands, wrapped, args, kwargs)
+            if job is not None and binding.refreshes.inline:
+                now = late.after_inline(job.run_sync())
+            elif job is not None and not binding.refreshes.submit(key, job.run_sync):
+                binding.counters.add(binding.key, Outcome.REFRESH_DROPPED.value)
+            return now if with_outcome else now.value
+        stale, raw = late.stale, None
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
-        miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
+        miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
         served = miss.finish(*binding.thread_flights.run(key, miss.run_sync))
     return served if with_outcome else served.value
 
@@ -880,10 +1051,22 @@ async def _lookup_async(
             value = _hit(binding, key, raw, started)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
+    stale = None
+    if raw is not None and binding.late is not None and raw[:2] == HEADED:
+        late = _LateRead(binding, key, raw)
+        if late.result is not None:
+            now = late.result
+            job = late.hand_off(commands, wrapped, args, kwargs)
+            if job is not None and binding.refreshes.inline:
+                now = late.after_inline(await job.run_async())
+            elif job is not None:
+                binding.refreshes.spawn(job.run_async())
+            return now if with_outcome else now.value
+        stale, raw = late.stale, None
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
         _raise_if_cancel_was_lost()
-        miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
+        miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
         served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
 

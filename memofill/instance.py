@@ -34,6 +34,7 @@ from memofill.keys import lock_key, parse_template, prefix_problem
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.project import resolve_policies
+from memofill.refreshing import REFRESH_MODES, Refreshes, RefreshMode
 from memofill.singleflight import TaskFlights, ThreadFlights
 from memofill.values import Codec
 
@@ -101,6 +102,8 @@ class State:
     #: Datasets whose refusal by Redis's ACL was logged: once per client configured (a new
     #: client may have other rights).
     told_permission: set[str]
+    #: Refreshes of stale values in flight, and how they are run (``refresh=``).
+    refreshes: Refreshes = attrs.field(factory=Refreshes)
     #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
     held: frozenset[str] = frozenset()
 
@@ -127,9 +130,26 @@ class State:
         return commands
 
 
-def _fresh(breaker_cooldown_s: float, local_store_bytes: int) -> dict[str, Any]:
+def _refreshes(mode: object, workers: object) -> Refreshes:
+    """New refreshes run as ``mode`` says with ``workers`` threads, once both are checked."""
+    if mode not in REFRESH_MODES:
+        raise ConfigurationError(
+            f"refresh={mode!r}: use 'background' (a pool or a task refreshes stale values) or "
+            "'inline' (the caller that finds one refreshes it itself)"
+        )
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigurationError(f"refresh_workers={workers!r}: must be an int >= 1")
+    mode_checked: RefreshMode = "inline" if mode == "inline" else "background"
+    return Refreshes(mode_checked, workers)
+
+
+def _fresh(
+    breaker_cooldown_s: float, local_store_bytes: int, refreshes: Refreshes | None = None
+) -> dict[str, Any]:
     """What calls accumulate, new: counts, values kept for outages, the breaker, fills."""
+    refreshes = Refreshes() if refreshes is None else Refreshes(refreshes.mode, refreshes.workers)
     return {
+        "refreshes": refreshes,
         "counters": Counters(),
         "local_store": LocalStore(max_bytes=local_store_bytes),
         "breaker": Breaker(breaker_cooldown_s),
@@ -165,6 +185,12 @@ class Memofill:
         local_store_bytes: the most bytes of values this process keeps to serve
             while Redis is unreachable (:data:`~memofill.fallback.MAX_LOCAL_BYTES`,
             32 MiB, by default; the oldest are dropped first).
+        refresh: how a stale value (``stale_s``) is refreshed while callers are served
+            it: ``"background"`` (default: a bounded thread pool for blocking
+            functions, a task for coroutine functions) or ``"inline"`` (the caller
+            that wins the refresh lock refreshes before it returns, for hosts that
+            freeze a process after its response).
+        refresh_workers: the background pool's threads (made on first use, per process).
 
     ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
     straight to the function, counted as ``disabled``.
@@ -179,6 +205,8 @@ class Memofill:
         policies: PolicySource | None = None,
         breaker_cooldown_s: float = 1.0,
         local_store_bytes: int = MAX_LOCAL_BYTES,
+        refresh: RefreshMode = "background",
+        refresh_workers: int = 4,
     ) -> None:
         if isinstance(local_store_bytes, bool) or not isinstance(local_store_bytes, int):
             raise ConfigurationError(
@@ -196,7 +224,7 @@ class Memofill:
             policy_source=policies,
             policies=None,
             disabled=False,
-            **_fresh(breaker_cooldown_s, local_store_bytes),
+            **_fresh(breaker_cooldown_s, local_store_bytes, _refreshes(refresh, refresh_workers)),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
         _instances.add(self)
@@ -220,6 +248,11 @@ class Memofill:
     def breaker(self) -> Breaker:
         """Skips Redis for a short cool-down after it failed to answer."""
         return self._state.breaker
+
+    @property
+    def refreshes(self) -> Refreshes:
+        """Refreshes of stale values in flight in this process, and how they are run."""
+        return self._state.refreshes
 
     @property
     def thread_flights(self) -> ThreadFlights[Result]:
@@ -253,6 +286,8 @@ class Memofill:
         async_client: Any = None,
         prefix: str | None = None,
         policies: PolicySource | None = None,
+        refresh: RefreshMode | None = None,
+        refresh_workers: int | None = None,
     ) -> None:
         """Change what is given, keep the rest; decorated functions follow.
 
@@ -265,7 +300,16 @@ class Memofill:
         leaves the instance as it was.
         """
         with _lock:
-            self._swap(self._composed(client, async_client, prefix, policies))
+            state = self._composed(client, async_client, prefix, policies)
+            if refresh is not None or refresh_workers is not None:
+                old = state.refreshes
+                refreshes = _refreshes(
+                    old.mode if refresh is None else refresh,
+                    old.workers if refresh_workers is None else refresh_workers,
+                )
+                state = attrs.evolve(state, refreshes=refreshes)
+                old.shutdown()
+            self._swap(state)
 
     def _composed(
         self,
@@ -428,7 +472,7 @@ class Memofill:
             fresh = attrs.evolve(
                 saved,
                 held=frozenset(),
-                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes),
+                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes, saved.refreshes),
             )
             self._swap(
                 self._composed(client, async_client, prefix, policies, state=fresh, held=held)
@@ -495,9 +539,18 @@ def configure(
     async_client: Any = None,
     prefix: str | None = None,
     policies: PolicySource | None = None,
+    refresh: RefreshMode | None = None,
+    refresh_workers: int | None = None,
 ) -> Memofill:
     """Configure the module-level default instance (see :meth:`Memofill.configure`); returns it."""
-    default.configure(client, async_client=async_client, prefix=prefix, policies=policies)
+    default.configure(
+        client,
+        async_client=async_client,
+        prefix=prefix,
+        policies=policies,
+        refresh=refresh,
+        refresh_workers=refresh_workers,
+    )
     return default
 
 

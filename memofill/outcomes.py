@@ -43,10 +43,43 @@ class Outcome(str, enum.Enum):
     FETCH_ERROR = "fetch_error"
     #: The fetch returned ``None``; a negative marker now stands for it.
     NEGATIVE = "negative"
+    #: The fill failed past ``stale_s`` but within ``stale_if_error_s``: the caller got the
+    #: stale value instead of the error.
+    STALE_ON_ERROR = "stale_on_error"
+
+    # One refresh of a value that went stale (or was due early), run beside the callers
+    # that were served it; one record each, except the two counted only.
+
+    #: The refresh fetched and stored a fresh value.
+    REFRESH_FILL = "refresh_fill"
+    #: The refresh's fetch returned ``None``; the negative marker replaces the value.
+    REFRESH_NEGATIVE = "refresh_negative"
+    #: With the lock, the recheck found a value fetched after the stale one: nothing to do.
+    REFRESH_RECHECK_HIT = "refresh_recheck_hit"
+    #: The refresh's fetch raised: the stale value stays, and the lock is held for
+    #: ``refresh_retry_ms`` so that no process retries before then.
+    REFRESH_ERROR = "refresh_error"
+    #: Redis failed during the refresh: the stale value stays; nothing was fetched.
+    REFRESH_LOCK_ERROR = "refresh_lock_error"
+    #: Another process holds the lock (refreshing, or holding after a failure). Counted only.
+    REFRESH_BUSY = "refresh_busy"
+    #: The refresh pool's queue was full: this refresh was skipped. Counted only.
+    REFRESH_DROPPED = "refresh_dropped"
 
 
 #: Outcomes that mean something went wrong, logged at WARNING; the rest at INFO.
-WARNING_OUTCOMES = frozenset({Outcome.FOLLOWER_TIMEOUT, Outcome.LOCK_ERROR, Outcome.FETCH_ERROR})
+WARNING_OUTCOMES = frozenset(
+    {
+        Outcome.FOLLOWER_TIMEOUT,
+        Outcome.LOCK_ERROR,
+        Outcome.FETCH_ERROR,
+        Outcome.STALE_ON_ERROR,
+        Outcome.REFRESH_ERROR,
+        Outcome.REFRESH_LOCK_ERROR,
+    }
+)
+#: Refresh outcomes that are counted and never logged.
+COUNTED_ONLY = frozenset({Outcome.REFRESH_BUSY, Outcome.REFRESH_DROPPED})
 #: The ``error`` of a miss that Redis refused a command or key (an ACL): a configuration
 #: mistake, logged once at ERROR with its fix, so its misses are logged at INFO.
 PERMISSION_ERROR = "NoPermissionError"
@@ -92,8 +125,54 @@ class MissRecord:
         )
 
 
+@attrs.frozen
+class RefreshRecord:
+    """The fields of one refresh record, as they appear on the log record.
+
+    ``trigger`` is ``stale`` (a read found the value past its soft deadline),
+    ``early`` (the XFetch draw on a fresh read fired) or ``manual``;
+    ``stale_age_ms`` how far past its soft deadline the value was when the
+    refresh was handed off (negative for an early one: how long before);
+    ``delta_ms`` how long this refresh's fetch took (0 when it fetched nothing).
+    """
+
+    outcome: Outcome
+    dataset: str
+    redis_key: str
+    trigger: str
+    stale_age_ms: float
+    delta_ms: int
+    elapsed_ms: float
+    error: str | None = None
+
+    def emit(self) -> None:
+        """Log this record on the ``memofill`` logger: WARNING for a failure, else INFO."""
+        if self.outcome in COUNTED_ONLY:
+            return
+        level = logging.WARNING if self.outcome in WARNING_OUTCOMES else logging.INFO
+        if not logger.isEnabledFor(level):
+            return
+        fields = attrs.asdict(self)
+        fields["outcome"] = self.outcome.value
+        logger.log(
+            level,
+            "%s %s trigger=%s stale_age_ms=%.1f delta_ms=%d elapsed_ms=%.1f error=%s",
+            self.outcome.value,
+            self.redis_key,
+            self.trigger,
+            self.stale_age_ms,
+            self.delta_ms,
+            self.elapsed_ms,
+            self.error,
+            extra=fields,
+        )
+
+
 #: The counter name for hits; outcomes use their own values.
 HIT = "hit"
+#: A value past its soft deadline, within ``stale_s``, served at once while one caller
+#: refreshes it. Counted, never logged, and never counted as a hit.
+STALE_HIT = "stale_hit"
 #: Served from the process-local fallback while Redis was unreachable.
 FALLBACK_HIT = "fallback_hit"
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called

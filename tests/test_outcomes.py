@@ -219,7 +219,14 @@ def test_every_local_caller_logs_one_record(mf: Memofill, records: Records) -> N
 
 
 def test_warning_outcomes_are_the_ones_that_went_wrong() -> None:
-    assert {o.value for o in WARNING_OUTCOMES} == {"follower_timeout", "lock_error", "fetch_error"}
+    assert {o.value for o in WARNING_OUTCOMES} == {
+        "follower_timeout",
+        "lock_error",
+        "fetch_error",
+        "stale_on_error",
+        "refresh_error",
+        "refresh_lock_error",
+    }
     assert {o.value for o in Outcome} == {
         "leader_fill",
         "leader_recheck_hit",
@@ -230,6 +237,14 @@ def test_warning_outcomes_are_the_ones_that_went_wrong() -> None:
         "local_join",
         "fetch_error",
         "negative",
+        "stale_on_error",
+        "refresh_fill",
+        "refresh_negative",
+        "refresh_recheck_hit",
+        "refresh_error",
+        "refresh_lock_error",
+        "refresh_busy",
+        "refresh_dropped",
     }
 
 

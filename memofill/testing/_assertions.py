@@ -7,16 +7,17 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from memofill.decorator import CachedDataset, CallResult
-from memofill.outcomes import FALLBACK_HIT, HIT, Outcome
+from memofill.outcomes import FALLBACK_HIT, HIT, STALE_HIT, Outcome
 from memofill.testing._harness import Harness
 
-#: Every name the counters use: the miss outcomes, and the two kinds of hit.
-COUNTED_NAMES = frozenset({HIT, FALLBACK_HIT} | {outcome.value for outcome in Outcome})
+#: Every name the counters use: the outcomes, and the three kinds of hit.
+COUNTED_NAMES = frozenset({HIT, FALLBACK_HIT, STALE_HIT} | {outcome.value for outcome in Outcome})
 
 
 def _format(counts: Counter[str] | dict[str, int]) -> str:
@@ -138,6 +139,21 @@ class Outcomes:
 
             return checked()
         return self._check_hit(cached, args, kwargs, result)
+
+    def wait_for_refreshes(self, timeout_s: float = 5.0) -> list[logging.LogRecord]:
+        """Wait until no refresh handed to a worker thread is in flight; return the refresh records.
+
+        A stale read returns at once and hands its refresh to a worker; call this
+        before asserting what the refresh did. (An asyncio test awaits the tasks
+        in ``cache.refreshes.tasks`` instead, or uses ``refresh="inline"``.)
+        Fails the test if a refresh is still running after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while any(cache.refreshes.in_flight() for cache in self._harness.caches):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"a refresh was still in flight after {timeout_s} s")
+            time.sleep(0.005)
+        return [record for record in self._harness.records if hasattr(record, "trigger")]
 
     def origin_calls(self, function: Any) -> OriginCalls:
         """Count the calls that run ``function``'s own body, from now until the test ends.

@@ -7,8 +7,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from memofill.codec import NEGATIVE_MARKER, encode
+from memofill.codec import HEADER_LEN, NEGATIVE_MARKER, Header, encode, header_bytes, read_header
 from memofill.commands import Commands, new_token
+from memofill.freshness import wall_clock
 from memofill.keys import lock_key, wake_key
 from memofill.policy import Dataset
 from memofill.testing._harness import Harness
@@ -156,6 +157,30 @@ class Faults:
             yield holder
         finally:
             holder.end()
+
+    def make_stale(self, function: Any, /, *args: Any, by_s: float = 0.001, **kwargs: Any) -> str:
+        """Age the value a call of ``function`` with these arguments reads: stale by ``by_s``.
+
+        Rewrites the stored header so that the value's soft deadline passed
+        ``by_s`` seconds ago (its fetch began ``ttl_s`` before that), keeping its
+        bytes and its Redis TTL: the next call serves it stale (within
+        ``stale_s``), as a miss that keeps it for errors (within
+        ``stale_if_error_s``), or as a plain miss (past both). Returns the Redis
+        key. Raises :class:`LookupError` when no value with a header is stored.
+        """
+        key = function.redis_key(*args, **kwargs)
+        ttl_s = function.dataset.ttl_s
+        client = self._harness.plain_client()
+        raw = client.get(key)
+        header = read_header(raw) if isinstance(raw, bytes) else None
+        if not isinstance(raw, bytes) or header is None:
+            raise LookupError(f"no value with a header under {key!r}: call the function first")
+        soft_until_ms = round((wall_clock() - by_s) * 1000)
+        aged = Header(
+            soft_until_ms - round(ttl_s * 1000), soft_until_ms, header.delta_ms, header.seq
+        )
+        client.set(key, header_bytes(aged) + raw[HEADER_LEN:], keepttl=True)
+        return str(key)
 
     def corrupt(self, dataset: str, /, **fields: object) -> str:
         """Store :data:`CORRUPT_PAYLOAD` under this entry, for its TTL; return the Redis key.
