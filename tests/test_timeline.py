@@ -207,3 +207,10 @@ def test_a_malformed_trace_is_a_value_error(data: dict[str, Any]) -> None:
 def test_the_docs_picture_is_the_render_of_the_docs_trace() -> None:
     data = json.loads(TRACE_FILE.read_text())
     assert render_svg(data) == TRACE_FILE.with_name("stampede.svg").read_text()
+
+
+def test_the_serve_stale_picture_is_the_render_of_its_trace() -> None:
+    stale = TRACE_FILE.with_name("serve-stale-trace.json")
+    data = json.loads(stale.read_text())
+    assert render_svg(data) == stale.with_name("serve-stale.svg").read_text()
+    assert {"hit", "stale_hit", "refresh_fill"} <= {c["outcome"] for c in data["callers"]}
