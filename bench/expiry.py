@@ -12,9 +12,9 @@ of what it was served; each worker notes when every origin call it ran started
 and ended (in a caller, a refresh thread or a refresh task alike).
 
 One run: worker 0 fills the key (the warm fill), then every worker releases its
-callers at one barrier. They call until each has seen the third value newer
-than the warm fill's and 300 ms more have passed (or a time limit), then the
-workers wait for background refreshes to end and report. The harness groups
+callers at one barrier. They call until 300 ms after any caller first saw the
+third value newer than the warm fill's (or a time limit), then the workers
+wait for background refreshes to end and report. The harness groups
 origin calls into refresh cycles (a call starting within
 :data:`CYCLE_GAP_S` of the previous one belongs to its cycle): the first cycle
 is the warm fill, each later one an expiry. Per run:
@@ -26,8 +26,9 @@ is the warm fill, each later one an expiry. Per run:
   every other call of the same run (the hits);
 * the oldest value served: the largest age (end of the call minus the start of
   the origin call that made its value) minus the freshness;
-* round trips: requests written to Redis during the run beyond one per call
-  (the ``GET`` a hit costs), per expiry; lock attempts: ``SET ... NX``
+* round trips: requests written to Redis during the run beyond each call's
+  own read (the first request of every call that sent any; a call that joined
+  another in its process sent none), per expiry; lock attempts: ``SET ... NX``
   requests per expiry;
 * early refresh: the share of cycles whose first origin call started before the
   previous value's freshness ran out (counted from its origin call's start).
