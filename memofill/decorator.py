@@ -599,8 +599,11 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     body = raw
     if raw[:2] == HEADED:
         late = binding.late
-        if late is not None and late(raw):
-            return _NOT_A_HIT  # stale, or due early: see _late_read
+        try:
+            if late is not None and late(raw):
+                return _NOT_A_HIT  # stale, or due early: see _LateRead
+        except ValueError:  # foreign bytes that only look like a header: a miss refills them
+            return _NOT_A_HIT
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
     try:
         value = binding.decode(body)

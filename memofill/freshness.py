@@ -25,7 +25,7 @@ EARLY = "early"
 STALE = "stale"
 #: Past ``stale_s``, within ``stale_if_error_s``: a miss that serves it if the fill fails.
 STALE_IF_ERROR = "stale_if_error"
-#: Past every window (Redis keeps it a fetch's duration longer): a plain miss.
+#: Past every window, a plain miss (Redis keeps such a value a fetch's duration longer).
 EXPIRED = "expired"
 
 

@@ -346,3 +346,12 @@ async def test_an_asyncio_stale_read_hands_the_refresh_to_a_task(
     assert len(cache.refreshes.tasks) == 1
     await asyncio.gather(*cache.refreshes.tasks)
     assert (await news.call_with_outcome("en")).value == {"n": 2}
+
+
+def test_bytes_that_only_look_like_a_header_are_a_miss_and_are_refilled(
+    memofill_harness: Harness, origin: Origin
+) -> None:
+    _, news = cache_and_news(memofill_harness, origin)
+    memofill_harness.plain_client().set("news:en", b"\x011" + b"zz" * 30, px=60_000)
+    assert news.call_with_outcome("en").outcome == "leader_fill"
+    assert news.call_with_outcome("en").outcome == "hit"
