@@ -129,8 +129,8 @@ class MissRecord:
 class RefreshRecord:
     """The fields of one refresh record, as they appear on the log record.
 
-    ``trigger`` is ``stale`` (a read found the value past its soft deadline),
-    ``early`` (the XFetch draw on a fresh read fired) or ``manual``;
+    ``trigger`` is ``stale`` (a read found the value past its soft deadline)
+    or ``early`` (the XFetch draw on a fresh read fired);
     ``stale_age_ms`` how far past its soft deadline the value was when the
     refresh was handed off (negative for an early one: how long before);
     ``delta_ms`` how long this refresh's fetch took (0 when it fetched nothing).

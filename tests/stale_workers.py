@@ -14,6 +14,7 @@ import asyncio
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -61,11 +62,19 @@ def _call(
 
 
 def run_worker(
-    url: str, prefix: str, spec: dict[str, Any], barrier: Any, start_at: float
+    url: str, prefix: str, spec: dict[str, Any], sync_points: tuple[Any, Any, Any]
 ) -> dict[str, Any]:
     """One process's callers (``spec["mode"]``: sync or async); their calls and counters."""
     mode = spec["mode"]
-    deadline = start_at + spec["duration_s"]
+    ready, go, start = sync_points
+
+    def wait_for_start() -> float:
+        ready.wait(timeout=120)
+        go.wait(timeout=120)
+        time.sleep(max(0.0, start.value - time.time()))
+        return float(start.value) + spec["duration_s"]
+
+    deadline = 0.0
     calls: list[tuple[float, float, str, Any]] = []
     policies = {KEY: dataset(spec)}
     if mode == "async":
@@ -85,8 +94,8 @@ def run_worker(
                 return {"name": name, "at": at}
 
             fetch = cache.cached_dataset(KEY)(fetch_async)
-            await asyncio.to_thread(barrier.wait)
-            await asyncio.sleep(max(0.0, start_at - time.time()))
+            nonlocal deadline
+            deadline = await asyncio.to_thread(wait_for_start)
 
             async def caller() -> None:
                 while time.time() < deadline:
@@ -118,8 +127,7 @@ def run_worker(
     client = redis.Redis.from_url(url)
     cache = Memofill(client, prefix=prefix, policies=policies)
     fetch = cache.cached_dataset(KEY)(origin_sync(client, prefix, spec["fetch_s"]))
-    barrier.wait()
-    time.sleep(max(0.0, start_at - time.time()))
+    deadline = wait_for_start()
     threads = [
         threading.Thread(target=_call, args=(fetch, calls, deadline, spec["pause_s"]))
         for _ in range(spec["callers"])
@@ -135,19 +143,27 @@ def run_worker(
 
 
 def run_fleet(
-    url: str, prefix: str, spec: dict[str, Any], processes: int, start_in_s: float = 1.5
-) -> list[dict[str, Any]]:
-    """``processes`` spawned workers released together ``start_in_s`` from now; their results."""
+    url: str, prefix: str, spec: dict[str, Any], processes: int, before: Callable[[], Any]
+) -> tuple[Any, list[dict[str, Any]]]:
+    """``processes`` spawned workers; ``before()``'s result and the workers' results.
+
+    ``before`` runs (a warm fill, say) once every worker is ready, however long
+    spawning took on a busy machine; the workers start calling 0.3 s later.
+    """
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
-        barrier = manager.Barrier(processes)
-        start_at = time.time() + start_in_s
+        ready, go = manager.Barrier(processes + 1), manager.Event()
+        start = manager.Value("d", 0.0)
         with context.Pool(processes) as pool:
             jobs = [
-                pool.apply_async(run_worker, (url, prefix, spec, barrier, start_at))
+                pool.apply_async(run_worker, (url, prefix, spec, (ready, go, start)))
                 for _ in range(processes)
             ]
-            return [job.get(timeout=120) for job in jobs]
+            ready.wait(timeout=120)
+            done_before = before()
+            start.value = time.time() + 0.3
+            go.set()
+            return done_before, [job.get(timeout=120) for job in jobs]
 
 
 def hold_a_refresh(url: str, prefix: str, spec: dict[str, Any], ready: Any) -> None:

@@ -75,8 +75,9 @@ def test_expiry_under_load_nobody_misses_and_the_origin_is_called_once_per_expir
         "pause_s": 0.015,
     }
     prefix = new_prefix()
-    warm(redis_server.url, prefix, spec)
-    results = stale_workers.run_fleet(redis_server.url, prefix, spec, processes=3)
+    _, results = stale_workers.run_fleet(
+        redis_server.url, prefix, spec, 3, lambda: warm(redis_server.url, prefix, spec)
+    )
     calls = every_call(results)
     assert len(calls) > 100
     assert {outcome for _, _, outcome, _ in calls} <= {"hit", "stale_hit"}  # nobody waited
@@ -116,10 +117,15 @@ def test_origin_down_with_stale_if_error_backs_off_fleet_wide_then_fails(
     }
     prefix = new_prefix()
     client = redis_server.client()
-    at = warm(redis_server.url, prefix, spec)
-    client.set(prefix + "down", 1)
-    down_since = time.time()
-    results = stale_workers.run_fleet(redis_server.url, prefix, spec, processes=3)
+
+    def warm_then_fail() -> tuple[float, float]:
+        at = warm(redis_server.url, prefix, spec)
+        client.set(prefix + "down", 1)
+        return at, time.time()
+
+    (at, down_since), results = stale_workers.run_fleet(
+        redis_server.url, prefix, spec, 3, warm_then_fail
+    )
     outage_s = time.time() - down_since
     calls = every_call(results)
     failed_calls = int(client.get(prefix + "origin")) - 1
@@ -159,8 +165,9 @@ def test_early_refresh_keeps_a_hot_key_fresh_with_few_lock_attempts(
         "pause_s": 0.005,
     }
     prefix = new_prefix()
-    warm(redis_server.url, prefix, spec)
-    results = stale_workers.run_fleet(redis_server.url, prefix, spec, processes=3)
+    _, results = stale_workers.run_fleet(
+        redis_server.url, prefix, spec, 3, lambda: warm(redis_server.url, prefix, spec)
+    )
     cycles = total(results, "refresh_fill")
     attempts = sum(
         total(results, name)
