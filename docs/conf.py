@@ -72,6 +72,8 @@ if not any(isinstance(h, logging.NullHandler) for h in _memofill_logger.handlers
 
 # -- references that cannot resolve without intersphinx (no network here) ------
 nitpick_ignore = [
+    # asyncio.Task as Sphinx resolves it on CPython (the C implementation's name).
+    ("py:class", "_asyncio.Task"),
     # redis-py, a third-party dependency: named in Memofill's docstrings.
     ("py:class", "redis.Redis"),
     ("py:class", "redis.asyncio.Redis"),

@@ -77,12 +77,11 @@ _MAX_U32 = 16**8 - 1
 class Header(NamedTuple):
     """What a fill stored in front of a value.
 
-    Attributes:
-        fetch_start_ms: Wall-clock ms when the fetch began (not when it was
-            written: a fill that started before an invalidation is older than it).
-        soft_until_ms: Wall-clock ms until which the value is fresh (start + ``ttl_s``).
-        delta_ms: How long the fetch took: early refresh (XFetch) draws against it.
-        seq: The dataset generation the value belongs to (0 for now).
+    ``fetch_start_ms`` is the wall-clock ms when the fetch began (not when it was
+    written: a fill that started before an invalidation is older than it);
+    ``soft_until_ms`` until when the value is fresh (start + ``ttl_s``);
+    ``delta_ms`` how long the fetch took, which early refresh (XFetch) draws
+    against; ``seq`` the dataset generation the value belongs to (0 for now).
     """
 
     fetch_start_ms: int

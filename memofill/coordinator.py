@@ -158,10 +158,10 @@ class Plan:
     #: How long past ``ttl_ms`` Redis keeps a value, in ms (the larger stale window): its
     #: ``PX`` is ``ttl_ms + window_ms``, while its header says it is fresh for ``ttl_ms``.
     window_ms: int = 0
-    #: The wall clock (seconds), read for the stored header: when the fetch began, how long it took.
+    #: The wall clock in seconds, read for the stored header (when the fetch began, how long).
     wall: Callable[[], float] = wall_clock
     #: The stale value this caller read (past ``stale_s``, within ``stale_if_error_s``): served
-    #: instead of the error if the fill fails (:data:`Outcome.STALE_ON_ERROR`). A fetch that
+    #: instead of the error if the fill fails (``stale_on_error``). A fetch that
     #: raises then holds the lock (see :func:`refresh`) rather than release it.
     stale: bytes | None = None
     #: A value read under the key counts as filled only if its header says it is fresh after
@@ -210,7 +210,7 @@ def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     """The miss algorithm (see the module docstring): yields steps, returns a :class:`Result`.
 
     A caller holding a stale value (:attr:`Plan.stale`) gets it back when the fill
-    fails, here or in the leader it followed, as :data:`Outcome.STALE_ON_ERROR`.
+    fails, here or in the leader it followed, as ``stale_on_error``.
     """
     result = yield from _fill(plan, clock, rng)
     if plan.stale is None or result.outcome is not Outcome.FETCH_ERROR:
@@ -316,13 +316,13 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
     never fetches without the lock:
 
     1. Take the lock (the same one round trip as a miss: ``SET NX PX``, the recheck,
-       the newest wake entry). Held by another process: :data:`Outcome.REFRESH_BUSY`.
-       A Redis error: :data:`Outcome.REFRESH_LOCK_ERROR`, and no fetch at all (the
+       the newest wake entry). Held by another process: ``refresh_busy``.
+       A Redis error: ``refresh_lock_error``, and no fetch at all (the
        stale value is the right answer while Redis misbehaves; a miss would instead
        fetch uncoordinated, having nothing to serve).
     2. The recheck shows a value whose fetch began after ``seen_start_ms`` (the one
        that was read): another process refreshed it meanwhile; release and stop
-       (:data:`Outcome.REFRESH_RECHECK_HIT`).
+       (``refresh_recheck_hit``).
     3. Fetch, write the value with a new header, release token-safely (followers of
        a key that hard-expired meanwhile are woken as after any fill).
     4. The fetch raised: the stale value is left alone and the lock is **held** for

@@ -599,8 +599,11 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     body = raw
     if raw[:2] == HEADED:
         late = binding.late
-        if late is not None and late(raw):
-            return _NOT_A_HIT  # stale, or due early: see _late_read
+        try:
+            if late is not None and late(raw):
+                return _NOT_A_HIT  # stale, or due early: see _LateRead
+        except ValueError:  # foreign bytes that only look like a header: a miss refills them
+            return _NOT_A_HIT
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
     try:
         value = binding.decode(body)
@@ -771,7 +774,8 @@ class _LateRead:
         self, commands: Commands | None, wrapped: Any, args: Any, kwargs: Any
     ) -> _Refresh | None:
         """The refresh to run, unless one is in flight here or another process holds the lock."""
-        if commands is None or not self.binding.refreshes.claim(self.key):
+        refreshes = self.binding.refreshes
+        if commands is None or not refreshes.claim(self.key, self.header.fetch_start_ms):
             return None
         stale_age_ms = self.now_ms - self.header.soft_until_ms
         fetch = _fetcher(self.binding, wrapped, args, kwargs)
@@ -835,7 +839,6 @@ class _Refresh:
         elif policy is not None and outcome in (Outcome.REFRESH_BUSY, Outcome.REFRESH_LOCK_ERROR):
             # Free by the end of a lease, or of a hold after a failure, whichever comes first.
             busy_s = min(policy.lease_ms, policy.refresh_retry_ms) / 1000
-        binding.refreshes.done(self.key, busy_s)
         binding.counters.add(binding.key, outcome.value)
         RefreshRecord(
             outcome=outcome,
@@ -851,6 +854,8 @@ class _Refresh:
             binding.local_store.put(self.key, result.stored, binding.ttl_s)
         if result.unstorable is not None:
             _warn_unstorable(binding, self.key, result)
+        # Last: whoever waits for no refresh in flight then sees it counted and logged.
+        binding.refreshes.done(self.key, busy_s, self.seen.fetch_start_ms)
         return result
 
 

@@ -252,6 +252,7 @@ def inspect_entry(
         else (
             f"lease_ms={fill.lease_ms} wait_ms={fill.wait_ms} "
             f"poll_min_ms={fill.poll_min_ms} poll_max_ms={fill.poll_max_ms}"
+            f" early_beta={fill.early_beta} refresh_retry_ms={fill.refresh_retry_ms}"
         )
     )
     try:
@@ -273,7 +274,12 @@ def inspect_entry(
         (
             "ttl",
             f"{dataset.ttl_s} s, negative {dataset.negative_ttl_s} s, "
-            f"error {dataset.error_ttl_s} s",
+            f"error {dataset.error_ttl_s} s"
+            + (
+                f", stale {dataset.stale_s} s, stale if error {dataset.stale_if_error_s} s"
+                if dataset.window_s
+                else ""
+            ),
         ),
         ("fill policy", policy),
         ("final key", final),

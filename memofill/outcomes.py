@@ -43,8 +43,8 @@ class Outcome(str, enum.Enum):
     FETCH_ERROR = "fetch_error"
     #: The fetch returned ``None``; a negative marker now stands for it.
     NEGATIVE = "negative"
-    #: The fill failed past ``stale_s`` but within ``stale_if_error_s``: the caller got the
-    #: stale value instead of the error.
+    #: The fill failed past ``stale_s`` but within ``stale_if_error_s``, and the caller got
+    #: the stale value instead of the error.
     STALE_ON_ERROR = "stale_on_error"
 
     # One refresh of a value that went stale (or was due early), run beside the callers
@@ -54,16 +54,16 @@ class Outcome(str, enum.Enum):
     REFRESH_FILL = "refresh_fill"
     #: The refresh's fetch returned ``None``; the negative marker replaces the value.
     REFRESH_NEGATIVE = "refresh_negative"
-    #: With the lock, the recheck found a value fetched after the stale one: nothing to do.
+    #: The recheck made with the lock found a value fetched after the stale one (nothing to do).
     REFRESH_RECHECK_HIT = "refresh_recheck_hit"
-    #: The refresh's fetch raised: the stale value stays, and the lock is held for
+    #: The refresh's fetch raised. The stale value stays, and the lock is held for
     #: ``refresh_retry_ms`` so that no process retries before then.
     REFRESH_ERROR = "refresh_error"
-    #: Redis failed during the refresh: the stale value stays; nothing was fetched.
+    #: Redis failed during the refresh. The stale value stays, and nothing was fetched.
     REFRESH_LOCK_ERROR = "refresh_lock_error"
     #: Another process holds the lock (refreshing, or holding after a failure). Counted only.
     REFRESH_BUSY = "refresh_busy"
-    #: The refresh pool's queue was full: this refresh was skipped. Counted only.
+    #: The refresh pool's queue was full, so this refresh was skipped. Counted only.
     REFRESH_DROPPED = "refresh_dropped"
 
 
@@ -129,8 +129,8 @@ class MissRecord:
 class RefreshRecord:
     """The fields of one refresh record, as they appear on the log record.
 
-    ``trigger`` is ``stale`` (a read found the value past its soft deadline),
-    ``early`` (the XFetch draw on a fresh read fired) or ``manual``;
+    ``trigger`` is ``stale`` (a read found the value past its soft deadline)
+    or ``early`` (the XFetch draw on a fresh read fired);
     ``stale_age_ms`` how far past its soft deadline the value was when the
     refresh was handed off (negative for an early one: how long before);
     ``delta_ms`` how long this refresh's fetch took (0 when it fetched nothing).

@@ -10,7 +10,8 @@ Three rules keep a hot key from flooding Redis or the origin:
 
 * at most one refresh per key in flight in a process (:meth:`Refreshes.claim`);
 * after another process was found holding the lock, no attempt on that key
-  before the lease or ``refresh_retry_ms`` says it may be free (the busy memo);
+  before the lease or ``refresh_retry_ms`` says it may be free (the busy memo),
+  unless a newer value has been read since (a new cycle: its refresh is due);
 * a pool whose queue is full drops the refresh (counted as ``refresh_dropped``)
   rather than queue it: a mass expiry must not build a hidden backlog, and the
   next stale read asks again.
@@ -52,7 +53,8 @@ class Refreshes:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._in_flight: set[str] = set()
-        self._busy: dict[str, float] = {}
+        #: key -> (no attempt before this monotonic time, for the value fetched at this ms)
+        self._busy: dict[str, tuple[float, int]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._queued = 0
         #: The asyncio refresh tasks running, kept referenced until they end.
@@ -70,27 +72,32 @@ class Refreshes:
         self._in_flight, self._busy, self._pool, self._queued = set(), {}, None, 0
         self.tasks = set()
 
-    def claim(self, key: str) -> bool:
-        """Whether this caller may refresh ``key`` now; if so it is in flight until :meth:`done`."""
+    def claim(self, key: str, version: int) -> bool:
+        """Whether this caller may refresh ``key`` now; if so it is in flight until :meth:`done`.
+
+        ``version`` is the fetch start of the value read: the busy memo holds back
+        only refreshes of the value it was set for.
+        """
         if self._pid != os.getpid():
             self._forked()
         now = time.monotonic()
         with self._lock:
-            if key in self._in_flight or self._busy.get(key, 0.0) > now:
+            until, seen = self._busy.get(key, (0.0, 0))
+            if key in self._in_flight or (until > now and seen == version):
                 return False
             self._busy.pop(key, None)
             self._in_flight.add(key)
             return True
 
-    def done(self, key: str, busy_for_s: float = 0.0) -> None:
-        """``key``'s refresh ended; with ``busy_for_s``, none is tried for that long."""
+    def done(self, key: str, busy_for_s: float = 0.0, version: int = 0) -> None:
+        """``key``'s refresh ended; with ``busy_for_s``, none of ``version`` is tried that long."""
         with self._lock:
             self._in_flight.discard(key)
             if busy_for_s > 0:
                 if len(self._busy) >= BUSY_PRUNE_AT:
                     now = time.monotonic()
-                    self._busy = {k: t for k, t in self._busy.items() if t > now}
-                self._busy[key] = time.monotonic() + busy_for_s
+                    self._busy = {k: v for k, v in self._busy.items() if v[0] > now}
+                self._busy[key] = (time.monotonic() + busy_for_s, version)
 
     def submit(self, key: str, job: Callable[[], object]) -> bool:
         """Run ``job`` on the pool; ``False`` (``key`` no longer in flight) if its queue is full."""

@@ -346,3 +346,31 @@ async def test_an_asyncio_stale_read_hands_the_refresh_to_a_task(
     assert len(cache.refreshes.tasks) == 1
     await asyncio.gather(*cache.refreshes.tasks)
     assert (await news.call_with_outcome("en")).value == {"n": 2}
+
+
+def test_bytes_that_only_look_like_a_header_are_a_miss_and_are_refilled(
+    memofill_harness: Harness, origin: Origin
+) -> None:
+    _, news = cache_and_news(memofill_harness, origin)
+    memofill_harness.plain_client().set("news:en", b"\x011" + b"zz" * 30, px=60_000)
+    assert news.call_with_outcome("en").outcome == "leader_fill"
+    assert news.call_with_outcome("en").outcome == "hit"
+
+
+@pytest.mark.memofill(policies=POLICIES)
+def test_the_plugin_fixtures_make_a_value_stale_and_wait_for_its_refresh(
+    memofill_cache: Memofill, memofill_faults: Faults, memofill_outcomes: Outcomes
+) -> None:
+    @memofill_cache.cached_dataset(NEWS.key)
+    def news(lang: str) -> list[str]:
+        return [lang]
+
+    news("en")
+    key = memofill_faults.make_stale(news, "en")
+    assert key == "news:en"
+    assert news.call_with_outcome("en").outcome == "stale_hit"
+    (record,) = memofill_outcomes.wait_for_refreshes()
+    assert record.outcome == "refresh_fill"
+    memofill_outcomes.assert_outcomes(NEWS.key, leader_fill=1, stale_hit=1, refresh_fill=1)
+    with pytest.raises(LookupError, match="call the function first"):
+        memofill_faults.make_stale(news, "fr")

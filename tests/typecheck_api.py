@@ -71,3 +71,19 @@ def uses() -> None:
 async def uses_async() -> None:
     value: dict[str, int] = await fetch_async("a")
     print(value)
+
+
+def configures_refresh() -> None:
+    memofill.configure(refresh="inline", refresh_workers=2)
+    Memofill(None, refresh="background", refresh_workers=4)
+    Memofill(None, refresh="later")  # type: ignore[arg-type]
+    stale = Dataset(
+        "news:{lang}",
+        ttl_s=60,
+        stale_s=30,
+        stale_if_error_s=300,
+        cache_fill=memofill.CacheFill(
+            2_500, 2_000, 25, 500, early_beta=1.0, refresh_retry_ms=5_000
+        ),
+    )
+    print(stale.window_s)
