@@ -167,6 +167,11 @@ def acl_rule(prefix: str) -> str:
     return keys + " " + " ".join("+" + command for command in ACL_COMMANDS)
 
 
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client (blocking or asyncio)."""
+    return hasattr(client, "nodes_manager")
+
+
 def new_token() -> str:
     """A random lock token, new for every attempt, so no two attempts can release each other."""
     return secrets.token_hex(16)
@@ -236,6 +241,18 @@ class Commands:
         self.socket_timeout_ms = socket_timeout_ms(client)
         self._release = client.register_script(RELEASE_SCRIPT)
         _live_commands.add(self)
+
+    def read_near(self, key: str) -> Any:
+        """``GET key`` and ``PTTL key`` in one round trip: ``[stored bytes, ms left]``.
+
+        What a near copy is made from: its time left in Redis bounds how long it
+        may be served, so that a copy never outlives the value. Both commands
+        name one key, so a cluster pipeline sends them to one node.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.pttl(key)
+        return pipe.execute()
 
     def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
         """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""

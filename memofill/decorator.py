@@ -25,16 +25,18 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 import attrs
 import wrapt
 
-from memofill.codec import CORRUPT, NEGATIVE, ErrorMarker, decode_special
+from memofill.codec import CORRUPT, NEGATIVE, NEGATIVE_MARKER, ErrorMarker, decode_special
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
-from memofill.fallback import Breaker, LocalStore
+from memofill.fallback import Breaker
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.near import LocalStore, entry_bytes
 from memofill.outcomes import (
     DISABLED,
     FALLBACK_HIT,
     HIT,
+    NEAR_HIT,
     Counters,
     MissRecord,
     Outcome,
@@ -314,6 +316,15 @@ class _Binding:
     prefix: str
     counters: Counters
     local_store: LocalStore
+    #: The store's near copies serve this function (its dataset has ``near_ms``), or ``None``.
+    near: LocalStore | None
+    #: ``near_ms`` in seconds.
+    near_s: float
+    #: Near copies are kept as stored bytes and decoded for each hit (``copy_on_hit``).
+    near_copy: bool
+    #: What a near copy this function may be served was decoded by (``None``: stored bytes).
+    near_owner: object
+    count_near: Callable[[], object]
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
@@ -338,8 +349,13 @@ class _Binding:
         dataset = state.policy(key)
         try:
             commands, misconfigured = state.commands_for(is_async), None
+            near_problem = state.near_problem(dataset) if commands is not None else None
+            if near_problem is not None:
+                raise ConfigurationError(near_problem)
         except ConfigurationError as exc:
             commands, misconfigured = None, str(exc)
+        near_copy = state.near is not None and state.near.copy_on_hit
+        near_on = commands is not None and state.near is not None and dataset.near_ms > 0
         return cls(
             key=key,
             is_async=is_async,
@@ -357,6 +373,11 @@ class _Binding:
             prefix=state.prefix,
             counters=state.counters,
             local_store=state.local_store,
+            near=state.local_store if near_on else None,
+            near_s=dataset.near_ms / 1000,
+            near_copy=near_copy,
+            near_owner=None if near_copy else values,
+            count_near=state.counters.hit_tally(key, NEAR_HIT).add,
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
@@ -499,7 +520,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         binding = self._self_snapshot()
         instance = getattr(self, "_self_instance", None)
         key = binding.key_of(instance, args, kwargs)
-        binding.local_store.discard(key)
+        binding.local_store.invalidate((key,))
         commands = binding.gate() if binding.gated else binding.commands
         if commands is None or commands is BYPASS:
             return _done(None) if binding.is_async else None
@@ -569,7 +590,7 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     binding.count_hit()
     store = binding.local_store
     kept = store.entries.get(key)
-    if kept is None or kept[2] <= started:
+    if kept is None or kept.refresh_after <= started:
         store.put(key, raw, binding.ttl_s)
     return value
 
@@ -578,13 +599,78 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
 _NOT_A_HIT: Any = object()
 
 
+def _near_served(binding: _Binding, key: str, now: float) -> Any:
+    """The near copy of ``key`` if the near rule serves it now, else :data:`_NOT_A_HIT`.
+
+    Lock-free: one dict lookup and the rule's comparisons (read within
+    ``near_ms`` and before the value expires, no flush since, the listener
+    heard within two heartbeats, decoded as this function decodes).
+    """
+    near = binding.near
+    assert near is not None  # called only for near bindings
+    entry = near.entries.get(key)
+    if (
+        entry is None
+        or not now < entry.near_until
+        or entry.epoch != near.epoch
+        or not now < near.live_until
+        or entry.owner is not binding.near_owner
+    ):
+        return _NOT_A_HIT
+    entry.visited = True
+    binding.count_near()
+    value = entry.value
+    if value is NEGATIVE:
+        return None
+    return binding.decode(value) if binding.near_copy else value
+
+
+def _near_read(
+    binding: _Binding,
+    key: str,
+    reply: list[Any],
+    started: float,
+    reservation: tuple[object, int],
+) -> Any:
+    """:func:`_hit` for a read that reserved a near copy: the value, kept near if still valid.
+
+    ``reply`` is ``[stored bytes, ms left]``. The copy is kept until
+    ``started + near_ms``, or until the value expires in Redis if sooner
+    (``started`` is before the read, so both are conservative). A negative
+    marker is kept as well, within the same bounds; an error marker never.
+    """
+    near = binding.near
+    assert near is not None  # called only for near bindings
+    raw, ms_left = reply
+    until = started + binding.near_s
+    if isinstance(ms_left, int) and ms_left >= 0:
+        until = min(until, started + ms_left / 1000)
+    if raw is None:
+        near.abandon(key, reservation)
+        return _NOT_A_HIT
+    if raw == NEGATIVE_MARKER:
+        near.settle(key, reservation, NEGATIVE, None, entry_bytes(key, raw), until, 0.0)
+        return _NOT_A_HIT
+    try:
+        value = binding.decode(raw)
+    except Exception:  # an error marker, corrupt bytes...: sorted out on the miss path
+        near.abandon(key, reservation)
+        return _NOT_A_HIT
+    binding.count_hit()
+    # Kept for outages too: the same entry, so the value is not kept twice.
+    kept = raw if binding.near_copy else value
+    size = entry_bytes(key, raw)
+    near.settle(key, reservation, kept, binding.near_owner, size, until, binding.ttl_s)
+    return value
+
+
 def _served_without_fill(
     binding: _Binding, key: str, asked: bool, raw: bytes | None, error: Exception | None
 ) -> CallResult | None:
     """A result that needs no fill, or ``None`` to fill.
 
-    Redis not asked (breaker open, no client): the locally kept value, if any,
-    decoded afresh from its bytes, so no two callers ever hold the same object.
+    Redis not asked (breaker open, no client): the locally kept value, if any
+    (see :func:`_outage_copy`).
     Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
     error marker (the last fill failed: raise at once), or corruption or another
     schema (a miss that the fill overwrites). A failed ``GET`` is told to the breaker
@@ -595,8 +681,7 @@ def _served_without_fill(
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
             binding.breaker.failed(timed_out=is_timeout(error))
-        kept = binding.local_store.get(key, None)
-        value = None if kept is None else decode_stored(codec, kept)
+        value = _outage_copy(binding, key)
         if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
             return None
         return _counted(binding, value, FALLBACK_HIT)
@@ -618,6 +703,22 @@ def _served_without_fill(
         extra={"dataset": binding.key, "redis_key": key},
     )
     return None
+
+
+def _outage_copy(binding: _Binding, key: str) -> Any:
+    """The value the outage rule serves for ``key``, or ``None``.
+
+    Stored bytes are decoded afresh, so no two callers hold the same object;
+    a near copy kept decoded is the object near hits share, and only for
+    functions that decode alike.
+    """
+    entry = binding.local_store.outage_entry(key)
+    if entry is None:
+        return None
+    if entry.owner is None:
+        kept = entry.value
+        return None if kept is NEGATIVE else decode_stored(binding.values.codec, kept)
+    return entry.value if entry.owner is binding.values else None
 
 
 def _counted(binding: _Binding, value: Any, name: str) -> CallResult:
@@ -816,16 +917,31 @@ def _lookup_sync(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    near = binding.near
+    if near is not None:
+        value = _near_served(binding, key, started)
+        if value is not _NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
+        reservation = None if near is None else near.reserve(key)
         try:
-            raw = commands.get(key)
+            if reservation is None:
+                raw = commands.get(key)
+            else:
+                reply = commands.read_near(key)
+                raw = reply[0]
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
+            if reservation is not None:
+                binding.local_store.abandon(key, reservation)
         else:
-            value = _hit(binding, key, raw, started)
+            if reservation is None:
+                value = _hit(binding, key, raw, started)
+            else:
+                value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
     served = _served_without_fill(binding, key, asked, raw, error)
@@ -847,16 +963,31 @@ async def _lookup_async(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    near = binding.near
+    if near is not None:
+        value = _near_served(binding, key, started)
+        if value is not _NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
+        reservation = None if near is None else near.reserve(key)
         try:
-            raw = await commands.get(key)
+            if reservation is None:
+                raw = await commands.get(key)
+            else:
+                reply = await commands.read_near(key)
+                raw = reply[0]
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
+            if reservation is not None:
+                binding.local_store.abandon(key, reservation)
         else:
-            value = _hit(binding, key, raw, started)
+            if reservation is None:
+                value = _hit(binding, key, raw, started)
+            else:
+                value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
     served = _served_without_fill(binding, key, asked, raw, error)

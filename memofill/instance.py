@@ -25,12 +25,14 @@ from typing import Any, ParamSpec, TypeVar
 import attrs
 
 from memofill import decorator
-from memofill.commands import Commands
+from memofill.commands import Commands, is_cluster
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
-from memofill.fallback import MAX_LOCAL_BYTES, Breaker, LocalStore
+from memofill.fallback import Breaker
 from memofill.keys import lock_key, parse_template, prefix_problem
+from memofill.listener import Listener, connection_factory, tracked_prefixes
+from memofill.near import MAX_LOCAL_BYTES, MAX_LOCAL_ENTRIES, LocalStore, NearCache
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.project import resolve_policies
@@ -101,6 +103,8 @@ class State:
     #: Datasets whose refusal by Redis's ACL was logged: once per client configured (a new
     #: client may have other rights).
     told_permission: set[str]
+    #: How near copies are kept (``None``: never).
+    near: NearCache | None
     #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
     held: frozenset[str] = frozenset()
 
@@ -115,6 +119,21 @@ class State:
                 f"no dataset {key!r} in the policies (known: {known})"
             ) from None
 
+    def near_problem(self, dataset: Dataset) -> str | None:
+        """Why ``dataset``'s near copies cannot be kept with these clients, or ``None``."""
+        near = self.near
+        if near is None or dataset.near_ms == 0 or near.invalidation != "tracking":
+            return None
+        if any(c is not None and is_cluster(c.client) for c in (self.sync, self.asynchronous)):
+            return (
+                f"dataset {dataset.key!r} has near_ms={dataset.near_ms}, but near copies "
+                "invalidated by tracking are not supported on Redis Cluster: each primary "
+                "reports only its own slots' writes, and a slot moving between primaries would "
+                "go unreported; pass near=NearCache(invalidation='ttl') (copies live near_ms, "
+                "whatever Redis does) or near=None"
+            )
+        return None
+
     def commands_for(self, is_async: bool) -> Commands | None:
         """The commands of the client that serves sync or coroutine functions."""
         commands = self.asynchronous if is_async else self.sync
@@ -127,11 +146,17 @@ class State:
         return commands
 
 
-def _fresh(breaker_cooldown_s: float, local_store_bytes: int) -> dict[str, Any]:
-    """What calls accumulate, new: counts, values kept for outages, the breaker, fills."""
+def _fresh(
+    breaker_cooldown_s: float, local_store_bytes: int, near: NearCache | None
+) -> dict[str, Any]:
+    """What calls accumulate, new: counts, values kept near and for outages, the breaker, fills."""
+    entries = MAX_LOCAL_ENTRIES
+    if near is not None:
+        entries = entries if near.max_entries is None else near.max_entries
+        local_store_bytes = local_store_bytes if near.max_bytes is None else near.max_bytes
     return {
         "counters": Counters(),
-        "local_store": LocalStore(max_bytes=local_store_bytes),
+        "local_store": LocalStore(max_entries=entries, max_bytes=local_store_bytes),
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
         "task_flights": TaskFlights(),
@@ -165,6 +190,10 @@ class Memofill:
         local_store_bytes: the most bytes of values this process keeps to serve
             while Redis is unreachable (:data:`~memofill.fallback.MAX_LOCAL_BYTES`,
             32 MiB, by default; the oldest are dropped first).
+        near: how copies of datasets with ``near_ms`` are kept in this process
+            (:class:`~memofill.NearCache`; its ``max_entries`` and ``max_bytes``
+            bound the one local store, near and outage copies together).
+            ``None``: no near copies, every call reads Redis. See :doc:`near-cache`.
 
     ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
     straight to the function, counted as ``disabled``.
@@ -179,7 +208,10 @@ class Memofill:
         policies: PolicySource | None = None,
         breaker_cooldown_s: float = 1.0,
         local_store_bytes: int = MAX_LOCAL_BYTES,
+        near: NearCache | None = NearCache(),  # noqa: B008  # frozen: one shared default is safe
     ) -> None:
+        if near is not None and not isinstance(near, NearCache):
+            raise ConfigurationError(f"near={near!r}: must be a memofill.NearCache or None")
         if isinstance(local_store_bytes, bool) or not isinstance(local_store_bytes, int):
             raise ConfigurationError(
                 f"local_store_bytes={local_store_bytes!r}: must be an int (bytes), such as 32 << 20"
@@ -196,7 +228,8 @@ class Memofill:
             policy_source=policies,
             policies=None,
             disabled=False,
-            **_fresh(breaker_cooldown_s, local_store_bytes),
+            near=near,
+            **_fresh(breaker_cooldown_s, local_store_bytes, near),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
         _instances.add(self)
@@ -319,6 +352,7 @@ class Memofill:
         for binding in list(self._bindings):
             binding._rebind(state)  # decorated functions compile the prefix into their keys
         state.breaker.reset()
+        _track(state)
 
     @property
     def policies(self) -> dict[str, Dataset]:
@@ -428,7 +462,7 @@ class Memofill:
             fresh = attrs.evolve(
                 saved,
                 held=frozenset(),
-                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes),
+                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes, saved.near),
             )
             self._swap(
                 self._composed(client, async_client, prefix, policies, state=fresh, held=held)
@@ -438,6 +472,7 @@ class Memofill:
         finally:
             with _lock:
                 self._bindings = weakref.WeakSet(bindings)
+                self._state.local_store.attach(None)  # its listener, if any, stops
                 self._swap(saved)
 
     def _bind(self, binding: CachedDataset[..., Any]) -> None:
@@ -445,11 +480,59 @@ class Memofill:
             self.policies  # noqa: B018  # loaded: the snapshot needs them
             self._bindings.add(binding)
             binding._rebind(self._state)
+            _track(self._state)
 
     def _regate(self) -> None:
         """Rebuild the snapshots of the state in force (a ``disabled()`` block opened or closed)."""
         for binding in list(self._bindings):
             binding._rebind(self._state)
+
+
+def _track(state: State) -> None:
+    """Give ``state``'s store the invalidation listener its near datasets need, if any.
+
+    With ``invalidation="tracking"``, the listener follows the client (the
+    blocking one, else the asyncio one) and tracks the literal heads of the
+    near datasets' final keys; a configuration that changes either makes a new
+    listener, and every copy made under the old one is dropped. Until the
+    policies are loaded, nothing is served near.
+    """
+    store, near = state.local_store, state.near
+    if near is None or near.invalidation == "ttl":
+        if store.listener is not None or store.live_until == 0.0:
+            store.attach(None, needed=False)
+        return
+    commands = state.sync or state.asynchronous
+    heads = _near_heads(state.prefix, state.policies)
+    if commands is None or not heads or is_cluster(commands.client):
+        if store.listener is not None:
+            store.attach(None)
+        store.live_until = 0.0
+        return
+    spec = (commands.client, heads, near.heartbeat_ms)
+    listener = store.listener
+    if isinstance(listener, Listener) and listener.spec == spec:
+        return
+    timeout_s = max(1.0, 4 * near.heartbeat_ms / 1000)
+    connect = connection_factory(commands.client, timeout_s)
+    store.attach(Listener(store, connect, heads, near.heartbeat_ms, spec))
+
+
+#: The last policies :func:`_near_heads` looked at, and what it found: decorating thousands
+#: of functions must not scan thousands of datasets each time.
+_heads_memo: list[Any] = [None, "", ()]
+
+
+def _near_heads(prefix: str, policies: dict[str, Dataset] | None) -> tuple[str, ...]:
+    """The prefixes to track: the literal heads of the near datasets' final keys."""
+    if policies is None:
+        return ()
+    if _heads_memo[0] is policies and _heads_memo[1] == prefix:
+        return _heads_memo[2]  # type: ignore[no-any-return]
+    heads = [prefix + d.template.parts[0] for d in policies.values() if d.near_ms > 0]
+    found = tracked_prefixes(heads) if heads else ()
+    _heads_memo[:] = [policies, prefix, found]
+    return found
 
 
 @contextlib.contextmanager

@@ -71,6 +71,9 @@ class Dataset:
         error_ttl_s: Seconds a failed fetch is remembered, so that later callers
             get :class:`~memofill.errors.FillError` without calling the upstream
             (0, the default: not remembered, the next call fetches again).
+        near_ms: The longest, in ms, a process may serve its own in-memory copy of
+            a value after it read it from Redis (0, the default: every call reads
+            Redis). See :doc:`near-cache`.
     """
 
     key: str
@@ -78,6 +81,7 @@ class Dataset:
     negative_ttl_s: float = 120
     cache_fill: CacheFill | None = None
     error_ttl_s: float = 0
+    near_ms: int = 0
 
     @property
     def template(self) -> KeyTemplate:
@@ -145,6 +149,21 @@ def _seconds_problem(value: object, zero_allowed: bool, most: float, why: str) -
     return None
 
 
+def _near_problem(near_ms: object, ttl_s: float | None) -> str | None:
+    """What is wrong with ``near_ms``, or ``None``: an int of ms, at most the value's TTL.
+
+    A copy kept in memory longer than the value lives in Redis would outlive it.
+    """
+    if not _is_int(near_ms):
+        return "must be an int (ms)"
+    number = cast("int", near_ms)
+    if number < 0:
+        return "must be >= 0 (0: no near cache)"
+    if ttl_s is not None and number > ttl_s * 1000:
+        return f"must be <= ttl_s * 1000 ({ttl_s * 1000:g})"
+    return None
+
+
 def _parsed(key: object) -> tuple[KeyTemplate | None, list[str]]:
     """The key's template, or ``None`` and every problem with it.
 
@@ -175,6 +194,9 @@ def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
         rule = _seconds_problem(value, zero_allowed, most, why)
         if rule is not None:
             problems.append(Problem(key, name, value, rule))
+    near = _near_problem(dataset.near_ms, ttl if ttl_ok else None)
+    if near is not None:
+        problems.append(Problem(key, "near_ms", dataset.near_ms, near))
     if dataset.cache_fill is not None:
         problems.extend(_fill_problems(key, dataset.cache_fill))
     elif _is_number(dataset.error_ttl_s) and dataset.error_ttl_s != 0:
@@ -188,6 +210,7 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
 
     Rules: ``0 < ttl_s <= 10 years``, ``0 <= negative_ttl_s <= 10 years``,
     ``0 <= error_ttl_s <= min(30, ttl_s)``, each non-zero one at least 1 ms;
+    ``0 <= near_ms <= ttl_s * 1000`` (an int);
     ``0 < lease_ms <= 1 hour``, ``0 < wait_ms < lease_ms``, ``poll_min_ms > 0``,
     ``poll_min_ms <= poll_max_ms < wait_ms``; numbers of the right type, well
     formed key templates, unique keys, and no two keys that some arguments could
@@ -233,19 +256,23 @@ def dataset_from_data(key: str, data: Mapping[str, Any]) -> Dataset:
         negative_ttl_s=data.get("negative_ttl_s", 120),
         cache_fill=CacheFill(**fill) if isinstance(fill, Mapping) else fill,
         error_ttl_s=data.get("error_ttl_s", 0),
+        near_ms=data.get("near_ms", 0),
     )
 
 
 def dataset_to_data(dataset: Dataset) -> dict[str, Any]:
     """The plain-data form of a dataset, as the generated module holds it.
 
-    ``error_ttl_s`` is written only when it is not 0, its default, so that the
-    modules generated before it existed stay byte for byte the same.
+    ``error_ttl_s`` and ``near_ms`` are written only when they are not 0, their
+    default, so that the modules generated before they existed stay byte for
+    byte the same.
     """
     fill = dataset.cache_fill
     data: dict[str, Any] = {"ttl_s": dataset.ttl_s, "negative_ttl_s": dataset.negative_ttl_s}
     if dataset.error_ttl_s != 0:
         data["error_ttl_s"] = dataset.error_ttl_s
+    if dataset.near_ms != 0:
+        data["near_ms"] = dataset.near_ms
     data["cache_fill"] = None if fill is None else attrs.asdict(fill)
     return data
 
@@ -307,4 +334,5 @@ def _dataset_or_item(key: str, data: object) -> object:
             negative_ttl_s=data.get("negative_ttl_s", 120),
             cache_fill=data.get("cache_fill"),
             error_ttl_s=data.get("error_ttl_s", 0),
+            near_ms=data.get("near_ms", 0),
         )
