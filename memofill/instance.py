@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import threading
 import weakref
@@ -41,6 +42,8 @@ from memofill.values import Codec
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+logger = logging.getLogger("memofill")
 
 #: Set to ``1`` (or ``true``, ``yes``, ``on``) to switch caching off in this process; read
 #: when an instance is made and at every ``configure()``.
@@ -240,6 +243,11 @@ class Memofill:
         return self._state.prefix
 
     @property
+    def near(self) -> NearCache | None:
+        """How near copies are kept (``None``: never); see :class:`~memofill.NearCache`."""
+        return self._state.near
+
+    @property
     def counters(self) -> Counters:
         """Hits and miss outcomes per dataset, counted in this process."""
         return self._state.counters
@@ -286,19 +294,22 @@ class Memofill:
         async_client: Any = None,
         prefix: str | None = None,
         policies: PolicySource | None = None,
+        near: NearCache | None = None,
     ) -> None:
         """Change what is given, keep the rest; decorated functions follow.
 
         A client replaces the client of its kind (blocking or asyncio), whichever
         argument it comes in; :data:`NO_CLIENT` removes one. ``None`` leaves a
-        setting as it is. ``MEMOFILL_DISABLED`` is read again. Inside
+        setting as it is (so ``near`` changes how near copies are kept, and
+        cannot switch them off: ``Memofill(near=None)`` does).
+        ``MEMOFILL_DISABLED`` is read again. Inside
         :meth:`override`, what the override set is kept (a test's fake Redis
         survives an application's own ``configure()`` at start-up). Everything
         is checked before anything changes: a configuration that is refused
         leaves the instance as it was.
         """
         with _lock:
-            self._swap(self._composed(client, async_client, prefix, policies))
+            self._swap(self._composed(client, async_client, prefix, policies, near))
 
     def _composed(
         self,
@@ -306,6 +317,7 @@ class Memofill:
         async_client: Any,
         prefix: str | None,
         policies: PolicySource | None,
+        near: NearCache | None = None,
         *,
         state: State | None = None,
         held: frozenset[str] = frozenset(),
@@ -333,6 +345,10 @@ class Memofill:
             changes["asynchronous"] = Commands(asynchronous[0])
         if prefix is not None:
             changes["prefix"] = prefix
+        if near is not None:
+            if not isinstance(near, NearCache):
+                raise ConfigurationError(f"near={near!r}: must be a memofill.NearCache")
+            changes["near"] = near
         if policies is not None:
             loaded = resolve_policies(policies)
             missing = sorted({binding.dataset.key for binding in self._bindings} - loaded.keys())
@@ -437,6 +453,7 @@ class Memofill:
         async_client: Any = None,
         prefix: str | None = None,
         policies: PolicySource | None = None,
+        near: NearCache | None = None,
     ) -> Iterator[Memofill]:
         """Reconfigure this instance for the block (as :meth:`configure`), then put it all back.
 
@@ -455,6 +472,7 @@ class Memofill:
             "prefix": prefix is not None,
             "policy_source": policies is not None,
             "policies": policies is not None,
+            "near": near is not None,
         }
         held = frozenset(name for name, set_here in given.items() if set_here)
         with _lock:
@@ -465,7 +483,7 @@ class Memofill:
                 **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes, saved.near),
             )
             self._swap(
-                self._composed(client, async_client, prefix, policies, state=fresh, held=held)
+                self._composed(client, async_client, prefix, policies, near, state=fresh, held=held)
             )
         try:
             yield self
@@ -498,6 +516,9 @@ def _track(state: State) -> None:
     policies are loaded, nothing is served near.
     """
     store, near = state.local_store, state.near
+    if near is not None:
+        store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
+        store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
     if near is None or near.invalidation == "ttl":
         if store.listener is not None or store.live_until == 0.0:
             store.attach(None, needed=False)
@@ -515,8 +536,22 @@ def _track(state: State) -> None:
         return
     timeout_s = max(1.0, 4 * near.heartbeat_ms / 1000)
     connect = connection_factory(commands.client, timeout_s)
+    if connect is None:  # nothing to listen to (fakeredis): nothing is served near
+        store.attach(None)
+        if store in _told_unlistenable:
+            return
+        _told_unlistenable.add(store)
+        logger.warning(
+            "near copies need invalidation='ttl' with this Redis client (%s): it has no "
+            "connection a listener can copy, so every call reads Redis",
+            type(commands.client).__name__,
+        )
+        return
     store.attach(Listener(store, connect, heads, near.heartbeat_ms, spec))
 
+
+#: Stores already told that their client cannot be listened to.
+_told_unlistenable: weakref.WeakSet[LocalStore] = weakref.WeakSet()
 
 #: The last policies :func:`_near_heads` looked at, and what it found: decorating thousands
 #: of functions must not scan thousands of datasets each time.
@@ -578,9 +613,12 @@ def configure(
     async_client: Any = None,
     prefix: str | None = None,
     policies: PolicySource | None = None,
+    near: NearCache | None = None,
 ) -> Memofill:
     """Configure the module-level default instance (see :meth:`Memofill.configure`); returns it."""
-    default.configure(client, async_client=async_client, prefix=prefix, policies=policies)
+    default.configure(
+        client, async_client=async_client, prefix=prefix, policies=policies, near=near
+    )
     return default
 
 

@@ -170,17 +170,27 @@ _COPIED = (
 )
 
 
-def connection_factory(client: Any, timeout_s: float) -> Callable[[], Any]:
+#: The kinds of connection a listener can copy: redis-py's own, blocking or asyncio.
+_KINDS = ("Connection", "SSLConnection", "UnixDomainSocketConnection")
+
+
+def connection_factory(client: Any, timeout_s: float) -> Callable[[], Any] | None:
     """A function that opens a new blocking connection to ``client``'s Redis, logged in.
 
     The application's client may be blocking or asyncio: the listener always
     runs in a thread, so it gets a blocking connection of the same kind (TCP,
     TLS or Unix socket) with the same address, database, credentials and
     protocol, and its own time-outs (a paused Redis must not hang it).
+    ``None`` for a client whose connections are not redis-py's own (fakeredis,
+    say): there is no server to listen to.
     """
-    pool = client.connection_pool
-    kind = pool.connection_class.__name__
-    connection_class = getattr(redis.connection, kind, redis.connection.Connection)
+    pool = getattr(client, "connection_pool", None)
+    connection_class = getattr(pool, "connection_class", None)
+    module = getattr(connection_class, "__module__", "")
+    kind = getattr(connection_class, "__name__", "")
+    if pool is None or kind not in _KINDS or not module.startswith("redis."):
+        return None
+    connection_class = getattr(redis.connection, kind)
     accepted: set[str] = set()
     for base in connection_class.__mro__:
         accepted |= set(inspect.signature(vars(base).get("__init__", object.__init__)).parameters)

@@ -11,11 +11,12 @@ import types
 
 import pytest
 
-from memofill import ConfigurationError, Dataset, NearCache, validate
+from memofill import ConfigurationError, Dataset, Memofill, NearCache, validate
 from memofill.codegen import render
 from memofill.listener import ListenerError, Reader, command, tracked_prefixes
 from memofill.near import ALWAYS, LocalStore
 from memofill.policy import load_policies
+from memofill.testing import Faults
 from tests.helpers import FakeClock
 
 # -- the registry field ------------------------------------------------------------------------
@@ -184,3 +185,39 @@ def test_commands_are_sent_as_arrays_of_bulk_strings() -> None:
 def test_tracked_prefixes_keep_the_shortest_of_those_that_overlap() -> None:
     assert tracked_prefixes(["p:q:", "p:q:x:", "p:r", "p:qz"]) == ("p:q:", "p:qz", "p:r")
     assert tracked_prefixes(["p:", "", "x"]) == ("",)
+
+
+# -- the pytest plugin: ttl mode on fakeredis, and a lost listener -------------------------------
+
+NEAR_POLICIES = {"q:{s}": Dataset("q:{s}", ttl_s=60, near_ms=60_000)}
+
+
+@pytest.mark.memofill(policies=NEAR_POLICIES)
+def test_the_plugin_keeps_near_copies_on_fakeredis_for_near_ms(
+    memofill_cache: Memofill, memofill_faults: Faults
+) -> None:
+    calls: list[str] = []
+
+    @memofill_cache.cached_dataset("q:{s}")
+    def quote(s: str) -> dict[str, int]:
+        calls.append(s)
+        return {"n": len(calls)}
+
+    quote("a")  # fills
+    quote("a")  # reads Redis: kept near
+    assert quote.call_with_outcome("a").outcome == "near_hit"
+    with memofill_faults.listener_lost():
+        assert [quote.call_with_outcome("a").outcome for _ in range(2)] == ["hit", "hit"]
+    quote("a")
+    assert quote.call_with_outcome("a").outcome == "near_hit"
+    quote.invalidate("a")  # this process's own invalidation drops its copy at once
+    assert quote("a") == {"n": 2}
+    assert memofill_cache.counters.snapshot()["q:{s}"]["near_hit"] == 2
+
+
+@pytest.mark.memofill(policies=NEAR_POLICIES)
+def test_the_default_instance_keeps_near_copies_in_ttl_mode_under_the_plugin(
+    memofill_default: Memofill,
+) -> None:
+    assert memofill_default.near is not None
+    assert memofill_default.near.invalidation == "ttl"
