@@ -608,12 +608,16 @@ def _near_served(binding: _Binding, key: str, now: float) -> Any:
     """
     near = binding.near
     assert near is not None  # called only for near bindings
+    # The listener applies an invalidation before the answer to any later ping, and a flush
+    # before anything after it: reading its word first, then the entry, a copy the listener
+    # has just dropped can never be served on the strength of a later answer.
+    live_until, epoch = near.live_until, near.epoch
     entry = near.entries.get(key)
     if (
         entry is None
         or not now < entry.near_until
-        or entry.epoch != near.epoch
-        or not now < near.live_until
+        or entry.epoch != epoch
+        or not now < live_until
         or entry.owner is not binding.near_owner
     ):
         return _NOT_A_HIT
@@ -861,6 +865,9 @@ class _Miss:
             return result
         if result.stored is not None:
             binding.local_store.put(self.key, result.stored, binding.ttl_s)
+        elif result.led and binding.near is not None:
+            # This fill wrote a marker, or nothing: a near copy of the key is not the answer now.
+            binding.local_store.invalidate((self.key,))
         if result.unstorable is not None:
             _warn_unstorable(binding, self.key, result)
         return result

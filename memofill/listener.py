@@ -60,6 +60,10 @@ class ListenerError(Exception):
     """Redis refused a command of the listener, or its connection stopped answering."""
 
 
+class _StoreGone(Exception):
+    """The store the listener served was garbage-collected: the listener ends."""
+
+
 class _Incomplete(Exception):
     """The buffer ends inside a reply: wait for more bytes."""
 
@@ -273,17 +277,19 @@ class Listener:
     def _run(self) -> None:
         backoff = BACKOFF_MIN_S
         while not self._stopped:
-            store = self._store()
-            if store is None:
-                return
             tracked = False
             try:
-                tracked = self._session(store)
+                tracked = self._session()
+            except _StoreGone:
+                break
             except Exception as exc:  # any failure: every copy is dropped, then try again
                 self._tell(exc)
+            store = self._store()
+            if store is None:
+                break
             if not self._stopped:  # a stopped listener's store has another one, or none
                 store.tracking(False)
-            del store
+            del store  # held only while used: a store nobody else holds ends its listener
             if tracked:
                 backoff = BACKOFF_MIN_S
             if self._stopped:
@@ -313,7 +319,13 @@ class Listener:
             except Exception:  # closing a broken connection may fail; nothing to do then
                 logger.debug("near-cache listener: closing failed", exc_info=True)
 
-    def _session(self, store: LocalStore) -> bool:
+    def _held(self) -> LocalStore:
+        store = self._store()
+        if store is None:
+            raise _StoreGone
+        return store
+
+    def _session(self) -> bool:
         """Connect, track, subscribe, then apply what arrives until the connection fails."""
         self._close()
         self._connection = connection = self._connect()
@@ -337,10 +349,10 @@ class Listener:
         confirmed = ask("SUBSCRIBE", CHANNEL.decode())
         if not (isinstance(confirmed, list) and confirmed and confirmed[0] == b"subscribe"):
             raise ListenerError(f"SUBSCRIBE answered {confirmed!r}")
-        store.tracking(True)
+        self._held().tracking(True)
         self.sessions += 1
         self._told_failure = False
-        self._listen(store, sock, reader)
+        self._listen(sock, reader)
         return True
 
     def _next_reply(self, sock: socket.socket, reader: Reader) -> Any:
@@ -352,13 +364,14 @@ class Listener:
                 raise ConnectionError("the listener's connection was closed")
             reader.feed(data)
 
-    def _listen(self, store: LocalStore, sock: socket.socket, reader: Reader) -> None:
+    def _listen(self, sock: socket.socket, reader: Reader) -> None:
         heartbeat = self.heartbeat_s
         pings: collections.deque[float] = collections.deque()
         next_ping = time.monotonic()
         while not self._stopped:
             now = time.monotonic()
             if now >= next_ping:
+                self._held()  # once a heartbeat: is the store still used?
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
                 pings.append(now)
                 next_ping = now + heartbeat
@@ -372,8 +385,10 @@ class Listener:
             if not data:
                 raise ConnectionError("the listener's connection was closed")
             reader.feed(data)
+            store = self._held()
             for reply in reader.replies():
                 self._apply(store, reply, pings, heartbeat)
+            del store
 
     def _apply(
         self, store: LocalStore, reply: Any, pings: collections.deque[float], heartbeat: float
