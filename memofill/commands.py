@@ -136,7 +136,9 @@ return released
 #: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
 #: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
 #: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
-#: serve ``memofill inspect``.
+#: serve ``memofill inspect`` (``PTTL`` near copies too). ``memofill purge`` needs
+#: ``SCAN`` and ``UNLINK`` besides, and a near-cache listener ``CLIENT``, ``SUBSCRIBE``
+#: and ``PING``: an operator's and a listener's rights, not every caller's.
 ACL_COMMANDS = (
     "get",
     "set",
@@ -286,6 +288,14 @@ class Commands:
     def delete(self, key: str) -> Any:
         """``DEL key``: the next call misses and fills again."""
         return self.client.delete(key)
+
+    def scan_keys(self, pattern: str, count: int) -> Any:
+        """``SCAN ... MATCH pattern COUNT count`` to the end, on every primary of a cluster."""
+        return self.client.scan_iter(match=pattern, count=count)
+
+    def unlink(self, keys: list[bytes]) -> Any:
+        """``UNLINK key ...``: the memory is freed by Redis in the background."""
+        return self.client.unlink(*keys)
 
     def describe(self, key: str, lock_key: str) -> Any:
         """What ``memofill inspect`` shows: data TTL, size and head, lock TTL and holder.
