@@ -211,7 +211,7 @@ def run(
                 "scale": scale.__dict__,
             }
         }
-        fillers = [library for library in libraries if library.fills]
+        fillers = [library for library in libraries if library.fills and not library.hit_only]
         if "hit" in scenarios:  # always with both floors: every ratio needs its own
             rows = [library for library in LIBRARIES if library in libraries or not library.fills]
             _log(f"hit: {scale.hit_iterations:,} calls per row, {len(rows)} rows")
