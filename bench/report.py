@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import registry
+from bench import near, registry
 from bench.libraries import LIBRARIES, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
@@ -297,6 +297,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "ok": ratio <= 0.02,
                 }
             )
+    lag = results.get("near")
+    for key, label, most in (("idle", "idle", 2.0), ("busy", "with a CPU-bound thread", 20.0)):
+        if lag:
+            p99 = lag[key]["p99_ms"]
+            checks.append(
+                {
+                    "target": f"near invalidation lag p99 ≤ {most:g} ms ({label})",
+                    "measured": f"{p99:.2f} ms",
+                    "ok": p99 <= most,
+                }
+            )
     for slug, mode in (("memofill-sync", "sync"), ("memofill-async", "asyncio")):
         if hit and slug in hit["rows"]:
             ratio = hit["rows"][slug]["ratio"]
@@ -451,6 +462,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _hit(results["hit"])
     if "hit_typed" in results:
         lines += _hit_typed(results["hit_typed"])
+    if "near" in results:
+        lines += near.render(results["near"])
     if "stampede" in results:
         lines += _stampede(results["stampede"])
     if "growth" in results:

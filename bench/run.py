@@ -22,12 +22,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import growth, hit, payload, registry, report, stampede
+from bench import growth, hit, near, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import LIBRARIES, Library
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "stampede", "growth", "payload", "registry")
+SCENARIOS = ("hit", "near", "stampede", "growth", "payload", "registry")
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -49,6 +49,7 @@ class Scale:
     payload_hits: int
     registry_datasets: int
     registry_repeats: int
+    near_writes: int
 
 
 FULL = Scale(
@@ -65,6 +66,7 @@ FULL = Scale(
     payload_hits=3,
     registry_datasets=5_000,
     registry_repeats=5,
+    near_writes=500,
 )
 QUICK = Scale(
     hit_iterations=2_000,
@@ -80,6 +82,7 @@ QUICK = Scale(
     payload_hits=2,
     registry_datasets=500,
     registry_repeats=2,
+    near_writes=50,
 )
 
 
@@ -229,6 +232,9 @@ def run(
                 warmup=scale.hit_warmup,
                 rounds=scale.hit_rounds,
             )
+        if "near" in scenarios:
+            _log(f"near: invalidation lag, {scale.near_writes} writes, idle and busy reader")
+            results["near"] = near.measure(server.port, writes=scale.near_writes)
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:
