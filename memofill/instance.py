@@ -191,7 +191,7 @@ class Memofill:
             ``gen.cache_fill_registry`` (:mod:`memofill.project`).
         breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
         local_store_bytes: the most bytes of values this process keeps to serve
-            while Redis is unreachable (:data:`~memofill.fallback.MAX_LOCAL_BYTES`,
+            while Redis is unreachable (:data:`~memofill.near.MAX_LOCAL_BYTES`,
             32 MiB, by default; the oldest are dropped first).
         near: how copies of datasets with ``near_ms`` are kept in this process
             (:class:`~memofill.NearCache`; its ``max_entries`` and ``max_bytes``

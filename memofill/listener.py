@@ -80,7 +80,7 @@ def command(*args: str | bytes) -> bytes:
 class Reader:
     """Splits the bytes of a RESP2 or RESP3 connection into replies.
 
-    Strings come back as bytes, errors as :class:`ListenerError` values,
+    Strings come back as bytes, errors as ``ListenerError`` values,
     arrays, sets and pushes as lists, maps as dicts, nulls as ``None``;
     attributes (RESP3 metadata) are skipped.
     """
@@ -229,7 +229,7 @@ class Listener:
         self._connect = connect
         self.prefixes = prefixes
         self.heartbeat_s = heartbeat_ms / 1000
-        #: What the listener was made for: a new configuration that differs makes a new one.
+        #: The configuration the listener was made for (one that differs makes a new one).
         self.spec = spec
         self._thread: threading.Thread | None = None
         self._pid = 0

@@ -69,7 +69,7 @@ class NearCache:
 
     Attributes:
         max_entries: the most entries the process's one local store keeps, near and
-            outage copies together (``None``: :data:`MAX_LOCAL_ENTRIES`).
+            outage copies together (``None``: :data:`~memofill.near.MAX_LOCAL_ENTRIES`).
         max_bytes: the most bytes it keeps, counted as the values' stored size
             (``None``: the instance's ``local_store_bytes``). A decoded object
             takes 3-6 times its stored size in memory.
@@ -136,10 +136,10 @@ class Entry:
     ) -> None:
         #: The stored bytes, or the decoded object of a near copy (see ``owner``).
         self.value = value
-        #: Who decoded ``value`` (a function's :class:`~memofill.values.Values`), or ``None``
+        #: Who decoded ``value`` (a function's ``Values``), or ``None``
         #: for stored bytes: a near copy is served only to functions that decode alike.
         self.owner = owner
-        #: Clock time after which the near rule no longer serves it (0.0: never).
+        #: The clock time after which the near rule no longer serves it (0.0 for never).
         self.near_until = near_until
         #: The store's epoch when the read that made it began.
         self.epoch = epoch
@@ -195,12 +195,12 @@ class LocalStore:
         self.evicted_bytes = 0
         #: Values not kept because they alone were over a quarter of ``max_bytes``.
         self.too_large = 0
-        #: Near copies made in an earlier epoch are never served: bumped to drop them all.
+        #: Bumped to drop every near copy at once, since one of an earlier epoch is never served.
         self.epoch = 0
-        #: Clock time until which near copies may be served: set by the listener's answered
-        #: pings; 0.0 while it is not tracking; :data:`ALWAYS` with no listener needed.
+        #: The clock time until which near copies may be served, as the listener's answered
+        #: pings set it; 0.0 while it is not tracking, ``ALWAYS`` with no listener needed.
         self.live_until = ALWAYS
-        #: Reads in flight for near copies: key -> the reader's placeholder.
+        #: The reads in flight for near copies, as key -> the reader's placeholder.
         self.pending: dict[str, object] = {}
         self.listener: Listening | None = None
         self._told_evictions = 0

@@ -51,7 +51,7 @@ __all__ = [
 
 #: The bytes :meth:`Faults.corrupt` stores, neither JSON nor a memofill marker.
 CORRUPT_PAYLOAD = _faults.CORRUPT_PAYLOAD
-#: How the fixtures' caches keep near copies: fakeredis cannot tell a listener of writes
+#: How the fixtures' caches keep near copies. fakeredis cannot tell a listener of writes
 #: (it has no ``CLIENT TRACKING``), so copies live their ``near_ms`` (``invalidation="ttl"``).
 #: Writes made through the caches themselves (``invalidate``, fills) still drop them.
 NEAR_ON_FAKE = NearCache(invalidation="ttl")
