@@ -22,9 +22,10 @@ import redis
 import redis.cluster
 
 from memofill import codegen, demo, inspection, purge, timeline
-from memofill.commands import REDIS_ERRORS
+from memofill.commands import REDIS_ERRORS, Commands
 from memofill.errors import MemofillError, RegistryError
-from memofill.keys import prefix_problem
+from memofill.generations import mark_field
+from memofill.keys import meta_key, prefix_problem
 from memofill.policy import Dataset, load_policies
 from memofill.project import find_pyproject, tool_settings
 
@@ -447,6 +448,34 @@ def _connect(url: str, cluster: bool) -> Any:
         raise CommandError(f"cannot reach Redis at {demo.redact(url)}: {exc}") from None
 
 
+def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
+    _dataset_command_arguments(parser)
+    parser.add_argument(
+        "--soft",
+        action="store_true",
+        help="serve the old values while one caller refreshes (for now: as a hard invalidation)",
+    )
+
+
+def run_invalidate(args: argparse.Namespace) -> int:
+    """Make every value of one dataset fetched until now unservable, in every process: O(1)."""
+    url, prefix, dataset = _dataset_target(args)
+    client = _connect(url, args.cluster)
+    try:
+        seq = Commands(client).invalidate_dataset(
+            meta_key(prefix), mark_field(dataset.key, args.soft)
+        )
+    except REDIS_ERRORS as exc:
+        raise CommandError(f"cannot invalidate at {demo.redact(url)}: {exc}") from None
+    finally:
+        client.close()
+    print(
+        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq}; values fetched "
+        "before it are no longer served (each process hears of it within its meta_check_ms)"
+    )
+    return 0
+
+
 def run_purge(args: argparse.Namespace) -> int:
     """Remove one dataset's keys under the prefix (SCAN + UNLINK in batches) to free memory."""
     url, prefix, dataset = _dataset_target(args)
@@ -481,6 +510,11 @@ COMMANDS: dict[str, Command] = {
         "one dataset entry as Redis holds it now: keys, TTLs, payload, lock holder",
         _inspect_arguments,
         run_inspect,
+    ),
+    "invalidate": Command(
+        "make every value of one dataset fetched until now unservable, in every process (O(1))",
+        _invalidate_arguments,
+        run_invalidate,
     ),
     "purge": Command(
         "free the memory of one dataset's keys under the prefix (SCAN + UNLINK, in batches)",

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as _TimeoutError
 from memofill.errors import ConfigurationError
 
 __all__ = [
+    "INVALIDATE_SCRIPT",
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
     "Commands",
@@ -133,6 +134,20 @@ return released
 """
 
 
+#: Whole-dataset invalidation (:mod:`memofill.generations`), sent by EVALSHA.
+#:
+#: KEYS[1]: the meta hash (``<prefix>#meta``). ARGV[1]: the mark's field
+#: (``hard:<dataset>`` or ``soft:<dataset>``).
+#:
+#: Bumps the counter ``seq`` and records the new value as the mark, atomically, so
+#: that two invalidations never share a number. Returns the new ``seq``.
+INVALIDATE_SCRIPT = """
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+return seq
+"""
+
+
 #: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
 #: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
 #: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
@@ -149,6 +164,9 @@ ACL_COMMANDS = (
     "xrevrange",
     "xadd",
     "pexpire",
+    "hincrby",
+    "hset",
+    "hgetall",
     "pttl",
     "strlen",
     "getrange",
@@ -242,6 +260,7 @@ class Commands:
         self.get: Callable[[str], Any] = client.get
         self.socket_timeout_ms = socket_timeout_ms(client)
         self._release = client.register_script(RELEASE_SCRIPT)
+        self._invalidate = client.register_script(INVALIDATE_SCRIPT)
         _live_commands.add(self)
 
     def read_near(self, key: str) -> Any:
@@ -288,6 +307,14 @@ class Commands:
     def delete(self, key: str) -> Any:
         """``DEL key``: the next call misses and fills again."""
         return self.client.delete(key)
+
+    def invalidate_dataset(self, meta_key: str, mark: str) -> Any:
+        """Run :data:`INVALIDATE_SCRIPT`: one command, whatever the number of keys."""
+        return self._invalidate(keys=[meta_key], args=[mark])
+
+    def read_meta(self, meta_key: str) -> Any:
+        """``HGETALL meta_key``: the dataset generations (an empty dict before any)."""
+        return self.client.hgetall(meta_key)
 
     def scan_keys(self, pattern: str, count: int) -> Any:
         """``SCAN ... MATCH pattern COUNT count`` to the end, on every primary of a cluster."""

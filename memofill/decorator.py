@@ -30,7 +30,8 @@ from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker
-from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.generations import Generations, mark_field
+from memofill.keys import FieldText, KeyTemplate, annotation_problem, meta_key
 from memofill.near import LocalStore, entry_bytes
 from memofill.outcomes import (
     DISABLED,
@@ -325,6 +326,9 @@ class _Binding:
     #: What a near copy this function may be served was decoded by (``None``: stored bytes).
     near_owner: object
     count_near: Callable[[], object]
+    #: The dataset generations the process knows, and where they are kept in Redis.
+    generations: Generations
+    meta_key: str
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
@@ -378,6 +382,8 @@ class _Binding:
             near_copy=near_copy,
             near_owner=None if near_copy else values,
             count_near=state.counters.hit_tally(key, NEAR_HIT).add,
+            generations=state.generations,
+            meta_key=meta_key(state.prefix),
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
@@ -400,8 +406,8 @@ class _Binding:
 class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
-    Besides being called, it offers :meth:`invalidate`, :meth:`refresh` and
-    :meth:`call_with_outcome`.
+    Besides being called, it offers :meth:`invalidate`, :meth:`invalidate_dataset`,
+    :meth:`refresh` and :meth:`call_with_outcome`.
     """
 
     #: The calls' snapshot of the configuration now (see :class:`_Binding`).
@@ -526,6 +532,30 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
             return _done(None) if binding.is_async else None
         return commands.delete(key)
 
+    def invalidate_dataset(self, *, soft: bool = False) -> Any:
+        """Make every value of this function's dataset fetched until now unservable.
+
+        As :meth:`memofill.Memofill.invalidate_dataset`, on this function's
+        client; returns the new generation (awaitable for coroutine functions).
+        """
+        binding = self._self_snapshot()
+        commands = binding.gate() if binding.gated else binding.commands
+        if commands is None or commands is BYPASS:
+            raise ConfigurationError("invalidate_dataset needs a Redis client: configure one")
+        mark = mark_field(binding.key, soft)
+        reply = commands.invalidate_dataset(binding.meta_key, mark)
+        generations = binding.generations
+        if not binding.is_async:
+            generations.invalidated(binding.key, int(reply))
+            return int(reply)
+
+        async def finish() -> int:
+            seq = int(await reply)
+            generations.invalidated(binding.key, seq)
+            return seq
+
+        return finish()
+
     def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
         binding = self._self_snapshot()
@@ -553,11 +583,13 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
 
         def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
         def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        def invalidate_dataset(self, *, soft: bool = False) -> Any: ...
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
         def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
 
     else:
         invalidate = CachedDataset.invalidate
+        invalidate_dataset = CachedDataset.invalidate_dataset
         refresh = CachedDataset.refresh
         call_with_outcome = CachedDataset.call_with_outcome
         redis_key = CachedDataset.redis_key
@@ -924,6 +956,14 @@ def _lookup_sync(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    if started >= binding.generations.next_check and commands is not None:
+        meta = None
+        if not binding.breaker.is_open:
+            try:
+                meta = commands.read_meta(binding.meta_key)
+            except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+                meta = None
+        binding.generations.loaded(meta, started)
     near = binding.near
     if near is not None:
         value = _near_served(binding, key, started)
@@ -970,6 +1010,14 @@ async def _lookup_async(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    if started >= binding.generations.next_check and commands is not None:
+        meta = None
+        if not binding.breaker.is_open:
+            try:
+                meta = await commands.read_meta(binding.meta_key)
+            except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+                meta = None
+        binding.generations.loaded(meta, started)
     near = binding.near
     if near is not None:
         value = _near_served(binding, key, started)

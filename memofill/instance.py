@@ -31,7 +31,8 @@ from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker
-from memofill.keys import lock_key, parse_template, prefix_problem
+from memofill.generations import DEFAULT_CHECK_MS, Generations, mark_field
+from memofill.keys import lock_key, meta_key, parse_template, prefix_problem
 from memofill.listener import Listener, connection_factory, tracked_prefixes
 from memofill.near import MAX_LOCAL_BYTES, MAX_LOCAL_ENTRIES, LocalStore, NearCache
 from memofill.outcomes import Counters
@@ -108,6 +109,8 @@ class State:
     told_permission: set[str]
     #: How near copies are kept (``None``: never).
     near: NearCache | None
+    #: The dataset generations this process knows (whole-dataset invalidation).
+    generations: Generations
     #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
     held: frozenset[str] = frozenset()
 
@@ -150,16 +153,23 @@ class State:
 
 
 def _fresh(
-    breaker_cooldown_s: float, local_store_bytes: int, near: NearCache | None
+    breaker_cooldown_s: float,
+    local_store_bytes: int,
+    near: NearCache | None,
+    meta_check_s: float,
 ) -> dict[str, Any]:
     """What calls accumulate, new: counts, values kept near and for outages, the breaker, fills."""
     entries = MAX_LOCAL_ENTRIES
     if near is not None:
         entries = entries if near.max_entries is None else near.max_entries
         local_store_bytes = local_store_bytes if near.max_bytes is None else near.max_bytes
+    store = LocalStore(max_entries=entries, max_bytes=local_store_bytes)
+    generations = Generations(meta_check_s)
+    generations.on_change = store.flush  # a copy of an invalidated dataset is never served
     return {
         "counters": Counters(),
-        "local_store": LocalStore(max_entries=entries, max_bytes=local_store_bytes),
+        "generations": generations,
+        "local_store": store,
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
         "task_flights": TaskFlights(),
@@ -197,6 +207,9 @@ class Memofill:
             (:class:`~memofill.NearCache`; its ``max_entries`` and ``max_bytes``
             bound the one local store, near and outage copies together).
             ``None``: no near copies, every call reads Redis. See :doc:`near-cache`.
+        meta_check_ms: how often, at most, this process reads the dataset generations
+            again (:meth:`invalidate_dataset` by another process reaches it within this;
+            within milliseconds where a near-cache listener runs).
 
     ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
     straight to the function, counted as ``disabled``.
@@ -212,9 +225,18 @@ class Memofill:
         breaker_cooldown_s: float = 1.0,
         local_store_bytes: int = MAX_LOCAL_BYTES,
         near: NearCache | None = NearCache(),  # noqa: B008  # frozen: one shared default is safe
+        meta_check_ms: int = DEFAULT_CHECK_MS,
     ) -> None:
         if near is not None and not isinstance(near, NearCache):
             raise ConfigurationError(f"near={near!r}: must be a memofill.NearCache or None")
+        if (
+            isinstance(meta_check_ms, bool)
+            or not isinstance(meta_check_ms, int)
+            or not (0 <= meta_check_ms <= 3_600_000)
+        ):
+            raise ConfigurationError(
+                f"meta_check_ms={meta_check_ms!r}: must be an int of ms in 0..3600000"
+            )
         if isinstance(local_store_bytes, bool) or not isinstance(local_store_bytes, int):
             raise ConfigurationError(
                 f"local_store_bytes={local_store_bytes!r}: must be an int (bytes), such as 32 << 20"
@@ -232,7 +254,7 @@ class Memofill:
             policies=None,
             disabled=False,
             near=near,
-            **_fresh(breaker_cooldown_s, local_store_bytes, near),
+            **_fresh(breaker_cooldown_s, local_store_bytes, near, meta_check_ms / 1000),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
         _instances.add(self)
@@ -433,6 +455,36 @@ class Memofill:
 
         return decorate
 
+    def invalidate_dataset(self, dataset: str, *, soft: bool = False) -> Any:
+        """Make every value of ``dataset`` fetched until now unservable, in every process.
+
+        One command whatever the number of keys (:mod:`memofill.generations`):
+        the values stay in Redis until their TTL, and are ignored. A fill that
+        began before this call is never served after it. This process knows at
+        once; others within ``meta_check_ms`` (milliseconds where a near-cache
+        listener runs). ``soft=True`` is meant to serve the old values while one
+        caller refreshes; until serve-stale is built, it acts as a hard
+        invalidation. Returns the new generation number, or an awaitable of it
+        when the instance has only an asyncio client.
+        """
+        self.policy(dataset)
+        state = self._state
+        commands = state.sync or state.asynchronous
+        if commands is None:
+            raise ConfigurationError("invalidate_dataset needs a Redis client: configure one")
+        reply = commands.invalidate_dataset(meta_key(state.prefix), mark_field(dataset, soft))
+        generations = state.generations
+        if state.sync is not None:
+            generations.invalidated(dataset, int(reply))
+            return int(reply)
+
+        async def finish() -> int:
+            seq = int(await reply)
+            generations.invalidated(dataset, seq)
+            return seq
+
+        return finish()
+
     def final_key(self, key: str, **fields: object) -> str:
         """The Redis key of dataset ``key`` for these field values (``prefix`` included)."""
         template = parse_template(self.policy(key).key)
@@ -480,7 +532,12 @@ class Memofill:
             fresh = attrs.evolve(
                 saved,
                 held=frozenset(),
-                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes, saved.near),
+                **_fresh(
+                    saved.breaker.cooldown_s,
+                    saved.local_store.max_bytes,
+                    saved.near,
+                    saved.generations.check_s,
+                ),
             )
             self._swap(
                 self._composed(client, async_client, prefix, policies, near, state=fresh, held=held)
@@ -516,6 +573,7 @@ def _track(state: State) -> None:
     policies are loaded, nothing is served near.
     """
     store, near = state.local_store, state.near
+    store.watch = {meta_key(state.prefix): state.generations.expire}
     if near is not None:
         store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
         store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
@@ -565,7 +623,8 @@ def _near_heads(prefix: str, policies: dict[str, Dataset] | None) -> tuple[str, 
     if _heads_memo[0] is policies and _heads_memo[1] == prefix:
         return _heads_memo[2]  # type: ignore[no-any-return]
     heads = [prefix + d.template.parts[0] for d in policies.values() if d.near_ms > 0]
-    found = tracked_prefixes(heads) if heads else ()
+    # The meta hash too: another process's dataset invalidation then arrives in milliseconds.
+    found = tracked_prefixes([*heads, meta_key(prefix)]) if heads else ()
     _heads_memo[:] = [policies, prefix, found]
     return found
 

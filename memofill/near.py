@@ -203,6 +203,8 @@ class LocalStore:
         #: The reads in flight for near copies, as key -> the reader's placeholder.
         self.pending: dict[str, object] = {}
         self.listener: Listening | None = None
+        #: Keys whose invalidation means more than dropping a copy: key -> what to call.
+        self.watch: dict[str, Callable[[], object]] = {}
         self._told_evictions = 0
         self._told_at = -EVICTION_LOG_INTERVAL_S
         self._lock = threading.Lock()
@@ -307,10 +309,15 @@ class LocalStore:
 
         An outage copy of the key goes too: it is the value Redis no longer holds.
         """
+        watched = []
         with self._lock:
             for key in keys:
                 self.pending.pop(key, None)
                 self._drop(key)
+                if key in self.watch:
+                    watched.append(self.watch[key])
+        for call in watched:
+            call()
 
     def flush(self) -> None:
         """Every near copy is suspect (a flush, a lost or new connection): drop them all at once.

@@ -221,3 +221,21 @@ def test_the_default_instance_keeps_near_copies_in_ttl_mode_under_the_plugin(
 ) -> None:
     assert memofill_default.near is not None
     assert memofill_default.near.invalidation == "ttl"
+
+
+@pytest.mark.memofill(policies=NEAR_POLICIES)
+def test_one_entry_serves_near_and_then_an_outage(
+    memofill_cache: Memofill, memofill_faults: Faults
+) -> None:
+    quote = memofill_cache.cached_dataset("q:{s}")(lambda s: {"s": s})
+    quote("a")
+    quote("a")  # kept near: the same entry serves outages, so the value is kept once
+    assert len(memofill_cache.local_store) == 1
+    with memofill_faults.redis_down():
+        memofill_cache.breaker.trip()
+        result = quote.call_with_outcome("a")
+    assert result.outcome in ("near_hit", "fallback_hit")
+    assert result.value == {"s": "a"}
+    with memofill_faults.listener_lost(), memofill_faults.redis_down():
+        memofill_cache.breaker.trip()
+        assert quote.call_with_outcome("a").outcome == "fallback_hit"
