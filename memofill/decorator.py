@@ -957,13 +957,7 @@ def _lookup_sync(
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
     if started >= binding.generations.next_check and commands is not None:
-        meta = None
-        if not binding.breaker.is_open:
-            try:
-                meta = commands.read_meta(binding.meta_key)
-            except Exception:  # read again after meta_check_ms; the GET will tell the breaker
-                meta = None
-        binding.generations.loaded(meta, started)
+        _read_generations_sync(binding, commands, started)
     near = binding.near
     if near is not None:
         value = _near_served(binding, key, started)
@@ -1011,13 +1005,7 @@ async def _lookup_async(
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
     if started >= binding.generations.next_check and commands is not None:
-        meta = None
-        if not binding.breaker.is_open:
-            try:
-                meta = await commands.read_meta(binding.meta_key)
-            except Exception:  # read again after meta_check_ms; the GET will tell the breaker
-                meta = None
-        binding.generations.loaded(meta, started)
+        await _read_generations_async(binding, commands, started)
     near = binding.near
     if near is not None:
         value = _near_served(binding, key, started)
@@ -1051,6 +1039,48 @@ async def _lookup_async(
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs)
         served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
+
+
+def _read_generations_sync(binding: _Binding, commands: Commands, now: float) -> None:
+    """Read the dataset generations again, once for all concurrent callers.
+
+    The first time, every blocking caller waits for that one read, so that no
+    call is served before the process knows the marks; later, one caller reads
+    and the others go on with the marks known (at most ``meta_check_ms`` old).
+    """
+    generations = binding.generations
+    if generations.known:
+        if generations.claim(now):
+            generations.loaded(_meta_or_none(binding, commands), now)
+        return
+    with generations.first:
+        if not generations.known:
+            generations.loaded(_meta_or_none(binding, commands), now)
+
+
+def _meta_or_none(binding: _Binding, commands: Commands) -> Any:
+    if binding.breaker.is_open:
+        return None
+    try:
+        return commands.read_meta(binding.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None
+
+
+async def _read_generations_async(binding: _Binding, commands: Commands, now: float) -> None:
+    """:func:`_read_generations_sync` for asyncio callers, which cannot wait on a thread lock.
+
+    One caller reads; the others go on with the marks known, which, for the
+    calls made during the process's very first read (one round trip), are none.
+    """
+    generations = binding.generations
+    if not generations.claim(now) or binding.breaker.is_open:
+        return
+    try:
+        meta = await commands.read_meta(binding.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        meta = None
+    generations.loaded(meta, now)
 
 
 def _refresh_sync(binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:

@@ -18,6 +18,9 @@ reaches the process in milliseconds. This module decides; it does no I/O.
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,10 +44,26 @@ class Generations:
         self.floor: dict[str, int] = {}
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None
+        #: Whether the hash was read (or tried) once: until then blocking callers wait for it.
+        self.known = False
+        #: Held by the blocking caller that reads the hash the first time.
+        self.first = threading.Lock()
+        _live.add(self)
 
     def due(self, now: float) -> bool:
         """Whether the hash should be read again before this call is served."""
         return now >= self.next_check
+
+    def claim(self, now: float) -> bool:
+        """Whether this caller reads the hash again now; the others go on with the marks known.
+
+        Claimed for the next interval at once, so that a hundred concurrent
+        callers send one ``HGETALL``, not a hundred.
+        """
+        if now < self.next_check:
+            return False
+        self.next_check = now + self.check_s
+        return True
 
     def expire(self) -> None:
         """Something changed the hash (the listener saw it): read it at the next call."""
@@ -54,6 +73,7 @@ class Generations:
     def loaded(self, reply: Mapping[Any, Any] | None, now: float) -> None:
         """Take the hash as ``HGETALL`` returned it (``None``: it could not be read)."""
         self.next_check = now + self.check_s
+        self.known = True
         if reply is None:
             return
         seq = 0
@@ -89,6 +109,18 @@ class Generations:
         """
         floor = self.floor.get(dataset, 0)
         return floor > 0 and (seq is None or seq < floor)
+
+
+_live: weakref.WeakSet[Generations] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock a parent thread held at the fork would never be released in the child."""
+    for generations in list(_live):
+        generations.first = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def mark_field(dataset: str, soft: bool) -> str:

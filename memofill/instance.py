@@ -165,7 +165,9 @@ def _fresh(
         local_store_bytes = local_store_bytes if near.max_bytes is None else near.max_bytes
     store = LocalStore(max_entries=entries, max_bytes=local_store_bytes)
     generations = Generations(meta_check_s)
-    generations.on_change = store.flush  # a copy of an invalidated dataset is never served
+    # No copy of an invalidated dataset is served, near or in an outage: the store does not
+    # know which dataset a key is of, and invalidations are rare, so every copy goes.
+    generations.on_change = store.clear
     return {
         "counters": Counters(),
         "generations": generations,

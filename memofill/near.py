@@ -329,6 +329,14 @@ class LocalStore:
             self.epoch += 1
             self.pending.clear()
 
+    def clear(self) -> None:
+        """Drop every entry, near and outage alike (a dataset was invalidated)."""
+        with self._lock:
+            self.epoch += 1
+            self.pending.clear()
+            self.entries.clear()
+            self.bytes = 0
+
     def tracking(self, live: bool) -> None:
         """The listener started (``True``) or stopped (``False``) tracking; copies flushed."""
         self.live_until = self.live_until if live else 0.0
