@@ -263,10 +263,6 @@ class Listener:
         self._stopped = True
         self._interrupt()
 
-    def drop_connection(self) -> None:
-        """Break the connection as a network failure would (the plugin's fault, and tests)."""
-        self._interrupt()
-
     def _interrupt(self) -> None:
         connection = self._connection
         sock = getattr(connection, "_sock", None)
