@@ -203,7 +203,7 @@ class LocalStore:
         #: The reads in flight for near copies, as key -> the reader's placeholder.
         self.pending: dict[str, object] = {}
         self.listener: Listening | None = None
-        #: Keys whose invalidation means more than dropping a copy: key -> what to call.
+        #: The keys whose invalidation means more than dropping a copy, and what to call then.
         self.watch: dict[str, Callable[[], object]] = {}
         self._told_evictions = 0
         self._told_at = -EVICTION_LOG_INTERVAL_S
