@@ -44,7 +44,7 @@ class Generations:
         self.floor: dict[str, int] = {}
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None
-        #: Whether the hash was read (or tried) once: until then blocking callers wait for it.
+        #: Whether the hash was read (or tried) once; until then blocking callers wait for it.
         self.known = False
         #: Held by the blocking caller that reads the hash the first time.
         self.first = threading.Lock()
