@@ -1068,19 +1068,36 @@ def _meta_or_none(binding: _Binding, commands: Commands) -> Any:
 
 
 async def _read_generations_async(binding: _Binding, commands: Commands, now: float) -> None:
-    """:func:`_read_generations_sync` for asyncio callers, which cannot wait on a thread lock.
+    """:func:`_read_generations_sync` for asyncio callers: the first read is awaited by all.
 
-    One caller reads; the others go on with the marks known, which, for the
-    calls made during the process's very first read (one round trip), are none.
+    The callers of one event loop await the one read in flight on it, the
+    first time; later, one caller reads and the others go on with the marks known.
     """
     generations = binding.generations
-    if not generations.claim(now) or binding.breaker.is_open:
+    if generations.known:
+        if generations.claim(now) and not binding.breaker.is_open:
+            generations.loaded(await _meta_or_none_async(binding, commands), now)
         return
+    loop = asyncio.get_running_loop()
+    pending = generations.first_reads.get(loop)
+    if pending is not None:
+        await asyncio.shield(pending)
+        return
+    done = generations.first_reads[loop] = loop.create_future()
     try:
-        meta = await commands.read_meta(binding.meta_key)
+        generations.loaded(await _meta_or_none_async(binding, commands), now)
+    finally:
+        del generations.first_reads[loop]
+        done.set_result(None)
+
+
+async def _meta_or_none_async(binding: _Binding, commands: Commands) -> Any:
+    if binding.breaker.is_open:
+        return None
+    try:
+        return await commands.read_meta(binding.meta_key)
     except Exception:  # read again after meta_check_ms; the GET will tell the breaker
-        meta = None
-    generations.loaded(meta, now)
+        return None
 
 
 def _refresh_sync(binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:

@@ -48,6 +48,8 @@ class Generations:
         self.known = False
         #: Held by the blocking caller that reads the hash the first time.
         self.first = threading.Lock()
+        #: The first read in flight on each event loop, which that loop's callers await.
+        self.first_reads: dict[object, Any] = {}
         _live.add(self)
 
     def due(self, now: float) -> bool:
@@ -118,6 +120,7 @@ def _after_fork_in_child() -> None:
     """A lock a parent thread held at the fork would never be released in the child."""
     for generations in list(_live):
         generations.first = threading.Lock()
+        generations.first_reads = {}
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
