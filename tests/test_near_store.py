@@ -8,6 +8,7 @@ bytes Redis sends, split anywhere.
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import pytest
 
@@ -239,3 +240,30 @@ def test_one_entry_serves_near_and_then_an_outage(
     with memofill_faults.listener_lost(), memofill_faults.redis_down():
         memofill_cache.breaker.trip()
         assert quote.call_with_outcome("a").outcome == "fallback_hit"
+
+
+@pytest.mark.memofill(policies=NEAR_POLICIES)
+def test_near_hits_share_one_object_so_a_caller_that_changes_it_changes_the_next_callers(
+    memofill_cache: Memofill,
+) -> None:
+    quote = memofill_cache.cached_dataset("q:{s}")(lambda s: {"bid": 100})
+    quote("a")
+    first = quote("a")  # read from Redis: the object kept near
+    first["bid"] = 0  # the hazard: never change what a cached function returned
+    assert quote("a") is first
+    assert quote("a") == {"bid": 0}
+
+
+@pytest.mark.memofill(policies=NEAR_POLICIES)
+def test_copy_on_hit_gives_every_caller_its_own_object(
+    memofill_cache: Memofill, memofill_redis: Any
+) -> None:
+    memofill_cache.configure(near=NearCache(invalidation="ttl", copy_on_hit=True))
+    quote = memofill_cache.cached_dataset("q:{s}")(lambda s: {"bid": 100})
+    quote("a")
+    first = quote("a")
+    first["bid"] = 0
+    result = quote.call_with_outcome("a")
+    assert result.outcome == "near_hit"
+    assert result.value == {"bid": 100}
+    assert result.value is not quote("a")
