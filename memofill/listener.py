@@ -236,8 +236,9 @@ class Listener:
         self._stopped = False
         self._connection: Any = None
         self._lock = threading.Lock()
-        #: How many times tracking was established (tests and ``memofill inspect`` read it).
+        #: How many times tracking was established, and the connection's id the last time.
         self.sessions = 0
+        self.client_id = 0
         self._told_failure = False
         _live_listeners.add(self)
 
@@ -346,6 +347,7 @@ class Listener:
         if not (isinstance(confirmed, list) and confirmed and confirmed[0] == b"subscribe"):
             raise ListenerError(f"SUBSCRIBE answered {confirmed!r}")
         self._held().tracking(True)
+        self.client_id = int(client_id)
         self.sessions += 1
         self._told_failure = False
         self._listen(sock, reader)

@@ -208,9 +208,13 @@ def test_a_killed_listener_connection_drops_every_copy_until_tracking_is_back(
         killer.start()
         run_reader(hot, 1.5, served, reads)
         killer.join()
-    assert listener_of(mf).sessions >= 2  # it came back after the kills
+    listener = listener_of(mf)
+    assert listener.sessions >= 2  # it came back after the kills
     assert check_contract(served, reads) > 0
     finally_fresh(hot, admin, key)
+    # Tracking is on again, broadcast, on the subscribed connection it redirects to.
+    clients = {int(c["id"]): c for c in admin.client_list()}
+    assert set(clients[listener.client_id]["flags"]) >= set("PtB")
 
 
 @pytest.mark.slow
