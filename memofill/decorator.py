@@ -685,7 +685,8 @@ def _near_read(
         near.abandon(key, reservation)
         return _NOT_A_HIT
     if raw == NEGATIVE_MARKER:
-        near.settle(key, reservation, NEGATIVE, None, entry_bytes(key, raw), until, 0.0)
+        owner, size = binding.near_owner, entry_bytes(key, raw)
+        near.settle(key, reservation, NEGATIVE, owner, size, until, 0.0)  # never for outages
         return _NOT_A_HIT
     try:
         value = binding.decode(raw)

@@ -7,6 +7,7 @@ bytes Redis sends, split anywhere.
 
 from __future__ import annotations
 
+import time
 import types
 from typing import Any
 
@@ -267,3 +268,23 @@ def test_copy_on_hit_gives_every_caller_its_own_object(
     assert result.outcome == "near_hit"
     assert result.value == {"bid": 100}
     assert result.value is not quote("a")
+
+
+@pytest.mark.memofill(
+    policies={"n:{s}": Dataset("n:{s}", ttl_s=60, negative_ttl_s=1, near_ms=60_000)}
+)
+def test_a_none_is_kept_near_within_the_smaller_of_near_ms_and_negative_ttl_s(
+    memofill_cache: Memofill, memofill_redis: Any
+) -> None:
+    calls: list[str] = []
+
+    @memofill_cache.cached_dataset("n:{s}")
+    def lookup(s: str) -> None:
+        calls.append(s)
+
+    lookup("a")  # fills the negative marker
+    lookup("a")  # reads it: kept near for its PTTL (under 1 s), not near_ms (60 s)
+    assert lookup.call_with_outcome("a").outcome == "near_hit"
+    entry = memofill_cache.local_store.entries["n:a"]
+    assert entry.near_until - time.monotonic() <= 1.0
+    assert entry.outage_until == 0.0  # a None is never served for an outage
