@@ -373,12 +373,15 @@ class Listener:
                 sock.sendall(b"*1\r\n$4\r\nPING\r\n")
                 pings.append(now)
                 next_ping = now + heartbeat
-            if pings and now - pings[0] > DEAD_AFTER_HEARTBEATS * heartbeat:
-                raise ListenerError(f"no answer to a ping for {now - pings[0]:.2f} s")
             sock.settimeout(max(0.001, next_ping - now))
             try:
                 data = sock.recv(65536)
             except TimeoutError:
+                # Judged only after a read found nothing: a listener thread that was itself
+                # held up finds the answers waiting, and keeps its connection.
+                waited = time.monotonic() - pings[0] if pings else 0.0
+                if waited > DEAD_AFTER_HEARTBEATS * heartbeat:
+                    raise ListenerError(f"no answer to a ping for {waited:.2f} s") from None
                 continue
             if not data:
                 raise ConnectionError("the listener's connection was closed")
