@@ -470,8 +470,8 @@ def run_invalidate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     print(
-        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq}; values fetched "
-        "before it are no longer served (each process hears of it within its meta_check_ms)"
+        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq} (processes drop "
+        "their local copies within meta_check_ms; values in Redis are not yet rejected by it)"
     )
     return 0
 

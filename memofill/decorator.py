@@ -535,6 +535,8 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     def invalidate_dataset(self, *, soft: bool = False) -> Any:
         """Make every value of this function's dataset fetched until now unservable.
 
+        Not finished: see :meth:`memofill.Memofill.invalidate_dataset`.
+
         As :meth:`memofill.Memofill.invalidate_dataset`, on this function's
         client; returns the new generation (awaitable for coroutine functions).
         """

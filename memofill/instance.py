@@ -460,6 +460,10 @@ class Memofill:
     def invalidate_dataset(self, dataset: str, *, soft: bool = False) -> Any:
         """Make every value of ``dataset`` fetched until now unservable, in every process.
 
+        Not finished: the mark is recorded and every process drops its local
+        copies, but values in Redis are rejected only once fills write their
+        generation in the stored header (see :doc:`invalidation`).
+
         One command whatever the number of keys (:mod:`memofill.generations`):
         the values stay in Redis until their TTL, and are ignored. A fill that
         began before this call is never served after it. This process knows at

@@ -62,7 +62,7 @@ def test_the_invalidate_command_says_what_it_did_and_refuses_bad_arguments(
     assert main(["invalidate", "q:{n}", *common]) == 0
     assert main(["invalidate", "other:{n}", "--soft", *common]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("invalidated q:{n} under prefix 'cli:': generation 1;")
+    assert out[0].startswith("invalidated q:{n} under prefix 'cli:': generation 1 (")
     assert admin.hgetall("cli:#meta") == {
         b"seq": b"2",
         b"hard:q:{n}": b"1",
