@@ -31,6 +31,7 @@ from memofill.coordinator import Plan, Result, fill, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker, LocalStore
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.metrics import Metrics
 from memofill.outcomes import (
     DISABLED,
     FALLBACK_HIT,
@@ -313,6 +314,7 @@ class _Binding:
     disabled: bool
     prefix: str
     counters: Counters
+    metrics: Metrics
     local_store: LocalStore
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
@@ -356,6 +358,7 @@ class _Binding:
             disabled=state.disabled,
             prefix=state.prefix,
             counters=state.counters,
+            metrics=state.metrics,
             local_store=state.local_store,
             breaker=state.breaker,
             thread_flights=state.thread_flights,
@@ -680,7 +683,10 @@ class _Miss:
         self.binding, self.key, self.started, self.commands = binding, key, started, commands
         # ``wrapped`` is None for a direct call: the decorated function, as it is now.
         function = binding.current_function() if wrapped is None else wrapped
-        self.fetch: Callable[[], Any] = lambda: function(*args, **kwargs)
+        #: How long this caller's call of the origin took, once it made one (see _timed).
+        self.fetch_ms: float | None = None
+        timed = _timed_async if binding.is_async else _timed
+        self.fetch = timed(self, function, args, kwargs)
         if commands is None:
             _warn_no_client(binding)
         self.plan = self._plan(error, refresh)
@@ -746,7 +752,7 @@ class _Miss:
                 acl_rule(binding.prefix),
                 extra={"dataset": binding.key, "redis_key": self.key},
             )
-        MissRecord(
+        record = MissRecord(
             outcome=outcome,
             dataset=binding.key,
             redis_key=self.key,
@@ -755,7 +761,10 @@ class _Miss:
             polls=0 if joined else result.polls,
             payload_bytes=result.payload_bytes,
             error=result.error,
-        ).emit()
+            fetch_ms=self.fetch_ms,
+        )
+        record.emit()
+        binding.metrics.miss(record)
         if joined:
             return result
         if result.stored is not None:
@@ -779,6 +788,36 @@ class _Miss:
             value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _timed(
+    miss: _Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """The fetch, ``function(*args, **kwargs)``: its time is kept in ``miss.fetch_ms``."""
+
+    def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
+
+
+def _timed_async(
+    miss: _Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """:func:`_timed` for a coroutine function: the time until its awaitable is done."""
+
+    async def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return await function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
 
 
 def _warn_unstorable(binding: _Binding, key: str, result: Result) -> None:

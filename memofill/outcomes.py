@@ -69,6 +69,8 @@ class MissRecord:
     polls: int = 0
     payload_bytes: int = 0
     error: str | None = None
+    #: How long the origin took, when this caller called it (``None``: it did not).
+    fetch_ms: float | None = None
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger (never the payload, only its size)."""
@@ -99,6 +101,9 @@ FALLBACK_HIT = "fallback_hit"
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
 #: directly. Counted, never logged, like a hit.
 DISABLED = "disabled"
+#: Names counted, never logged, beside the miss outcomes: each is a ``memofill_calls_total``
+#: outcome (:mod:`memofill.metrics`).
+COUNTED_ONLY: tuple[str, ...] = (HIT, FALLBACK_HIT, DISABLED)
 
 
 class Tally:

@@ -1,0 +1,195 @@
+"""memofill's metrics and spans for OpenTelemetry (``memofill[otel]``: the API only).
+
+::
+
+    from memofill.contrib.otel import instrument
+
+    instrument()          # the default instance, the global MeterProvider and TracerProvider
+
+Until the application installs the OpenTelemetry SDK, every instrument and
+span here is the API's no-op. What is recorded:
+
+* **Observable instruments** over memofill's own tallies for the counters and
+  gauges of :data:`memofill.metrics.FAMILIES` (``memofill.calls``,
+  ``memofill.breaker.open``...): read when the SDK collects, never pushed per
+  call, so a hit costs what it cost without them.
+* **Histograms** (``memofill.fetch.duration``, ``memofill.wait.duration``,
+  ``memofill.payload.size``, ``memofill.stale.age``), recorded from the miss
+  and refresh records: the API has no observable histogram, and a miss takes
+  milliseconds, so the push costs it little. Their buckets are advised to be
+  memofill's (the Prometheus exporter's).
+* A span ``memofill.fill`` per miss, a child of the caller's current span,
+  from the moment the caller missed to the moment it had its answer, with
+  ``memofill.dataset``, ``memofill.outcome``, ``memofill.wait.duration``,
+  ``memofill.polls``, ``memofill.payload.size``, ``memofill.fetch.duration``;
+  its status is an error when the fetch raised. The final Redis key (which may
+  hold personal data) only with ``record_redis_key=True``.
+* A span ``memofill.refresh`` per background refresh, in a trace of its own
+  and **linked** to the span of the caller that started it, not nested in it:
+  a refresh must not stretch the request that merely noticed the stale value.
+
+Attributes carry the same closed label sets as the Prometheus exporter,
+prefixed ``memofill.``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+from opentelemetry.trace import Link, Status, StatusCode, Tracer
+
+from memofill.instance import Memofill, default_instance
+from memofill.metrics import (
+    FAMILIES,
+    Family,
+    RefreshLike,
+    miss_observations,
+    refresh_observations,
+)
+from memofill.outcomes import MissRecord, Outcome
+
+__all__ = ["Instrumentation", "instrument"]
+
+#: Outcomes whose span is an error: the caller (or the refresh) got the fetch's exception.
+ERROR_OUTCOMES = frozenset({Outcome.FETCH_ERROR.value, "refresh_error"})
+
+
+def _version() -> str:
+    try:
+        return metadata.version("memofill")
+    except metadata.PackageNotFoundError:  # run from a source tree
+        return "0"
+
+
+def _attributes(family: Family, labels: Iterable[str]) -> dict[str, str]:
+    return {f"memofill.{name}": value for name, value in zip(family.labels, labels, strict=True)}
+
+
+class Instrumentation:
+    """One instance's instruments and hook; :meth:`uninstrument` stops them."""
+
+    def __init__(
+        self, cache: Memofill, meter: Meter, tracer: Tracer, *, record_redis_key: bool
+    ) -> None:
+        self.cache, self._tracer, self._record_key = cache, tracer, record_redis_key
+        self._active = True
+        self._histograms: dict[str, tuple[Family, Histogram]] = {}
+        for family in FAMILIES:
+            if family.kind == "histogram":
+                histogram = meter.create_histogram(
+                    family.otel_name,
+                    unit=family.unit,
+                    description=family.help,
+                    explicit_bucket_boundaries_advisory=list(family.bounds),
+                )
+                self._histograms[family.name] = (family, histogram)
+            elif family.kind == "counter":
+                meter.create_observable_counter(
+                    family.otel_name, [self._observer(family)], family.unit, family.help
+                )
+            else:
+                meter.create_observable_gauge(
+                    family.otel_name, [self._observer(family)], family.unit, family.help
+                )
+        self._unsubscribe = cache.events.subscribe(self._on_record)
+
+    def uninstrument(self) -> None:
+        """Stop recording: no more spans or histogram values; observers report nothing."""
+        self._active = False
+        self._unsubscribe()
+
+    def _observer(self, family: Family) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            if not self._active:
+                return []
+            return [
+                Observation(float(value), _attributes(family, labels))
+                for labels, value in family.read(self.cache)
+            ]
+
+        return observe
+
+    def _on_record(self, record: MissRecord | RefreshLike) -> None:
+        """The hook: one span and the histogram values of one miss or refresh record."""
+        end = time.time_ns()
+        if isinstance(record, MissRecord):
+            observations = miss_observations(record)
+            self._fill_span(record, end)
+        else:
+            observations = refresh_observations(record)
+            self._refresh_span(record, end)
+        for name, labels, value in observations:
+            family, histogram = self._histograms[name]
+            histogram.record(value, _attributes(family, labels))
+
+    def _fill_span(self, record: MissRecord, end: int) -> None:
+        attributes: dict[str, Any] = {
+            "memofill.dataset": record.dataset,
+            "memofill.outcome": record.outcome.value,
+            "memofill.wait.duration": record.waited_ms / 1000,
+            "memofill.polls": record.polls,
+            "memofill.payload.size": record.payload_bytes,
+        }
+        if record.fetch_ms is not None:
+            attributes["memofill.fetch.duration"] = record.fetch_ms / 1000
+        if self._record_key:
+            attributes["memofill.redis_key"] = record.redis_key
+        start = end - round(record.elapsed_ms * 1e6)
+        span = self._tracer.start_span("memofill.fill", start_time=start, attributes=attributes)
+        self._end(span, record.outcome.value, record.error, end)
+
+    def _refresh_span(self, record: RefreshLike, end: int) -> None:
+        outcome = str(getattr(record.outcome, "value", record.outcome))
+        attributes: dict[str, Any] = {
+            "memofill.dataset": record.dataset,
+            "memofill.outcome": outcome,
+            "memofill.trigger": record.trigger,
+        }
+        if record.delta_ms is not None:
+            attributes["memofill.fetch.duration"] = record.delta_ms / 1000
+        if record.stale_age_ms is not None:
+            attributes["memofill.stale.age"] = record.stale_age_ms / 1000
+        # This hook runs in the context of the caller that started the refresh (see Events).
+        caller = trace.get_current_span().get_span_context()
+        links = [Link(caller)] if caller.is_valid else []
+        span = self._tracer.start_span(
+            "memofill.refresh",
+            context=otel_context.Context(),  # a trace of its own: linked, not nested
+            links=links,
+            start_time=end - round(record.elapsed_ms * 1e6),
+            attributes=attributes,
+        )
+        self._end(span, outcome, getattr(record, "error", None), end)
+
+    @staticmethod
+    def _end(span: trace.Span, outcome: str, error: str | None, end: int) -> None:
+        if error is not None:
+            span.set_attribute("error.type", error)
+        if outcome in ERROR_OUTCOMES:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(end_time=end)
+
+
+def instrument(
+    cache: Memofill | None = None,
+    *,
+    meter_provider: otel_metrics.MeterProvider | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+    record_redis_key: bool = False,
+) -> Instrumentation:
+    """Record ``cache``'s metrics and spans (default: the module-level instance).
+
+    The providers default to the global ones. Call it once per instance: a
+    second call records everything twice.
+    """
+    cache = default_instance() if cache is None else cache
+    meter = otel_metrics.get_meter("memofill", _version(), meter_provider=meter_provider)
+    tracer = trace.get_tracer("memofill", _version(), tracer_provider=tracer_provider)
+    return Instrumentation(cache, meter, tracer, record_redis_key=record_redis_key)
