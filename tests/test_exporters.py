@@ -1,0 +1,324 @@
+"""The exporters, for real: a Prometheus registry scraped over HTTP, OpenTelemetry's SDK.
+
+The stampede runs against a private redis-server: four instances (each what a
+worker process has: its own connections, fills in flight and counters), each
+with a collector on a registry of its own served by ``start_http_server``, as
+Prometheus would scrape four workers. Their numbers, summed, must say what the
+stampede did: one ``leader_fill``, every other caller a follower or a join.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+import redis
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from memofill import CacheFill, Dataset, Memofill
+from memofill.contrib.otel import instrument
+from memofill.contrib.prometheus import MemofillCollector
+from memofill.metrics import FAMILIES, call_outcomes
+from tests.conftest import POLICIES
+from tests.redis_servers import RedisServer, free_port
+
+HOT = Dataset(
+    "hot:{name}",
+    ttl_s=60,
+    cache_fill=CacheFill(lease_ms=10_000, wait_ms=8_000, poll_min_ms=10, poll_max_ms=200),
+)
+
+#: Samples of one scrape: ``(name, labels as a sorted tuple of pairs) -> value``.
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Scrape:
+    """``GET /metrics`` over HTTP, parsed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def calls(samples: Scrape, dataset: str) -> Counter[str]:
+    """``memofill_calls_total`` of one dataset, by outcome, zeros left out."""
+    counts: Counter[str] = Counter()
+    for (name, labels), value in samples.items():
+        label = dict(labels)
+        if name == "memofill_calls_total" and label["dataset"] == dataset and value:
+            counts[label["outcome"]] += int(value)
+    return counts
+
+
+@pytest.fixture
+def served(redis_server: RedisServer) -> Iterator[list[tuple[Memofill, int]]]:
+    """Four instances on the real server, each exported on a port of its own."""
+    clients, servers, out = [], [], []
+    for _ in range(4):
+        client = redis_server.client(max_connections=64)
+        cache = Memofill(client, prefix="export:", policies={HOT.key: HOT, **POLICIES})
+        registry, port = CollectorRegistry(), free_port()
+        registry.register(MemofillCollector(cache))
+        server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+        clients.append(client)
+        servers.append(server)
+        out.append((cache, port))
+    yield out
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.redis_server
+def test_a_scrape_over_http_reads_the_numbers_of_a_real_stampede(
+    served: list[tuple[Memofill, int]], real_client: redis.Redis
+) -> None:
+    real_client.delete("export:hot:quote", "export:origin")
+    callers_per_instance = 25
+    barrier = threading.Barrier(len(served) * callers_per_instance)
+    values: list[Any] = []
+    fetches = []
+    for cache, _ in served:
+
+        @cache.cached_dataset(HOT.key)
+        def fetch(name: str) -> dict[str, str]:
+            real_client.incr("export:origin")
+            threading.Event().wait(0.3)
+            return {"name": name}
+
+        fetches.append(fetch)
+
+    def call(fetch: Any) -> None:
+        barrier.wait(30)
+        values.append(fetch("quote"))
+
+    threads = [
+        threading.Thread(target=call, args=(fetch,))
+        for fetch in fetches
+        for _ in range(callers_per_instance)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for fetch in fetches:
+        fetch("quote")  # one hit each, after the stampede
+
+    assert values == [{"name": "quote"}] * 100
+    assert int(real_client.get("export:origin") or 0) == 1
+    total: Counter[str] = Counter()
+    scrapes = [scrape(port) for _, port in served]
+    for samples in scrapes:
+        total += calls(samples, HOT.key)
+    assert total["leader_fill"] == 1
+    assert total["hit"] == 4
+    waiting = total["follower_hit"] + total["local_join"] + total["leader_recheck_hit"]
+    assert waiting == 99
+    assert set(total) <= {"leader_fill", "hit", "follower_hit", "local_join", "leader_recheck_hit"}
+    # The leader's fetch took the 300 ms, and the followers' waits are in their histogram.
+    fetched = sum(
+        value
+        for samples in scrapes
+        for (name, labels), value in samples.items()
+        if name == "memofill_fetch_duration_seconds_sum" and ("dataset", HOT.key) in labels
+    )
+    assert fetched >= 0.3
+    waits = sum(
+        value
+        for samples in scrapes
+        for (name, labels), value in samples.items()
+        if name == "memofill_wait_duration_seconds_count" and ("outcome", "follower_hit") in labels
+    )
+    assert waits == total["follower_hit"]
+    for samples in scrapes:
+        assert samples["memofill_breaker_open", ()] == 0
+        assert samples["memofill_breaker_trips_total", ()] == 0
+        # No label anywhere carries a final Redis key.
+        assert not [labels for _, labels in samples if any("export:" in v for _, v in labels)]
+
+
+def test_every_dataset_and_outcome_is_a_series_at_zero_after_start_up(
+    fake_client: redis.Redis,
+) -> None:
+    policies = {f"set{n}:{{id}}": Dataset(f"set{n}:{{id}}", ttl_s=60) for n in range(7)}
+    cache = Memofill(fake_client, policies=policies)
+    registry, port = CollectorRegistry(), free_port()
+    registry.register(MemofillCollector(cache))
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        samples = scrape(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    series = {labels for name, labels in samples if name == "memofill_calls_total"}
+    assert len(series) == len(policies) * len(call_outcomes())
+    assert series == {
+        (("dataset", dataset), ("outcome", outcome))
+        for dataset in policies
+        for outcome in call_outcomes()
+    }
+    assert {samples["memofill_calls_total", labels] for labels in series} == {0.0}
+    # Histograms appear with their first observation; nothing else has a label at all.
+    labelled = {name for name, labels in samples if labels and not name.endswith("_created")}
+    assert labelled == {"memofill_calls_total"}
+
+
+# --- OpenTelemetry ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Telemetry:
+    cache: Memofill
+    reader: InMemoryMetricReader
+    spans: InMemorySpanExporter
+    tracer: trace.Tracer
+
+    def metrics(self) -> dict[str, list[Any]]:
+        """Instrument name -> its data points, as collected now."""
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return {
+            metric.name: list(metric.data.data_points)
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+        }
+
+
+@pytest.fixture
+def telemetry(fake_client: redis.Redis) -> Telemetry:
+    cache = Memofill(fake_client, prefix="t:", policies=POLICIES)
+    reader = InMemoryMetricReader()
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    instrument(
+        cache,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        tracer_provider=tracer_provider,
+    )
+    return Telemetry(cache, reader, spans, tracer_provider.get_tracer("app"))
+
+
+def test_otel_observes_the_tallies_and_records_the_miss_histograms(telemetry: Telemetry) -> None:
+    fetch = telemetry.cache.cached_dataset("item:{name}")(lambda name: {"name": name})
+    fetch("a")
+    fetch("a")
+    fetch("a")
+    metrics = telemetry.metrics()
+    observed = {f"memofill.{f.name}" for f in FAMILIES if f.kind != "histogram"}
+    assert observed - {"memofill.refreshes"} <= set(metrics)  # no refresh yet: no point
+    counted = {
+        (p.attributes["memofill.dataset"], p.attributes["memofill.outcome"]): p.value
+        for p in metrics["memofill.calls"]
+    }
+    assert len(counted) == len(POLICIES) * len(call_outcomes())  # every series, zeros too
+    assert counted["item:{name}", "hit"] == 2
+    assert counted["item:{name}", "leader_fill"] == 1
+    (fetched,) = metrics["memofill.fetch.duration"]
+    assert dict(fetched.attributes) == {
+        "memofill.dataset": "item:{name}",
+        "memofill.outcome": "leader_fill",
+    }
+    assert fetched.count == 1
+    assert list(fetched.explicit_bounds) == list(
+        next(f.bounds for f in FAMILIES if f.name == "fetch.duration")
+    )
+    (size,) = metrics["memofill.payload.size"]
+    assert size.sum == len(b'{"name":"a"}')
+    assert [p.value for p in metrics["memofill.breaker.open"]] == [0]
+
+
+def test_a_miss_is_a_span_under_the_callers_span(telemetry: Telemetry) -> None:
+    class Boom(Exception):
+        pass
+
+    def failing(name: str) -> str:
+        raise Boom
+
+    fetch = telemetry.cache.cached_dataset("item:{name}")(lambda name: name)
+    broken = telemetry.cache.cached_dataset("fast:{name}")(failing)
+    with telemetry.tracer.start_as_current_span("GET /items") as request:
+        fetch("a")
+        fetch("a")  # a hit: no span
+        with pytest.raises(Boom):
+            broken("b")
+    fills = [s for s in telemetry.spans.get_finished_spans() if s.name == "memofill.fill"]
+    assert len(fills) == 2
+    for span in fills:
+        assert span.parent is not None
+        assert span.parent.span_id == request.get_span_context().span_id
+        assert "memofill.redis_key" not in span.attributes  # only when asked for
+        assert span.end_time is not None
+        assert span.start_time is not None
+        assert span.start_time <= span.end_time
+    filled, failed = fills
+    assert filled.attributes["memofill.outcome"] == "leader_fill"
+    assert filled.attributes["memofill.dataset"] == "item:{name}"
+    assert filled.status.status_code is trace.StatusCode.UNSET
+    assert failed.attributes["memofill.outcome"] == "fetch_error"
+    assert failed.attributes["error.type"] == "Boom"
+    assert failed.status.status_code is trace.StatusCode.ERROR
+
+
+@attrs.frozen
+class Refresh:
+    """A refresh record as the serve-stale work logs one (what the exporters read of it)."""
+
+    dataset: str
+    trigger: str
+    outcome: str
+    elapsed_ms: float
+    delta_ms: float | None
+    stale_age_ms: float | None
+
+
+def test_a_refresh_is_a_span_linked_to_the_caller_that_started_it(telemetry: Telemetry) -> None:
+    with telemetry.tracer.start_as_current_span("GET /items") as request:
+        trigger = contextvars.copy_context()  # the stale hit starts a refresh
+    # Later, in the background, with another span current:
+    with telemetry.tracer.start_as_current_span("unrelated"):
+        record = Refresh("item:{name}", "stale", "refresh_fill", 40.0, 35.0, 61_000.0)
+        telemetry.cache.metrics.refreshed(record, trigger)
+    (refresh,) = [s for s in telemetry.spans.get_finished_spans() if s.name == "memofill.refresh"]
+    assert refresh.parent is None  # a trace of its own, not nested in the request
+    (link,) = refresh.links
+    assert link.context.span_id == request.get_span_context().span_id
+    assert refresh.attributes["memofill.trigger"] == "stale"
+    assert refresh.attributes["memofill.stale.age"] == 61.0
+    metrics = telemetry.metrics()
+    (counted,) = metrics["memofill.refreshes"]
+    assert dict(counted.attributes) == {
+        "memofill.dataset": "item:{name}",
+        "memofill.trigger": "stale",
+        "memofill.outcome": "refresh_fill",
+    }
+    assert counted.value == 1
+    (age,) = metrics["memofill.stale.age"]
+    assert age.sum == 61.0
+
+
+def test_uninstrument_stops_spans_and_observations(telemetry: Telemetry) -> None:
+    fetch = telemetry.cache.cached_dataset("item:{name}")(lambda name: name)
+    handle = instrument(telemetry.cache, meter_provider=MeterProvider(), tracer_provider=None)
+    handle.uninstrument()
+    fetch("a")
+    assert len(telemetry.spans.get_finished_spans()) == 1  # the first instrumentation's only
