@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("memofill")
 
-#: How a background refresh can end: a refresh record's ``outcome``, or counted only
-#: (``refresh_busy``: another process holds the lock; ``refresh_dropped``: the pool was full).
+#: The ways a background refresh ends, a refresh record's ``outcome`` or counted only
+#: (``refresh_busy``, another process holds the lock; ``refresh_dropped``, the pool was full).
 REFRESH_OUTCOMES = (
     "refresh_fill",
     "refresh_negative",
@@ -51,7 +51,7 @@ REFRESH_OUTCOMES = (
     "refresh_busy",
     "refresh_dropped",
 )
-#: What started a refresh: a stale hit, an early (probabilistic) refresh, or ``.refresh()``.
+#: What started a refresh (a stale hit, an early probabilistic refresh, or ``.refresh()``).
 REFRESH_TRIGGERS = ("stale", "early", "manual")
 
 #: Upper bounds of the duration buckets, in seconds: 1 ms to a minute.
@@ -352,7 +352,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # -- the exported families ---------------------------------------------------------------------
 
-#: A family's samples: ``(label values, value)``; a histogram's value is its reading.
+#: The samples of a family, ``(label values, value)`` each; a histogram's value is its reading.
 Samples = Iterable[tuple[tuple[str, ...], Any]]
 
 
@@ -369,7 +369,7 @@ class Family:
 
     name: str
     kind: Literal["counter", "gauge", "histogram"]
-    #: UCUM, as OpenTelemetry wants it: ``s``, ``By``, ``1`` or an annotation like ``{call}``.
+    #: The unit in UCUM as OpenTelemetry wants it (``s``, ``By``, ``1``, or ``{call}``).
     unit: str
     help: str
     #: Label names; each sample gives one value per name, from a closed set.

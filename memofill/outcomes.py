@@ -101,8 +101,8 @@ FALLBACK_HIT = "fallback_hit"
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
 #: directly. Counted, never logged, like a hit.
 DISABLED = "disabled"
-#: Names counted, never logged, beside the miss outcomes: each is a ``memofill_calls_total``
-#: outcome (:mod:`memofill.metrics`).
+#: The names counted but never logged, beside the miss outcomes. Each is an ``outcome`` of
+#: ``memofill_calls_total`` (:mod:`memofill.metrics`).
 COUNTED_ONLY: tuple[str, ...] = (HIT, FALLBACK_HIT, DISABLED)
 
 
