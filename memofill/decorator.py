@@ -720,13 +720,16 @@ class _Miss:
     def run_sync(self) -> Result:
         """Run the fill with the blocking client, and record it."""
         steps = fill(self.plan, time.monotonic, _rng)
-        return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
+        with self.binding.metrics.events.fill_scope(self.binding.key):
+            return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
     async def run_async(self, on_fetch: Callable[[], object]) -> Result:
         """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
         steps = fill(self.plan, time.monotonic, _rng)
         breaker = self._breaker()
-        return self._record(await run_async(steps, self.commands, self.fetch, breaker, on_fetch))
+        with self.binding.metrics.events.fill_scope(self.binding.key):
+            result = await run_async(steps, self.commands, self.fetch, breaker, on_fetch)
+            return self._record(result)
 
     def _breaker(self) -> Breaker:
         return self.binding.breaker

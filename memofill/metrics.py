@@ -21,6 +21,7 @@ registry's dataset keys (templates, never a final Redis key), the
 from __future__ import annotations
 
 import bisect
+import contextlib
 import contextvars
 import logging
 import os
@@ -28,6 +29,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
@@ -105,6 +107,10 @@ class RefreshLike(Protocol):
 #: What a hook receives: a miss record, or a refresh record.
 Record = MissRecord | RefreshLike
 Hook = Callable[[Any], object]
+#: Opens a scope around each fill this process runs, given its dataset: the fill (lock,
+#: fetch, write) and its record happen inside, so a tracer's span there parents the fetch's.
+Scope = Callable[[str], contextlib.AbstractContextManager[object]]
+_NO_SCOPE = contextlib.nullcontext()
 
 
 class Events:
@@ -120,8 +126,33 @@ class Events:
     def __init__(self) -> None:
         #: The hooks in order; replaced whole, so sending reads it without a lock.
         self.hooks: tuple[Hook, ...] = ()
+        #: The scopes around fills, likewise (see :meth:`around_fills`).
+        self.scopes: tuple[Scope, ...] = ()
         self._told: set[int] = set()
         self._lock = threading.Lock()
+
+    def around_fills(self, scope: Scope) -> Callable[[], None]:
+        """Run each fill this process runs inside ``scope(dataset)``; returns what stops it.
+
+        The fill's record is sent to the hooks inside the scope. Callers that
+        join another caller's fill, and hits, run no scope. A scope that raises
+        is told once, as a hook is, and the fill runs without it.
+        """
+        with self._lock:
+            self.scopes = (*self.scopes, scope)
+
+        def remove() -> None:
+            with self._lock:
+                self.scopes = tuple(s for s in self.scopes if s is not scope)
+
+        return remove
+
+    def fill_scope(self, dataset: str) -> contextlib.AbstractContextManager[object]:
+        """The scopes of one fill of ``dataset``, entered in order (nothing when there are none)."""
+        scopes = self.scopes
+        if not scopes:
+            return _NO_SCOPE
+        return _Scopes(self, scopes, dataset)
 
     def subscribe(self, hook: Hook) -> Callable[[], None]:
         """Call ``hook(record)`` for every miss and refresh; returns the function that stops it."""
@@ -151,7 +182,7 @@ class Events:
         else:
             trigger.copy().run(self.send, record)
 
-    def _tell(self, hook: Hook) -> None:
+    def _tell(self, hook: Hook | Scope) -> None:
         with self._lock:
             if id(hook) in self._told:
                 return
@@ -161,6 +192,36 @@ class Events:
             "are not logged",
             hook,
         )
+
+
+class _Scopes:
+    """Enters every scope of one fill; one that fails, entering or leaving, is told and skipped."""
+
+    def __init__(self, events: Events, scopes: tuple[Scope, ...], dataset: str) -> None:
+        self._events, self._scopes, self._dataset = events, scopes, dataset
+        self._entered: list[tuple[Scope, contextlib.AbstractContextManager[object]]] = []
+
+    def __enter__(self) -> None:
+        for scope in self._scopes:
+            try:
+                manager = scope(self._dataset)
+                manager.__enter__()
+            except Exception:  # a scope's failure is its own, never the caller's
+                self._events._tell(scope)
+            else:
+                self._entered.append((scope, manager))
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for scope, manager in reversed(self._entered):
+            try:
+                manager.__exit__(kind, error, traceback)
+            except Exception:  # as above; the fill's own exception goes on either way
+                self._events._tell(scope)
 
 
 @attrs.frozen

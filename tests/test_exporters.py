@@ -9,6 +9,7 @@ stampede did: one ``leader_fill``, every other caller a follower or a join.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import urllib.request
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import attrs
+import fakeredis
 import pytest
 import redis
 from opentelemetry import trace
@@ -277,6 +279,96 @@ def test_a_miss_is_a_span_under_the_callers_span(telemetry: Telemetry) -> None:
     assert failed.attributes["memofill.outcome"] == "fetch_error"
     assert failed.attributes["error.type"] == "Boom"
     assert failed.status.status_code is trace.StatusCode.ERROR
+
+
+def test_the_fetchs_own_spans_are_children_of_the_fill(telemetry: Telemetry) -> None:
+    app_tracer = telemetry.tracer
+
+    def fetch(name: str) -> str:
+        with app_tracer.start_as_current_span("GET upstream"):
+            return name
+
+    cached = telemetry.cache.cached_dataset("item:{name}")(fetch)
+    with app_tracer.start_as_current_span("GET /items") as request:
+        assert cached("a") == "a"
+    spans = {span.name: span for span in telemetry.spans.get_finished_spans()}
+    fill, upstream = spans["memofill.fill"], spans["GET upstream"]
+    assert fill.parent is not None
+    assert fill.parent.span_id == request.get_span_context().span_id
+    assert upstream.parent is not None
+    assert upstream.parent.span_id == fill.context.span_id
+    assert fill.attributes["memofill.outcome"] == "leader_fill"
+    assert fill.attributes["memofill.fetch.duration"] > 0
+
+
+async def test_an_asyncio_fill_parents_the_fetchs_spans_too() -> None:
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    cache = Memofill(fakeredis.FakeAsyncRedis(), prefix="t:", policies=POLICIES)
+    instrument(cache, meter_provider=MeterProvider(), tracer_provider=tracer_provider)
+    app_tracer = tracer_provider.get_tracer("app")
+
+    @cache.cached_dataset("item:{name}")
+    async def fetch(name: str) -> str:
+        with app_tracer.start_as_current_span("GET upstream"):
+            await asyncio.sleep(0.01)
+            return name
+
+    with app_tracer.start_as_current_span("GET /items") as request:
+        assert await asyncio.gather(fetch("a"), fetch("a")) == ["a", "a"]
+    finished = spans.get_finished_spans()
+    (upstream,) = [span for span in finished if span.name == "GET upstream"]
+    fills = {
+        span.attributes["memofill.outcome"]: span
+        for span in finished
+        if span.name == "memofill.fill"
+    }
+    assert set(fills) == {"leader_fill", "local_join"}
+    assert upstream.parent is not None
+    assert upstream.parent.span_id == fills["leader_fill"].context.span_id
+    for span in fills.values():
+        assert span.parent is not None
+        assert span.parent.span_id == request.get_span_context().span_id
+
+
+def test_callers_joined_to_one_fill_each_get_a_span(telemetry: Telemetry) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(name: str) -> str:
+        started.set()
+        release.wait(5)
+        return name
+
+    cached = telemetry.cache.cached_dataset("item:{name}")(slow)
+    leader = threading.Thread(target=cached, args=("a",))
+    leader.start()
+    started.wait(5)
+    joiner = threading.Thread(target=cached, args=("a",))
+    joiner.start()
+    threading.Timer(0.1, release.set).start()
+    leader.join(10)
+    joiner.join(10)
+    outcomes = sorted(
+        span.attributes["memofill.outcome"]
+        for span in telemetry.spans.get_finished_spans()
+        if span.name == "memofill.fill"
+    )
+    assert outcomes == ["leader_fill", "local_join"]
+
+
+def test_a_scope_that_raises_is_told_once_and_the_fill_runs(
+    telemetry: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(dataset: str) -> Any:
+        raise RuntimeError("scope bug")
+
+    telemetry.cache.events.around_fills(broken)
+    fetch = telemetry.cache.cached_dataset("item:{name}")(lambda name: name)
+    assert [fetch(name) for name in "abc"] == ["a", "b", "c"]
+    assert len([r for r in caplog.records if "hook" in r.getMessage()]) == 1
+    fills = [s for s in telemetry.spans.get_finished_spans() if s.name == "memofill.fill"]
+    assert len(fills) == 3  # the exporter's own scope still ran
 
 
 @attrs.frozen

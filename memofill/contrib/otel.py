@@ -18,9 +18,11 @@ span here is the API's no-op. What is recorded:
   and refresh records: the API has no observable histogram, and a miss takes
   milliseconds, so the push costs it little. Their buckets are advised to be
   memofill's (the Prometheus exporter's).
-* A span ``memofill.fill`` per miss, a child of the caller's current span,
-  from the moment the caller missed to the moment it had its answer, with
-  ``memofill.dataset``, ``memofill.outcome``, ``memofill.wait.duration``,
+* A span ``memofill.fill`` per miss, a child of the caller's current span.
+  A fill this process runs has its span current while it runs (lock, fetch,
+  write), so the spans the fetch function makes are its children; a caller
+  that joined another's fill gets a span from its miss to its answer. Each
+  has ``memofill.dataset``, ``memofill.outcome``, ``memofill.wait.duration``,
   ``memofill.polls``, ``memofill.payload.size``, ``memofill.fetch.duration``;
   its status is an error when the fetch raised. The final Redis key (which may
   hold personal data) only with ``record_redis_key=True``.
@@ -34,8 +36,10 @@ prefixed ``memofill.``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
 from typing import Any
 
@@ -98,12 +102,36 @@ class Instrumentation:
                 meter.create_observable_gauge(
                     family.otel_name, [self._observer(family)], family.unit, family.help
                 )
-        self._unsubscribe = cache.events.subscribe(self._on_record)
+        #: The span of the fill running in this context, until its record names its outcome.
+        self._open: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar(
+            "memofill_fill_span", default=None
+        )
+        self._stops = (
+            cache.events.subscribe(self._on_record),
+            cache.events.around_fills(self._fill_scope),
+        )
 
     def uninstrument(self) -> None:
         """Stop recording: no more spans or histogram values; observers report nothing."""
         self._active = False
-        self._unsubscribe()
+        for stop in self._stops:
+            stop()
+
+    @contextlib.contextmanager
+    def _fill_scope(self, dataset: str) -> Iterator[None]:
+        """The span of a fill this process runs, current while it runs: the fetch's are its own."""
+        span = self._tracer.start_span("memofill.fill", attributes={"memofill.dataset": dataset})
+        token = otel_context.attach(trace.set_span_in_context(span))
+        opened = self._open.set(span)
+        try:
+            yield
+        except BaseException as exc:  # a cancellation: the fill ended without a record
+            span.set_attribute("error.type", type(exc).__name__)
+            raise
+        finally:
+            self._open.reset(opened)
+            otel_context.detach(token)
+            span.end()
 
     def _observer(self, family: Family) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
@@ -130,6 +158,7 @@ class Instrumentation:
             histogram.record(value, _attributes(family, labels))
 
     def _fill_span(self, record: MissRecord, end: int) -> None:
+        """Describe the open fill's span with its record; a joiner's miss gets a span of its own."""
         attributes: dict[str, Any] = {
             "memofill.dataset": record.dataset,
             "memofill.outcome": record.outcome.value,
@@ -141,9 +170,16 @@ class Instrumentation:
             attributes["memofill.fetch.duration"] = record.fetch_ms / 1000
         if self._record_key:
             attributes["memofill.redis_key"] = record.redis_key
+        span = self._open.get()
+        if span is not None:  # this record is the open fill's own: its scope ends the span
+            self._open.set(None)
+            span.set_attributes(attributes)
+            self._describe(span, record.outcome.value, record.error)
+            return
         start = end - round(record.elapsed_ms * 1e6)
         span = self._tracer.start_span("memofill.fill", start_time=start, attributes=attributes)
-        self._end(span, record.outcome.value, record.error, end)
+        self._describe(span, record.outcome.value, record.error)
+        span.end(end_time=end)
 
     def _refresh_span(self, record: RefreshLike, end: int) -> None:
         outcome = str(getattr(record.outcome, "value", record.outcome))
@@ -166,15 +202,15 @@ class Instrumentation:
             start_time=end - round(record.elapsed_ms * 1e6),
             attributes=attributes,
         )
-        self._end(span, outcome, getattr(record, "error", None), end)
+        self._describe(span, outcome, getattr(record, "error", None))
+        span.end(end_time=end)
 
     @staticmethod
-    def _end(span: trace.Span, outcome: str, error: str | None, end: int) -> None:
+    def _describe(span: trace.Span, outcome: str, error: str | None) -> None:
         if error is not None:
             span.set_attribute("error.type", error)
         if outcome in ERROR_OUTCOMES:
             span.set_status(Status(StatusCode.ERROR, error))
-        span.end(end_time=end)
 
 
 def instrument(
