@@ -452,23 +452,22 @@ class Family:
         return "memofill." + self.name
 
 
-def datasets(cache: Memofill) -> list[str]:
-    """The registry's dataset keys (the closed set of ``dataset`` labels), and any counted.
+def datasets(cache: Memofill, counted: Iterable[str] = ()) -> list[str]:
+    """The registry's dataset keys (the closed set of ``dataset`` labels), and ``counted``.
 
     A scrape must not fail: with no policies to load, only the counted ones.
     """
-    counted = set(cache.counters.snapshot())
     try:
         known = set(cache.policies)
     except MemofillError:
         known = set()
-    return sorted(known | counted)
+    return sorted(known.union(counted))
 
 
 def _calls(cache: Memofill) -> Samples:
     counts = cache.counters.snapshot()
     names = call_outcomes()
-    for dataset in datasets(cache):
+    for dataset in datasets(cache, counts):
         seen = counts.get(dataset, {})
         for name in names:
             yield (dataset, name), seen.get(name, 0)

@@ -27,7 +27,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from memofill import CacheFill, Dataset, Memofill
@@ -181,6 +181,15 @@ def test_every_dataset_and_outcome_is_a_series_at_zero_after_start_up(
     # Histograms appear with their first observation; nothing else has a label at all.
     labelled = {name for name, labels in samples if labels and not name.endswith("_created")}
     assert labelled == {"memofill_calls_total"}
+
+
+def test_a_scrape_of_an_instance_without_policies_does_not_fail() -> None:
+    cache = Memofill(policies="no_such_module.policies")  # loaded on first use: it fails
+    registry = CollectorRegistry()
+    registry.register(MemofillCollector(cache))
+    text = generate_latest(registry).decode()
+    assert "memofill_breaker_open 0.0" in text
+    assert "memofill_calls_total{" not in text  # no dataset known, none counted
 
 
 # --- OpenTelemetry ---------------------------------------------------------------------------

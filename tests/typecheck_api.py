@@ -71,3 +71,19 @@ def uses() -> None:
 async def uses_async() -> None:
     value: dict[str, int] = await fetch_async("a")
     print(value)
+
+
+def uses_metrics(cache: memofill.Memofill) -> None:
+    from memofill.contrib.otel import instrument  # noqa: PLC0415  # the extras, if installed
+    from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
+    from memofill.outcomes import MissRecord  # noqa: PLC0415
+
+    def slow_misses(record: MissRecord) -> None:
+        print(record.dataset, record.fetch_ms)
+
+    stop = cache.events.subscribe(slow_misses)
+    stop()
+    collector = MemofillCollector(cache)
+    handle = instrument(cache)
+    handle.uninstrument()
+    print(list(collector.collect()))
