@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -107,10 +108,28 @@ class RefreshLike(Protocol):
 #: What a hook receives: a miss record, or a refresh record.
 Record = MissRecord | RefreshLike
 Hook = Callable[[Any], object]
-#: Opens a scope around each fill this process runs, given its dataset: the fill (lock,
-#: fetch, write) and its record happen inside, so a tracer's span there parents the fetch's.
-Scope = Callable[[str], contextlib.AbstractContextManager[object]]
+Scope = contextlib.AbstractContextManager[object]
 _NO_SCOPE = contextlib.nullcontext()
+
+
+class Around(Protocol):
+    """Scopes around the fills and refreshes this process runs (a tracer's spans, say).
+
+    The work, and the record it ends with, run inside the scope, so a span
+    made current there parents the spans of the fetch function and can be
+    described by the record's hook.
+    """
+
+    def fill(self, dataset: str) -> Scope:
+        """The scope of one fill (lock, fetch, write) of ``dataset``, in the caller's context."""
+
+    def refresh(self, dataset: str, trigger: contextvars.Context | None) -> Scope:
+        """The scope of one background refresh, where the refresh runs.
+
+        ``trigger`` is ``contextvars.copy_context()`` as the caller that
+        started the refresh had it (``None`` when there was none): what a
+        tracer links the refresh to, rather than nesting it in that caller.
+        """
 
 
 class Events:
@@ -119,40 +138,16 @@ class Events:
     A hook runs in the caller's thread (or the fill's task) right after the
     record is logged, so it should be quick; one that raises is logged once, at
     ERROR with its traceback, and ignored from then on, never failing the caller.
-    A refresh record's hooks run in a copy of the context of the caller that
-    started the refresh, so a tracer can link the refresh to that caller.
+    The same goes for the :class:`Around` scopes.
     """
 
     def __init__(self) -> None:
         #: The hooks in order; replaced whole, so sending reads it without a lock.
         self.hooks: tuple[Hook, ...] = ()
-        #: The scopes around fills, likewise (see :meth:`around_fills`).
-        self.scopes: tuple[Scope, ...] = ()
+        #: The scopes around fills and refreshes, likewise (see :meth:`around`).
+        self.arounds: tuple[Around, ...] = ()
         self._told: set[int] = set()
         self._lock = threading.Lock()
-
-    def around_fills(self, scope: Scope) -> Callable[[], None]:
-        """Run each fill this process runs inside ``scope(dataset)``; returns what stops it.
-
-        The fill's record is sent to the hooks inside the scope. Callers that
-        join another caller's fill, and hits, run no scope. A scope that raises
-        is told once, as a hook is, and the fill runs without it.
-        """
-        with self._lock:
-            self.scopes = (*self.scopes, scope)
-
-        def remove() -> None:
-            with self._lock:
-                self.scopes = tuple(s for s in self.scopes if s is not scope)
-
-        return remove
-
-    def fill_scope(self, dataset: str) -> contextlib.AbstractContextManager[object]:
-        """The scopes of one fill of ``dataset``, entered in order (nothing when there are none)."""
-        scopes = self.scopes
-        if not scopes:
-            return _NO_SCOPE
-        return _Scopes(self, scopes, dataset)
 
     def subscribe(self, hook: Hook) -> Callable[[], None]:
         """Call ``hook(record)`` for every miss and refresh; returns the function that stops it."""
@@ -165,6 +160,38 @@ class Events:
 
         return unsubscribe
 
+    def around(self, around: Around) -> Callable[[], None]:
+        """Run fills and refreshes inside ``around``'s scopes; returns the function that stops it.
+
+        Callers that join another caller's fill, and hits, run in no scope.
+        """
+        with self._lock:
+            self.arounds = (*self.arounds, around)
+
+        def remove() -> None:
+            with self._lock:
+                self.arounds = tuple(a for a in self.arounds if a is not around)
+
+        return remove
+
+    def fill_scope(self, dataset: str) -> Scope:
+        """Every :meth:`Around.fill` scope of one fill, entered in order; nothing if none."""
+        arounds = self.arounds
+        if not arounds:
+            return _NO_SCOPE
+        return _Scopes(self, [(a, functools.partial(a.fill, dataset)) for a in arounds])
+
+    def refresh_scope(self, dataset: str, trigger: contextvars.Context | None = None) -> Scope:
+        """Every :meth:`Around.refresh` scope of one background refresh; nothing if none.
+
+        The refresh work enters it around the whole refresh, where the refresh
+        runs, and records the refresh (:meth:`Metrics.refreshed`) inside it.
+        """
+        arounds = self.arounds
+        if not arounds:
+            return _NO_SCOPE
+        return _Scopes(self, [(a, functools.partial(a.refresh, dataset, trigger)) for a in arounds])
+
     def send(self, record: Record) -> None:
         """Call every hook with ``record``; a hook that raises is told once and skipped."""
         for hook in self.hooks:
@@ -173,16 +200,7 @@ class Events:
             except Exception:  # a hook's failure is its own, never the caller's
                 self._tell(hook)
 
-    def send_from(self, trigger: contextvars.Context | None, record: Record) -> None:
-        """:meth:`send`, in a copy of ``trigger`` (the starting caller's context) when given."""
-        if not self.hooks:
-            return
-        if trigger is None:
-            self.send(record)
-        else:
-            trigger.copy().run(self.send, record)
-
-    def _tell(self, hook: Hook | Scope) -> None:
+    def _tell(self, hook: object) -> None:
         with self._lock:
             if id(hook) in self._told:
                 return
@@ -195,21 +213,21 @@ class Events:
 
 
 class _Scopes:
-    """Enters every scope of one fill; one that fails, entering or leaving, is told and skipped."""
+    """Enters the scopes of one fill or refresh; one that fails is told once and skipped."""
 
-    def __init__(self, events: Events, scopes: tuple[Scope, ...], dataset: str) -> None:
-        self._events, self._scopes, self._dataset = events, scopes, dataset
-        self._entered: list[tuple[Scope, contextlib.AbstractContextManager[object]]] = []
+    def __init__(self, events: Events, openers: list[tuple[Around, Callable[[], Scope]]]) -> None:
+        self._events, self._openers = events, openers
+        self._entered: list[tuple[Around, Scope]] = []
 
     def __enter__(self) -> None:
-        for scope in self._scopes:
+        for around, opener in self._openers:
             try:
-                manager = scope(self._dataset)
-                manager.__enter__()
+                scope = opener()
+                scope.__enter__()
             except Exception:  # a scope's failure is its own, never the caller's
-                self._events._tell(scope)
+                self._events._tell(around)
             else:
-                self._entered.append((scope, manager))
+                self._entered.append((around, scope))
 
     def __exit__(
         self,
@@ -217,11 +235,11 @@ class _Scopes:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        for scope, manager in reversed(self._entered):
+        for around, scope in reversed(self._entered):
             try:
-                manager.__exit__(kind, error, traceback)
-            except Exception:  # as above; the fill's own exception goes on either way
-                self._events._tell(scope)
+                scope.__exit__(kind, error, traceback)
+            except Exception:  # as above; the work's own exception goes on either way
+                self._events._tell(around)
 
 
 @attrs.frozen
@@ -351,17 +369,18 @@ class Metrics:
         if self.events.hooks:
             self.events.send(record)
 
-    def refreshed(self, record: RefreshLike, trigger: contextvars.Context | None = None) -> None:
+    def refreshed(self, record: RefreshLike) -> None:
         """Count and observe one background refresh, then call the hooks.
 
-        ``trigger`` is ``contextvars.copy_context()`` taken by the caller that
-        started the refresh: hooks run in a copy of it, so a tracer links the
-        refresh's span to that caller's span rather than nesting it there.
+        Called once per refresh record, after it is logged, inside the
+        refresh's :meth:`Events.refresh_scope` (where a tracer's span for it
+        is open).
         """
         self.refresh_counted(record.dataset, record.trigger, _name(record.outcome))
         for name, labels, value in refresh_observations(record):
             self._histogram(name, labels).observe(value)
-        self.events.send_from(trigger, record)
+        if self.events.hooks:
+            self.events.send(record)
 
     def refresh_counted(self, dataset: str, trigger: str, outcome: str) -> None:
         """Count a refresh that has no record (``refresh_busy``, ``refresh_dropped``)."""

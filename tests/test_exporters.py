@@ -366,13 +366,50 @@ def test_callers_joined_to_one_fill_each_get_a_span(telemetry: Telemetry) -> Non
     assert outcomes == ["leader_fill", "local_join"]
 
 
+def test_a_fetch_that_joins_another_cached_call_describes_only_its_own_span(
+    telemetry: Telemetry,
+) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow_inner(name: str) -> str:
+        started.set()
+        release.wait(5)
+        return name
+
+    inner = telemetry.cache.cached_dataset("fast:{name}")(slow_inner)
+    outer = telemetry.cache.cached_dataset("item:{name}")(lambda name: inner(name) + "!")
+    other = threading.Thread(target=inner, args=("a",))
+    other.start()
+    started.wait(5)
+    threading.Timer(0.1, release.set).start()
+    assert outer("a") == "a!"  # its fetch joins the other thread's fill of fast:a
+    other.join(10)
+    fills = {
+        (span.attributes["memofill.dataset"], span.attributes["memofill.outcome"]): span
+        for span in telemetry.spans.get_finished_spans()
+        if span.name == "memofill.fill"
+    }
+    assert set(fills) == {
+        ("fast:{name}", "leader_fill"),
+        ("fast:{name}", "local_join"),
+        ("item:{name}", "leader_fill"),
+    }
+    joined, outer_fill = fills["fast:{name}", "local_join"], fills["item:{name}", "leader_fill"]
+    assert joined.parent is not None
+    assert joined.parent.span_id == outer_fill.context.span_id
+
+
 def test_a_scope_that_raises_is_told_once_and_the_fill_runs(
     telemetry: Telemetry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(dataset: str) -> Any:
-        raise RuntimeError("scope bug")
+    class Broken:
+        def fill(self, dataset: str) -> Any:
+            raise RuntimeError("scope bug")
 
-    telemetry.cache.events.around_fills(broken)
+        def refresh(self, dataset: str, trigger: contextvars.Context | None) -> Any:
+            raise RuntimeError("scope bug")
+
+    telemetry.cache.events.around(Broken())
     fetch = telemetry.cache.cached_dataset("item:{name}")(lambda name: name)
     assert [fetch(name) for name in "abc"] == ["a", "b", "c"]
     assert len([r for r in caplog.records if "hook" in r.getMessage()]) == 1
@@ -393,17 +430,28 @@ class Refresh:
 
 
 def test_a_refresh_is_a_span_linked_to_the_caller_that_started_it(telemetry: Telemetry) -> None:
-    with telemetry.tracer.start_as_current_span("GET /items") as request:
+    app_tracer = telemetry.tracer
+    with app_tracer.start_as_current_span("GET /items") as request:
         trigger = contextvars.copy_context()  # the stale hit starts a refresh
     # Later, in the background, with another span current:
-    with telemetry.tracer.start_as_current_span("unrelated"):
+    with (
+        app_tracer.start_as_current_span("unrelated"),
+        telemetry.cache.events.refresh_scope("item:{name}", trigger),
+    ):
+        with app_tracer.start_as_current_span("GET upstream"):
+            pass  # the refresh's fetch
         record = Refresh("item:{name}", "stale", "refresh_fill", 40.0, 35.0, 61_000.0)
-        telemetry.cache.metrics.refreshed(record, trigger)
-    (refresh,) = [s for s in telemetry.spans.get_finished_spans() if s.name == "memofill.refresh"]
+        telemetry.cache.metrics.refreshed(record)
+    spans = {span.name: span for span in telemetry.spans.get_finished_spans()}
+    refresh = spans["memofill.refresh"]
     assert refresh.parent is None  # a trace of its own, not nested in the request
     (link,) = refresh.links
     assert link.context.span_id == request.get_span_context().span_id
+    upstream = spans["GET upstream"]
+    assert upstream.parent is not None
+    assert upstream.parent.span_id == refresh.context.span_id
     assert refresh.attributes["memofill.trigger"] == "stale"
+    assert refresh.attributes["memofill.outcome"] == "refresh_fill"
     assert refresh.attributes["memofill.stale.age"] == 61.0
     metrics = telemetry.metrics()
     (counted,) = metrics["memofill.refreshes"]
@@ -415,6 +463,15 @@ def test_a_refresh_is_a_span_linked_to_the_caller_that_started_it(telemetry: Tel
     assert counted.value == 1
     (age,) = metrics["memofill.stale.age"]
     assert age.sum == 61.0
+
+
+def test_a_refresh_recorded_outside_its_scope_is_a_span_of_its_own(telemetry: Telemetry) -> None:
+    with telemetry.tracer.start_as_current_span("unrelated"):
+        record = Refresh("item:{name}", "early", "refresh_error", 40.0, 35.0, None)
+        telemetry.cache.metrics.refreshed(record)
+    (refresh,) = [s for s in telemetry.spans.get_finished_spans() if s.name == "memofill.refresh"]
+    assert refresh.parent is None
+    assert refresh.status.status_code is trace.StatusCode.ERROR
 
 
 def test_uninstrument_stops_spans_and_observations(telemetry: Telemetry) -> None:

@@ -9,11 +9,13 @@ come from closed vocabularies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -298,21 +300,36 @@ class Refresh:
     stale_age_ms: float | None
 
 
-def test_a_refresh_is_counted_observed_and_sent_in_the_starting_callers_context(
-    mf: Memofill,
-) -> None:
+def test_a_refresh_is_counted_observed_and_sent_inside_its_scopes(mf: Memofill) -> None:
     request = contextvars.ContextVar("request", default="none")
-    seen: list[tuple[Any, str]] = []
-    mf.events.subscribe(lambda record: seen.append((record, request.get())))
+    log: list[Any] = []
 
+    class Tracer:
+        def fill(self, dataset: str) -> Any:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def refresh(self, dataset: str, trigger: contextvars.Context | None) -> Iterator[None]:
+            assert trigger is not None
+            log.append(("open", dataset, trigger.get(request)))
+            yield
+            log.append(("close", dataset))
+
+    mf.events.around(Tracer())
+    mf.events.subscribe(lambda record: log.append(("record", record.outcome)))
     request.set("GET /quotes")
     trigger = contextvars.copy_context()  # taken by the caller that saw the stale value
     request.set("none")
     record = Refresh("item:{name}", "stale", "refresh_fill", 30.0, 25.0, 4_000.0)
-    mf.metrics.refreshed(record, trigger)
+    with mf.events.refresh_scope(record.dataset, trigger):
+        mf.metrics.refreshed(record)
     mf.metrics.refresh_counted("item:{name}", "stale", "refresh_busy")
 
-    assert seen == [(record, "GET /quotes")]
+    assert log == [
+        ("open", "item:{name}", "GET /quotes"),
+        ("record", "refresh_fill"),
+        ("close", "item:{name}"),
+    ]
     assert mf.metrics.refreshes() == {
         ("item:{name}", "stale", "refresh_fill"): 1,
         ("item:{name}", "stale", "refresh_busy"): 1,

@@ -29,6 +29,9 @@ span here is the API's no-op. What is recorded:
 * A span ``memofill.refresh`` per background refresh, in a trace of its own
   and **linked** to the span of the caller that started it, not nested in it:
   a refresh must not stretch the request that merely noticed the stale value.
+  It is current while the refresh runs (the refresh work enters
+  :meth:`memofill.metrics.Events.refresh_scope`), so the fetch's spans are its
+  children.
 
 Attributes carry the same closed label sets as the Prometheus exporter,
 prefixed ``memofill.``.
@@ -102,14 +105,12 @@ class Instrumentation:
                 meter.create_observable_gauge(
                     family.otel_name, [self._observer(family)], family.unit, family.help
                 )
-        #: The span of the fill running in this context, until its record names its outcome.
-        self._open: contextvars.ContextVar[trace.Span | None] = contextvars.ContextVar(
-            "memofill_fill_span", default=None
+        #: The span of the fill or refresh running in this context (by its name), until its
+        #: record describes it.
+        self._open: contextvars.ContextVar[tuple[str, trace.Span] | None] = contextvars.ContextVar(
+            "memofill_open_span", default=None
         )
-        self._stops = (
-            cache.events.subscribe(self._on_record),
-            cache.events.around_fills(self._fill_scope),
-        )
+        self._stops = (cache.events.subscribe(self._on_record), cache.events.around(self))
 
     def uninstrument(self) -> None:
         """Stop recording: no more spans or histogram values; observers report nothing."""
@@ -117,15 +118,34 @@ class Instrumentation:
         for stop in self._stops:
             stop()
 
-    @contextlib.contextmanager
-    def _fill_scope(self, dataset: str) -> Iterator[None]:
-        """The span of a fill this process runs, current while it runs: the fetch's are its own."""
+    def fill(self, dataset: str) -> contextlib.AbstractContextManager[object]:
+        """The ``memofill.fill`` span of a fill this process runs, under the caller's span."""
         span = self._tracer.start_span("memofill.fill", attributes={"memofill.dataset": dataset})
+        return self._current("memofill.fill", span)
+
+    def refresh(
+        self, dataset: str, trigger: contextvars.Context | None
+    ) -> contextlib.AbstractContextManager[object]:
+        """The ``memofill.refresh`` span: a trace of its own, linked to the triggering caller."""
+        caller = None
+        if trigger is not None:
+            caller = trigger.copy().run(trace.get_current_span).get_span_context()
+        span = self._tracer.start_span(
+            "memofill.refresh",
+            context=otel_context.Context(),  # no parent: linked, not nested
+            links=[Link(caller)] if caller is not None and caller.is_valid else [],
+            attributes={"memofill.dataset": dataset},
+        )
+        return self._current("memofill.refresh", span)
+
+    @contextlib.contextmanager
+    def _current(self, name: str, span: trace.Span) -> Iterator[None]:
+        """``span`` current while the work runs: the spans of its fetch are its children."""
         token = otel_context.attach(trace.set_span_in_context(span))
-        opened = self._open.set(span)
+        opened = self._open.set((name, span))
         try:
             yield
-        except BaseException as exc:  # a cancellation: the fill ended without a record
+        except BaseException as exc:  # a cancellation: the work ended without a record
             span.set_attribute("error.type", type(exc).__name__)
             raise
         finally:
@@ -170,18 +190,36 @@ class Instrumentation:
             attributes["memofill.fetch.duration"] = record.fetch_ms / 1000
         if self._record_key:
             attributes["memofill.redis_key"] = record.redis_key
-        span = self._open.get()
-        if span is not None:  # this record is the open fill's own: its scope ends the span
+        self._span(record, "memofill.fill", attributes, record.outcome.value, end)
+
+    def _span(
+        self,
+        record: MissRecord | RefreshLike,
+        name: str,
+        attributes: dict[str, Any],
+        outcome: str,
+        end: int,
+    ) -> None:
+        """Describe the span its scope opened (which ends it), or make one ending now."""
+        error = getattr(record, "error", None)
+        opened = self._open.get()
+        # A join's record is never its scope's own: it comes from a caller that ran no fill
+        # (if in a scope, an outer one: a fetch that calls another cached function).
+        if opened is not None and opened[0] == name and outcome != Outcome.LOCAL_JOIN.value:
             self._open.set(None)
+            span = opened[1]
             span.set_attributes(attributes)
-            self._describe(span, record.outcome.value, record.error)
+            self._describe(span, outcome, error)
             return
         start = end - round(record.elapsed_ms * 1e6)
-        span = self._tracer.start_span("memofill.fill", start_time=start, attributes=attributes)
-        self._describe(span, record.outcome.value, record.error)
+        # A refresh is never nested in whatever span is current where it was recorded.
+        parent = otel_context.Context() if name == "memofill.refresh" else None
+        span = self._tracer.start_span(name, parent, start_time=start, attributes=attributes)
+        self._describe(span, outcome, error)
         span.end(end_time=end)
 
     def _refresh_span(self, record: RefreshLike, end: int) -> None:
+        """Describe the open refresh's span; a refresh recorded outside its scope gets one."""
         outcome = str(getattr(record.outcome, "value", record.outcome))
         attributes: dict[str, Any] = {
             "memofill.dataset": record.dataset,
@@ -192,18 +230,7 @@ class Instrumentation:
             attributes["memofill.fetch.duration"] = record.delta_ms / 1000
         if record.stale_age_ms is not None:
             attributes["memofill.stale.age"] = record.stale_age_ms / 1000
-        # This hook runs in the context of the caller that started the refresh (see Events).
-        caller = trace.get_current_span().get_span_context()
-        links = [Link(caller)] if caller.is_valid else []
-        span = self._tracer.start_span(
-            "memofill.refresh",
-            context=otel_context.Context(),  # a trace of its own: linked, not nested
-            links=links,
-            start_time=end - round(record.elapsed_ms * 1e6),
-            attributes=attributes,
-        )
-        self._describe(span, outcome, getattr(record, "error", None))
-        span.end(end_time=end)
+        self._span(record, "memofill.refresh", attributes, outcome, end)
 
     @staticmethod
     def _describe(span: trace.Span, outcome: str, error: str | None) -> None:
