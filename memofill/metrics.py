@@ -503,7 +503,9 @@ def _histogram(name: str) -> Callable[[Memofill], Samples]:
     return read
 
 
-def _one(read: Callable[[Memofill], float]) -> Callable[[Memofill], Samples]:
+def unlabelled(read: Callable[[Memofill], float]) -> Callable[[Memofill], Samples]:
+    """A family's ``read`` from a function of the instance giving its one value."""
+
     def samples(cache: Memofill) -> Samples:
         return [((), read(cache))]
 
@@ -570,7 +572,7 @@ FAMILIES: list[Family] = [
         "1",
         "1 while calls skip Redis after it failed to answer, else 0",
         (),
-        _one(lambda cache: float(cache.breaker.is_open)),
+        unlabelled(lambda cache: float(cache.breaker.is_open)),
     ),
     Family(
         "breaker.trips",
@@ -578,7 +580,7 @@ FAMILIES: list[Family] = [
         "{trip}",
         "Times the breaker opened",
         (),
-        _one(lambda cache: cache.breaker.trips.value),
+        unlabelled(lambda cache: cache.breaker.trips.value),
     ),
     Family(
         "outage_store.entries",
@@ -586,7 +588,7 @@ FAMILIES: list[Family] = [
         "{entry}",
         "Values kept in this process to serve while Redis is unreachable",
         (),
-        _one(lambda cache: len(cache.local_store)),
+        unlabelled(lambda cache: len(cache.local_store)),
     ),
     Family(
         "outage_store.size",
@@ -594,13 +596,22 @@ FAMILIES: list[Family] = [
         "By",
         "What the values kept for outages cost against their byte budget",
         (),
-        _one(lambda cache: cache.local_store.bytes),
+        unlabelled(lambda cache: cache.local_store.bytes),
     ),
 ]
 
 
 def register(family: Family) -> None:
-    """Export ``family`` too (a feature's own gauges); its name must be new."""
+    """Export ``family`` too (a feature's own gauges); its name must be new.
+
+    Register when the feature's module is imported: the OpenTelemetry exporter
+    makes its instruments when ``instrument()`` is called.
+
+    For example, a count of the entries of a cache kept in the process::
+
+        register(Family("near.entries", "gauge", "{entry}", "Entries in the near cache",
+                        (), unlabelled(lambda cache: len(cache.near))))
+    """
     if any(known.name == family.name for known in FAMILIES):
         raise ValueError(f"a metric family {family.name!r} is already registered")
     FAMILIES.append(family)

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from memofill import CacheFill, Dataset, Memofill
 from memofill.contrib.otel import instrument
 from memofill.contrib.prometheus import MemofillCollector
-from memofill.metrics import FAMILIES, call_outcomes
+from memofill.metrics import FAMILIES, Family, call_outcomes, register
 from tests.conftest import POLICIES
 from tests.redis_servers import RedisServer, free_port
 
@@ -181,6 +181,41 @@ def test_every_dataset_and_outcome_is_a_series_at_zero_after_start_up(
     # Histograms appear with their first observation; nothing else has a label at all.
     labelled = {name for name, labels in samples if labels and not name.endswith("_created")}
     assert labelled == {"memofill_calls_total"}
+
+
+def test_a_registered_family_is_exported_by_both(fake_client: redis.Redis) -> None:
+    family = Family(
+        "near.invalidations",
+        "counter",
+        "{invalidation}",
+        "Near-cache entries dropped, by reason",
+        ("reason",),
+        lambda cache: [(("key",), 3), (("flush",), 1)],
+    )
+    register(family)  # a feature registers its families when memofill is imported
+    try:
+        cache = Memofill(fake_client, policies=POLICIES)
+        registry, reader = CollectorRegistry(), InMemoryMetricReader()
+        registry.register(MemofillCollector(cache))
+        instrument(cache, meter_provider=MeterProvider(metric_readers=[reader]))
+        text = generate_latest(registry).decode()
+        data = reader.get_metrics_data()
+    finally:
+        FAMILIES.remove(family)
+    assert data is not None
+    (points,) = [
+        list(metric.data.data_points)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "memofill.near.invalidations"
+    ]
+    assert 'memofill_near_invalidations_total{reason="key"} 3.0' in text
+    assert 'memofill_near_invalidations_total{reason="flush"} 1.0' in text
+    assert {(p.attributes["memofill.reason"], p.value) for p in points} == {
+        ("key", 3),
+        ("flush", 1),
+    }
 
 
 def test_a_scrape_of_an_instance_without_policies_does_not_fail() -> None:
