@@ -201,7 +201,10 @@ def measure(
     port: int, libraries: list[Library], *, sizes: list[int], rounds: int, hits: int, seed: int = 1
 ) -> dict[str, Any]:
     """Time and memory per size for the raw reference and each row that fills."""
-    entries = [*RAW, *(library.slug for library in libraries if library.fills)]
+    entries = [
+        *RAW,
+        *(library.slug for library in libraries if library.fills and not library.hit_only),
+    ]
     admin = sync_client(port)
     results: dict[str, Any] = {}
     for size in sizes:

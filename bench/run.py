@@ -22,13 +22,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import expiry, growth, hit, payload, registry, report, stampede
+from bench import expiry, growth, hit, near, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from memofill import timeline
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "stampede", "growth", "payload", "registry", "expiry")
+SCENARIOS = ("hit", "near", "stampede", "growth", "payload", "registry", "expiry")
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -53,6 +53,7 @@ class Scale:
     expiry_processes: int
     expiry_callers: int
     expiry_repeats: int
+    near_writes: int
 
 
 FULL = Scale(
@@ -72,6 +73,7 @@ FULL = Scale(
     expiry_processes=4,
     expiry_callers=5,
     expiry_repeats=3,
+    near_writes=500,
 )
 QUICK = Scale(
     hit_iterations=2_000,
@@ -90,6 +92,7 @@ QUICK = Scale(
     expiry_processes=2,
     expiry_callers=3,
     expiry_repeats=1,
+    near_writes=50,
 )
 
 
@@ -250,7 +253,7 @@ def run(
         }
         expiry_rows = [library for library in libraries if library in EXPIRY_LIBRARIES]
         libraries = [library for library in libraries if library in LIBRARIES]
-        fillers = [library for library in libraries if library.fills]
+        fillers = [library for library in libraries if library.fills and not library.hit_only]
         if "hit" in scenarios:  # always with both floors: every ratio needs its own
             rows = [library for library in LIBRARIES if library in libraries or not library.fills]
             _log(f"hit: {scale.hit_iterations:,} calls per row, {len(rows)} rows")
@@ -275,6 +278,9 @@ def run(
                 warmup=scale.hit_warmup,
                 rounds=scale.hit_rounds,
             )
+        if "near" in scenarios:
+            _log(f"near: invalidation lag, {scale.near_writes} writes, idle and busy reader")
+            results["near"] = near.measure(server.port, writes=scale.near_writes)
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:

@@ -30,6 +30,7 @@ from memofill.codec import (
     HEADED,
     HEADER_LEN,
     NEGATIVE,
+    NEGATIVE_MARKER,
     VIEW_FROM_BYTES,
     ErrorMarker,
     Header,
@@ -40,13 +41,16 @@ from memofill.codec import (
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, refresh, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
-from memofill.fallback import Breaker, LocalStore
+from memofill.fallback import Breaker
 from memofill.freshness import EARLY, STALE, STALE_IF_ERROR, late_rule, verdict, wall_clock
-from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.generations import Generations, mark_field
+from memofill.keys import FieldText, KeyTemplate, annotation_problem, meta_key
+from memofill.near import LocalStore, entry_bytes
 from memofill.outcomes import (
     DISABLED,
     FALLBACK_HIT,
     HIT,
+    NEAR_HIT,
     STALE_HIT,
     Counters,
     MissRecord,
@@ -332,6 +336,18 @@ class _Binding:
     prefix: str
     counters: Counters
     local_store: LocalStore
+    #: The store's near copies serve this function (its dataset has ``near_ms``), or ``None``.
+    near: LocalStore | None
+    #: ``near_ms`` in seconds.
+    near_s: float
+    #: Near copies are kept as stored bytes and decoded for each hit (``copy_on_hit``).
+    near_copy: bool
+    #: What a near copy this function may be served was decoded by (``None``: stored bytes).
+    near_owner: object
+    count_near: Callable[[], object]
+    #: The dataset generations the process knows, and where they are kept in Redis.
+    generations: Generations
+    meta_key: str
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
@@ -361,8 +377,13 @@ class _Binding:
         dataset = state.policy(key)
         try:
             commands, misconfigured = state.commands_for(is_async), None
+            near_problem = state.near_problem(dataset) if commands is not None else None
+            if near_problem is not None:
+                raise ConfigurationError(near_problem)
         except ConfigurationError as exc:
             commands, misconfigured = None, str(exc)
+        near_copy = state.near is not None and state.near.copy_on_hit
+        near_on = commands is not None and state.near is not None and dataset.near_ms > 0
         return cls(
             key=key,
             is_async=is_async,
@@ -381,6 +402,13 @@ class _Binding:
             prefix=state.prefix,
             counters=state.counters,
             local_store=state.local_store,
+            near=state.local_store if near_on else None,
+            near_s=dataset.near_ms / 1000,
+            near_copy=near_copy,
+            near_owner=None if near_copy else values,
+            count_near=state.counters.hit_tally(key, NEAR_HIT).add,
+            generations=state.generations,
+            meta_key=meta_key(state.prefix),
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
@@ -413,8 +441,8 @@ def _late_rule(dataset: Dataset) -> Callable[[bytes], bool] | None:
 class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
-    Besides being called, it offers :meth:`invalidate`, :meth:`refresh` and
-    :meth:`call_with_outcome`.
+    Besides being called, it offers :meth:`invalidate`, :meth:`invalidate_dataset`,
+    :meth:`refresh` and :meth:`call_with_outcome`.
     """
 
     #: The calls' snapshot of the configuration now (see :class:`_Binding`).
@@ -533,11 +561,37 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         binding = self._self_snapshot()
         instance = getattr(self, "_self_instance", None)
         key = binding.key_of(instance, args, kwargs)
-        binding.local_store.discard(key)
+        binding.local_store.invalidate((key,))
         commands = binding.gate() if binding.gated else binding.commands
         if commands is None or commands is BYPASS:
             return _done(None) if binding.is_async else None
         return commands.delete(key)
+
+    def invalidate_dataset(self, *, soft: bool = False) -> Any:
+        """Make every value of this function's dataset fetched until now unservable.
+
+        Not finished: see :meth:`memofill.Memofill.invalidate_dataset`.
+
+        As :meth:`memofill.Memofill.invalidate_dataset`, on this function's
+        client; returns the new generation (awaitable for coroutine functions).
+        """
+        binding = self._self_snapshot()
+        commands = binding.gate() if binding.gated else binding.commands
+        if commands is None or commands is BYPASS:
+            raise ConfigurationError("invalidate_dataset needs a Redis client: configure one")
+        mark = mark_field(binding.key, soft)
+        reply = commands.invalidate_dataset(binding.meta_key, mark)
+        generations = binding.generations
+        if not binding.is_async:
+            generations.invalidated(binding.key, int(reply))
+            return int(reply)
+
+        async def finish() -> int:
+            seq = int(await reply)
+            generations.invalidated(binding.key, seq)
+            return seq
+
+        return finish()
 
     def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
@@ -566,11 +620,13 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
 
         def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
         def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        def invalidate_dataset(self, *, soft: bool = False) -> Any: ...
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
         def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
 
     else:
         invalidate = CachedDataset.invalidate
+        invalidate_dataset = CachedDataset.invalidate_dataset
         refresh = CachedDataset.refresh
         call_with_outcome = CachedDataset.call_with_outcome
         redis_key = CachedDataset.redis_key
@@ -591,11 +647,24 @@ async def _done(value: Any) -> Any:
 def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     """The value of a plain hit, counted and kept for outages; :data:`_NOT_A_HIT` otherwise.
 
-    The local copy is refreshed at most every :data:`~memofill.fallback.REFRESH_S`
-    (the check :meth:`~memofill.fallback.LocalStore.remember` makes, without its call).
+    The local copy is refreshed at most every :data:`~memofill.near.REFRESH_S`
+    (the check :meth:`~memofill.near.LocalStore.remember` makes, without its call).
     """
     if raw is None:
         return _NOT_A_HIT
+    value = _plain(binding, raw)
+    if value is _NOT_A_HIT:
+        return value
+    binding.count_hit()
+    store = binding.local_store
+    kept = store.entries.get(key)
+    if kept is None or kept.refresh_after <= started:
+        store.put(key, raw, binding.ttl_s)
+    return value
+
+
+def _plain(binding: _Binding, raw: bytes) -> Any:
+    """The value of stored bytes that are a plain fresh hit, else :data:`_NOT_A_HIT`."""
     body = raw
     if raw[:2] == HEADED:
         late = binding.late
@@ -606,15 +675,9 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
             return _NOT_A_HIT
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
     try:
-        value = binding.decode(body)
+        return binding.decode(body)
     except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
         return _NOT_A_HIT
-    binding.count_hit()
-    store = binding.local_store
-    kept = store.entries.get(key)
-    if kept is None or kept[2] <= started:
-        store.put(key, raw, binding.ttl_s)
-    return value
 
 
 def _after_header(raw: bytes) -> bytes:
@@ -625,13 +688,91 @@ def _after_header(raw: bytes) -> bytes:
 _NOT_A_HIT: Any = object()
 
 
+def _near_served(binding: _Binding, key: str, now: float) -> Any:
+    """The near copy of ``key`` if the near rule serves it now, else :data:`_NOT_A_HIT`.
+
+    Lock-free: one dict lookup and the rule's comparisons (read within
+    ``near_ms`` and before the value expires, no flush since, the listener
+    heard within two heartbeats, decoded as this function decodes).
+    """
+    near = binding.near
+    assert near is not None  # called only for near bindings
+    # The listener applies an invalidation before the answer to any later ping, and a flush
+    # before anything after it: reading its word first, then the entry, a copy the listener
+    # has just dropped can never be served on the strength of a later answer.
+    live_until, epoch = near.live_until, near.epoch
+    entry = near.entries.get(key)
+    if (
+        entry is None
+        or not now < entry.near_until
+        or entry.epoch != epoch
+        or not now < live_until
+        or entry.owner is not binding.near_owner
+    ):
+        return _NOT_A_HIT
+    entry.visited = True
+    binding.count_near()
+    value = entry.value
+    if value is NEGATIVE:
+        return None
+    if not binding.near_copy:
+        return value
+    return binding.decode(value[HEADER_LEN:] if value[:2] == HEADED else value)
+
+
+def _near_read(
+    binding: _Binding,
+    key: str,
+    reply: list[Any],
+    started: float,
+    reservation: tuple[object, int],
+) -> Any:
+    """:func:`_hit` for a read that reserved a near copy: the value, kept near if still valid.
+
+    ``reply`` is ``[stored bytes, ms left]``. The copy is kept until
+    ``started + near_ms``, or until the value expires in Redis, or until its
+    header says it is no longer fresh, whichever is first (``started`` is
+    before the read, so all three are conservative): whether a value is stale,
+    and who refreshes it, is decided on reads of Redis, never on a copy. A
+    negative marker is kept as well, within the first two bounds; an error
+    marker never; a value that is not a plain fresh hit (stale, due early,
+    corrupt) is not kept.
+    """
+    near = binding.near
+    assert near is not None  # called only for near bindings
+    raw, ms_left = reply
+    until = started + binding.near_s
+    if isinstance(ms_left, int) and ms_left >= 0:
+        until = min(until, started + ms_left / 1000)
+    if raw is None:
+        near.abandon(key, reservation)
+        return _NOT_A_HIT
+    if raw == NEGATIVE_MARKER:
+        owner, size = binding.near_owner, entry_bytes(key, raw)
+        near.settle(key, reservation, NEGATIVE, owner, size, until, 0.0)  # never for outages
+        return _NOT_A_HIT
+    value = _plain(binding, raw)
+    if value is _NOT_A_HIT:  # sorted out on the miss path, or served stale
+        near.abandon(key, reservation)
+        return _NOT_A_HIT
+    header = read_header(raw)
+    if header is not None:
+        until = min(until, started + header.soft_until_ms / 1000 - wall_clock())
+    binding.count_hit()
+    # Kept for outages too: the same entry, so the value is not kept twice.
+    kept = raw if binding.near_copy else value
+    size = entry_bytes(key, raw)
+    near.settle(key, reservation, kept, binding.near_owner, size, until, binding.ttl_s)
+    return value
+
+
 def _served_without_fill(
     binding: _Binding, key: str, asked: bool, raw: bytes | None, error: Exception | None
 ) -> CallResult | None:
     """A result that needs no fill, or ``None`` to fill.
 
-    Redis not asked (breaker open, no client): the locally kept value, if any,
-    decoded afresh from its bytes, so no two callers ever hold the same object.
+    Redis not asked (breaker open, no client): the locally kept value, if any
+    (see :func:`_outage_copy`).
     Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
     error marker (the last fill failed: raise at once), or corruption or another
     schema (a miss that the fill overwrites). A failed ``GET`` is told to the breaker
@@ -642,8 +783,7 @@ def _served_without_fill(
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
             binding.breaker.failed(timed_out=is_timeout(error))
-        kept = binding.local_store.get(key, None)
-        value = None if kept is None else decode_stored(codec, kept)
+        value = _outage_copy(binding, key)
         if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
             return None
         return _counted(binding, value, FALLBACK_HIT)
@@ -665,6 +805,22 @@ def _served_without_fill(
         extra={"dataset": binding.key, "redis_key": key},
     )
     return None
+
+
+def _outage_copy(binding: _Binding, key: str) -> Any:
+    """The value the outage rule serves for ``key``, or ``None``.
+
+    Stored bytes are decoded afresh, so no two callers hold the same object;
+    a near copy kept decoded is the object near hits share, and only for
+    functions that decode alike.
+    """
+    entry = binding.local_store.outage_entry(key)
+    if entry is None:
+        return None
+    if entry.owner is None:
+        kept = entry.value
+        return None if kept is NEGATIVE else decode_stored(binding.values.codec, kept)
+    return entry.value if entry.owner is binding.values else None
 
 
 def _counted(binding: _Binding, value: Any, name: str) -> CallResult:
@@ -945,6 +1101,9 @@ class _Miss:
             return result
         if result.stored is not None:
             binding.local_store.put(self.key, result.stored, binding.ttl_s)
+        elif result.led and binding.near is not None:
+            # This fill wrote a marker, or nothing: a near copy of the key is not the answer now.
+            binding.local_store.invalidate((self.key,))
         if result.unstorable is not None:
             _warn_unstorable(binding, self.key, result)
         return result
@@ -1001,16 +1160,33 @@ def _lookup_sync(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    if started >= binding.generations.next_check and commands is not None:
+        _read_generations_sync(binding, commands, started)
+    near = binding.near
+    if near is not None:
+        value = _near_served(binding, key, started)
+        if value is not _NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
+        reservation = None if near is None else near.reserve(key)
         try:
-            raw = commands.get(key)
+            if reservation is None:
+                raw = commands.get(key)
+            else:
+                reply = commands.read_near(key)
+                raw = reply[0]
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
+            if reservation is not None:
+                binding.local_store.abandon(key, reservation)
         else:
-            value = _hit(binding, key, raw, started)
+            if reservation is None:
+                value = _hit(binding, key, raw, started)
+            else:
+                value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
     stale = None
@@ -1044,16 +1220,33 @@ async def _lookup_async(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    if started >= binding.generations.next_check and commands is not None:
+        await _read_generations_async(binding, commands, started)
+    near = binding.near
+    if near is not None:
+        value = _near_served(binding, key, started)
+        if value is not _NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
+        reservation = None if near is None else near.reserve(key)
         try:
-            raw = await commands.get(key)
+            if reservation is None:
+                raw = await commands.get(key)
+            else:
+                reply = await commands.read_near(key)
+                raw = reply[0]
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
+            if reservation is not None:
+                binding.local_store.abandon(key, reservation)
         else:
-            value = _hit(binding, key, raw, started)
+            if reservation is None:
+                value = _hit(binding, key, raw, started)
+            else:
+                value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
     stale = None
@@ -1074,6 +1267,65 @@ async def _lookup_async(
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
         served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
     return served if with_outcome else served.value
+
+
+def _read_generations_sync(binding: _Binding, commands: Commands, now: float) -> None:
+    """Read the dataset generations again, once for all concurrent callers.
+
+    The first time, every blocking caller waits for that one read, so that no
+    call is served before the process knows the marks; later, one caller reads
+    and the others go on with the marks known (at most ``meta_check_ms`` old).
+    """
+    generations = binding.generations
+    if generations.known:
+        if generations.claim(now):
+            generations.loaded(_meta_or_none(binding, commands), now)
+        return
+    with generations.first:
+        if not generations.known:
+            generations.loaded(_meta_or_none(binding, commands), now)
+
+
+def _meta_or_none(binding: _Binding, commands: Commands) -> Any:
+    if binding.breaker.is_open:
+        return None
+    try:
+        return commands.read_meta(binding.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None
+
+
+async def _read_generations_async(binding: _Binding, commands: Commands, now: float) -> None:
+    """:func:`_read_generations_sync` for asyncio callers: the first read is awaited by all.
+
+    The callers of one event loop await the one read in flight on it, the
+    first time; later, one caller reads and the others go on with the marks known.
+    """
+    generations = binding.generations
+    if generations.known:
+        if generations.claim(now) and not binding.breaker.is_open:
+            generations.loaded(await _meta_or_none_async(binding, commands), now)
+        return
+    loop = asyncio.get_running_loop()
+    pending = generations.first_reads.get(loop)
+    if pending is not None:
+        await asyncio.shield(pending)
+        return
+    done = generations.first_reads[loop] = loop.create_future()
+    try:
+        generations.loaded(await _meta_or_none_async(binding, commands), now)
+    finally:
+        del generations.first_reads[loop]
+        done.set_result(None)
+
+
+async def _meta_or_none_async(binding: _Binding, commands: Commands) -> Any:
+    if binding.breaker.is_open:
+        return None
+    try:
+        return await commands.read_meta(binding.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None
 
 
 def _refresh_sync(binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:

@@ -175,6 +175,11 @@ HIT = "hit"
 STALE_HIT = "stale_hit"
 #: Served from the process-local fallback while Redis was unreachable.
 FALLBACK_HIT = "fallback_hit"
+#: Served from the process's near copy, without asking Redis (datasets with ``near_ms``).
+#: Counted, never logged, like a hit.
+NEAR_HIT = "near_hit"
+#: The counts kept by a lock-free :class:`Tally` each: those of the hit paths.
+_TALLIED = frozenset({HIT, NEAR_HIT})
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
 #: directly. Counted, never logged, like a hit.
 DISABLED = "disabled"
@@ -215,30 +220,31 @@ class Tally:
 class Counters:
     """Per-dataset counts of hits and miss outcomes, readable in-process.
 
-    Thread-safe and exact. Hits, the hot path, go to a lock-free :class:`Tally`
-    per dataset; misses, which already cost Redis round trips, take a lock.
+    Thread-safe and exact. Hits and near hits, the hot paths, go to a lock-free
+    :class:`Tally` per dataset; misses, which already cost Redis round trips,
+    take a lock.
     """
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
-        self._hits: dict[str, Tally] = {}
+        self._hits: dict[tuple[str, str], Tally] = {}
         self._lock = threading.Lock()
         _live_counters.add(self)
 
     def add(self, dataset: str, name: str) -> None:
         """Count one ``name``: an outcome value, :data:`HIT`, :data:`FALLBACK_HIT`, ``disabled``."""
-        if name == HIT:
-            self.hit_tally(dataset).add()
+        if name in _TALLIED:
+            self.hit_tally(dataset, name).add()
             return
         with self._lock:
             self._counts[dataset, name] += 1
 
-    def hit_tally(self, dataset: str) -> Tally:
-        """The tally of ``dataset``'s hits, made on first use; callers keep it and add to it."""
-        tally = self._hits.get(dataset)
+    def hit_tally(self, dataset: str, name: str = HIT) -> Tally:
+        """The tally of ``dataset``'s hits (or near hits), made on first use; callers keep it."""
+        tally = self._hits.get((dataset, name))
         if tally is None:
             with self._lock:
-                tally = self._hits.setdefault(dataset, Tally())
+                tally = self._hits.setdefault((dataset, name), Tally())
         return tally
 
     def snapshot(self) -> dict[str, dict[str, int]]:
@@ -246,7 +252,7 @@ class Counters:
         with self._lock:
             items = list(self._counts.items())
             tallies = list(self._hits.items())
-        items.extend(((dataset, HIT), tally.value) for dataset, tally in tallies)
+        items.extend((counted, tally.value) for counted, tally in tallies)
         result: dict[str, dict[str, int]] = {}
         for (dataset, name), count in sorted(items):
             if count:

@@ -87,13 +87,13 @@ def test_the_local_store_is_bounded_in_bytes_and_counts_what_it_drops(
     assert store.evictions == 30 - len(store)
     assert store.evicted_bytes == store.evictions * cost
     # Told once, not per eviction; told again only after the interval, with the new count.
-    told = [r for r in caplog.records if "outage store full" in r.getMessage()]
+    told = [r for r in caplog.records if "local store full" in r.getMessage()]
     assert len(told) == 1
     assert told[0].levelno == logging.INFO
     clock.now += EVICTION_LOG_INTERVAL_S
     with caplog.at_level(logging.INFO, logger="memofill"):
         store.put("k30", value, ttl_s=10)
-    told = [r for r in caplog.records if "outage store full" in r.getMessage()]
+    told = [r for r in caplog.records if "local store full" in r.getMessage()]
     assert len(told) == 2
     assert told[1].evictions == store.evictions  # type: ignore[attr-defined]
 
