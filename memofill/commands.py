@@ -180,9 +180,13 @@ return seq
 #: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
 #: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
 #: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
-#: serve ``memofill inspect`` (``PTTL`` near copies too). ``memofill purge`` needs
-#: ``SCAN`` and ``UNLINK`` besides, and a near-cache listener ``CLIENT``, ``SUBSCRIBE``
-#: and ``PING``: an operator's and a listener's rights, not every caller's.
+#: serve ``memofill inspect`` (``PTTL`` near copies too); ``HINCRBY``, ``HSET`` and
+#: ``HGETALL`` the dataset generations. The last six are the near-cache listener's
+#: (:mod:`memofill.listener`), on its own connection: ``HELLO`` where the client speaks
+#: RESP3, ``CLIENT ID``, ``CLIENT TRACKING``, ``SUBSCRIBE`` to
+#: :data:`LISTENER_CHANNEL` (granted by the rule's channel pattern) and ``PING``.
+#: ``memofill purge`` needs ``SCAN`` and ``UNLINK`` besides: an operator's rights, not
+#: every caller's.
 ACL_COMMANDS = (
     "get",
     "set",
@@ -199,7 +203,15 @@ ACL_COMMANDS = (
     "pttl",
     "strlen",
     "getrange",
+    "hello",
+    "client|id",
+    "client|tracking",
+    "subscribe",
+    "ping",
 )
+
+#: The channel Redis sends a redirected RESP2 connection its invalidations on.
+LISTENER_CHANNEL = "__redis__:invalidate"
 
 
 def acl_rule(prefix: str) -> str:
@@ -210,10 +222,12 @@ def acl_rule(prefix: str) -> str:
     slot: ``~<prefix>*`` alone does not cover them; ``~{<prefix>*`` does (ACL
     patterns treat ``{`` as an ordinary character). With a prefix that is a hash
     tag itself (``{app}:``) every key already starts with the prefix, and the
-    second pattern is harmless.
+    second pattern is harmless. The channel pattern lets a near-cache listener
+    subscribe to its invalidations (Redis 7 grants no channel by default).
     """
     keys = f"~{prefix}* ~{{{prefix}*" if prefix else "~*"
-    return keys + " " + " ".join("+" + command for command in ACL_COMMANDS)
+    commands = " ".join("+" + command for command in ACL_COMMANDS)
+    return f"{keys} &{LISTENER_CHANNEL} {commands}"
 
 
 def is_cluster(client: Any) -> bool:

@@ -43,12 +43,13 @@ from typing import Any
 import redis
 import redis.connection
 
+from memofill.commands import LISTENER_CHANNEL
 from memofill.near import LocalStore
 
 logger = logging.getLogger("memofill")
 
 #: The channel Redis publishes invalidations on for a redirected RESP2 client.
-CHANNEL = b"__redis__:invalidate"
+CHANNEL = LISTENER_CHANNEL.encode()
 #: The first and the longest pause between two connection attempts.
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
