@@ -453,7 +453,7 @@ def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--soft",
         action="store_true",
-        help="serve the old values while one caller refreshes (for now: as a hard invalidation)",
+        help="serve old values while one caller refreshes (datasets with stale_s; else as hard)",
     )
 
 
@@ -470,8 +470,8 @@ def run_invalidate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     print(
-        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq} (processes drop "
-        "their local copies within meta_check_ms; values in Redis are not yet rejected by it)"
+        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq} (values fetched "
+        "before it are no longer served; each process hears of it within its meta_check_ms)"
     )
     return 0
 

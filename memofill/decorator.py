@@ -31,6 +31,7 @@ from memofill.codec import (
     HEADER_LEN,
     NEGATIVE,
     NEGATIVE_MARKER,
+    SEQ,
     VIEW_FROM_BYTES,
     ErrorMarker,
     Header,
@@ -42,8 +43,16 @@ from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, refresh, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker
-from memofill.freshness import EARLY, STALE, STALE_IF_ERROR, late_rule, verdict, wall_clock
-from memofill.generations import Generations, mark_field
+from memofill.freshness import (
+    EARLY,
+    EXPIRED,
+    STALE,
+    STALE_IF_ERROR,
+    late_rule,
+    verdict,
+    wall_clock,
+)
+from memofill.generations import Generations, Marks, mark_field
 from memofill.keys import FieldText, KeyTemplate, annotation_problem, meta_key
 from memofill.near import LocalStore, entry_bytes
 from memofill.outcomes import (
@@ -348,6 +357,8 @@ class _Binding:
     #: The dataset generations the process knows, and where they are kept in Redis.
     generations: Generations
     meta_key: str
+    #: This dataset's marks (whole-dataset invalidation), changed in place as they change.
+    marks: Marks
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
@@ -409,6 +420,7 @@ class _Binding:
             count_near=state.counters.hit_tally(key, NEAR_HIT).add,
             generations=state.generations,
             meta_key=meta_key(state.prefix),
+            marks=state.generations.of(key),
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
@@ -570,8 +582,6 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     def invalidate_dataset(self, *, soft: bool = False) -> Any:
         """Make every value of this function's dataset fetched until now unservable.
 
-        Not finished: see :meth:`memofill.Memofill.invalidate_dataset`.
-
         As :meth:`memofill.Memofill.invalidate_dataset`, on this function's
         client; returns the new generation (awaitable for coroutine functions).
         """
@@ -583,12 +593,12 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         reply = commands.invalidate_dataset(binding.meta_key, mark)
         generations = binding.generations
         if not binding.is_async:
-            generations.invalidated(binding.key, int(reply))
+            generations.invalidated(binding.key, int(reply), soft)
             return int(reply)
 
         async def finish() -> int:
             seq = int(await reply)
-            generations.invalidated(binding.key, seq)
+            generations.invalidated(binding.key, seq, soft)
             return seq
 
         return finish()
@@ -664,16 +674,25 @@ def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
 
 
 def _plain(binding: _Binding, raw: bytes) -> Any:
-    """The value of stored bytes that are a plain fresh hit, else :data:`_NOT_A_HIT`."""
+    """The value of stored bytes that are a plain fresh hit, else :data:`_NOT_A_HIT`.
+
+    A value of a generation below its dataset's marks is none (see :class:`_LateRead`);
+    nor, while there are marks, is a value without a header.
+    """
     body = raw
     if raw[:2] == HEADED:
         late = binding.late
         try:
             if late is not None and late(raw):
                 return _NOT_A_HIT  # stale, or due early: see _LateRead
+            top = binding.marks.top
+            if top and int(raw[SEQ], 16) < top:
+                return _NOT_A_HIT  # fetched before a dataset invalidation: see _LateRead
         except ValueError:  # foreign bytes that only look like a header: a miss refills them
             return _NOT_A_HIT
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
+    elif binding.marks.top:
+        return _NOT_A_HIT  # a marker, or written before headers: sorted out on the miss path
     try:
         return binding.decode(body)
     except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
@@ -896,12 +915,32 @@ def _plan(
         redis_error=None if error is None else type(error).__name__,
         block_limit_ms=None if commands is None else commands.socket_timeout_ms,
         codec=binding.values.codec,
+        seq=binding.generations.seq,
+        floor=binding.marks.top,
         **extra,
     )
 
 
+def _sorted(binding: _Binding, key: str, raw: bytes) -> tuple[bytes | None, _LateRead | None]:
+    """What bytes that were not a plain hit are, where they may be stale or behind a mark.
+
+    Bytes with a header: a :class:`_LateRead` (stale, due early, or fetched before a
+    dataset invalidation). Without one while the dataset has marks: a marker is
+    left to the miss path, which serves it; a value written before headers is
+    older than any invalidation, and a miss (``None``).
+    """
+    if raw[:2] == HEADED:
+        return raw, _LateRead(binding, key, raw)
+    if binding.marks.top and decode_special(raw) is CORRUPT:
+        return None, None
+    return raw, None
+
+
 class _LateRead:
-    """A read whose header says it is not a plain fresh hit: stale, or due for an early refresh.
+    """A read whose header says it is not a plain fresh hit: stale, due early, or invalidated.
+
+    A value below its dataset's hard mark (or a soft one, without ``stale_s``) is
+    expired whatever its clock says; below a soft mark only, it is stale.
 
     ``result`` is what the caller gets at once (a hit, or a ``stale_hit``), when
     the value may be served; else ``stale`` holds the bytes a miss serves if its
@@ -915,7 +954,12 @@ class _LateRead:
         header = read_header(raw)
         self.header: Header = header or Header(0, 0, 0, 0)
         stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
-        kind = "expired" if header is None else verdict(self.now_ms, header, stale_ms, if_error_ms)
+        kind = EXPIRED if header is None else verdict(self.now_ms, header, stale_ms, if_error_ms)
+        behind = None if header is None else binding.marks.behind(header.seq, stale_ms > 0)
+        if behind == EXPIRED:
+            kind = EXPIRED  # fetched before a hard invalidation: never served, not even on error
+        elif behind == STALE and kind == EARLY:
+            kind = STALE  # fresh by the clock, but soft-invalidated: served while one refreshes
         self.trigger = "early" if kind == EARLY else "stale"
         self.result: CallResult | None = None
         if kind in (EARLY, STALE):
@@ -1189,9 +1233,10 @@ def _lookup_sync(
                 value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
-    stale = None
-    if raw is not None and binding.late is not None and raw[:2] == HEADED:
-        late = _LateRead(binding, key, raw)
+    stale, late = None, None
+    if raw is not None and (binding.late is not None or binding.marks.top):
+        raw, late = _sorted(binding, key, raw)
+    if late is not None:
         if late.result is not None:
             now = late.result
             job = late.hand_off(commands, wrapped, args, kwargs)
@@ -1204,7 +1249,7 @@ def _lookup_sync(
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
-        served = miss.finish(*binding.thread_flights.run(key, miss.run_sync))
+        served = miss.finish(*binding.thread_flights.run(_flight(binding, key), miss.run_sync))
     return served if with_outcome else served.value
 
 
@@ -1249,9 +1294,10 @@ async def _lookup_async(
                 value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
-    stale = None
-    if raw is not None and binding.late is not None and raw[:2] == HEADED:
-        late = _LateRead(binding, key, raw)
+    stale, late = None, None
+    if raw is not None and (binding.late is not None or binding.marks.top):
+        raw, late = _sorted(binding, key, raw)
+    if late is not None:
         if late.result is not None:
             now = late.result
             job = late.hand_off(commands, wrapped, args, kwargs)
@@ -1265,7 +1311,8 @@ async def _lookup_async(
     if served is None:
         _raise_if_cancel_was_lost()
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
-        served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
+        flight = _flight(binding, key)
+        served = miss.finish(*await binding.task_flights.run(flight, miss.run_async))
     return served if with_outcome else served.value
 
 
@@ -1353,6 +1400,16 @@ async def _refresh_async(
     miss = _Miss(binding, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     result, joined = await binding.task_flights.run(_REFRESH + key, miss.run_async)
     return miss.finish(result, joined).value
+
+
+def _flight(binding: _Binding, key: str) -> str:
+    """The process-local flight a miss of ``key`` joins: one per generation of the dataset.
+
+    A caller that knows of a dataset invalidation must not join a fill that
+    began before it, whose value it would then be served.
+    """
+    top = binding.marks.top
+    return f"{key}\0{top}" if top else key
 
 
 #: Prefixes a refresh's key in the process-local flights, apart from the misses'.

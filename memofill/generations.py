@@ -4,11 +4,13 @@
 bumps a counter ``seq`` and records the new value as the dataset's mark
 (``hard:<dataset>``, or ``soft:<dataset>``). Every fill writes, in its value's
 header, the ``seq`` its process knew when the miss began. A value whose ``seq``
-is below its dataset's mark began its fetch before the invalidation (or in a
-process that had not heard of it yet) and is never served again; it is simply
-ignored until its own TTL removes it. O(1) whatever the number of keys, and no
-clock is compared: a fill that straddles the invalidation carries the older
-number and is rejected even if it lands afterwards.
+is below its dataset's hard mark began its fetch before the invalidation (or in
+a process that had not heard of it yet) and is never served again; it is simply
+ignored until its own TTL removes it. Below a soft mark only, it is stale: a
+dataset with ``stale_s`` serves it while exactly one caller refreshes it, and
+one without treats it as below a hard mark. O(1) whatever the number of keys,
+and no clock is compared: a fill that straddles the invalidation carries the
+older number and is rejected even if it lands afterwards.
 
 Each process keeps the hash in memory (:class:`Generations`) and reads it again
 (one ``HGETALL``) at most every ``meta_check_ms``, and before its first hit;
@@ -24,10 +26,56 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from memofill.freshness import EXPIRED, STALE
+
 #: The field of the meta hash that counts invalidations.
 SEQ = "seq"
 HARD = "hard:"
 SOFT = "soft:"
+
+
+class Marks:
+    """One dataset's marks as this process knows them: cells the hit path reads without a lock.
+
+    Changed in place, so that a decorated function holds its dataset's cell and
+    its hit path pays one attribute read and one test (``top``) while no
+    invalidation has been made.
+    """
+
+    __slots__ = ("hard", "soft", "top")
+
+    def __init__(self) -> None:
+        #: The lowest ``seq`` a value must carry to be served at all, 0 for no mark.
+        self.hard = 0
+        #: The lowest ``seq`` a value must carry to be served fresh, 0 for no mark.
+        self.soft = 0
+        #: The higher of the two; a value at or above it is current.
+        self.top = 0
+
+    def set(self, hard: int, soft: int) -> bool:
+        """Take new marks; whether they differ from those held."""
+        if (hard, soft) == (self.hard, self.soft):
+            return False
+        self.hard, self.soft = hard, soft
+        self.top = max(hard, soft)
+        return True
+
+    def behind(self, seq: int | None, serves_stale: bool) -> str | None:
+        """Whether a value carrying ``seq`` is current (``None``), stale or expired.
+
+        The last two as :data:`~memofill.freshness.STALE` and
+        :data:`~memofill.freshness.EXPIRED`. A value without a header
+        (``None``: written by an older release) is older than any mark. Below a
+        soft mark only, it is stale where the dataset serves stale values
+        (``serves_stale``), and expired where not.
+        """
+        if seq is None:
+            return EXPIRED if self.top else None
+        if seq < self.hard:
+            return EXPIRED
+        if seq < self.soft:
+            return STALE if serves_stale else EXPIRED
+        return None
 
 
 class Generations:
@@ -40,8 +88,8 @@ class Generations:
         self.next_check = 0.0
         #: The last ``seq`` known: what a fill beginning now records.
         self.seq = 0
-        #: Dataset -> the lowest ``seq`` a value must carry to be served.
-        self.floor: dict[str, int] = {}
+        #: Dataset -> its marks; a cell made on first use stays (functions hold it).
+        self.marks: dict[str, Marks] = {}
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None
         #: Whether the hash was read (or tried) once; until then blocking callers wait for it.
@@ -51,6 +99,13 @@ class Generations:
         #: The first read in flight on each event loop, which that loop's callers await.
         self.first_reads: dict[object, Any] = {}
         _live.add(self)
+
+    def of(self, dataset: str) -> Marks:
+        """The marks of ``dataset``, kept up to date in place."""
+        marks = self.marks.get(dataset)
+        if marks is None:
+            marks = self.marks.setdefault(dataset, Marks())
+        return marks
 
     def due(self, now: float) -> bool:
         """Whether the hash should be read again before this call is served."""
@@ -79,7 +134,7 @@ class Generations:
         if reply is None:
             return
         seq = 0
-        floor: dict[str, int] = {}
+        read: dict[str, list[int]] = {}
         for raw_field, raw_value in reply.items():
             name = _text(raw_field)
             try:
@@ -90,27 +145,25 @@ class Generations:
                 seq = number
             elif name.startswith((HARD, SOFT)):
                 dataset = name.partition(":")[2]
-                floor[dataset] = max(floor.get(dataset, 0), number)
-        changed = floor != self.floor
+                read.setdefault(dataset, [0, 0])[name.startswith(SOFT)] = number
+        # What is known first, then the marks: a fill that begins meanwhile records no less.
         self.seq = max(self.seq, seq)
-        self.floor = floor
+        changed = False
+        for dataset in {*self.marks, *read}:
+            hard, soft = read.get(dataset, (0, 0))
+            changed = self.of(dataset).set(hard, soft) or changed
         if changed:
             self.on_change()
 
-    def invalidated(self, dataset: str, seq: int) -> None:
+    def invalidated(self, dataset: str, seq: int, soft: bool = False) -> None:
         """This process invalidated ``dataset`` at ``seq``: it knows at once."""
         self.seq = max(self.seq, seq)
-        self.floor = {**self.floor, dataset: max(self.floor.get(dataset, 0), seq)}
+        marks = self.of(dataset)
+        if soft:
+            marks.set(marks.hard, max(marks.soft, seq))
+        else:
+            marks.set(max(marks.hard, seq), marks.soft)
         self.on_change()
-
-    def rejects(self, dataset: str, seq: int | None) -> bool:
-        """Whether a value of ``dataset`` carrying ``seq`` began before an invalidation.
-
-        A value without a header (``None``: written by an older release) is
-        older than any invalidation there has been.
-        """
-        floor = self.floor.get(dataset, 0)
-        return floor > 0 and (seq is None or seq < floor)
 
 
 _live: weakref.WeakSet[Generations] = weakref.WeakSet()

@@ -509,18 +509,15 @@ class Memofill:
     def invalidate_dataset(self, dataset: str, *, soft: bool = False) -> Any:
         """Make every value of ``dataset`` fetched until now unservable, in every process.
 
-        Not finished: the mark is recorded and every process drops its local
-        copies, but values in Redis are rejected only once fills write their
-        generation in the stored header (see :doc:`invalidation`).
-
         One command whatever the number of keys (:mod:`memofill.generations`):
         the values stay in Redis until their TTL, and are ignored. A fill that
         began before this call is never served after it. This process knows at
         once; others within ``meta_check_ms`` (milliseconds where a near-cache
-        listener runs). ``soft=True`` is meant to serve the old values while one
-        caller refreshes; until serve-stale is built, it acts as a hard
-        invalidation. Returns the new generation number, or an awaitable of it
-        when the instance has only an asyncio client.
+        listener runs). ``soft=True`` serves the old values as ``stale_hit``
+        while exactly one caller refreshes each, where the dataset has
+        ``stale_s``; where it has none, it acts as a hard invalidation (see
+        :doc:`invalidation`). Returns the new generation number, or an
+        awaitable of it when the instance has only an asyncio client.
         """
         self.policy(dataset)
         state = self._state
@@ -530,12 +527,12 @@ class Memofill:
         reply = commands.invalidate_dataset(meta_key(state.prefix), mark_field(dataset, soft))
         generations = state.generations
         if state.sync is not None:
-            generations.invalidated(dataset, int(reply))
+            generations.invalidated(dataset, int(reply), soft)
             return int(reply)
 
         async def finish() -> int:
             seq = int(await reply)
-            generations.invalidated(dataset, seq)
+            generations.invalidated(dataset, seq, soft)
             return seq
 
         return finish()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from memofill.freshness import EXPIRED, STALE
 from memofill.generations import Generations, mark_field
 
 
@@ -9,14 +10,21 @@ def test_a_value_below_its_datasets_mark_is_rejected_and_one_at_or_above_is_not(
     generations = Generations(1.0)
     changes: list[None] = []
     generations.on_change = lambda: changes.append(None)
+    q = generations.of("q:{s}")  # a function's cell, made before the marks are read
     generations.loaded({b"seq": b"7", b"hard:q:{s}": b"5", b"soft:r": b"7", b"junk": b"x"}, 10.0)
     assert generations.seq == 7
-    assert generations.rejects("q:{s}", 4)
-    assert generations.rejects("q:{s}", None)  # written before headers: older than any mark
-    assert not generations.rejects("q:{s}", 5)
-    assert generations.rejects("r", 6)  # soft acts as hard until serve-stale is built
-    assert not generations.rejects("other", 0)
-    assert not generations.rejects("other", None)
+    assert generations.of("q:{s}") is q
+    assert (q.hard, q.soft, q.top) == (5, 0, 5)
+    assert q.behind(4, serves_stale=True) == EXPIRED
+    assert q.behind(None, serves_stale=True) == EXPIRED  # written before headers: older
+    assert q.behind(5, serves_stale=False) is None
+    r = generations.of("r")
+    assert r.behind(6, serves_stale=True) == STALE  # soft: served while one refreshes
+    assert r.behind(6, serves_stale=False) == EXPIRED  # no stale window: soft acts as hard
+    assert r.behind(7, serves_stale=True) is None
+    other = generations.of("other")
+    assert other.behind(0, serves_stale=False) is None
+    assert other.behind(None, serves_stale=False) is None
     assert len(changes) == 1
     generations.loaded({b"seq": b"7", b"hard:q:{s}": b"5", b"soft:r": b"7"}, 11.0)
     assert len(changes) == 1  # the same marks: nothing to drop
@@ -37,7 +45,9 @@ def test_the_hash_is_read_again_after_the_interval_or_when_told() -> None:
 def test_this_processs_own_invalidation_is_known_at_once() -> None:
     generations = Generations(1.0)
     generations.invalidated("q", 3)
-    assert generations.rejects("q", 2)
-    assert generations.seq == 3
+    assert generations.of("q").behind(2, serves_stale=True) == EXPIRED
+    generations.invalidated("q", 4, soft=True)
+    assert generations.of("q").behind(3, serves_stale=True) == STALE
+    assert generations.seq == 4
     assert mark_field("q", soft=False) == "hard:q"
     assert mark_field("q", soft=True) == "soft:q"

@@ -26,8 +26,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from memofill import ConfigurationError, Dataset, Memofill, NearCache
-from memofill.codec import payload
+from memofill import CacheFill, ConfigurationError, Dataset, Memofill, NearCache
+from memofill.codec import payload, read_header
 from memofill.listener import Listener
 from tests.redis_servers import RedisServer
 
@@ -451,3 +451,58 @@ def test_near_tracking_on_redis_cluster_is_refused_with_the_reason(
     hot_ttl("k")  # fills: a fill's own value is not kept near (its write invalidates it)
     hot_ttl("k")  # read: kept
     assert hot_ttl.call_with_outcome("k").outcome == "near_hit"
+
+
+def test_an_instance_without_near_datasets_runs_no_listener_and_a_hit_is_one_get(
+    own_redis_server: RedisServer,
+) -> None:
+    admin = own_redis_server.client()
+    policies = {"cold:{name}": POLICIES["cold:{name}"]}
+    mf = Memofill(own_redis_server.client(), prefix="plain:", policies=policies)  # default near=
+    cold = mf.cached_dataset("cold:{name}")(lambda name: {"v": 0})
+    assert cold("k") == {"v": 0}
+    admin.config_resetstat()
+    started = time.monotonic()
+    for _ in range(200):
+        assert cold.call_with_outcome("k").outcome == "hit"
+    seconds = time.monotonic() - started
+    stats = admin.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(data["calls"]) for name, data in stats.items()}
+    calls.pop("config|resetstat", None)
+    # The dataset generations are read once per meta_check_ms (1 s), whatever the near cache.
+    assert calls.pop("hgetall", 0) <= seconds + 1
+    assert calls == {"get": 200}
+    assert mf.local_store.listener is None
+    clients = admin.client_list()
+    assert len(clients) == 2  # the instance's one connection, and this one
+    assert not any("t" in client["flags"] or client["sub"] != "0" for client in clients)
+
+
+def test_a_near_copy_is_never_served_past_the_values_freshness(
+    redis_server: RedisServer,
+) -> None:
+    fill = CacheFill(
+        lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200, refresh_retry_ms=1_000
+    )
+    dataset = Dataset("fresh:{name}", ttl_s=3, stale_s=30, near_ms=3_000, cache_fill=fill)
+    mf = Memofill(
+        redis_server.client(),
+        prefix="freshness:",
+        policies={dataset.key: dataset},
+        near=NearCache(invalidation="ttl"),
+    )
+    fresh = mf.cached_dataset(dataset.key)(lambda name: {"v": 0})
+    assert fresh.call_with_outcome("k").outcome == "leader_fill"
+    header = read_header(redis_server.client().get(mf.final_key(dataset.key, name="k")) or b"")
+    assert header is not None
+
+    def wait_for_wall_ms(ms: float) -> None:
+        while time.time() * 1000 < ms:
+            time.sleep(0.01)
+
+    # Read half-way through its freshness: near_ms alone would keep the copy 1.5 s past it.
+    wait_for_wall_ms(header.fetch_start_ms + 1_500)
+    assert fresh.call_with_outcome("k").outcome == "hit"  # read from Redis, kept near
+    assert fresh.call_with_outcome("k").outcome == "near_hit"
+    wait_for_wall_ms(header.soft_until_ms + 100)
+    assert fresh.call_with_outcome("k").outcome == "stale_hit"  # Redis decides, not the copy
