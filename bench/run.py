@@ -22,13 +22,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import expiry, growth, hit, payload, registry, report, stampede
+from bench import expiry, growth, hit, miss_cost, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from memofill import timeline
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "stampede", "growth", "payload", "registry", "expiry")
+SCENARIOS = ("hit", "miss_cost", "stampede", "growth", "payload", "registry", "expiry")
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -250,7 +250,7 @@ def run(
         }
         expiry_rows = [library for library in libraries if library in EXPIRY_LIBRARIES]
         libraries = [library for library in libraries if library in LIBRARIES]
-        fillers = [library for library in libraries if library.fills]
+        fillers = [library for library in libraries if library.fills and not library.hit_only]
         if "hit" in scenarios:  # always with both floors: every ratio needs its own
             rows = [library for library in LIBRARIES if library in libraries or not library.fills]
             _log(f"hit: {scale.hit_iterations:,} calls per row, {len(rows)} rows")
@@ -275,6 +275,9 @@ def run(
                 warmup=scale.hit_warmup,
                 rounds=scale.hit_rounds,
             )
+        if "miss_cost" in scenarios:
+            _log(f"miss cost: {scale.hit_iterations:,} calls per row")
+            results["miss_cost"] = miss_cost.measure(iterations=scale.hit_iterations)
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:

@@ -43,6 +43,7 @@ from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker, LocalStore
 from memofill.freshness import EARLY, STALE, STALE_IF_ERROR, late_rule, verdict, wall_clock
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.metrics import Metrics
 from memofill.outcomes import (
     DISABLED,
     FALLBACK_HIT,
@@ -331,6 +332,7 @@ class _Binding:
     disabled: bool
     prefix: str
     counters: Counters
+    metrics: Metrics
     local_store: LocalStore
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
@@ -380,6 +382,7 @@ class _Binding:
             disabled=state.disabled,
             prefix=state.prefix,
             counters=state.counters,
+            metrics=state.metrics,
             local_store=state.local_store,
             breaker=state.breaker,
             thread_flights=state.thread_flights,
@@ -779,8 +782,10 @@ class _LateRead:
             return None
         stale_age_ms = self.now_ms - self.header.soft_until_ms
         fetch = _fetcher(self.binding, wrapped, args, kwargs)
+        # What a tracer links the refresh to; copied only when one is listening.
+        caller = contextvars.copy_context() if self.binding.metrics.events.arounds else None
         return _Refresh(
-            self.binding, self.key, commands, fetch, self.trigger, self.header, stale_age_ms
+            self.binding, self.key, commands, fetch, self.trigger, self.header, stale_age_ms, caller
         )
 
     def after_inline(self, result: Result) -> CallResult:
@@ -803,32 +808,37 @@ class _Refresh:
         trigger: str,
         seen: Header,
         stale_age_ms: float,
+        caller: contextvars.Context | None,
     ) -> None:
         self.binding, self.key, self.commands, self.fetch = binding, key, commands, fetch
         self.trigger, self.seen, self.stale_age_ms = trigger, seen, stale_age_ms
+        #: The context of the caller that handed this refresh off, for the refresh's scope.
+        self.caller = caller
         self.plan = _plan(binding, key, commands, None)
 
     def run_sync(self) -> Result:
         """Run the refresh with the blocking client, and record it."""
         started = time.monotonic()
         steps = refresh(self.plan, self.seen.fetch_start_ms)
-        try:
-            result = run_sync(steps, self.commands, self.fetch, self.binding.breaker)
-        except BaseException:
-            self.binding.refreshes.done(self.key)
-            raise
-        return self._record(result, started)
+        with self.binding.metrics.events.refresh_scope(self.binding.key, self.caller):
+            try:
+                result = run_sync(steps, self.commands, self.fetch, self.binding.breaker)
+            except BaseException:
+                self.binding.refreshes.done(self.key)
+                raise
+            return self._record(result, started)
 
     async def run_async(self) -> Result:
         """Run the refresh with the asyncio client, and record it."""
         started = time.monotonic()
         steps = refresh(self.plan, self.seen.fetch_start_ms)
-        try:
-            result = await run_async(steps, self.commands, self.fetch, self.binding.breaker)
-        except BaseException:  # cancelled: the refresh released its lock, token-safely
-            self.binding.refreshes.done(self.key)
-            raise
-        return self._record(result, started)
+        with self.binding.metrics.events.refresh_scope(self.binding.key, self.caller):
+            try:
+                result = await run_async(steps, self.commands, self.fetch, self.binding.breaker)
+            except BaseException:  # cancelled: the refresh released its lock, token-safely
+                self.binding.refreshes.done(self.key)
+                raise
+            return self._record(result, started)
 
     def _record(self, result: Result, started: float) -> Result:
         """Count and log the refresh, keep its value for outages, and set the busy memo."""
@@ -840,7 +850,7 @@ class _Refresh:
             # Free by the end of a lease, or of a hold after a failure, whichever comes first.
             busy_s = min(policy.lease_ms, policy.refresh_retry_ms) / 1000
         binding.counters.add(binding.key, outcome.value)
-        RefreshRecord(
+        record = RefreshRecord(
             outcome=outcome,
             dataset=binding.key,
             redis_key=self.key,
@@ -849,7 +859,9 @@ class _Refresh:
             delta_ms=result.delta_ms,
             elapsed_ms=(time.monotonic() - started) * 1000,
             error=result.error,
-        ).emit()
+        )
+        record.emit()
+        binding.metrics.refreshed(record)
         if outcome is Outcome.REFRESH_FILL and result.stored is not None:
             binding.local_store.put(self.key, result.stored, binding.ttl_s)
         if result.unstorable is not None:
@@ -880,7 +892,12 @@ class _Miss:
         stale: bytes | None = None,
     ) -> None:
         self.binding, self.key, self.started, self.commands = binding, key, started, commands
-        self.fetch = _fetcher(binding, wrapped, args, kwargs)
+        # ``wrapped`` is None for a direct call: the decorated function, as it is now.
+        function = binding.current_function() if wrapped is None else wrapped
+        #: How long this caller's call of the origin took, once it made one (see _timed).
+        self.fetch_ms: float | None = None
+        timer = _timed_async if binding.is_async else _timed
+        self.fetch = timer(self, function, args, kwargs)
         if commands is None:
             _warn_no_client(binding)
         timed = binding.late is not None
@@ -899,13 +916,16 @@ class _Miss:
     def run_sync(self) -> Result:
         """Run the fill with the blocking client, and record it."""
         steps = fill(self.plan, time.monotonic, _rng)
-        return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
+        with self.binding.metrics.events.fill_scope(self.binding.key):
+            return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
     async def run_async(self, on_fetch: Callable[[], object]) -> Result:
         """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
         steps = fill(self.plan, time.monotonic, _rng)
         breaker = self._breaker()
-        return self._record(await run_async(steps, self.commands, self.fetch, breaker, on_fetch))
+        with self.binding.metrics.events.fill_scope(self.binding.key):
+            result = await run_async(steps, self.commands, self.fetch, breaker, on_fetch)
+            return self._record(result)
 
     def _breaker(self) -> Breaker:
         return self.binding.breaker
@@ -931,7 +951,7 @@ class _Miss:
                 acl_rule(binding.prefix),
                 extra={"dataset": binding.key, "redis_key": self.key},
             )
-        MissRecord(
+        record = MissRecord(
             outcome=outcome,
             dataset=binding.key,
             redis_key=self.key,
@@ -940,7 +960,10 @@ class _Miss:
             polls=0 if joined else result.polls,
             payload_bytes=result.payload_bytes,
             error=result.error,
-        ).emit()
+            fetch_ms=self.fetch_ms,
+        )
+        record.emit()
+        binding.metrics.miss(record)
         if joined:
             return result
         if result.stored is not None:
@@ -964,6 +987,36 @@ class _Miss:
             value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _timed(
+    miss: _Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """The fetch, ``function(*args, **kwargs)``: its time is kept in ``miss.fetch_ms``."""
+
+    def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
+
+
+def _timed_async(
+    miss: _Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """:func:`_timed` for a coroutine function: the time until its awaitable is done."""
+
+    async def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return await function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
 
 
 def _warn_unstorable(binding: _Binding, key: str, result: Result) -> None:
@@ -1023,6 +1076,9 @@ def _lookup_sync(
                 now = late.after_inline(job.run_sync())
             elif job is not None and not binding.refreshes.submit(key, job.run_sync):
                 binding.counters.add(binding.key, Outcome.REFRESH_DROPPED.value)
+                binding.metrics.refresh_counted(
+                    binding.key, job.trigger, Outcome.REFRESH_DROPPED.value
+                )
             return now if with_outcome else now.value
         stale, raw = late.stale, None
     served = _served_without_fill(binding, key, asked, raw, error)

@@ -27,6 +27,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from memofill.outcomes import Tally
+
 logger = logging.getLogger("memofill")
 
 #: The longest a value is served locally without Redis, whatever the dataset's TTL.
@@ -187,6 +189,8 @@ class Breaker:
         #: Time-outs in a row, and when the last one was.
         self.timeouts = 0
         self._last_timeout = 0.0
+        #: How many times it opened (exported as ``memofill_breaker_trips_total``).
+        self.trips = Tally()
         _live_breakers.add(self)
 
     @property
@@ -198,6 +202,7 @@ class Breaker:
         """Redis is unreachable: skip it for the cool-down."""
         self.open_until = self._clock() + self.cooldown_s
         self.timeouts = 0
+        self.trips.add()
 
     def failed(self, *, timed_out: bool) -> None:
         """Redis failed to answer a command: open now, or on the last of a few time-outs."""
@@ -238,6 +243,7 @@ def _after_fork_in_child() -> None:
         store._lock = threading.Lock()
     for breaker in list(_live_breakers):
         breaker.reset()
+        breaker.trips = Tally()  # counted per process, as the outcomes are
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

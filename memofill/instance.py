@@ -31,6 +31,7 @@ from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import MAX_LOCAL_BYTES, Breaker, LocalStore
 from memofill.keys import lock_key, parse_template, prefix_problem
+from memofill.metrics import Events, Metrics
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.project import resolve_policies
@@ -93,6 +94,8 @@ class State:
     policies: dict[str, Dataset] | None
     disabled: bool
     counters: Counters
+    #: Histograms and refresh counts; its ``events`` (the hooks) is the instance's, kept.
+    metrics: Metrics
     local_store: LocalStore
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
@@ -144,13 +147,17 @@ def _refreshes(mode: object, workers: object) -> Refreshes:
 
 
 def _fresh(
-    breaker_cooldown_s: float, local_store_bytes: int, refreshes: Refreshes | None = None
+    breaker_cooldown_s: float,
+    local_store_bytes: int,
+    events: Events,
+    refreshes: Refreshes | None = None,
 ) -> dict[str, Any]:
     """What calls accumulate, new: counts, values kept for outages, the breaker, fills."""
     refreshes = Refreshes() if refreshes is None else Refreshes(refreshes.mode, refreshes.workers)
     return {
         "refreshes": refreshes,
         "counters": Counters(),
+        "metrics": Metrics(events),
         "local_store": LocalStore(max_bytes=local_store_bytes),
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
@@ -224,7 +231,12 @@ class Memofill:
             policy_source=policies,
             policies=None,
             disabled=False,
-            **_fresh(breaker_cooldown_s, local_store_bytes, _refreshes(refresh, refresh_workers)),
+            **_fresh(
+                breaker_cooldown_s,
+                local_store_bytes,
+                Events(),
+                _refreshes(refresh, refresh_workers),
+            ),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
         _instances.add(self)
@@ -238,6 +250,16 @@ class Memofill:
     def counters(self) -> Counters:
         """Hits and miss outcomes per dataset, counted in this process."""
         return self._state.counters
+
+    @property
+    def metrics(self) -> Metrics:
+        """Histograms of misses and refreshes, and refresh counts, in this process."""
+        return self._state.metrics
+
+    @property
+    def events(self) -> Events:
+        """The hooks called with every miss and refresh record (never a hit)."""
+        return self._state.metrics.events
 
     @property
     def local_store(self) -> LocalStore:
@@ -472,7 +494,12 @@ class Memofill:
             fresh = attrs.evolve(
                 saved,
                 held=frozenset(),
-                **_fresh(saved.breaker.cooldown_s, saved.local_store.max_bytes, saved.refreshes),
+                **_fresh(
+                    saved.breaker.cooldown_s,
+                    saved.local_store.max_bytes,
+                    saved.metrics.events,
+                    saved.refreshes,
+                ),
             )
             self._swap(
                 self._composed(client, async_client, prefix, policies, state=fresh, held=held)

@@ -79,7 +79,7 @@ WARNING_OUTCOMES = frozenset(
     }
 )
 #: Refresh outcomes that are counted and never logged.
-COUNTED_ONLY = frozenset({Outcome.REFRESH_BUSY, Outcome.REFRESH_DROPPED})
+UNLOGGED_REFRESHES = frozenset({Outcome.REFRESH_BUSY, Outcome.REFRESH_DROPPED})
 #: The ``error`` of a miss that Redis refused a command or key (an ACL): a configuration
 #: mistake, logged once at ERROR with its fix, so its misses are logged at INFO.
 PERMISSION_ERROR = "NoPermissionError"
@@ -102,6 +102,8 @@ class MissRecord:
     polls: int = 0
     payload_bytes: int = 0
     error: str | None = None
+    #: How long the origin took, when this caller called it (``None``: it did not).
+    fetch_ms: float | None = None
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger (never the payload, only its size)."""
@@ -147,7 +149,7 @@ class RefreshRecord:
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger: WARNING for a failure, else INFO."""
-        if self.outcome in COUNTED_ONLY:
+        if self.outcome in UNLOGGED_REFRESHES:
             return
         level = logging.WARNING if self.outcome in WARNING_OUTCOMES else logging.INFO
         if not logger.isEnabledFor(level):
@@ -178,6 +180,9 @@ FALLBACK_HIT = "fallback_hit"
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
 #: directly. Counted, never logged, like a hit.
 DISABLED = "disabled"
+#: The names counted but never logged, beside the miss outcomes. Each is an ``outcome`` of
+#: ``memofill_calls_total`` (:mod:`memofill.metrics`).
+COUNTED_ONLY: tuple[str, ...] = (HIT, STALE_HIT, FALLBACK_HIT, DISABLED)
 
 
 class Tally:

@@ -276,6 +276,10 @@ def test_a_full_pool_drops_refreshes_and_counts_them(
     counts = cache.counters.snapshot()[NEWS.key]
     assert counts["refresh_dropped"] == 3  # one running, two queued
     assert counts["refresh_fill"] == 3
+    assert cache.metrics.refreshes() == {
+        (NEWS.key, "stale", "refresh_dropped"): 3,
+        (NEWS.key, "stale", "refresh_fill"): 3,
+    }
 
 
 def test_inline_mode_refreshes_in_the_caller(
