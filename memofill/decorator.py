@@ -27,9 +27,11 @@ import wrapt
 
 from memofill.codec import (
     CORRUPT,
+    FETCH_START,
     HEADED,
     HEADER_LEN,
     NEGATIVE,
+    SOFT_UNTIL,
     VIEW_FROM_BYTES,
     ErrorMarker,
     Header,
@@ -41,7 +43,15 @@ from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, refresh, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
 from memofill.fallback import Breaker, LocalStore
-from memofill.freshness import EARLY, STALE, STALE_IF_ERROR, late_rule, verdict, wall_clock
+from memofill.freshness import (
+    EARLY,
+    EXPIRED,
+    STALE,
+    STALE_IF_ERROR,
+    late_rule,
+    verdict,
+    wall_clock,
+)
 from memofill.keys import FieldText, KeyTemplate, annotation_problem
 from memofill.metrics import Metrics
 from memofill.outcomes import (
@@ -756,18 +766,31 @@ class _LateRead:
     """
 
     def __init__(self, binding: _Binding, key: str, raw: bytes) -> None:
-        self.binding, self.key = binding, key
+        self.binding, self.key, self.raw = binding, key, raw
         dataset = binding.dataset
         self.now_ms = wall_clock() * 1000
-        header = read_header(raw)
-        self.header: Header = header or Header(0, 0, 0, 0)
-        stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
-        kind = "expired" if header is None else verdict(self.now_ms, header, stale_ms, if_error_ms)
+        # The two header fields every late read needs (read_header's four cost a stale hit
+        # a microsecond); the rest only if this read hands a refresh off.
+        try:
+            soft_until_ms, fetch_start_ms = int(raw[SOFT_UNTIL], 16), int(raw[FETCH_START], 16)
+        except ValueError:
+            soft_until_ms = fetch_start_ms = -1
+        self.soft_until_ms, self.fetch_start_ms = soft_until_ms, fetch_start_ms
+        if soft_until_ms < 0 or len(raw) < HEADER_LEN:
+            kind = EXPIRED  # foreign bytes that only look like a header: a miss refills them
+        else:
+            stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
+            kind = verdict(self.now_ms, soft_until_ms, stale_ms, if_error_ms)
         self.trigger = "early" if kind == EARLY else "stale"
         self.result: CallResult | None = None
         if kind in (EARLY, STALE):
-            value = decode_stored(binding.values.codec, raw)
-            if not (value is CORRUPT or value is NEGATIVE or isinstance(value, ErrorMarker)):
+            # Markers carry no header: these bytes are a value, read as a fresh hit reads one.
+            body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
+            try:
+                value = binding.decode(body)
+            except Exception:  # corrupt bytes, or another schema: a miss overwrites them
+                pass
+            else:
                 name = HIT if kind == EARLY else STALE_HIT
                 binding.counters.add(binding.key, name)
                 self.result = CallResult(value, name, False)
@@ -778,14 +801,17 @@ class _LateRead:
     ) -> _Refresh | None:
         """The refresh to run, unless one is in flight here or another process holds the lock."""
         refreshes = self.binding.refreshes
-        if commands is None or not refreshes.claim(self.key, self.header.fetch_start_ms):
+        if commands is None or not refreshes.claim(self.key, self.fetch_start_ms):
             return None
-        stale_age_ms = self.now_ms - self.header.soft_until_ms
+        header = read_header(self.raw)
+        if header is None:  # fields past the two read are not hex: refreshed as a fill would
+            header = Header(self.fetch_start_ms, self.soft_until_ms, 0, 0)
+        stale_age_ms = self.now_ms - self.soft_until_ms
         fetch = _fetcher(self.binding, wrapped, args, kwargs)
         # What a tracer links the refresh to; copied only when one is listening.
         caller = contextvars.copy_context() if self.binding.metrics.events.arounds else None
         return _Refresh(
-            self.binding, self.key, commands, fetch, self.trigger, self.header, stale_age_ms, caller
+            self.binding, self.key, commands, fetch, self.trigger, header, stale_age_ms, caller
         )
 
     def after_inline(self, result: Result) -> CallResult:

@@ -183,6 +183,8 @@ DISABLED = "disabled"
 #: The names counted but never logged, beside the miss outcomes. Each is an ``outcome`` of
 #: ``memofill_calls_total`` (:mod:`memofill.metrics`).
 COUNTED_ONLY: tuple[str, ...] = (HIT, STALE_HIT, FALLBACK_HIT, DISABLED)
+#: The names counted on a hit path, on lock-free tallies rather than under a lock.
+_TALLIED = frozenset({HIT, STALE_HIT})
 
 
 class Tally:
@@ -226,24 +228,29 @@ class Counters:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
-        self._hits: dict[str, Tally] = {}
+        #: Tallies of the names counted on a hit path (see :data:`_TALLIED`), by (dataset, name).
+        self._hits: dict[tuple[str, str], Tally] = {}
         self._lock = threading.Lock()
         _live_counters.add(self)
 
     def add(self, dataset: str, name: str) -> None:
         """Count one ``name``: an outcome value, :data:`HIT`, :data:`FALLBACK_HIT`, ``disabled``."""
-        if name == HIT:
-            self.hit_tally(dataset).add()
+        if name in _TALLIED:
+            self.tally(dataset, name).add()
             return
         with self._lock:
             self._counts[dataset, name] += 1
 
     def hit_tally(self, dataset: str) -> Tally:
         """The tally of ``dataset``'s hits, made on first use; callers keep it and add to it."""
-        tally = self._hits.get(dataset)
+        return self.tally(dataset, HIT)
+
+    def tally(self, dataset: str, name: str) -> Tally:
+        """The lock-free tally of one of the names counted on a hit path, made on first use."""
+        tally = self._hits.get((dataset, name))
         if tally is None:
             with self._lock:
-                tally = self._hits.setdefault(dataset, Tally())
+                tally = self._hits.setdefault((dataset, name), Tally())
         return tally
 
     def snapshot(self) -> dict[str, dict[str, int]]:
@@ -251,7 +258,7 @@ class Counters:
         with self._lock:
             items = list(self._counts.items())
             tallies = list(self._hits.items())
-        items.extend(((dataset, HIT), tally.value) for dataset, tally in tallies)
+        items.extend((counted, tally.value) for counted, tally in tallies)
         result: dict[str, dict[str, int]] = {}
         for (dataset, name), count in sorted(items):
             if count:
