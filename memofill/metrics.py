@@ -45,15 +45,7 @@ logger = logging.getLogger("memofill")
 
 #: The ways a background refresh ends, a refresh record's ``outcome`` or counted only
 #: (``refresh_busy``, another process holds the lock; ``refresh_dropped``, the pool was full).
-REFRESH_OUTCOMES = (
-    "refresh_fill",
-    "refresh_negative",
-    "refresh_recheck_hit",
-    "refresh_error",
-    "refresh_lock_error",
-    "refresh_busy",
-    "refresh_dropped",
-)
+REFRESH_OUTCOMES = tuple(o.value for o in Outcome if o.value.startswith("refresh_"))
 #: What started a background refresh, a stale hit or an early (XFetch) draw on a fresh hit
 #: (``fn.refresh()`` runs a fill, counted in ``memofill_calls_total``).
 REFRESH_TRIGGERS = ("stale", "early")

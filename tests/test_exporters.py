@@ -45,6 +45,7 @@ from memofill.metrics import (
     register,
 )
 from tests.conftest import POLICIES
+from tests.helpers import Refresh
 from tests.redis_servers import RedisServer, free_port
 
 HOT = Dataset(
@@ -460,18 +461,6 @@ def test_a_scope_that_raises_is_told_once_and_the_fill_runs(
     assert len([r for r in caplog.records if "hook" in r.getMessage()]) == 1
     fills = [s for s in telemetry.spans.get_finished_spans() if s.name == "memofill.fill"]
     assert len(fills) == 3  # the exporter's own scope still ran
-
-
-@attrs.frozen
-class Refresh:
-    """A refresh record as the serve-stale work logs one (what the exporters read of it)."""
-
-    dataset: str
-    trigger: str
-    outcome: str
-    elapsed_ms: float
-    delta_ms: float | None
-    stale_age_ms: float | None
 
 
 def test_a_refresh_is_a_span_linked_to_the_caller_that_started_it(telemetry: Telemetry) -> None:

@@ -20,7 +20,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import attrs
 import fakeredis
 import pytest
 import redis
@@ -42,6 +41,7 @@ from memofill.metrics import (
 )
 from memofill.outcomes import COUNTED_ONLY, MissRecord
 from tests.conftest import POLICIES
+from tests.helpers import Refresh
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -286,18 +286,6 @@ def test_an_override_block_keeps_the_hooks_and_starts_the_histograms_from_zero(
     assert len(seen) == 2
     ((_, outer),) = mf.metrics.histogram(FETCH_DURATION)
     assert outer.count == 1
-
-
-@attrs.frozen
-class Refresh:
-    """A stand-in for a refresh record: only what the core reads of one."""
-
-    dataset: str
-    trigger: str
-    outcome: str
-    elapsed_ms: float
-    delta_ms: float | None
-    stale_age_ms: float | None
 
 
 def test_a_refresh_is_counted_observed_and_sent_inside_its_scopes(mf: Memofill) -> None:
