@@ -66,7 +66,7 @@ class Library:
     setup: str
     #: Expiry rows only: seconds a value is fresh (soft expiry where the library has one).
     fresh_s: float = 0.0
-    #: Measured in the hit scenario only: its misses are another row's (memofill's near rows).
+    #: Measured in the hit scenario only (a variant of another row's configuration).
     hit_only: bool = False
 
     @property
@@ -244,14 +244,18 @@ def _memofill(
     dataset: Any = None,
     *,
     near_ms: int = 0,
+    wire: Callable[[Any], object] | None = None,
 ) -> Cached:
-    """memofill's decorator on one dataset: the bench's policy unless ``dataset`` is given."""
+    """memofill's row on one dataset: the bench's policy unless ``dataset`` is given, and
+    ``wire(instance)``, when given, adds to the instance (exporters)."""
     import memofill  # noqa: PLC0415
 
     if dataset is None:
         fill = memofill.CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250)
         dataset = memofill.Dataset(DATASET, ttl_s=TTL_S, cache_fill=fill, near_ms=near_ms)
     instance = memofill.Memofill(client, prefix=namespace, policies={DATASET: dataset})
+    if wire is not None:
+        wire(instance)
 
     def outcomes() -> dict[str, int]:
         counts = instance.counters.snapshot().get(DATASET, {})
@@ -279,6 +283,51 @@ def _memofill(
 
 def _memofill_sync(port: int, namespace: str, origin: Origin) -> Cached:
     return _memofill(sync_client(port), namespace, origin, is_async=False)
+
+
+#: How often the exported row's exporters are read: far more often than a real scrape
+#: (15 s) or OpenTelemetry collection (60 s), so that reads overlap the timed hits.
+SCRAPE_INTERVAL_S = 0.2
+
+
+def _memofill_exported(port: int, namespace: str, origin: Origin) -> Cached:
+    """The sync row with both exporters on its instance, read by a thread all along."""
+    import threading  # noqa: PLC0415
+
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    from memofill.contrib.otel import instrument  # noqa: PLC0415
+    from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
+
+    registry, reader = CollectorRegistry(), InMemoryMetricReader()
+    stop = threading.Event()
+
+    def wire(instance: Any) -> None:
+        registry.register(MemofillCollector(instance))
+        instrument(
+            instance,
+            meter_provider=MeterProvider(metric_readers=[reader]),
+            tracer_provider=TracerProvider(),
+        )
+
+    def scrape() -> None:
+        while not stop.wait(SCRAPE_INTERVAL_S):
+            generate_latest(registry)
+            reader.get_metrics_data()
+
+    cached = _memofill(sync_client(port), namespace, origin, is_async=False, wire=wire)
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+
+    def close() -> None:
+        stop.set()
+        scraper.join()
+        cached.close()
+
+    return Cached(cached.call, close, cached.outcomes)
 
 
 def _memofill_async(port: int, namespace: str, origin: Origin) -> Cached:
@@ -514,6 +563,17 @@ LIBRARIES: tuple[Library, ...] = (
         True,
         _memofill_near_async,
         f"the same for coroutine functions (`near_ms={NEAR_MS}`)",
+        hit_only=True,
+    ),
+    Library(
+        "memofill-exported",
+        "memofill, both exporters scraped",
+        False,
+        True,
+        _memofill_exported,
+        "the memofill row with `MemofillCollector` on a `CollectorRegistry` and "
+        "`memofill.contrib.otel.instrument()` on an SDK `MeterProvider` and `TracerProvider`, "
+        f"both read every {SCRAPE_INTERVAL_S} s by a thread while the hits are timed",
         hit_only=True,
     ),
 )

@@ -201,10 +201,7 @@ def measure(
     port: int, libraries: list[Library], *, sizes: list[int], rounds: int, hits: int, seed: int = 1
 ) -> dict[str, Any]:
     """Time and memory per size for the raw reference and each row that fills."""
-    entries = [
-        *RAW,
-        *(library.slug for library in libraries if library.fills and not library.hit_only),
-    ]
+    entries = [*RAW, *(lib.slug for lib in libraries if lib.fills and not lib.hit_only)]
     admin = sync_client(port)
     results: dict[str, Any] = {}
     for size in sizes:

@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import expiry, near, registry
+from bench import expiry, miss_cost, near, registry
 from bench.libraries import BY_SLUG, LIBRARIES, STALE_S, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
@@ -511,6 +511,24 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "ok": p99 <= most,
                 }
             )
+    if hit and "memofill-exported" in hit["rows"]:
+        ratio = hit["rows"]["memofill-exported"]["ratio"]
+        checks.append(
+            {
+                "target": "hit ≤ 1.05 × floor (sync, both exporters scraped)",
+                "measured": f"{ratio:.2f} ×",
+                "ok": ratio <= 1.05,
+            }
+        )
+    if "miss_cost" in results:
+        extra = results["miss_cost"]["rows"]["core + hook"]["extra_us"]
+        checks.append(
+            {
+                "target": f"metrics' extra per miss ≤ {miss_cost.TARGET_US:.0f} µs (core + hook)",
+                "measured": f"{extra:.1f} µs",
+                "ok": extra <= miss_cost.TARGET_US,
+            }
+        )
     for slug, mode in (("memofill-sync", "sync"), ("memofill-async", "asyncio")):
         if hit and slug in hit["rows"]:
             ratio = hit["rows"][slug]["ratio"]
@@ -694,6 +712,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _hit_typed(results["hit_typed"])
     if "near" in results:
         lines += near.render(results["near"])
+    if "miss_cost" in results:
+        lines += miss_cost.render(results["miss_cost"])
     if "stampede" in results:
         lines += _stampede(results["stampede"])
     if "growth" in results:

@@ -22,13 +22,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import expiry, growth, hit, near, payload, registry, report, stampede
+from bench import expiry, growth, hit, miss_cost, near, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from memofill import timeline
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "near", "stampede", "growth", "payload", "registry", "expiry")
+SCENARIOS = (
+    "hit",
+    "near",
+    "miss_cost",
+    "stampede",
+    "growth",
+    "payload",
+    "registry",
+    "expiry",
+)
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -281,6 +290,9 @@ def run(
         if "near" in scenarios:
             _log(f"near: invalidation lag, {scale.near_writes} writes, idle and busy reader")
             results["near"] = near.measure(server.port, writes=scale.near_writes)
+        if "miss_cost" in scenarios:
+            _log(f"miss cost: {scale.hit_iterations:,} calls per row")
+            results["miss_cost"] = miss_cost.measure(iterations=scale.hit_iterations)
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:

@@ -85,6 +85,13 @@ nitpick_ignore = [
     ("py:class", "memofill.instance.R"),
     ("py:class", "memofill.decorator.P"),
     ("py:class", "memofill.decorator.R"),
+    # The exporters' third-party types, named in their signatures.
+    ("py:class", "prometheus_client.metrics_core.Metric"),
+    ("py:class", "opentelemetry.metrics.MeterProvider"),
+    ("py:class", "opentelemetry.trace.TracerProvider"),
+    ("py:class", "opentelemetry.metrics._internal.MeterProvider"),
+    ("py:class", "opentelemetry.trace.Tracer"),
+    ("py:class", "opentelemetry.metrics.Meter"),
 ]
 
 #: Standard-library modules whose names autodoc's type hints may mention.
@@ -94,6 +101,7 @@ STDLIB_MODULES = frozenset(
         "collections",
         "collections.abc",
         "contextlib",
+        "contextvars",
         "logging",
         "pathlib",
         "random",

@@ -22,6 +22,9 @@ import memofill
 import redis.asyncio
 import redis.asyncio.cluster
 from fastapi import FastAPI
+from memofill.contrib.otel import instrument
+from memofill.contrib.prometheus import MemofillCollector
+from prometheus_client import CollectorRegistry, make_asgi_app
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -86,6 +89,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+# This worker's numbers at /metrics for Prometheus, read when scraped (a hit pays nothing);
+# OpenTelemetry's instruments and spans too, no-ops until the application sets up the SDK.
+METRICS = CollectorRegistry()
+METRICS.register(MemofillCollector())
+app.mount("/metrics", make_asgi_app(registry=METRICS))
+instrument()
 
 
 @app.get("/quotes/{symbol}")

@@ -17,7 +17,10 @@ from typing import Any
 
 import memofill
 import redis
-from flask import Flask
+from flask import Flask, Response
+from memofill.contrib.otel import instrument
+from memofill.contrib.prometheus import MemofillCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -26,6 +29,12 @@ import upstream_calls
 #: Connections per worker process: one per request thread (gunicorn.conf.py), and a few
 #: spare. A thread that finds none free waits for one (a blocking pool), up to 5 s.
 MAX_CONNECTIONS = 16 + 4
+
+# This worker's numbers for Prometheus (read at /metrics when scraped), and OpenTelemetry's
+# instruments and spans, no-ops until the application sets up the SDK. Once per process.
+METRICS = CollectorRegistry()
+METRICS.register(MemofillCollector())
+instrument()
 
 
 @memofill.cached_dataset("flask:forecasts:{city}")
@@ -57,6 +66,10 @@ def create_app(redis_url: str | None = None) -> Flask:
     @app.get("/forecasts/<city>")
     def forecast(city: str) -> dict[str, Any]:
         return fetch_forecast(city)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(METRICS), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import memofill
 import redis
+from memofill.contrib.otel import instrument
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -54,6 +55,9 @@ def start_worker() -> None:
         retry=Retry(NoBackoff(), 1),  # ...at most twice
     )
     memofill.configure(redis.Redis.from_pool(pool), prefix="invoicing:")
+    # Short-lived processes behind no HTTP port: OpenTelemetry pushes each one's numbers
+    # (OTLP) once the application sets up the SDK here; until then, no-ops.
+    instrument()
 
 
 def convert(invoice: dict[str, Any]) -> dict[str, Any]:

@@ -107,9 +107,9 @@ def read_header(raw: bytes) -> Header | None:
     """The header of stored bytes, or ``None`` when they have none (or a malformed one)."""
     if raw[:2] != HEADED or len(raw) < HEADER_LEN:
         return None
-    try:
-        fields = (int(raw[part], 16) for part in (FETCH_START, SOFT_UNTIL, DELTA, SEQ))
-        return Header(*fields)
+    try:  # one int() per field, spelled out: a stale hit reads every header
+        start, soft = int(raw[FETCH_START], 16), int(raw[SOFT_UNTIL], 16)
+        return Header(start, soft, int(raw[DELTA], 16), int(raw[SEQ], 16))
     except ValueError:
         return None
 

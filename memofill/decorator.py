@@ -27,11 +27,13 @@ import wrapt
 
 from memofill.codec import (
     CORRUPT,
+    FETCH_START,
     HEADED,
     HEADER_LEN,
     NEGATIVE,
     NEGATIVE_MARKER,
     SEQ,
+    SOFT_UNTIL,
     VIEW_FROM_BYTES,
     ErrorMarker,
     Header,
@@ -54,6 +56,7 @@ from memofill.freshness import (
 )
 from memofill.generations import Generations, Marks, mark_field
 from memofill.keys import FieldText, KeyTemplate, annotation_problem, meta_key
+from memofill.metrics import Metrics
 from memofill.near import LocalStore, entry_bytes
 from memofill.outcomes import (
     DISABLED,
@@ -344,6 +347,7 @@ class _Binding:
     disabled: bool
     prefix: str
     counters: Counters
+    metrics: Metrics
     local_store: LocalStore
     #: The store's near copies serve this function (its dataset has ``near_ms``), or ``None``.
     near: LocalStore | None
@@ -412,12 +416,13 @@ class _Binding:
             disabled=state.disabled,
             prefix=state.prefix,
             counters=state.counters,
+            metrics=state.metrics,
             local_store=state.local_store,
             near=state.local_store if near_on else None,
             near_s=dataset.near_ms / 1000,
             near_copy=near_copy,
             near_owner=None if near_copy else values,
-            count_near=state.counters.hit_tally(key, NEAR_HIT).add,
+            count_near=state.counters.tally(key, NEAR_HIT).add,
             generations=state.generations,
             meta_key=meta_key(state.prefix),
             marks=state.generations.of(key),
@@ -936,6 +941,25 @@ def _sorted(binding: _Binding, key: str, raw: bytes) -> tuple[bytes | None, _Lat
     return raw, None
 
 
+def _invalidated(kind: str, marks: Marks, raw: bytes, serves_stale: bool) -> str:
+    """``kind`` (a :func:`~memofill.freshness.verdict`) as the dataset's marks amend it.
+
+    Below a hard mark (or a soft one, without ``stale_s``) a value is expired
+    whatever its clock says, and never served, not even on error; below a soft
+    mark only, a value still fresh by the clock is stale, served while one refreshes.
+    """
+    try:
+        seq: int | None = int(raw[SEQ], 16)
+    except ValueError:
+        seq = None
+    behind = marks.behind(seq, serves_stale)
+    if behind == EXPIRED:
+        return EXPIRED
+    if behind == STALE and kind == EARLY:
+        return STALE
+    return kind
+
+
 class _LateRead:
     """A read whose header says it is not a plain fresh hit: stale, due early, or invalidated.
 
@@ -948,23 +972,33 @@ class _LateRead:
     """
 
     def __init__(self, binding: _Binding, key: str, raw: bytes) -> None:
-        self.binding, self.key = binding, key
+        self.binding, self.key, self.raw = binding, key, raw
         dataset = binding.dataset
         self.now_ms = wall_clock() * 1000
-        header = read_header(raw)
-        self.header: Header = header or Header(0, 0, 0, 0)
-        stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
-        kind = EXPIRED if header is None else verdict(self.now_ms, header, stale_ms, if_error_ms)
-        behind = None if header is None else binding.marks.behind(header.seq, stale_ms > 0)
-        if behind == EXPIRED:
-            kind = EXPIRED  # fetched before a hard invalidation: never served, not even on error
-        elif behind == STALE and kind == EARLY:
-            kind = STALE  # fresh by the clock, but soft-invalidated: served while one refreshes
+        # The two header fields every late read needs (read_header's four cost a stale hit
+        # a microsecond); the rest only if this read hands a refresh off.
+        try:
+            soft_until_ms, fetch_start_ms = int(raw[SOFT_UNTIL], 16), int(raw[FETCH_START], 16)
+        except ValueError:
+            soft_until_ms = fetch_start_ms = -1
+        self.soft_until_ms, self.fetch_start_ms = soft_until_ms, fetch_start_ms
+        if soft_until_ms < 0 or len(raw) < HEADER_LEN:
+            kind = EXPIRED  # foreign bytes that only look like a header: a miss refills them
+        else:
+            stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
+            kind = verdict(self.now_ms, soft_until_ms, stale_ms, if_error_ms)
+            if binding.marks.top:  # its generation is read only once the dataset has a mark
+                kind = _invalidated(kind, binding.marks, raw, stale_ms > 0)
         self.trigger = "early" if kind == EARLY else "stale"
         self.result: CallResult | None = None
         if kind in (EARLY, STALE):
-            value = decode_stored(binding.values.codec, raw)
-            if not (value is CORRUPT or value is NEGATIVE or isinstance(value, ErrorMarker)):
+            # Markers carry no header: these bytes are a value, read as a fresh hit reads one.
+            body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
+            try:
+                value = binding.decode(body)
+            except Exception:  # corrupt bytes, or another schema: a miss overwrites them
+                pass
+            else:
                 name = HIT if kind == EARLY else STALE_HIT
                 binding.counters.add(binding.key, name)
                 self.result = CallResult(value, name, False)
@@ -975,12 +1009,17 @@ class _LateRead:
     ) -> _Refresh | None:
         """The refresh to run, unless one is in flight here or another process holds the lock."""
         refreshes = self.binding.refreshes
-        if commands is None or not refreshes.claim(self.key, self.header.fetch_start_ms):
+        if commands is None or not refreshes.claim(self.key, self.fetch_start_ms):
             return None
-        stale_age_ms = self.now_ms - self.header.soft_until_ms
+        header = read_header(self.raw)
+        if header is None:  # fields past the two read are not hex: refreshed as a fill would
+            header = Header(self.fetch_start_ms, self.soft_until_ms, 0, 0)
+        stale_age_ms = self.now_ms - self.soft_until_ms
         fetch = _fetcher(self.binding, wrapped, args, kwargs)
+        # What a tracer links the refresh to; copied only when one is listening.
+        caller = contextvars.copy_context() if self.binding.metrics.events.arounds else None
         return _Refresh(
-            self.binding, self.key, commands, fetch, self.trigger, self.header, stale_age_ms
+            self.binding, self.key, commands, fetch, self.trigger, header, stale_age_ms, caller
         )
 
     def after_inline(self, result: Result) -> CallResult:
@@ -1003,32 +1042,37 @@ class _Refresh:
         trigger: str,
         seen: Header,
         stale_age_ms: float,
+        caller: contextvars.Context | None,
     ) -> None:
         self.binding, self.key, self.commands, self.fetch = binding, key, commands, fetch
         self.trigger, self.seen, self.stale_age_ms = trigger, seen, stale_age_ms
+        #: The context of the caller that handed this refresh off, for the refresh's scope.
+        self.caller = caller
         self.plan = _plan(binding, key, commands, None)
 
     def run_sync(self) -> Result:
         """Run the refresh with the blocking client, and record it."""
         started = time.monotonic()
         steps = refresh(self.plan, self.seen.fetch_start_ms)
-        try:
-            result = run_sync(steps, self.commands, self.fetch, self.binding.breaker)
-        except BaseException:
-            self.binding.refreshes.done(self.key)
-            raise
-        return self._record(result, started)
+        with self.binding.metrics.events.refresh_scope(self.binding.key, self.caller):
+            try:
+                result = run_sync(steps, self.commands, self.fetch, self.binding.breaker)
+            except BaseException:
+                self.binding.refreshes.done(self.key)
+                raise
+            return self._record(result, started)
 
     async def run_async(self) -> Result:
         """Run the refresh with the asyncio client, and record it."""
         started = time.monotonic()
         steps = refresh(self.plan, self.seen.fetch_start_ms)
-        try:
-            result = await run_async(steps, self.commands, self.fetch, self.binding.breaker)
-        except BaseException:  # cancelled: the refresh released its lock, token-safely
-            self.binding.refreshes.done(self.key)
-            raise
-        return self._record(result, started)
+        with self.binding.metrics.events.refresh_scope(self.binding.key, self.caller):
+            try:
+                result = await run_async(steps, self.commands, self.fetch, self.binding.breaker)
+            except BaseException:  # cancelled: the refresh released its lock, token-safely
+                self.binding.refreshes.done(self.key)
+                raise
+            return self._record(result, started)
 
     def _record(self, result: Result, started: float) -> Result:
         """Count and log the refresh, keep its value for outages, and set the busy memo."""
@@ -1040,7 +1084,7 @@ class _Refresh:
             # Free by the end of a lease, or of a hold after a failure, whichever comes first.
             busy_s = min(policy.lease_ms, policy.refresh_retry_ms) / 1000
         binding.counters.add(binding.key, outcome.value)
-        RefreshRecord(
+        record = RefreshRecord(
             outcome=outcome,
             dataset=binding.key,
             redis_key=self.key,
@@ -1049,7 +1093,9 @@ class _Refresh:
             delta_ms=result.delta_ms,
             elapsed_ms=(time.monotonic() - started) * 1000,
             error=result.error,
-        ).emit()
+        )
+        record.emit()
+        binding.metrics.refreshed(record)
         if outcome is Outcome.REFRESH_FILL and result.stored is not None:
             binding.local_store.put(self.key, result.stored, binding.ttl_s)
         if result.unstorable is not None:
@@ -1080,7 +1126,12 @@ class _Miss:
         stale: bytes | None = None,
     ) -> None:
         self.binding, self.key, self.started, self.commands = binding, key, started, commands
-        self.fetch = _fetcher(binding, wrapped, args, kwargs)
+        # ``wrapped`` is None for a direct call: the decorated function, as it is now.
+        function = binding.current_function() if wrapped is None else wrapped
+        #: How long this caller's call of the origin took, once it made one (see _timed).
+        self.fetch_ms: float | None = None
+        timer = _timed_async if binding.is_async else _timed
+        self.fetch = timer(self, function, args, kwargs)
         if commands is None:
             _warn_no_client(binding)
         timed = binding.late is not None
@@ -1099,13 +1150,16 @@ class _Miss:
     def run_sync(self) -> Result:
         """Run the fill with the blocking client, and record it."""
         steps = fill(self.plan, time.monotonic, _rng)
-        return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
+        with self.binding.metrics.events.fill_scope(self.binding.key):
+            return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
 
     async def run_async(self, on_fetch: Callable[[], object]) -> Result:
         """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
         steps = fill(self.plan, time.monotonic, _rng)
         breaker = self._breaker()
-        return self._record(await run_async(steps, self.commands, self.fetch, breaker, on_fetch))
+        with self.binding.metrics.events.fill_scope(self.binding.key):
+            result = await run_async(steps, self.commands, self.fetch, breaker, on_fetch)
+            return self._record(result)
 
     def _breaker(self) -> Breaker:
         return self.binding.breaker
@@ -1131,7 +1185,7 @@ class _Miss:
                 acl_rule(binding.prefix),
                 extra={"dataset": binding.key, "redis_key": self.key},
             )
-        MissRecord(
+        record = MissRecord(
             outcome=outcome,
             dataset=binding.key,
             redis_key=self.key,
@@ -1140,7 +1194,10 @@ class _Miss:
             polls=0 if joined else result.polls,
             payload_bytes=result.payload_bytes,
             error=result.error,
-        ).emit()
+            fetch_ms=self.fetch_ms,
+        )
+        record.emit()
+        binding.metrics.miss(record)
         if joined:
             return result
         if result.stored is not None:
@@ -1167,6 +1224,36 @@ class _Miss:
             value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _timed(
+    miss: _Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """The fetch, ``function(*args, **kwargs)``: its time is kept in ``miss.fetch_ms``."""
+
+    def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
+
+
+def _timed_async(
+    miss: _Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """:func:`_timed` for a coroutine function: the time until its awaitable is done."""
+
+    async def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return await function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
 
 
 def _warn_unstorable(binding: _Binding, key: str, result: Result) -> None:
@@ -1244,6 +1331,9 @@ def _lookup_sync(
                 now = late.after_inline(job.run_sync())
             elif job is not None and not binding.refreshes.submit(key, job.run_sync):
                 binding.counters.add(binding.key, Outcome.REFRESH_DROPPED.value)
+                binding.metrics.refresh_counted(
+                    binding.key, job.trigger, Outcome.REFRESH_DROPPED.value
+                )
             return now if with_outcome else now.value
         stale, raw = late.stale, None
     served = _served_without_fill(binding, key, asked, raw, error)

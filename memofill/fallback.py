@@ -35,6 +35,7 @@ from memofill.near import (
     LocalStore,
     entry_bytes,
 )
+from memofill.outcomes import Tally
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
@@ -79,6 +80,8 @@ class Breaker:
         #: Time-outs in a row, and when the last one was.
         self.timeouts = 0
         self._last_timeout = 0.0
+        #: How many times it opened (exported as ``memofill_breaker_trips_total``).
+        self.trips = Tally()
         _live_breakers.add(self)
 
     @property
@@ -90,6 +93,7 @@ class Breaker:
         """Redis is unreachable: skip it for the cool-down."""
         self.open_until = self._clock() + self.cooldown_s
         self.timeouts = 0
+        self.trips.add()
 
     def failed(self, *, timed_out: bool) -> None:
         """Redis failed to answer a command: open now, or on the last of a few time-outs."""
@@ -121,6 +125,7 @@ def _after_fork_in_child() -> None:
     """A forked child starts with a closed breaker: the parent's says nothing of its connections."""
     for breaker in list(_live_breakers):
         breaker.reset()
+        breaker.trips = Tally()  # counted per process, as the outcomes are
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

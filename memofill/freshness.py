@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 
-from memofill.codec import DELTA, SOFT_UNTIL, Header
+from memofill.codec import DELTA, SOFT_UNTIL
 
 #: The wall clock, in seconds: what stored headers are written and judged against.
 wall_clock = time.time
@@ -83,9 +83,12 @@ def late_rule(
     return late_or_early
 
 
-def verdict(now_ms: float, header: Header, stale_ms: float, if_error_ms: float) -> str:
-    """What a read that :func:`late_rule` found late means: one of the constants above."""
-    past_ms = now_ms - header.soft_until_ms
+def verdict(now_ms: float, soft_until_ms: int, stale_ms: float, if_error_ms: float) -> str:
+    """What a read that :func:`late_rule` found late means: one of the constants above.
+
+    ``soft_until_ms`` is the header's: until when the value is fresh.
+    """
+    past_ms = now_ms - soft_until_ms
     if past_ms < 0:
         return EARLY
     if past_ms < stale_ms:

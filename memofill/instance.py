@@ -34,6 +34,7 @@ from memofill.fallback import Breaker
 from memofill.generations import DEFAULT_CHECK_MS, Generations, mark_field
 from memofill.keys import lock_key, meta_key, parse_template, prefix_problem
 from memofill.listener import Listener, connection_factory, tracked_prefixes
+from memofill.metrics import Events, Metrics
 from memofill.near import MAX_LOCAL_BYTES, MAX_LOCAL_ENTRIES, LocalStore, NearCache
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
@@ -99,6 +100,8 @@ class State:
     policies: dict[str, Dataset] | None
     disabled: bool
     counters: Counters
+    #: Histograms and refresh counts; its ``events`` (the hooks) is the instance's, kept.
+    metrics: Metrics
     local_store: LocalStore
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
@@ -171,8 +174,10 @@ def _refreshes(mode: object, workers: object) -> Refreshes:
 def _fresh(
     breaker_cooldown_s: float,
     local_store_bytes: int,
+    *,
     near: NearCache | None,
     meta_check_s: float,
+    events: Events,
     refreshes: Refreshes | None = None,
 ) -> dict[str, Any]:
     """What calls accumulate, new: counts, values kept near and for outages, the breaker, fills."""
@@ -191,6 +196,7 @@ def _fresh(
         "counters": Counters(),
         "generations": generations,
         "local_store": store,
+        "metrics": Metrics(events),
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
         "task_flights": TaskFlights(),
@@ -286,9 +292,10 @@ class Memofill:
             **_fresh(
                 breaker_cooldown_s,
                 local_store_bytes,
-                near,
-                meta_check_ms / 1000,
-                _refreshes(refresh, refresh_workers),
+                near=near,
+                meta_check_s=meta_check_ms / 1000,
+                events=Events(),
+                refreshes=_refreshes(refresh, refresh_workers),
             ),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
@@ -308,6 +315,16 @@ class Memofill:
     def counters(self) -> Counters:
         """Hits and miss outcomes per dataset, counted in this process."""
         return self._state.counters
+
+    @property
+    def metrics(self) -> Metrics:
+        """Histograms of misses and refreshes, and refresh counts, in this process."""
+        return self._state.metrics
+
+    @property
+    def events(self) -> Events:
+        """The hooks called with every miss and refresh record (never a hit)."""
+        return self._state.metrics.events
 
     @property
     def local_store(self) -> LocalStore:
@@ -587,9 +604,10 @@ class Memofill:
                 **_fresh(
                     saved.breaker.cooldown_s,
                     saved.local_store.max_bytes,
-                    saved.near,
-                    saved.generations.check_s,
-                    saved.refreshes,
+                    near=saved.near,
+                    meta_check_s=saved.generations.check_s,
+                    events=saved.metrics.events,
+                    refreshes=saved.refreshes,
                 ),
             )
             self._swap(

@@ -79,7 +79,7 @@ WARNING_OUTCOMES = frozenset(
     }
 )
 #: Refresh outcomes that are counted and never logged.
-COUNTED_ONLY = frozenset({Outcome.REFRESH_BUSY, Outcome.REFRESH_DROPPED})
+UNLOGGED_REFRESHES = frozenset({Outcome.REFRESH_BUSY, Outcome.REFRESH_DROPPED})
 #: The ``error`` of a miss that Redis refused a command or key (an ACL): a configuration
 #: mistake, logged once at ERROR with its fix, so its misses are logged at INFO.
 PERMISSION_ERROR = "NoPermissionError"
@@ -102,6 +102,8 @@ class MissRecord:
     polls: int = 0
     payload_bytes: int = 0
     error: str | None = None
+    #: How long the origin took, when this caller called it (``None``: it did not).
+    fetch_ms: float | None = None
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger (never the payload, only its size)."""
@@ -147,7 +149,7 @@ class RefreshRecord:
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger: WARNING for a failure, else INFO."""
-        if self.outcome in COUNTED_ONLY:
+        if self.outcome in UNLOGGED_REFRESHES:
             return
         level = logging.WARNING if self.outcome in WARNING_OUTCOMES else logging.INFO
         if not logger.isEnabledFor(level):
@@ -178,11 +180,14 @@ FALLBACK_HIT = "fallback_hit"
 #: Served from the process's near copy, without asking Redis (datasets with ``near_ms``).
 #: Counted, never logged, like a hit.
 NEAR_HIT = "near_hit"
-#: The counts kept by a lock-free :class:`Tally` each: those of the hit paths.
-_TALLIED = frozenset({HIT, NEAR_HIT})
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
 #: directly. Counted, never logged, like a hit.
 DISABLED = "disabled"
+#: The names counted but never logged, beside the miss outcomes. Each is an ``outcome`` of
+#: ``memofill_calls_total`` (:mod:`memofill.metrics`).
+COUNTED_ONLY: tuple[str, ...] = (HIT, STALE_HIT, NEAR_HIT, FALLBACK_HIT, DISABLED)
+#: The names counted on a hit path, on lock-free tallies rather than under a lock.
+_TALLIED = frozenset({HIT, STALE_HIT, NEAR_HIT})
 
 
 class Tally:
@@ -227,6 +232,7 @@ class Counters:
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
+        #: Tallies of the names counted on a hit path (see :data:`_TALLIED`), by (dataset, name).
         self._hits: dict[tuple[str, str], Tally] = {}
         self._lock = threading.Lock()
         _live_counters.add(self)
@@ -234,13 +240,17 @@ class Counters:
     def add(self, dataset: str, name: str) -> None:
         """Count one ``name``: an outcome value, :data:`HIT`, :data:`FALLBACK_HIT`, ``disabled``."""
         if name in _TALLIED:
-            self.hit_tally(dataset, name).add()
+            self.tally(dataset, name).add()
             return
         with self._lock:
             self._counts[dataset, name] += 1
 
-    def hit_tally(self, dataset: str, name: str = HIT) -> Tally:
-        """The tally of ``dataset``'s hits (or near hits), made on first use; callers keep it."""
+    def hit_tally(self, dataset: str) -> Tally:
+        """The tally of ``dataset``'s hits, made on first use; callers keep it and add to it."""
+        return self.tally(dataset, HIT)
+
+    def tally(self, dataset: str, name: str) -> Tally:
+        """The lock-free tally of one of the names counted on a hit path, made on first use."""
         tally = self._hits.get((dataset, name))
         if tally is None:
             with self._lock:

@@ -81,6 +81,11 @@ class Refreshes:
         if self._pid != os.getpid():
             self._forked()
         now = time.monotonic()
+        # Read first without the lock (a dict read is atomic): most stale hits end here,
+        # while another caller or process refreshes.
+        busy = self._busy.get(key)
+        if key in self._in_flight or (busy is not None and busy[0] > now and busy[1] == version):
+            return False
         with self._lock:
             until, seen = self._busy.get(key, (0.0, 0))
             if key in self._in_flight or (until > now and seen == version):

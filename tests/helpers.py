@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import attrs
+
 from memofill import Memofill
 
 
@@ -46,3 +48,15 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@attrs.frozen
+class Refresh:
+    """A stand-in for a refresh record: only what metrics and exporters read of one."""
+
+    dataset: str
+    trigger: str
+    outcome: str
+    elapsed_ms: float
+    delta_ms: float | None
+    stale_age_ms: float | None

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from memofill import Dataset, Memofill
 from tests.redis_servers import RedisCluster, RedisServer, free_port
@@ -166,8 +167,20 @@ def test_uvicorn_serves_a_stampede_with_one_upstream_call(
     env = example_env(REDIS_URL=own_redis_server.url, UPSTREAM_CALLS_FILE=str(calls))
     with serving([*command, "--workers", str(workers)], port, env, tmp_path / "log") as base:
         responses = stampede(f"{base}/quotes/ACME", 200)
+        metrics = urllib.request.urlopen(f"{base}/metrics/", timeout=60).read().decode()
 
     assert_one_upstream_call(responses, {"symbol": "ACME", "price": 27.8}, calls, "quote ACME")
+    if workers == 1:  # with two, a scrape reads whichever worker answers it
+        outcomes = {
+            sample.labels["outcome"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "memofill_calls_total" and sample.value
+        }
+        # A request that a busy machine starts late finds the value: a hit.
+        assert outcomes.pop("leader_fill") == 1.0
+        assert set(outcomes) <= {"local_join", "hit"}
+        assert sum(outcomes.values()) == 199.0
     with own_redis_server.client() as redis:
         assert redis.exists(final_key("quotes-api:", "fastapi:quotes:{symbol}", symbol="ACME"))
 

@@ -75,12 +75,12 @@ def faults(memofill_harness: Harness) -> Faults:
 
 def test_verdicts_by_time_past_the_soft_deadline() -> None:
     header = Header(0, 10_000, 50, 0)
-    assert verdict(9_999, header, 1_000, 5_000) == EARLY
-    assert verdict(10_000, header, 1_000, 5_000) == STALE
-    assert verdict(10_999, header, 1_000, 5_000) == STALE
-    assert verdict(11_000, header, 1_000, 5_000) == STALE_IF_ERROR
-    assert verdict(15_000, header, 1_000, 5_000) == EXPIRED
-    assert verdict(10_000, header, 0, 0) == EXPIRED
+    assert verdict(9_999, header.soft_until_ms, 1_000, 5_000) == EARLY
+    assert verdict(10_000, header.soft_until_ms, 1_000, 5_000) == STALE
+    assert verdict(10_999, header.soft_until_ms, 1_000, 5_000) == STALE
+    assert verdict(11_000, header.soft_until_ms, 1_000, 5_000) == STALE_IF_ERROR
+    assert verdict(15_000, header.soft_until_ms, 1_000, 5_000) == EXPIRED
+    assert verdict(10_000, header.soft_until_ms, 0, 0) == EXPIRED
 
 
 def test_the_late_rule_reads_the_header_with_an_injected_clock() -> None:
@@ -276,6 +276,10 @@ def test_a_full_pool_drops_refreshes_and_counts_them(
     counts = cache.counters.snapshot()[NEWS.key]
     assert counts["refresh_dropped"] == 3  # one running, two queued
     assert counts["refresh_fill"] == 3
+    assert cache.metrics.refreshes() == {
+        (NEWS.key, "stale", "refresh_dropped"): 3,
+        (NEWS.key, "stale", "refresh_fill"): 3,
+    }
 
 
 def test_inline_mode_refreshes_in_the_caller(

@@ -87,3 +87,19 @@ def configures_refresh() -> None:
         ),
     )
     print(stale.window_s)
+
+
+def uses_metrics(cache: memofill.Memofill) -> None:
+    from memofill.contrib.otel import instrument  # noqa: PLC0415  # the extras, if installed
+    from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
+    from memofill.outcomes import MissRecord  # noqa: PLC0415
+
+    def slow_misses(record: MissRecord) -> None:
+        print(record.dataset, record.fetch_ms)
+
+    stop = cache.events.subscribe(slow_misses)
+    stop()
+    collector = MemofillCollector(cache)
+    handle = instrument(cache)
+    handle.uninstrument()
+    print(list(collector.collect()))

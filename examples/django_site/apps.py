@@ -6,12 +6,17 @@ import memofill
 import redis
 from django.apps import AppConfig
 from django.conf import settings
+from memofill.contrib.otel import instrument
+from memofill.contrib.prometheus import MemofillCollector
+from prometheus_client import CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 #: Connections per server process. Django's development server runs a thread per
 #: request, unbounded: past this many, a thread waits up to 5 s for a free connection.
 MAX_CONNECTIONS = 32
+#: What views.metrics serves: memofill's numbers in this process.
+METRICS = CollectorRegistry()
 
 
 class CatalogueConfig(AppConfig):
@@ -28,3 +33,7 @@ class CatalogueConfig(AppConfig):
             retry=Retry(NoBackoff(), 1),  # ...at most twice
         )
         memofill.configure(redis.Redis.from_pool(pool), prefix="catalogue:")
+        # Metrics for Prometheus (views.metrics serves them) and OpenTelemetry (no-ops
+        # until the application sets up the SDK).
+        METRICS.register(MemofillCollector())
+        instrument()

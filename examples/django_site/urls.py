@@ -6,5 +6,6 @@ from django_site import views
 
 urlpatterns = [
     path("books/<str:isbn>", views.book),
+    path("metrics", views.metrics),
     path("healthz", views.healthz),
 ]

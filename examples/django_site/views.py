@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from django_site.apps import METRICS
 from django_site.books import fetch_book
 
 
@@ -16,3 +18,7 @@ def book(request: HttpRequest, isbn: str) -> JsonResponse:
 
 def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(generate_latest(METRICS), content_type=CONTENT_TYPE_LATEST)

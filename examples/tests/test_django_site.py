@@ -46,3 +46,13 @@ def test_an_unknown_book_is_remembered_as_missing(
     assert statuses == [404, 404]
     assert upstream.count == 1
     memofill_outcomes.assert_outcomes("django:books:{isbn}", negative=1, hit=1)
+
+
+def test_metrics_count_the_calls(
+    client: Client, memofill_default: object, memofill_outcomes: Outcomes
+) -> None:
+    for _ in range(3):
+        client.get("/books/9780262510875")
+    text = client.get("/metrics").content.decode()
+    assert 'memofill_calls_total{dataset="django:books:{isbn}",outcome="hit"} 2.0' in text
+    assert 'memofill_calls_total{dataset="django:books:{isbn}",outcome="leader_fill"} 1.0' in text

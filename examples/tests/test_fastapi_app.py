@@ -39,3 +39,15 @@ def test_quotes_are_served_while_redis_is_down(
     with memofill_faults.redis_down():
         assert client.get("/quotes/ACME").json() == QUOTE
     memofill_outcomes.assert_outcomes("fastapi:quotes:{symbol}", lock_error=1)
+
+
+def test_metrics_count_the_calls(
+    client: TestClient, memofill_default: object, memofill_outcomes: Outcomes
+) -> None:
+    for _ in range(3):
+        client.get("/quotes/ACME")
+    text = client.get("/metrics/").text
+    assert 'memofill_calls_total{dataset="fastapi:quotes:{symbol}",outcome="hit"} 2.0' in text
+    assert (
+        'memofill_calls_total{dataset="fastapi:quotes:{symbol}",outcome="leader_fill"} 1.0' in text
+    )

@@ -59,3 +59,15 @@ def test_a_request_returns_what_another_process_fetched(
     # may land before the request reads it (hit). Either way it is the other process's.
     assert sum(memofill_outcomes.counts("flask:forecasts:{city}").values()) == 1
     assert memofill_outcomes.counts("flask:forecasts:{city}").keys() <= {"follower_hit", "hit"}
+
+
+def test_metrics_count_the_calls(
+    client: FlaskClient, memofill_default: object, memofill_outcomes: Outcomes
+) -> None:
+    for _ in range(3):
+        client.get("/forecasts/Oslo")
+    text = client.get("/metrics").text
+    assert 'memofill_calls_total{dataset="flask:forecasts:{city}",outcome="hit"} 2.0' in text
+    assert (
+        'memofill_calls_total{dataset="flask:forecasts:{city}",outcome="leader_fill"} 1.0' in text
+    )
