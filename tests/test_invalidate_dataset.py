@@ -270,7 +270,9 @@ def test_a_soft_invalidation_serves_the_old_value_while_exactly_one_caller_refre
     for fetch in fetches:
         result = fetch.call_with_outcome("k")
         assert (result.outcome, result.value) == ("hit", {"version": 2})
-    assert calls[before:] == ["k"]  # one refresh, fleet-wide
+    # One refresh of the key, fleet-wide ("other", read while waiting for the mark, is being
+    # refreshed too: its own business).
+    assert [name for name in calls[before:] if name == "k"] == ["k"]
 
 
 def test_a_soft_invalidation_of_a_dataset_without_stale_s_acts_as_a_hard_one(
