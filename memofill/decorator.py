@@ -836,14 +836,24 @@ def _outage_copy(binding: _Binding, key: str) -> Any:
 
     Stored bytes are decoded afresh, so no two callers hold the same object;
     a near copy kept decoded is the object near hits share, and only for
-    functions that decode alike.
+    functions that decode alike. A value fetched before a dataset invalidation
+    is none (near copies go when the marks change; a fill that straddled the
+    change keeps its bytes here after it).
     """
     entry = binding.local_store.outage_entry(key)
     if entry is None:
         return None
     if entry.owner is None:
         kept = entry.value
-        return None if kept is NEGATIVE else decode_stored(binding.values.codec, kept)
+        if kept is NEGATIVE:
+            return None
+        marks = binding.marks
+        if marks.top:  # kept by a fill that began before an invalidation: never served
+            header = read_header(kept)
+            seq = None if header is None else header.seq
+            if marks.behind(seq, binding.dataset.stale_s > 0) == EXPIRED:
+                return None
+        return decode_stored(binding.values.codec, kept)
     return entry.value if entry.owner is binding.values else None
 
 
