@@ -1365,8 +1365,12 @@ async def _lookup_async(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    first_read = None
     if started >= binding.generations.next_check and commands is not None:
-        await _read_generations_async(binding, commands, started)
+        if binding.generations.known:
+            await _read_generations_async(binding, commands, started)
+        else:  # sent beside this caller's GET, and awaited before the value is judged
+            first_read = _first_read_async(binding, commands, started)
     near = binding.near
     if near is not None:
         value = _near_served(binding, key, started)
@@ -1388,12 +1392,17 @@ async def _lookup_async(
             if reservation is not None:
                 binding.local_store.abandon(key, reservation)
         else:
+            if first_read is not None:
+                await asyncio.shield(first_read)
+                first_read = None
             if reservation is None:
                 value = _hit(binding, key, raw, started)
             else:
                 value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
+    if first_read is not None:
+        await asyncio.shield(first_read)
     stale, late = None, None
     if raw is not None and (binding.late is not None or binding.marks.top):
         raw, late = _sorted(binding, key, raw)
@@ -1443,27 +1452,38 @@ def _meta_or_none(binding: _Binding, commands: Commands) -> Any:
 
 
 async def _read_generations_async(binding: _Binding, commands: Commands, now: float) -> None:
-    """:func:`_read_generations_sync` for asyncio callers: the first read is awaited by all.
+    """:func:`_read_generations_sync` for asyncio callers, once the process knows the marks.
 
-    The callers of one event loop await the one read in flight on it, the
-    first time; later, one caller reads and the others go on with the marks known.
+    One caller reads the hash again; the others go on with the marks known.
     """
     generations = binding.generations
-    if generations.known:
-        if generations.claim(now) and not binding.breaker.is_open:
-            generations.loaded(await _meta_or_none_async(binding, commands), now)
-        return
+    if generations.claim(now) and not binding.breaker.is_open:
+        generations.loaded(await _meta_or_none_async(binding, commands), now)
+
+
+def _first_read_async(binding: _Binding, commands: Commands, now: float) -> asyncio.Task[None]:
+    """The process's first read of the generations on this event loop, one task for its callers.
+
+    Each caller sends its own ``GET`` meanwhile and awaits the task (shielded:
+    a cancelled caller leaves it to the others) before it judges the value, so
+    the first calls cost no round trip more than a ``GET``. Reaching the fill
+    no later than without it matters: on Python 3.10 a caller cancelled while
+    a reply is on its way may not see the cancellation (redis-py drops it).
+    """
+    generations = binding.generations
     loop = asyncio.get_running_loop()
-    pending = generations.first_reads.get(loop)
-    if pending is not None:
-        await asyncio.shield(pending)
-        return
-    done = generations.first_reads[loop] = loop.create_future()
+    task: asyncio.Task[None] | None = generations.first_reads.get(loop)
+    if task is None:
+        task = generations.first_reads[loop] = loop.create_task(_first_read(binding, commands, now))
+    return task
+
+
+async def _first_read(binding: _Binding, commands: Commands, now: float) -> None:
+    generations = binding.generations
     try:
         generations.loaded(await _meta_or_none_async(binding, commands), now)
     finally:
-        del generations.first_reads[loop]
-        done.set_result(None)
+        generations.first_reads.pop(asyncio.get_running_loop(), None)
 
 
 async def _meta_or_none_async(binding: _Binding, commands: Commands) -> Any:
