@@ -130,8 +130,8 @@ class Generations:
     def loaded(self, reply: Mapping[Any, Any] | None, now: float) -> None:
         """Take the hash as ``HGETALL`` returned it (``None``: it could not be read)."""
         self.next_check = now + self.check_s
-        self.known = True
         if reply is None:
+            self.known = True
             return
         seq = 0
         read: dict[str, list[int]] = {}
@@ -152,6 +152,7 @@ class Generations:
         for dataset in {*self.marks, *read}:
             hard, soft = read.get(dataset, (0, 0))
             changed = self.of(dataset).set(hard, soft) or changed
+        self.known = True  # last: a caller that sees it finds the marks in place
         if changed:
             self.on_change()
 
