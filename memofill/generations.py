@@ -107,10 +107,6 @@ class Generations:
             marks = self.marks.setdefault(dataset, Marks())
         return marks
 
-    def due(self, now: float) -> bool:
-        """Whether the hash should be read again before this call is served."""
-        return now >= self.next_check
-
     def claim(self, now: float) -> bool:
         """Whether this caller reads the hash again now; the others go on with the marks known.
 

@@ -32,14 +32,14 @@ def test_a_value_below_its_datasets_mark_is_rejected_and_one_at_or_above_is_not(
 
 def test_the_hash_is_read_again_after_the_interval_or_when_told() -> None:
     generations = Generations(1.0)
-    assert generations.due(0.0)  # before the first call
+    assert generations.next_check <= 0.0  # before the first call
     generations.loaded({}, 5.0)
-    assert not generations.due(5.5)
-    assert generations.due(6.0)
+    assert generations.next_check > 5.5
+    assert generations.next_check <= 6.0
     generations.loaded(None, 6.0)  # Redis did not answer: asked again after the interval
-    assert generations.due(7.0)
+    assert generations.next_check <= 7.0
     generations.expire()
-    assert generations.due(6.1)
+    assert generations.next_check <= 6.1
 
 
 def test_this_processs_own_invalidation_is_known_at_once() -> None:
