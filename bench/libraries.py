@@ -243,6 +243,7 @@ def _memofill(
     is_async: bool,
     dataset: Any = None,
     *,
+    near_ms: int = 0,
     wire: Callable[[Any], object] | None = None,
 ) -> Cached:
     """memofill's row on one dataset: the bench's policy unless ``dataset`` is given, and
@@ -251,7 +252,7 @@ def _memofill(
 
     if dataset is None:
         fill = memofill.CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, poll_max_ms=250)
-        dataset = memofill.Dataset(DATASET, ttl_s=TTL_S, cache_fill=fill)
+        dataset = memofill.Dataset(DATASET, ttl_s=TTL_S, cache_fill=fill, near_ms=near_ms)
     instance = memofill.Memofill(client, prefix=namespace, policies={DATASET: dataset})
     if wire is not None:
         wire(instance)
@@ -267,12 +268,16 @@ def _memofill(
         async def fetch_async(name: str) -> Any:
             return await origin(name)
 
+        if near_ms:
+            _wait_for_listener(instance, namespace)
         return Cached(fetch_async, client.aclose, outcomes)
 
     @instance.cached_dataset(DATASET)
     def fetch(name: str) -> Any:
         return origin(name)
 
+    if near_ms:
+        _wait_for_listener(instance, namespace)
     return Cached(fetch, client.close, outcomes)
 
 
@@ -445,6 +450,30 @@ def _cashews_early(port: int, namespace: str, origin: Origin) -> Cached:
     return Cached(fetch, cache.close)
 
 
+#: The near rows' ``near_ms``: long enough that the hit rounds read Redis a handful of times.
+NEAR_MS = 5_000
+
+
+def _memofill_near_sync(port: int, namespace: str, origin: Origin) -> Cached:
+    return _memofill(sync_client(port), namespace, origin, is_async=False, near_ms=NEAR_MS)
+
+
+def _memofill_near_async(port: int, namespace: str, origin: Origin) -> Cached:
+    return _memofill(async_client(port), namespace, origin, is_async=True, near_ms=NEAR_MS)
+
+
+def _wait_for_listener(instance: Any, namespace: str) -> None:
+    """Start the near-cache listener and wait for its first answered ping, so warm-up hits."""
+    import time  # noqa: PLC0415
+
+    instance.local_store.reserve(namespace + "warm-up")  # starts the listener
+    deadline = time.monotonic() + 10
+    while instance.local_store.live_until <= time.monotonic():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the near-cache listener did not start")
+        time.sleep(0.005)
+
+
 _MEMOFILL_SETUP = (
     f"`Memofill(client, prefix=..., policies={{'{DATASET}': Dataset(ttl_s={TTL_S}, "
     "cache_fill=CacheFill(lease_ms=5000, wait_ms=3000, poll_min_ms=10, "
@@ -517,6 +546,25 @@ LIBRARIES: tuple[Library, ...] = (
     ),
     Library("memofill-sync", "memofill", False, True, _memofill_sync, _MEMOFILL_SETUP),
     Library("memofill-async", "memofill", True, True, _memofill_async, _MEMOFILL_SETUP),
+    Library(
+        "memofill-near-sync",
+        "memofill near",
+        False,
+        True,
+        _memofill_near_sync,
+        f"memofill as above with `near_ms={NEAR_MS}` (default `NearCache()`: tracking "
+        "listener, shared decoded objects); a hit is served from the process's copy",
+        hit_only=True,
+    ),
+    Library(
+        "memofill-near-async",
+        "memofill near",
+        True,
+        True,
+        _memofill_near_async,
+        f"the same for coroutine functions (`near_ms={NEAR_MS}`)",
+        hit_only=True,
+    ),
     Library(
         "memofill-exported",
         "memofill, both exporters scraped",

@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import expiry, miss_cost, registry
+from bench import expiry, miss_cost, near, registry
 from bench.libraries import BY_SLUG, LIBRARIES, STALE_S, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
@@ -111,7 +111,12 @@ def _hit(hit: dict[str, Any]) -> list[str]:
             if data is None:
                 cells += [NA, NA, NA]
             else:
-                cells += [_num(data["median_us"]), _num(data["p99_us"]), _num(data["ratio"], 2)]
+                digits = 3 if data["ratio"] < 0.1 else 2  # a near hit's ratio needs the third
+                cells += [
+                    _num(data["median_us"]),
+                    _num(data["p99_us"]),
+                    _num(data["ratio"], digits),
+                ]
         rows.append(cells)
     header = [
         "library",
@@ -485,6 +490,27 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     hit = results.get("hit")
     stampede = results.get("stampede")
     payload = results.get("payload")
+    for slug, mode in (("memofill-near-sync", "sync"), ("memofill-near-async", "asyncio")):
+        if hit and slug in hit["rows"]:
+            ratio = hit["rows"][slug]["ratio"]
+            checks.append(
+                {
+                    "target": f"near hit ≤ 0.02 × floor ({mode})",
+                    "measured": f"{ratio:.3f} ×",
+                    "ok": ratio <= 0.02,
+                }
+            )
+    lag = results.get("near")
+    for key, label, most in (("idle", "idle", 2.0), ("busy", "with a CPU-bound thread", 20.0)):
+        if lag:
+            p99 = lag[key]["p99_ms"]
+            checks.append(
+                {
+                    "target": f"near invalidation lag p99 ≤ {most:g} ms ({label})",
+                    "measured": f"{p99:.2f} ms",
+                    "ok": p99 <= most,
+                }
+            )
     if hit and "memofill-exported" in hit["rows"]:
         ratio = hit["rows"]["memofill-exported"]["ratio"]
         checks.append(
@@ -684,6 +710,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _hit_header(results["hit_header"])
     if "hit_typed" in results:
         lines += _hit_typed(results["hit_typed"])
+    if "near" in results:
+        lines += near.render(results["near"])
     if "miss_cost" in results:
         lines += miss_cost.render(results["miss_cost"])
     if "stampede" in results:

@@ -22,13 +22,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import expiry, growth, hit, miss_cost, payload, registry, report, stampede
+from bench import expiry, growth, hit, miss_cost, near, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from memofill import timeline
 from tests.redis_servers import RedisServer  # the project's private-server helper
 
-SCENARIOS = ("hit", "miss_cost", "stampede", "growth", "payload", "registry", "expiry")
+SCENARIOS = (
+    "hit",
+    "near",
+    "miss_cost",
+    "stampede",
+    "growth",
+    "payload",
+    "registry",
+    "expiry",
+)
 VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
 DEFAULT_OUT = Path("bench/results.md")
 
@@ -53,6 +62,7 @@ class Scale:
     expiry_processes: int
     expiry_callers: int
     expiry_repeats: int
+    near_writes: int
 
 
 FULL = Scale(
@@ -72,6 +82,7 @@ FULL = Scale(
     expiry_processes=4,
     expiry_callers=5,
     expiry_repeats=3,
+    near_writes=500,
 )
 QUICK = Scale(
     hit_iterations=2_000,
@@ -90,6 +101,7 @@ QUICK = Scale(
     expiry_processes=2,
     expiry_callers=3,
     expiry_repeats=1,
+    near_writes=50,
 )
 
 
@@ -275,6 +287,9 @@ def run(
                 warmup=scale.hit_warmup,
                 rounds=scale.hit_rounds,
             )
+        if "near" in scenarios:
+            _log(f"near: invalidation lag, {scale.near_writes} writes, idle and busy reader")
+            results["near"] = near.measure(server.port, writes=scale.near_writes)
         if "miss_cost" in scenarios:
             _log(f"miss cost: {scale.hit_iterations:,} calls per row")
             results["miss_cost"] = miss_cost.measure(iterations=scale.hit_iterations)

@@ -21,6 +21,7 @@ from memofill.instance import (
     default_instance,
     disabled,
 )
+from memofill.near import NearCache
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate
 from memofill.values import Codec
@@ -38,6 +39,7 @@ __all__ = [
     "KeyTemplateError",
     "Memofill",
     "MemofillError",
+    "NearCache",
     "Outcome",
     "Problem",
     "RegistryError",

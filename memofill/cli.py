@@ -14,15 +14,18 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import orjson
 import redis
+import redis.cluster
 
-from memofill import codegen, demo, inspection, timeline
+from memofill import codegen, demo, inspection, purge, timeline
+from memofill.commands import REDIS_ERRORS, Commands
 from memofill.errors import MemofillError, RegistryError
-from memofill.keys import prefix_problem
+from memofill.generations import mark_field
+from memofill.keys import meta_key, prefix_problem
 from memofill.policy import Dataset, load_policies
 from memofill.project import find_pyproject, tool_settings
 
@@ -373,6 +376,123 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number > 0")
+    return number
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return number
+
+
+def _dataset_command_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATASET, and where its Redis is: what ``purge`` and ``invalidate`` share."""
+    parser.add_argument("dataset", metavar="DATASET", help="registry key, such as 'q:{symbol}'")
+    parser.add_argument(
+        "--url", help="Redis URL (default: $REDIS_URL, else url in [tool.memofill])"
+    )
+    parser.add_argument(
+        "--prefix",
+        help="the key prefix the application configures (default: prefix in [tool.memofill])",
+    )
+    parser.add_argument(
+        "--cluster", action="store_true", help="the URL names a node of a Redis Cluster"
+    )
+    _policies_argument(parser)
+
+
+def _purge_arguments(parser: argparse.ArgumentParser) -> None:
+    _dataset_command_arguments(parser)
+    parser.add_argument(
+        "--batch", type=_positive_int, default=1000, help="keys per SCAN step and UNLINK"
+    )
+    parser.add_argument(
+        "--pause-ms",
+        type=_non_negative_float,
+        default=10.0,
+        help="pause between two UNLINK batches (default 10)",
+    )
+
+
+def _dataset_target(args: argparse.Namespace) -> tuple[str, str, Dataset]:
+    """The URL, prefix and dataset a ``purge`` or ``invalidate`` acts on."""
+    url, prefix = _redis_target(args)
+    path, policies = _policies(args)
+    if policies is None:
+        raise CommandError(f"{path.as_posix()}: no such file; run 'memofill gen' first")
+    dataset = policies.get(args.dataset)
+    if dataset is None:
+        known = ", ".join(sorted(policies)) or "none"
+        raise CommandError(f"no dataset {args.dataset!r} in {path.as_posix()} (known: {known})")
+    return url, prefix, dataset
+
+
+def _connect(url: str, cluster: bool) -> Any:
+    kind = redis.cluster.RedisCluster if cluster else redis.Redis
+    try:
+        return kind.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    except ValueError as exc:  # the URL is not quoted: it may hold a password
+        raise CommandError(f"bad Redis URL: {exc}") from None
+    except REDIS_ERRORS as exc:
+        raise CommandError(f"cannot reach Redis at {demo.redact(url)}: {exc}") from None
+
+
+def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
+    _dataset_command_arguments(parser)
+    parser.add_argument(
+        "--soft",
+        action="store_true",
+        help="serve old values while one caller refreshes (datasets with stale_s; else as hard)",
+    )
+
+
+def run_invalidate(args: argparse.Namespace) -> int:
+    """Make every value of one dataset fetched until now unservable, in every process: O(1)."""
+    url, prefix, dataset = _dataset_target(args)
+    client = _connect(url, args.cluster)
+    try:
+        seq = Commands(client).invalidate_dataset(
+            meta_key(prefix), mark_field(dataset.key, args.soft)
+        )
+    except REDIS_ERRORS as exc:
+        raise CommandError(f"cannot invalidate at {demo.redact(url)}: {exc}") from None
+    finally:
+        client.close()
+    print(
+        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq} (values fetched "
+        "before it are no longer served; each process hears of it within its meta_check_ms)"
+    )
+    return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    """Remove one dataset's keys under the prefix (SCAN + UNLINK in batches) to free memory."""
+    url, prefix, dataset = _dataset_target(args)
+    client = _connect(url, args.cluster)
+    try:
+        done = purge.purge(client, prefix, dataset, batch=args.batch, pause_s=args.pause_ms / 1000)
+    except REDIS_ERRORS as exc:
+        raise CommandError(f"cannot purge at {demo.redact(url)}: {exc}") from None
+    finally:
+        client.close()
+    print(
+        f"purged {done.removed} keys of {dataset.key} under prefix {prefix!r} "
+        f"({done.scanned} scanned)"
+    )
+    return 0
+
+
 #: Subcommand name -> its parser setup and handler. A new subcommand is one entry.
 COMMANDS: dict[str, Command] = {
     "gen": Command("write the generated policy module from the registry", _path_arguments, run_gen),
@@ -390,6 +510,16 @@ COMMANDS: dict[str, Command] = {
         "one dataset entry as Redis holds it now: keys, TTLs, payload, lock holder",
         _inspect_arguments,
         run_inspect,
+    ),
+    "invalidate": Command(
+        "make every value of one dataset fetched until now unservable, in every process (O(1))",
+        _invalidate_arguments,
+        run_invalidate,
+    ),
+    "purge": Command(
+        "free the memory of one dataset's keys under the prefix (SCAN + UNLINK, in batches)",
+        _purge_arguments,
+        run_purge,
     ),
 }
 

@@ -81,7 +81,8 @@ class Header(NamedTuple):
     written: a fill that started before an invalidation is older than it);
     ``soft_until_ms`` until when the value is fresh (start + ``ttl_s``);
     ``delta_ms`` how long the fetch took, which early refresh (XFetch) draws
-    against; ``seq`` the dataset generation the value belongs to (0 for now).
+    against; ``seq`` the dataset generation its process knew when the fetch began
+    (:mod:`memofill.generations`).
     """
 
     fetch_start_ms: int

@@ -30,6 +30,7 @@ from memofill.errors import ConfigurationError
 
 __all__ = [
     "HOLD_SCRIPT",
+    "INVALIDATE_SCRIPT",
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
     "Commands",
@@ -162,11 +163,30 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 0
 """
 
+#: Whole-dataset invalidation (:mod:`memofill.generations`), sent by EVALSHA.
+#:
+#: KEYS[1]: the meta hash (``<prefix>#meta``). ARGV[1]: the mark's field
+#: (``hard:<dataset>`` or ``soft:<dataset>``).
+#:
+#: Bumps the counter ``seq`` and records the new value as the mark, atomically, so
+#: that two invalidations never share a number. Returns the new ``seq``.
+INVALIDATE_SCRIPT = """
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('HSET', KEYS[1], ARGV[1], seq)
+return seq
+"""
+
 
 #: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
 #: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
 #: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
-#: serve ``memofill inspect``.
+#: serve ``memofill inspect`` (``PTTL`` near copies too); ``HINCRBY``, ``HSET`` and
+#: ``HGETALL`` the dataset generations. The last six are the near-cache listener's
+#: (:mod:`memofill.listener`), on its own connection: ``HELLO`` where the client speaks
+#: RESP3, ``CLIENT ID``, ``CLIENT TRACKING``, ``SUBSCRIBE`` to
+#: :data:`LISTENER_CHANNEL` (granted by the rule's channel pattern) and ``PING``.
+#: ``memofill purge`` needs ``SCAN`` and ``UNLINK`` besides: an operator's rights, not
+#: every caller's.
 ACL_COMMANDS = (
     "get",
     "set",
@@ -177,10 +197,21 @@ ACL_COMMANDS = (
     "xrevrange",
     "xadd",
     "pexpire",
+    "hincrby",
+    "hset",
+    "hgetall",
     "pttl",
     "strlen",
     "getrange",
+    "hello",
+    "client|id",
+    "client|tracking",
+    "subscribe",
+    "ping",
 )
+
+#: The channel Redis sends a redirected RESP2 connection its invalidations on.
+LISTENER_CHANNEL = "__redis__:invalidate"
 
 
 def acl_rule(prefix: str) -> str:
@@ -191,10 +222,17 @@ def acl_rule(prefix: str) -> str:
     slot: ``~<prefix>*`` alone does not cover them; ``~{<prefix>*`` does (ACL
     patterns treat ``{`` as an ordinary character). With a prefix that is a hash
     tag itself (``{app}:``) every key already starts with the prefix, and the
-    second pattern is harmless.
+    second pattern is harmless. The channel pattern lets a near-cache listener
+    subscribe to its invalidations (Redis 7 grants no channel by default).
     """
     keys = f"~{prefix}* ~{{{prefix}*" if prefix else "~*"
-    return keys + " " + " ".join("+" + command for command in ACL_COMMANDS)
+    commands = " ".join("+" + command for command in ACL_COMMANDS)
+    return f"{keys} &{LISTENER_CHANNEL} {commands}"
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client (blocking or asyncio)."""
+    return hasattr(client, "nodes_manager")
 
 
 def new_token() -> str:
@@ -274,7 +312,20 @@ class Commands:
         self.socket_timeout_ms = socket_timeout_ms(client)
         self._release = client.register_script(RELEASE_SCRIPT)
         self._hold = client.register_script(HOLD_SCRIPT)
+        self._invalidate = client.register_script(INVALIDATE_SCRIPT)
         _live_commands.add(self)
+
+    def read_near(self, key: str) -> Any:
+        """``GET key`` and ``PTTL key`` in one round trip: ``[stored bytes, ms left]``.
+
+        What a near copy is made from: its time left in Redis bounds how long it
+        may be served, so that a copy never outlives the value. Both commands
+        name one key, so a cluster pipeline sends them to one node.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.pttl(key)
+        return pipe.execute()
 
     def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
         """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
@@ -314,6 +365,22 @@ class Commands:
     def delete(self, key: str) -> Any:
         """``DEL key``: the next call misses and fills again."""
         return self.client.delete(key)
+
+    def invalidate_dataset(self, meta_key: str, mark: str) -> Any:
+        """Run :data:`INVALIDATE_SCRIPT`: one command, whatever the number of keys."""
+        return self._invalidate(keys=[meta_key], args=[mark])
+
+    def read_meta(self, meta_key: str) -> Any:
+        """``HGETALL meta_key``: the dataset generations (an empty dict before any)."""
+        return self.client.hgetall(meta_key)
+
+    def scan_keys(self, pattern: str, count: int) -> Any:
+        """``SCAN ... MATCH pattern COUNT count`` to the end, on every primary of a cluster."""
+        return self.client.scan_iter(match=pattern, count=count)
+
+    def unlink(self, keys: list[bytes]) -> Any:
+        """``UNLINK key ...``: the memory is freed by Redis in the background."""
+        return self.client.unlink(*keys)
 
     def describe(self, key: str, lock_key: str) -> Any:
         """What ``memofill inspect`` shows: data TTL, size and head, lock TTL and holder.

@@ -60,6 +60,7 @@ from memofill.codec import (
     NEGATIVE_MARKER,
     ErrorMarker,
     Header,
+    decode_special,
     error_marker,
     header_bytes,
     payload_size,
@@ -173,6 +174,12 @@ class Plan:
     #: datasets that serve stale or refresh early. Callers that meet the hold get the stale
     #: value or, past the windows, :class:`~memofill.errors.FillError`, without a fetch.
     hold_on_error: bool = False
+    #: The dataset generation this process knew when the miss began, written in the value's
+    #: header, so that an invalidation made while the fetch runs rejects the value it stores.
+    seq: int = 0
+    #: The lowest generation a value read under the key must carry to end this fill, 0 for
+    #: any; a value fetched before a dataset invalidation never does.
+    floor: int = 0
 
 
 @attrs.frozen
@@ -346,7 +353,7 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
     if not acquired:
         return Result(Outcome.REFRESH_BUSY)
     header = read_header(recheck) if isinstance(recheck, bytes) else None
-    if header is not None and header.fetch_start_ms > seen_start_ms:
+    if header is not None and header.fetch_start_ms > seen_start_ms and header.seq >= plan.floor:
         _, release_error = yield from _write_and_release(
             plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
         )
@@ -394,11 +401,18 @@ def _hold(
 
 
 def _fresh_enough(plan: Plan, raw: bytes) -> bool:
-    """Whether ``raw`` can end a fill: it has no header, or one fresh after ``fresh_after_ms``."""
-    if not plan.fresh_after_ms:
+    """Whether ``raw`` can end a fill: fresh after ``fresh_after_ms``, of generation ``floor``.
+
+    Bytes without a header are a marker (``None`` or a failure, which carry no
+    generation and live a short TTL of their own) or a value written by an older
+    release, which is older than any dataset invalidation.
+    """
+    if not plan.fresh_after_ms and not plan.floor:
         return True
     header = read_header(raw)
-    return header is None or header.soft_until_ms > plan.fresh_after_ms
+    if header is None:
+        return not plan.floor or decode_special(raw) is not CORRUPT
+    return header.soft_until_ms > plan.fresh_after_ms and header.seq >= plan.floor
 
 
 def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
@@ -439,6 +453,7 @@ def _follow(
         # the shortest wait the policy allows between two reads.
         jittered_ms = max(interval_ms * (0.5 + rng.random() / 2), policy.poll_min_ms)
         pause_ms = max(1.0, min(jittered_ms, remaining_ms, _block_cap_ms(plan.block_limit_ms)))
+        told = None
         try:
             if wake_error:
                 raise RedisUnavailable("wake stream not used")
@@ -476,6 +491,10 @@ def _follow(
         landed = _landed(plan, raw, polls, (clock() - start) * 1000)
         if landed is not None:
             return landed
+        if told == STORED and plan.floor and raw is not None:
+            # The leader's value began before a dataset invalidation this caller knows of (it
+            # did not know yet): the lock is free again, and one of the followers fills anew.
+            return (yield from _fill(plan, clock, rng))
         interval_ms = min(interval_ms * 2, float(policy.poll_max_ms))
     waited = (clock() - start) * 1000
     result = yield from _uncoordinated(plan, Outcome.FOLLOWER_TIMEOUT)
@@ -600,7 +619,7 @@ def _stored_form(
         encoded = plan.codec.encode(value)
     except Exception as exc:  # whatever the codec raises on a value it cannot encode
         return None, 0, f"{type(exc).__name__}: {exc}"
-    header = Header(started_ms, started_ms + plan.ttl_ms, delta_ms, 0)
+    header = Header(started_ms, started_ms + plan.ttl_ms, delta_ms, plan.seq)
     return header_bytes(header) + encoded, plan.ttl_ms + plan.window_ms, None
 
 

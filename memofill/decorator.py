@@ -31,6 +31,8 @@ from memofill.codec import (
     HEADED,
     HEADER_LEN,
     NEGATIVE,
+    NEGATIVE_MARKER,
+    SEQ,
     SOFT_UNTIL,
     VIEW_FROM_BYTES,
     ErrorMarker,
@@ -42,7 +44,7 @@ from memofill.codec import (
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
 from memofill.coordinator import Plan, Result, fill, refresh, run_async, run_sync
 from memofill.errors import ConfigurationError, FillError, KeyTemplateError
-from memofill.fallback import Breaker, LocalStore
+from memofill.fallback import Breaker
 from memofill.freshness import (
     EARLY,
     EXPIRED,
@@ -52,12 +54,15 @@ from memofill.freshness import (
     verdict,
     wall_clock,
 )
-from memofill.keys import FieldText, KeyTemplate, annotation_problem
+from memofill.generations import Generations, Marks, mark_field
+from memofill.keys import FieldText, KeyTemplate, annotation_problem, meta_key
 from memofill.metrics import Metrics
+from memofill.near import LocalStore, entry_bytes
 from memofill.outcomes import (
     DISABLED,
     FALLBACK_HIT,
     HIT,
+    NEAR_HIT,
     STALE_HIT,
     Counters,
     MissRecord,
@@ -344,6 +349,20 @@ class _Binding:
     counters: Counters
     metrics: Metrics
     local_store: LocalStore
+    #: The store's near copies serve this function (its dataset has ``near_ms``), or ``None``.
+    near: LocalStore | None
+    #: ``near_ms`` in seconds.
+    near_s: float
+    #: Near copies are kept as stored bytes and decoded for each hit (``copy_on_hit``).
+    near_copy: bool
+    #: What a near copy this function may be served was decoded by (``None``: stored bytes).
+    near_owner: object
+    count_near: Callable[[], object]
+    #: The dataset generations the process knows, and where they are kept in Redis.
+    generations: Generations
+    meta_key: str
+    #: This dataset's marks (whole-dataset invalidation), changed in place as they change.
+    marks: Marks
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
@@ -373,8 +392,13 @@ class _Binding:
         dataset = state.policy(key)
         try:
             commands, misconfigured = state.commands_for(is_async), None
+            near_problem = state.near_problem(dataset) if commands is not None else None
+            if near_problem is not None:
+                raise ConfigurationError(near_problem)
         except ConfigurationError as exc:
             commands, misconfigured = None, str(exc)
+        near_copy = state.near is not None and state.near.copy_on_hit
+        near_on = commands is not None and state.near is not None and dataset.near_ms > 0
         return cls(
             key=key,
             is_async=is_async,
@@ -394,6 +418,14 @@ class _Binding:
             counters=state.counters,
             metrics=state.metrics,
             local_store=state.local_store,
+            near=state.local_store if near_on else None,
+            near_s=dataset.near_ms / 1000,
+            near_copy=near_copy,
+            near_owner=None if near_copy else values,
+            count_near=state.counters.tally(key, NEAR_HIT).add,
+            generations=state.generations,
+            meta_key=meta_key(state.prefix),
+            marks=state.generations.of(key),
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
@@ -426,8 +458,8 @@ def _late_rule(dataset: Dataset) -> Callable[[bytes], bool] | None:
 class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
-    Besides being called, it offers :meth:`invalidate`, :meth:`refresh` and
-    :meth:`call_with_outcome`.
+    Besides being called, it offers :meth:`invalidate`, :meth:`invalidate_dataset`,
+    :meth:`refresh` and :meth:`call_with_outcome`.
     """
 
     #: The calls' snapshot of the configuration now (see :class:`_Binding`).
@@ -546,11 +578,35 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         binding = self._self_snapshot()
         instance = getattr(self, "_self_instance", None)
         key = binding.key_of(instance, args, kwargs)
-        binding.local_store.discard(key)
+        binding.local_store.invalidate((key,))
         commands = binding.gate() if binding.gated else binding.commands
         if commands is None or commands is BYPASS:
             return _done(None) if binding.is_async else None
         return commands.delete(key)
+
+    def invalidate_dataset(self, *, soft: bool = False) -> Any:
+        """Make every value of this function's dataset fetched until now unservable.
+
+        As :meth:`memofill.Memofill.invalidate_dataset`, on this function's
+        client; returns the new generation (awaitable for coroutine functions).
+        """
+        binding = self._self_snapshot()
+        commands = binding.gate() if binding.gated else binding.commands
+        if commands is None or commands is BYPASS:
+            raise ConfigurationError("invalidate_dataset needs a Redis client: configure one")
+        mark = mark_field(binding.key, soft)
+        reply = commands.invalidate_dataset(binding.meta_key, mark)
+        generations = binding.generations
+        if not binding.is_async:
+            generations.invalidated(binding.key, int(reply), soft)
+            return int(reply)
+
+        async def finish() -> int:
+            seq = int(await reply)
+            generations.invalidated(binding.key, seq, soft)
+            return seq
+
+        return finish()
 
     def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
@@ -579,11 +635,13 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
 
         def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
         def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        def invalidate_dataset(self, *, soft: bool = False) -> Any: ...
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
         def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
 
     else:
         invalidate = CachedDataset.invalidate
+        invalidate_dataset = CachedDataset.invalidate_dataset
         refresh = CachedDataset.refresh
         call_with_outcome = CachedDataset.call_with_outcome
         redis_key = CachedDataset.redis_key
@@ -604,30 +662,46 @@ async def _done(value: Any) -> Any:
 def _hit(binding: _Binding, key: str, raw: bytes | None, started: float) -> Any:
     """The value of a plain hit, counted and kept for outages; :data:`_NOT_A_HIT` otherwise.
 
-    The local copy is refreshed at most every :data:`~memofill.fallback.REFRESH_S`
-    (the check :meth:`~memofill.fallback.LocalStore.remember` makes, without its call).
+    The local copy is refreshed at most every :data:`~memofill.near.REFRESH_S`
+    (the check :meth:`~memofill.near.LocalStore.remember` makes, without its call).
     """
     if raw is None:
         return _NOT_A_HIT
+    value = _plain(binding, raw)
+    if value is _NOT_A_HIT:
+        return value
+    binding.count_hit()
+    store = binding.local_store
+    kept = store.entries.get(key)
+    if kept is None or kept.refresh_after <= started:
+        store.put(key, raw, binding.ttl_s)
+    return value
+
+
+def _plain(binding: _Binding, raw: bytes) -> Any:
+    """The value of stored bytes that are a plain fresh hit, else :data:`_NOT_A_HIT`.
+
+    A value of a generation below its dataset's marks is none (see :class:`_LateRead`);
+    nor, while there are marks, is a value without a header.
+    """
     body = raw
     if raw[:2] == HEADED:
         late = binding.late
         try:
             if late is not None and late(raw):
                 return _NOT_A_HIT  # stale, or due early: see _LateRead
+            top = binding.marks.top
+            if top and int(raw[SEQ], 16) < top:
+                return _NOT_A_HIT  # fetched before a dataset invalidation: see _LateRead
         except ValueError:  # foreign bytes that only look like a header: a miss refills them
             return _NOT_A_HIT
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else binding.view(raw)
+    elif binding.marks.top:
+        return _NOT_A_HIT  # a marker, or written before headers: sorted out on the miss path
     try:
-        value = binding.decode(body)
+        return binding.decode(body)
     except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
         return _NOT_A_HIT
-    binding.count_hit()
-    store = binding.local_store
-    kept = store.entries.get(key)
-    if kept is None or kept[2] <= started:
-        store.put(key, raw, binding.ttl_s)
-    return value
 
 
 def _after_header(raw: bytes) -> bytes:
@@ -638,13 +712,91 @@ def _after_header(raw: bytes) -> bytes:
 _NOT_A_HIT: Any = object()
 
 
+def _near_served(binding: _Binding, key: str, now: float) -> Any:
+    """The near copy of ``key`` if the near rule serves it now, else :data:`_NOT_A_HIT`.
+
+    Lock-free: one dict lookup and the rule's comparisons (read within
+    ``near_ms`` and before the value expires, no flush since, the listener
+    heard within two heartbeats, decoded as this function decodes).
+    """
+    near = binding.near
+    assert near is not None  # called only for near bindings
+    # The listener applies an invalidation before the answer to any later ping, and a flush
+    # before anything after it: reading its word first, then the entry, a copy the listener
+    # has just dropped can never be served on the strength of a later answer.
+    live_until, epoch = near.live_until, near.epoch
+    entry = near.entries.get(key)
+    if (
+        entry is None
+        or not now < entry.near_until
+        or entry.epoch != epoch
+        or not now < live_until
+        or entry.owner is not binding.near_owner
+    ):
+        return _NOT_A_HIT
+    entry.visited = True
+    binding.count_near()
+    value = entry.value
+    if value is NEGATIVE:
+        return None
+    if not binding.near_copy:
+        return value
+    return binding.decode(value[HEADER_LEN:] if value[:2] == HEADED else value)
+
+
+def _near_read(
+    binding: _Binding,
+    key: str,
+    reply: list[Any],
+    started: float,
+    reservation: tuple[object, int],
+) -> Any:
+    """:func:`_hit` for a read that reserved a near copy: the value, kept near if still valid.
+
+    ``reply`` is ``[stored bytes, ms left]``. The copy is kept until
+    ``started + near_ms``, or until the value expires in Redis, or until its
+    header says it is no longer fresh, whichever is first (``started`` is
+    before the read, so all three are conservative): whether a value is stale,
+    and who refreshes it, is decided on reads of Redis, never on a copy. A
+    negative marker is kept as well, within the first two bounds; an error
+    marker never; a value that is not a plain fresh hit (stale, due early,
+    corrupt) is not kept.
+    """
+    near = binding.near
+    assert near is not None  # called only for near bindings
+    raw, ms_left = reply
+    until = started + binding.near_s
+    if isinstance(ms_left, int) and ms_left >= 0:
+        until = min(until, started + ms_left / 1000)
+    if raw is None:
+        near.abandon(key, reservation)
+        return _NOT_A_HIT
+    if raw == NEGATIVE_MARKER:
+        owner, size = binding.near_owner, entry_bytes(key, raw)
+        near.settle(key, reservation, NEGATIVE, owner, size, until, 0.0)  # never for outages
+        return _NOT_A_HIT
+    value = _plain(binding, raw)
+    if value is _NOT_A_HIT:  # sorted out on the miss path, or served stale
+        near.abandon(key, reservation)
+        return _NOT_A_HIT
+    header = read_header(raw)
+    if header is not None:
+        until = min(until, started + header.soft_until_ms / 1000 - wall_clock())
+    binding.count_hit()
+    # Kept for outages too: the same entry, so the value is not kept twice.
+    kept = raw if binding.near_copy else value
+    size = entry_bytes(key, raw)
+    near.settle(key, reservation, kept, binding.near_owner, size, until, binding.ttl_s)
+    return value
+
+
 def _served_without_fill(
     binding: _Binding, key: str, asked: bool, raw: bytes | None, error: Exception | None
 ) -> CallResult | None:
     """A result that needs no fill, or ``None`` to fill.
 
-    Redis not asked (breaker open, no client): the locally kept value, if any,
-    decoded afresh from its bytes, so no two callers ever hold the same object.
+    Redis not asked (breaker open, no client): the locally kept value, if any
+    (see :func:`_outage_copy`).
     Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
     error marker (the last fill failed: raise at once), or corruption or another
     schema (a miss that the fill overwrites). A failed ``GET`` is told to the breaker
@@ -655,8 +807,7 @@ def _served_without_fill(
     if not asked or error is not None:
         if error is not None and is_unreachable(error):
             binding.breaker.failed(timed_out=is_timeout(error))
-        kept = binding.local_store.get(key, None)
-        value = None if kept is None else decode_stored(codec, kept)
+        value = _outage_copy(binding, key)
         if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
             return None
         return _counted(binding, value, FALLBACK_HIT)
@@ -678,6 +829,32 @@ def _served_without_fill(
         extra={"dataset": binding.key, "redis_key": key},
     )
     return None
+
+
+def _outage_copy(binding: _Binding, key: str) -> Any:
+    """The value the outage rule serves for ``key``, or ``None``.
+
+    Stored bytes are decoded afresh, so no two callers hold the same object;
+    a near copy kept decoded is the object near hits share, and only for
+    functions that decode alike. A value fetched before a dataset invalidation
+    is none (near copies go when the marks change; a fill that straddled the
+    change keeps its bytes here after it).
+    """
+    entry = binding.local_store.outage_entry(key)
+    if entry is None:
+        return None
+    if entry.owner is None:
+        kept = entry.value
+        if kept is NEGATIVE:
+            return None
+        marks = binding.marks
+        if marks.top:  # kept by a fill that began before an invalidation: never served
+            header = read_header(kept)
+            seq = None if header is None else header.seq
+            if marks.behind(seq, binding.dataset.stale_s > 0) == EXPIRED:
+                return None
+        return decode_stored(binding.values.codec, kept)
+    return entry.value if entry.owner is binding.values else None
 
 
 def _counted(binding: _Binding, value: Any, name: str) -> CallResult:
@@ -753,12 +930,51 @@ def _plan(
         redis_error=None if error is None else type(error).__name__,
         block_limit_ms=None if commands is None else commands.socket_timeout_ms,
         codec=binding.values.codec,
+        seq=binding.generations.seq,
+        floor=binding.marks.top,
         **extra,
     )
 
 
+def _sorted(binding: _Binding, key: str, raw: bytes) -> tuple[bytes | None, _LateRead | None]:
+    """What bytes that were not a plain hit are, where they may be stale or behind a mark.
+
+    Bytes with a header: a :class:`_LateRead` (stale, due early, or fetched before a
+    dataset invalidation). Without one while the dataset has marks: a marker is
+    left to the miss path, which serves it; a value written before headers is
+    older than any invalidation, and a miss (``None``).
+    """
+    if raw[:2] == HEADED:
+        return raw, _LateRead(binding, key, raw)
+    if binding.marks.top and decode_special(raw) is CORRUPT:
+        return None, None
+    return raw, None
+
+
+def _invalidated(kind: str, marks: Marks, raw: bytes, serves_stale: bool) -> str:
+    """``kind`` (a :func:`~memofill.freshness.verdict`) as the dataset's marks amend it.
+
+    Below a hard mark (or a soft one, without ``stale_s``) a value is expired
+    whatever its clock says, and never served, not even on error; below a soft
+    mark only, a value still fresh by the clock is stale, served while one refreshes.
+    """
+    try:
+        seq: int | None = int(raw[SEQ], 16)
+    except ValueError:
+        seq = None
+    behind = marks.behind(seq, serves_stale)
+    if behind == EXPIRED:
+        return EXPIRED
+    if behind == STALE and kind == EARLY:
+        return STALE
+    return kind
+
+
 class _LateRead:
-    """A read whose header says it is not a plain fresh hit: stale, or due for an early refresh.
+    """A read whose header says it is not a plain fresh hit: stale, due early, or invalidated.
+
+    A value below its dataset's hard mark (or a soft one, without ``stale_s``) is
+    expired whatever its clock says; below a soft mark only, it is stale.
 
     ``result`` is what the caller gets at once (a hit, or a ``stale_hit``), when
     the value may be served; else ``stale`` holds the bytes a miss serves if its
@@ -781,6 +997,8 @@ class _LateRead:
         else:
             stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
             kind = verdict(self.now_ms, soft_until_ms, stale_ms, if_error_ms)
+            if binding.marks.top:  # its generation is read only once the dataset has a mark
+                kind = _invalidated(kind, binding.marks, raw, stale_ms > 0)
         self.trigger = "early" if kind == EARLY else "stale"
         self.result: CallResult | None = None
         if kind in (EARLY, STALE):
@@ -994,6 +1212,9 @@ class _Miss:
             return result
         if result.stored is not None:
             binding.local_store.put(self.key, result.stored, binding.ttl_s)
+        elif result.led and binding.near is not None:
+            # This fill wrote a marker, or nothing: a near copy of the key is not the answer now.
+            binding.local_store.invalidate((self.key,))
         if result.unstorable is not None:
             _warn_unstorable(binding, self.key, result)
         return result
@@ -1080,21 +1301,39 @@ def _lookup_sync(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    if started >= binding.generations.next_check and commands is not None:
+        _read_generations_sync(binding, commands, started)
+    near = binding.near
+    if near is not None:
+        value = _near_served(binding, key, started)
+        if value is not _NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
+        reservation = None if near is None else near.reserve(key)
         try:
-            raw = commands.get(key)
+            if reservation is None:
+                raw = commands.get(key)
+            else:
+                reply = commands.read_near(key)
+                raw = reply[0]
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
+            if reservation is not None:
+                binding.local_store.abandon(key, reservation)
         else:
-            value = _hit(binding, key, raw, started)
+            if reservation is None:
+                value = _hit(binding, key, raw, started)
+            else:
+                value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
-    stale = None
-    if raw is not None and binding.late is not None and raw[:2] == HEADED:
-        late = _LateRead(binding, key, raw)
+    stale, late = None, None
+    if raw is not None and (binding.late is not None or binding.marks.top):
+        raw, late = _sorted(binding, key, raw)
+    if late is not None:
         if late.result is not None:
             now = late.result
             job = late.hand_off(commands, wrapped, args, kwargs)
@@ -1110,7 +1349,7 @@ def _lookup_sync(
     served = _served_without_fill(binding, key, asked, raw, error)
     if served is None:
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
-        served = miss.finish(*binding.thread_flights.run(key, miss.run_sync))
+        served = miss.finish(*binding.thread_flights.run(_flight(binding, key), miss.run_sync))
     return served if with_outcome else served.value
 
 
@@ -1126,21 +1365,48 @@ async def _lookup_async(
         commands = binding.commands
     started = time.monotonic()
     key = binding.key_of(instance, args, kwargs)
+    first_read = None
+    if started >= binding.generations.next_check and commands is not None:
+        if binding.generations.known:
+            await _read_generations_async(binding, commands, started)
+        else:  # sent beside this caller's GET, and awaited before the value is judged
+            first_read = _first_read_async(binding, commands, started)
+    near = binding.near
+    if near is not None:
+        value = _near_served(binding, key, started)
+        if value is not _NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = binding.breaker
     asked, raw, error = False, None, None
     if commands is not None and not (breaker.open_until and breaker.is_open):
         asked = True
+        reservation = None if near is None else near.reserve(key)
         try:
-            raw = await commands.get(key)
+            if reservation is None:
+                raw = await commands.get(key)
+            else:
+                reply = await commands.read_near(key)
+                raw = reply[0]
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
+            if reservation is not None:
+                binding.local_store.abandon(key, reservation)
         else:
-            value = _hit(binding, key, raw, started)
+            if first_read is not None:
+                await asyncio.shield(first_read)
+                first_read = None
+            if reservation is None:
+                value = _hit(binding, key, raw, started)
+            else:
+                value = _near_read(binding, key, reply, started, reservation)
             if value is not _NOT_A_HIT:
                 return CallResult(value, HIT, False) if with_outcome else value
-    stale = None
-    if raw is not None and binding.late is not None and raw[:2] == HEADED:
-        late = _LateRead(binding, key, raw)
+    if first_read is not None:
+        await asyncio.shield(first_read)
+    stale, late = None, None
+    if raw is not None and (binding.late is not None or binding.marks.top):
+        raw, late = _sorted(binding, key, raw)
+    if late is not None:
         if late.result is not None:
             now = late.result
             job = late.hand_off(commands, wrapped, args, kwargs)
@@ -1154,8 +1420,79 @@ async def _lookup_async(
     if served is None:
         _raise_if_cancel_was_lost()
         miss = _Miss(binding, key, started, commands, error, wrapped, args, kwargs, stale=stale)
-        served = miss.finish(*await binding.task_flights.run(key, miss.run_async))
+        flight = _flight(binding, key)
+        served = miss.finish(*await binding.task_flights.run(flight, miss.run_async))
     return served if with_outcome else served.value
+
+
+def _read_generations_sync(binding: _Binding, commands: Commands, now: float) -> None:
+    """Read the dataset generations again, once for all concurrent callers.
+
+    The first time, every blocking caller waits for that one read, so that no
+    call is served before the process knows the marks; later, one caller reads
+    and the others go on with the marks known (at most ``meta_check_ms`` old).
+    """
+    generations = binding.generations
+    if generations.known:
+        if generations.claim(now):
+            generations.loaded(_meta_or_none(binding, commands), now)
+        return
+    with generations.first:
+        if not generations.known:
+            generations.loaded(_meta_or_none(binding, commands), now)
+
+
+def _meta_or_none(binding: _Binding, commands: Commands) -> Any:
+    if binding.breaker.is_open:
+        return None
+    try:
+        return commands.read_meta(binding.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None
+
+
+async def _read_generations_async(binding: _Binding, commands: Commands, now: float) -> None:
+    """:func:`_read_generations_sync` for asyncio callers, once the process knows the marks.
+
+    One caller reads the hash again; the others go on with the marks known.
+    """
+    generations = binding.generations
+    if generations.claim(now) and not binding.breaker.is_open:
+        generations.loaded(await _meta_or_none_async(binding, commands), now)
+
+
+def _first_read_async(binding: _Binding, commands: Commands, now: float) -> asyncio.Task[None]:
+    """The process's first read of the generations on this event loop, one task for its callers.
+
+    Each caller sends its own ``GET`` meanwhile and awaits the task (shielded:
+    a cancelled caller leaves it to the others) before it judges the value, so
+    the first calls cost no round trip more than a ``GET``. Reaching the fill
+    no later than without it matters: on Python 3.10 a caller cancelled while
+    a reply is on its way may not see the cancellation (redis-py drops it).
+    """
+    generations = binding.generations
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[None] | None = generations.first_reads.get(loop)
+    if task is None:
+        task = generations.first_reads[loop] = loop.create_task(_first_read(binding, commands, now))
+    return task
+
+
+async def _first_read(binding: _Binding, commands: Commands, now: float) -> None:
+    generations = binding.generations
+    try:
+        generations.loaded(await _meta_or_none_async(binding, commands), now)
+    finally:
+        generations.first_reads.pop(asyncio.get_running_loop(), None)
+
+
+async def _meta_or_none_async(binding: _Binding, commands: Commands) -> Any:
+    if binding.breaker.is_open:
+        return None
+    try:
+        return await commands.read_meta(binding.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None
 
 
 def _refresh_sync(binding: _Binding, instance: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:
@@ -1183,6 +1520,16 @@ async def _refresh_async(
     miss = _Miss(binding, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     result, joined = await binding.task_flights.run(_REFRESH + key, miss.run_async)
     return miss.finish(result, joined).value
+
+
+def _flight(binding: _Binding, key: str) -> str:
+    """The process-local flight a miss of ``key`` joins: one per generation of the dataset.
+
+    A caller that knows of a dataset invalidation must not join a fill that
+    began before it, whose value it would then be served.
+    """
+    top = binding.marks.top
+    return f"{key}\0{top}" if top else key
 
 
 #: Prefixes a refresh's key in the process-local flights, apart from the misses'.

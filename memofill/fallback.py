@@ -2,12 +2,11 @@
 
 Two small pieces, both process-local and thread-safe:
 
-* :class:`LocalStore` keeps the values this process recently read or wrote,
-  as their stored bytes (never an object a caller holds, so no caller can
-  change what the next one is served), each for at most 30 s, within a budget
-  of bytes and of entries (oldest dropped first), so a warm process keeps
-  serving them while Redis is down instead of sending every caller to the
-  upstream, and a process that reads many large values does not grow with them.
+* the process's :class:`~memofill.near.LocalStore` (defined beside the near
+  cache, whose copies it also keeps, so that no value is kept twice) keeps the
+  values this process recently read or wrote, each for at most 30 s, within a
+  budget of bytes and of entries, so a warm process keeps serving them while
+  Redis is down instead of sending every caller to the upstream;
 * :class:`Breaker` remembers that Redis just failed to connect (or timed out
   several times in a row), and for a short cool-down sends calls straight to
   the local path: a paused Redis would otherwise cost every caller a full
@@ -15,149 +14,41 @@ Two small pieces, both process-local and thread-safe:
 
 Both survive a ``fork()`` (a pre-forking server, ``multiprocessing``): the
 child gets fresh locks and a closed breaker, and keeps the values.
+
+The store's names are exported here too, where they were first defined.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
 
+from memofill.near import (
+    ENTRY_OVERHEAD_BYTES,
+    EVICTION_LOG_INTERVAL_S,
+    MAX_LOCAL_BYTES,
+    MAX_LOCAL_ENTRIES,
+    MAX_LOCAL_TTL_S,
+    REFRESH_S,
+    LocalStore,
+    entry_bytes,
+)
 from memofill.outcomes import Tally
 
-logger = logging.getLogger("memofill")
-
-#: The longest a value is served locally without Redis, whatever the dataset's TTL.
-MAX_LOCAL_TTL_S = 30.0
-#: The most values one process keeps for when Redis is down.
-MAX_LOCAL_ENTRIES = 5000
-#: The most bytes of values one process keeps for when Redis is down. Several worker
-#: processes with this much fit a container of a few hundred MB with room to spare; a
-#: value over a quarter of it is not kept.
-MAX_LOCAL_BYTES = 32 * 1024 * 1024
-#: What an entry costs beyond its key and its bytes: the dict slot, the tuple, two floats.
-ENTRY_OVERHEAD_BYTES = 200
-#: Evictions are told at most this often, with their count since the last time.
-EVICTION_LOG_INTERVAL_S = 60.0
-#: How often a hit refreshes the locally kept copy of its value, at most.
-REFRESH_S = 1.0
-
-_MISSING: Any = object()
-
-
-class LocalStore:
-    """A map of final key -> (expiry, stored bytes), bounded in bytes and entries.
-
-    When a new entry would pass either bound, the oldest entries are dropped
-    first (a dict keeps insertion order, and :meth:`put` re-inserts). Each
-    eviction is counted (:attr:`evictions`, ``evicted_bytes``) and told on
-    the ``memofill`` logger at INFO, at most once a minute. A value larger than
-    a quarter of the byte budget is not kept at all (:attr:`too_large`): one
-    huge value would otherwise push out every other. The hit path reads
-    :attr:`entries` without the lock and calls :meth:`put` at most once a
-    second per key, so the bookkeeping stays off the hit.
-    """
-
-    def __init__(
-        self,
-        max_entries: int = MAX_LOCAL_ENTRIES,
-        max_ttl_s: float = MAX_LOCAL_TTL_S,
-        clock: Callable[[], float] = time.monotonic,
-        max_bytes: int = MAX_LOCAL_BYTES,
-    ) -> None:
-        self.max_entries = max_entries
-        self.max_ttl_s = max_ttl_s
-        self.max_bytes = max_bytes
-        self._clock = clock
-        #: key -> (expires, value, refresh after), in clock seconds. Read it freely (the
-        #: hit path checks "refresh after" itself); change it through the methods.
-        self.entries: dict[str, tuple[float, Any, float]] = {}
-        #: What the entries cost, by :func:`entry_bytes`.
-        self.bytes = 0
-        #: Entries dropped to make room since the store was made.
-        self.evictions = 0
-        #: What those entries cost, by :func:`entry_bytes`.
-        self.evicted_bytes = 0
-        #: Values not kept because they alone were over a quarter of ``max_bytes``.
-        self.too_large = 0
-        self._told_evictions = 0
-        self._told_at = -EVICTION_LOG_INTERVAL_S
-        self._lock = threading.Lock()
-        _live_stores.add(self)
-
-    def put(self, key: str, value: bytes, ttl_s: float) -> None:
-        """Remember ``value`` (a value's stored bytes) for ``min(ttl_s, max_ttl_s)`` seconds."""
-        now = self._clock()
-        expires = now + min(ttl_s, self.max_ttl_s)
-        size = entry_bytes(key, value)
-        with self._lock:
-            old = self.entries.pop(key, None)
-            if old is not None:
-                self.bytes -= entry_bytes(key, old[1])
-            if size > self.max_bytes // 4:
-                self.too_large += 1
-                return
-            self.entries[key] = (expires, value, now + REFRESH_S)
-            self.bytes += size
-            while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
-                oldest = next(iter(self.entries))
-                dropped = entry_bytes(oldest, self.entries.pop(oldest)[1])
-                self.bytes -= dropped
-                self.evictions += 1
-                self.evicted_bytes += dropped
-            if self.evictions > self._told_evictions and now - self._told_at >= (
-                EVICTION_LOG_INTERVAL_S
-            ):
-                self._tell_evictions(now)
-
-    def _tell_evictions(self, now: float) -> None:
-        logger.info(
-            "outage store full (%d entries, %d of %d bytes): %d older entries dropped since "
-            "the last report; values kept for Redis outages are bounded by max_bytes",
-            len(self.entries),
-            self.bytes,
-            self.max_bytes,
-            self.evictions - self._told_evictions,
-            extra={"evictions": self.evictions, "evicted_bytes": self.evicted_bytes},
-        )
-        self._told_evictions, self._told_at = self.evictions, now
-
-    def remember(self, key: str, value: bytes, ttl_s: float) -> None:
-        """:meth:`put` from the hit path: skipped while the kept copy is under a second old.
-
-        Every hit would otherwise take the lock and reorder the map; a copy at
-        most :data:`REFRESH_S` older than the last hit serves an outage as well.
-        """
-        entry = self.entries.get(key)
-        if entry is None or entry[2] <= self._clock():
-            self.put(key, value, ttl_s)
-
-    def get(self, key: str, default: Any = _MISSING) -> Any:
-        """The remembered value, or ``default`` when there is none or it has expired."""
-        entry = self.entries.get(key)
-        if entry is None or entry[0] <= self._clock():
-            return default
-        return entry[1]
-
-    def discard(self, key: str) -> None:
-        """Forget ``key`` (after an invalidation)."""
-        with self._lock:
-            old = self.entries.pop(key, None)
-            if old is not None:
-                self.bytes -= entry_bytes(key, old[1])
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-
-def entry_bytes(key: str, value: bytes) -> int:
-    """What one kept entry costs against the byte budget."""
-    return len(key) + len(value) + ENTRY_OVERHEAD_BYTES
-
+__all__ = [
+    "ENTRY_OVERHEAD_BYTES",
+    "EVICTION_LOG_INTERVAL_S",
+    "MAX_LOCAL_BYTES",
+    "MAX_LOCAL_ENTRIES",
+    "MAX_LOCAL_TTL_S",
+    "REFRESH_S",
+    "TIMEOUTS_TO_OPEN",
+    "Breaker",
+    "LocalStore",
+    "entry_bytes",
+]
 
 #: How many time-outs in a row (no reply between them, each within the cool-down of the
 #: last) open the breaker. One slow reply says little: a busy event loop or CPU delays
@@ -227,20 +118,11 @@ class Breaker:
         self.timeouts = 0
 
 
-_live_stores: weakref.WeakSet[LocalStore] = weakref.WeakSet()
 _live_breakers: weakref.WeakSet[Breaker] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    """A forked child starts with a closed breaker and unheld locks; kept values stay.
-
-    The parent's threads do not exist in the child, so a lock one of them held
-    at the fork would never be released; the stored bytes are plain data and
-    still serve outages. The parent's breaker state says nothing of the child's
-    connections, which are new.
-    """
-    for store in list(_live_stores):
-        store._lock = threading.Lock()
+    """A forked child starts with a closed breaker: the parent's says nothing of its connections."""
     for breaker in list(_live_breakers):
         breaker.reset()
         breaker.trips = Tally()  # counted per process, as the outcomes are

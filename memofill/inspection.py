@@ -185,7 +185,7 @@ def prefix_hint(policies: Mapping[str, Dataset], prefix: str, key: str) -> str:
     return ""
 
 
-def _glob_escape(text: str) -> str:
+def glob_escape(text: str) -> str:
     """``text`` as a literal inside a Redis MATCH pattern."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
@@ -199,7 +199,7 @@ def _other_prefix(client: redis.Redis, final: str) -> str | None:
     documents) gets no hint rather than an error.
     """
     try:
-        _, keys = client.scan(0, match="*" + _glob_escape(final), count=1000)
+        _, keys = client.scan(0, match="*" + glob_escape(final), count=1000)
     except redis.ResponseError:
         return None
     for raw in keys:

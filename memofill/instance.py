@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import threading
 import weakref
@@ -25,13 +26,16 @@ from typing import Any, ParamSpec, TypeVar
 import attrs
 
 from memofill import decorator
-from memofill.commands import Commands
+from memofill.commands import Commands, is_cluster
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
-from memofill.fallback import MAX_LOCAL_BYTES, Breaker, LocalStore
-from memofill.keys import lock_key, parse_template, prefix_problem
+from memofill.fallback import Breaker
+from memofill.generations import DEFAULT_CHECK_MS, Generations, mark_field
+from memofill.keys import lock_key, meta_key, parse_template, prefix_problem
+from memofill.listener import Listener, connection_factory, tracked_prefixes
 from memofill.metrics import Events, Metrics
+from memofill.near import MAX_LOCAL_BYTES, MAX_LOCAL_ENTRIES, LocalStore, NearCache
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.project import resolve_policies
@@ -41,6 +45,8 @@ from memofill.values import Codec
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+logger = logging.getLogger("memofill")
 
 #: Set to ``1`` (or ``true``, ``yes``, ``on``) to switch caching off in this process; read
 #: when an instance is made and at every ``configure()``.
@@ -105,6 +111,10 @@ class State:
     #: Datasets whose refusal by Redis's ACL was logged: once per client configured (a new
     #: client may have other rights).
     told_permission: set[str]
+    #: How near copies are kept (``None``: never).
+    near: NearCache | None
+    #: The dataset generations this process knows (whole-dataset invalidation).
+    generations: Generations
     #: Refreshes of stale values in flight, and how they are run (``refresh=``).
     refreshes: Refreshes = attrs.field(factory=Refreshes)
     #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
@@ -120,6 +130,21 @@ class State:
             raise UnknownDatasetError(
                 f"no dataset {key!r} in the policies (known: {known})"
             ) from None
+
+    def near_problem(self, dataset: Dataset) -> str | None:
+        """Why ``dataset``'s near copies cannot be kept with these clients, or ``None``."""
+        near = self.near
+        if near is None or dataset.near_ms == 0 or near.invalidation != "tracking":
+            return None
+        if any(c is not None and is_cluster(c.client) for c in (self.sync, self.asynchronous)):
+            return (
+                f"dataset {dataset.key!r} has near_ms={dataset.near_ms}, but near copies "
+                "invalidated by tracking are not supported on Redis Cluster: each primary "
+                "reports only its own slots' writes, and a slot moving between primaries would "
+                "go unreported; pass near=NearCache(invalidation='ttl') (copies live near_ms, "
+                "whatever Redis does) or near=None"
+            )
+        return None
 
     def commands_for(self, is_async: bool) -> Commands | None:
         """The commands of the client that serves sync or coroutine functions."""
@@ -149,16 +174,29 @@ def _refreshes(mode: object, workers: object) -> Refreshes:
 def _fresh(
     breaker_cooldown_s: float,
     local_store_bytes: int,
+    *,
+    near: NearCache | None,
+    meta_check_s: float,
     events: Events,
     refreshes: Refreshes | None = None,
 ) -> dict[str, Any]:
-    """What calls accumulate, new: counts, values kept for outages, the breaker, fills."""
+    """What calls accumulate, new: counts, values kept near and for outages, the breaker, fills."""
     refreshes = Refreshes() if refreshes is None else Refreshes(refreshes.mode, refreshes.workers)
+    entries = MAX_LOCAL_ENTRIES
+    if near is not None:
+        entries = entries if near.max_entries is None else near.max_entries
+        local_store_bytes = local_store_bytes if near.max_bytes is None else near.max_bytes
+    store = LocalStore(max_entries=entries, max_bytes=local_store_bytes)
+    generations = Generations(meta_check_s)
+    # No copy of an invalidated dataset is served, near or in an outage: the store does not
+    # know which dataset a key is of, and invalidations are rare, so every copy goes.
+    generations.on_change = store.clear
     return {
         "refreshes": refreshes,
         "counters": Counters(),
+        "generations": generations,
+        "local_store": store,
         "metrics": Metrics(events),
-        "local_store": LocalStore(max_bytes=local_store_bytes),
         "breaker": Breaker(breaker_cooldown_s),
         "thread_flights": ThreadFlights(),
         "task_flights": TaskFlights(),
@@ -190,7 +228,7 @@ class Memofill:
             ``gen.cache_fill_registry`` (:mod:`memofill.project`).
         breaker_cooldown_s: after Redis fails to answer, how long calls skip it.
         local_store_bytes: the most bytes of values this process keeps to serve
-            while Redis is unreachable (:data:`~memofill.fallback.MAX_LOCAL_BYTES`,
+            while Redis is unreachable (:data:`~memofill.near.MAX_LOCAL_BYTES`,
             32 MiB, by default; the oldest are dropped first).
         refresh: how a stale value (``stale_s``) is refreshed while callers are served
             it: ``"background"`` (default: a bounded thread pool for blocking
@@ -198,6 +236,13 @@ class Memofill:
             that wins the refresh lock refreshes before it returns, for hosts that
             freeze a process after its response).
         refresh_workers: the background pool's threads (made on first use, per process).
+        near: how copies of datasets with ``near_ms`` are kept in this process
+            (:class:`~memofill.NearCache`; its ``max_entries`` and ``max_bytes``
+            bound the one local store, near and outage copies together).
+            ``None``: no near copies, every call reads Redis. See :doc:`near-cache`.
+        meta_check_ms: how often, at most, this process reads the dataset generations
+            again (:meth:`invalidate_dataset` by another process reaches it within this;
+            within milliseconds where a near-cache listener runs).
 
     ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
     straight to the function, counted as ``disabled``.
@@ -214,7 +259,19 @@ class Memofill:
         local_store_bytes: int = MAX_LOCAL_BYTES,
         refresh: RefreshMode = "background",
         refresh_workers: int = 4,
+        near: NearCache | None = NearCache(),  # noqa: B008  # frozen: one shared default is safe
+        meta_check_ms: int = DEFAULT_CHECK_MS,
     ) -> None:
+        if near is not None and not isinstance(near, NearCache):
+            raise ConfigurationError(f"near={near!r}: must be a memofill.NearCache or None")
+        if (
+            isinstance(meta_check_ms, bool)
+            or not isinstance(meta_check_ms, int)
+            or not (0 <= meta_check_ms <= 3_600_000)
+        ):
+            raise ConfigurationError(
+                f"meta_check_ms={meta_check_ms!r}: must be an int of ms in 0..3600000"
+            )
         if isinstance(local_store_bytes, bool) or not isinstance(local_store_bytes, int):
             raise ConfigurationError(
                 f"local_store_bytes={local_store_bytes!r}: must be an int (bytes), such as 32 << 20"
@@ -231,11 +288,14 @@ class Memofill:
             policy_source=policies,
             policies=None,
             disabled=False,
+            near=near,
             **_fresh(
                 breaker_cooldown_s,
                 local_store_bytes,
-                Events(),
-                _refreshes(refresh, refresh_workers),
+                near=near,
+                meta_check_s=meta_check_ms / 1000,
+                events=Events(),
+                refreshes=_refreshes(refresh, refresh_workers),
             ),
         )
         self.configure(client, async_client=async_client, prefix=prefix)
@@ -245,6 +305,11 @@ class Memofill:
     def prefix(self) -> str:
         """The prefix in force (see ``prefix`` above)."""
         return self._state.prefix
+
+    @property
+    def near(self) -> NearCache | None:
+        """How near copies are kept (``None``: never); see :class:`~memofill.NearCache`."""
+        return self._state.near
 
     @property
     def counters(self) -> Counters:
@@ -310,19 +375,22 @@ class Memofill:
         policies: PolicySource | None = None,
         refresh: RefreshMode | None = None,
         refresh_workers: int | None = None,
+        near: NearCache | None = None,
     ) -> None:
         """Change what is given, keep the rest; decorated functions follow.
 
         A client replaces the client of its kind (blocking or asyncio), whichever
         argument it comes in; :data:`NO_CLIENT` removes one. ``None`` leaves a
-        setting as it is. ``MEMOFILL_DISABLED`` is read again. Inside
+        setting as it is (so ``near`` changes how near copies are kept, and
+        cannot switch them off: ``Memofill(near=None)`` does).
+        ``MEMOFILL_DISABLED`` is read again. Inside
         :meth:`override`, what the override set is kept (a test's fake Redis
         survives an application's own ``configure()`` at start-up). Everything
         is checked before anything changes: a configuration that is refused
         leaves the instance as it was.
         """
         with _lock:
-            state = self._composed(client, async_client, prefix, policies)
+            state = self._composed(client, async_client, prefix, policies, near)
             if refresh is not None or refresh_workers is not None:
                 old = state.refreshes
                 refreshes = _refreshes(
@@ -339,6 +407,7 @@ class Memofill:
         async_client: Any,
         prefix: str | None,
         policies: PolicySource | None,
+        near: NearCache | None = None,
         *,
         state: State | None = None,
         held: frozenset[str] = frozenset(),
@@ -366,6 +435,10 @@ class Memofill:
             changes["asynchronous"] = Commands(asynchronous[0])
         if prefix is not None:
             changes["prefix"] = prefix
+        if near is not None:
+            if not isinstance(near, NearCache):
+                raise ConfigurationError(f"near={near!r}: must be a memofill.NearCache")
+            changes["near"] = near
         if policies is not None:
             loaded = resolve_policies(policies)
             missing = sorted({binding.dataset.key for binding in self._bindings} - loaded.keys())
@@ -385,6 +458,7 @@ class Memofill:
         for binding in list(self._bindings):
             binding._rebind(state)  # decorated functions compile the prefix into their keys
         state.breaker.reset()
+        _track(state)
 
     @property
     def policies(self) -> dict[str, Dataset]:
@@ -449,6 +523,37 @@ class Memofill:
 
         return decorate
 
+    def invalidate_dataset(self, dataset: str, *, soft: bool = False) -> Any:
+        """Make every value of ``dataset`` fetched until now unservable, in every process.
+
+        One command whatever the number of keys (:mod:`memofill.generations`):
+        the values stay in Redis until their TTL, and are ignored. A fill that
+        began before this call is never served after it. This process knows at
+        once; others within ``meta_check_ms`` (milliseconds where a near-cache
+        listener runs). ``soft=True`` serves the old values as ``stale_hit``
+        while exactly one caller refreshes each, where the dataset has
+        ``stale_s``; where it has none, it acts as a hard invalidation (see
+        :doc:`invalidation`). Returns the new generation number, or an
+        awaitable of it when the instance has only an asyncio client.
+        """
+        self.policy(dataset)
+        state = self._state
+        commands = state.sync or state.asynchronous
+        if commands is None:
+            raise ConfigurationError("invalidate_dataset needs a Redis client: configure one")
+        reply = commands.invalidate_dataset(meta_key(state.prefix), mark_field(dataset, soft))
+        generations = state.generations
+        if state.sync is not None:
+            generations.invalidated(dataset, int(reply), soft)
+            return int(reply)
+
+        async def finish() -> int:
+            seq = int(await reply)
+            generations.invalidated(dataset, seq, soft)
+            return seq
+
+        return finish()
+
     def final_key(self, key: str, **fields: object) -> str:
         """The Redis key of dataset ``key`` for these field values (``prefix`` included)."""
         template = parse_template(self.policy(key).key)
@@ -469,6 +574,7 @@ class Memofill:
         async_client: Any = None,
         prefix: str | None = None,
         policies: PolicySource | None = None,
+        near: NearCache | None = None,
     ) -> Iterator[Memofill]:
         """Reconfigure this instance for the block (as :meth:`configure`), then put it all back.
 
@@ -487,6 +593,7 @@ class Memofill:
             "prefix": prefix is not None,
             "policy_source": policies is not None,
             "policies": policies is not None,
+            "near": near is not None,
         }
         held = frozenset(name for name, set_here in given.items() if set_here)
         with _lock:
@@ -497,18 +604,21 @@ class Memofill:
                 **_fresh(
                     saved.breaker.cooldown_s,
                     saved.local_store.max_bytes,
-                    saved.metrics.events,
-                    saved.refreshes,
+                    near=saved.near,
+                    meta_check_s=saved.generations.check_s,
+                    events=saved.metrics.events,
+                    refreshes=saved.refreshes,
                 ),
             )
             self._swap(
-                self._composed(client, async_client, prefix, policies, state=fresh, held=held)
+                self._composed(client, async_client, prefix, policies, near, state=fresh, held=held)
             )
         try:
             yield self
         finally:
             with _lock:
                 self._bindings = weakref.WeakSet(bindings)
+                self._state.local_store.attach(None)  # its listener, if any, stops
                 self._swap(saved)
 
     def _bind(self, binding: CachedDataset[..., Any]) -> None:
@@ -516,11 +626,78 @@ class Memofill:
             self.policies  # noqa: B018  # loaded: the snapshot needs them
             self._bindings.add(binding)
             binding._rebind(self._state)
+            _track(self._state)
 
     def _regate(self) -> None:
         """Rebuild the snapshots of the state in force (a ``disabled()`` block opened or closed)."""
         for binding in list(self._bindings):
             binding._rebind(self._state)
+
+
+def _track(state: State) -> None:
+    """Give ``state``'s store the invalidation listener its near datasets need, if any.
+
+    With ``invalidation="tracking"``, the listener follows the client (the
+    blocking one, else the asyncio one) and tracks the literal heads of the
+    near datasets' final keys; a configuration that changes either makes a new
+    listener, and every copy made under the old one is dropped. Until the
+    policies are loaded, nothing is served near.
+    """
+    store, near = state.local_store, state.near
+    store.watch = {meta_key(state.prefix): state.generations.expire}
+    if near is not None:
+        store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
+        store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
+    if near is None or near.invalidation == "ttl":
+        if store.listener is not None or store.live_until == 0.0:
+            store.attach(None, needed=False)
+        return
+    commands = state.sync or state.asynchronous
+    heads = _near_heads(state.prefix, state.policies)
+    if commands is None or not heads or is_cluster(commands.client):
+        if store.listener is not None:
+            store.attach(None)
+        store.live_until = 0.0
+        return
+    spec = (commands.client, heads, near.heartbeat_ms)
+    listener = store.listener
+    if isinstance(listener, Listener) and listener.spec == spec:
+        return
+    timeout_s = max(1.0, 4 * near.heartbeat_ms / 1000)
+    connect = connection_factory(commands.client, timeout_s)
+    if connect is None:  # nothing to listen to (fakeredis): nothing is served near
+        store.attach(None)
+        if store in _told_unlistenable:
+            return
+        _told_unlistenable.add(store)
+        logger.warning(
+            "near copies need invalidation='ttl' with this Redis client (%s): it has no "
+            "connection a listener can copy, so every call reads Redis",
+            type(commands.client).__name__,
+        )
+        return
+    store.attach(Listener(store, connect, heads, near.heartbeat_ms, spec))
+
+
+#: Stores already told that their client cannot be listened to.
+_told_unlistenable: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+
+#: The last policies :func:`_near_heads` looked at, and what it found: decorating thousands
+#: of functions must not scan thousands of datasets each time.
+_heads_memo: list[Any] = [None, "", ()]
+
+
+def _near_heads(prefix: str, policies: dict[str, Dataset] | None) -> tuple[str, ...]:
+    """The prefixes to track: the literal heads of the near datasets' final keys."""
+    if policies is None:
+        return ()
+    if _heads_memo[0] is policies and _heads_memo[1] == prefix:
+        return _heads_memo[2]  # type: ignore[no-any-return]
+    heads = [prefix + d.template.parts[0] for d in policies.values() if d.near_ms > 0]
+    # The meta hash too: another process's dataset invalidation then arrives in milliseconds.
+    found = tracked_prefixes([*heads, meta_key(prefix)]) if heads else ()
+    _heads_memo[:] = [policies, prefix, found]
+    return found
 
 
 @contextlib.contextmanager
@@ -568,6 +745,7 @@ def configure(
     policies: PolicySource | None = None,
     refresh: RefreshMode | None = None,
     refresh_workers: int | None = None,
+    near: NearCache | None = None,
 ) -> Memofill:
     """Configure the module-level default instance (see :meth:`Memofill.configure`); returns it."""
     default.configure(
@@ -577,6 +755,7 @@ def configure(
         policies=policies,
         refresh=refresh,
         refresh_workers=refresh_workers,
+        near=near,
     )
     return default
 

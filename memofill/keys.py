@@ -543,6 +543,15 @@ def wake_key(final_key: str) -> str:
     return hash_tagged(final_key) + WAKE_SUFFIX
 
 
+#: The meta hash of a prefix: its dataset generations (:mod:`memofill.generations`).
+META_SUFFIX = "#meta"
+
+
+def meta_key(prefix: str) -> str:
+    """The meta hash of ``prefix``: ``#`` occurs in no data key, so it never meets a value."""
+    return prefix + META_SUFFIX
+
+
 def prefix_problem(prefix: object) -> str | None:
     """Why ``prefix`` cannot start final keys, or ``None`` when it can.
 

@@ -177,14 +177,17 @@ HIT = "hit"
 STALE_HIT = "stale_hit"
 #: Served from the process-local fallback while Redis was unreachable.
 FALLBACK_HIT = "fallback_hit"
+#: Served from the process's near copy, without asking Redis (datasets with ``near_ms``).
+#: Counted, never logged, like a hit.
+NEAR_HIT = "near_hit"
 #: Caching was off (``MEMOFILL_DISABLED``, ``memofill.disabled()``): the function was called
 #: directly. Counted, never logged, like a hit.
 DISABLED = "disabled"
 #: The names counted but never logged, beside the miss outcomes. Each is an ``outcome`` of
 #: ``memofill_calls_total`` (:mod:`memofill.metrics`).
-COUNTED_ONLY: tuple[str, ...] = (HIT, STALE_HIT, FALLBACK_HIT, DISABLED)
+COUNTED_ONLY: tuple[str, ...] = (HIT, STALE_HIT, NEAR_HIT, FALLBACK_HIT, DISABLED)
 #: The names counted on a hit path, on lock-free tallies rather than under a lock.
-_TALLIED = frozenset({HIT, STALE_HIT})
+_TALLIED = frozenset({HIT, STALE_HIT, NEAR_HIT})
 
 
 class Tally:
@@ -222,8 +225,9 @@ class Tally:
 class Counters:
     """Per-dataset counts of hits and miss outcomes, readable in-process.
 
-    Thread-safe and exact. Hits, the hot path, go to a lock-free :class:`Tally`
-    per dataset; misses, which already cost Redis round trips, take a lock.
+    Thread-safe and exact. Hits and near hits, the hot paths, go to a lock-free
+    :class:`Tally` per dataset; misses, which already cost Redis round trips,
+    take a lock.
     """
 
     def __init__(self) -> None:

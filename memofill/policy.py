@@ -85,6 +85,9 @@ class Dataset:
             exactly one caller fleet-wide refreshes it (0, the default: off).
         stale_if_error_s: Seconds past ``ttl_s`` a value is served when refreshing
             it fails (0, the default: off); 0 or at least ``stale_s``.
+        near_ms: The longest, in ms, a process may serve its own in-memory copy of
+            a value after it read it from Redis (0, the default: every call reads
+            Redis). See :doc:`near-cache`.
 
     Redis keeps a value ``ttl_s + max(stale_s, stale_if_error_s)``: no value is
     served longer than that after its fetch began.
@@ -97,6 +100,7 @@ class Dataset:
     error_ttl_s: float = 0
     stale_s: float = 0.0
     stale_if_error_s: float = 0.0
+    near_ms: int = 0
 
     @property
     def window_s(self) -> float:
@@ -179,6 +183,21 @@ def _seconds_problem(value: object, zero_allowed: bool, most: float, why: str) -
     return None
 
 
+def _near_problem(near_ms: object, ttl_s: float | None) -> str | None:
+    """What is wrong with ``near_ms``, or ``None``: an int of ms, at most the value's TTL.
+
+    A copy kept in memory longer than the value lives in Redis would outlive it.
+    """
+    if not _is_int(near_ms):
+        return "must be an int (ms)"
+    number = cast("int", near_ms)
+    if number < 0:
+        return "must be >= 0 (0: no near cache)"
+    if ttl_s is not None and number > ttl_s * 1000:
+        return f"must be <= ttl_s * 1000 ({ttl_s * 1000:g})"
+    return None
+
+
 def _parsed(key: object) -> tuple[KeyTemplate | None, list[str]]:
     """The key's template, or ``None`` and every problem with it.
 
@@ -214,6 +233,9 @@ def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
             problems.append(Problem(key, name, value, rule))
         else:
             typed.add(name)
+    near = _near_problem(dataset.near_ms, ttl if ttl_ok else None)
+    if near is not None:
+        problems.append(Problem(key, "near_ms", dataset.near_ms, near))
     if dataset.cache_fill is not None:
         problems.extend(_fill_problems(key, dataset.cache_fill))
     elif _is_number(dataset.error_ttl_s) and dataset.error_ttl_s != 0:
@@ -253,6 +275,7 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
     ``0 <= error_ttl_s <= min(30, ttl_s)``, ``0 <= stale_s <= 10 years``,
     ``stale_if_error_s`` 0 or ``>= stale_s``, each non-zero one at least 1 ms;
     ``stale_s``, ``stale_if_error_s`` and ``early_beta`` 0 without ``cache_fill``;
+    ``0 <= near_ms <= ttl_s * 1000`` (an int);
     ``0 < lease_ms <= 1 hour``, ``0 < wait_ms < lease_ms``, ``poll_min_ms > 0``,
     ``poll_min_ms <= poll_max_ms < wait_ms``, ``early_beta >= 0`` and finite,
     ``0 < refresh_retry_ms <= 1 hour`` and ``<= stale_s × 1000`` when ``stale_s > 0``;
@@ -302,12 +325,13 @@ def dataset_from_data(key: str, data: Mapping[str, Any]) -> Dataset:
         error_ttl_s=data.get("error_ttl_s", 0),
         stale_s=data.get("stale_s", 0.0),
         stale_if_error_s=data.get("stale_if_error_s", 0.0),
+        near_ms=data.get("near_ms", 0),
     )
 
 
 #: Fields written to the generated module only when they differ from these defaults, so
 #: that the modules generated before the fields existed stay byte for byte the same.
-_DATASET_DEFAULTS = {"error_ttl_s": 0, "stale_s": 0, "stale_if_error_s": 0}
+_DATASET_DEFAULTS = {"error_ttl_s": 0, "stale_s": 0, "stale_if_error_s": 0, "near_ms": 0}
 _FILL_DEFAULTS = {"early_beta": 0, "refresh_retry_ms": 5_000}
 
 
@@ -392,4 +416,5 @@ def _dataset_or_item(key: str, data: object) -> object:
             error_ttl_s=data.get("error_ttl_s", 0),
             stale_s=data.get("stale_s", 0.0),
             stale_if_error_s=data.get("stale_if_error_s", 0.0),
+            near_ms=data.get("near_ms", 0),
         )

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from memofill import Memofill
+from memofill import Dataset, Memofill, NearCache
 from memofill.commands import acl_rule
 from memofill.inspection import inspect_entry
 from tests.conftest import POLICIES
@@ -114,3 +114,35 @@ def test_a_user_limited_to_the_prefix_is_told_once_at_error_with_the_rule_to_gra
     assert calls == ["a", "b", "c"]
     client.close()
     admin.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_near_cache_listener_runs_under_the_documented_acl_user(
+    server: RedisServer, protocol: int
+) -> None:
+    prefix = "near:"
+    admin = server.client()
+    set_user(admin, "memofill", acl_rule(prefix))
+    admin.execute_command("ACL", "LOG", "RESET")
+    client = server.client(username="memofill", password=PASSWORD, protocol=protocol)
+    policies = {"hot:{name}": Dataset("hot:{name}", ttl_s=60, near_ms=60_000)}
+    mf = Memofill(client, prefix=prefix, policies=policies, near=NearCache(heartbeat_ms=50))
+
+    @mf.cached_dataset("hot:{name}")
+    def hot(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    try:
+        deadline = time.monotonic() + 20
+        while hot.call_with_outcome("k").outcome != "near_hit":  # tracking, subscribed, pinged
+            assert time.monotonic() < deadline, "no near hit under the ACL user"
+            time.sleep(0.01)
+        admin.set(f"{prefix}hot:k", b'{"name": "written"}')  # the listener hears of it
+        while hot("k") != {"name": "written"}:
+            assert time.monotonic() < deadline, "the write never dropped the near copy"
+            time.sleep(0.01)
+        assert admin.execute_command("ACL", "LOG") == []
+    finally:
+        mf.local_store.attach(None)
+        client.close()
+        admin.close()

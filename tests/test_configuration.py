@@ -75,6 +75,7 @@ def test_exported_members_are_pinned() -> None:
         "KeyTemplateError",
         "Memofill",
         "MemofillError",
+        "NearCache",
         "Outcome",
         "Problem",
         "RegistryError",

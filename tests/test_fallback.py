@@ -8,6 +8,7 @@ The same on a real server that is stopped is in ``test_real_redis.py``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -87,13 +88,13 @@ def test_the_local_store_is_bounded_in_bytes_and_counts_what_it_drops(
     assert store.evictions == 30 - len(store)
     assert store.evicted_bytes == store.evictions * cost
     # Told once, not per eviction; told again only after the interval, with the new count.
-    told = [r for r in caplog.records if "outage store full" in r.getMessage()]
+    told = [r for r in caplog.records if "local store full" in r.getMessage()]
     assert len(told) == 1
     assert told[0].levelno == logging.INFO
     clock.now += EVICTION_LOG_INTERVAL_S
     with caplog.at_level(logging.INFO, logger="memofill"):
         store.put("k30", value, ttl_s=10)
-    told = [r for r in caplog.records if "outage store full" in r.getMessage()]
+    told = [r for r in caplog.records if "local store full" in r.getMessage()]
     assert len(told) == 2
     assert told[1].evictions == store.evictions  # type: ignore[attr-defined]
 
@@ -210,6 +211,34 @@ def test_warm_values_are_served_while_redis_is_down_and_redis_is_skipped_for_the
     assert fetch.call_with_outcome("a").outcome == "hit"
     assert gets.sent == sent + 1
     assert mf.counters.snapshot()["item:{name}"]["fallback_hit"] == 7
+
+
+def test_a_fill_that_began_before_a_dataset_invalidation_is_not_served_in_an_outage(
+    server: fakeredis.FakeServer, raw: fakeredis.FakeRedis
+) -> None:
+    mf = Memofill(raw, prefix="g:", policies=POLICIES, breaker_cooldown_s=5)
+    started, release = threading.Event(), threading.Event()
+    phase = ["before"]
+
+    def origin(name: str) -> str:
+        generation = phase[0]
+        if generation == "before":
+            started.set()
+            release.wait(timeout=10)
+        return generation
+
+    fetch = mf.cached_dataset("item:{name}")(origin)
+    filling = threading.Thread(target=fetch, args=("a",))
+    filling.start()
+    assert started.wait(timeout=10)
+    phase[0] = "after"
+    mf.invalidate_dataset("item:{name}")  # drops every local copy; the fill is still running
+    release.set()
+    filling.join(timeout=10)
+    assert mf.local_store.outage_entry(mf.final_key("item:{name}", name="a")) is not None
+    server.connected = False
+    result = fetch.call_with_outcome("a")  # the copy its fill kept is of the old generation
+    assert (result.value, result.outcome) == ("after", "lock_error")
 
 
 def test_none_is_not_kept_locally(server: fakeredis.FakeServer, raw: fakeredis.FakeRedis) -> None:

@@ -23,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import pytest
 
 from memofill.codec import payload
 from memofill.errors import ConfigurationError
 from memofill.instance import Memofill
 from memofill.instance import default as _default_instance
+from memofill.near import NearCache
 from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_policies
 from memofill.testing import _faults
 from memofill.testing._assertions import OriginCalls, Outcomes
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CORRUPT_PAYLOAD",
+    "NEAR_ON_FAKE",
     "Faults",
     "Harness",
     "LockHolder",
@@ -50,6 +53,10 @@ __all__ = [
 
 #: The bytes :meth:`Faults.corrupt` stores, neither JSON nor a memofill marker.
 CORRUPT_PAYLOAD = _faults.CORRUPT_PAYLOAD
+#: How the fixtures' caches keep near copies. fakeredis cannot tell a listener of writes
+#: (it has no ``CLIENT TRACKING``), so copies live their ``near_ms`` (``invalidation="ttl"``).
+#: Writes made through the caches themselves (``invalidate``, fills) still drop them.
+NEAR_ON_FAKE = NearCache(invalidation="ttl")
 
 
 def stored_payload(raw: bytes | None) -> bytes | None:
@@ -159,6 +166,7 @@ def _new_cache(
         async_client=harness.async_client(),
         prefix=prefix,
         policies=policies,
+        near=NEAR_ON_FAKE,
     )
     try:
         cache.policies  # noqa: B018  # load now: a missing or invalid policy module fails the setup
@@ -208,11 +216,13 @@ def memofill_default(
     """
     harness = memofill_harness
     policies = None if memofill_policies is None else _layered(memofill_policies)
+    own = _default_instance.near
     with _default_instance.override(
         harness.client(),
         async_client=harness.async_client(),
         prefix=memofill_prefix,
         policies=policies,
+        near=None if own is None else attrs.evolve(own, invalidation="ttl"),
     ) as cache:
         yield harness.adopt(cache)
 

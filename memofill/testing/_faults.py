@@ -124,6 +124,26 @@ class Faults:
             self._harness.close_breakers()
 
     @contextlib.contextmanager
+    def listener_lost(self) -> Iterator[None]:
+        """The caches' near-cache listeners lose their connection during the block.
+
+        No near copy is served in the block (calls read Redis, counted as
+        ``hit``), and every copy made before it is dropped, as in production
+        when the listener's connection breaks; after the block, copies are
+        made and served again.
+        """
+        stores = [cache.local_store for cache in self._harness.caches]
+        before = [store.live_until for store in stores]
+        for store in stores:
+            store.tracking(False)
+        try:
+            yield
+        finally:
+            for store, live_until in zip(stores, before, strict=True):
+                store.tracking(True)
+                store.heard(live_until)
+
+    @contextlib.contextmanager
     def slow(self, ms: float, *, timeout_ms: float | None = None) -> Iterator[None]:
         """Every command takes ``ms`` longer during the block.
 
