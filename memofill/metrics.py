@@ -525,6 +525,17 @@ def _histogram(name: str) -> Callable[[Memofill], Samples]:
     return read
 
 
+def _near_serving(cache: Memofill) -> Samples:
+    """Whether near copies are served now; no sample where no dataset keeps them."""
+    try:
+        near_datasets = any(dataset.near_ms > 0 for dataset in cache.policies.values())
+    except MemofillError:
+        near_datasets = False
+    if cache.near is None or not near_datasets:
+        return []
+    return [((), float(cache.local_store.serving_near()))]
+
+
 def unlabelled(read: Callable[[Memofill], float]) -> Callable[[Memofill], Samples]:
     """A family's ``read`` from a function of the instance giving its one value."""
 
@@ -605,20 +616,44 @@ FAMILIES: list[Family] = [
         unlabelled(lambda cache: cache.breaker.trips.value),
     ),
     Family(
-        "outage_store.entries",
+        "local_store.entries",
         "gauge",
         "{entry}",
-        "Values kept in this process to serve while Redis is unreachable",
+        "Values kept in this process: near copies and copies served while Redis is unreachable",
         (),
         unlabelled(lambda cache: len(cache.local_store)),
     ),
     Family(
-        "outage_store.size",
+        "local_store.size",
         "gauge",
         "By",
-        "What the values kept for outages cost against their byte budget",
+        "What the values kept in this process cost against their byte budget",
         (),
         unlabelled(lambda cache: cache.local_store.bytes),
+    ),
+    Family(
+        "local_store.evictions",
+        "counter",
+        "{entry}",
+        "Values dropped from the local store to keep it within its entry and byte limits",
+        (),
+        unlabelled(lambda cache: cache.local_store.evictions),
+    ),
+    Family(
+        "near.serving",
+        "gauge",
+        "1",
+        "1 while near copies may be served (the invalidation listener is heard), else 0",
+        (),
+        _near_serving,
+    ),
+    Family(
+        "near.flushes",
+        "counter",
+        "{flush}",
+        "Times every near copy was dropped at once (a lost, new or flushed listener connection)",
+        (),
+        unlabelled(lambda cache: cache.local_store.epoch),
     ),
 ]
 
@@ -629,10 +664,10 @@ def register(family: Family) -> None:
     Register when the feature's module is imported: the OpenTelemetry exporter
     makes its instruments when ``instrument()`` is called.
 
-    For example, a count of the entries of a cache kept in the process::
+    For example, a count of the refreshes waiting for a worker::
 
-        register(Family("near.entries", "gauge", "{entry}", "Entries in the near cache",
-                        (), unlabelled(lambda cache: len(cache.near))))
+        register(Family("refreshes.in_flight", "gauge", "{refresh}", "Refreshes in flight",
+                        (), unlabelled(lambda cache: cache.refreshes.in_flight())))
     """
     if any(known.name == family.name for known in FAMILIES):
         raise ValueError(f"a metric family {family.name!r} is already registered")

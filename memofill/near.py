@@ -402,6 +402,10 @@ class LocalStore:
         )
         self._told_evictions, self._told_at = self.evictions, now
 
+    def serving_near(self) -> bool:
+        """Whether near copies may be served now: the listener was heard, or none is needed."""
+        return self._clock() < self.live_until
+
     def __len__(self) -> int:
         return len(self.entries)
 

@@ -351,7 +351,7 @@ def test_family_names_follow_each_exporters_conventions() -> None:
     assert by_name["calls"].prometheus_name == "memofill_calls"  # + _total on its samples
     assert by_name[FETCH_DURATION].prometheus_name == "memofill_fetch_duration_seconds"
     assert by_name[PAYLOAD_SIZE].prometheus_name == "memofill_payload_size_bytes"
-    assert by_name["outage_store.size"].prometheus_name == "memofill_outage_store_size_bytes"
+    assert by_name["local_store.size"].prometheus_name == "memofill_local_store_size_bytes"
     assert by_name["breaker.open"].otel_name == "memofill.breaker.open"
     with pytest.raises(ValueError, match="already registered"):
         register(Family("calls", "gauge", "1", "again", (), lambda cache: []))

@@ -506,3 +506,51 @@ def test_a_near_copy_is_never_served_past_the_values_freshness(
     assert fresh.call_with_outcome("k").outcome == "near_hit"
     wait_for_wall_ms(header.soft_until_ms + 100)
     assert fresh.call_with_outcome("k").outcome == "stale_hit"  # Redis decides, not the copy
+
+
+def test_the_near_gauges_say_whether_copies_are_served_and_count_flushes(
+    redis_server: RedisServer, stores: list[Memofill]
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
+
+    mf, hot = make(redis_server, "gauges:")
+    stores.append(mf)
+    registry = CollectorRegistry()
+    registry.register(MemofillCollector(mf))
+
+    def sample(name: str) -> float:
+        value = registry.get_sample_value(name)
+        assert value is not None, generate_latest(registry).decode()
+        return value
+
+    wait_live(mf, lambda: hot("k"))
+    hot("k")  # a Redis hit, kept near
+    assert hot.call_with_outcome("k").outcome == "near_hit"
+    assert sample("memofill_near_serving") == 1.0
+    assert sample("memofill_local_store_entries") >= 1
+    flushes = sample("memofill_near_flushes_total")
+    assert redis_server.client().client_kill_filter(_type="pubsub") >= 1
+    wait_until(lambda: sample("memofill_near_flushes_total") > flushes)
+    wait_live(mf, lambda: hot("k"))  # tracking is back
+    assert sample("memofill_near_serving") == 1.0
+    near_hits = registry.get_sample_value(
+        "memofill_calls_total", {"dataset": "hot:{name}", "outcome": "near_hit"}
+    )
+    assert near_hits is not None
+    assert near_hits >= 1
+
+
+def test_without_near_datasets_there_is_no_near_serving_sample(redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
+
+    mf = Memofill(
+        redis_server.client(), prefix="nonear:", policies={"cold:{name}": POLICIES["cold:{name}"]}
+    )
+    registry = CollectorRegistry()
+    registry.register(MemofillCollector(mf))
+    assert registry.get_sample_value("memofill_near_serving") is None
+    assert registry.get_sample_value("memofill_near_flushes_total") == 0.0
