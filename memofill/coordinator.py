@@ -301,19 +301,11 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
             plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
-    encode_error = None if unstorable is None else unstorable.partition(":")[0]
-    if value is None:
-        told = RETURNED_NONE
-    else:
-        told = STORED if encode_error is None else UNSTORED + encode_error
-    write_error, release_error = yield from _write_and_release(
-        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told
-    )
     outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
-    # Report the first thing that went wrong: a failed recheck, then the write, then the release.
-    error = error or encode_error or write_error or release_error
-    return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
+    stored = yield from _store(plan, policy, lock, token, outcome, value, started_ms, delta_ms)
+    # Report the first thing that went wrong: a failed recheck, then the encoding, the write,
+    # the release.
+    return stored if error is None else attrs.evolve(stored, error=error)
 
 
 def refresh(plan: Plan, seen_start_ms: int) -> Steps:
@@ -369,6 +361,25 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
         # The fetch's error is the one to report: a hold that failed only shortens the back-off.
         yield from _hold(plan, policy, lock, token, RAISED + type(exc).__name__)
         return Result(Outcome.REFRESH_ERROR, error=type(exc).__name__)
+    outcome = Outcome.REFRESH_NEGATIVE if value is None else Outcome.REFRESH_FILL
+    return (yield from _store(plan, policy, lock, token, outcome, value, started_ms, delta_ms))
+
+
+def _store(  # noqa: PLR0917  # the lock held, and what the fetch returned
+    plan: Plan,
+    policy: CacheFill,
+    lock: str,
+    token: str,
+    outcome: Outcome,
+    value: Any,
+    started_ms: int,
+    delta_ms: int,
+) -> Steps:
+    """Store what a fetch made with the lock held, release the lock and tell the followers.
+
+    The result reports the first thing that went wrong: the encoding, the
+    write, then the release.
+    """
     payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     if value is None:
@@ -378,7 +389,6 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
     write_error, release_error = yield from _write_and_release(
         plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told
     )
-    outcome = Outcome.REFRESH_NEGATIVE if value is None else Outcome.REFRESH_FILL
     error = encode_error or write_error or release_error
     return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
 
