@@ -145,12 +145,16 @@ def test_bad_flags_one_line_exit_2(argv: list[str], fragment: str) -> None:
 
 def test_ctrl_c_stops_the_embedded_server_and_the_callers() -> None:
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a demo that hangs says where, on SIGABRT
     process = subprocess.Popen(
         [sys.executable, "-m", "memofill", "demo", *SMALL[:4], "--origin-ms", "20000"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # As from a terminal: a suite run in a background job (nohup, `&` in a script) has
+        # SIGINT ignored, and a child would inherit that and never see the Ctrl-C.
+        preexec_fn=_default_sigint,  # noqa: PLW1509  # only sets a signal disposition
     )
     with process:
         port, code, rest, elapsed = _interrupt_during_first_burst(process)
@@ -163,6 +167,10 @@ def test_ctrl_c_stops_the_embedded_server_and_the_callers() -> None:
     with pytest.raises(redis.ConnectionError):
         probe.ping()
     probe.close()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt_during_first_burst(
@@ -181,7 +189,12 @@ def _interrupt_during_first_burst(
     time.sleep(1.0)  # the callers are inside the 20 s origin call now
     started = time.monotonic()
     process.send_signal(signal.SIGINT)
-    code = process.wait(timeout=30)
+    try:
+        code = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        process.wait(timeout=30)
+        pytest.fail("the demo did not stop within 30 s of Ctrl-C:\n" + process.stderr.read())
     return port, code, process.stderr.read(), time.monotonic() - started
 
 
