@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
+import sys
 import threading
 import time
 import uuid
@@ -181,5 +182,44 @@ async def test_a_follower_whose_callers_all_gave_up_never_calls_the_origin(
         assert all(
             task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task()
         )
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 does not count cancellations")
+async def test_a_fill_whose_cancellation_a_reply_swallowed_never_calls_the_origin(
+    redis_server: RedisServer, real_client: redis.Redis, prefix: str
+) -> None:
+    """As redis-py does on a busy loop: the wait returns its reply and drops the cancellation."""
+    short = CacheFill(lease_ms=10_000, wait_ms=500, poll_min_ms=10, poll_max_ms=100)
+    key = f"{prefix}slow:a"
+    real_client.set(lock_key(key), "someone-else", px=10_000)
+    client = redis.asyncio.Redis(host="127.0.0.1", port=redis_server.port)
+    mf = Memofill(client, prefix=prefix, policies=policies(short))
+    commands: Any = mf._async
+    waiting = commands.wait
+
+    async def swallowing_wait(*args: Any) -> Any:
+        try:
+            return await waiting(*args)
+        except asyncio.CancelledError:
+            return None  # the reply of a wait that timed out: nothing yet
+
+    commands.wait = swallowing_wait
+    try:
+
+        @mf.cached_dataset("slow:{name}")
+        async def origin(name: str) -> str:
+            real_client.incr(prefix + "origin")
+            return name
+
+        caller = asyncio.ensure_future(origin("a"))
+        await asyncio.sleep(0.2)
+        assert len(mf.task_flights) == 1  # one fill, following
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)
+        await asyncio.sleep(short.wait_ms / 1000 * 2)  # past the wait, when it would fetch
+        assert real_client.get(prefix + "origin") is None
+        assert len(mf.task_flights) == 0
     finally:
         await client.aclose()
