@@ -239,13 +239,9 @@ def _fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     if not plan.redis_ok:
         error = plan.redis_error or RedisUnavailable.__name__
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error))
-    lock, token, wake = lock_key(plan.redis_key), new_token(), wake_key(plan.redis_key)
+    lock, token = lock_key(plan.redis_key), new_token()
     try:
-        acquired, recheck, newest = yield from _ask(
-            plan, Command("acquire", (lock, token, policy.lease_ms, plan.redis_key, wake))
-        )
-        if isinstance(acquired, Exception):
-            raise acquired
+        acquired, recheck, newest = yield from _acquire(plan, policy, lock, token)
     except Exception as exc:  # from Redis: see the module doc
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
     if acquired:
@@ -334,13 +330,9 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
     policy = plan.cache_fill
     if policy is None or not plan.redis_ok:
         return Result(Outcome.REFRESH_LOCK_ERROR, error=plan.redis_error or "RedisUnavailable")
-    lock, token, wake = lock_key(plan.redis_key), new_token(), wake_key(plan.redis_key)
+    lock, token = lock_key(plan.redis_key), new_token()
     try:
-        acquired, recheck, _ = yield from _ask(
-            plan, Command("acquire", (lock, token, policy.lease_ms, plan.redis_key, wake))
-        )
-        if isinstance(acquired, Exception):
-            raise acquired
+        acquired, recheck, _ = yield from _acquire(plan, policy, lock, token)
     except Exception as exc:  # from Redis: see the module doc
         return Result(Outcome.REFRESH_LOCK_ERROR, error=type(exc).__name__)
     if not acquired:
@@ -364,6 +356,24 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
         return Result(Outcome.REFRESH_ERROR, error=type(exc).__name__)
     outcome = Outcome.REFRESH_NEGATIVE if value is None else Outcome.REFRESH_FILL
     return (yield from _store(plan, policy, lock, token, outcome, value, started_ms, delta_ms))
+
+
+def _acquire(
+    plan: Plan, policy: CacheFill, lock: str, token: str
+) -> Generator[Step, Any, tuple[Any, Any, Any]]:
+    """Try the lock, recheck the key and read the newest wake entry, in one round trip.
+
+    Returns ``(acquired, recheck, newest)``; raises what Redis raised for the lock.
+    """
+    acquired, recheck, newest = yield from _ask(
+        plan,
+        Command(
+            "acquire", (lock, token, policy.lease_ms, plan.redis_key, wake_key(plan.redis_key))
+        ),
+    )
+    if isinstance(acquired, Exception):
+        raise acquired
+    return acquired, recheck, newest
 
 
 def _store(  # noqa: PLR0917  # the lock held, and what the fetch returned
