@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import redis.exceptions
 
 from memofill import Memofill
 
@@ -60,3 +63,41 @@ class Refresh:
     elapsed_ms: float
     delta_ms: float | None
     stale_age_ms: float | None
+
+
+#: The kinds of Redis failure the contract tells apart, most specific first. An outcome's
+#: ``error`` names the class redis-py raised; a release of redis-py may raise a new subclass
+#: (8.2 narrowed RedisClusterException to RedisClusterUnreachableError), which is the same
+#: failure to memofill and to its users.
+FAILURE_KINDS: tuple[type[Exception], ...] = (
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.ResponseError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+def failure(error: str | None) -> str | None:
+    """The kind of Redis failure an outcome's ``error`` names: the name of its kind in
+    :data:`FAILURE_KINDS`, so ``"RedisClusterUnreachableError"`` is ``"RedisClusterException"``.
+
+    A name that is not one of redis-py's exceptions (``None``, or memofill's own words such
+    as ``LeaseExpired`` and ``RedisUnavailable``) is returned as it is.
+    """
+    raised = getattr(redis.exceptions, error, None) if error else None
+    if not (isinstance(raised, type) and issubclass(raised, Exception)):
+        return error
+    return next((kind.__name__ for kind in FAILURE_KINDS if issubclass(raised, kind)), error)
+
+
+def failures(logged: Mapping[tuple[str, str | None], int]) -> Counter[tuple[str, str | None]]:
+    """``(outcome, error)`` counts with each error read as its :func:`failure` kind."""
+    kinds: Counter[tuple[str, str | None]] = Counter()
+    for (outcome, error), count in logged.items():
+        kinds[outcome, failure(error)] += count
+    return kinds

@@ -44,6 +44,7 @@ from tests.fault_helpers import (
     run_stampede,
     wait_until,
 )
+from tests.helpers import failure
 from tests.redis_servers import RedisCluster, RedisServer
 
 pytestmark = [pytest.mark.redis_server]
@@ -224,8 +225,10 @@ def test_a_stalled_master_degrades_to_a_local_fetch(
         admin.execute_command("CLIENT", "UNPAUSE")
     assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
     assert origins == ["x"]
-    assert [(r["outcome"], r["error"]) for r in records] == [("lock_error", "TimeoutError")]
-    measure(request, len(origins), waited, Counter({("lock_error", "TimeoutError"): 1}))
+    assert [(r["outcome"], failure(r["error"])) for r in records] == [
+        ("lock_error", "TimeoutError")
+    ]
+    measure(request, len(origins), waited, Counter({("lock_error", records[0]["error"]): 1}))
     assert waited < SOCKET_TIMEOUT_S + MARGIN_S
     # The SET NX that timed out ran on UNPAUSE: a lock nobody holds, gone after lease_ms.
     wait_until(lambda: not admin.exists(lock_key(key)), timeout_s=FILL.lease_ms / 1000 + MARGIN_S)
@@ -289,7 +292,8 @@ def test_a_master_killed_during_a_stampede(
     finally:
         cluster.close()
     assert (last.outcome, last.value) == ("lock_error", {"name": "gone"})
-    assert [r["error"] for r in records] == ["RedisClusterException"]
+    # A cluster error (whatever subclass this redis-py raises), met and classified.
+    assert [failure(r["error"]) for r in records] == ["RedisClusterException"]
     note(request, "whole_cluster_down_call_s", round(last_s, 3))
     assert last_s < MARGIN_S
     measure(request, origin_calls(counter, spec), result.longest_wait_s, result.errors)
@@ -299,7 +303,7 @@ def test_a_master_killed_during_a_stampede(
     # At most one fetch per process and key: its threads coalesce.
     assert origin_calls(counter, spec) <= 3 * len(names)
     degraded = {"ConnectionError", "RedisUnavailable", "TimeoutError", "ClusterDownError"}
-    assert {error for _, error in result.errors} <= degraded | {None}
+    assert {failure(error) for _, error in result.errors} <= degraded | {None}
     # Every process met the dead master and degraded to local fetches.
     assert all(report.records for report in result.reports)
     assert {r["outcome"] for r in result.records} <= {
@@ -348,8 +352,8 @@ def test_a_slot_no_master_serves_degrades_to_a_local_fetch(
         cluster_client.nodes_manager.initialize()
     assert (result.outcome, result.value) == ("lock_error", {"name": "x"})
     assert origins == ["x"]
-    assert [r["error"] for r in records] == ["RedisClusterException"]
-    logged = Counter({("lock_error", "RedisClusterException"): 1})
+    assert [failure(r["error"]) for r in records] == ["RedisClusterException"]
+    logged = Counter({("lock_error", records[0]["error"]): 1})
     measure(request, len(origins), waited, logged)
     assert waited < MARGIN_S
 

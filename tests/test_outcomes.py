@@ -18,6 +18,7 @@ from memofill import FillError, Memofill, Outcome
 from memofill.keys import lock_key
 from memofill.outcomes import WARNING_OUTCOMES, Counters, MissRecord
 from tests.conftest import POLICIES
+from tests.helpers import failure
 
 SECRET = "s3cr3t-payload-do-not-log"
 FIELDS = (
@@ -184,7 +185,7 @@ def test_a_redis_failure_is_a_lock_error_naming_the_redis_error(
     server.connected = False
     assert mf.cached_dataset("item:{name}")(lambda name: SECRET)("a") == SECRET
     record = records.only_miss()
-    assert (record.outcome, record.levelno, record.error) == (
+    assert (record.outcome, record.levelno, failure(record.error)) == (
         "lock_error",
         logging.WARNING,
         "ConnectionError",

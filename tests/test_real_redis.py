@@ -29,7 +29,7 @@ from memofill.testing import stored_payload
 from tests import typed_values
 from tests.conftest import POLICIES
 from tests.fault_helpers import wait_until
-from tests.helpers import notify_after_acquire
+from tests.helpers import failure, notify_after_acquire
 from tests.redis_servers import RedisServer
 from tests.stampede import run_stampede
 
@@ -401,7 +401,7 @@ def test_a_user_denied_scripts_still_gets_values_and_followers_still_find_them(
         "follower_hit",
     )
     leader_record = next(r for r in caplog.records if getattr(r, "outcome", "") == "leader_fill")
-    assert leader_record.error == "NoPermissionError"
+    assert failure(leader_record.error) == "NoPermissionError"
     assert calls == ["a"]
     assert leader_fetch("a") == {"name": "a"}
     for client in clients:
