@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 #: The extras whose floors are promises to users (the others are tools: tests, docs, bench).
 USER_EXTRAS = ("hiredis", "prometheus", "otel")
