@@ -19,11 +19,11 @@ from memofill.instance import (
     cached_dataset,
     configure,
     default_instance,
-    disabled,
 )
 from memofill.near import NearCache
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill, Dataset, load_policies, validate
+from memofill.snapshot import disabled
 from memofill.values import Codec
 
 __all__ = [

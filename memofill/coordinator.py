@@ -1,10 +1,11 @@
-"""The miss algorithm, written once as a generator of steps, and its sync and asyncio drivers.
+"""The miss algorithm, written once as a generator of steps: the algorithm only, no I/O.
 
 :func:`fill` decides; it never performs I/O. It yields a :class:`Command` (a
 Redis command by name), a :class:`Sleep`, or :data:`FETCH`, and receives the
 result. A Redis error is thrown back into it, so that the algorithm, not the
-driver, decides how to degrade. :func:`run_sync` and :func:`run_async` perform
-the steps with a blocking or an asyncio client; neither makes a decision.
+driver, decides how to degrade. :func:`~memofill.drivers.run_sync` and
+:func:`~memofill.drivers.run_async` perform the steps with a blocking or an
+asyncio client; neither makes a decision.
 
 One miss, for a dataset with a fill policy:
 
@@ -48,9 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sys
-import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import attrs
@@ -68,19 +67,15 @@ from memofill.codec import (
     read_header,
 )
 from memofill.commands import (
-    REDIS_ERRORS,
-    Commands,
     RedisUnavailable,
     is_hold,
     is_pool_refusal,
     is_timeout,
-    is_unreachable,
     new_token,
     newest_entry,
     stream_entries,
 )
 from memofill.errors import FillError
-from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
@@ -124,15 +119,15 @@ class Sleep:
     seconds: float
 
 
-class _Fetch:
+class Fetch:
     def __repr__(self) -> str:
         return "FETCH"
 
 
 #: Call the fetch function; its value (or exception) is sent back.
-FETCH: Any = _Fetch()
+FETCH: Any = Fetch()
 
-Step = Command | Sleep | _Fetch
+Step = Command | Sleep | Fetch
 
 
 @attrs.frozen
@@ -685,108 +680,3 @@ def _write_and_release(
     if cancelled is not None:
         raise cancelled
     return write_error, (None if released else LEASE_EXPIRED)
-
-
-def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:
-    if breaker.is_open:
-        raise RedisUnavailable("Redis was unreachable moments ago")
-    return getattr(commands, step.name)(*step.args)
-
-
-def _on_error(exc: Exception, breaker: Breaker, step: Step) -> Exception:
-    """Tell the breaker of a failure to reach Redis; a blocking wait's time-out is none.
-
-    A ``wait`` blocks on purpose, for nearly as long as the socket time-out
-    allows: its time-out says the process or the server's timer was late, and
-    Redis answers the read that follows it.
-    """
-    if not (isinstance(exc, REDIS_ERRORS) and is_unreachable(exc)):
-        return exc
-    timed_out = is_timeout(exc)
-    if not (timed_out and isinstance(step, Command) and step.name == "wait"):
-        breaker.failed(timed_out=timed_out)
-    return exc
-
-
-def run_sync(
-    steps: Steps, commands: Commands | None, fetch: Callable[[], Any], breaker: Breaker
-) -> Result:
-    """Perform the steps with a blocking client; return the algorithm's :class:`Result`."""
-    reply: Any = None
-    failure: Exception | None = None
-    while True:
-        try:
-            step = steps.send(reply) if failure is None else steps.throw(failure)
-        except StopIteration as finished:
-            return finished.value  # type: ignore[no-any-return]
-        reply, failure = None, None
-        try:
-            if isinstance(step, _Fetch):
-                reply = fetch()
-            elif isinstance(step, Sleep):
-                time.sleep(step.seconds)
-            elif commands is None:
-                raise RedisUnavailable("no Redis client is configured")
-            else:
-                reply = _send(commands, step, breaker)
-                breaker.answered()
-        except Exception as exc:
-            failure = _on_error(exc, breaker, step)
-
-
-def _cancel_requested() -> bool:
-    """Whether this task was asked to stop, even if the cancellation never arrived.
-
-    redis-py's asyncio client, cancelled while its reply is already waiting (a
-    busy event loop), returns the reply and drops the ``CancelledError``. A fill
-    whose callers all gave up would then follow on and call the origin after
-    ``wait_ms``. Python 3.11+ counts cancellation requests; 3.10 cannot tell.
-    """
-    task = asyncio.current_task()
-    return task is not None and sys.version_info >= (3, 11) and task.cancelling() > 0
-
-
-async def run_async(
-    steps: Steps,
-    commands: Commands | None,
-    fetch: Callable[[], Awaitable[Any]],
-    breaker: Breaker,
-    on_fetch: Callable[[], object] = lambda: None,
-) -> Result:
-    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`.
-
-    A cancellation is thrown into the algorithm like any other failure of a
-    step: it yields its clean-up steps (a leader releases its lock), which this
-    driver performs even though its task is being cancelled (the cancellation
-    was delivered; the next awaits run), then re-raises it. When
-    :func:`asyncio.run` returns with a fill in flight, it cancels the fill's
-    task and runs the loop until that task ends, so the clean-up reaches Redis.
-    ``on_fetch`` is called before the origin is: from then on the fill must
-    run to its end (the asyncio singleflight, ``TaskFlights``, stops a fill that no caller
-    awaits any more only before then).
-    """
-    reply: Any = None
-    failure: BaseException | None = None
-    while True:
-        try:
-            step = steps.send(reply) if failure is None else steps.throw(failure)
-        except StopIteration as finished:
-            return finished.value  # type: ignore[no-any-return]
-        reply, failure = None, None
-        try:
-            if isinstance(step, _Fetch):
-                if _cancel_requested():
-                    raise asyncio.CancelledError  # one a Redis reply swallowed: never fetch
-                on_fetch()
-                reply = await fetch()
-            elif isinstance(step, Sleep):
-                await asyncio.sleep(step.seconds)
-            elif commands is None:
-                raise RedisUnavailable("no Redis client is configured")
-            else:
-                reply = await _send(commands, step, breaker)
-                breaker.answered()
-        except asyncio.CancelledError as exc:
-            failure = exc  # the algorithm cleans up and re-raises it
-        except Exception as exc:
-            failure = _on_error(exc, breaker, step)

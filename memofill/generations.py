@@ -20,13 +20,15 @@ reaches the process in milliseconds. This module decides; it does no I/O.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from memofill.freshness import EXPIRED, STALE
+from memofill.codec import SEQ as SEQ_FIELD
+from memofill.freshness import EARLY, EXPIRED, STALE
 
 #: The field of the meta hash that counts invalidations.
 SEQ = "seq"
@@ -183,6 +185,47 @@ def mark_field(dataset: str, soft: bool) -> str:
 
 def _text(raw: Any) -> str:
     return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def amended(kind: str, marks: Marks, raw: bytes, serves_stale: bool) -> str:
+    """``kind`` (a :func:`~memofill.freshness.verdict` of headed ``raw``) as the marks amend it.
+
+    Below a hard mark (or a soft one, without ``stale_s``) a value is expired
+    whatever its clock says, and never served, not even on error; below a soft
+    mark only, a value still fresh by the clock is stale, served while one refreshes.
+    """
+    try:
+        seq: int | None = int(raw[SEQ_FIELD], 16)
+    except ValueError:
+        seq = None
+    behind = marks.behind(seq, serves_stale)
+    if behind == EXPIRED:
+        return EXPIRED
+    if behind == STALE and kind == EARLY:
+        return STALE
+    return kind
+
+
+def invalidate_dataset(
+    commands: Any, meta_key: str, generations: Generations, dataset: str, soft: bool
+) -> Any:
+    """Mark ``dataset`` invalidated in Redis and tell this process; the new generation.
+
+    The one invalidation :meth:`memofill.Memofill.invalidate_dataset` and a
+    function's ``invalidate_dataset`` both make, on ``commands`` (which return a
+    value, or an awaitable of it on the asyncio client, then so does this).
+    """
+    reply = commands.invalidate_dataset(meta_key, mark_field(dataset, soft))
+    if not inspect.isawaitable(reply):
+        generations.invalidated(dataset, int(reply), soft)
+        return int(reply)
+
+    async def finish() -> int:
+        seq = int(await reply)
+        generations.invalidated(dataset, seq, soft)
+        return seq
+
+    return finish()
 
 
 #: ``meta_check_ms`` when none is given: a second.

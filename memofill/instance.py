@@ -18,29 +18,29 @@ import contextlib
 import inspect
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import attrs
 
-from memofill import decorator
-from memofill.commands import Commands, is_cluster
+from memofill.commands import Commands
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker
-from memofill.generations import DEFAULT_CHECK_MS, Generations, mark_field
+from memofill.generations import DEFAULT_CHECK_MS, Generations, invalidate_dataset
+from memofill.hooks import Events
 from memofill.keys import lock_key, meta_key, parse_template, prefix_problem
-from memofill.listener import Listener, connection_factory, tracked_prefixes
-from memofill.metrics import Events, Metrics
+from memofill.listener import follow
+from memofill.metrics import Metrics
 from memofill.near import MAX_LOCAL_BYTES, MAX_LOCAL_ENTRIES, LocalStore, NearCache
 from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.project import resolve_policies
 from memofill.refreshing import REFRESH_MODES, Refreshes, RefreshMode
 from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.snapshot import State, configuring, when_switched
 from memofill.values import Codec
 
 P = ParamSpec("P")
@@ -54,8 +54,6 @@ DISABLED_ENV = "MEMOFILL_DISABLED"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
-#: Serialises every change of configuration: configure, override, decoration, disabled().
-_lock = threading.RLock()
 #: Every instance, so that opening the first ``disabled()`` block can gate their functions.
 _instances: weakref.WeakSet[Memofill] = weakref.WeakSet()
 
@@ -81,81 +79,6 @@ def _disabled_by_environment() -> bool:
         f"{DISABLED_ENV}={os.environ[DISABLED_ENV]!r}: use 1 to switch caching off, 0 or unset "
         "to keep it on"
     )
-
-
-@attrs.frozen
-class State:
-    """One configuration of an instance, immutable: replaced whole, never changed in place.
-
-    Besides what :meth:`Memofill.configure` sets, it holds what calls accumulate
-    (counters, values kept for outages, the breaker, fills in flight), so that
-    :meth:`Memofill.override` can start a block from nothing and put it all back.
-    """
-
-    sync: Commands | None
-    asynchronous: Commands | None
-    prefix: str
-    #: ``None``: found by the rule in :mod:`memofill.project`.
-    policy_source: PolicySource | None
-    policies: dict[str, Dataset] | None
-    disabled: bool
-    counters: Counters
-    #: Histograms and refresh counts; its ``events`` (the hooks) is the instance's, kept.
-    metrics: Metrics
-    local_store: LocalStore
-    breaker: Breaker
-    thread_flights: ThreadFlights[Result]
-    task_flights: TaskFlights[Result]
-    #: Datasets whose values could not be stored, each reported once by a WARNING.
-    unstorable_warned: set[str]
-    #: Datasets whose refusal by Redis's ACL was logged: once per client configured (a new
-    #: client may have other rights).
-    told_permission: set[str]
-    #: How near copies are kept (``None``: never).
-    near: NearCache | None
-    #: The dataset generations this process knows (whole-dataset invalidation).
-    generations: Generations
-    #: Refreshes of stale values in flight, and how they are run (``refresh=``).
-    refreshes: Refreshes = attrs.field(factory=Refreshes)
-    #: What an enclosing :meth:`Memofill.override` set, which ``configure()`` leaves alone.
-    held: frozenset[str] = frozenset()
-
-    def policy(self, key: str) -> Dataset:
-        """The policy of ``key``; the policies must be loaded."""
-        assert self.policies is not None  # bindings are built after the policies are loaded
-        try:
-            return self.policies[key]
-        except KeyError:
-            known = ", ".join(sorted(self.policies)) or "none"
-            raise UnknownDatasetError(
-                f"no dataset {key!r} in the policies (known: {known})"
-            ) from None
-
-    def near_problem(self, dataset: Dataset) -> str | None:
-        """Why ``dataset``'s near copies cannot be kept with these clients, or ``None``."""
-        near = self.near
-        if near is None or dataset.near_ms == 0 or near.invalidation != "tracking":
-            return None
-        if any(c is not None and is_cluster(c.client) for c in (self.sync, self.asynchronous)):
-            return (
-                f"dataset {dataset.key!r} has near_ms={dataset.near_ms}, but near copies "
-                "invalidated by tracking are not supported on Redis Cluster: each primary "
-                "reports only its own slots' writes, and a slot moving between primaries would "
-                "go unreported; pass near=NearCache(invalidation='ttl') (copies live near_ms, "
-                "whatever Redis does) or near=None"
-            )
-        return None
-
-    def commands_for(self, is_async: bool) -> Commands | None:
-        """The commands of the client that serves sync or coroutine functions."""
-        commands = self.asynchronous if is_async else self.sync
-        if commands is None and (self.sync or self.asynchronous):
-            kind = "an asyncio" if is_async else "a blocking"
-            raise ConfigurationError(
-                f"a {'coroutine ' if is_async else ''}function needs {kind} Redis client: "
-                "pass it as client= or async_client="
-            )
-        return commands
 
 
 def _refreshes(mode: object, workers: object) -> Refreshes:
@@ -389,7 +312,7 @@ class Memofill:
         is checked before anything changes: a configuration that is refused
         leaves the instance as it was.
         """
-        with _lock:
+        with configuring:
             state = self._composed(client, async_client, prefix, policies, near)
             if refresh is not None or refresh_workers is not None:
                 old = state.refreshes
@@ -458,7 +381,7 @@ class Memofill:
         for binding in list(self._bindings):
             binding._rebind(state)  # decorated functions compile the prefix into their keys
         state.breaker.reset()
-        _track(state)
+        self._follow()
 
     @property
     def policies(self) -> dict[str, Dataset]:
@@ -469,7 +392,7 @@ class Memofill:
         """
         policies = self._state.policies
         if policies is None:
-            with _lock:
+            with configuring:
                 state = self._state
                 if state.policies is None:
                     state = attrs.evolve(state, policies=resolve_policies(state.policy_source))
@@ -518,7 +441,7 @@ class Memofill:
             )
 
         def decorate(function: Callable[P, R]) -> CachedDataset[P, R]:
-            with _lock:  # not while the instance is reconfigured: it binds to one state
+            with configuring:  # not while the instance is reconfigured: it binds to one state
                 return CachedDataset(function, self, key, ignore, codec)
 
         return decorate
@@ -541,18 +464,9 @@ class Memofill:
         commands = state.sync or state.asynchronous
         if commands is None:
             raise ConfigurationError("invalidate_dataset needs a Redis client: configure one")
-        reply = commands.invalidate_dataset(meta_key(state.prefix), mark_field(dataset, soft))
-        generations = state.generations
-        if state.sync is not None:
-            generations.invalidated(dataset, int(reply), soft)
-            return int(reply)
-
-        async def finish() -> int:
-            seq = int(await reply)
-            generations.invalidated(dataset, seq, soft)
-            return seq
-
-        return finish()
+        return invalidate_dataset(
+            commands, meta_key(state.prefix), state.generations, dataset, soft
+        )
 
     def final_key(self, key: str, **fields: object) -> str:
         """The Redis key of dataset ``key`` for these field values (``prefix`` included)."""
@@ -596,7 +510,7 @@ class Memofill:
             "near": near is not None,
         }
         held = frozenset(name for name, set_here in given.items() if set_here)
-        with _lock:
+        with configuring:
             saved, bindings = self._state, list(self._bindings)
             fresh = attrs.evolve(
                 saved,
@@ -616,17 +530,29 @@ class Memofill:
         try:
             yield self
         finally:
-            with _lock:
+            with configuring:
                 self._bindings = weakref.WeakSet(bindings)
                 self._state.local_store.attach(None)  # its listener, if any, stops
                 self._swap(saved)
 
     def _bind(self, binding: CachedDataset[..., Any]) -> None:
-        with _lock:
+        with configuring:
             self.policies  # noqa: B018  # loaded: the snapshot needs them
             self._bindings.add(binding)
             binding._rebind(self._state)
-            _track(self._state)
+            self._follow()
+
+    def _follow(self) -> None:
+        """Give the store the listener the configuration in force needs (:func:`follow`)."""
+        state = self._state
+        follow(
+            state.local_store,
+            near=state.near,
+            commands=state.sync or state.asynchronous,
+            prefix=state.prefix,
+            policies=state.policies,
+            on_meta_change=state.generations.expire,
+        )
 
     def _regate(self) -> None:
         """Rebuild the snapshots of the state in force (a ``disabled()`` block opened or closed)."""
@@ -634,95 +560,13 @@ class Memofill:
             binding._rebind(self._state)
 
 
-def _track(state: State) -> None:
-    """Give ``state``'s store the invalidation listener its near datasets need, if any.
-
-    With ``invalidation="tracking"``, the listener follows the client (the
-    blocking one, else the asyncio one) and tracks the literal heads of the
-    near datasets' final keys; a configuration that changes either makes a new
-    listener, and every copy made under the old one is dropped. Until the
-    policies are loaded, nothing is served near.
-    """
-    store, near = state.local_store, state.near
-    store.watch = {meta_key(state.prefix): state.generations.expire}
-    if near is not None:
-        store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
-        store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
-    if near is None or near.invalidation == "ttl":
-        if store.listener is not None or store.live_until == 0.0:
-            store.attach(None, needed=False)
-        return
-    commands = state.sync or state.asynchronous
-    heads = _near_heads(state.prefix, state.policies)
-    if commands is None or not heads or is_cluster(commands.client):
-        if store.listener is not None:
-            store.attach(None)
-        store.live_until = 0.0
-        return
-    spec = (commands.client, heads, near.heartbeat_ms)
-    listener = store.listener
-    if isinstance(listener, Listener) and listener.spec == spec:
-        return
-    timeout_s = max(1.0, 4 * near.heartbeat_ms / 1000)
-    connect = connection_factory(commands.client, timeout_s)
-    if connect is None:  # nothing to listen to (fakeredis): nothing is served near
-        store.attach(None)
-        if store in _told_unlistenable:
-            return
-        _told_unlistenable.add(store)
-        logger.warning(
-            "near copies need invalidation='ttl' with this Redis client (%s): it has no "
-            "connection a listener can copy, so every call reads Redis",
-            type(commands.client).__name__,
-        )
-        return
-    store.attach(Listener(store, connect, heads, near.heartbeat_ms, spec))
+def _regate_every_instance() -> None:
+    """A ``disabled()`` block opened first or closed last: every function's snapshot follows."""
+    for instance in list(_instances):
+        instance._regate()
 
 
-#: Stores already told that their client cannot be listened to.
-_told_unlistenable: weakref.WeakSet[LocalStore] = weakref.WeakSet()
-
-#: The last policies :func:`_near_heads` looked at, and what it found: decorating thousands
-#: of functions must not scan thousands of datasets each time.
-_heads_memo: list[Any] = [None, "", ()]
-
-
-def _near_heads(prefix: str, policies: dict[str, Dataset] | None) -> tuple[str, ...]:
-    """The prefixes to track: the literal heads of the near datasets' final keys."""
-    if policies is None:
-        return ()
-    if _heads_memo[0] is policies and _heads_memo[1] == prefix:
-        return _heads_memo[2]  # type: ignore[no-any-return]
-    heads = [prefix + d.template.parts[0] for d in policies.values() if d.near_ms > 0]
-    # The meta hash too: another process's dataset invalidation then arrives in milliseconds.
-    found = tracked_prefixes([*heads, meta_key(prefix)]) if heads else ()
-    _heads_memo[:] = [policies, prefix, found]
-    return found
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Switch caching off for the calls made inside the block, in this thread or task.
-
-    The calls go straight to their functions, counted as ``disabled``. Other
-    threads and tasks keep caching. Blocks nest.
-    """
-    with _lock:
-        decorator.open_blocks += 1
-        if decorator.open_blocks == 1:  # functions read the context variable from now on
-            for instance in list(_instances):
-                instance._regate()
-    token = decorator.bypassing.set(True)
-    try:
-        yield
-    finally:
-        decorator.bypassing.reset(token)
-        with _lock:
-            decorator.open_blocks -= 1
-            if decorator.open_blocks == 0:
-                for instance in list(_instances):
-                    instance._regate()
-
+when_switched(_regate_every_instance)
 
 #: The instance behind :func:`configure` and :func:`cached_dataset`.
 default = Memofill()

@@ -37,14 +37,16 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import redis
 import redis.connection
 
-from memofill.commands import LISTENER_CHANNEL
-from memofill.near import LocalStore
+from memofill.commands import LISTENER_CHANNEL, Commands, is_cluster
+from memofill.keys import meta_key
+from memofill.near import LocalStore, NearCache
+from memofill.policy import Dataset
 
 logger = logging.getLogger("memofill")
 
@@ -450,3 +452,75 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def follow(
+    store: LocalStore,
+    *,
+    near: NearCache | None,
+    commands: Commands | None,
+    prefix: str,
+    policies: Mapping[str, Dataset] | None,
+    on_meta_change: Callable[[], object],
+) -> None:
+    """Give an instance's store the invalidation listener its near datasets need, if any.
+
+    With ``invalidation="tracking"``, the listener follows the client (the
+    blocking one, else the asyncio one) and tracks the literal heads of the
+    near datasets' final keys; a configuration that changes either makes a new
+    listener, and every copy made under the old one is dropped. Until the
+    policies are loaded, nothing is served near.
+    """
+    store.watch = {meta_key(prefix): on_meta_change}
+    if near is not None:
+        store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
+        store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
+    if near is None or near.invalidation == "ttl":
+        if store.listener is not None or store.live_until == 0.0:
+            store.attach(None, needed=False)
+        return
+    heads = _near_heads(prefix, policies)
+    if commands is None or not heads or is_cluster(commands.client):
+        if store.listener is not None:
+            store.attach(None)
+        store.live_until = 0.0
+        return
+    spec = (commands.client, heads, near.heartbeat_ms)
+    listener = store.listener
+    if isinstance(listener, Listener) and listener.spec == spec:
+        return
+    timeout_s = max(1.0, 4 * near.heartbeat_ms / 1000)
+    connect = connection_factory(commands.client, timeout_s)
+    if connect is None:  # nothing to listen to (fakeredis): nothing is served near
+        store.attach(None)
+        if store in _told_unlistenable:
+            return
+        _told_unlistenable.add(store)
+        logger.warning(
+            "near copies need invalidation='ttl' with this Redis client (%s): it has no "
+            "connection a listener can copy, so every call reads Redis",
+            type(commands.client).__name__,
+        )
+        return
+    store.attach(Listener(store, connect, heads, near.heartbeat_ms, spec))
+
+
+#: Stores already told that their client cannot be listened to.
+_told_unlistenable: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+
+#: The last policies :func:`_near_heads` looked at, and what it found: decorating thousands
+#: of functions must not scan thousands of datasets each time.
+_heads_memo: list[Any] = [None, "", ()]
+
+
+def _near_heads(prefix: str, policies: Mapping[str, Dataset] | None) -> tuple[str, ...]:
+    """The prefixes to track: the literal heads of the near datasets' final keys."""
+    if policies is None:
+        return ()
+    if _heads_memo[0] is policies and _heads_memo[1] == prefix:
+        return _heads_memo[2]  # type: ignore[no-any-return]
+    heads = [prefix + d.template.parts[0] for d in policies.values() if d.near_ms > 0]
+    # The meta hash too: another process's dataset invalidation then arrives in milliseconds.
+    found = tracked_prefixes([*heads, meta_key(prefix)]) if heads else ()
+    _heads_memo[:] = [policies, prefix, found]
+    return found

@@ -21,25 +21,24 @@ registry's dataset keys (templates, never a final Redis key), the
 from __future__ import annotations
 
 import bisect
-import contextlib
-import contextvars
-import functools
 import logging
 import os
 import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
 from memofill.errors import MemofillError
-from memofill.outcomes import COUNTED_ONLY, MissRecord, Outcome, Tally
+from memofill.hooks import Events, RefreshLike
+from memofill.outcomes import COUNTED_ONLY, Counters, MissRecord, Outcome, Tally
 
 if TYPE_CHECKING:
-    from memofill.instance import Memofill
+    from memofill.fallback import Breaker
+    from memofill.near import LocalStore, NearCache
+    from memofill.policy import Dataset
 
 logger = logging.getLogger("memofill")
 
@@ -76,163 +75,6 @@ def call_outcomes() -> tuple[str, ...]:
     """
     misses = (outcome.value for outcome in Outcome if outcome.value not in REFRESH_OUTCOMES)
     return (*COUNTED_ONLY, *misses)
-
-
-class RefreshLike(Protocol):
-    """What :meth:`Metrics.refreshed` reads of a background refresh's record."""
-
-    @property
-    def dataset(self) -> str: ...
-    @property
-    def trigger(self) -> str: ...
-    #: One of :data:`REFRESH_OUTCOMES` (a ``str`` enum member will do).
-    @property
-    def outcome(self) -> str: ...
-    @property
-    def elapsed_ms(self) -> float: ...
-    #: How long the refresh's fetch took; ``None`` when it did not fetch.
-    @property
-    def delta_ms(self) -> float | None: ...
-    #: How old the value being replaced was when the refresh started; ``None`` if unknown.
-    @property
-    def stale_age_ms(self) -> float | None: ...
-
-
-#: What a hook receives: a miss record, or a refresh record.
-Record = MissRecord | RefreshLike
-Hook = Callable[[Any], object]
-Scope = contextlib.AbstractContextManager[object]
-_NO_SCOPE = contextlib.nullcontext()
-
-
-class Around(Protocol):
-    """Scopes around the fills and refreshes this process runs (a tracer's spans, say).
-
-    The work, and the record it ends with, run inside the scope, so a span
-    made current there parents the spans of the fetch function and can be
-    described by the record's hook.
-    """
-
-    def fill(self, dataset: str) -> Scope:
-        """The scope of one fill (lock, fetch, write) of ``dataset``, in the caller's context."""
-
-    def refresh(self, dataset: str, trigger: contextvars.Context | None) -> Scope:
-        """The scope of one background refresh, where the refresh runs.
-
-        ``trigger`` is ``contextvars.copy_context()`` as the caller that
-        started the refresh had it (``None`` when there was none): what a
-        tracer links the refresh to, rather than nesting it in that caller.
-        """
-
-
-class Events:
-    """The hooks of one instance, each called with every miss and refresh record, never a hit.
-
-    A hook runs in the caller's thread (or the fill's task) right after the
-    record is logged, so it should be quick; one that raises is logged once, at
-    ERROR with its traceback, and ignored from then on, never failing the caller.
-    The same goes for the :class:`Around` scopes.
-    """
-
-    def __init__(self) -> None:
-        #: The hooks in order; replaced whole, so sending reads it without a lock.
-        self.hooks: tuple[Hook, ...] = ()
-        #: The scopes around fills and refreshes, likewise (see :meth:`around`).
-        self.arounds: tuple[Around, ...] = ()
-        self._told: set[int] = set()
-        self._lock = threading.Lock()
-
-    def subscribe(self, hook: Hook) -> Callable[[], None]:
-        """Call ``hook(record)`` for every miss and refresh; returns the function that stops it."""
-        with self._lock:
-            self.hooks = (*self.hooks, hook)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self.hooks = tuple(h for h in self.hooks if h is not hook)
-
-        return unsubscribe
-
-    def around(self, around: Around) -> Callable[[], None]:
-        """Run fills and refreshes inside ``around``'s scopes; returns the function that stops it.
-
-        Callers that join another caller's fill, and hits, run in no scope.
-        """
-        with self._lock:
-            self.arounds = (*self.arounds, around)
-
-        def remove() -> None:
-            with self._lock:
-                self.arounds = tuple(a for a in self.arounds if a is not around)
-
-        return remove
-
-    def fill_scope(self, dataset: str) -> Scope:
-        """Every :meth:`Around.fill` scope of one fill, entered in order; nothing if none."""
-        arounds = self.arounds
-        if not arounds:
-            return _NO_SCOPE
-        return _Scopes(self, [(a, functools.partial(a.fill, dataset)) for a in arounds])
-
-    def refresh_scope(self, dataset: str, trigger: contextvars.Context | None = None) -> Scope:
-        """Every :meth:`Around.refresh` scope of one background refresh; nothing if none.
-
-        The refresh work enters it around the whole refresh, where the refresh
-        runs, and records the refresh (:meth:`Metrics.refreshed`) inside it.
-        """
-        arounds = self.arounds
-        if not arounds:
-            return _NO_SCOPE
-        return _Scopes(self, [(a, functools.partial(a.refresh, dataset, trigger)) for a in arounds])
-
-    def send(self, record: Record) -> None:
-        """Call every hook with ``record``; a hook that raises is told once and skipped."""
-        for hook in self.hooks:
-            try:
-                hook(record)
-            except Exception:  # a hook's failure is its own, never the caller's
-                self._tell(hook)
-
-    def _tell(self, hook: object) -> None:
-        with self._lock:
-            if id(hook) in self._told:
-                return
-            self._told.add(id(hook))
-        logger.exception(
-            "memofill hook %r raised; the caller was served, and this hook's later failures "
-            "are not logged",
-            hook,
-        )
-
-
-class _Scopes:
-    """Enters the scopes of one fill or refresh; one that fails is told once and skipped."""
-
-    def __init__(self, events: Events, openers: list[tuple[Around, Callable[[], Scope]]]) -> None:
-        self._events, self._openers = events, openers
-        self._entered: list[tuple[Around, Scope]] = []
-
-    def __enter__(self) -> None:
-        for around, opener in self._openers:
-            try:
-                scope = opener()
-                scope.__enter__()
-            except Exception:  # a scope's failure is its own, never the caller's
-                self._events._tell(around)
-            else:
-                self._entered.append((around, scope))
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        for around, scope in reversed(self._entered):
-            try:
-                scope.__exit__(kind, error, traceback)
-            except Exception:  # as above; the work's own exception goes on either way
-                self._events._tell(around)
 
 
 @attrs.frozen
@@ -434,6 +276,24 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # -- the exported families ---------------------------------------------------------------------
 
+
+class Source(Protocol):
+    """What the exported families read of an instance (a :class:`memofill.Memofill`)."""
+
+    @property
+    def policies(self) -> dict[str, Dataset]: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def breaker(self) -> Breaker: ...
+    @property
+    def local_store(self) -> LocalStore: ...
+    @property
+    def near(self) -> NearCache | None: ...
+
+
 #: The samples of a family, ``(label values, value)`` each; a histogram's value is its reading.
 Samples = Iterable[tuple[tuple[str, ...], Any]]
 
@@ -456,7 +316,7 @@ class Family:
     help: str
     #: Label names; each sample gives one value per name, from a closed set.
     labels: tuple[str, ...]
-    read: Callable[[Memofill], Samples]
+    read: Callable[[Source], Samples]
     #: A histogram's bucket bounds (what OpenTelemetry is advised to use too).
     bounds: tuple[float, ...] = ()
 
@@ -473,7 +333,7 @@ class Family:
         return "memofill." + self.name
 
 
-def datasets(cache: Memofill, counted: Iterable[str] = ()) -> list[str]:
+def datasets(cache: Source, counted: Iterable[str] = ()) -> list[str]:
     """The registry's dataset keys (the closed set of ``dataset`` labels), and ``counted``.
 
     A scrape must not fail: with no policies to load, only the counted ones.
@@ -485,7 +345,7 @@ def datasets(cache: Memofill, counted: Iterable[str] = ()) -> list[str]:
     return sorted(known.union(counted))
 
 
-def _calls(cache: Memofill) -> Samples:
+def _calls(cache: Source) -> Samples:
     counts = cache.counters.snapshot()
     names = call_outcomes()
     for dataset in datasets(cache, counts):
@@ -494,7 +354,7 @@ def _calls(cache: Memofill) -> Samples:
             yield (dataset, name), seen.get(name, 0)
 
 
-def _refreshes(cache: Memofill) -> Samples:
+def _refreshes(cache: Source) -> Samples:
     """Every refresh counted, and zero for each one a dataset with ``stale_s`` may have."""
     counts: dict[tuple[str, str, str], int] = dict.fromkeys(
         (
@@ -509,7 +369,7 @@ def _refreshes(cache: Memofill) -> Samples:
     return sorted(((key, count) for key, count in counts.items()))
 
 
-def _refreshed_datasets(cache: Memofill) -> list[str]:
+def _refreshed_datasets(cache: Source) -> list[str]:
     """The registry's datasets that serve stale values, so refresh; none if it does not load."""
     try:
         policies = cache.policies
@@ -518,14 +378,14 @@ def _refreshed_datasets(cache: Memofill) -> list[str]:
     return [key for key, dataset in policies.items() if dataset.stale_s > 0]
 
 
-def _histogram(name: str) -> Callable[[Memofill], Samples]:
-    def read(cache: Memofill) -> Samples:
+def _histogram(name: str) -> Callable[[Source], Samples]:
+    def read(cache: Source) -> Samples:
         return cache.metrics.histogram(name)
 
     return read
 
 
-def _near_serving(cache: Memofill) -> Samples:
+def _near_serving(cache: Source) -> Samples:
     """Whether near copies are served now; no sample where no dataset keeps them."""
     try:
         near_datasets = any(dataset.near_ms > 0 for dataset in cache.policies.values())
@@ -536,10 +396,10 @@ def _near_serving(cache: Memofill) -> Samples:
     return [((), float(cache.local_store.serving_near()))]
 
 
-def unlabelled(read: Callable[[Memofill], float]) -> Callable[[Memofill], Samples]:
+def unlabelled(read: Callable[[Source], float]) -> Callable[[Source], Samples]:
     """A family's ``read`` from a function of the instance giving its one value."""
 
-    def samples(cache: Memofill) -> Samples:
+    def samples(cache: Source) -> Samples:
         return [((), read(cache))]
 
     return samples

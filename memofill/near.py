@@ -37,11 +37,20 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
+from memofill.codec import HEADED, HEADER_LEN, NEGATIVE, read_header
 from memofill.errors import ConfigurationError
+from memofill.freshness import EXPIRED, wall_clock
+from memofill.outcomes import NOT_A_HIT
+from memofill.values import decode_stored
+
+if TYPE_CHECKING:
+    from memofill.generations import Marks
+    from memofill.policy import Dataset
+    from memofill.values import Values
 
 logger = logging.getLogger("memofill")
 
@@ -436,3 +445,123 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Reader(Protocol):
+    """What the serving rules read of a function (a :class:`~memofill.snapshot.Snapshot`)."""
+
+    @property
+    def near(self) -> LocalStore | None: ...
+    @property
+    def near_s(self) -> float: ...
+    @property
+    def near_copy(self) -> bool: ...
+    @property
+    def near_owner(self) -> object: ...
+    @property
+    def count_near(self) -> Callable[[], object]: ...
+    @property
+    def decode(self) -> Callable[[bytes], Any]: ...
+    @property
+    def ttl_s(self) -> float: ...
+    @property
+    def local_store(self) -> LocalStore: ...
+    @property
+    def marks(self) -> Marks: ...
+    @property
+    def dataset(self) -> Dataset: ...
+    @property
+    def values(self) -> Values: ...
+
+
+def serve_near(reader: Reader, key: str, now: float) -> Any:
+    """The near copy of ``key`` if the near rule serves it now, else :data:`NOT_A_HIT`.
+
+    Lock-free: one dict lookup and the rule's comparisons (read within
+    ``near_ms`` and before the value expires, no flush since, the listener
+    heard within two heartbeats, decoded as this function decodes).
+    """
+    near = reader.near
+    assert near is not None  # called only for functions whose dataset keeps near copies
+    # The listener applies an invalidation before the answer to any later ping, and a flush
+    # before anything after it: reading its word first, then the entry, a copy the listener
+    # has just dropped can never be served on the strength of a later answer.
+    live_until, epoch = near.live_until, near.epoch
+    entry = near.entries.get(key)
+    if (
+        entry is None
+        or not now < entry.near_until
+        or entry.epoch != epoch
+        or not now < live_until
+        or entry.owner is not reader.near_owner
+    ):
+        return NOT_A_HIT
+    entry.visited = True
+    reader.count_near()
+    value = entry.value
+    if value is NEGATIVE:
+        return None
+    if not reader.near_copy:
+        return value
+    return reader.decode(value[HEADER_LEN:] if value[:2] == HEADED else value)
+
+
+def keep_near(  # noqa: PLR0917  # what one reserved read found
+    reader: Reader,
+    key: str,
+    reservation: tuple[object, int],
+    raw: bytes,
+    value: Any,
+    ms_left: object,
+    started: float,
+) -> None:
+    """Keep what a reserved read found: ``value``, decoded from ``raw`` (or :data:`NEGATIVE`).
+
+    The copy is kept until ``started + near_ms``, or until the value expires
+    in Redis (``ms_left``, the ``PTTL`` read with it), or until its header says
+    it is no longer fresh, whichever is first (``started`` is before the read,
+    so all three are conservative): whether a value is stale, and who
+    refreshes it, is decided on reads of Redis, never on a copy. A negative
+    marker is kept within the first two bounds, for near hits only.
+    """
+    near = reader.near
+    assert near is not None  # called only for functions whose dataset keeps near copies
+    until = started + reader.near_s
+    if isinstance(ms_left, int) and ms_left >= 0:
+        until = min(until, started + ms_left / 1000)
+    size = entry_bytes(key, raw)
+    if value is NEGATIVE:
+        near.settle(key, reservation, NEGATIVE, reader.near_owner, size, until, 0.0)
+        return
+    header = read_header(raw)
+    if header is not None:
+        until = min(until, started + header.soft_until_ms / 1000 - wall_clock())
+    # Kept for outages too: the same entry, so the value is not kept twice.
+    kept = raw if reader.near_copy else value
+    near.settle(key, reservation, kept, reader.near_owner, size, until, reader.ttl_s)
+
+
+def outage_copy(reader: Reader, key: str) -> Any:
+    """The value the outage rule serves for ``key``, or ``None``.
+
+    Stored bytes are decoded afresh, so no two callers hold the same object;
+    a near copy kept decoded is the object near hits share, and only for
+    functions that decode alike. A value fetched before a dataset invalidation
+    is none (near copies go when the marks change; a fill that straddled the
+    change keeps its bytes here after it).
+    """
+    entry = reader.local_store.outage_entry(key)
+    if entry is None:
+        return None
+    if entry.owner is None:
+        kept = entry.value
+        if kept is NEGATIVE:
+            return None
+        marks = reader.marks
+        if marks.top:  # kept by a fill that began before an invalidation: never served
+            header = read_header(kept)
+            seq = None if header is None else header.seq
+            if marks.behind(seq, reader.dataset.stale_s > 0) == EXPIRED:
+                return None
+        return decode_stored(reader.values.codec, kept)
+    return entry.value if entry.owner is reader.values else None

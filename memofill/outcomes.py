@@ -16,6 +16,7 @@ import os
 import threading
 import weakref
 from collections import Counter
+from typing import Any
 
 import attrs
 
@@ -188,6 +189,20 @@ DISABLED = "disabled"
 COUNTED_ONLY: tuple[str, ...] = (HIT, STALE_HIT, NEAR_HIT, FALLBACK_HIT, DISABLED)
 #: The names counted on a hit path, on lock-free tallies rather than under a lock.
 _TALLIED = frozenset({HIT, STALE_HIT, NEAR_HIT})
+
+
+#: What the hit path's readers return for anything that is not a value to serve now
+#: (``None`` is a value: a cached ``None``).
+NOT_A_HIT: Any = object()
+
+
+@attrs.frozen
+class CallResult:
+    """A value with how it was obtained: ``hit``, ``fallback_hit``, or a miss :class:`Outcome`."""
+
+    value: Any
+    outcome: str
+    led: bool
 
 
 class Tally:

@@ -25,7 +25,8 @@ import redis.asyncio
 
 from memofill import CacheFill, Dataset, Memofill
 from memofill.commands import Commands
-from memofill.coordinator import CANCELLED, Plan, fill, run_async
+from memofill.coordinator import CANCELLED, Plan, fill
+from memofill.drivers import run_async
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from tests.fault_helpers import note

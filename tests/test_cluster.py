@@ -26,7 +26,8 @@ from redis.crc import key_slot
 from memofill import CacheFill, Memofill
 from memofill.codec import encode
 from memofill.commands import Commands
-from memofill.coordinator import Plan, fill, run_sync
+from memofill.coordinator import Plan, fill
+from memofill.drivers import run_sync
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome

@@ -36,9 +36,8 @@ from memofill.coordinator import (
     Result,
     Sleep,
     fill,
-    run_async,
-    run_sync,
 )
+from memofill.drivers import run_async, run_sync
 from memofill.errors import FillError
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key

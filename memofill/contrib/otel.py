@@ -52,11 +52,11 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.trace import Link, Status, StatusCode, Tracer
 
+from memofill.hooks import RefreshLike
 from memofill.instance import Memofill, default_instance
 from memofill.metrics import (
     FAMILIES,
     Family,
-    RefreshLike,
     miss_observations,
     refresh_observations,
 )

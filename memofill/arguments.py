@@ -1,0 +1,219 @@
+"""How a call's arguments become its Redis key: decided once, when a function is decorated.
+
+Rules:
+- The key sees every argument that can change the result: each parameter is a
+  field of the dataset's key template or named in ``ignore=`` (a method's first
+  ``self`` or ``cls`` aside). Anything else is refused at decoration, with the fix.
+- Each field's argument is read by position or by name, the way the call binds it,
+  and written as one exact text (:class:`~memofill.keys.FieldText`); a field whose
+  annotation names a type with no exact text is refused at decoration too.
+- The builder :func:`compile_key` returns is specialised for its fields: a key with
+  no field is a constant, and the commonest key, with one field, costs one call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from memofill.errors import KeyTemplateError
+from memofill.keys import FieldText, KeyTemplate, annotation_problem
+
+_NO_DEFAULT: Any = inspect.Parameter.empty
+
+
+@attrs.frozen
+class Field:
+    """One key field: the parameter it reads, its position when passed by position, its default."""
+
+    name: str
+    position: int | None
+    default: Any
+
+
+def compile_fields(
+    template: KeyTemplate, function: Callable[..., Any], ignore: Iterable[str] = ()
+) -> tuple[Field, ...]:
+    """Where each key field comes from in a call of ``function``, once the key is known to fit.
+
+    The key must see every argument that can change the result: each
+    parameter is a field of ``template`` or named in ``ignore`` (a method's
+    first ``self`` or ``cls`` aside), else two calls that differ only in it
+    would share one cached value. Fields whose annotation (when it resolves)
+    names a type without an exact key text are refused here too, at import
+    time rather than at the first call.
+    """
+    signature = inspect.signature(function)
+    parameters = signature.parameters
+    where = f"key {template.source!r} on {_name(function)}{signature}"
+    ignored = _ignored_names(ignore, where)
+    for name in ignored:
+        if name not in parameters:
+            raise KeyTemplateError(f"{where}: ignore= names {name!r}, which is not a parameter")
+        if name in template.fields:
+            raise KeyTemplateError(
+                f"{where}: ignore= names {name!r}, which is a key field; "
+                f"drop it from ignore= or {{{name}}} from the registry key"
+            )
+    positional = [
+        name
+        for name, p in parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    hints = _type_hints(function)
+    fields = []
+    for name in template.fields:
+        source = parameters.get(name)
+        if source is None or source.kind in (source.VAR_POSITIONAL, source.VAR_KEYWORD):
+            raise KeyTemplateError(f"{where}: field {{{name}}} is not a named parameter")
+        problem = annotation_problem(hints[name]) if name in hints else None
+        if problem:
+            raise KeyTemplateError(
+                f"{where}: field {{{name}}}: {problem}; annotate it str, int, bool, None, "
+                "an enum, UUID, date, datetime or Decimal (convert before the call), "
+                f"or drop {{{name}}} from the key and pass ignore=({name!r},)"
+            )
+        position = positional.index(name) if name in positional else None
+        fields.append(Field(name, position, source.default))
+    _check_every_parameter_is_keyed(parameters, template.fields, ignored, where)
+    return tuple(fields)
+
+
+def _check_every_parameter_is_keyed(
+    parameters: Mapping[str, inspect.Parameter],
+    fields: tuple[str, ...],
+    ignored: frozenset[str],
+    where: str,
+) -> None:
+    """Refuse a parameter that is neither a key field nor ignored: it would go unseen."""
+    first = next(iter(parameters.values()), None)
+    for parameter in parameters.values():
+        name = parameter.name
+        if name in fields or name in ignored:
+            continue
+        if (
+            parameter is first
+            and name in ("self", "cls")
+            and parameter.kind != parameter.KEYWORD_ONLY
+        ):
+            continue  # a method's instance or class: the method, not the call, picks it
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise KeyTemplateError(
+                f"{where}: {parameter} takes arguments the key cannot see; "
+                f"list it as ignore=({name!r},) if they never change the result, "
+                "or replace it with named parameters that the key holds"
+            )
+        raise KeyTemplateError(
+            f"{where}: parameter {name!r} is not in the key, so calls that differ only in it "
+            f"would share one cached value; add {{{name}}} to the registry key, "
+            f"or pass ignore=({name!r},) if it never changes the result"
+        )
+
+
+def _name(function: Callable[..., Any]) -> str:
+    return getattr(function, "__qualname__", type(function).__qualname__)
+
+
+def _ignored_names(ignore: Iterable[str], where: str) -> frozenset[str]:
+    if isinstance(ignore, str):
+        raise KeyTemplateError(
+            f"{where}: ignore= takes a tuple of parameter names, such as ignore=({ignore!r},), "
+            "not a str"
+        )
+    names = tuple(ignore)
+    odd = [name for name in names if not isinstance(name, str)]
+    if odd:
+        raise KeyTemplateError(f"{where}: ignore= holds {odd[0]!r}; it takes parameter names")
+    return frozenset(names)
+
+
+def _type_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved annotations of ``function``, or none when they do not resolve.
+
+    A name only imported under ``TYPE_CHECKING``, say, leaves the check to
+    call time rather than failing a decoration that would work.
+    """
+    try:
+        return typing.get_type_hints(inspect.unwrap(function), include_extras=True)
+    except Exception:  # any failure to resolve: skip the early check
+        return {}
+
+
+def is_coroutine_function(function: Callable[..., Any]) -> bool:
+    """Whether calls of ``function`` return awaitables, even behind a plain wrapper.
+
+    A ``functools.wraps`` wrapper written as a plain ``def`` that returns the
+    wrapped coroutine function's result is itself a coroutine function in all
+    but name; treated as sync, it would never be cached (a coroutine object is
+    not a value) and would block the event loop on Redis. So the
+    ``__wrapped__`` chain decides, as does :func:`inspect.markcoroutinefunction`;
+    so does an object's ``async def __call__``.
+    """
+    innermost = inspect.unwrap(function)
+    return (
+        inspect.iscoroutinefunction(function)
+        or inspect.iscoroutinefunction(innermost)
+        or inspect.iscoroutinefunction(inspect.getattr_static(type(innermost), "__call__", None))
+    )
+
+
+#: Builds the final key of one call: ``(instance, args, kwargs) -> key``.
+KeyBuilder = Callable[[Any, tuple[Any, ...], dict[str, Any]], str]
+
+
+def compile_key(
+    prefix: str, template: KeyTemplate, fields: tuple[Field, ...], dataset: str
+) -> KeyBuilder:
+    """The key builder of one decorated function, specialised once for its fields.
+
+    A key without fields is a constant; every field reads its argument by
+    position or name, the way the call binds it, and escapes it (see
+    :class:`~memofill.keys.FieldText`).
+    """
+    if not fields:
+        final = prefix + template.source
+        return lambda instance, args, kwargs: final
+    literals = list(template.parts[0::2])
+    literals[0] = prefix + literals[0]
+    if len(fields) == 1:
+        return _argument_reader(fields[0], dataset, *literals)
+    readers = tuple(_argument_reader(field, dataset) for field in fields)
+
+    def build(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        texts = [read(instance, args, kwargs) for read in readers]
+        # One more literal than fields: the last follows the last field.
+        pairs = zip(literals, texts, strict=False)
+        return "".join(literal + text for literal, text in pairs) + literals[-1]
+
+    return build
+
+
+def _argument_reader(field: Field, dataset: str, before: str = "", after: str = "") -> KeyBuilder:
+    """Reads one field's argument from a call: ``before`` + its escaped text + ``after``.
+
+    A key with one field is one such reader, its literals around it: the
+    commonest key costs one call.
+    """
+    name, position, default = field.name, field.position, field.default
+    text_of = FieldText(name)
+    known = text_of.known
+
+    def read(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # A bound method's wrapper receives the arguments without ``self``.
+        if position is not None:
+            index = position if instance is None else position - 1
+            if 0 <= index < len(args):
+                value = args[index]
+                text = known.get(value) if type(value) is str else None
+                return before + (text_of(value) if text is None else text) + after
+        if name in kwargs:
+            return before + text_of(kwargs[name]) + after
+        if default is not _NO_DEFAULT:
+            return before + text_of(default) + after
+        raise TypeError(f"missing argument {name!r} for key {dataset!r}")
+
+    return read

@@ -1,0 +1,147 @@
+"""A read whose header says it is not a plain fresh hit: stale, due early, or behind a mark.
+
+Rules:
+- Only bytes with a header are judged here, and only for a dataset with a stale
+  window, an early refresh or a mark (a plain dataset's hit never comes here).
+- What a header's times mean is :mod:`memofill.freshness`'s to say; what a mark
+  rejects is :mod:`memofill.generations`'s. This module acts on the verdict: serve
+  now (``hit`` or ``stale_hit``) and hand a refresh off, or give the miss path the
+  bytes it may serve if its fill fails (``stale_if_error``), or nothing.
+- A refresh is handed off at most once per key and process at a time, and never
+  while another process holds the key's lock (:class:`~memofill.refreshing.Refreshes`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+from memofill.codec import (
+    CORRUPT,
+    FETCH_START,
+    HEADED,
+    HEADER_LEN,
+    SOFT_UNTIL,
+    VIEW_FROM_BYTES,
+    Header,
+    decode_special,
+    read_header,
+)
+from memofill.commands import Commands
+from memofill.coordinator import Result
+from memofill.freshness import EARLY, EXPIRED, STALE, STALE_IF_ERROR, verdict, wall_clock
+from memofill.generations import amended
+from memofill.misses import Refresh, fetcher
+from memofill.outcomes import HIT, STALE_HIT, CallResult, Outcome
+from memofill.snapshot import Snapshot
+
+
+def sort_read(snapshot: Snapshot, key: str, raw: bytes) -> tuple[bytes | None, LateRead | None]:
+    """What bytes that were not a plain hit are, where they may be stale or behind a mark.
+
+    Bytes with a header: a :class:`LateRead` (stale, due early, or fetched before a
+    dataset invalidation). Without one while the dataset has marks: a marker is
+    left to the miss path, which serves it; a value written before headers is
+    older than any invalidation, and a miss (``None``).
+    """
+    if raw[:2] == HEADED:
+        return raw, LateRead(snapshot, key, raw)
+    if snapshot.marks.top and decode_special(raw) is CORRUPT:
+        return None, None
+    return raw, None
+
+
+class LateRead:
+    """A read whose header says it is not a plain fresh hit: stale, due early, or invalidated.
+
+    A value below its dataset's hard mark (or a soft one, without ``stale_s``) is
+    expired whatever its clock says; below a soft mark only, it is stale.
+
+    ``result`` is what the caller gets at once (a hit, or a ``stale_hit``), when
+    the value may be served; else ``stale`` holds the bytes a miss serves if its
+    fill fails (within ``stale_if_error_s``), or ``None`` (a plain miss).
+    """
+
+    def __init__(self, snapshot: Snapshot, key: str, raw: bytes) -> None:
+        self.snapshot, self.key, self.raw = snapshot, key, raw
+        dataset = snapshot.dataset
+        self.now_ms = wall_clock() * 1000
+        # The two header fields every late read needs (read_header's four cost a stale hit
+        # a microsecond); the rest only if this read hands a refresh off.
+        try:
+            soft_until_ms, fetch_start_ms = int(raw[SOFT_UNTIL], 16), int(raw[FETCH_START], 16)
+        except ValueError:
+            soft_until_ms = fetch_start_ms = -1
+        self.soft_until_ms, self.fetch_start_ms = soft_until_ms, fetch_start_ms
+        if soft_until_ms < 0 or len(raw) < HEADER_LEN:
+            kind = EXPIRED  # foreign bytes that only look like a header: a miss refills them
+        else:
+            stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
+            kind = verdict(self.now_ms, soft_until_ms, stale_ms, if_error_ms)
+            if snapshot.marks.top:  # its generation is read only once the dataset has a mark
+                kind = amended(kind, snapshot.marks, raw, stale_ms > 0)
+        self.trigger = "early" if kind == EARLY else "stale"
+        self.result: CallResult | None = None
+        if kind in (EARLY, STALE):
+            # Markers carry no header: these bytes are a value, read as a fresh hit reads one.
+            body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else snapshot.view(raw)
+            try:
+                value = snapshot.decode(body)
+            except Exception:  # corrupt bytes, or another schema: a miss overwrites them
+                pass
+            else:
+                name = HIT if kind == EARLY else STALE_HIT
+                snapshot.counters.add(snapshot.key, name)
+                self.result = CallResult(value, name, False)
+        self.stale = raw if kind == STALE_IF_ERROR else None
+        #: The refresh this read hands off, once :meth:`hand_off` made one.
+        self.job: Refresh | None = None
+
+    def hand_off(self, commands: Commands | None, wrapped: Any, args: Any, kwargs: Any) -> bool:
+        """Make the refresh to run (:attr:`job`), unless one is in flight here or another
+        process holds the lock; whether there is one."""
+        refreshes = self.snapshot.refreshes
+        if commands is None or not refreshes.claim(self.key, self.fetch_start_ms):
+            return False
+        header = read_header(self.raw)
+        if header is None:  # fields past the two read are not hex: refreshed as a fill would
+            header = Header(self.fetch_start_ms, self.soft_until_ms, 0, 0)
+        stale_age_ms = self.now_ms - self.soft_until_ms
+        fetch = fetcher(self.snapshot, wrapped, args, kwargs)
+        # What a tracer links the refresh to; copied only when one is listening.
+        caller = contextvars.copy_context() if self.snapshot.metrics.events.arounds else None
+        self.job = Refresh(
+            self.snapshot, self.key, commands, fetch, self.trigger, header, stale_age_ms, caller
+        )
+        return True
+
+    def run_sync(self) -> CallResult:
+        """Serve now and run the refresh handed off: inline, or on the pool (counted if dropped)."""
+        snapshot, job = self.snapshot, self.job
+        assert job is not None  # only a served read hands a refresh off
+        assert self.result is not None
+        if snapshot.refreshes.inline:
+            return self._after_inline(job.run_sync())
+        if not snapshot.refreshes.submit(self.key, job.run_sync):
+            snapshot.counters.add(snapshot.key, Outcome.REFRESH_DROPPED.value)
+            snapshot.metrics.refresh_counted(
+                snapshot.key, job.trigger, Outcome.REFRESH_DROPPED.value
+            )
+        return self.result
+
+    async def run_async(self) -> CallResult:
+        """:meth:`run_sync` for asyncio callers: inline, or as a task of its own."""
+        snapshot, job = self.snapshot, self.job
+        assert job is not None  # only a served read hands a refresh off
+        assert self.result is not None
+        if snapshot.refreshes.inline:
+            return self._after_inline(await job.run_async())
+        snapshot.refreshes.spawn(job.run_async())
+        return self.result
+
+    def _after_inline(self, result: Result) -> CallResult:
+        """What the caller that refreshed inline returns: the new value, when there is one."""
+        assert self.result is not None  # only a served read hands a refresh off
+        if result.outcome is Outcome.REFRESH_FILL:
+            return CallResult(result.value, self.result.outcome, False)
+        return self.result

@@ -1,0 +1,392 @@
+"""The hit path: one ``GET`` and one decode on a hit, and the first decision on anything else.
+
+Rules that keep a hit at the cost of a plain ``GET`` + ``orjson.loads`` (a change
+here is measured by ``python -m bench hit`` and guarded by ``tests/test_hit_budget.py``):
+
+1. A plain hit enters exactly these Python frames: the function's own ``__call__``,
+   :func:`lookup_sync` (or :func:`lookup_async`), its key builder, redis-py's ``get``,
+   :func:`hit` and :func:`plain`. No generator, driver, closure or :class:`CallResult`
+   (unless the caller asked for one with ``call_with_outcome``).
+2. One round trip: nothing is read beside the value unless it is due (the marks every
+   ``meta_check_ms``; ``PTTL`` only for a read that reserves a near copy).
+3. What the hit reads, it reads from the flat :class:`~memofill.snapshot.Snapshot`;
+   hits are counted on a lock-free tally; the cheap tests (``HEADED``, ``marks.top``)
+   are inline, and anything headed or marked goes to :mod:`memofill.late`.
+4. Everything after a read that is not a plain hit is decided once, in
+   :func:`after_read`, for both lookups; the twins differ only where they await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from memofill.codec import (
+    CORRUPT,
+    HEADED,
+    HEADER_LEN,
+    NEGATIVE,
+    NEGATIVE_MARKER,
+    SEQ,
+    VIEW_FROM_BYTES,
+    ErrorMarker,
+    decode_special,
+)
+from memofill.commands import Commands, is_timeout, is_unreachable
+from memofill.errors import FillError
+from memofill.late import LateRead, sort_read
+from memofill.misses import Miss, bypass, flight, raise_if_cancel_was_lost
+from memofill.near import keep_near, outage_copy, serve_near
+from memofill.outcomes import FALLBACK_HIT, HIT, NEAR_HIT, NOT_A_HIT, CallResult
+from memofill.snapshot import BYPASS, Snapshot
+from memofill.values import JSON
+
+logger = logging.getLogger("memofill")
+
+
+def lookup_sync(
+    snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
+) -> Any:
+    """One call of a sync function: a ``GET`` and a decode on a hit, else what :func:`after_read`
+    decides.
+
+    ``instance`` is the bound method's ``self`` (``None`` for a function), and
+    ``wrapped`` the function to call on a miss (``None``: the one decorated).
+    Returns the value, or its :class:`CallResult` when ``with_outcome``.
+    """
+    if snapshot.gated:
+        commands = snapshot.gate()
+        if commands is BYPASS:
+            return bypass(snapshot, wrapped, args, kwargs, with_outcome)
+    else:
+        commands = snapshot.commands
+    started = time.monotonic()
+    key = snapshot.key_of(instance, args, kwargs)
+    if started >= snapshot.generations.next_check and commands is not None:
+        _read_generations_sync(snapshot, commands, started)
+    near = snapshot.near
+    if near is not None:
+        value = serve_near(snapshot, key, started)
+        if value is not NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
+    breaker = snapshot.breaker
+    asked, raw, error = False, None, None
+    if commands is not None and not (breaker.open_until and breaker.is_open):
+        asked = True
+        reservation = None if near is None else near.reserve(key)
+        try:
+            if reservation is None:
+                raw = commands.get(key)
+            else:
+                reply = commands.read_near(key)
+                raw = reply[0]
+        except Exception as exc:  # any failure of the client, as in the coordinator
+            error = exc
+            if reservation is not None:
+                snapshot.local_store.abandon(key, reservation)
+        else:
+            if reservation is None:
+                value = hit(snapshot, key, raw, started)
+            else:
+                value = reserved_hit(snapshot, key, reply, started, reservation)
+            if value is not NOT_A_HIT:
+                return CallResult(value, HIT, False) if with_outcome else value
+    then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
+    if isinstance(then, CallResult):
+        served = then
+    elif isinstance(then, LateRead):
+        served = then.run_sync()
+    else:
+        served = then.finish(*snapshot.thread_flights.run(flight(snapshot, key), then.run_sync))
+    return served if with_outcome else served.value
+
+
+async def lookup_async(
+    snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwargs: Any, *, with_outcome: bool
+) -> Any:
+    """:func:`lookup_sync` for coroutine functions, on the asyncio client."""
+    if snapshot.gated:
+        commands = snapshot.gate()
+        if commands is BYPASS:
+            return await bypass(snapshot, wrapped, args, kwargs, with_outcome)
+    else:
+        commands = snapshot.commands
+    started = time.monotonic()
+    key = snapshot.key_of(instance, args, kwargs)
+    first_read = None
+    if started >= snapshot.generations.next_check and commands is not None:
+        if snapshot.generations.known:
+            await _read_generations_async(snapshot, commands, started)
+        else:  # sent beside this caller's GET, and awaited before the value is judged
+            first_read = _first_read_async(snapshot, commands, started)
+    near = snapshot.near
+    if near is not None:
+        value = serve_near(snapshot, key, started)
+        if value is not NOT_A_HIT:
+            return CallResult(value, NEAR_HIT, False) if with_outcome else value
+    breaker = snapshot.breaker
+    asked, raw, error = False, None, None
+    if commands is not None and not (breaker.open_until and breaker.is_open):
+        asked = True
+        reservation = None if near is None else near.reserve(key)
+        try:
+            if reservation is None:
+                raw = await commands.get(key)
+            else:
+                reply = await commands.read_near(key)
+                raw = reply[0]
+        except Exception as exc:  # any failure of the client, as in the coordinator
+            error = exc
+            if reservation is not None:
+                snapshot.local_store.abandon(key, reservation)
+        else:
+            if first_read is not None:
+                await asyncio.shield(first_read)
+                first_read = None
+            if reservation is None:
+                value = hit(snapshot, key, raw, started)
+            else:
+                value = reserved_hit(snapshot, key, reply, started, reservation)
+            if value is not NOT_A_HIT:
+                return CallResult(value, HIT, False) if with_outcome else value
+    if first_read is not None:
+        await asyncio.shield(first_read)
+    then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
+    if isinstance(then, CallResult):
+        served = then
+    elif isinstance(then, LateRead):
+        served = await then.run_async()
+    else:
+        raise_if_cancel_was_lost()
+        served = then.finish(
+            *await snapshot.task_flights.run(flight(snapshot, key), then.run_async)
+        )
+    return served if with_outcome else served.value
+
+
+def hit(snapshot: Snapshot, key: str, raw: bytes | None, started: float) -> Any:
+    """The value of a plain hit, counted and kept for outages; :data:`NOT_A_HIT` otherwise.
+
+    The local copy is refreshed at most every :data:`~memofill.near.REFRESH_S`
+    (the check :meth:`~memofill.near.LocalStore.remember` makes, without its call).
+    """
+    if raw is None:
+        return NOT_A_HIT
+    value = plain(snapshot, raw)
+    if value is NOT_A_HIT:
+        return value
+    snapshot.count_hit()
+    store = snapshot.local_store
+    kept = store.entries.get(key)
+    if kept is None or kept.refresh_after <= started:
+        store.put(key, raw, snapshot.ttl_s)
+    return value
+
+
+def plain(snapshot: Snapshot, raw: bytes) -> Any:
+    """The value of stored bytes that are a plain fresh hit, else :data:`NOT_A_HIT`.
+
+    A value of a generation below its dataset's marks is none (see :class:`LateRead`);
+    nor, while there are marks, is a value without a header.
+    """
+    body = raw
+    if raw[:2] == HEADED:
+        late = snapshot.late
+        try:
+            if late is not None and late(raw):
+                return NOT_A_HIT  # stale, or due early: see LateRead
+            top = snapshot.marks.top
+            if top and int(raw[SEQ], 16) < top:
+                return NOT_A_HIT  # fetched before a dataset invalidation: see LateRead
+        except ValueError:  # foreign bytes that only look like a header: a miss refills them
+            return NOT_A_HIT
+        body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else snapshot.view(raw)
+    elif snapshot.marks.top:
+        return NOT_A_HIT  # a marker, or written before headers: sorted out on the miss path
+    try:
+        return snapshot.decode(body)
+    except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
+        return NOT_A_HIT
+
+
+def reserved_hit(
+    snapshot: Snapshot,
+    key: str,
+    reply: list[Any],
+    started: float,
+    reservation: tuple[object, int],
+) -> Any:
+    """:func:`hit` for a read that reserved a near copy (``reply`` is ``[bytes, ms left]``).
+
+    A plain value, and a negative marker, are kept near as
+    :func:`~memofill.near.keep_near` says; anything else (stale, due early,
+    corrupt, an error marker) is not, and the reservation is given up.
+    """
+    near = snapshot.near
+    assert near is not None  # called only for functions whose dataset keeps near copies
+    raw, ms_left = reply
+    if raw is None:
+        near.abandon(key, reservation)
+        return NOT_A_HIT
+    if raw == NEGATIVE_MARKER:
+        keep_near(snapshot, key, reservation, raw, NEGATIVE, ms_left, started)
+        return NOT_A_HIT  # served by the miss path, which reads markers
+    value = plain(snapshot, raw)
+    if value is NOT_A_HIT:  # sorted out on the miss path, or served stale
+        near.abandon(key, reservation)
+        return NOT_A_HIT
+    snapshot.count_hit()
+    keep_near(snapshot, key, reservation, raw, value, ms_left, started)
+    return value
+
+
+def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
+    snapshot: Snapshot,
+    key: str,
+    started: float,
+    asked: bool,
+    raw: bytes | None,
+    error: Exception | None,
+    commands: Commands | None,
+    wrapped: Any,
+    args: Any,
+    kwargs: Any,
+) -> CallResult | LateRead | Miss:
+    """What a call whose read was not a plain hit does next, for both lookups.
+
+    A :class:`CallResult` to return now (a marker, an outage copy, a late read
+    served without a refresh); a :class:`~memofill.late.LateRead` served now
+    whose refresh is handed off; or the :class:`~memofill.misses.Miss` to run,
+    with the stale bytes it may serve if its fill fails.
+    """
+    stale = None
+    if raw is not None and (snapshot.late is not None or snapshot.marks.top):
+        raw, late = sort_read(snapshot, key, raw)
+        if late is not None:
+            if late.result is not None:
+                return late if late.hand_off(commands, wrapped, args, kwargs) else late.result
+            stale, raw = late.stale, None
+    served = served_without_fill(snapshot, key, asked, raw, error)
+    if served is not None:
+        return served
+    return Miss(snapshot, key, started, commands, error, wrapped, args, kwargs, stale=stale)
+
+
+def served_without_fill(
+    snapshot: Snapshot, key: str, asked: bool, raw: bytes | None, error: Exception | None
+) -> CallResult | None:
+    """A result that needs no fill, or ``None`` to fill.
+
+    Redis not asked (breaker open, no client): the locally kept value, if any
+    (see :func:`outage_copy`).
+    Bytes the codec cannot read may be a negative marker (a hit on ``None``), an
+    error marker (the last fill failed: raise at once), or corruption or another
+    schema (a miss that the fill overwrites). A failed ``GET`` is told to the breaker
+    when Redis seems unreachable and serves the locally kept value when there is one;
+    one refused by a full pool goes on to the fill, which waits for a connection.
+    """
+    codec = snapshot.values.codec
+    if not asked or error is not None:
+        if error is not None and is_unreachable(error):
+            snapshot.breaker.failed(timed_out=is_timeout(error))
+        value = outage_copy(snapshot, key)
+        if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
+            return None
+        return counted(snapshot, value, FALLBACK_HIT)
+    if raw is None:
+        return None
+    special = decode_special(raw)
+    if special is NEGATIVE:
+        return counted(snapshot, None, HIT)
+    if isinstance(special, ErrorMarker):
+        raise FillError(snapshot.key, key, special.error)
+    why = "corrupt bytes"
+    if codec is not JSON:
+        why = f"bytes that {codec!r} cannot decode (written before a change of type?)"
+    logger.warning(
+        "%s under %s (%d bytes): treated as a miss",
+        why,
+        key,
+        len(raw),
+        extra={"dataset": snapshot.key, "redis_key": key},
+    )
+    return None
+
+
+def counted(snapshot: Snapshot, value: Any, name: str) -> CallResult:
+    snapshot.counters.add(snapshot.key, name)
+    return CallResult(value, name, False)
+
+
+def _read_generations_sync(snapshot: Snapshot, commands: Commands, now: float) -> None:
+    """Read the dataset generations again, once for all concurrent callers.
+
+    The first time, every blocking caller waits for that one read, so that no
+    call is served before the process knows the marks; later, one caller reads
+    and the others go on with the marks known (at most ``meta_check_ms`` old).
+    """
+    generations = snapshot.generations
+    if generations.known:
+        if generations.claim(now):
+            generations.loaded(_meta_or_none(snapshot, commands), now)
+        return
+    with generations.first:
+        if not generations.known:
+            generations.loaded(_meta_or_none(snapshot, commands), now)
+
+
+def _meta_or_none(snapshot: Snapshot, commands: Commands) -> Any:
+    if snapshot.breaker.is_open:
+        return None
+    try:
+        return commands.read_meta(snapshot.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None
+
+
+async def _read_generations_async(snapshot: Snapshot, commands: Commands, now: float) -> None:
+    """:func:`_read_generations_sync` for asyncio callers, once the process knows the marks.
+
+    One caller reads the hash again; the others go on with the marks known.
+    """
+    generations = snapshot.generations
+    if generations.claim(now) and not snapshot.breaker.is_open:
+        generations.loaded(await _meta_or_none_async(snapshot, commands), now)
+
+
+def _first_read_async(snapshot: Snapshot, commands: Commands, now: float) -> asyncio.Task[None]:
+    """The process's first read of the generations on this event loop, one task for its callers.
+
+    Each caller sends its own ``GET`` meanwhile and awaits the task (shielded:
+    a cancelled caller leaves it to the others) before it judges the value, so
+    the first calls cost no round trip more than a ``GET``. Reaching the fill
+    no later than without it matters: on Python 3.10 a caller cancelled while
+    a reply is on its way may not see the cancellation (redis-py drops it).
+    """
+    generations = snapshot.generations
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[None] | None = generations.first_reads.get(loop)
+    if task is None:
+        task = generations.first_reads[loop] = loop.create_task(
+            _first_read(snapshot, commands, now)
+        )
+    return task
+
+
+async def _first_read(snapshot: Snapshot, commands: Commands, now: float) -> None:
+    generations = snapshot.generations
+    try:
+        generations.loaded(await _meta_or_none_async(snapshot, commands), now)
+    finally:
+        generations.first_reads.pop(asyncio.get_running_loop(), None)
+
+
+async def _meta_or_none_async(snapshot: Snapshot, commands: Commands) -> Any:
+    if snapshot.breaker.is_open:
+        return None
+    try:
+        return await commands.read_meta(snapshot.meta_key)
+    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
+        return None

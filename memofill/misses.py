@@ -1,0 +1,420 @@
+"""Calls that reach the origin: a miss's fill, a refresh of a served value, a forced refresh.
+
+Rules:
+- Everything a miss or a refresh decides is here once, for blocking and asyncio
+  callers alike; only the line that runs the coordinator's steps differs
+  (:meth:`Miss.run_sync` / :meth:`Miss.run_async`, and the same for :class:`Refresh`).
+- A miss is recorded where its fill runs, exactly once, even when the asyncio caller
+  that started it was cancelled: it called the origin, so it is logged and counted.
+- A process-local flight per key (and per dataset generation) joins the callers of one
+  process to one fill; the coordinator joins processes.
+- Nothing here runs on a hit: a hit never builds a :class:`Miss`, a plan, or a closure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from memofill.codec import CORRUPT, Header
+from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
+from memofill.coordinator import Plan, Result, fill, refresh
+from memofill.drivers import run_async, run_sync
+from memofill.fallback import Breaker
+from memofill.freshness import wall_clock
+from memofill.outcomes import (
+    DISABLED,
+    CallResult,
+    MissRecord,
+    Outcome,
+    RefreshRecord,
+    refused_by_acl,
+)
+from memofill.snapshot import BYPASS, Snapshot
+from memofill.values import decode_stored
+
+logger = logging.getLogger("memofill")
+_rng = random.Random()
+#: Ticks once per call that runs without a client: only the first logs the warning.
+_no_client_calls = itertools.count()
+
+
+def bypass(snapshot: Snapshot, wrapped: Any, args: Any, kwargs: Any, with_outcome: bool) -> Any:
+    """Caching is off: call the function, count the call as ``disabled``, log nothing.
+
+    For a coroutine function this returns its coroutine, for the caller to await.
+    """
+    snapshot.counters.add(snapshot.key, DISABLED)
+    function = snapshot.current_function() if wrapped is None else wrapped
+    if not with_outcome:
+        return function(*args, **kwargs)
+    if snapshot.is_async:
+        return _with_outcome_async(function(*args, **kwargs))
+    return CallResult(function(*args, **kwargs), DISABLED, False)
+
+
+async def _with_outcome_async(call: Any) -> CallResult:
+    return CallResult(await call, DISABLED, False)
+
+
+def warn_no_client(snapshot: Snapshot) -> None:
+    """Once per process: a cached function ran with no Redis client, so nothing is shared."""
+    if next(_no_client_calls):
+        return
+    function = snapshot.current_function()
+    logger.warning(
+        "%s (dataset %s) ran with no Redis client configured: values are kept only in this "
+        "process, for at most 30 s, and every process calls the origin itself. Call "
+        "memofill.configure(client=redis.Redis(...)) at start-up (this is logged once)",
+        getattr(function, "__qualname__", function),
+        snapshot.key,
+        extra={"dataset": snapshot.key},
+    )
+
+
+def fetcher(
+    snapshot: Snapshot, wrapped: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """The call of the origin with these arguments (``wrapped`` None: the function as it is now)."""
+    function = snapshot.current_function() if wrapped is None else wrapped
+    return lambda: function(*args, **kwargs)
+
+
+def plan_for(
+    snapshot: Snapshot, key: str, commands: Commands | None, error: Exception | None, **extra: Any
+) -> Plan:
+    """What a fill or a refresh of ``key`` needs; Redis usable unless the breaker is open or
+    the ``GET`` failed to connect.
+
+    A ``GET`` that Redis answered with an error (another type under the key,
+    say) still leaves Redis usable: the lock path runs, and its write
+    replaces the key. ``extra`` sets the :class:`Plan` fields of one kind of fill.
+    """
+    dataset = snapshot.dataset
+    # A time-out alone is not proof (the breaker counts them): the lock path runs.
+    unreachable = error is not None and is_unreachable(error) and not is_timeout(error)
+    breaker_open = snapshot.breaker.is_open
+    return Plan(
+        dataset=dataset.key,
+        redis_key=key,
+        ttl_ms=max(1, round(dataset.ttl_s * 1000)),
+        window_ms=round(dataset.window_s * 1000),
+        negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
+        error_ttl_ms=round(dataset.error_ttl_s * 1000),
+        # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
+        cache_fill=None if commands is None else dataset.cache_fill,
+        redis_ok=commands is not None and not breaker_open and not unreachable,
+        redis_error=None if error is None else type(error).__name__,
+        block_limit_ms=None if commands is None else commands.socket_timeout_ms,
+        codec=snapshot.values.codec,
+        seq=snapshot.generations.seq,
+        floor=snapshot.marks.top,
+        **extra,
+    )
+
+
+class Refresh:
+    """One refresh of a value served stale (or early), run by a worker, a task or the caller."""
+
+    def __init__(  # noqa: PLR0917  # one call site
+        self,
+        snapshot: Snapshot,
+        key: str,
+        commands: Commands,
+        fetch: Callable[[], Any],
+        trigger: str,
+        seen: Header,
+        stale_age_ms: float,
+        caller: contextvars.Context | None,
+    ) -> None:
+        self.snapshot, self.key, self.commands, self.fetch = snapshot, key, commands, fetch
+        self.trigger, self.seen, self.stale_age_ms = trigger, seen, stale_age_ms
+        #: The context of the caller that handed this refresh off, for the refresh's scope.
+        self.caller = caller
+        self.plan = plan_for(snapshot, key, commands, None)
+
+    def run_sync(self) -> Result:
+        """Run the refresh with the blocking client, and record it."""
+        started = time.monotonic()
+        steps = refresh(self.plan, self.seen.fetch_start_ms)
+        with self.snapshot.metrics.events.refresh_scope(self.snapshot.key, self.caller):
+            try:
+                result = run_sync(steps, self.commands, self.fetch, self.snapshot.breaker)
+            except BaseException:
+                self.snapshot.refreshes.done(self.key)
+                raise
+            return self._record(result, started)
+
+    async def run_async(self) -> Result:
+        """Run the refresh with the asyncio client, and record it."""
+        started = time.monotonic()
+        steps = refresh(self.plan, self.seen.fetch_start_ms)
+        with self.snapshot.metrics.events.refresh_scope(self.snapshot.key, self.caller):
+            try:
+                result = await run_async(steps, self.commands, self.fetch, self.snapshot.breaker)
+            except BaseException:  # cancelled: the refresh released its lock, token-safely
+                self.snapshot.refreshes.done(self.key)
+                raise
+            return self._record(result, started)
+
+    def _record(self, result: Result, started: float) -> Result:
+        """Count and log the refresh, keep its value for outages, and set the busy memo."""
+        snapshot, policy, outcome = self.snapshot, self.plan.cache_fill, result.outcome
+        busy_s = 0.0
+        if policy is not None and outcome is Outcome.REFRESH_ERROR:
+            busy_s = policy.refresh_retry_ms / 1000  # the lock is held that long
+        elif policy is not None and outcome in (Outcome.REFRESH_BUSY, Outcome.REFRESH_LOCK_ERROR):
+            # Free by the end of a lease, or of a hold after a failure, whichever comes first.
+            busy_s = min(policy.lease_ms, policy.refresh_retry_ms) / 1000
+        snapshot.counters.add(snapshot.key, outcome.value)
+        record = RefreshRecord(
+            outcome=outcome,
+            dataset=snapshot.key,
+            redis_key=self.key,
+            trigger=self.trigger,
+            stale_age_ms=self.stale_age_ms,
+            delta_ms=result.delta_ms,
+            elapsed_ms=(time.monotonic() - started) * 1000,
+            error=result.error,
+        )
+        record.emit()
+        snapshot.metrics.refreshed(record)
+        if outcome is Outcome.REFRESH_FILL and result.stored is not None:
+            snapshot.local_store.put(self.key, result.stored, snapshot.ttl_s)
+        if result.unstorable is not None:
+            warn_unstorable(snapshot, self.key, result)
+        # Last: whoever waits for no refresh in flight then sees it counted and logged.
+        snapshot.refreshes.done(self.key, busy_s, self.seen.fetch_start_ms)
+        return result
+
+
+class Miss:
+    """One caller's miss: the fill it runs or joins, and how it is logged.
+
+    Everything here is shared by sync and asyncio callers; only the two lines
+    that run the fill differ (:meth:`run_sync`, :meth:`run_async`).
+    """
+
+    def __init__(  # noqa: PLR0917  # one call site per lookup, the lookup's own locals
+        self,
+        snapshot: Snapshot,
+        key: str,
+        started: float,
+        commands: Commands | None,
+        error: Exception | None,
+        wrapped: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        refresh: bool = False,
+        stale: bytes | None = None,
+    ) -> None:
+        self.snapshot, self.key, self.started, self.commands = snapshot, key, started, commands
+        # ``wrapped`` is None for a direct call: the decorated function, as it is now.
+        function = snapshot.current_function() if wrapped is None else wrapped
+        #: How long this caller's call of the origin took, once it made one (see _timed).
+        self.fetch_ms: float | None = None
+        timer = _timed_async if snapshot.is_async else _timed
+        self.fetch = timer(self, function, args, kwargs)
+        if commands is None:
+            warn_no_client(snapshot)
+        timed = snapshot.late is not None
+        self.plan = plan_for(
+            snapshot,
+            key,
+            commands,
+            error,
+            refresh=refresh,
+            stale=stale,
+            # A value read under the key must be fresher than now to end this fill.
+            fresh_after_ms=round(wall_clock() * 1000) if timed else 0,
+            hold_on_error=timed and not refresh,
+        )
+
+    def run_sync(self) -> Result:
+        """Run the fill with the blocking client, and record it."""
+        steps = fill(self.plan, time.monotonic, _rng)
+        with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
+            return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
+
+    async def run_async(self, on_fetch: Callable[[], object]) -> Result:
+        """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
+        steps = fill(self.plan, time.monotonic, _rng)
+        breaker = self._breaker()
+        with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
+            result = await run_async(steps, self.commands, self.fetch, breaker, on_fetch)
+            return self._record(result)
+
+    def _breaker(self) -> Breaker:
+        return self.snapshot.breaker
+
+    def _record(self, result: Result, joined: bool = False) -> Result:
+        """Log and count one miss; a fill's own record also keeps the value for outages.
+
+        The fill is recorded where it runs: an asyncio caller that started it may
+        be cancelled while it runs on, and the fill, which called the origin, must
+        still be logged exactly once.
+        """
+        snapshot = self.snapshot
+        outcome = Outcome.LOCAL_JOIN if joined else result.outcome
+        snapshot.counters.add(snapshot.key, outcome.value)
+        told = snapshot.told_permission
+        if snapshot.key not in told and refused_by_acl(result.outcome, result.error):
+            told.add(snapshot.key)
+            logger.error(
+                "Redis refused memofill a command or key for dataset %s (NoPermissionError): "
+                "its misses are not coordinated across processes until the ACL user may run "
+                "them; grant it: %s",
+                snapshot.key,
+                acl_rule(snapshot.prefix),
+                extra={"dataset": snapshot.key, "redis_key": self.key},
+            )
+        record = MissRecord(
+            outcome=outcome,
+            dataset=snapshot.key,
+            redis_key=self.key,
+            elapsed_ms=(time.monotonic() - self.started) * 1000,
+            waited_ms=result.waited_ms,
+            polls=0 if joined else result.polls,
+            payload_bytes=result.payload_bytes,
+            error=result.error,
+            fetch_ms=self.fetch_ms,
+        )
+        record.emit()
+        snapshot.metrics.miss(record)
+        if joined:
+            return result
+        if result.stored is not None:
+            snapshot.local_store.put(self.key, result.stored, snapshot.ttl_s)
+        elif result.led and snapshot.near is not None:
+            # This fill wrote a marker, or nothing: a near copy of the key is not the answer now.
+            snapshot.local_store.invalidate((self.key,))
+        if result.unstorable is not None:
+            warn_unstorable(snapshot, self.key, result)
+        return result
+
+    def finish(self, result: Result, joined: bool) -> CallResult:
+        """This caller's result: a joiner is logged as one; the value, or raise.
+
+        A joiner gets its own copy, decoded from the bytes the fill stored, so
+        that no caller can change what another holds; a value that could not be
+        stored is the one object every joiner shares.
+        """
+        if joined:
+            self._record(result, joined=True)
+        value = result.unwrap()
+        if joined and result.stored is not None:
+            copy = decode_stored(self.snapshot.values.codec, result.stored)
+            value = value if copy is CORRUPT else copy
+        outcome = Outcome.LOCAL_JOIN if joined else result.outcome
+        return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _timed(
+    miss: Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """The fetch, ``function(*args, **kwargs)``: its time is kept in ``miss.fetch_ms``."""
+
+    def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
+
+
+def _timed_async(
+    miss: Miss, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[], Any]:
+    """:func:`_timed` for a coroutine function: the time until its awaitable is done."""
+
+    async def fetch() -> Any:
+        started = time.monotonic()
+        try:
+            return await function(*args, **kwargs)
+        finally:
+            miss.fetch_ms = (time.monotonic() - started) * 1000
+
+    return fetch
+
+
+def warn_unstorable(snapshot: Snapshot, key: str, result: Result) -> None:
+    """Say once per dataset and instance that its values are never stored, and how to fix it."""
+    warned = snapshot.unstorable_warned
+    if snapshot.key in warned:
+        return
+    warned.add(snapshot.key)
+    logger.warning(
+        "dataset %s: a %s value cannot be stored (%s), so every call fetches; annotate the "
+        "function's return type, pass codec= to cached_dataset, or return JSON data",
+        snapshot.key,
+        type(result.value).__qualname__,
+        result.unstorable,
+        extra={"dataset": snapshot.key, "redis_key": key, "unstorable": result.unstorable},
+    )
+
+
+def refresh_sync(snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwargs: Any) -> Any:
+    """:meth:`CachedDataset.refresh` of a sync function: the miss's fill, told not to reuse."""
+    commands = snapshot.gate() if snapshot.gated else snapshot.commands
+    if commands is BYPASS:
+        return bypass(snapshot, wrapped, args, kwargs, False)
+    started = time.monotonic()
+    key = snapshot.key_of(instance, args, kwargs)
+    miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
+    # Not joined with a plain miss in flight, which may end with the value it found.
+    result, joined = snapshot.thread_flights.run(_REFRESH + key, miss.run_sync)
+    return miss.finish(result, joined).value
+
+
+async def refresh_async(
+    snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwargs: Any
+) -> Any:
+    """:func:`refresh_sync` for coroutine functions, on the asyncio client."""
+    commands = snapshot.gate() if snapshot.gated else snapshot.commands
+    if commands is BYPASS:
+        return await bypass(snapshot, wrapped, args, kwargs, False)
+    started = time.monotonic()
+    key = snapshot.key_of(instance, args, kwargs)
+    miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
+    result, joined = await snapshot.task_flights.run(_REFRESH + key, miss.run_async)
+    return miss.finish(result, joined).value
+
+
+def flight(snapshot: Snapshot, key: str) -> str:
+    """The process-local flight a miss of ``key`` joins: one per generation of the dataset.
+
+    A caller that knows of a dataset invalidation must not join a fill that
+    began before it, whose value it would then be served.
+    """
+    top = snapshot.marks.top
+    return f"{key}\0{top}" if top else key
+
+
+#: Prefixes a refresh's key in the process-local flights, apart from the misses'.
+_REFRESH = "refresh\0"
+
+
+def raise_if_cancel_was_lost() -> None:
+    """Raise the cancellation a Redis reply swallowed, before a miss joins a fill.
+
+    redis-py's asyncio client, cancelled while the reply of its command is
+    already waiting (a busy event loop), returns the reply and drops the
+    ``CancelledError``; the task is still marked as being cancelled. The caller
+    would then join the fill and wait for it, so an ``asyncio.timeout`` or
+    ``wait_for`` around the call would not end when it should. Checked on the
+    miss path only (a hit returns at once anyway), from Python 3.11, which
+    counts cancellation requests. A miss made while the task handles its own
+    cancellation (in an ``except CancelledError`` block) is refused the same way.
+    """
+    task = asyncio.current_task()
+    if task is not None and sys.version_info >= (3, 11) and task.cancelling():
+        raise asyncio.CancelledError
