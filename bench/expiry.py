@@ -54,7 +54,7 @@ from typing import Any, cast
 from bench.common import MP, RequestCounter, median, percentile, server_commands, small_value
 from bench.libraries import BY_SLUG, EXPIRY_LIBRARIES, Cached, Library
 from bench.stampede import Fleet
-from tests.redis_servers import RedisServer  # the project's private-server helper
+from tests.support.redis_servers import RedisServer  # the project's private-server helper
 
 #: How long the origin takes.
 ORIGIN_S = 0.2

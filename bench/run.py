@@ -26,7 +26,7 @@ from bench import expiry, growth, hit, miss_cost, near, payload, registry, repor
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from memofill import timeline
-from tests.redis_servers import RedisServer  # the project's private-server helper
+from tests.support.redis_servers import RedisServer  # the project's private-server helper
 
 SCENARIOS = (
     "hit",

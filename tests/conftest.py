@@ -9,7 +9,7 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from memofill import CacheFill, Dataset
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.support.redis_servers import RedisCluster, RedisServer
 
 # How fast a busy machine draws examples or runs one says nothing about the properties tested:
 # no per-example deadline, and no failing a test because input generation was slow.

@@ -22,8 +22,8 @@ from memofill import Dataset, Memofill, NearCache
 from memofill.commands import acl_rule
 from memofill.inspection import inspect_entry
 from tests.conftest import POLICIES
-from tests.fault_helpers import Stampede, Target, dataset, origin_calls, run_stampede
-from tests.redis_servers import RedisServer
+from tests.support.fault_helpers import Stampede, Target, dataset, origin_calls, run_stampede
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server]
 

@@ -28,8 +28,8 @@ from redis.crc import key_slot
 from memofill import CacheFill, Dataset, KeyArgumentError, Memofill, RegistryError, validate
 from memofill.keys import MAX_FIELD_CHARS, lock_key, wake_key
 from memofill.policy import ensure_valid
-from tests.redis_servers import RedisServer
-from tests.strategies import canonical_kind, key_values
+from tests.support.redis_servers import RedisServer
+from tests.support.strategies import canonical_kind, key_values
 
 TWO_FIELDS = Dataset(
     "bad:{kind}:{name}",

@@ -29,9 +29,9 @@ from memofill.coordinator import CANCELLED, Plan, fill
 from memofill.drivers import run_async
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
-from tests.fault_helpers import note
-from tests.helpers import notify_after_acquire
-from tests.redis_servers import RedisServer
+from tests.support.fault_helpers import note
+from tests.support.helpers import notify_after_acquire
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from memofill import Memofill
 from memofill.cli import main
 from memofill.codec import NEGATIVE_MARKER, error_marker
 from memofill.inspection import MAX_VALUE_BYTES, MAX_VALUE_LINES
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
 QUOTES = "market:quotes:{symbol}"

@@ -13,7 +13,7 @@ import redis.cluster
 import memofill
 from memofill import ConfigurationError, Memofill
 from tests.conftest import POLICIES
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.support.redis_servers import RedisCluster, RedisServer
 
 
 def test_a_blocking_client_on_a_blocking_pool_with_the_documented_settings() -> None:

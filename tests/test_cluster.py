@@ -31,7 +31,7 @@ from memofill.drivers import run_sync
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
-from tests.fault_helpers import (
+from tests.support.fault_helpers import (
     MARGIN_S,
     SOCKET_TIMEOUT_S,
     Stampede,
@@ -45,8 +45,8 @@ from tests.fault_helpers import (
     run_stampede,
     wait_until,
 )
-from tests.helpers import failure
-from tests.redis_servers import RedisCluster, RedisServer
+from tests.support.helpers import failure
+from tests.support.redis_servers import RedisCluster, RedisServer
 
 pytestmark = [pytest.mark.redis_server]
 

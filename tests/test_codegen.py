@@ -16,7 +16,7 @@ from hypothesis import given
 from memofill import CacheFill, Dataset, RegistryError, RegistryLoadError, load_policies
 from memofill.codegen import HEADER, diff, load_registry, render
 from memofill.policy import dataset_to_data
-from tests.strategies import registries
+from tests.support.strategies import registries
 
 REPO = Path(__file__).resolve().parent.parent
 FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250)

@@ -29,7 +29,7 @@ from memofill.codegen import render
 from memofill.testing import stored_payload
 from registry import DATASETS
 from tests.conftest import POLICIES
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

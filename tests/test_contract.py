@@ -27,8 +27,8 @@ from memofill.codec import NEGATIVE_MARKER, decode, encode
 from memofill.keys import lock_key, wake_key
 from memofill.testing import stored_payload
 from tests.conftest import POLICIES
-from tests.helpers import notify_after_acquire
-from tests.redis_servers import RedisServer
+from tests.support.helpers import notify_after_acquire
+from tests.support.redis_servers import RedisServer
 
 #: Long enough for any step on a busy machine; the tests never wait for it unless they fail.
 PATIENCE_S = 10.0

@@ -32,7 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memofill import Dataset, Memofill
-from tests.redis_servers import RedisCluster, RedisServer, free_port
+from tests.support.redis_servers import RedisCluster, RedisServer, free_port
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 

@@ -45,8 +45,8 @@ from memofill.metrics import (
     register,
 )
 from tests.conftest import POLICIES
-from tests.helpers import Refresh
-from tests.redis_servers import RedisServer, free_port
+from tests.support.helpers import Refresh
+from tests.support.redis_servers import RedisServer, free_port
 
 HOT = Dataset(
     "hot:{name}",

@@ -27,7 +27,7 @@ from memofill.fallback import (
     entry_bytes,
 )
 from tests.conftest import POLICIES
-from tests.helpers import FakeClock
+from tests.support.helpers import FakeClock
 
 # --- LocalStore ------------------------------------------------------------------------
 

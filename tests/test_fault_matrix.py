@@ -34,7 +34,7 @@ import redis
 from memofill import CacheFill, Memofill
 from memofill.commands import acl_rule
 from memofill.keys import lock_key
-from tests.fault_helpers import (
+from tests.support.fault_helpers import (
     MARGIN_S,
     SOCKET_TIMEOUT_S,
     Target,
@@ -45,7 +45,7 @@ from tests.fault_helpers import (
     recorded,
     wait_until,
 )
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server]
 

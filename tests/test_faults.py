@@ -29,7 +29,7 @@ from memofill.coordinator import FETCH, Plan, fill
 from memofill.fallback import Breaker, LocalStore
 from memofill.keys import lock_key
 from memofill.testing import stored_payload
-from tests.fault_helpers import (
+from tests.support.fault_helpers import (
     FAULT_FILL,
     MARGIN_S,
     PATIENT_SOCKET_TIMEOUT_S,
@@ -46,8 +46,8 @@ from tests.fault_helpers import (
     run_stampede,
     wait_until,
 )
-from tests.helpers import failure, failures
-from tests.redis_servers import RedisServer, free_port, running_server
+from tests.support.helpers import failure, failures
+from tests.support.redis_servers import RedisServer, free_port, running_server
 
 pytestmark = [pytest.mark.redis_server]
 

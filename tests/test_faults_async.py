@@ -24,7 +24,7 @@ from memofill import CacheFill, Memofill
 from memofill.codec import encode
 from memofill.keys import lock_key, wake_key
 from memofill.testing import stored_payload
-from tests.fault_helpers import (
+from tests.support.fault_helpers import (
     MARGIN_S,
     PATIENT_SOCKET_TIMEOUT_S,
     SOCKET_TIMEOUT_S,
@@ -34,8 +34,8 @@ from tests.fault_helpers import (
     measure,
     recorded,
 )
-from tests.helpers import failures
-from tests.redis_servers import RedisServer
+from tests.support.helpers import failures
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server]
 

@@ -28,7 +28,7 @@ from memofill import CacheFill, Dataset, FillError, Memofill, validate
 from memofill.codec import error_marker
 from memofill.keys import lock_key
 from memofill.policy import MAX_ERROR_TTL_S, MAX_LEASE_MS, MAX_TTL_S
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 #: Long enough for any step on a busy machine; only a failing test waits this long.
 PATIENCE_S = 20.0

@@ -23,7 +23,7 @@ from memofill.fallback import REFRESH_S, LocalStore
 from memofill.keys import FieldText, format_argument
 from memofill.outcomes import Counters, Tally
 from tests.conftest import POLICIES
-from tests.helpers import FakeClock
+from tests.support.helpers import FakeClock
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import redis
 from memofill import CacheFill, Dataset, Memofill
 from memofill.cli import main
 from memofill.codegen import render
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
 

@@ -26,7 +26,7 @@ from memofill.keys import (
     templates_overlap,
     wake_key,
 )
-from tests.strategies import canonical_kind, key_templates, key_values
+from tests.support.strategies import canonical_kind, key_templates, key_values
 
 FORBIDDEN = set(":/{}" + string.whitespace)
 HEX_DIGEST = set(string.hexdigits.lower())

@@ -20,7 +20,7 @@ import redis
 
 from memofill import ConfigurationError, Dataset, Memofill
 from memofill.fallback import MAX_LOCAL_BYTES
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 

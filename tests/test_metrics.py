@@ -41,7 +41,7 @@ from memofill.metrics import (
 )
 from memofill.outcomes import COUNTED_ONLY, MissRecord
 from tests.conftest import POLICIES
-from tests.helpers import Refresh
+from tests.support.helpers import Refresh
 
 if sys.version_info >= (3, 11):
     import tomllib

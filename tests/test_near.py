@@ -29,7 +29,7 @@ import redis.asyncio
 from memofill import CacheFill, ConfigurationError, Dataset, Memofill, NearCache
 from memofill.codec import payload, read_header
 from memofill.listener import Listener
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
 

@@ -19,7 +19,7 @@ from memofill.listener import ListenerError, Reader, command, tracked_prefixes
 from memofill.near import ALWAYS, LocalStore
 from memofill.policy import load_policies
 from memofill.testing import Faults
-from tests.helpers import FakeClock
+from tests.support.helpers import FakeClock
 
 # -- the registry field ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from memofill import FillError, Memofill, Outcome
 from memofill.keys import lock_key
 from memofill.outcomes import WARNING_OUTCOMES, Counters, MissRecord
 from tests.conftest import POLICIES
-from tests.helpers import failure
+from tests.support.helpers import failure
 
 SECRET = "s3cr3t-payload-do-not-log"
 FIELDS = (

@@ -14,7 +14,7 @@ from memofill.policy import (
     dataset_to_data,
     ensure_valid,
 )
-from tests.strategies import registries, single_violations
+from tests.support.strategies import registries, single_violations
 
 FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250)
 BASE = Dataset("market:quotes:{symbol}", ttl_s=60, negative_ttl_s=120, cache_fill=FILL)

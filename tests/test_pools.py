@@ -31,8 +31,8 @@ from redis.retry import Retry
 import memofill
 from memofill import CacheFill, Memofill
 from memofill.codec import encode
-from tests.fault_helpers import dataset, wait_until
-from tests.redis_servers import RedisServer
+from tests.support.fault_helpers import dataset, wait_until
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server]
 

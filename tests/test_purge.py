@@ -12,7 +12,7 @@ from memofill import CacheFill, Dataset
 from memofill.cli import main
 from memofill.codegen import render
 from memofill.purge import purge
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
 

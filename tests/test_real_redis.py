@@ -26,12 +26,12 @@ from memofill import CacheFill, Dataset, FillError, KeyTemplateError, Memofill
 from memofill.codec import encode
 from memofill.keys import lock_key, wake_key
 from memofill.testing import stored_payload
-from tests import typed_values
 from tests.conftest import POLICIES
-from tests.fault_helpers import wait_until
-from tests.helpers import failure, notify_after_acquire
-from tests.redis_servers import RedisServer
-from tests.stampede import run_stampede
+from tests.support.fault_helpers import wait_until
+from tests.support.helpers import failure, notify_after_acquire
+from tests.support.redis_servers import RedisServer
+from tests.support.stampede import run_stampede
+from tests.typing import typed_values
 
 pytestmark = pytest.mark.redis_server
 

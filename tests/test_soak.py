@@ -33,8 +33,8 @@ import pytest
 import redis
 
 from memofill import CacheFill, Dataset, Memofill
-from tests.fault_helpers import Target, make_client
-from tests.redis_servers import RedisServer
+from tests.support.fault_helpers import Target, make_client
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 

@@ -23,8 +23,8 @@ from memofill import Memofill
 from memofill.codec import read_header
 from memofill.keys import lock_key
 from memofill.testing import stored_payload
-from tests import stale_workers
-from tests.redis_servers import RedisServer
+from tests.support import stale_workers
+from tests.support.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.redis_server, pytest.mark.slow]
 

@@ -24,8 +24,8 @@ import memofill
 from memofill import CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.instance import default as default_instance
 from memofill.testing import CORRUPT_PAYLOAD, Faults, Harness, Outcomes, stored_payload
-from tests.helpers import failure
-from tests.redis_servers import free_port
+from tests.support.helpers import failure
+from tests.support.redis_servers import free_port
 
 pytest_plugins = ["pytester"]
 
