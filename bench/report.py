@@ -728,9 +728,10 @@ def render(results: dict[str, Any]) -> str:
             "",
             "## A large registry: generate and load",
             "",
-            "No Redis: `memofill gen` of a registry shaped like a real one, and loading "
-            "(validating) the module it wrote, as every process does at start-up. On a busy "
-            "machine the CPU time is the steadier figure.",
+            "No Redis: `memofill gen` of a registry shaped like a real one, run as the command "
+            "(`python -m memofill gen`, so the interpreter's start-up is included, and shown "
+            "on its own row), and loading (validating) the module it wrote, as every process "
+            "does at start-up. On a busy machine the CPU time is the steadier figure.",
             "",
             registry.render(data["datasets"], data["seconds"]),
             "",
