@@ -25,7 +25,6 @@ from typing import Any
 from bench import expiry, growth, hit, miss_cost, near, payload, registry, report, stampede
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
-from memofill import timeline
 from tests.support.redis_servers import RedisServer  # the project's private-server helper
 
 SCENARIOS = (
@@ -152,10 +151,8 @@ def _parser() -> argparse.ArgumentParser:
         "--trace",
         type=Path,
         metavar="PATH",
-        help="expiry: write the first expiry of the first row's first run as a timeline trace",
-    )
-    parser.add_argument(
-        "--svg", type=Path, metavar="PATH", help="expiry: also draw that trace as an SVG timeline"
+        help="expiry: write the first expiry of the first row's first run as a timeline trace "
+        "(JSON, the data the docs' SVG timeline is drawn from)",
     )
     parser.add_argument(
         "--processes", type=int, help="stampede, growth and expiry worker processes"
@@ -367,9 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     if traced is not None and args.trace is not None:
         args.trace.write_text(json.dumps(traced, indent=1) + "\n", encoding="utf-8")
         _log(f"wrote {args.trace}")
-    if traced is not None and args.svg is not None:
-        args.svg.write_text(timeline.render_svg(traced), encoding="utf-8")
-        _log(f"wrote {args.svg}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
