@@ -66,6 +66,10 @@ def _measure(
         if not library.fills:
             raw.set(namespace + NAME, orjson.dumps(expected))
     raw.close()
+    for cached in built.values():  # e.g. a near row's listener, live before any warm-up
+        waiting = cached.ready() if cached.ready is not None else None
+        if asyncio.iscoroutine(waiting):
+            loop.run_until_complete(waiting)
 
     def run(library: Library, count: int, out: list[int]) -> None:
         call = built[library.slug].call

@@ -41,12 +41,15 @@ class Cached:
 
     ``call`` returns the value (or, for asyncio rows, an awaitable of it);
     ``close`` releases the connections (possibly awaitable); ``outcomes`` returns
-    and resets the library's own per-call outcome counts, where it keeps any.
+    and resets the library's own per-call outcome counts, where it keeps any;
+    ``ready``, where given, returns (possibly awaitable) once the row serves as it
+    is to be measured: a memofill near row, once its listener vouches for copies.
     """
 
     call: Callable[[str], Any]
     close: Callable[[], Any]
     outcomes: Callable[[], dict[str, int]] = field(default=_no_outcomes)
+    ready: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,17 +271,21 @@ def _memofill(
         async def fetch_async(name: str) -> Any:
             return await origin(name)
 
-        if near_ms:
-            _wait_for_listener(instance, namespace)
-        return Cached(fetch_async, client.aclose, outcomes)
+        async def ready_async() -> None:
+            await _near_ready_async(fetch_async)
+            outcomes()
+
+        return Cached(fetch_async, client.aclose, outcomes, ready_async if near_ms else None)
 
     @instance.cached_dataset(DATASET)
     def fetch(name: str) -> Any:
         return origin(name)
 
-    if near_ms:
-        _wait_for_listener(instance, namespace)
-    return Cached(fetch, client.close, outcomes)
+    def ready() -> None:
+        _near_ready(fetch)
+        outcomes()
+
+    return Cached(fetch, client.close, outcomes, ready if near_ms else None)
 
 
 def _memofill_sync(port: int, namespace: str, origin: Origin) -> Cached:
@@ -462,16 +469,33 @@ def _memofill_near_async(port: int, namespace: str, origin: Origin) -> Cached:
     return _memofill(async_client(port), namespace, origin, is_async=True, near_ms=NEAR_MS)
 
 
-def _wait_for_listener(instance: Any, namespace: str) -> None:
-    """Start the near-cache listener and wait for its first answered ping, so warm-up hits."""
+#: The key the near rows wait on for their listener (not the key timed).
+WARM_UP = "warm-up"
+#: How long a near row may take to be served from its copy: the listener's first ping.
+NEAR_READY_S = 10
+
+
+def _near_ready(fetch: Any) -> None:
+    """Call until a call is served near: the listener is live (the first read starts it)."""
     import time  # noqa: PLC0415
 
-    instance.local_store.reserve(namespace + "warm-up")  # starts the listener
-    deadline = time.monotonic() + 10
-    while instance.local_store.live_until <= time.monotonic():
+    deadline = time.monotonic() + NEAR_READY_S
+    while fetch.call_with_outcome(WARM_UP).outcome != "near_hit":
         if time.monotonic() > deadline:
             raise RuntimeError("the near-cache listener did not start")
         time.sleep(0.005)
+
+
+async def _near_ready_async(fetch: Any) -> None:
+    """:func:`_near_ready` for a coroutine function, in the loop that will time it."""
+    import asyncio  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + NEAR_READY_S
+    while (await fetch.call_with_outcome(WARM_UP)).outcome != "near_hit":
+        if time.monotonic() > deadline:
+            raise RuntimeError("the near-cache listener did not start")
+        await asyncio.sleep(0.005)
 
 
 _MEMOFILL_SETUP = (
