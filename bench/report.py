@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import expiry, miss_cost, near, registry
+from bench import expiry, miss_cost, near, near_peers, registry
 from bench.libraries import BY_SLUG, LIBRARIES, STALE_S, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
@@ -710,6 +710,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _hit_header(results["hit_header"])
     if "hit_typed" in results:
         lines += _hit_typed(results["hit_typed"])
+    if "near_peers" in results:
+        lines += near_peers.render(results["near_peers"])
     if "near" in results:
         lines += near.render(results["near"])
     if "miss_cost" in results:

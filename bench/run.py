@@ -22,7 +22,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import expiry, growth, hit, miss_cost, near, payload, registry, report, stampede
+from bench import (
+    expiry,
+    growth,
+    hit,
+    miss_cost,
+    near,
+    near_peers,
+    payload,
+    registry,
+    report,
+    stampede,
+)
 from bench.common import sync_client
 from bench.libraries import EXPIRY_LIBRARIES, LIBRARIES, Library
 from tests.support.redis_servers import RedisServer  # the project's private-server helper
@@ -30,6 +41,7 @@ from tests.support.redis_servers import RedisServer  # the project's private-ser
 SCENARIOS = (
     "hit",
     "near",
+    "near_peers",
     "miss_cost",
     "stampede",
     "growth",
@@ -37,7 +49,17 @@ SCENARIOS = (
     "registry",
     "expiry",
 )
-VERSIONED = ("memofill", "redis", "hiredis", "orjson", "dogpile.cache", "cashews", "aiocache")
+VERSIONED = (
+    "memofill",
+    "redis",
+    "hiredis",
+    "orjson",
+    "dogpile.cache",
+    "cashews",
+    "aiocache",
+    "cachetools",
+    "theine",
+)
 DEFAULT_OUT = Path("bench/results.md")
 
 
@@ -108,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="memofill side by side with the raw floor, cache-aside, dogpile.cache, "
-        "cashews and aiocache, against a private redis-server.",
+        "cashews and aiocache, against a private redis-server; and its near hit beside "
+        "functools.lru_cache, cachetools and theine.",
     )
     parser.add_argument(
         "--quick",
@@ -287,6 +310,14 @@ def run(
         if "near" in scenarios:
             _log(f"near: invalidation lag, {scale.near_writes} writes, idle and busy reader")
             results["near"] = near.measure(server.port, writes=scale.near_writes)
+        if "near_peers" in scenarios:
+            _log(f"near hit beside in-process caches: {scale.hit_iterations:,} calls per row")
+            results["near_peers"] = near_peers.measure(
+                server.port,
+                iterations=scale.hit_iterations,
+                warmup=scale.hit_warmup,
+                rounds=scale.hit_rounds,
+            )
         if "miss_cost" in scenarios:
             _log(f"miss cost: {scale.hit_iterations:,} calls per row")
             results["miss_cost"] = miss_cost.measure(iterations=scale.hit_iterations)
