@@ -30,7 +30,7 @@ import pytest
 
 import memofill
 from memofill import Dataset, Memofill, NearCache
-from tests.redis_servers import RedisServer
+from tests.support.redis_servers import RedisServer
 
 #: memofill's frames: its own files, and the methods attrs generates for its classes
 #: (their file names read ``<attrs generated ... memofill.<module>.<class>>``).
