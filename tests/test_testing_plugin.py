@@ -23,9 +23,12 @@ import redis
 import memofill
 from memofill import CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.instance import default as default_instance
+from memofill.metrics import call_outcomes
+from memofill.outcomes import COUNTED_ONLY, Outcome
 from memofill.testing import CORRUPT_PAYLOAD, Faults, Harness, Outcomes, stored_payload
+from memofill.testing._assertions import COUNTED_NAMES
 from tests.support.helpers import failure
-from tests.support.redis_servers import free_port
+from tests.support.redis_servers import RedisServer, free_port
 
 pytest_plugins = ["pytester"]
 
@@ -338,6 +341,75 @@ def test_expect_reports_what_the_block_added(
 def test_a_misspelt_outcome_is_an_error(memofill_outcomes: Outcomes) -> None:
     with pytest.raises(TypeError, match=r"unknown outcome names \['leader_fil'\]"):
         memofill_outcomes.assert_outcomes("item:{name}", leader_fil=1)
+
+
+def test_every_name_the_counters_report_is_assertable(memofill_outcomes: Outcomes) -> None:
+    # The accepted names are memofill's vocabulary itself, not a copy of it that can fall behind:
+    # every outcome of memofill_calls_total, every refresh outcome, every name counted only.
+    reported = {*COUNTED_ONLY, *(outcome.value for outcome in Outcome), *call_outcomes()}
+    assert {"disabled", "near_hit", "stale_hit", "fallback_hit", "hit"} <= reported
+    assert reported == COUNTED_NAMES
+    memofill_outcomes.assert_outcomes("item:{name}", **dict.fromkeys(sorted(reported), 0))
+    with memofill_outcomes.expect("item:{name}", **dict.fromkeys(sorted(reported), 0)):
+        pass
+
+
+def test_disabled_calls_are_asserted_exactly(
+    memofill_cache: Memofill, memofill_outcomes: Outcomes
+) -> None:
+    @memofill_cache.cached_dataset("item:{name}")
+    def item(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    with memofill_outcomes.expect("item:{name}", disabled=2), memofill.disabled():
+        item("a")
+        item("a")
+    item("a")
+    memofill_outcomes.assert_outcomes("item:{name}", disabled=2, leader_fill=1)
+    with pytest.raises(AssertionError, match="seen:     disabled=2, leader_fill=1"):
+        memofill_outcomes.assert_outcomes("item:{name}", leader_fill=1)
+
+
+#: A near-cached dataset: a value read from Redis is kept in the process for ``near_ms``.
+NEAR_POLICIES = {"hot:{name}": Dataset("hot:{name}", ttl_s=60, near_ms=60_000, cache_fill=QUICK)}
+
+
+@pytest.mark.memofill(policies=NEAR_POLICIES)
+def test_near_hits_of_a_near_ms_dataset_are_asserted_exactly(
+    memofill_cache: Memofill, memofill_outcomes: Outcomes
+) -> None:
+    @memofill_cache.cached_dataset("hot:{name}")
+    def hot(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    hot("a")  # fills: a fill's own value is not kept near (its write invalidates it)
+    hot("a")  # read from Redis: kept near
+    with memofill_outcomes.expect("hot:{name}", near_hit=3):
+        for _ in range(3):
+            hot("a")
+    memofill_outcomes.assert_outcomes("hot:{name}", leader_fill=1, hit=1, near_hit=3)
+
+
+@pytest.mark.redis_server
+def test_near_hits_on_a_real_redis_server_are_asserted_exactly(redis_server: RedisServer) -> None:
+    # On a real server the near copies are dropped by the listener of writes (CLIENT TRACKING),
+    # as in production; a test of such a dataset adopts its own instance into a Harness.
+    cache = Memofill(redis_server.client(), prefix="outcomes-near:", policies=NEAR_POLICIES)
+    harness = Harness()
+    with harness.cleanup:
+        harness.cleanup.callback(cache.local_store.attach, None)  # stop the listener
+        outcomes = Outcomes(harness)
+        hot = harness.adopt(cache).cached_dataset("hot:{name}")(lambda name: {"name": name})
+        seen: Counter[str] = Counter()
+        deadline = time.monotonic() + 20
+        while seen["near_hit"] == 0:  # until the listener is live and the copy kept
+            assert time.monotonic() < deadline, f"never a near hit: {seen}"
+            seen[hot.call_with_outcome("a").outcome] += 1
+        with outcomes.expect("hot:{name}", near_hit=3):
+            for _ in range(3):
+                hot("a")
+        outcomes.assert_outcomes("hot:{name}", **(seen + Counter(near_hit=3)))
+        assert seen["leader_fill"] == 1
 
 
 def test_nothing_seen_says_so(memofill_outcomes: Outcomes) -> None:

@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from memofill.decorator import CachedDataset, CallResult
-from memofill.outcomes import FALLBACK_HIT, HIT, STALE_HIT, Outcome
+from memofill.outcomes import COUNTED_ONLY, HIT, Outcome
 from memofill.testing._harness import Harness
 
-#: Every name the counters use: the outcomes, and the three kinds of hit.
-COUNTED_NAMES = frozenset({HIT, FALLBACK_HIT, STALE_HIT} | {outcome.value for outcome in Outcome})
+#: Every name the counters can report: each :class:`~memofill.Outcome`, and the names counted
+#: only (the kinds of hit, ``near_hit`` and ``disabled`` among them). Read from memofill's own
+#: vocabulary, so that an outcome added there is assertable here with no other change.
+COUNTED_NAMES = frozenset(COUNTED_ONLY) | {outcome.value for outcome in Outcome}
 
 
 def _format(counts: Counter[str] | dict[str, int]) -> str:
@@ -68,10 +70,12 @@ class Outcomes:
     """What this test's caches did; the ``memofill_outcomes`` fixture.
 
     Counts are the sums of the counters of every cache the ``memofill_*``
-    fixtures made (or :meth:`Harness.adopt` took) in this test: each miss
-    outcome, ``hit``, and ``fallback_hit``. Records are the ``memofill`` logger's
-    miss records during the test. A failed assertion lists every outcome seen,
-    per dataset, and the dataset's miss records: it says what happened instead.
+    fixtures made (or :meth:`Harness.adopt` took) in this test: each
+    :class:`~memofill.Outcome`, and each name counted only (``hit``,
+    ``stale_hit``, ``near_hit``, ``fallback_hit``, ``disabled``). Records are
+    the ``memofill`` logger's miss records during the test. A failed assertion
+    lists every outcome seen, per dataset, and the dataset's miss records: it
+    says what happened instead.
     """
 
     def __init__(self, harness: Harness) -> None:
@@ -86,7 +90,7 @@ class Outcomes:
         return seen
 
     def counts(self, dataset: str) -> Counter[str]:
-        """How often each outcome, ``hit`` and ``fallback_hit`` happened for ``dataset``."""
+        """How often each outcome and each kind of hit happened for ``dataset``."""
         return self.seen().get(dataset, Counter())
 
     def records(self, dataset: str | None = None) -> list[logging.LogRecord]:
