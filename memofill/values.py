@@ -8,7 +8,9 @@ every process: pydantic's ``TypeAdapter`` when a pydantic model is involved,
 else a cattrs converter (dataclasses, attrs classes, ``TypedDict``,
 ``NamedTuple``, ``datetime``/``date``/``UUID``/``Decimal``, tuples, sets,
 nested generics, ``Optional``). A ``codec=`` given to ``cached_dataset`` wins
-over both (any object with ``encode`` and ``decode``, see :class:`Codec`).
+over both (any object with ``encode`` and ``decode``, see :class:`Codec`). An
+annotation neither can store is refused at decoration with a
+:class:`~memofill.errors.ConfigurationError` that says so and names ``codec=``.
 
 Stored markers (``None``, a failed fill) keep their NUL-prefixed form from
 ``memofill.codec``, whatever the codec: :func:`decode_stored` tells them
@@ -23,12 +25,14 @@ import sys
 import types
 import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
+import attrs
 import orjson
 from cattrs.cols import is_namedtuple
+from cattrs.errors import StructureHandlerNotFoundError
 from cattrs.preconf.orjson import make_converter
 
 from memofill.codec import (
@@ -39,6 +43,7 @@ from memofill.codec import (
     decode_any,
     decode_special,
 )
+from memofill.errors import ConfigurationError
 
 _MARKER_START = NEGATIVE_MARKER[:10]  # b"\x00memofill:", shared by every marker
 
@@ -201,6 +206,8 @@ class TypedCodec:
             converter = _converter()
             unstructure = converter.get_unstructure_hook(annotation)
             structure = converter.get_structure_hook(annotation)
+            for inner in _nested_types(annotation):  # cattrs makes some hooks on first use only
+                converter.get_structure_hook(inner)
 
             def encode_cattrs(value: Any) -> bytes:
                 data = unstructure(value)
@@ -213,6 +220,97 @@ class TypedCodec:
 
     def __repr__(self) -> str:
         return f"TypedCodec({self.annotation!r})"
+
+
+def _nested_types(annotation: Any) -> Iterator[Any]:
+    """``annotation`` and the types inside it, some of which cattrs meets only on a first read.
+
+    The members of unions (an ``Optional`` one's too, together), the arguments
+    of generics, and the fields of dataclasses, attrs classes, ``TypedDict`` and
+    ``NamedTuple`` classes, all the way down. Type variables, ``Literal`` values,
+    ``Annotated`` metadata, ``None`` and ``...`` are not types to structure, and
+    are skipped.
+    """
+    seen: set[int] = set()
+    stack = [annotation]
+    while stack:
+        item = stack.pop()
+        if item is Ellipsis or item is type(None) or isinstance(item, (typing.TypeVar, list)):
+            continue  # in ``tuple[int, ...]``, ``X | None``, ``Callable[[], X]``: no types
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        origin = typing.get_origin(item)
+        if origin is typing.Literal:
+            continue
+        args = typing.get_args(item)
+        if origin is typing.Annotated:  # the type, not its metadata
+            stack.append(args[0])
+            continue
+        if (origin is typing.Union or isinstance(item, types.UnionType)) and type(None) in args:
+            others = tuple(arg for arg in args if arg is not type(None))
+            if len(others) > 1:  # the union an Optional value is structured with
+                stack.append(typing.Union[others])  # noqa: UP007  # from a tuple of members
+        stack.extend(args or _field_types(item))
+
+
+def _field_types(cl: Any) -> list[Any]:
+    """The field types of a dataclass, attrs class, ``TypedDict`` or ``NamedTuple`` (else none)."""
+    if not isinstance(cl, type):
+        return []
+    if dataclasses.is_dataclass(cl):
+        names = [field.name for field in dataclasses.fields(cl)]
+    elif attrs.has(cl):
+        names = [field.name for field in attrs.fields(cl)]
+    elif typing.is_typeddict(cl) or is_namedtuple(cl):
+        names = None
+    else:
+        return []
+    try:
+        hints = typing.get_type_hints(cl)
+    except Exception:  # an unresolved name: cattrs says so itself when it gets there
+        return []
+    return list(hints.values()) if names is None else [hints[n] for n in names if n in hints]
+
+
+#: What the error for an unsupported return annotation lists as storable.
+_SUPPORTED = (
+    "JSON data (dict, list, str, int, float, bool, None), dataclasses, attrs classes, "
+    "pydantic models, TypedDict, NamedTuple, enums, datetime, date, UUID, Decimal, "
+    "and tuples, lists, sets, dicts and Optional of these"
+)
+
+
+def _type_name(annotation: Any) -> str:
+    """``annotation`` as it is written: ``mod.Quote``, ``list[mod.Quote]``, ``complex``."""
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        if annotation.__module__ == "builtins":
+            return annotation.__qualname__
+        return f"{annotation.__module__}.{annotation.__qualname__}"
+    return repr(annotation)
+
+
+def _function_name(function: Callable[..., Any]) -> str:
+    wrapped = getattr(function, "__wrapped__", function)
+    module = getattr(wrapped, "__module__", None)
+    name = getattr(wrapped, "__qualname__", None) or repr(wrapped)
+    return name if module is None else f"{module}.{name}"
+
+
+def _unsupported(function: Callable[..., Any], annotation: Any, exc: Exception) -> str:
+    """The one-line error for a return annotation no codec could be made for."""
+    if isinstance(exc, StructureHandlerNotFoundError):
+        why = f"memofill has no rule for {_type_name(exc.type_)}"
+    else:
+        lines = str(exc).strip().splitlines()
+        why = lines[0] if lines else type(exc).__name__
+    return (
+        f"cached_dataset cannot store the values of {_function_name(function)}: its return "
+        f"annotation {_type_name(annotation)} is not supported ({why}); supported: "
+        f"{_SUPPORTED}; for any other type pass codec= to cached_dataset (an object with "
+        "encode(value) -> bytes and decode(bytes) -> value)"
+    )
 
 
 def codec_for(annotation: Any) -> Codec:
@@ -246,9 +344,11 @@ class Values:
         self._codec: Codec | None = codec
         if codec is None:
             try:
-                self._codec = codec_for(return_annotation(function))
+                annotation = return_annotation(function)
             except NameError:
                 self._codec = None  # resolved on first use
+            else:
+                self._codec = self._codec_for(annotation)
 
     @property
     def resolved(self) -> Codec | None:
@@ -259,8 +359,20 @@ class Values:
     def codec(self) -> Codec:
         """The codec; resolves a forward reference the first time it is asked for."""
         if self._codec is None:
-            self._codec = codec_for(return_annotation(self._function))
+            self._codec = self._codec_for(return_annotation(self._function))
         return self._codec
+
+    def _codec_for(self, annotation: Any) -> Codec:
+        """:func:`codec_for`, failing as memofill's own error that says what to do instead.
+
+        Raises :class:`~memofill.ConfigurationError` when no codec can be made
+        for ``annotation`` (a class cattrs has no rule for, a union it cannot
+        tell apart): ``codec=`` is the way out.
+        """
+        try:
+            return codec_for(annotation)
+        except Exception as exc:  # cattrs' or pydantic's refusal, whatever its class
+            raise ConfigurationError(_unsupported(self._function, annotation, exc)) from exc
 
 
 def decode_stored(codec: Codec, raw: bytes) -> Any:

@@ -25,7 +25,7 @@ import pydantic
 import pytest
 
 import memofill
-from memofill import Memofill
+from memofill import ConfigurationError, Memofill
 from memofill.testing import stored_payload
 from memofill.values import JSON, TypedCodec, codec_for
 from tests.conftest import POLICIES
@@ -244,6 +244,99 @@ def test_a_codec_without_the_protocol_is_refused(mf: Memofill) -> None:
 
 class Opaque:
     pass
+
+
+# --- return annotations that cannot be stored -------------------------------------------------
+
+
+@dataclasses.dataclass
+class Holds:
+    opaque: Optional[Opaque]  # noqa: UP045  # cattrs meets Opaque only on a first read
+
+
+@dataclasses.dataclass
+class Left:
+    n: int
+
+
+@dataclasses.dataclass
+class Right:
+    n: int
+
+
+@pytest.mark.parametrize(
+    ("annotation", "shown", "why"),
+    [
+        (Opaque, "tests.test_values.Opaque", "memofill has no rule for tests.test_values.Opaque"),
+        (list[Opaque], "list[tests.test_values.Opaque]", "no rule for tests.test_values.Opaque"),
+        (complex, "complex", "memofill has no rule for complex"),
+        # Structured lazily by cattrs: refused at decoration all the same, not on a first read.
+        (Optional[Opaque], repr(Optional[Opaque]), "no rule for tests.test_values.Opaque"),  # noqa: UP045
+        (set[Opaque], "set[tests.test_values.Opaque]", "no rule for tests.test_values.Opaque"),
+        (Holds, "tests.test_values.Holds", "no rule for tests.test_values.Opaque"),
+        (Left | Right, "tests.test_values.Left | tests.test_values.Right", "disambiguate"),
+        (Left | Right | None, "Left | tests.test_values.Right | None", "disambiguate"),
+        (
+            tuple[Model, Opaque],
+            "tuple[tests.test_values.Model, tests.test_values.Opaque]",
+            "pydantic",
+        ),
+    ],
+    ids=[
+        "class",
+        "list",
+        "complex",
+        "optional",
+        "set",
+        "field",
+        "union",
+        "optional-union",
+        "pydantic",
+    ],
+)
+def test_an_unsupported_return_annotation_is_one_line_that_says_what_to_do(
+    mf: Memofill, annotation: Any, shown: str, why: str
+) -> None:
+    def fetch(name: str) -> Any:
+        return name
+
+    fetch.__annotations__["return"] = annotation
+    with pytest.raises(ConfigurationError) as refused:
+        mf.cached_dataset("item:{name}")(fetch)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "cached_dataset cannot store the values of tests.test_values."
+        "test_an_unsupported_return_annotation_is_one_line_that_says_what_to_do.<locals>.fetch: "
+        "its return annotation "
+    )
+    assert shown in message
+    assert why in message
+    assert "supported: JSON data" in message
+    assert "dataclasses, attrs classes, pydantic models" in message
+    assert "pass codec= to cached_dataset" in message
+    assert "Register a structure hook" not in message  # cattrs' advice: its converter is ours
+    # With codec= the same function is decorated, and its values stored that way.
+    assert mf.cached_dataset("item:{name}", codec=ZlibJson())(fetch)("a") == "a"
+
+
+def test_a_forward_reference_to_an_unsupported_type_fails_the_first_call_the_same_way(
+    mf: Memofill,
+) -> None:
+    def fetch(name: str) -> Unsupported:
+        return Unsupported()
+
+    cached = mf.cached_dataset("item:{name}")(fetch)  # Unsupported does not exist yet
+
+    class Unsupported:
+        pass
+
+    fetch.__globals__["Unsupported"] = Unsupported
+    try:
+        with pytest.raises(ConfigurationError, match=r"return annotation .*Unsupported is not"):
+            cached("a")
+    finally:
+        del fetch.__globals__["Unsupported"]
 
 
 @pytest.mark.memofill(unstorable=True)
