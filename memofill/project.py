@@ -16,9 +16,11 @@ command line too).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +35,8 @@ from memofill.policy import DEFAULT_POLICY_MODULE, Dataset, PolicySource, load_p
 POLICIES_ENV = "MEMOFILL_POLICIES"
 
 TomlLoader = Callable[[BinaryIO], dict[str, Any]]
+
+logger = logging.getLogger("memofill")
 
 
 def find_pyproject(start: Path) -> Path | None:
@@ -72,9 +76,12 @@ def tool_settings(pyproject: Path | None) -> dict[str, str]:
     """The ``[tool.memofill]`` table of ``pyproject``: ``{}`` without a file, table or reader.
 
     Every level is checked for its shape (``tool = 1`` is a mistake to report,
-    not a crash), and every known key must be a string. Raises
-    :class:`~memofill.errors.ConfigurationError`, one line naming the file,
-    when it cannot be read or parsed or has the wrong shape.
+    not a crash), every key must be one of ``SETTINGS`` and every value a
+    string. Raises :class:`~memofill.errors.ConfigurationError`, one line naming
+    the file, when it cannot be read or parsed or has the wrong shape, or names
+    a key memofill does not know. A table whose name is a near miss of
+    ``memofill`` (``[tool.memofil]``) is logged once as a WARNING on the
+    ``memofill`` logger: its settings would otherwise be ignored without a word.
     """
     load = _toml_loader()
     if pyproject is None or load is None:
@@ -91,11 +98,15 @@ def tool_settings(pyproject: Path | None) -> dict[str, str]:
     tool = data.get("tool", {})
     if not isinstance(tool, dict):
         raise ConfigurationError(f"{pyproject}: [tool] must be a table, not {_toml_type(tool)}")
+    _warn_misspelt_tables(pyproject, tool)
     section = tool.get("memofill", {})
     if not isinstance(section, dict):
         raise ConfigurationError(
             f"{pyproject}: [tool.memofill] must be a table, not {_toml_type(section)}"
         )
+    unknown = sorted(set(section) - set(SETTINGS))
+    if unknown:
+        raise ConfigurationError(f"{pyproject}: [tool.memofill] {_unknown_keys(unknown)}")
     for name, kind in SETTINGS.items():
         value = section.get(name, "")
         if not isinstance(value, str):
@@ -103,6 +114,45 @@ def tool_settings(pyproject: Path | None) -> dict[str, str]:
                 f"{pyproject}: [tool.memofill] {name} must be {kind}, not {_toml_type(value)}"
             )
     return section
+
+
+def _unknown_keys(unknown: list[str]) -> str:
+    """``has an unknown key 'outt' (did you mean 'out'?); known keys: ...``, on one line."""
+    shown = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower(), SETTINGS, n=1, cutoff=0.6)
+        shown.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    noun = "an unknown key" if len(unknown) == 1 else "unknown keys"
+    return f"has {noun} {', '.join(shown)}; known keys: {', '.join(sorted(SETTINGS))}"
+
+
+#: The pyproject files and table names already warned about, in this process.
+_told_misspelt: set[tuple[Path, str]] = set()
+
+
+def _warn_misspelt_tables(pyproject: Path, tool: dict[str, Any]) -> None:
+    """Warn once for each ``[tool.X]`` whose name is a near miss of ``memofill`` (ignored).
+
+    A warning, not an error: the table is optional, so a project without it is
+    fine, and the near miss may belong to another tool. ``memofil``,
+    ``memo-fill`` and ``MemoFill`` are near misses; ``memofill`` is not.
+    """
+    for name in tool:
+        if name == "memofill":
+            continue
+        plain = name.lower().replace("-", "").replace("_", "")
+        if plain != "memofill" and not difflib.get_close_matches(plain, ["memofill"], cutoff=0.85):
+            continue
+        if (pyproject, name) in _told_misspelt:
+            continue
+        _told_misspelt.add((pyproject, name))
+        logger.warning(
+            "%s: [tool.%s] is not read by memofill (its table is [tool.memofill], with the keys "
+            "%s): rename it, or memofill ignores its settings",
+            pyproject,
+            name,
+            ", ".join(sorted(SETTINGS)),
+        )
 
 
 def _toml_type(value: object) -> str:

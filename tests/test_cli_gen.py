@@ -431,6 +431,15 @@ def test_registry_that_stops_the_interpreter_is_one_line_exit_2(
         ("[tool.memofill]\nprefix = true\n", "prefix must be a string, not a boolean"),
         ("[tool.memofill]\nurl = {a = 1}\n", "url must be a string, not a table"),
         ("a = " + "[" * 5000 + "]" * 5000 + "\n", "invalid TOML: nested too deeply"),
+        (
+            '[tool.memofill]\nouts = "gen/p.py"\n',
+            "[tool.memofill] has an unknown key 'outs' (did you mean 'out'?); "
+            "known keys: out, prefix, registry, url",
+        ),
+        (
+            '[tool.memofill]\nregistry = "r.py"\ncolour = "red"\n[tool.memofill.extra]\n',
+            "[tool.memofill] has unknown keys 'colour', 'extra'; known keys: out, prefix,",
+        ),
     ],
 )
 def test_a_pyproject_of_the_wrong_shape_is_one_line(
@@ -441,6 +450,31 @@ def test_a_pyproject_of_the_wrong_shape_is_one_line(
     assert (done.returncode, done.stdout) == (2, "")
     assert "Traceback" not in done.stderr
     assert_one_error(done.stderr, "pyproject.toml: ", fragment)
+
+
+@pytest.mark.parametrize("table", ["memofil", "memo-fill", "MemoFill", "memofills"])
+def test_a_misspelt_table_is_one_warning_naming_it_and_the_keys(project: Path, table: str) -> None:
+    (project / "pyproject.toml").write_text(
+        PYPROJECT.replace("[tool.memofill]", f"[tool.{table}]") + "[tool.ruff]\nline-length = 1\n"
+    )
+    (project / "registry.py").write_text(VALID)  # what the built-in defaults then read
+    done = python_m_memofill(project, "gen")
+    assert done.returncode == 0, done.stderr  # the table is optional: the defaults still work
+    assert done.stderr.splitlines() == [
+        f"{project / 'pyproject.toml'}: [tool.{table}] is not read by memofill (its table is "
+        "[tool.memofill], with the keys out, prefix, registry, url): rename it, or memofill "
+        "ignores its settings"
+    ]
+    assert (project / "gen" / "cache_fill_registry.py").is_file()
+    assert not (project / "build").exists()  # the misspelt table's out was ignored, as warned
+
+
+def test_a_correct_table_and_other_tools_are_not_warned_about(project: Path) -> None:
+    (project / "pyproject.toml").write_text(
+        PYPROJECT + "[tool.mypy]\nstrict = true\n[tool.memory-profiler]\nx = 1\n"
+    )
+    done = python_m_memofill(project, "gen")
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_absolute_paths_are_named_as_given(project: Path, tmp_path_factory: Any) -> None:

@@ -199,6 +199,32 @@ def test_the_environment_comes_before_the_project(
     assert set(Memofill(policies=POLICIES).policies) == set(POLICIES)
 
 
+def test_the_run_time_refuses_an_unknown_key_and_warns_once_of_a_misspelt_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[tool.memofill]\nout = "gen/p.py"\npolicies = "gen/p.py"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEMOFILL_POLICIES", raising=False)
+    with pytest.raises(ConfigurationError) as failure:
+        Memofill().policies  # noqa: B018
+    assert (
+        f"{pyproject}: [tool.memofill] has an unknown key 'policies'; "
+        "known keys: out, prefix, registry, url"
+    ) in str(failure.value)
+    _project(tmp_path, "gen/p.py", ttl_s=7)
+    pyproject.write_text(pyproject.read_text() + '[tool.memofil]\nout = "other.py"\n')
+    with caplog.at_level(logging.WARNING, "memofill"):
+        assert Memofill().policy("own:v1").ttl_s == 7
+        assert Memofill().policy("own:v1").ttl_s == 7
+    [warning] = [r for r in caplog.records if "[tool.memofil]" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage() == (
+        f"{pyproject}: [tool.memofil] is not read by memofill (its table is [tool.memofill], "
+        "with the keys out, prefix, registry, url): rename it, or memofill ignores its settings"
+    )
+
+
 def test_a_missing_out_lists_every_place_looked_and_falls_through_to_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
