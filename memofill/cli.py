@@ -365,7 +365,9 @@ def run_inspect(args: argparse.Namespace) -> int:
             )
         final = args.key
     try:
-        lines, value = inspection.inspect_entry(url, dataset, final, show_value=args.value)
+        lines, value = inspection.inspect_entry(
+            url, dataset, final, prefix=prefix, show_value=args.value
+        )
     except redis.RedisError as exc:
         raise CommandError(f"cannot read from Redis at {demo.redact(url)}: {exc}") from None
     width = max(len(label) for label, _ in lines) + 1

@@ -16,6 +16,7 @@ import redis
 
 from memofill.codec import (
     CORRUPT,
+    HEADED,
     HEADER_LEN,
     NEGATIVE,
     ErrorMarker,
@@ -25,7 +26,9 @@ from memofill.codec import (
 )
 from memofill.commands import Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
-from memofill.keys import SEPARATORS, lock_key
+from memofill.freshness import EXPIRED, STALE, STALE_IF_ERROR, verdict
+from memofill.generations import Generations, Marks
+from memofill.keys import SEPARATORS, lock_key, meta_key
 from memofill.policy import Dataset
 
 
@@ -108,10 +111,31 @@ def _ttl(milliseconds: int) -> str:
     return f"{milliseconds / 1000:.3f} s"
 
 
+#: The bytes a JSON document can begin with, after any whitespace.
+_JSON_STARTS = frozenset(b'{["-0123456789tfn')
+
+
+def _special(head: bytes, size: int) -> Any:
+    """What stored bytes are, from their first 64: a marker, ``CORRUPT``, or ``None`` (a value).
+
+    A value with a header is a fill's, in whatever its codec wrote. Bytes without
+    one are an older release's JSON, or foreign: read whole when the 64 bytes are
+    all of them, else told by their first byte.
+    """
+    if head[:1] == b"\0":
+        return decode_special(head)
+    if head[:2] == HEADED:
+        return None
+    if size <= len(head):
+        return CORRUPT if decode_any(head) is CORRUPT else None
+    first = head.lstrip(b" \t\r\n")[:1]
+    return None if first and first[0] in _JSON_STARTS else CORRUPT
+
+
 def _kind(head: bytes, size: int) -> str:
     if size == 0:
         return "none"
-    special = decode_special(head) if head[:1] == b"\0" else None
+    special = _special(head, size)
     if special is NEGATIVE:
         return "negative marker (the fetch returned None)"
     if isinstance(special, ErrorMarker):
@@ -141,6 +165,83 @@ def describe_header(head: bytes, now_ms: int) -> str:
         f"fetched {when(header.fetch_start_ms)}, fresh until {when(header.soft_until_ms)}, "
         f"fetch took {header.delta_ms} ms, seq {header.seq}"
     )
+
+
+def read_marks(client: redis.Redis, prefix: str, dataset: str) -> Marks:
+    """``dataset``'s invalidation marks under ``prefix``, read and parsed as the run time does.
+
+    One ``HGETALL <prefix>#meta`` (:meth:`~memofill.commands.Commands.read_meta`),
+    taken in by :meth:`~memofill.generations.Generations.loaded`, so that a field
+    the run time would skip is skipped here too.
+    """
+    generations = Generations(check_s=0.0)
+    generations.loaded(Commands(client).read_meta(meta_key(prefix)), time.monotonic())
+    return generations.of(dataset)
+
+
+def _marks_text(marks: Marks) -> str:
+    if not marks.top:
+        return "none (the dataset was never invalidated under this prefix)"
+    hard = f"hard {marks.hard}" if marks.hard else "no hard mark"
+    soft = f"soft {marks.soft}" if marks.soft else "no soft mark"
+    return f"{hard}, {soft} (values of a lower generation were fetched before it)"
+
+
+def servable(dataset: Dataset, head: bytes, size: int, marks: Marks, now_ms: int) -> str:
+    """Whether a call is served the stored bytes now, and why not, as the run time decides.
+
+    The value's generation (the header's ``seq``) against the dataset's marks
+    (:meth:`~memofill.generations.Marks.behind`), then its header's clock against
+    ``ttl_s``, ``stale_s`` and ``stale_if_error_s``: below a hard mark a value is
+    never served, below a soft one only stale, while one caller refreshes it.
+    """
+    if size == 0:
+        return "no: nothing stored (the next call fetches)"
+    special = _special(head, size)
+    if special is NEGATIVE:
+        return "yes: as None (a negative hit) until it expires; marks do not apply to markers"
+    if isinstance(special, ErrorMarker):
+        return (
+            f"no: callers raise FillError (the last fill raised {special.error}) until it "
+            "expires; marks do not apply to markers"
+        )
+    if special is CORRUPT:
+        return "no: not a memofill value (a call fetches and overwrites it)"
+    header = read_header(head)
+    if header is None:
+        if marks.top:
+            return (
+                f"no: written without a generation (by an older release) before the dataset "
+                f"was invalidated (mark {marks.top}); a call fetches anew"
+            )
+        return "yes: fresh until Redis expires it"
+    seq = header.seq
+    behind = marks.behind(seq, dataset.stale_s > 0)
+    if behind == EXPIRED and seq < marks.hard:
+        return (
+            f"no: fetched before the dataset was invalidated (generation {seq} < mark "
+            f"{marks.hard}); a call fetches anew"
+        )
+    if behind == EXPIRED:
+        return (
+            f"no: fetched before the dataset was invalidated softly (generation {seq} < soft "
+            f"mark {marks.soft}), and it has no stale_s to serve it stale; a call fetches anew"
+        )
+    fresh = now_ms < header.soft_until_ms
+    stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
+    kind = verdict(now_ms, header.soft_until_ms, stale_ms, if_error_ms)
+    if behind == STALE and fresh:
+        return (
+            f"stale: fetched before the dataset was invalidated softly (generation {seq} < soft "
+            f"mark {marks.soft}); served stale while one caller refreshes it"
+        )
+    if fresh:
+        return "yes: fresh"
+    if kind == STALE:
+        return "stale: past fresh until, within stale_s; served while one caller refreshes it"
+    if kind == STALE_IF_ERROR:
+        return "only if the fill fails: past stale_s, within stale_if_error_s; a call fetches"
+    return "no: past fresh until and every stale window; a call fetches anew"
 
 
 def _final_key_pattern(dataset: Dataset) -> re.Pattern[str]:
@@ -237,12 +338,16 @@ def describe_value(raw: bytes | None) -> str:
 
 
 def inspect_entry(
-    url: str, dataset: Dataset, final: str, *, show_value: bool = False
+    url: str, dataset: Dataset, final: str, *, prefix: str, show_value: bool = False
 ) -> tuple[list[tuple[str, str]], str | None]:
     """The lines ``memofill inspect`` prints, as ``(label, value)`` pairs, and the value text.
 
-    The value text is ``None`` unless ``show_value``; a value larger than
-    :data:`MAX_VALUE_BYTES` is described, not fetched.
+    ``prefix`` is the one ``final`` was made under (required: another prefix's
+    meta hash holds other marks): the dataset's invalidation marks are read
+    from its meta hash, and the ``servable`` line says whether a
+    call is served the stored bytes (see :func:`servable`). The value text is
+    ``None`` unless ``show_value``; a value larger than :data:`MAX_VALUE_BYTES`
+    is described, not fetched.
     """
     lock = lock_key(final)
     fill = dataset.cache_fill
@@ -262,6 +367,10 @@ def inspect_entry(
     value: str | None = None
     with contextlib.closing(client):
         data_ttl, size, head, lock_ttl, holder = Commands(client).describe(final, lock)
+        try:
+            marks: Marks | str = read_marks(client, prefix, dataset.key)
+        except redis.ResponseError as exc:  # an ACL without HGETALL on the meta key, say
+            marks = f"unknown: cannot read {meta_key(prefix)} ({exc})"
         elsewhere = _other_prefix(client, final) if data_ttl == -2 else None
         if show_value and size > MAX_VALUE_BYTES:
             value = f"(not shown: {size} bytes is more than {MAX_VALUE_BYTES})"
@@ -269,6 +378,12 @@ def inspect_entry(
             raw = client.get(final)
             value = describe_value(raw if raw is None or isinstance(raw, bytes) else raw.encode())
     token: Any = holder.decode(errors="replace") if holder else "none"
+    now_ms = round(time.time() * 1000)
+    if isinstance(marks, str):
+        marks_text = verdict_text = marks
+    else:
+        marks_text = _marks_text(marks)
+        verdict_text = servable(dataset, head, size, marks, now_ms)
     lines = [
         ("dataset", dataset.key),
         (
@@ -286,7 +401,9 @@ def inspect_entry(
         ("lock key", lock),
         ("data ttl left", _ttl(data_ttl)),
         ("payload", f"{size - _header_len(head)} bytes, {_kind(head, size)}"),
-        ("header", describe_header(head, round(time.time() * 1000)) if size else "none"),
+        ("header", describe_header(head, now_ms) if size else "none"),
+        ("marks", marks_text),
+        ("servable", verdict_text),
         ("lock ttl left", _ttl(lock_ttl)),
         ("lock holder", token),
     ]

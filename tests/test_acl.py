@@ -64,8 +64,11 @@ def test_a_stampede_under_the_documented_acl_user_calls_the_origin_once(
     assert admin.execute_command("ACL", "LOG") == []
     # invalidate, and what `memofill inspect` reads, are covered too.
     url = f"redis://memofill:{PASSWORD}@127.0.0.1:{server.port}/0"
-    lines, value = inspect_entry(url, spec.dataset, f"{prefix}fault:x", show_value=True)
+    lines, value = inspect_entry(
+        url, spec.dataset, f"{prefix}fault:x", prefix=prefix, show_value=True
+    )
     assert dict(lines)["payload"].endswith("JSON value")
+    assert dict(lines)["servable"] == "yes: fresh"  # the marks read: HGETALL <prefix>#meta
     assert value is not None
     assert '"name": "x"' in value
     client = server.client(username="memofill", password=PASSWORD)
@@ -79,7 +82,7 @@ def test_a_stampede_under_the_documented_acl_user_calls_the_origin_once(
     assert admin.exists(f"{prefix}fault:x") == 0
     assert admin.execute_command("ACL", "LOG") == []
     # A missing key asks for a hint with SCAN, which this user may not run: no hint, no error.
-    missing, _ = inspect_entry(url, spec.dataset, f"{prefix}fault:absent")
+    missing, _ = inspect_entry(url, spec.dataset, f"{prefix}fault:absent", prefix=prefix)
     assert dict(missing)["payload"] == "0 bytes, none"
     client.close()
     admin.close()

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 
 from memofill import Memofill
 from memofill.cli import main
-from memofill.codec import NEGATIVE_MARKER, error_marker
+from memofill.codec import NEGATIVE_MARKER, Header, error_marker, header_bytes
+from memofill.commands import acl_rule
 from memofill.inspection import MAX_VALUE_BYTES, MAX_VALUE_LINES
 from tests.support.redis_servers import RedisServer
 
@@ -62,6 +64,8 @@ def test_filled_entry(
     ), shown["header"]
     seconds = float(shown["data ttl left"].removesuffix(" s"))
     assert 55 < seconds <= 60
+    assert shown["marks"] == "none (the dataset was never invalidated under this prefix)"
+    assert shown["servable"] == "yes: fresh"
     assert shown["lock ttl left"] == "absent"
     assert shown["lock holder"] == "none"
 
@@ -84,6 +88,157 @@ def test_a_typed_word_names_the_entry_of_a_typed_argument(
     assert text["payload"] == "0 bytes, none"
     code, none, err = inspect(capsys, QUOTES, "symbol:none=", *argv)
     assert none["final key"] == f"{prefix}market:quotes:~n"
+
+
+# -- whether the stored value is served: invalidation marks and the header's clock ----------------
+
+HEADLINES = "news:headlines:{lang}"  # stale_s=30, stale_if_error_s=300 in registry.py
+
+
+def test_a_value_below_the_hard_mark_is_shown_as_not_servable(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = Memofill(redis_server.client(), prefix=prefix)
+    quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
+    argv = (QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix)
+    quotes("ACME")  # generation 0
+    cache.invalidate_dataset(QUOTES)  # mark 1
+    cache.invalidate_dataset(QUOTES)  # mark 2
+    code, shown, err = inspect(capsys, *argv)
+    assert code == 0, err
+    assert shown["payload"].endswith("JSON value")  # still in Redis, until its TTL
+    assert shown["marks"] == (
+        "hard 2, no soft mark (values of a lower generation were fetched before it)"
+    )
+    assert shown["servable"] == (
+        "no: fetched before the dataset was invalidated (generation 0 < mark 2); "
+        "a call fetches anew"
+    )
+    assert quotes.call_with_outcome("ACME").outcome == "leader_fill"  # as the run time decides
+    code, shown, err = inspect(capsys, *argv)
+    assert (code, shown["servable"]) == (0, "yes: fresh"), err
+    assert shown["header"].endswith("seq 2")
+
+
+def test_a_value_below_a_soft_mark_is_stale_where_the_dataset_serves_stale(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = Memofill(redis_server.client(), prefix=prefix)
+    headlines = cache.cached_dataset(HEADLINES)(lambda lang: {"lang": lang})
+    quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
+    headlines("en")
+    quotes("ACME")
+    cache.invalidate_dataset(HEADLINES, soft=True)
+    cache.invalidate_dataset(QUOTES, soft=True)  # no stale_s: acts as a hard one
+    url = ("--url", redis_server.url, "--prefix", prefix)
+    code, shown, err = inspect(capsys, HEADLINES, "en", *url)
+    assert code == 0, err
+    assert shown["marks"].startswith("no hard mark, soft 1 ")
+    assert shown["servable"] == (
+        "stale: fetched before the dataset was invalidated softly (generation 0 < soft mark 1); "
+        "served stale while one caller refreshes it"
+    )
+    code, shown, err = inspect(capsys, QUOTES, "ACME", *url)
+    assert code == 0, err
+    assert shown["servable"] == (
+        "no: fetched before the dataset was invalidated softly (generation 0 < soft mark 2), "
+        "and it has no stale_s to serve it stale; a call fetches anew"
+    )
+    assert headlines.call_with_outcome("en").outcome == "stale_hit"  # as the run time decides
+    assert quotes.call_with_outcome("ACME").outcome == "leader_fill"
+
+
+@pytest.mark.parametrize(
+    ("past_s", "expected"),
+    [
+        (-30, "yes: fresh"),
+        (10, "stale: past fresh until, within stale_s; served while one caller refreshes it"),
+        (100, "only if the fill fails: past stale_s, within stale_if_error_s; a call fetches"),
+        (400, "no: past fresh until and every stale window; a call fetches anew"),
+    ],
+)
+def test_the_headers_clock_says_fresh_stale_or_gone(
+    redis_server: RedisServer,
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    past_s: int,
+    expected: str,
+) -> None:
+    now_ms = round(time.time() * 1000)
+    soft_until_ms = now_ms - past_s * 1000
+    header = header_bytes(Header(soft_until_ms - 60_000, soft_until_ms, 5, 0))
+    redis_server.client().set(f"{prefix}news:headlines:en", header + b'{"a":1}', px=30_000)
+    code, shown, err = inspect(
+        capsys, HEADLINES, "en", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert code == 0, err
+    assert shown["servable"] == expected
+
+
+def test_values_without_a_generation_and_markers(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis_server.client()
+    argv = ("--url", redis_server.url, "--prefix", prefix)
+    client.set(f"{prefix}market:quotes:OLD", b'{"a":1}', px=30_000)  # an older release's bytes
+    client.set(f"{prefix}market:quotes:NONE", NEGATIVE_MARKER, px=30_000)
+    assert inspect(capsys, QUOTES, "OLD", *argv)[1]["servable"] == (
+        "yes: fresh until Redis expires it"
+    )
+    Memofill(client, prefix=prefix).invalidate_dataset(QUOTES)
+    assert inspect(capsys, QUOTES, "OLD", *argv)[1]["servable"] == (
+        "no: written without a generation (by an older release) before the dataset was "
+        "invalidated (mark 1); a call fetches anew"
+    )
+    assert inspect(capsys, QUOTES, "NONE", *argv)[1]["servable"] == (
+        "yes: as None (a negative hit) until it expires; marks do not apply to markers"
+    )
+    client.set(f"{prefix}market:quotes:ERR", error_marker("TimeoutError"), px=30_000)
+    assert inspect(capsys, QUOTES, "ERR", *argv)[1]["servable"] == (
+        "no: callers raise FillError (the last fill raised TimeoutError) until it expires; "
+        "marks do not apply to markers"
+    )
+    client.set(f"{prefix}market:quotes:BAD", b"\xff\xfe", px=30_000)
+    shown = inspect(capsys, QUOTES, "BAD", *argv)[1]
+    assert shown["payload"] == "2 bytes, not a memofill value (corrupt or foreign bytes)"
+    assert shown["servable"] == "no: not a memofill value (a call fetches and overwrites it)"
+    client.set(f"{prefix}market:quotes:LONG", b"\xff" * 100, px=30_000)  # more than is read
+    assert inspect(capsys, QUOTES, "LONG", *argv)[1]["servable"].startswith("no: not a memofill")
+    assert inspect(capsys, QUOTES, "ABSENT", *argv)[1]["servable"] == (
+        "no: nothing stored (the next call fetches)"
+    )
+
+
+def test_marks_under_another_prefix_do_not_count(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = Memofill(redis_server.client(), prefix=prefix)
+    cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})("ACME")
+    Memofill(redis_server.client(), prefix="other-" + prefix).invalidate_dataset(QUOTES)
+    Memofill(redis_server.client(), prefix=prefix).invalidate_dataset(HEADLINES)
+    code, shown, err = inspect(
+        capsys, QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert (code, shown["servable"]) == (0, "yes: fresh"), err
+
+
+def test_marks_that_the_acl_does_not_let_it_read_are_unknown_not_an_error(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = redis_server.client()
+    Memofill(admin, prefix=prefix).cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})("A")
+    user = f"inspect-{prefix.strip(':')}"
+    rule = acl_rule(prefix).replace("+hgetall", "")
+    admin.execute_command("ACL", "SETUSER", user, "reset", "on", ">secret", *rule.split())
+    try:
+        url = redis_server.url.replace("redis://", f"redis://{user}:secret@")
+        code, shown, err = inspect(capsys, QUOTES, "A", "--url", url, "--prefix", prefix)
+        assert code == 0, err
+        assert shown["marks"].startswith(f"unknown: cannot read {prefix}#meta (")
+        assert shown["servable"] == shown["marks"]
+        assert shown["payload"].endswith("JSON value")
+    finally:
+        admin.execute_command("ACL", "DELUSER", user)
 
 
 def test_lock_holder_and_negative_marker(
@@ -227,8 +382,8 @@ def inspect_value(
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[9].startswith("lock holder:")
-    return code, "\n".join(lines[10:])
+    assert lines[11].startswith("lock holder:")
+    return code, "\n".join(lines[12:])
 
 
 @pytest.mark.parametrize(
