@@ -496,3 +496,32 @@ def test_a_failed_write_names_the_output_not_a_temporary_file(project: Path) -> 
     assert_one_error(done.stderr, "build/policies.py: cannot write")
     assert ".tmp" not in done.stderr
     assert [p.name for p in (project / "build").iterdir()] == ["policies.py"]
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def test_the_registry_pages_check_example_is_what_check_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/registry.rst shows ``memofill check`` on its registry after one edit: this output."""
+    page = (REPOSITORY / "docs" / "registry.rst").read_text()
+    block = page.split("   $ memofill check\n", 1)[1].split("   $ echo $?\n", 1)[0]
+    shown = [line.removeprefix("   ") for line in block.splitlines()]
+    (tmp_path / "gen").mkdir()
+    for name in ("registry.py", "gen/cache_fill_registry.py", "gen/__init__.py"):
+        (tmp_path / name).write_bytes((REPOSITORY / name).read_bytes())
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.memofill]\nregistry = "registry.py"\nout = "gen/cache_fill_registry.py"\n'
+    )
+    registry = (tmp_path / "registry.py").read_text()
+    edited = registry.replace(
+        '"market:quotes:{symbol}",\n        ttl_s=60,',
+        '"market:quotes:{symbol}",\n        ttl_s=30,',
+    )
+    assert edited != registry, "the page's edit no longer applies to registry.py"
+    (tmp_path / "registry.py").write_text(edited)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "check")
+    assert code == 1, err
+    assert out.splitlines() + err.splitlines() == shown

@@ -54,6 +54,11 @@ def uses() -> None:
     key: str = fetch.redis_key("a")
     fetch.invalidate(name="a")
     outcome: Any = fetch.call_with_outcome("a")
+    # No typing.cast: the decorated function is a CachedDataset to the type checker, whose
+    # methods take the function's own parameters (docs/api.rst says so).
+    result: memofill.CallResult = fetch.call_with_outcome("a")
+    fetch.call_with_outcome(1)  # type: ignore[arg-type]
+    fetch.invalidate(1)  # type: ignore[arg-type]
     fetch(1)  # type: ignore[arg-type]
     fetch.redis_key("a", "b")  # type: ignore[call-arg]
     text: str = fetch("a")  # type: ignore[assignment]
@@ -63,9 +68,11 @@ def uses() -> None:
     method_key: str = repository.item.redis_key("a")
     repository.item.invalidate("a")
     repository.item(2)  # type: ignore[arg-type]
+    method_result: memofill.CallResult = repository.item.call_with_outcome("a")
+    repository.item.call_with_outcome(2)  # type: ignore[arg-type]
 
     default: list[str] = fetch_default("a")
-    print(value, key, outcome, text, method_value, method_key, default)
+    print(value, key, outcome, result, text, method_value, method_key, method_result, default)
 
 
 async def uses_async() -> None:
