@@ -13,6 +13,8 @@ FILL = CacheFill(lease_ms=10_000, wait_ms=8_000, poll_min_ms=10, poll_max_ms=250
 DATASETS = [
     # fastapi_app.py: a pricing service's quote for one symbol.
     Dataset("fastapi:quotes:{symbol}", ttl_s=60, cache_fill=FILL),
+    # fastapi_app.py: a blocking reference-data call, from a def route.
+    Dataset("fastapi:listings:{symbol}", ttl_s=3600, cache_fill=FILL),
     # flask_app.py: a weather service's forecast for one city.
     Dataset("flask:forecasts:{city}", ttl_s=300, cache_fill=FILL),
     # django_site/: a catalogue's record of one book.

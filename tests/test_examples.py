@@ -158,6 +158,10 @@ def assert_one_upstream_call(
     assert upstream_calls(calls) == [call]
 
 
+#: What the FastAPI example's def route answers for ACME (fastapi_app.exchange_of).
+LISTING = {"symbol": "ACME", "exchange": "LSE"}
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_uvicorn_serves_a_stampede_with_one_upstream_call(
     own_redis_server: RedisServer, tmp_path: Path, workers: int
@@ -168,8 +172,13 @@ def test_uvicorn_serves_a_stampede_with_one_upstream_call(
     with serving([*command, "--workers", str(workers)], port, env, tmp_path / "log") as base:
         responses = stampede(f"{base}/quotes/ACME", 200)
         metrics = urllib.request.urlopen(f"{base}/metrics/", timeout=60).read().decode()
+        assert_one_upstream_call(responses, {"symbol": "ACME", "price": 27.8}, calls, "quote ACME")
+        # A def route, on the blocking client the lifespan configures beside the asyncio one.
+        listings = stampede(f"{base}/listings/ACME", 50)
 
-    assert_one_upstream_call(responses, {"symbol": "ACME", "price": 27.8}, calls, "quote ACME")
+    assert {status for status, _ in listings} == {200}
+    assert [body for _, body in listings] == [LISTING] * len(listings)
+    assert upstream_calls(calls) == ["quote ACME", "listing ACME"]
     if workers == 1:  # with two, a scrape reads whichever worker answers it
         outcomes = {
             sample.labels["outcome"]: sample.value
@@ -240,8 +249,12 @@ def test_uvicorn_on_a_redis_cluster_serves_a_stampede_with_one_upstream_call(
     env = example_env(REDIS_CLUSTER_URL=cluster_url, UPSTREAM_CALLS_FILE=str(calls))
     with serving(command, port, env, tmp_path / "log") as base:
         responses = stampede(f"{base}/quotes/{symbol}", 200)
+        assert_one_upstream_call(responses, {"symbol": "ACME", "price": 27.8}, calls, "quote ACME")
+        listings = stampede(f"{base}/listings/{symbol}", 50)  # the blocking cluster client
 
-    assert_one_upstream_call(responses, {"symbol": "ACME", "price": 27.8}, calls, "quote ACME")
+    assert {status for status, _ in listings} == {200}
+    assert [body for _, body in listings] == [LISTING] * len(listings)
+    assert upstream_calls(calls) == ["quote ACME", "listing ACME"]
     with contextlib.closing(own_redis_cluster.client()) as cluster:
         assert cluster.exists(final_key("quotes-api:", "fastapi:quotes:{symbol}", symbol="ACME"))
 

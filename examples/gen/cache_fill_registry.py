@@ -18,6 +18,16 @@ POLICIES = {
             "poll_max_ms": 250,
         },
     },
+    "fastapi:listings:{symbol}": {
+        "ttl_s": 3600,
+        "negative_ttl_s": 120,
+        "cache_fill": {
+            "lease_ms": 10000,
+            "wait_ms": 8000,
+            "poll_min_ms": 10,
+            "poll_max_ms": 250,
+        },
+    },
     "fastapi:quotes:{symbol}": {
         "ttl_s": 60,
         "negative_ttl_s": 120,

@@ -9,6 +9,7 @@ from memofill.testing import Faults, Outcomes
 import fastapi_app
 
 QUOTE = {"symbol": "ACME", "price": fastapi_app.price_of("ACME")}
+LISTING = {"symbol": "ACME", "exchange": fastapi_app.exchange_of("ACME")}
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,23 @@ def test_metrics_count_the_calls(
     assert (
         'memofill_calls_total{dataset="fastapi:quotes:{symbol}",outcome="leader_fill"} 1.0' in text
     )
+
+
+def test_a_def_route_calls_a_plain_cached_function_once(
+    client: TestClient, memofill_default: object, memofill_outcomes: Outcomes
+) -> None:
+    upstream = memofill_outcomes.origin_calls(fastapi_app.fetch_listing)
+
+    responses = [client.get("/listings/ACME") for _ in range(3)]
+
+    assert [r.json() for r in responses] == [LISTING] * 3
+    assert upstream.count == 1
+    memofill_outcomes.assert_outcomes("fastapi:listings:{symbol}", leader_fill=1, hit=2)
+
+
+def test_the_lifespan_configures_a_blocking_client_for_the_def_routes(client: TestClient) -> None:
+    # No memofill_default: the clients are the lifespan's own, on a port where nothing listens
+    # (conftest.py). Redis is unreachable, so the call is served uncoordinated; with an asyncio
+    # client alone, a plain cached function would fail with a ConfigurationError instead.
+    response = client.get("/listings/XYZ")
+    assert response.json() == {"symbol": "XYZ", "exchange": fastapi_app.exchange_of("XYZ")}
