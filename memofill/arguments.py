@@ -1,6 +1,7 @@
 """How a call's arguments become its Redis key: decided once, when a function is decorated.
 
 Rules:
+
 - The key sees every argument that can change the result: each parameter is a
   field of the dataset's key template or named in ``ignore=`` (a method's first
   ``self`` or ``cls`` aside). Anything else is refused at decoration, with the fix.

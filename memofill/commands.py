@@ -2,7 +2,7 @@
 
 Each method returns what the client returns: a value for ``redis.Redis`` and
 ``redis.cluster.RedisCluster``, an awaitable for ``redis.asyncio`` clients. The
-drivers in :mod:`memofill.coordinator` await it or not, so the commands, like
+drivers in :mod:`memofill.drivers` await it or not, so the commands, like
 the algorithm, are written once.
 
 Every key one fill touches (data, lock, wake) shares a Redis Cluster hash slot

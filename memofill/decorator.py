@@ -1,6 +1,7 @@
 """``@cached_dataset``'s face: the callable it returns, and that callable's helpers.
 
 Rules:
+
 - Everything that can be decided when a function is decorated is decided then:
   the dataset's policy (an unknown key fails at import time, not at the first
   call), how each key field is read from the call's arguments

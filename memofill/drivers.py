@@ -1,6 +1,7 @@
 """The drivers: perform the steps of :mod:`memofill.coordinator`'s algorithm with a real client.
 
 Rules:
+
 - A driver makes no decision. It sends each :class:`~memofill.coordinator.Command`
   through :class:`~memofill.commands.Commands`, sleeps a
   :class:`~memofill.coordinator.Sleep`, calls the origin at
@@ -49,7 +50,10 @@ def _on_error(exc: Exception, breaker: Breaker, step: Step) -> Exception:
 def run_sync(
     steps: Steps, commands: Commands | None, fetch: Callable[[], Any], breaker: Breaker
 ) -> Result:
-    """Perform the steps with a blocking client; return the algorithm's :class:`Result`."""
+    """Perform the steps with a blocking client; return the algorithm's result.
+
+    The :class:`~memofill.coordinator.Result` the steps return.
+    """
     reply: Any = None
     failure: Exception | None = None
     while True:
@@ -91,7 +95,7 @@ async def run_async(
     breaker: Breaker,
     on_fetch: Callable[[], object] = lambda: None,
 ) -> Result:
-    """Perform the steps with an asyncio client; return the algorithm's :class:`Result`.
+    """Perform the steps with an asyncio client; return the algorithm's result.
 
     A cancellation is thrown into the algorithm like any other failure of a
     step: it yields its clean-up steps (a leader releases its lock), which this

@@ -1,6 +1,7 @@
 """Hooks and scopes: what an application runs with every miss and refresh record, never a hit.
 
 Rules:
+
 - A hook or a scope is the application's code: one that raises is logged once, at
   ERROR with its traceback, and skipped from then on; it never fails a caller.
 - Hooks and scopes are held in tuples replaced whole, so sending and entering read
@@ -27,7 +28,7 @@ logger = logging.getLogger("memofill")
 
 
 class RefreshLike(Protocol):
-    """What :meth:`Metrics.refreshed` reads of a background refresh's record."""
+    """What :meth:`~memofill.metrics.Metrics.refreshed` reads of a background refresh's record."""
 
     @property
     def dataset(self) -> str: ...
@@ -126,7 +127,7 @@ class Events:
         """Every :meth:`Around.refresh` scope of one background refresh; nothing if none.
 
         The refresh work enters it around the whole refresh, where the refresh
-        runs, and records the refresh (:meth:`Metrics.refreshed`) inside it.
+        runs, and records the refresh (:meth:`~memofill.metrics.Metrics.refreshed`) inside it.
         """
         arounds = self.arounds
         if not arounds:

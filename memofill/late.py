@@ -1,6 +1,7 @@
 """A read whose header says it is not a plain fresh hit: stale, due early, or behind a mark.
 
 Rules:
+
 - Only bytes with a header are judged here, and only for a dataset with a stale
   window, an early refresh or a mark (a plain dataset's hit never comes here).
 - What a header's times mean is :mod:`memofill.freshness`'s to say; what a mark

@@ -6,7 +6,7 @@ scraped or collected. A pushed event costs 1 to 20 µs (an OpenTelemetry
 ``counter.add`` with attributes is the dear end), which is up to a quarter of a
 Redis hit; a tally costs 60 ns. Misses and refreshes take milliseconds, so
 they may do more: each one feeds the histograms here and calls the hooks
-subscribed to :class:`Events` with its record.
+subscribed to :class:`~memofill.hooks.Events` with its record.
 
 What is exported is one list, :data:`FAMILIES`, read by both exporters
 (:mod:`memofill.contrib.prometheus`, :mod:`memofill.contrib.otel`), so neither
@@ -192,7 +192,7 @@ def _name(outcome: object) -> str:
 
 
 class Metrics:
-    """One configuration's histograms and refresh counts, and the instance's :class:`Events`.
+    """One configuration's histograms and refresh counts, and the instance's :class:`~memofill.hooks.Events`.
 
     Made fresh with the counters (an ``override()`` block starts from zero), but
     every configuration of an instance shares its ``events``: hooks are wiring,
@@ -217,7 +217,7 @@ class Metrics:
         """Count and observe one background refresh, then call the hooks.
 
         Called once per refresh record, after it is logged, inside the
-        refresh's :meth:`Events.refresh_scope` (where a tracer's span for it
+        refresh's :meth:`~memofill.hooks.Events.refresh_scope` (where a tracer's span for it
         is open).
         """
         self.refresh_counted(record.dataset, record.trigger, _name(record.outcome))

@@ -1,6 +1,7 @@
 """Calls that reach the origin: a miss's fill, a refresh of a served value, a forced refresh.
 
 Rules:
+
 - Everything a miss or a refresh decides is here once, for blocking and asyncio
   callers alike; only the line that runs the coordinator's steps differs
   (:meth:`Miss.run_sync` / :meth:`Miss.run_async`, and the same for :class:`Refresh`).

@@ -1,6 +1,7 @@
 """What a decorated function's calls read: one immutable snapshot of its instance's configuration.
 
 Rules:
+
 - A configuration is replaced whole, never changed in place: :class:`State` for an
   instance, and for each decorated function a :class:`Snapshot` built from it.
   Reconfiguring builds new ones and swaps one reference, so a call that took a

@@ -30,7 +30,7 @@ span here is the API's no-op. What is recorded:
   and **linked** to the span of the caller that started it, not nested in it:
   a refresh must not stretch the request that merely noticed the stale value.
   It is current while the refresh runs (the refresh work enters
-  :meth:`memofill.metrics.Events.refresh_scope`), so the fetch's spans are its
+  :meth:`memofill.hooks.Events.refresh_scope`), so the fetch's spans are its
   children.
 
 Attributes carry the same closed label sets as the Prometheus exporter,
