@@ -192,7 +192,7 @@ def _name(outcome: object) -> str:
 
 
 class Metrics:
-    """One configuration's histograms and refresh counts, and the instance's :class:`~memofill.hooks.Events`.
+    """Histograms and refresh counts of one configuration, and its :class:`~memofill.hooks.Events`.
 
     Made fresh with the counters (an ``override()`` block starts from zero), but
     every configuration of an instance shares its ``events``: hooks are wiring,
