@@ -464,7 +464,7 @@ def run_invalidate(args: argparse.Namespace) -> int:
     url, prefix, dataset = _dataset_target(args)
     client = _connect(url, args.cluster)
     try:
-        seq = Commands(client).invalidate_dataset(
+        mark = Commands(client).invalidate_dataset(
             meta_key(prefix), mark_field(dataset.key, args.soft)
         )
     except REDIS_ERRORS as exc:
@@ -472,8 +472,9 @@ def run_invalidate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     print(
-        f"invalidated {dataset.key} under prefix {prefix!r}: generation {seq} (values fetched "
-        "before it are no longer served; each process hears of it within its meta_check_ms)"
+        f"invalidated {dataset.key} under prefix {prefix!r} at "
+        f"{inspection.stamp_text(int(mark))} (values fetched before it are no longer "
+        "served; each process hears of it within its meta_check_ms)"
     )
     return 0
 

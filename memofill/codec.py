@@ -7,15 +7,19 @@ never an exception, so a bad entry is overwritten by the next fill.
 
 Every value a fill stores (never a marker) starts with a fixed-width
 :class:`Header`: type byte ``0x01`` (it never starts a JSON document either,
-and differs from the markers' NUL), version byte ``1``, then four fields as
+and differs from the markers' NUL), version byte ``2``, then four fields as
 fixed-width lower-case hex text: when the fetch started and until when the
-value is fresh (wall-clock ms, 12 digits each), how long the fetch took and a
-generation number (8 digits each). Text, so that a transport that carries
-strings only can carry it, and an operator can read it with ``GETRANGE key 0
-41``. Hex rather than base64 of a packed struct: a hit reads only the fields it
-needs, one ``int(..., 16)`` each (about 0.13 µs; the struct form costs 0.27 µs
-for all four and for one alike). Bytes without a header (written by a release
-before it) still read as before: fresh until Redis expires them.
+value is fresh (this process's wall-clock ms, 12 digits each), how long the
+fetch took (ms, 8 digits) and the fill's **stamp** (14 digits): Redis's own
+clock (``TIME``, in µs) read no later than the fetch began, which every
+invalidation mark is compared with (:mod:`memofill.generations`). Text, so that
+a transport that carries strings only can carry it, and an operator can read it
+with ``GETRANGE key 0 47``. Hex rather than base64 of a packed struct: a hit
+reads only the fields it needs, one ``int(..., 16)`` each (about 0.13 µs).
+Bytes without a header (written by a release before headers, or by hand) still
+read as before: fresh until Redis expires them, while their dataset has no
+mark. Bytes with the first release's header (version ``1``, no stamp) are a
+miss, refilled once (:data:`OLD_HEADED`).
 """
 
 from __future__ import annotations
@@ -61,17 +65,20 @@ CORRUPT: Any = _Corrupt()
 NEGATIVE: Any = _Negative()
 
 
-#: The first two bytes of a stored value with a header: type ``0x01``, version ``1``.
-HEADED = b"\x011"
+#: The first two bytes of a stored value with a header: type ``0x01``, version ``2``.
+HEADED = b"\x012"
+#: The first two bytes of a value stored by a release before stamps: a miss, refilled once.
+OLD_HEADED = b"\x011"
 #: The header's length in bytes; the payload starts here.
-HEADER_LEN = 42
+HEADER_LEN = 48
 #: Where each field's hex digits lie in the stored bytes, ``[start, end)``.
 FETCH_START = slice(2, 14)
 SOFT_UNTIL = slice(14, 26)
 DELTA = slice(26, 34)
-SEQ = slice(34, 42)
+STAMP = slice(34, 48)
 _MAX_MS = 16**12 - 1  # year 10889
 _MAX_U32 = 16**8 - 1
+_MAX_US = 16**14 - 1  # year 4253
 
 
 class Header(NamedTuple):
@@ -81,25 +88,26 @@ class Header(NamedTuple):
     written: a fill that started before an invalidation is older than it);
     ``soft_until_ms`` until when the value is fresh (start + ``ttl_s``);
     ``delta_ms`` how long the fetch took, which early refresh (XFetch) draws
-    against; ``seq`` the dataset generation its process knew when the fetch began
-    (:mod:`memofill.generations`).
+    against; ``stamp`` Redis's clock in µs no later than the fetch began: an
+    invalidation whose mark is at or after it rejects the value
+    (:mod:`memofill.generations`), and a fill stamped earlier never writes over it.
     """
 
     fetch_start_ms: int
     soft_until_ms: int
     delta_ms: int
-    seq: int
+    stamp: int
 
 
 def header_bytes(header: Header) -> bytes:
-    """The 42 bytes that go in front of a payload; fields are clamped to their widths."""
-    start, soft, delta, seq = header
-    return b"%s%012x%012x%08x%08x" % (
+    """The 48 bytes that go in front of a payload; fields are clamped to their widths."""
+    start, soft, delta, stamp = header
+    return b"%s%012x%012x%08x%014x" % (
         HEADED,
         min(max(start, 0), _MAX_MS),
         min(max(soft, 0), _MAX_MS),
         min(max(delta, 0), _MAX_U32),
-        min(max(seq, 0), _MAX_U32),
+        min(max(stamp, 0), _MAX_US),
     )
 
 
@@ -109,7 +117,7 @@ def read_header(raw: bytes) -> Header | None:
         return None
     try:  # one int() per field, spelled out: a stale hit reads every header
         start, soft = int(raw[FETCH_START], 16), int(raw[SOFT_UNTIL], 16)
-        return Header(start, soft, int(raw[DELTA], 16), int(raw[SEQ], 16))
+        return Header(start, soft, int(raw[DELTA], 16), int(raw[STAMP], 16))
     except ValueError:
         return None
 

@@ -27,12 +27,18 @@ from redis.exceptions import ConnectionError as _ConnectionError
 from redis.exceptions import TimeoutError as _TimeoutError
 
 from memofill.errors import ConfigurationError
+from memofill.keys import tomb_key
 
 __all__ = [
+    "ACQUIRE_SCRIPT",
     "HOLD_SCRIPT",
+    "INVALIDATE_KEY_SCRIPT",
     "INVALIDATE_SCRIPT",
+    "READ_META_SCRIPT",
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
+    "STORE_SCRIPT",
+    "TOMB_MS",
     "Commands",
     "RedisError",
     "RedisUnavailable",
@@ -163,28 +169,145 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 0
 """
 
+#: Lock, recheck, newest wake entry and Redis's clock, in one round trip (EVALSHA).
+#:
+#: KEYS[1]: the lock key. KEYS[2]: the data key. KEYS[3]: the wake stream.
+#: ARGV[1]: this caller's token. ARGV[2]: the lease in ms.
+#:
+#: ``SET lock token NX PX lease``, then ``GET key`` (the recheck) and the newest
+#: wake entry, then ``TIME``: the fill's **stamp**, Redis's clock before the fetch
+#: begins, which its write is later judged by (:data:`STORE_SCRIPT`). A script,
+#: not a pipeline, so that the clock is the data key's own node's on a Cluster.
+#: Returns ``[1 or 0, stored bytes or nil, [newest entry] or [], seconds, µs]``.
+ACQUIRE_SCRIPT = """
+local acquired = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local read, data = pcall(redis.call, 'GET', KEYS[2])
+if not read then data = false end
+local listed, newest = pcall(redis.call, 'XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if not listed then newest = {} end
+local now = redis.call('TIME')
+return {acquired and 1 or 0, data, newest, now[1], now[2]}
+"""
+
+#: The conditional write of every fill, sent by EVALSHA: one round trip, like a ``SET``.
+#:
+#: KEYS[1]: the data key. KEYS[2]: its tomb (:func:`memofill.keys.tomb_key`).
+#: ARGV[1]: the bytes. ARGV[2]: their ``PX``. ARGV[3]: the fill's stamp (µs, Redis's
+#: clock no later than its fetch began). ARGV[4]: how long tombs live (ms).
+#:
+#: Writes only when nothing newer was decided for the key since the fetch began:
+#: ``invalidated`` when the key's tomb is at or after the stamp (``invalidate()``
+#: ran meanwhile), ``newer`` when the value there carries a later stamp (a leader
+#: that took over after this one's lease ran out), ``old`` when the fetch began
+#: longer ago than a tomb lives (a tomb that might have said so is gone). Returns
+#: ``stored`` or the reason it refused.
+STORE_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local stamp = tonumber(ARGV[3])
+if now - stamp >= tonumber(ARGV[4]) * 1000 then return 'old' end
+local tomb = redis.call('GET', KEYS[2])
+if tomb and tonumber(tomb) >= stamp then return 'invalidated' end
+local read, head = pcall(redis.call, 'GETRANGE', KEYS[1], 0, 47)
+if read and string.len(head) == 48 and string.sub(head, 1, 2) == string.char(1) .. '2' then
+    local theirs = tonumber(string.sub(head, 35, 48), 16)
+    if theirs and theirs > stamp then return 'newer' end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 'stored'
+"""
+
+#: ``invalidate()`` of one key, sent by EVALSHA: a tomb with Redis's clock, then ``DEL``.
+#:
+#: KEYS[1]: the data key. KEYS[2]: its tomb. ARGV[1]: how long the tomb lives (ms).
+#:
+#: The tomb never goes backward (a second invalidation in the same µs is one
+#: later), and lives as long as a fill may take to be refused as ``old``. Returns
+#: ``[the tomb's time (µs, as text), how many values were deleted]``.
+INVALIDATE_KEY_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local before = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if before >= now then now = before + 1 end
+local tomb = string.format('%.0f', now)
+redis.call('SET', KEYS[2], tomb, 'PX', ARGV[1])
+return {tomb, redis.call('DEL', KEYS[1])}
+"""
+
+#: The start of both scripts on the meta hash: Redis's clock, and when the hash was born.
+#:
+#: ``born`` is Redis's clock when the hash was made, made again when it is missing
+#: (a restart without persistence, a ``DEL``, an eviction) or when the server's
+#: ``run_id`` changed (a restart, perhaps from an older snapshot that lost the last
+#: marks): every value stamped before it is older than any mark that may have been
+#: lost, and is served by no process (:class:`memofill.generations.Generations`).
+#: Losing marks thus costs refills, never serves an invalidated value. Without
+#: ``INFO`` (an ACL), a restart that kept the hash is not noticed.
+_META_PRELUDE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local run = nil
+local asked, info = pcall(redis.call, 'INFO', 'server')
+if asked and type(info) == 'string' then run = string.match(info, 'run_id:(%w+)') end
+local born = redis.call('HGET', KEYS[1], 'born')
+if not born or (run and redis.call('HGET', KEYS[1], 'run') ~= run) then
+    born = string.format('%.0f', now)
+    if not pcall(redis.call, 'HSET', KEYS[1], 'born', born, 'run', run or '-') then
+        born = '0'  -- out of memory: nothing is lost that a birth would stand for
+    end
+end
+"""
+
 #: Whole-dataset invalidation (:mod:`memofill.generations`), sent by EVALSHA.
 #:
 #: KEYS[1]: the meta hash (``<prefix>#meta``). ARGV[1]: the mark's field
 #: (``hard:<dataset>`` or ``soft:<dataset>``).
 #:
-#: Bumps the counter ``seq`` and records the new value as the mark, atomically, so
-#: that two invalidations never share a number. Returns the new ``seq``.
-INVALIDATE_SCRIPT = """
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('HSET', KEYS[1], ARGV[1], seq)
-return seq
+#: The mark is Redis's clock (µs), one more than the mark before when the clock
+#: has not moved past it, so marks never go backward; ``v`` counts changes, so
+#: that readers know when to read the hash again. Returns the mark (as text).
+INVALIDATE_SCRIPT = (
+    _META_PRELUDE
+    + """
+local before = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+if before >= now then now = before + 1 end
+local mark = string.format('%.0f', now)
+redis.call('HSET', KEYS[1], ARGV[1], mark)
+redis.call('HINCRBY', KEYS[1], 'v', 1)
+return mark
 """
+)
+
+#: What a process reads of the meta hash, sent by EVALSHA every ``meta_check_ms`` at most.
+#:
+#: KEYS[1]: the meta hash. ARGV[1]: the version the reader knows (``born:v``).
+#:
+#: Returns ``[Redis's clock in µs, version]`` while the reader's version is
+#: current, so the steady cost is flat in the number of datasets and marks; else
+#: ``[clock, version, the whole hash as HGETALL gives it in a script]``.
+READ_META_SCRIPT = (
+    _META_PRELUDE
+    + """
+local version = born .. ':' .. (redis.call('HGET', KEYS[1], 'v') or '0')
+local stamp = string.format('%.0f', now)
+if version == ARGV[1] then return {stamp, version} end
+return {stamp, version, redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+#: How long a tomb lives, and so the longest a fill's fetch may take and still be written.
+TOMB_MS = 600_000
 
 
-#: Every command memofill sends, including those :data:`RELEASE_SCRIPT` runs (``XADD``,
-#: ``PEXPIRE``) and ``SCRIPT LOAD``, which redis-py sends when the script is not cached yet.
-#: ``DEL`` serves ``invalidate`` and the script; ``PTTL``, ``STRLEN`` and ``GETRANGE``
-#: serve ``memofill inspect`` (``PTTL`` near copies too); ``HINCRBY``, ``HSET`` and
-#: ``HGETALL`` the dataset generations. The last six are the near-cache listener's
-#: (:mod:`memofill.listener`), on its own connection: ``HELLO`` where the client speaks
-#: RESP3, ``CLIENT ID``, ``CLIENT TRACKING``, ``SUBSCRIBE`` to
-#: :data:`LISTENER_CHANNEL` (granted by the rule's channel pattern) and ``PING``.
+#: Every command memofill sends, including those its scripts run and ``SCRIPT LOAD``,
+#: which redis-py sends when a script is not cached yet. ``SET``, ``GET``, ``XREVRANGE``,
+#: ``TIME`` and ``GETRANGE`` serve the lock and the conditional write; ``DEL`` and
+#: ``SET`` ``invalidate``; ``PTTL``, ``STRLEN`` and ``GETRANGE`` ``memofill inspect``
+#: (``PTTL`` near copies too); ``HGET``, ``HSET``, ``HINCRBY``, ``HGETALL`` and ``INFO``
+#: (the server's ``run_id``, to notice a restart) the invalidation marks. The last six
+#: are the near-cache listener's (:mod:`memofill.listener`), on its own connection:
+#: ``HELLO`` where the client speaks RESP3, ``CLIENT ID``, ``CLIENT TRACKING``,
+#: ``SUBSCRIBE`` to :data:`LISTENER_CHANNEL` (granted by the rule's channel pattern) and ``PING``.
 #: ``memofill purge`` needs ``SCAN`` and ``UNLINK`` besides: an operator's rights, not
 #: every caller's.
 ACL_COMMANDS = (
@@ -199,7 +322,10 @@ ACL_COMMANDS = (
     "pexpire",
     "hincrby",
     "hset",
+    "hget",
     "hgetall",
+    "time",
+    "info",
     "pttl",
     "strlen",
     "getrange",
@@ -313,6 +439,10 @@ class Commands:
         self._release = client.register_script(RELEASE_SCRIPT)
         self._hold = client.register_script(HOLD_SCRIPT)
         self._invalidate = client.register_script(INVALIDATE_SCRIPT)
+        self._acquire = client.register_script(ACQUIRE_SCRIPT)
+        self._store = client.register_script(STORE_SCRIPT)
+        self._invalidate_key = client.register_script(INVALIDATE_KEY_SCRIPT)
+        self._read_meta = client.register_script(READ_META_SCRIPT)
         _live_commands.add(self)
 
     def read_near(self, key: str) -> Any:
@@ -327,24 +457,21 @@ class Commands:
         pipe.pttl(key)
         return pipe.execute()
 
-    def write(self, key: str, payload: bytes, ttl_ms: int) -> Any:
-        """``SET key payload PX ttl_ms``: one command, the payload sent as raw bytes."""
-        return self.client.set(key, payload, px=ttl_ms)
+    def write(self, key: str, payload: bytes, ttl_ms: int, stamp: int) -> Any:
+        """Run :data:`STORE_SCRIPT`: write ``payload`` unless something newer was decided.
+
+        One round trip, the payload sent as raw bytes; returns ``stored`` or why not.
+        """
+        return self._store(keys=[key, tomb_key(key)], args=[payload, ttl_ms, stamp, TOMB_MS])
 
     def acquire(self, lock_key: str, token: str, lease_ms: int, key: str, wake_key: str) -> Any:
-        """``SET lock_key token NX PX lease_ms``, ``GET key`` and the newest wake entry.
+        """Run :data:`ACQUIRE_SCRIPT`: the lock, the recheck, the newest wake entry, the clock.
 
-        One round trip. Returns ``[acquired, stored bytes, [newest entry]]``, any
-        of them possibly the error Redis answered for that command: a follower
-        reads the wake stream from that entry on, so it never takes an earlier
-        fill's signal for this one's. The keys share a slot, so a cluster
-        pipeline sends them all to one node.
+        One round trip. Returns ``[1 or 0, stored bytes or None, [newest entry],
+        seconds, µs]``; a follower reads the wake stream from that entry on, so it
+        never takes an earlier fill's signal for this one's. The keys share a slot.
         """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(lock_key, token, nx=True, px=lease_ms)
-        pipe.get(key)
-        pipe.xrevrange(wake_key, count=1)
-        return pipe.execute(raise_on_error=False)
+        return self._acquire(keys=[lock_key, key, wake_key], args=[token, lease_ms])
 
     def release(
         self, lock_key: str, wake_key: str, token: str, wake_ttl_ms: int, result: str = "stored"
@@ -363,16 +490,16 @@ class Commands:
         return self.client.xread({wake_key: last_id}, count=1, block=block_ms)
 
     def delete(self, key: str) -> Any:
-        """``DEL key``: the next call misses and fills again."""
-        return self.client.delete(key)
+        """Run :data:`INVALIDATE_KEY_SCRIPT`: a tomb, then ``DEL``: ``[tomb µs, deleted]``."""
+        return self._invalidate_key(keys=[key, tomb_key(key)], args=[TOMB_MS])
 
     def invalidate_dataset(self, meta_key: str, mark: str) -> Any:
         """Run :data:`INVALIDATE_SCRIPT`: one command, whatever the number of keys."""
         return self._invalidate(keys=[meta_key], args=[mark])
 
-    def read_meta(self, meta_key: str) -> Any:
-        """``HGETALL meta_key``: the dataset generations (an empty dict before any)."""
-        return self.client.hgetall(meta_key)
+    def read_meta(self, meta_key: str, version: str) -> Any:
+        """Run :data:`READ_META_SCRIPT`: the clock, and the marks if ``version`` is not current."""
+        return self._read_meta(keys=[meta_key], args=[version])
 
     def scan_keys(self, pattern: str, count: int) -> Any:
         """``SCAN ... MATCH pattern COUNT count`` to the end, on every primary of a cluster."""

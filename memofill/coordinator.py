@@ -10,15 +10,20 @@ asyncio client; neither makes a decision.
 One miss, for a dataset with a fill policy:
 
 1. ``SET lock NX PX lease_ms`` with a fresh token, and in the same round trip
-   ``GET key`` (the **recheck**) and the newest entry of the wake stream.
+   (:data:`~memofill.commands.ACQUIRE_SCRIPT`) ``GET key`` (the **recheck**), the
+   newest entry of the wake stream and Redis's clock, the fill's **stamp**.
    Between this caller's miss and its lock, another leader may have written the
    value and released; without the recheck every such race would call the
    upstream again (and a caller that did not get the lock returns that value at
    once).
-2. Acquired and still a miss: fetch, write one ``SET key payload PX ttl``,
+2. Acquired and still a miss: fetch, write conditionally
+   (:data:`~memofill.commands.STORE_SCRIPT`, one round trip: refused when the
+   key was invalidated or a later-stamped value written since the stamp),
    release token-safely and wake followers with how the fill ended
-   (:data:`STORED`, :data:`RETURNED_NONE`, or :data:`RAISED` or
-   :data:`UNSTORED` and an error's type name). A leader cancelled before its
+   (:data:`STORED`, :data:`RETURNED_NONE`, :data:`REFUSED`, or :data:`RAISED` or
+   :data:`UNSTORED` and an error's type name). A refused write is no error for
+   the caller, who gets the value its fetch made (``fill_refused``); its
+   followers take the lock again, as after a cancelled leader. A leader cancelled before its
    value is stored (the asyncio driver throws :class:`asyncio.CancelledError`
    into the generator) still releases and tells :data:`CANCELLED`, then
    re-raises: its followers retry the lock at once instead of waiting out
@@ -102,6 +107,11 @@ UNSTORED = "unstored:"
 #: them takes over the fill. It is an :data:`UNSTORED` entry, so that a follower that does
 #: not know this one fetches at once rather than take it for the answer.
 CANCELLED = UNSTORED + "CancelledError"
+#: In the wake entry, Redis refused the leader's write (:data:`~memofill.commands.STORE_SCRIPT`):
+#: the key was invalidated, or holds a later fill's value, since the leader's fetch began.
+#: Followers take the lock again and fill anew, or find the later value. An
+#: :data:`UNSTORED` entry, so that a follower that does not know it fetches at once.
+REFUSED = UNSTORED + "Refused"
 
 
 @attrs.frozen
@@ -170,12 +180,15 @@ class Plan:
     #: datasets that serve stale or refresh early. Callers that meet the hold get the stale
     #: value or, past the windows, :class:`~memofill.errors.FillError`, without a fetch.
     hold_on_error: bool = False
-    #: The dataset generation this process knew when the miss began, written in the value's
-    #: header, so that an invalidation made while the fetch runs rejects the value it stores.
-    seq: int = 0
-    #: The lowest generation a value read under the key must carry to end this fill, 0 for
-    #: any; a value fetched before a dataset invalidation never does.
+    #: The stamp of a fill without the lock (which reads none): Redis's clock as this process
+    #: last read it, so no later than the fetch begins (:attr:`Generations.clock_us`).
+    stamp: int = 0
+    #: A value read under the key ends this fill only if its stamp is after this (µs), 0 for
+    #: any: a value fetched before a dataset invalidation this process knows of never does.
     floor: int = 0
+    #: Whether bytes without a stamp (a value written by hand or an older release) end it:
+    #: not once the dataset was invalidated.
+    unstamped_ok: bool = True
 
 
 @attrs.frozen
@@ -236,11 +249,11 @@ def _fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, error))
     lock, token = lock_key(plan.redis_key), new_token()
     try:
-        acquired, recheck, newest = yield from _acquire(plan, policy, lock, token)
+        acquired, recheck, newest, stamp = yield from _acquire(plan, policy, lock, token)
     except Exception as exc:  # from Redis: see the module doc
         return (yield from _uncoordinated(plan, Outcome.LOCK_ERROR, type(exc).__name__))
     if acquired:
-        return (yield from _lead(plan, policy, lock, token, recheck))
+        return (yield from _lead(plan, policy, lock, token, recheck, stamp))
     if is_hold(newest):
         # Held after a failed fetch: nobody fetches before it lapses, so its word is the answer.
         _, told = newest_entry(newest, "0-0")
@@ -255,7 +268,9 @@ def _fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
     return (yield from _follow(plan, policy, clock, rng, since))
 
 
-def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) -> Steps:
+def _lead(  # noqa: PLR0917  # what the lock's round trip gave
+    plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any, stamp: int
+) -> Steps:
     """Fill as the lock holder; ``recheck`` is the data key read with the lock (or its error)."""
     error = None
     if isinstance(recheck, Exception):
@@ -290,11 +305,12 @@ def _lead(plan: Plan, policy: CacheFill, lock: str, token: str, recheck: Any) ->
         marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
         raised = RAISED + type(exc).__name__
         yield from _write_and_release(
-            plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised
+            plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised, stamp=stamp
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
     outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
-    stored = yield from _store(plan, policy, lock, token, outcome, value, started_ms, delta_ms)
+    fetched = (outcome, value, started_ms, delta_ms, stamp)
+    stored = yield from _store(plan, policy, lock, token, fetched)
     # Report the first thing that went wrong: a failed recheck, then the encoding, the write,
     # the release.
     return stored if error is None else attrs.evolve(stored, error=error)
@@ -327,13 +343,13 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
         return Result(Outcome.REFRESH_LOCK_ERROR, error=plan.redis_error or "RedisUnavailable")
     lock, token = lock_key(plan.redis_key), new_token()
     try:
-        acquired, recheck, _ = yield from _acquire(plan, policy, lock, token)
+        acquired, recheck, _, stamp = yield from _acquire(plan, policy, lock, token)
     except Exception as exc:  # from Redis: see the module doc
         return Result(Outcome.REFRESH_LOCK_ERROR, error=type(exc).__name__)
     if not acquired:
         return Result(Outcome.REFRESH_BUSY)
     header = read_header(recheck) if isinstance(recheck, bytes) else None
-    if header is not None and header.fetch_start_ms > seen_start_ms and header.seq >= plan.floor:
+    if header is not None and header.fetch_start_ms > seen_start_ms and header.stamp > plan.floor:
         _, release_error = yield from _write_and_release(
             plan, policy, lock, token, payload=None, ttl_ms=0, result=STORED
         )
@@ -350,17 +366,19 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
         yield from _hold(plan, policy, lock, token, RAISED + type(exc).__name__)
         return Result(Outcome.REFRESH_ERROR, error=type(exc).__name__)
     outcome = Outcome.REFRESH_NEGATIVE if value is None else Outcome.REFRESH_FILL
-    return (yield from _store(plan, policy, lock, token, outcome, value, started_ms, delta_ms))
+    fetched = (outcome, value, started_ms, delta_ms, stamp)
+    return (yield from _store(plan, policy, lock, token, fetched))
 
 
 def _acquire(
     plan: Plan, policy: CacheFill, lock: str, token: str
-) -> Generator[Step, Any, tuple[Any, Any, Any]]:
-    """Try the lock, recheck the key and read the newest wake entry, in one round trip.
+) -> Generator[Step, Any, tuple[bool, Any, list[Any], int]]:
+    """Try the lock, recheck the key, read the newest wake entry and the clock: one round trip.
 
-    Returns ``(acquired, recheck, newest)``; raises what Redis raised for the lock.
+    Returns ``(acquired, recheck, newest, stamp)``, the newest entry as
+    ``[(id, fields)]``; raises what Redis raised.
     """
-    acquired, recheck, newest = yield from _ask(
+    acquired, recheck, newest, seconds, micros = yield from _ask(
         plan,
         Command(
             "acquire", (lock, token, policy.lease_ms, plan.redis_key, wake_key(plan.redis_key))
@@ -368,35 +386,52 @@ def _acquire(
     )
     if isinstance(acquired, Exception):
         raise acquired
-    return acquired, recheck, newest
+    entries = [(entry[0], _fields(entry[1])) for entry in newest or () if len(entry) > 1]
+    return bool(acquired), recheck, entries, int(seconds) * 1_000_000 + int(micros)
 
 
-def _store(  # noqa: PLR0917  # the lock held, and what the fetch returned
+def _fields(flat: Any) -> dict[Any, Any]:
+    """A stream entry's fields as a script returns them (a flat list) made a dict."""
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2], strict=False))
+
+
+def _store(
     plan: Plan,
     policy: CacheFill,
     lock: str,
     token: str,
-    outcome: Outcome,
-    value: Any,
-    started_ms: int,
-    delta_ms: int,
+    fetched: tuple[Outcome, Any, int, int, int],
 ) -> Steps:
     """Store what a fetch made with the lock held, release the lock and tell the followers.
 
-    The result reports the first thing that went wrong: the encoding, the
-    write, then the release.
+    ``fetched`` is the outcome so far, the value, when its fetch began (wall ms),
+    how long it took and the fill's stamp. The result reports the first thing
+    that went wrong: the encoding, the write, then the release; a write Redis
+    refused makes the outcome ``fill_refused`` (or ``refresh_refused``).
     """
-    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
+    outcome, value, started_ms, delta_ms, stamp = fetched
+    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms, stamp)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     if value is None:
         told = RETURNED_NONE
     else:
         told = STORED if encode_error is None else UNSTORED + encode_error
     write_error, release_error = yield from _write_and_release(
-        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told
+        plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told, stamp=stamp
     )
+    if write_error in _REFUSALS:
+        refused = Outcome.REFRESH_REFUSED if outcome in _REFRESHES else Outcome.FILL_REFUSED
+        result = _fetched(refused, value, None, write_error, unstorable)
+        return attrs.evolve(result, delta_ms=delta_ms)
     error = encode_error or write_error or release_error
     return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
+
+
+#: Why :data:`~memofill.commands.STORE_SCRIPT` refuses a write, as a result's ``error``.
+_REFUSALS = frozenset({"invalidated", "newer", "old"})
+_REFRESHES = frozenset({Outcome.REFRESH_FILL, Outcome.REFRESH_NEGATIVE})
 
 
 def _hold(
@@ -417,7 +452,7 @@ def _hold(
 
 
 def _fresh_enough(plan: Plan, raw: bytes) -> bool:
-    """Whether ``raw`` can end a fill: fresh after ``fresh_after_ms``, of generation ``floor``.
+    """Whether ``raw`` can end a fill: fresh after ``fresh_after_ms``, stamped after ``floor``.
 
     Bytes without a header are a marker (``None`` or a failure, which carry no
     generation and live a short TTL of their own) or a value written by an older
@@ -427,8 +462,8 @@ def _fresh_enough(plan: Plan, raw: bytes) -> bool:
         return True
     header = read_header(raw)
     if header is None:
-        return not plan.floor or decode_special(raw) is not CORRUPT
-    return header.soft_until_ms > plan.fresh_after_ms and header.seq >= plan.floor
+        return plan.unstamped_ok or decode_special(raw) is not CORRUPT
+    return header.soft_until_ms > plan.fresh_after_ms and header.stamp > plan.floor
 
 
 def _landed(plan: Plan, raw: bytes | None, polls: int, waited_ms: float) -> Result | None:
@@ -475,8 +510,9 @@ def _follow(
                 raise RedisUnavailable("wake stream not used")
             reply = yield from _ask(plan, Command("wait", (wake, last_id, round(pause_ms))))
             last_id, told = newest_entry(stream_entries(reply), last_id)
-            if told == CANCELLED:
-                # The lock is free again: whoever of the followers takes it fills.
+            if told in (CANCELLED, REFUSED):
+                # The lock is free again: whoever of the followers takes it fills (or finds the
+                # later value that refused the leader's write).
                 return (yield from _fill(plan, clock, rng))
             if told is not None and told.startswith(UNSTORED):
                 # The value will not appear: fetch now rather than after wait_ms.
@@ -581,14 +617,20 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
         value, started_ms, delta_ms = yield from _timed_fetch(plan)
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms)
+    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms, plan.stamp)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     write_error = None
     if payload is not None and plan.redis_ok:
         try:
-            yield from _ask(plan, Command("write", (plan.redis_key, payload, ttl_ms)))
+            written = yield from _ask(
+                plan, Command("write", (plan.redis_key, payload, ttl_ms, plan.stamp))
+            )
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
+        else:
+            refusal = _refusal(written)
+            if refusal is not None:  # the outcome says why there was no lock; error, why no write
+                return _fetched(outcome, value, None, error or refusal, unstorable)
     # The Redis error that sent this caller here says more than a write refused after it.
     return _fetched(outcome, value, payload, error or encode_error or write_error, unstorable)
 
@@ -615,8 +657,14 @@ def _timed_fetch(plan: Plan) -> Generator[Step, Any, tuple[Any, int, int]]:
     return value, round(started * 1000), max(0, round((plan.wall() - started) * 1000))
 
 
+def _refusal(written: Any) -> str | None:
+    """Why :data:`~memofill.commands.STORE_SCRIPT` refused a write, or ``None`` if it wrote."""
+    reply = written.decode() if isinstance(written, bytes) else str(written)
+    return reply if reply in _REFUSALS else None
+
+
 def _stored_form(
-    plan: Plan, value: Any, started_ms: int, delta_ms: int
+    plan: Plan, value: Any, started_ms: int, delta_ms: int, stamp: int
 ) -> tuple[bytes | None, int, str | None]:
     """What a fill writes for ``value``: ``(payload or None, ttl_ms, why it is unstorable)``.
 
@@ -635,7 +683,7 @@ def _stored_form(
         encoded = plan.codec.encode(value)
     except Exception as exc:  # whatever the codec raises on a value it cannot encode
         return None, 0, f"{type(exc).__name__}: {exc}"
-    header = Header(started_ms, started_ms + plan.ttl_ms, delta_ms, plan.seq)
+    header = Header(started_ms, started_ms + plan.ttl_ms, delta_ms, stamp)
     return header_bytes(header) + encoded, plan.ttl_ms + plan.window_ms, None
 
 
@@ -648,12 +696,14 @@ def _write_and_release(
     payload: bytes | None,
     ttl_ms: int,
     result: str,
+    stamp: int = 0,
 ) -> Generator[Step, Any, tuple[str | None, str | None]]:
-    """Write ``payload`` (if any), then release token-safely and wake followers.
+    """Write ``payload`` (if any) as of ``stamp``, then release token-safely and wake followers.
 
     ``result`` is what the wake entry tells the followers; a value whose write
-    failed is told as :data:`UNSTORED`, so that they do not wait for it.
-    Returns the errors worth reporting, ``(write, release)``: a Redis error, or
+    failed is told as :data:`UNSTORED`, so that they do not wait for it, and one
+    Redis refused as :data:`REFUSED`. Returns the errors worth reporting,
+    ``(write, release)``: a Redis error or the refusal's reason, or
     :data:`LEASE_EXPIRED` when the lock no longer held this caller's token. On a
     release error the lock simply expires after ``lease_ms``. Two round trips,
     on purpose: a pipeline would save one, but with a payload of megabytes it
@@ -663,13 +713,17 @@ def _write_and_release(
     cancelled: asyncio.CancelledError | None = None
     if payload is not None:
         try:
-            yield from _ask(plan, Command("write", (plan.redis_key, payload, ttl_ms)))
+            command = Command("write", (plan.redis_key, payload, ttl_ms, stamp))
+            written = yield from _ask(plan, command)
         except asyncio.CancelledError as exc:
             # The write may not have landed: followers must not wait for it.
             cancelled, result = exc, CANCELLED
         except Exception as exc:  # from Redis: see the module doc
             write_error = type(exc).__name__
             result = UNSTORED + write_error if result == STORED else result
+        else:
+            write_error = _refusal(written)
+            result = result if write_error is None else REFUSED
     wake_ttl_ms = max(policy.poll_max_ms, 100)
     try:
         released = yield from _ask(

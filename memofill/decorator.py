@@ -164,15 +164,25 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         return self._self_snapshot().key_of(instance, args, kwargs)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
-        """Delete the cached value for these arguments (awaitable for coroutine functions)."""
+        """Delete the cached value for these arguments (awaitable for coroutine functions).
+
+        Leaves a tomb with Redis's clock beside the key, so that a fill whose
+        fetch began before this call never writes its value after it
+        (:data:`memofill.commands.STORE_SCRIPT`). This process's near and outage
+        copies go before the ``DEL`` and again after it: a read in flight meanwhile
+        keeps nothing; and a call that starts afterwards joins no fill in flight here.
+        """
         snapshot = self._self_snapshot()
         instance = getattr(self, "_self_instance", None)
         key = snapshot.key_of(instance, args, kwargs)
-        snapshot.local_store.invalidate((key,))
+        forget(snapshot, key)
         commands = snapshot.gate() if snapshot.gated else snapshot.commands
         if commands is None or commands is BYPASS:
             return _done(None) if snapshot.is_async else None
-        return commands.delete(key)
+        reply = commands.delete(key)
+        if snapshot.is_async:
+            return _forgotten(snapshot, key, reply)
+        return forget(snapshot, key, reply)
 
     def invalidate_dataset(self, *, soft: bool = False) -> Any:
         """Make every value of this function's dataset fetched until now unservable.
@@ -237,3 +247,23 @@ CachedDataset.__bound_function_wrapper__ = _BoundCachedDataset  # type: ignore[m
 
 async def _done(value: Any) -> Any:
     return value
+
+
+def forget(snapshot: Snapshot, key: str, reply: Any = None) -> int:
+    """Drop this process's copies of ``key``, and part later misses from fills in flight.
+
+    ``reply`` is the invalidation's (:meth:`~memofill.commands.Commands.delete`):
+    its tomb's time in Redis, which fills that take no lock stamp after from now
+    on, and how many values it deleted, which is returned.
+    """
+    snapshot.generations.local += 1
+    snapshot.local_store.invalidate((key,))
+    if reply is None:
+        return 0
+    tomb, deleted = reply
+    snapshot.generations.heard_clock(int(tomb))
+    return int(deleted)
+
+
+async def _forgotten(snapshot: Snapshot, key: str, reply: Any) -> int:
+    return forget(snapshot, key, await reply)

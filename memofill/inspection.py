@@ -150,7 +150,7 @@ def _header_len(head: bytes) -> int:
 
 
 def describe_header(head: bytes, now_ms: int) -> str:
-    """The stored header in words: when the fetch began, until when the value is fresh, δ, seq."""
+    """The stored header in words: when the fetch began, until when the value is fresh, δ, stamp."""
     header = read_header(head)
     if header is None:
         return "none (fresh until Redis expires it)"
@@ -163,34 +163,41 @@ def describe_header(head: bytes, now_ms: int) -> str:
 
     return (
         f"fetched {when(header.fetch_start_ms)}, fresh until {when(header.soft_until_ms)}, "
-        f"fetch took {header.delta_ms} ms, seq {header.seq}"
+        f"fetch took {header.delta_ms} ms, stamped {stamp_text(header.stamp)}"
     )
+
+
+def stamp_text(stamp_us: int) -> str:
+    """A stamp or mark (Redis's clock in µs) as a UTC time an operator can compare."""
+    moment = datetime.datetime.fromtimestamp(stamp_us / 1_000_000, datetime.timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def read_marks(client: redis.Redis, prefix: str, dataset: str) -> Marks:
     """``dataset``'s invalidation marks under ``prefix``, read and parsed as the run time does.
 
-    One ``HGETALL <prefix>#meta`` (:meth:`~memofill.commands.Commands.read_meta`),
-    taken in by :meth:`~memofill.generations.Generations.loaded`, so that a field
-    the run time would skip is skipped here too.
+    One ``HGETALL <prefix>#meta``, taken in by
+    :meth:`~memofill.generations.Generations.loaded`, so that a field the run
+    time would skip is skipped here too.
     """
     generations = Generations(check_s=0.0)
-    generations.loaded(Commands(client).read_meta(meta_key(prefix)), time.monotonic())
+    marks = client.hgetall(meta_key(prefix))  # read only: an inspection writes nothing
+    generations.loaded([0, "", marks], now=time.monotonic())
     return generations.of(dataset)
 
 
 def _marks_text(marks: Marks) -> str:
-    if not marks.top:
-        return "none (the dataset was never invalidated under this prefix)"
-    hard = f"hard {marks.hard}" if marks.hard else "no hard mark"
-    soft = f"soft {marks.soft}" if marks.soft else "no soft mark"
-    return f"{hard}, {soft} (values of a lower generation were fetched before it)"
+    floor = f"values stamped at or before {stamp_text(marks.hard)} are not served"
+    if not marks.explicit:
+        return f"none (never invalidated under this prefix); {floor} (the marks' birth)"
+    soft = f", stale until stamped after {stamp_text(marks.soft)}" if marks.soft else ""
+    return f"{floor}{soft}"
 
 
 def servable(dataset: Dataset, head: bytes, size: int, marks: Marks, now_ms: int) -> str:
     """Whether a call is served the stored bytes now, and why not, as the run time decides.
 
-    The value's generation (the header's ``seq``) against the dataset's marks
+    The value's stamp (the header's Redis clock) against the dataset's marks
     (:meth:`~memofill.generations.Marks.behind`), then its header's clock against
     ``ttl_s``, ``stale_s`` and ``stale_if_error_s``: below a hard mark a value is
     never served, below a soft one only stale, while one caller refreshes it.
@@ -209,31 +216,34 @@ def servable(dataset: Dataset, head: bytes, size: int, marks: Marks, now_ms: int
         return "no: not a memofill value (a call fetches and overwrites it)"
     header = read_header(head)
     if header is None:
-        if marks.top:
+        if marks.explicit:
             return (
-                f"no: written without a generation (by an older release) before the dataset "
-                f"was invalidated (mark {marks.top}); a call fetches anew"
+                "no: written without a stamp (by hand or an older release) and the dataset "
+                "was invalidated; a call fetches anew"
             )
         return "yes: fresh until Redis expires it"
-    seq = header.seq
-    behind = marks.behind(seq, dataset.stale_s > 0)
-    if behind == EXPIRED and seq < marks.hard:
+    stamp = header.stamp
+    behind = marks.behind(stamp, dataset.stale_s > 0)
+    if behind == EXPIRED and stamp <= marks.hard:
         return (
-            f"no: fetched before the dataset was invalidated (generation {seq} < mark "
-            f"{marks.hard}); a call fetches anew"
+            f"no: fetched before the dataset was invalidated, or before its marks were lost "
+            f"(stamped {stamp_text(stamp)}, not after {stamp_text(marks.hard)}); a call "
+            "fetches anew"
         )
     if behind == EXPIRED:
         return (
-            f"no: fetched before the dataset was invalidated softly (generation {seq} < soft "
-            f"mark {marks.soft}), and it has no stale_s to serve it stale; a call fetches anew"
+            f"no: fetched before the dataset was invalidated softly (stamped "
+            f"{stamp_text(stamp)}, not after {stamp_text(marks.soft)}), and it has no stale_s "
+            "to serve it stale; a call fetches anew"
         )
     fresh = now_ms < header.soft_until_ms
     stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
     kind = verdict(now_ms, header.soft_until_ms, stale_ms, if_error_ms)
     if behind == STALE and fresh:
         return (
-            f"stale: fetched before the dataset was invalidated softly (generation {seq} < soft "
-            f"mark {marks.soft}); served stale while one caller refreshes it"
+            f"stale: fetched before the dataset was invalidated softly (stamped "
+            f"{stamp_text(stamp)}, not after {stamp_text(marks.soft)}); served stale while one "
+            "caller refreshes it"
         )
     if fresh:
         return "yes: fresh"

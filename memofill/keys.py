@@ -86,6 +86,7 @@ KEY_TYPES: tuple[type, ...] = (
 
 LOCK_SUFFIX = "#lock"
 WAKE_SUFFIX = "#wake"
+TOMB_SUFFIX = "#tomb"
 
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ESCAPES = {c: f"%{c:02X}" for c in range(256)}
@@ -541,6 +542,15 @@ def lock_key(final_key: str) -> str:
 def wake_key(final_key: str) -> str:
     """The key a leader signals on when the fill lands, so followers wake without a poll."""
     return hash_tagged(final_key) + WAKE_SUFFIX
+
+
+def tomb_key(final_key: str) -> str:
+    """Where ``invalidate()`` leaves its mark: Redis's clock when the key was invalidated.
+
+    A fill whose stamp is not after it is refused (:data:`memofill.commands.STORE_SCRIPT`),
+    so a fetch that began before the invalidation never writes its value after it.
+    """
+    return hash_tagged(final_key) + TOMB_SUFFIX
 
 
 #: The meta hash of a prefix: its dataset generations (:mod:`memofill.generations`).

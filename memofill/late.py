@@ -41,13 +41,13 @@ def sort_read(snapshot: Snapshot, key: str, raw: bytes) -> tuple[bytes | None, L
     """What bytes that were not a plain hit are, where they may be stale or behind a mark.
 
     Bytes with a header: a :class:`LateRead` (stale, due early, or fetched before a
-    dataset invalidation). Without one while the dataset has marks: a marker is
-    left to the miss path, which serves it; a value written before headers is
-    older than any invalidation, and a miss (``None``).
+    dataset invalidation). Without one once the dataset was invalidated: a marker
+    is left to the miss path, which serves it; a value without a stamp is older
+    than any invalidation, and a miss (``None``).
     """
     if raw[:2] == HEADED:
         return raw, LateRead(snapshot, key, raw)
-    if snapshot.marks.top and decode_special(raw) is CORRUPT:
+    if snapshot.marks.explicit and decode_special(raw) is CORRUPT:
         return None, None
     return raw, None
 
@@ -79,7 +79,7 @@ class LateRead:
         else:
             stale_ms, if_error_ms = dataset.stale_s * 1000, dataset.stale_if_error_s * 1000
             kind = verdict(self.now_ms, soft_until_ms, stale_ms, if_error_ms)
-            if snapshot.marks.top:  # its generation is read only once the dataset has a mark
+            if snapshot.marks.top:  # its stamp is read only once the marks were
                 kind = amended(kind, snapshot.marks, raw, stale_ms > 0)
         self.trigger = "early" if kind == EARLY else "stale"
         self.result: CallResult | None = None

@@ -29,7 +29,8 @@ from memofill.codec import (
     HEADER_LEN,
     NEGATIVE,
     NEGATIVE_MARKER,
-    SEQ,
+    OLD_HEADED,
+    STAMP,
     VIEW_FROM_BYTES,
     ErrorMarker,
     decode_special,
@@ -117,10 +118,8 @@ async def lookup_async(
     key = snapshot.key_of(instance, args, kwargs)
     first_read = None
     if started >= snapshot.generations.next_check and commands is not None:
-        if snapshot.generations.known:
-            await _read_generations_async(snapshot, commands, started)
-        else:  # sent beside this caller's GET, and awaited before the value is judged
-            first_read = _first_read_async(snapshot, commands, started)
+        # Sent beside this caller's GET, and awaited before the value is judged.
+        first_read = _first_read_async(snapshot, commands, started)
     near = snapshot.near
     if near is not None:
         value = serve_near(snapshot, key, started)
@@ -188,8 +187,8 @@ def hit(snapshot: Snapshot, key: str, raw: bytes | None, started: float) -> Any:
 def plain(snapshot: Snapshot, raw: bytes) -> Any:
     """The value of stored bytes that are a plain fresh hit, else :data:`NOT_A_HIT`.
 
-    A value of a generation below its dataset's marks is none (see :class:`LateRead`);
-    nor, while there are marks, is a value without a header.
+    A value stamped at or before its dataset's marks is none (see :class:`LateRead`);
+    nor, once the dataset was invalidated, is a value without a header.
     """
     body = raw
     if raw[:2] == HEADED:
@@ -197,14 +196,13 @@ def plain(snapshot: Snapshot, raw: bytes) -> Any:
         try:
             if late is not None and late(raw):
                 return NOT_A_HIT  # stale, or due early: see LateRead
-            top = snapshot.marks.top
-            if top and int(raw[SEQ], 16) < top:
+            if int(raw[STAMP], 16) <= snapshot.marks.top:
                 return NOT_A_HIT  # fetched before a dataset invalidation: see LateRead
         except ValueError:  # foreign bytes that only look like a header: a miss refills them
             return NOT_A_HIT
         body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else snapshot.view(raw)
-    elif snapshot.marks.top:
-        return NOT_A_HIT  # a marker, or written before headers: sorted out on the miss path
+    elif snapshot.marks.explicit:
+        return NOT_A_HIT  # a marker, or written without a header: sorted out on the miss path
     try:
         return snapshot.decode(body)
     except Exception:  # a marker, corrupt bytes, or another schema: sorted out on the miss path
@@ -262,7 +260,7 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
     with the stale bytes it may serve if its fill fails.
     """
     stale = None
-    if raw is not None and (snapshot.late is not None or snapshot.marks.top):
+    if raw is not None and (snapshot.late is not None or snapshot.marks.top):  # top: see plain
         raw, late = sort_read(snapshot, key, raw)
         if late is not None:
             if late.result is not None:
@@ -295,7 +293,7 @@ def served_without_fill(
         if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):
             return None
         return counted(snapshot, value, FALLBACK_HIT)
-    if raw is None:
+    if raw is None or raw[:2] == OLD_HEADED:  # a release before stamps wrote it: refilled
         return None
     special = decode_special(raw)
     if special is NEGATIVE:
@@ -321,47 +319,36 @@ def counted(snapshot: Snapshot, value: Any, name: str) -> CallResult:
 
 
 def _read_generations_sync(snapshot: Snapshot, commands: Commands, now: float) -> None:
-    """Read the dataset generations again, once for all concurrent callers.
+    """Read the marks again, once for all concurrent callers, which wait for that one read.
 
-    The first time, every blocking caller waits for that one read, so that no
-    call is served before the process knows the marks; later, one caller reads
-    and the others go on with the marks known (at most ``meta_check_ms`` old).
+    Every caller that finds the marks due waits for the one read, so that no call
+    is judged by marks older than ``meta_check_ms`` (however long the process
+    was idle); the read sets the next due time, so the others send nothing.
     """
     generations = snapshot.generations
-    if generations.known:
-        if generations.claim(now):
-            generations.loaded(_meta_or_none(snapshot, commands), now)
-        return
     with generations.first:
-        if not generations.known:
-            generations.loaded(_meta_or_none(snapshot, commands), now)
+        if now >= generations.next_check:
+            generations.loaded(*_meta_or_none(snapshot, commands), now=now)
+    tell_unread(snapshot)
 
 
-def _meta_or_none(snapshot: Snapshot, commands: Commands) -> Any:
+def _meta_or_none(snapshot: Snapshot, commands: Commands) -> tuple[Any, str | None]:
+    """The meta read's reply, or ``None`` and why (see :func:`tell_unread`)."""
     if snapshot.breaker.is_open:
-        return None
+        return None, None
     try:
-        return commands.read_meta(snapshot.meta_key)
-    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
-        return None
-
-
-async def _read_generations_async(snapshot: Snapshot, commands: Commands, now: float) -> None:
-    """:func:`_read_generations_sync` for asyncio callers, once the process knows the marks.
-
-    One caller reads the hash again; the others go on with the marks known.
-    """
-    generations = snapshot.generations
-    if generations.claim(now) and not snapshot.breaker.is_open:
-        generations.loaded(await _meta_or_none_async(snapshot, commands), now)
+        return commands.read_meta(snapshot.meta_key, snapshot.generations.version), None
+    except Exception as exc:  # read again after meta_check_ms; the GET will tell the breaker
+        return None, _why_unread(exc)
 
 
 def _first_read_async(snapshot: Snapshot, commands: Commands, now: float) -> asyncio.Task[None]:
-    """The process's first read of the generations on this event loop, one task for its callers.
+    """The read of the marks that is due on this event loop, one task for all its callers.
 
     Each caller sends its own ``GET`` meanwhile and awaits the task (shielded:
     a cancelled caller leaves it to the others) before it judges the value, so
-    the first calls cost no round trip more than a ``GET``. Reaching the fill
+    no call is judged by marks older than ``meta_check_ms``, and a due read
+    costs no round trip more than a ``GET``. Reaching the fill
     no later than without it matters: on Python 3.10 a caller cancelled while
     a reply is on its way may not see the cancellation (redis-py drops it).
     """
@@ -378,15 +365,48 @@ def _first_read_async(snapshot: Snapshot, commands: Commands, now: float) -> asy
 async def _first_read(snapshot: Snapshot, commands: Commands, now: float) -> None:
     generations = snapshot.generations
     try:
-        generations.loaded(await _meta_or_none_async(snapshot, commands), now)
+        generations.loaded(*await _meta_or_none_async(snapshot, commands), now=now)
+        tell_unread(snapshot)
     finally:
         generations.first_reads.pop(asyncio.get_running_loop(), None)
 
 
-async def _meta_or_none_async(snapshot: Snapshot, commands: Commands) -> Any:
+async def _meta_or_none_async(snapshot: Snapshot, commands: Commands) -> tuple[Any, str | None]:
     if snapshot.breaker.is_open:
-        return None
+        return None, None
     try:
-        return await commands.read_meta(snapshot.meta_key)
-    except Exception:  # read again after meta_check_ms; the GET will tell the breaker
-        return None
+        return await commands.read_meta(snapshot.meta_key, snapshot.generations.version), None
+    except Exception as exc:  # read again after meta_check_ms; the GET will tell the breaker
+        return None, _why_unread(exc)
+
+
+def tell_unread(snapshot: Snapshot) -> None:
+    """Say at ERROR, once per instance and dataset, that the marks could not be read.
+
+    Such a process cannot know of invalidations: it serves what others
+    invalidated until its TTL ends. The fix is a permission, named here.
+    """
+    generations = snapshot.generations
+    if generations.unread is None or snapshot.key in generations.told_unread:
+        return
+    generations.told_unread.add(snapshot.key)
+    logger.error(
+        "memofill cannot read the invalidation marks under %r (%s): values of %s invalidated "
+        "by invalidate_dataset() may be served until their TTL ends; grant this Redis user "
+        "memofill.acl_rule(%r) (EVALSHA, and TIME, INFO, HGET, HSET, HINCRBY and HGETALL on %s)",
+        snapshot.meta_key,
+        generations.unread,
+        snapshot.key,
+        snapshot.prefix,
+        snapshot.meta_key,
+        extra={"dataset": snapshot.key, "error": generations.unread},
+    )
+
+
+def _why_unread(error: Exception) -> str | None:
+    """What to tell of a failed meta read: a refusal (an ACL, a server without scripts) only.
+
+    An unreachable Redis is the breaker's to tell; a refused read is a configuration
+    that leaves the process blind to invalidations, told once at ERROR.
+    """
+    return None if is_unreachable(error) or is_timeout(error) else type(error).__name__

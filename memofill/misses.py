@@ -115,8 +115,9 @@ def plan_for(
         redis_error=None if error is None else type(error).__name__,
         block_limit_ms=None if commands is None else commands.socket_timeout_ms,
         codec=snapshot.values.codec,
-        seq=snapshot.generations.seq,
+        stamp=snapshot.generations.stamp(),
         floor=snapshot.marks.top,
+        unstamped_ok=not snapshot.marks.explicit,
         **extra,
     )
 
@@ -391,13 +392,13 @@ async def refresh_async(
 
 
 def flight(snapshot: Snapshot, key: str) -> str:
-    """The process-local flight a miss of ``key`` joins: one per generation of the dataset.
+    """The process-local flight a miss of ``key`` joins: one per mark and local invalidation.
 
-    A caller that knows of a dataset invalidation must not join a fill that
-    began before it, whose value it would then be served.
+    A caller that knows of a dataset invalidation, or that starts after this
+    process invalidated a key, must not join a fill that began before it, whose
+    value it would then be served.
     """
-    top = snapshot.marks.top
-    return f"{key}\0{top}" if top else key
+    return f"{key}\0{snapshot.marks.top}\0{snapshot.generations.local}"
 
 
 #: Prefixes a refresh's key in the process-local flights, apart from the misses'.

@@ -560,8 +560,8 @@ def outage_copy(reader: Reader, key: str) -> Any:
         marks = reader.marks
         if marks.top:  # kept by a fill that began before an invalidation: never served
             header = read_header(kept)
-            seq = None if header is None else header.seq
-            if marks.behind(seq, reader.dataset.stale_s > 0) == EXPIRED:
+            stamp = None if header is None else header.stamp
+            if marks.behind(stamp, reader.dataset.stale_s > 0) == EXPIRED:
                 return None
         return decode_stored(reader.values.codec, kept)
     return entry.value if entry.owner is reader.values else None

@@ -47,6 +47,12 @@ class Outcome(str, enum.Enum):
     #: The fill failed past ``stale_s`` but within ``stale_if_error_s``, and the caller got
     #: the stale value instead of the error.
     STALE_ON_ERROR = "stale_on_error"
+    #: This caller led the fill and got its value, but Redis refused to store it: since
+    #: its fetch began, the key was invalidated (``error=invalidated``), a later fill wrote
+    #: it (``newer``), or longer ago than a tomb lives (``old``). Nothing stale was written.
+    #: (A fill without the lock whose write is refused keeps its outcome, such as
+    #: ``follower_timeout``, with the same ``error``.)
+    FILL_REFUSED = "fill_refused"
 
     # One refresh of a value that went stale (or was due early), run beside the callers
     # that were served it; one record each, except the two counted only.
@@ -57,6 +63,8 @@ class Outcome(str, enum.Enum):
     REFRESH_NEGATIVE = "refresh_negative"
     #: The recheck made with the lock found a value fetched after the stale one (nothing to do).
     REFRESH_RECHECK_HIT = "refresh_recheck_hit"
+    #: The refresh fetched, but Redis refused its write, as for ``fill_refused``.
+    REFRESH_REFUSED = "refresh_refused"
     #: The refresh's fetch raised. The stale value stays, and the lock is held for
     #: ``refresh_retry_ms`` so that no process retries before then.
     REFRESH_ERROR = "refresh_error"

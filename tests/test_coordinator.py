@@ -53,6 +53,9 @@ VALUE = {"answer": 42}
 PAYLOAD = encode(VALUE)
 #: A reply to XREAD that carries one entry: the leader signalled.
 WOKEN = [[WAKE.encode(), [(b"1700000000000-0", {b"result": b"stored"})]]]
+#: Redis's clock in the lock's reply, in seconds: the fill's stamp is this in µs.
+STAMP_S = "1700000000"
+STAMP = int(STAMP_S) * 1_000_000
 
 
 def woken(result: bytes, entry_id: bytes = b"1700000000000-0") -> list[Any]:
@@ -99,9 +102,9 @@ class Driver:
     acquired, the data key is missing, writes and releases succeed, and a
     blocking wait times out after its full block time.
 
-    ``acquire`` is a pipeline (``SET NX``, the recheck ``GET``, the newest wake
-    entry), answered as Redis answers one: ``[acquired, stored, entries]`` from
-    the ``acquire``, ``get`` and ``newest`` scripts (a follower's ``get`` is its
+    ``acquire`` is a script (``SET NX``, the recheck ``GET``, the newest wake
+    entry, ``TIME``), answered as Redis answers it: ``[acquired, stored, entries,
+    seconds, µs]`` from the ``acquire``, ``get`` and ``newest`` scripts (a follower's ``get`` is its
     first poll, so only a leader's recheck takes a ``get`` reply; ``newest``
     defaults to an empty stream). A command error Redis would answer becomes
     that element; an unreachable Redis fails the whole step.
@@ -144,7 +147,8 @@ class Driver:
             acquired = self.element(step, "acquire")
             recheck = Command("get", (step.args[3],))
             newest = self.element(Command("newest", (step.args[4],)), "newest")
-            return [acquired, self.element(recheck, "get") if acquired is True else None, newest]
+            recheck_reply = self.element(recheck, "get") if acquired is True else None
+            return [acquired, recheck_reply, newest, STAMP_S, "0"]
         return self.reply(step)
 
     def reply(self, step: Command) -> Any:
@@ -207,7 +211,7 @@ def test_no_policy_fetches_and_writes_without_a_lock() -> None:
     assert result.outcome is Outcome.LEGACY
     assert result.value == VALUE
     assert driver.names() == ["FETCH", "write"]
-    key, written, ttl_ms = driver.commands("write")[0].args
+    key, written, ttl_ms, _ = driver.commands("write")[0].args
     assert (key, stored_payload(written), ttl_ms) == (KEY, PAYLOAD, 60_000)
 
 
@@ -272,7 +276,7 @@ def test_leader_fill_rechecks_fetches_writes_then_releases_with_its_token() -> N
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
     lock_arg, token, lease_ms, recheck_key, wake_arg = driver.commands("acquire")[0].args
     assert (lock_arg, lease_ms, recheck_key, wake_arg) == (LOCK, POLICY.lease_ms, KEY, WAKE)
-    key, written, ttl_ms = driver.commands("write")[0].args
+    key, written, ttl_ms, _ = driver.commands("write")[0].args
     assert (key, stored_payload(written), ttl_ms) == (KEY, PAYLOAD, 60_000)
     lock, wake, released_token, wake_ttl, told = driver.commands("release")[0].args
     assert told == "stored"
@@ -333,7 +337,7 @@ def test_fetch_error_with_error_ttl_writes_an_error_marker_for_that_long(
     result = driver.run(make_plan(error_ttl_ms=error_ttl_ms, negative_ttl_ms=0))
     assert isinstance(result.exception, Boom)
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    assert driver.commands("write")[0].args == (KEY, error_marker("Boom"), error_ttl_ms)
+    assert driver.commands("write")[0].args[:3] == (KEY, error_marker("Boom"), error_ttl_ms)
     assert b"secret" not in driver.commands("write")[0].args[1]
 
 
@@ -354,7 +358,7 @@ def test_none_is_cached_as_a_negative_marker() -> None:
     assert result.value is None
     assert result.exception is None
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    assert driver.commands("write")[0].args == (KEY, NEGATIVE_MARKER, 120_000)
+    assert driver.commands("write")[0].args[:3] == (KEY, NEGATIVE_MARKER, 120_000)
 
 
 def test_none_without_negative_caching_writes_nothing() -> None:
@@ -443,7 +447,9 @@ def landed(driver: Driver, stored: bytes) -> Callable[[Any], Any]:
 
     def with_stored(step: Any) -> Any:
         reply = answer(step)
-        return [reply[0], stored, reply[2]] if getattr(step, "name", None) == "acquire" else reply
+        if getattr(step, "name", None) == "acquire":
+            return [reply[0], stored, *reply[2:]]
+        return reply
 
     return with_stored
 
@@ -918,7 +924,7 @@ def test_a_follower_told_cancelled_follows_again_when_another_took_the_lock() ->
 def test_a_leader_cancelled_mid_fetch_releases_with_cancelled_and_re_raises() -> None:
     steps = fill(make_plan(), FakeClock(), random.Random(0))
     assert steps.send(None).name == "acquire"  # type: ignore[union-attr]
-    assert steps.send([True, None, []]) is FETCH
+    assert steps.send([True, None, [], STAMP_S, "0"]) is FETCH
     release = steps.throw(asyncio.CancelledError())
     assert isinstance(release, Command)
     assert release.name == "release"
@@ -931,7 +937,7 @@ def test_a_leader_cancelled_mid_fetch_releases_with_cancelled_and_re_raises() ->
 def test_a_leader_cancelled_mid_write_releases_with_cancelled_and_re_raises() -> None:
     steps = fill(make_plan(), FakeClock(), random.Random(0))
     steps.send(None)
-    steps.send([True, None, []])
+    steps.send([True, None, [], STAMP_S, "0"])
     write = steps.send(VALUE)
     assert isinstance(write, Command)
     assert write.name == "write"
@@ -945,7 +951,7 @@ def test_a_leader_cancelled_mid_write_releases_with_cancelled_and_re_raises() ->
 def test_a_follower_cancelled_mid_wait_stops_without_a_step() -> None:
     steps = fill(make_plan(), FakeClock(), random.Random(0))
     steps.send(None)
-    wait = steps.send([False, None, []])
+    wait = steps.send([False, None, [], STAMP_S, "0"])
     assert isinstance(wait, Command)
     assert wait.name == "wait"
     with pytest.raises(asyncio.CancelledError):

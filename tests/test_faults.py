@@ -190,10 +190,8 @@ def test_redis_paused_longer_than_the_socket_timeout_then_resumed(
             ("local_join", "TimeoutError"): 3,
         }
     )
-    # Commands that timed out were still in Redis's socket buffers; they ran on resume.
-    cache = own_redis_server.client()
-    assert cache.exists(f"{prefix}fault:x")  # the leader's write, sent before the pause
-    cache.close()
+    # Commands that timed out were still in Redis's socket buffers and ran on resume (the
+    # first use of each script answers NOSCRIPT there, so the write may not have landed).
     assert_next_call_is_served(spec, prefix)
 
 
@@ -293,7 +291,8 @@ def test_leader_killed_mid_fetch(
     for record in records:
         if record["outcome"] == "follower_timeout":
             assert fill.wait_ms <= record["waited_ms"] < fill.lease_ms, record
-            assert record["error"] is None, record
+            # Its write is refused when a follower that took the lock over wrote a later value.
+            assert record["error"] in {None, "newer"}, record
     assert result.longest_wait_s < fill.wait_ms / 1000 + followers_spec.fetch_s + MARGIN_S
     if held_throughout:
         # Every follower found the dead leader's lock: each one waited and fetched itself.
@@ -479,7 +478,7 @@ def test_script_flush_mid_fill_is_recovered(
     cache.close()
 
 
-def test_user_denied_eval_still_gets_values_and_the_lock_expires(
+def test_user_denied_eval_still_gets_values_and_writes_nothing_unguarded(
     own_redis_server: RedisServer, prefix: str, request: pytest.FixtureRequest
 ) -> None:
     admin = own_redis_server.client()
@@ -502,18 +501,15 @@ def test_user_denied_eval_still_gets_values_and_the_lock_expires(
     )
     with recorded() as records:
         pair = leader_and_follower(leader, follower, origins)
-    assert (pair.led.outcome, pair.followed.outcome) == ("leader_fill", "follower_hit")
+    # The lock is a script: each caller fetches itself, and writes nothing it cannot guard.
+    assert (pair.led.outcome, pair.followed.outcome) == ("lock_error", "lock_error")
     assert pair.led.value == pair.followed.value == {"name": "x"}
-    assert len(origins) == 1
+    assert len(origins) == 2
     assert failures(by_outcome(mine(records, prefix))) == Counter(
-        {("leader_fill", "NoPermissionError"): 1, ("follower_hit", None): 1}
+        {("lock_error", "NoPermissionError"): 2}
     )
-    # Not woken by the release: the follower found the value on its next poll.
-    assert pair.follower_s < 0.3 + fill.poll_max_ms / 1000 + MARGIN_S
-    # The lock could not be released; it expires after lease_ms.
-    lock = lock_key(f"{prefix}fault:x")
-    assert 0 < admin.pttl(lock) <= fill.lease_ms
-    wait_until(lambda: not admin.exists(lock), timeout_s=fill.lease_ms / 1000 + MARGIN_S)
+    assert not admin.exists(f"{prefix}fault:x")
+    assert not admin.exists(lock_key(f"{prefix}fault:x"))  # never taken: nothing to expire
     measure(request, len(origins), pair.longest_s, by_outcome(mine(records, prefix)))
     admin.close()
 
@@ -584,10 +580,8 @@ def test_a_foreign_type_under_the_key_is_replaced(
     assert (first.outcome, first.value) == ("leader_fill", {"name": "x"})
     assert (second.outcome, second.value) == ("hit", {"name": "x"})
     assert len(origins) == 1
-    # WRONGTYPE on the recheck is reported; the SET replaced the list.
-    assert failures(by_outcome(mine(records, prefix))) == Counter(
-        {("leader_fill", "ResponseError"): 1}
-    )
+    # The recheck read no value (WRONGTYPE is a miss); the conditional write replaced the list.
+    assert failures(by_outcome(mine(records, prefix))) == Counter({("leader_fill", None): 1})
     measure(request, len(origins), None, by_outcome(mine(records, prefix)))
     cache.close()
 
@@ -723,7 +717,7 @@ def test_the_follower_measures_wait_ms_on_the_clock_it_is_given(
         if step is FETCH:
             reply = {"name": "x"}
         elif step.name == "acquire":
-            reply = [None, None, []]  # another process holds the lock; no value, no signal
+            reply = [0, None, [], "1700000000", "0"]  # the lock is held; no value, no signal
         elif step.name == "wait":
             blocked_ms.append(step.args[2])
             now[0] += step.args[2] / 1000  # the XREAD blocks its full time

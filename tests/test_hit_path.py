@@ -233,12 +233,18 @@ class BrokenClient(fakeredis.FakeRedis):
     def pipeline(self, *args: Any, **kwargs: Any) -> Any:
         raise AttributeError("'NoneType' object has no attribute 'writelines'")
 
+    def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
 
 class BrokenAsyncClient(fakeredis.FakeAsyncRedis):
     async def get(self, *args: Any, **kwargs: Any) -> Any:
         raise AttributeError("'NoneType' object has no attribute 'writelines'")
 
     def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    async def evalsha(self, *args: Any, **kwargs: Any) -> Any:
         raise AttributeError("'NoneType' object has no attribute 'writelines'")
 
 

@@ -349,10 +349,12 @@ def test_redis_restarted_mid_refresh_stale_keeps_being_served_and_the_next_refre
         server.restart()
         outcomes = set()
         deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:  # every caller gets the stale value, never an error
+        while time.monotonic() < deadline:  # every caller gets a value, never an error
             outcomes.add(fetch.call_with_outcome("k").outcome)
             time.sleep(0.02)
-        assert outcomes <= {"stale_hit", "hit", "fallback_hit"}
+        # A restart may have lost invalidations: once a read of the marks notices it, values
+        # stamped before it are refilled (a leader_fill), never served.
+        assert outcomes <= {"stale_hit", "hit", "fallback_hit", "leader_fill", "local_join"}
         gate["slow"] = False
         lock = lock_key(prefix + "swr:k")
         deadline = time.monotonic() + 5
