@@ -182,14 +182,15 @@ def read_marks(client: redis.Redis, prefix: str, dataset: str) -> Marks:
     """
     generations = Generations(check_s=0.0)
     marks = client.hgetall(meta_key(prefix))  # read only: an inspection writes nothing
-    generations.loaded([0, "", marks], now=time.monotonic())
+    generations.loaded([0, "read", marks], now=time.monotonic())
     return generations.of(dataset)
 
 
 def _marks_text(marks: Marks) -> str:
     floor = f"values stamped at or before {stamp_text(marks.hard)} are not served"
     if not marks.explicit:
-        return f"none (never invalidated under this prefix); {floor} (the marks' birth)"
+        born = f"; {floor} (when the marks were born)" if marks.hard else ""
+        return f"none (never invalidated under this prefix){born}"
     soft = f", stale until stamped after {stamp_text(marks.soft)}" if marks.soft else ""
     return f"{floor}{soft}"
 

@@ -59,12 +59,12 @@ def test_filled_entry(
     assert shown["payload"] == f"{len(payload)} bytes, JSON value"
     assert re.fullmatch(
         r"fetched \S+Z \([\d.]+ s ago\), fresh until \S+Z \(in [\d.]+ s\), "
-        r"fetch took \d+ ms, seq 0",
+        r"fetch took \d+ ms, stamped \S+Z",
         shown["header"],
     ), shown["header"]
     seconds = float(shown["data ttl left"].removesuffix(" s"))
     assert 55 < seconds <= 60
-    assert shown["marks"] == "none (the dataset was never invalidated under this prefix)"
+    assert shown["marks"].startswith("none (never invalidated under this prefix)")
     assert shown["servable"] == "yes: fresh"
     assert shown["lock ttl left"] == "absent"
     assert shown["lock holder"] == "none"
@@ -101,23 +101,22 @@ def test_a_value_below_the_hard_mark_is_shown_as_not_servable(
     cache = Memofill(redis_server.client(), prefix=prefix)
     quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
     argv = (QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix)
-    quotes("ACME")  # generation 0
-    cache.invalidate_dataset(QUOTES)  # mark 1
-    cache.invalidate_dataset(QUOTES)  # mark 2
+    quotes("ACME")
+    cache.invalidate_dataset(QUOTES)
+    cache.invalidate_dataset(QUOTES)
     code, shown, err = inspect(capsys, *argv)
     assert code == 0, err
     assert shown["payload"].endswith("JSON value")  # still in Redis, until its TTL
-    assert shown["marks"] == (
-        "hard 2, no soft mark (values of a lower generation were fetched before it)"
-    )
-    assert shown["servable"] == (
-        "no: fetched before the dataset was invalidated (generation 0 < mark 2); "
-        "a call fetches anew"
+    assert re.fullmatch(r"values stamped at or before \S+Z are not served", shown["marks"])
+    assert re.fullmatch(
+        r"no: fetched before the dataset was invalidated, or before its marks were lost "
+        r"\(stamped \S+Z, not after \S+Z\); a call fetches anew",
+        shown["servable"],
     )
     assert quotes.call_with_outcome("ACME").outcome == "leader_fill"  # as the run time decides
     code, shown, err = inspect(capsys, *argv)
     assert (code, shown["servable"]) == (0, "yes: fresh"), err
-    assert shown["header"].endswith("seq 2")
+    assert re.search(r"stamped \S+Z$", shown["header"])
 
 
 def test_a_value_below_a_soft_mark_is_stale_where_the_dataset_serves_stale(
@@ -133,16 +132,18 @@ def test_a_value_below_a_soft_mark_is_stale_where_the_dataset_serves_stale(
     url = ("--url", redis_server.url, "--prefix", prefix)
     code, shown, err = inspect(capsys, HEADLINES, "en", *url)
     assert code == 0, err
-    assert shown["marks"].startswith("no hard mark, soft 1 ")
-    assert shown["servable"] == (
-        "stale: fetched before the dataset was invalidated softly (generation 0 < soft mark 1); "
-        "served stale while one caller refreshes it"
+    assert ", stale until stamped after " in shown["marks"]
+    assert re.fullmatch(
+        r"stale: fetched before the dataset was invalidated softly \(stamped \S+Z, not after "
+        r"\S+Z\); served stale while one caller refreshes it",
+        shown["servable"],
     )
     code, shown, err = inspect(capsys, QUOTES, "ACME", *url)
     assert code == 0, err
-    assert shown["servable"] == (
-        "no: fetched before the dataset was invalidated softly (generation 0 < soft mark 2), "
-        "and it has no stale_s to serve it stale; a call fetches anew"
+    assert re.fullmatch(
+        r"no: fetched before the dataset was invalidated softly \(stamped \S+Z, not after "
+        r"\S+Z\), and it has no stale_s to serve it stale; a call fetches anew",
+        shown["servable"],
     )
     assert headlines.call_with_outcome("en").outcome == "stale_hit"  # as the run time decides
     assert quotes.call_with_outcome("ACME").outcome == "leader_fill"
@@ -166,7 +167,8 @@ def test_the_headers_clock_says_fresh_stale_or_gone(
 ) -> None:
     now_ms = round(time.time() * 1000)
     soft_until_ms = now_ms - past_s * 1000
-    header = header_bytes(Header(soft_until_ms - 60_000, soft_until_ms, 5, 0))
+    stamp = round(time.time() * 1_000_000)  # as a fill made now: after the marks' birth
+    header = header_bytes(Header(soft_until_ms - 60_000, soft_until_ms, 5, stamp))
     redis_server.client().set(f"{prefix}news:headlines:en", header + b'{"a":1}', px=30_000)
     code, shown, err = inspect(
         capsys, HEADLINES, "en", "--url", redis_server.url, "--prefix", prefix
@@ -187,8 +189,8 @@ def test_values_without_a_generation_and_markers(
     )
     Memofill(client, prefix=prefix).invalidate_dataset(QUOTES)
     assert inspect(capsys, QUOTES, "OLD", *argv)[1]["servable"] == (
-        "no: written without a generation (by an older release) before the dataset was "
-        "invalidated (mark 1); a call fetches anew"
+        "no: written without a stamp (by hand or an older release) and the dataset was "
+        "invalidated; a call fetches anew"
     )
     assert inspect(capsys, QUOTES, "NONE", *argv)[1]["servable"] == (
         "yes: as None (a negative hit) until it expires; marks do not apply to markers"

@@ -534,7 +534,7 @@ def age(client: redis.Redis, key: str) -> None:
     header = read_header(raw)
     assert header is not None
     soft_until_ms = round((wall_clock() - 1) * 1000)
-    aged = Header(soft_until_ms - 60_000, soft_until_ms, header.delta_ms, header.seq)
+    aged = Header(soft_until_ms - 60_000, soft_until_ms, header.delta_ms, header.stamp)
     client.set(key, header_bytes(aged) + raw[HEADER_LEN:], keepttl=True)
 
 
