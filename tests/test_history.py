@@ -1,7 +1,27 @@
-"""The history checker (tests/support/history.py), on small hand-made histories."""
+"""A randomized history of calls, refreshes and invalidations under Redis faults, then checked.
+
+``test_a_random_history_keeps_the_consistency_guarantees`` runs a few processes
+that call, refresh and invalidate a few keys of three datasets at random while a
+nemesis restarts, pauses and kills the cache server and deletes its ``#meta``
+hash, then checks the merged history against docs/SPEC.md §6 (see
+tests/support/history.py for the rules). The other tests check the checker on
+small hand-made histories.
+
+Replay a run, or run longer::
+
+    MEMOFILL_HISTORY_SEED=1234 MEMOFILL_HISTORY_SECONDS=60 \\
+        python -m pytest tests/test_history.py -m history
+
+``MEMOFILL_HISTORY_FAULTS`` picks the nemesis's faults (``pause,kill``, or
+``none`` for a run without faults). ``MEMOFILL_HISTORY_STRICT_OUTAGE=1`` also
+asserts what is otherwise only counted: no outage copy served after another
+process's invalidation.
+"""
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +30,9 @@ import pytest
 import redis
 
 from memofill.errors import FillError
+from tests.support.fault_helpers import note
 from tests.support.history import (
+    FAULTS,
     Bounds,
     Op,
     OriginFailure,
@@ -21,9 +43,54 @@ from tests.support.history import (
     error_type,
     load,
     report,
+    run,
 )
+from tests.support.redis_servers import running_server
 
 pytestmark = pytest.mark.history
+
+SEED = os.environ.get("MEMOFILL_HISTORY_SEED")
+SECONDS = float(os.environ.get("MEMOFILL_HISTORY_SECONDS") or 6)
+FAULTS_CHOSEN = os.environ.get("MEMOFILL_HISTORY_FAULTS")
+STRICT_OUTAGE = os.environ.get("MEMOFILL_HISTORY_STRICT_OUTAGE") == "1"
+
+
+def chosen_faults() -> tuple[str, ...]:
+    if FAULTS_CHOSEN is None:
+        return FAULTS
+    faults = tuple(f for f in FAULTS_CHOSEN.replace(" ", "").split(",") if f and f != "none")
+    unknown = set(faults) - set(FAULTS)
+    if unknown:
+        raise ValueError(f"MEMOFILL_HISTORY_FAULTS: unknown {sorted(unknown)}, known {FAULTS}")
+    return faults
+
+
+@pytest.mark.redis_server
+@pytest.mark.slow
+@pytest.mark.timeout(SECONDS + 120)
+def test_a_random_history_keeps_the_consistency_guarantees(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    seed = int(SEED) if SEED else random.SystemRandom().randrange(1, 1_000_000)
+    with running_server() as data, running_server() as counter:
+        plan = Plan(
+            seed=seed,
+            seconds=SECONDS,
+            data_port=data.port,
+            counter_port=counter.port,
+            directory=str(tmp_path / "history"),
+            faults=chosen_faults(),
+        )
+        result = run(plan, data)
+    verdict = check(result.ops, Bounds.of(plan, strict_outage=STRICT_OUTAGE))
+    text = report(result, verdict)
+    print(text)  # shown with -s, and on failure
+    note(request, "seed", seed)
+    note(request, "wall_s", round(result.wall_s, 1))
+    note(request, "stats", verdict.stats)
+    assert not result.unfinished, text
+    assert not verdict.violations, text
+
 
 # --- the checker, on hand-made histories ---------------------------------------------------
 
@@ -240,6 +307,9 @@ def test_the_report_names_the_seed_the_replay_and_the_operations(tmp_path: Path)
     assert "after p1/t1 invalidate d:{k} a [    220.0 ..     230.0] ms" in text
     assert "first returned by p0/t0 call" in text
     assert "meanwhile nemesis pause" in text
+    only_kills = attrs.evolve(plan, faults=("kill",))
+    text = report(attrs.evolve(result, plan=only_kills), check(result.ops, BOUNDS))
+    assert "MEMOFILL_HISTORY_SECONDS=3 MEMOFILL_HISTORY_FAULTS=kill python -m pytest" in text
 
 
 def test_histories_round_trip_through_their_files(tmp_path: Path) -> None:
