@@ -289,6 +289,21 @@ def test_going_back_in_time_and_overrunning_a_window_are_counted_not_asserted() 
     ]
 
 
+def test_an_older_value_read_from_redis_after_a_newer_one_is_told_apart() -> None:
+    old, new = value(1, 0.9), value(2, 1.0)
+    newer = call(1.0, 1.2, new, outcome="follower_hit")
+    older = call(1.3, 1.31, old, process="p2")
+    verdict = check([newer, older], BOUNDS)
+    assert verdict.violations == []
+    assert [(n.kind, n.op, n.other) for n in verdict.notes] == [
+        ("regression", older, newer),
+        ("regression-in-redis", older, newer),
+    ]
+    # Unless Redis lost everything in between.
+    kill = Op("nemesis", -1, "nemesis", 1.22, 1.25, fault="kill")
+    assert [n.kind for n in check([newer, kill, older], BOUNDS).notes] == ["regression"]
+
+
 def test_the_report_names_the_seed_the_replay_and_the_operations(tmp_path: Path) -> None:
     old = value(7, 0.95)
     fill = call(0.9, 1.1, old, outcome="leader_fill")

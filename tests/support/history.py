@@ -40,9 +40,11 @@ comparable; :func:`check` verifies docs/SPEC.md §6 and docs/failure_modes.rst:
 What the documents do not promise, or what no process can do, is counted and
 printed, not asserted: an outage copy served after *another* process's
 invalidation (that process could not reach Redis to learn of it), a value older
-than one an earlier call of the same key already returned (a ``regression``),
-and a value served past its dataset's window (``ttl_s + max(stale_s,
-stale_if_error_s)`` from its fetch start).
+than one an earlier call of the same key already returned (a ``regression``;
+``regression-in-redis`` when both were read from Redis with no restart or kill
+between, the plainest trace of a stale set), and a value served past its
+dataset's window (``ttl_s + max(stale_s, stale_if_error_s)`` from its fetch
+start).
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ OPERATIONS = {
 }
 READS = frozenset({"call", "refresh"})
 INVALIDATIONS = frozenset({"invalidate", "invalidate_dataset", "invalidate_dataset_instance"})
+#: Outcomes whose value was read from Redis: it was stored there when the read was sent.
+REDIS_READS = frozenset({"hit", "stale_hit", "follower_hit", "leader_recheck_hit"})
+#: Faults after which Redis holds none of what it held.
+DATA_LOSS = frozenset({"restart", "kill"})
 #: What the nemesis does to the cache server.
 FAULTS = ("restart", "pause", "kill", "del_meta")
 #: How long a process may take to start.
@@ -695,18 +701,14 @@ def check(ops: Sequence[Op], bounds: Bounds) -> Verdict:
     by_target: dict[tuple[str | None, str | None], list[Op]] = defaultdict(list)
     for op in served:
         by_target[op.dataset, op.key].append(op)
+    losses = [op for op in ops if op.kind == "nemesis" and op.fault in DATA_LOSS]
     for target_reads in by_target.values():
-        by_end = sorted(target_reads, key=lambda op: op.end)
-        newest: Op | None = None
-        cursor = 0
-        for op in sorted(target_reads, key=lambda op: op.start):
-            while cursor < len(by_end) and by_end[cursor].end < op.start - bounds.slack_s:
-                earlier = by_end[cursor]
-                if newest is None or _fetched(earlier) > _fetched(newest):
-                    newest = earlier
-                cursor += 1
-            if newest is not None and _fetched(op) < _fetched(newest) - bounds.slack_s:
-                notes.append(Note("regression", op, newest))
+        for op, newer in _regressions(target_reads, bounds.slack_s):
+            notes.append(Note("regression", op, newer))
+        from_redis = [op for op in target_reads if op.outcome in REDIS_READS]
+        for op, newer in _regressions(from_redis, bounds.slack_s):
+            if not any(f.start <= op.start and f.end >= newer.end for f in losses):
+                notes.append(Note("regression-in-redis", op, newer))
     for op in served:
         window = bounds.windows.get(op.dataset or "")
         if window is not None and op.start > _fetched(op) + window + bounds.slack_s:
@@ -724,6 +726,21 @@ def check(ops: Sequence[Op], bounds: Bounds) -> Verdict:
     for kind in NOTED:
         stats[kind] = dict(Counter(n.op.outcome or n.op.kind for n in notes if n.kind == kind))
     return Verdict(violations, stats, notes)
+
+
+def _regressions(reads: Sequence[Op], slack_s: float) -> Iterator[tuple[Op, Op]]:
+    """Each read of one key that got an older value than a read that ended before it began."""
+    by_end = sorted(reads, key=lambda op: op.end)
+    newest: Op | None = None
+    cursor = 0
+    for op in sorted(reads, key=lambda op: op.start):
+        while cursor < len(by_end) and by_end[cursor].end < op.start - slack_s:
+            earlier = by_end[cursor]
+            if newest is None or _fetched(earlier) > _fetched(newest):
+                newest = earlier
+            cursor += 1
+        if newest is not None and _fetched(op) < _fetched(newest) - slack_s:
+            yield op, newest
 
 
 def _fetched(op: Op) -> float:
@@ -771,6 +788,7 @@ def replay(plan: Plan) -> str:
 NOTED = {
     "outage-copy-after-remote-invalidation": "after",
     "regression": "a newer value was returned before by",
+    "regression-in-redis": "a newer value was read from Redis before by",
     "past-window": "",
 }
 
