@@ -19,7 +19,7 @@ reads only the fields it needs, one ``int(..., 16)`` each (about 0.13 µs).
 Bytes without a header (written by a release before headers, or by hand) still
 read as before: fresh until Redis expires them, while their dataset has no
 mark. Bytes with the first release's header (version ``1``, no stamp) are a
-miss, refilled once (:data:`OLD_HEADED`).
+miss, refilled once (``OLD_HEADED``).
 """
 
 from __future__ import annotations

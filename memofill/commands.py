@@ -176,7 +176,7 @@ return 0
 #:
 #: ``SET lock token NX PX lease``, then ``GET key`` (the recheck) and the newest
 #: wake entry, then ``TIME``: the fill's **stamp**, Redis's clock before the fetch
-#: begins, which its write is later judged by (:data:`STORE_SCRIPT`). A script,
+#: begins, which its write is later judged by (``STORE_SCRIPT``). A script,
 #: not a pipeline, so that the clock is the data key's own node's on a Cluster.
 #: Returns ``[1 or 0, stored bytes or nil, [newest entry] or [], seconds, µs]``.
 ACQUIRE_SCRIPT = """
@@ -458,14 +458,14 @@ class Commands:
         return pipe.execute()
 
     def write(self, key: str, payload: bytes, ttl_ms: int, stamp: int) -> Any:
-        """Run :data:`STORE_SCRIPT`: write ``payload`` unless something newer was decided.
+        """Run ``STORE_SCRIPT``: write ``payload`` unless something newer was decided.
 
         One round trip, the payload sent as raw bytes; returns ``stored`` or why not.
         """
         return self._store(keys=[key, tomb_key(key)], args=[payload, ttl_ms, stamp, TOMB_MS])
 
     def acquire(self, lock_key: str, token: str, lease_ms: int, key: str, wake_key: str) -> Any:
-        """Run :data:`ACQUIRE_SCRIPT`: the lock, the recheck, the newest wake entry, the clock.
+        """Run ``ACQUIRE_SCRIPT``: the lock, the recheck, the newest wake entry, the clock.
 
         One round trip. Returns ``[1 or 0, stored bytes or None, [newest entry],
         seconds, µs]``; a follower reads the wake stream from that entry on, so it
@@ -490,7 +490,7 @@ class Commands:
         return self.client.xread({wake_key: last_id}, count=1, block=block_ms)
 
     def delete(self, key: str) -> Any:
-        """Run :data:`INVALIDATE_KEY_SCRIPT`: a tomb, then ``DEL``: ``[tomb µs, deleted]``."""
+        """Run ``INVALIDATE_KEY_SCRIPT``: a tomb, then ``DEL``: ``[tomb µs, deleted]``."""
         return self._invalidate_key(keys=[key, tomb_key(key)], args=[TOMB_MS])
 
     def invalidate_dataset(self, meta_key: str, mark: str) -> Any:
@@ -498,7 +498,7 @@ class Commands:
         return self._invalidate(keys=[meta_key], args=[mark])
 
     def read_meta(self, meta_key: str, version: str) -> Any:
-        """Run :data:`READ_META_SCRIPT`: the clock, and the marks if ``version`` is not current."""
+        """Run ``READ_META_SCRIPT``: the clock, and the marks if ``version`` is not current."""
         return self._read_meta(keys=[meta_key], args=[version])
 
     def scan_keys(self, pattern: str, count: int) -> Any:

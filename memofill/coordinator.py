@@ -10,17 +10,17 @@ asyncio client; neither makes a decision.
 One miss, for a dataset with a fill policy:
 
 1. ``SET lock NX PX lease_ms`` with a fresh token, and in the same round trip
-   (:data:`~memofill.commands.ACQUIRE_SCRIPT`) ``GET key`` (the **recheck**), the
+   (``ACQUIRE_SCRIPT``) ``GET key`` (the **recheck**), the
    newest entry of the wake stream and Redis's clock, the fill's **stamp**.
    Between this caller's miss and its lock, another leader may have written the
    value and released; without the recheck every such race would call the
    upstream again (and a caller that did not get the lock returns that value at
    once).
 2. Acquired and still a miss: fetch, write conditionally
-   (:data:`~memofill.commands.STORE_SCRIPT`, one round trip: refused when the
+   (``STORE_SCRIPT``, one round trip: refused when the
    key was invalidated or a later-stamped value written since the stamp),
    release token-safely and wake followers with how the fill ended
-   (:data:`STORED`, :data:`RETURNED_NONE`, :data:`REFUSED`, or :data:`RAISED` or
+   (:data:`STORED`, :data:`RETURNED_NONE`, ``REFUSED``, or :data:`RAISED` or
    :data:`UNSTORED` and an error's type name). A refused write is no error for
    the caller, who gets the value its fetch made (``fill_refused``); its
    followers take the lock again, as after a cancelled leader. A leader cancelled before its
@@ -107,7 +107,7 @@ UNSTORED = "unstored:"
 #: them takes over the fill. It is an :data:`UNSTORED` entry, so that a follower that does
 #: not know this one fetches at once rather than take it for the answer.
 CANCELLED = UNSTORED + "CancelledError"
-#: In the wake entry, Redis refused the leader's write (:data:`~memofill.commands.STORE_SCRIPT`):
+#: In the wake entry, Redis refused the leader's write (``STORE_SCRIPT``):
 #: the key was invalidated, or holds a later fill's value, since the leader's fetch began.
 #: Followers take the lock again and fill anew, or find the later value. An
 #: :data:`UNSTORED` entry, so that a follower that does not know it fetches at once.
@@ -180,8 +180,8 @@ class Plan:
     #: datasets that serve stale or refresh early. Callers that meet the hold get the stale
     #: value or, past the windows, :class:`~memofill.errors.FillError`, without a fetch.
     hold_on_error: bool = False
-    #: The stamp of a fill without the lock (which reads none): Redis's clock as this process
-    #: last read it, so no later than the fetch begins (:attr:`Generations.clock_us`).
+    #: The stamp of a fill that takes no lock, which reads no clock of its own. It is
+    #: Redis's clock as this process last read it, so no later than the fetch begins.
     stamp: int = 0
     #: A value read under the key ends this fill only if its stamp is after this (µs), 0 for
     #: any: a value fetched before a dataset invalidation this process knows of never does.
@@ -429,7 +429,7 @@ def _store(
     return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
 
 
-#: Why :data:`~memofill.commands.STORE_SCRIPT` refuses a write, as a result's ``error``.
+#: Why ``STORE_SCRIPT`` refuses a write, as a result's ``error``.
 _REFUSALS = frozenset({"invalidated", "newer", "old"})
 _REFRESHES = frozenset({Outcome.REFRESH_FILL, Outcome.REFRESH_NEGATIVE})
 
@@ -658,7 +658,7 @@ def _timed_fetch(plan: Plan) -> Generator[Step, Any, tuple[Any, int, int]]:
 
 
 def _refusal(written: Any) -> str | None:
-    """Why :data:`~memofill.commands.STORE_SCRIPT` refused a write, or ``None`` if it wrote."""
+    """Why ``STORE_SCRIPT`` refused a write, or ``None`` if it wrote."""
     reply = written.decode() if isinstance(written, bytes) else str(written)
     return reply if reply in _REFUSALS else None
 
@@ -702,7 +702,7 @@ def _write_and_release(
 
     ``result`` is what the wake entry tells the followers; a value whose write
     failed is told as :data:`UNSTORED`, so that they do not wait for it, and one
-    Redis refused as :data:`REFUSED`. Returns the errors worth reporting,
+    Redis refused as ``REFUSED``. Returns the errors worth reporting,
     ``(write, release)``: a Redis error or the refusal's reason, or
     :data:`LEASE_EXPIRED` when the lock no longer held this caller's token. On a
     release error the lock simply expires after ``lease_ms``. Two round trips,

@@ -168,7 +168,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
 
         Leaves a tomb with Redis's clock beside the key, so that a fill whose
         fetch began before this call never writes its value after it
-        (:data:`memofill.commands.STORE_SCRIPT`). This process's near and outage
+        (``STORE_SCRIPT``). This process's near and outage
         copies go before the ``DEL`` and again after it: a read in flight meanwhile
         keeps nothing; and a call that starts afterwards joins no fill in flight here.
         """

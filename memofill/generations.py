@@ -21,7 +21,7 @@ A process's marks only move forward, whatever it reads.
 
 Each process keeps the marks in memory (:class:`Generations`) and reads the
 hash again at most every ``meta_check_ms``, and before its first hit; the read
-(:data:`~memofill.commands.READ_META_SCRIPT`) sends the version it knows and gets
+(``READ_META_SCRIPT``) sends the version it knows and gets
 the whole hash back only when it changed, so its cost is flat in the number of
 datasets and processes. Where a near-cache listener runs, the meta key is
 tracked too, and a change reaches the process in milliseconds. This module
@@ -57,8 +57,8 @@ class Marks:
     __slots__ = ("explicit", "hard", "soft", "top")
 
     def __init__(self) -> None:
-        #: A value must be stamped after this (µs) to be served at all: the dataset's hard
-        #: mark, or when the meta hash was born if later; 0 before the hash was read.
+        #: A value must be stamped after this to be served at all. It is the dataset's hard
+        #: mark in µs, or when the meta hash was born if later; 0 before the hash was read.
         self.hard = 0
         #: A value must be stamped after this to be served fresh, 0 for no soft mark.
         self.soft = 0
@@ -108,15 +108,15 @@ class Generations:
         self.check_s = check_s
         #: The clock time of the next read; 0.0 reads it at the next call.
         self.next_check = 0.0
-        #: Redis's clock (µs) when this process last read it: no later than now, so what a
-        #: fill that takes no lock stamps its value with.
+        #: Redis's clock in µs when this process last read it. It is no later than now, so a
+        #: fill that takes no lock stamps its value with it.
         self.clock_us = 0
         #: The hash's version as last read (``born:v``); the next read sends it.
         self.version = ""
-        #: When the hash was born, as last read (µs): every value stamped before is behind.
+        #: When the hash was born, in µs as last read. Every value stamped before is behind.
         self.born = 0
         #: Counts this process's ``invalidate()`` calls: a miss that starts after one joins no
-        #: fill in flight that began before it (:func:`memofill.misses.flight`).
+        #: fill in flight that began before it (``misses.flight``).
         self.local = 0
         #: Dataset -> its marks; a cell made on first use stays (functions hold it).
         self.marks: dict[str, Marks] = {}
@@ -148,7 +148,7 @@ class Generations:
         self.on_change()
 
     def loaded(self, reply: Any, error: str | None = None, *, now: float) -> None:
-        """Take what :data:`~memofill.commands.READ_META_SCRIPT` returned (``None``: no reply).
+        """Take what ``READ_META_SCRIPT`` returned (``None``: no reply).
 
         ``[clock, version]`` while the version known is current, else ``[clock,
         version, the hash as a flat list]``; ``error`` names why there is no reply.

@@ -547,7 +547,7 @@ def wake_key(final_key: str) -> str:
 def tomb_key(final_key: str) -> str:
     """Where ``invalidate()`` leaves its mark: Redis's clock when the key was invalidated.
 
-    A fill whose stamp is not after it is refused (:data:`memofill.commands.STORE_SCRIPT`),
+    A fill whose stamp is not after it is refused (``STORE_SCRIPT``),
     so a fetch that began before the invalidation never writes its value after it.
     """
     return hash_tagged(final_key) + TOMB_SUFFIX

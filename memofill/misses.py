@@ -140,6 +140,7 @@ class Refresh:
         self.trigger, self.seen, self.stale_age_ms = trigger, seen, stale_age_ms
         #: The context of the caller that handed this refresh off, for the refresh's scope.
         self.caller = caller
+        self.local_at = snapshot.generations.local  # as for a Miss
         self.plan = plan_for(snapshot, key, commands, None)
 
     def run_sync(self) -> Result:
@@ -188,7 +189,8 @@ class Refresh:
         )
         record.emit()
         snapshot.metrics.refreshed(record)
-        if outcome is Outcome.REFRESH_FILL and result.stored is not None:
+        overtaken = snapshot.generations.local != self.local_at
+        if outcome is Outcome.REFRESH_FILL and result.stored is not None and not overtaken:
             snapshot.local_store.put(self.key, result.stored, snapshot.ttl_s)
         if result.unstorable is not None:
             warn_unstorable(snapshot, self.key, result)
@@ -218,6 +220,9 @@ class Miss:
         stale: bytes | None = None,
     ) -> None:
         self.snapshot, self.key, self.started, self.commands = snapshot, key, started, commands
+        #: This process's ``invalidate()`` count when the miss began: a fill that an
+        #: invalidation here overtook keeps no copy for outages.
+        self.local_at = snapshot.generations.local
         # ``wrapped`` is None for a direct call: the decorated function, as it is now.
         function = snapshot.current_function() if wrapped is None else wrapped
         #: How long this caller's call of the origin took, once it made one (see _timed).
@@ -292,7 +297,7 @@ class Miss:
         snapshot.metrics.miss(record)
         if joined:
             return result
-        if result.stored is not None:
+        if result.stored is not None and snapshot.generations.local == self.local_at:
             snapshot.local_store.put(self.key, result.stored, snapshot.ttl_s)
         elif result.led and snapshot.near is not None:
             # This fill wrote a marker, or nothing: a near copy of the key is not the answer now.
@@ -399,6 +404,16 @@ def flight(snapshot: Snapshot, key: str) -> str:
     value it would then be served.
     """
     return f"{key}\0{snapshot.marks.top}\0{snapshot.generations.local}"
+
+
+def invalidated_meanwhile(result: Result) -> bool:
+    """Whether the key was invalidated while the fill a caller joined was fetching.
+
+    Its leader's call began before the invalidation, so it gets the value; a
+    caller that joined may have begun after it (in another process's time, which
+    this process cannot see), so it fills anew rather than take that value.
+    """
+    return result.outcome is Outcome.FILL_REFUSED and result.error == "invalidated"
 
 
 #: Prefixes a refresh's key in the process-local flights, apart from the misses'.

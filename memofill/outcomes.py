@@ -47,7 +47,7 @@ class Outcome(str, enum.Enum):
     #: The fill failed past ``stale_s`` but within ``stale_if_error_s``, and the caller got
     #: the stale value instead of the error.
     STALE_ON_ERROR = "stale_on_error"
-    #: This caller led the fill and got its value, but Redis refused to store it: since
+    #: This caller led the fill and got its value, and Redis refused to store it. Since
     #: its fetch began, the key was invalidated (``error=invalidated``), a later fill wrote
     #: it (``newer``), or longer ago than a tomb lives (``old``). Nothing stale was written.
     #: (A fill without the lock whose write is refused keeps its outcome, such as
