@@ -421,7 +421,7 @@ def _store(
     write_error, release_error = yield from _write_and_release(
         plan, policy, lock, token, payload=payload, ttl_ms=ttl_ms, result=told, stamp=stamp
     )
-    if write_error in _REFUSALS:
+    if write_error in REFUSALS:
         refused = Outcome.REFRESH_REFUSED if outcome in _REFRESHES else Outcome.FILL_REFUSED
         result = _fetched(refused, value, None, write_error, unstorable)
         return attrs.evolve(result, delta_ms=delta_ms)
@@ -430,7 +430,7 @@ def _store(
 
 
 #: Why ``STORE_SCRIPT`` refuses a write, as a result's ``error``.
-_REFUSALS = frozenset({"invalidated", "newer", "old"})
+REFUSALS = frozenset({"invalidated", "newer", "old"})
 _REFRESHES = frozenset({Outcome.REFRESH_FILL, Outcome.REFRESH_NEGATIVE})
 
 
@@ -660,7 +660,7 @@ def _timed_fetch(plan: Plan) -> Generator[Step, Any, tuple[Any, int, int]]:
 def _refusal(written: Any) -> str | None:
     """Why ``STORE_SCRIPT`` refused a write, or ``None`` if it wrote."""
     reply = written.decode() if isinstance(written, bytes) else str(written)
-    return reply if reply in _REFUSALS else None
+    return reply if reply in REFUSALS else None
 
 
 def _stored_form(

@@ -38,7 +38,7 @@ from memofill.codec import (
 from memofill.commands import Commands, is_timeout, is_unreachable
 from memofill.errors import FillError
 from memofill.late import LateRead, sort_read
-from memofill.misses import Miss, bypass, flight, invalidated_meanwhile, raise_if_cancel_was_lost
+from memofill.misses import Miss, bypass, flight, raise_if_cancel_was_lost
 from memofill.near import keep_near, outage_copy, serve_near
 from memofill.outcomes import FALLBACK_HIT, HIT, NEAR_HIT, NOT_A_HIT, CallResult
 from memofill.snapshot import BYPASS, Snapshot
@@ -100,9 +100,8 @@ def lookup_sync(
     elif isinstance(then, LateRead):
         served = then.run_sync()
     else:
-        result, joined = snapshot.thread_flights.run(flight(snapshot, key), then.run_sync)
-        if joined and invalidated_meanwhile(result):
-            result, joined = then.run_sync(), False
+        settle = then.settle_sync
+        result, joined = snapshot.thread_flights.run(flight(snapshot, key), then.run_sync, settle)
         served = then.finish(result, joined)
     return served if with_outcome else served.value
 
@@ -162,9 +161,8 @@ async def lookup_async(
         served = await then.run_async()
     else:
         raise_if_cancel_was_lost()
-        result, joined = await snapshot.task_flights.run(flight(snapshot, key), then.run_async)
-        if joined and invalidated_meanwhile(result):
-            result, joined = await then.run_async(lambda: None), False
+        flights = snapshot.task_flights
+        result, joined = await flights.run(flight(snapshot, key), then.run_async, then.settle_async)
         served = then.finish(result, joined)
     return served if with_outcome else served.value
 

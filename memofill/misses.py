@@ -26,7 +26,7 @@ from typing import Any
 
 from memofill.codec import CORRUPT, Header
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
-from memofill.coordinator import Plan, Result, fill, refresh
+from memofill.coordinator import REFUSALS, Plan, Result, fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
@@ -306,6 +306,32 @@ class Miss:
             warn_unstorable(snapshot, self.key, result)
         return result
 
+    def settle_sync(self, result: Result) -> bool:
+        """Whether this fill's joiners may share ``result``: what Redis holds, when the fill ends.
+
+        A joiner may have begun after another process invalidated the key while
+        this fill fetched: its write was then refused, or the key deleted after
+        it. One ``GET`` when the fill ends tells (a Redis error: shared, as in an
+        outage, where the process's own coalescing is what spares the origin).
+        """
+        verdict = _shareable(result)
+        if verdict is not None or self.commands is None:
+            return verdict is not False
+        try:
+            return bool(self.commands.get(self.key) == result.stored)
+        except Exception:  # Redis failing: see the docstring
+            return True
+
+    async def settle_async(self, result: Result) -> bool:
+        """:meth:`settle_sync` on the asyncio client."""
+        verdict = _shareable(result)
+        if verdict is not None or self.commands is None:
+            return verdict is not False
+        try:
+            return bool(await self.commands.get(self.key) == result.stored)
+        except Exception:  # Redis failing: see settle_sync
+            return True
+
     def finish(self, result: Result, joined: bool) -> CallResult:
         """This caller's result: a joiner is logged as one; the value, or raise.
 
@@ -321,6 +347,25 @@ class Miss:
             value = value if copy is CORRUPT else copy
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
         return CallResult(value, outcome.value, result.led and not joined)
+
+
+def _shareable(result: Result) -> bool | None:
+    """Whether joiners may share ``result`` as it is, or ``None``: ask Redis.
+
+    A write Redis refused for an invalidation is never shared. Only
+    a value this caller fetched and wrote without an error needs asking (where
+    Redis failed, the process's coalescing spares the origin): a value read from Redis
+    (a follower's, a recheck's) was current when it was read, after every joiner
+    had joined.
+    """
+    if result.error in REFUSALS:
+        # Refused for a tomb (or one that may have gone): the key was invalidated meanwhile.
+        # "newer" is checked after the tomb: a later fill, and no invalidation since.
+        return result.error == "newer"
+    if not result.led or result.stored is None or result.outcome is Outcome.LEADER_RECHECK_HIT:
+        return True
+    # Redis failed on the way (the write may not have landed): shared, as in an outage.
+    return True if result.error is not None else None
 
 
 def _timed(
@@ -378,7 +423,8 @@ def refresh_sync(snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwa
     key = snapshot.key_of(instance, args, kwargs)
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     # Not joined with a plain miss in flight, which may end with the value it found.
-    result, joined = snapshot.thread_flights.run(_REFRESH + key, miss.run_sync)
+    name = _REFRESH + flight(snapshot, key)
+    result, joined = snapshot.thread_flights.run(name, miss.run_sync, miss.settle_sync)
     return miss.finish(result, joined).value
 
 
@@ -392,7 +438,8 @@ async def refresh_async(
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
-    result, joined = await snapshot.task_flights.run(_REFRESH + key, miss.run_async)
+    name = _REFRESH + flight(snapshot, key)
+    result, joined = await snapshot.task_flights.run(name, miss.run_async, miss.settle_async)
     return miss.finish(result, joined).value
 
 
@@ -404,16 +451,6 @@ def flight(snapshot: Snapshot, key: str) -> str:
     value it would then be served.
     """
     return f"{key}\0{snapshot.marks.top}\0{snapshot.generations.local}"
-
-
-def invalidated_meanwhile(result: Result) -> bool:
-    """Whether the key was invalidated while the fill a caller joined was fetching.
-
-    Its leader's call began before the invalidation, so it gets the value; a
-    caller that joined may have begun after it (in another process's time, which
-    this process cannot see), so it fills anew rather than take that value.
-    """
-    return result.outcome is Outcome.FILL_REFUSED and result.error == "invalidated"
 
 
 #: Prefixes a refresh's key in the process-local flights, apart from the misses'.

@@ -6,6 +6,12 @@ fill runs in a task of its own and every caller awaits it through
 shared fill running for the others. When the last of them goes, the fill stops
 too, unless it has already called the origin (see :class:`TaskFlights`).
 
+A fill's result is shared with its joiners only once it is known to be
+current when the fill ends (``settle``): a joiner may have begun its call after
+another process invalidated the key, while the fill it joined was fetching.
+The fill's flight is closed to new callers first, then ``settle`` runs once,
+if anyone joined; when it says no, each joiner runs its own fill instead.
+
 A forked child (a pre-forking server, ``multiprocessing``) starts with no fills
 in flight: it inherits the parent's table but not the threads or tasks that
 would finish those fills, so a caller there would wait for them forever.
@@ -24,12 +30,15 @@ T = TypeVar("T")
 
 
 class _Flight(Generic[T]):
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "joiners", "refill", "result")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
+        self.joiners = 0
+        #: The result is not current for the joiners: each runs its own fill.
+        self.refill = False
 
 
 class ThreadFlights(Generic[T]):
@@ -45,31 +54,43 @@ class ThreadFlights(Generic[T]):
         self._flights = {}
         self._lock = threading.Lock()
 
-    def run(self, key: str, fill: Callable[[], T]) -> tuple[T, bool]:
+    def run(
+        self, key: str, fill: Callable[[], T], settle: Callable[[T], bool] | None = None
+    ) -> tuple[T, bool]:
         """Run ``fill`` unless another thread is already filling ``key``; then share its result.
 
         Returns the result and whether this caller joined another's fill. If the
         fill raises, every caller that joined it gets the same exception; the
-        event is set in ``finally``, so no joiner is left waiting.
+        event is set in ``finally``, so no joiner is left waiting. ``settle``
+        says whether the result may be shared (see the module docstring).
         """
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
+            else:
+                flight.joiners += 1
         if not leader:
             flight.done.wait()
             if flight.error is not None:
                 raise flight.error
+            if flight.refill:
+                return fill(), False
             return flight.result, True  # type: ignore[return-value]
         try:
             flight.result = fill()
+            with self._lock:  # closed: a caller from now on starts a fill of its own
+                del self._flights[key]
+            if settle is not None and flight.joiners:
+                flight.refill = not settle(flight.result)
         except BaseException as exc:
             flight.error = exc
             raise
         finally:
             with self._lock:
-                del self._flights[key]
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
             flight.done.set()
         return flight.result, False
 
@@ -78,14 +99,30 @@ class ThreadFlights(Generic[T]):
 
 
 class _TaskFlight(Generic[T]):
-    __slots__ = ("committed", "task", "waiters")
+    __slots__ = ("closing", "committed", "refill", "task", "waiters")
 
-    def __init__(self, fill: Callable[[Callable[[], None]], Awaitable[T]]) -> None:
-        self.task: asyncio.Task[T] = asyncio.get_running_loop().create_task(
-            _call(fill, self.commit)
-        )
+    def __init__(
+        self,
+        fill: Callable[[Callable[[], None]], Awaitable[T]],
+        settle: Callable[[T], Awaitable[bool]] | None,
+        close: Callable[[], None],
+    ) -> None:
         self.waiters = 0
         self.committed = False
+        self.refill = False
+        self.closing = close
+        self.task: asyncio.Task[T] = asyncio.get_running_loop().create_task(self._run(fill, settle))
+
+    async def _run(
+        self,
+        fill: Callable[[Callable[[], None]], Awaitable[T]],
+        settle: Callable[[T], Awaitable[bool]] | None,
+    ) -> T:
+        result = await fill(self.commit)
+        self.closing()  # a caller from now on starts a fill of its own
+        if settle is not None and self.waiters > 1:
+            self.refill = not await settle(result)
+        return result
 
     def commit(self) -> None:
         """The fill is about to call the origin: from now on it runs to its end."""
@@ -112,23 +149,30 @@ class TaskFlights(Generic[T]):
         self._flights = {}
 
     async def run(
-        self, key: str, fill: Callable[[Callable[[], None]], Awaitable[T]]
+        self,
+        key: str,
+        fill: Callable[[Callable[[], None]], Awaitable[T]],
+        settle: Callable[[T], Awaitable[bool]] | None = None,
     ) -> tuple[T, bool]:
         """Await the fill of ``key``, starting it in its own task if none is running.
 
         ``fill`` is called with the callback it calls before it calls the
         origin. Returns the result and whether this caller joined another's fill.
+        ``settle`` says whether the result may be shared (see the module docstring).
         """
         loop = asyncio.get_running_loop()
         slot = (loop, key)
         flight = self._flights.get(slot)
         joined = flight is not None
         if flight is None:
-            flight = self._flights[slot] = _TaskFlight(fill)
+            flight = self._flights[slot] = _TaskFlight(fill, settle, lambda: self._close(slot))
             flight.task.add_done_callback(lambda done: self._finish(slot, done))
         flight.waiters += 1
         try:
-            return await asyncio.shield(flight.task), joined
+            result = await asyncio.shield(flight.task)
+            if joined and flight.refill:
+                return await fill(lambda: None), False
+            return result, joined
         finally:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.committed and not flight.task.done():
@@ -136,6 +180,11 @@ class TaskFlights(Generic[T]):
                 if self._flights.get(slot) is flight:
                     del self._flights[slot]
                 flight.task.cancel()
+
+    def _close(self, slot: tuple[asyncio.AbstractEventLoop, str]) -> None:
+        flight = self._flights.get(slot)
+        if flight is not None and flight.task is asyncio.current_task():
+            del self._flights[slot]
 
     def _finish(self, slot: tuple[asyncio.AbstractEventLoop, str], task: asyncio.Task[T]) -> None:
         flight = self._flights.get(slot)
@@ -146,12 +195,6 @@ class TaskFlights(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._flights)
-
-
-async def _call(
-    fill: Callable[[Callable[[], None]], Awaitable[Any]], commit: Callable[[], None]
-) -> Any:
-    return await fill(commit)
 
 
 _live: weakref.WeakSet[ThreadFlights[Any] | TaskFlights[Any]] = weakref.WeakSet()

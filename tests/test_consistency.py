@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -57,8 +58,20 @@ class Origin:
         return {"symbol": symbol, "version": version}
 
 
+_clients: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def instance(server: RedisServer, prefix: str, **policies: Any) -> Memofill:
-    return Memofill(server.client(), prefix=prefix, policies=POLICIES | policies, meta_check_ms=50)
+    client = server.client()
+    _clients.append(client)
+    return Memofill(client, prefix=prefix, policies=POLICIES | policies, meta_check_ms=50)
 
 
 @pytest.fixture
@@ -111,7 +124,9 @@ def test_a_leader_whose_lease_ran_out_never_writes_over_the_newer_value(
     origin.hold()
     thread, out = in_thread(lambda: slow.call_with_outcome("ACME"))
     assert origin.entered.wait(PATIENCE_S)
-    redis_server.client().delete(late.lock_key(QUOTE, symbol="ACME"))  # the lease ran out
+    admin = redis_server.client()
+    admin.delete(late.lock_key(QUOTE, symbol="ACME"))  # the lease ran out
+    admin.close()
 
     def fast(symbol: str) -> dict[str, Any]:
         return {"symbol": symbol, "version": 100}
@@ -129,7 +144,9 @@ def test_deleting_the_marks_never_revives_an_invalidated_value(
     cache = instance(redis_server, prefix)
     assert cache.cached_dataset(QUOTE)(origin)("ACME")["version"] == 1
     cache.invalidate_dataset(QUOTE)
-    redis_server.client().delete(f"{prefix}#meta")  # an eviction, a DEL, a restart
+    admin = redis_server.client()
+    admin.delete(f"{prefix}#meta")  # an eviction, a DEL, a restart
+    admin.close()
     fresh = instance(redis_server, prefix).cached_dataset(QUOTE)(origin)
     result = fresh.call_with_outcome("ACME")  # a process that never heard of the mark
     assert (result.outcome, result.value["version"]) == ("leader_fill", 2)
@@ -141,9 +158,13 @@ def test_a_restart_costs_refills_and_never_serves_what_it_may_have_lost(
     """A restart from disk may lose the last invalidations: values from before it are refilled."""
     cache = instance(own_redis_server, prefix)
     assert cache.cached_dataset(QUOTE)(origin)("ACME")["version"] == 1
-    own_redis_server.client().save()  # the value survives the restart on disk
+    admin = own_redis_server.client()
+    admin.save()  # the value survives the restart on disk
+    admin.close()
     own_redis_server.restart()
-    assert own_redis_server.client().exists(f"{prefix}quote:ACME")
+    admin = own_redis_server.client()
+    assert admin.exists(f"{prefix}quote:ACME")
+    admin.close()
     fresh = instance(own_redis_server, prefix).cached_dataset(QUOTE)(origin)
     assert fresh.call_with_outcome("ACME").value["version"] == 2
 
@@ -158,10 +179,12 @@ def test_a_refresh_from_a_fresh_process_writes_what_others_serve(
     reader = instance(redis_server, prefix).cached_dataset(QUOTE)(origin)
     result = reader.call_with_outcome("ACME")
     assert (result.outcome, result.value["version"]) == ("hit", 1)
-    raw = redis_server.client().get(f"{prefix}quote:ACME")
+    admin = redis_server.client()
+    raw = admin.get(f"{prefix}quote:ACME")
     header = read_header(raw) if isinstance(raw, bytes) else None
     assert header is not None
-    assert header.stamp > int(redis_server.client().hget(f"{prefix}#meta", f"hard:{QUOTE}") or 0)
+    assert header.stamp > int(admin.hget(f"{prefix}#meta", f"hard:{QUOTE}") or 0)
+    admin.close()
 
 
 def test_a_call_after_invalidate_joins_no_fill_in_flight_in_its_process(
@@ -180,3 +203,56 @@ def test_a_call_after_invalidate_joins_no_fill_in_flight_in_its_process(
     second.join(PATIENCE_S)
     assert first_out["result"]["version"] == 1
     assert second_out["result"]["version"] == 2  # started after the invalidation
+
+
+@pytest.mark.parametrize("written_first", [False, True])
+def test_a_caller_that_joins_after_another_process_invalidated_gets_no_older_value(
+    redis_server: RedisServer, prefix: str, origin: Origin, written_first: bool
+) -> None:
+    """Joined in its own process, a call still never gets what another process invalidated.
+
+    The invalidation lands while the fill fetches (its write is then refused) or
+    after its write (the key is deleted before the joiners are served): either
+    way the joiner fills anew, while the leader's caller, which began first, gets
+    what it fetched.
+    """
+    cache, other = instance(redis_server, prefix), instance(redis_server, prefix)
+    fetch = cache.cached_dataset(QUOTE)(origin)
+    if written_first:
+        landed = threading.Event()
+        write = cache._sync.write  # type: ignore[union-attr]
+
+        def write_then_wait(*args: Any) -> Any:
+            reply = write(*args)
+            landed.set()
+            assert proceed.wait(PATIENCE_S)
+            return reply
+
+        proceed = threading.Event()
+        cache._sync.write = write_then_wait  # type: ignore[union-attr]
+    origin.hold()
+    leader, leader_out = in_thread(lambda: fetch("ACME"))
+    assert origin.entered.wait(PATIENCE_S)
+    if written_first:
+        origin.go.set()
+        assert landed.wait(PATIENCE_S)
+    other.cached_dataset(QUOTE)(origin).invalidate("ACME")
+    joiner, joiner_out = in_thread(lambda: fetch.call_with_outcome("ACME"))
+    wait_for_joiner(cache)
+    origin.entered.clear()
+    origin.go.set()
+    if written_first:
+        proceed.set()
+    leader.join(PATIENCE_S)
+    joiner.join(PATIENCE_S)
+    assert leader_out["result"]["version"] == 1
+    assert joiner_out["result"].value["version"] == 2
+
+
+def wait_for_joiner(cache: Memofill) -> None:
+    """Until a second caller waits on the fill in flight (the flight counts its joiners)."""
+    flights = cache.thread_flights._flights
+    deadline = time.monotonic() + PATIENCE_S
+    while not any(flight.joiners for flight in list(flights.values())):
+        assert time.monotonic() < deadline, "no caller joined the fill"
+        time.sleep(0.001)
