@@ -49,6 +49,7 @@ POLICIES = {
             "poll_min_ms": 25,
             "poll_max_ms": 500,
             "early_beta": 1.0,
+            "refresh_retry_ms": 5000,
         },
     },
     "weather:alerts:v2": {

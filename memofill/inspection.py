@@ -361,7 +361,7 @@ def inspect_entry(
     is described, not fetched.
     """
     lock = lock_key(final)
-    fill = dataset.cache_fill
+    fill = dataset.fill_in_force  # refresh_retry_ms as the fills use it
     policy = (
         "none (legacy: process-local singleflight)"
         if fill is None

@@ -110,7 +110,7 @@ def plan_for(
         negative_ttl_ms=round(dataset.negative_ttl_s * 1000),
         error_ttl_ms=round(dataset.error_ttl_s * 1000),
         # No client configured is the legacy set-up, not a lock error: nothing to coordinate.
-        cache_fill=None if commands is None else dataset.cache_fill,
+        cache_fill=None if commands is None else dataset.fill_in_force,
         redis_ok=commands is not None and not breaker_open and not unreachable,
         redis_error=None if error is None else type(error).__name__,
         block_limit_ms=None if commands is None else commands.socket_timeout_ms,
@@ -171,11 +171,12 @@ class Refresh:
         """Count and log the refresh, keep its value for outages, and set the busy memo."""
         snapshot, policy, outcome = self.snapshot, self.plan.cache_fill, result.outcome
         busy_s = 0.0
+        retry_ms = snapshot.dataset.refresh_retry_ms
         if policy is not None and outcome is Outcome.REFRESH_ERROR:
-            busy_s = policy.refresh_retry_ms / 1000  # the lock is held that long
+            busy_s = retry_ms / 1000  # the lock is held that long
         elif policy is not None and outcome in (Outcome.REFRESH_BUSY, Outcome.REFRESH_LOCK_ERROR):
             # Free by the end of a lease, or of a hold after a failure, whichever comes first.
-            busy_s = min(policy.lease_ms, policy.refresh_retry_ms) / 1000
+            busy_s = min(policy.lease_ms, retry_ms) / 1000
         snapshot.counters.add(snapshot.key, outcome.value)
         record = RefreshRecord(
             outcome=outcome,

@@ -38,6 +38,9 @@ MAX_LEASE_MS = 3_600_000
 #: The shortest non-zero duration in seconds: Redis expires keys in whole milliseconds,
 #: and a shorter one would round to 0.
 MIN_DURATION_S = 0.001
+#: ``refresh_retry_ms`` when the fill policy leaves it out and ``stale_s`` is 0 or at least
+#: 5 s; a shorter stale window takes a retry as long as itself (:attr:`Dataset.refresh_retry_ms`).
+DEFAULT_REFRESH_RETRY_MS = 5_000
 
 
 @attrs.frozen
@@ -58,6 +61,9 @@ class CacheFill:
         refresh_retry_ms: After a refresh fails, no process tries again for this
             long: the lock is held that long instead of released, so the origin
             sees one call per ``refresh_retry_ms`` per key while it is down.
+            ``None`` (the default): 5,000, or the dataset's ``stale_s`` when that
+            is shorter, so that the default fits every stale window (see
+            :attr:`Dataset.refresh_retry_ms`); a value given is checked against it.
     """
 
     lease_ms: int
@@ -65,7 +71,7 @@ class CacheFill:
     poll_min_ms: int
     poll_max_ms: int
     early_beta: float = 0.0
-    refresh_retry_ms: int = 5_000
+    refresh_retry_ms: int | None = None
 
 
 @attrs.frozen
@@ -101,11 +107,39 @@ class Dataset:
     stale_s: float = 0.0
     stale_if_error_s: float = 0.0
     near_ms: int = 0
+    #: ``cache_fill`` as the fills use it: ``refresh_retry_ms`` left out is filled in
+    #: (:attr:`refresh_retry_ms`). Worked out here, not stored in ``cache_fill``, so that
+    #: ``attrs.evolve(dataset, stale_s=...)`` derives it again from the new window.
+    fill_in_force: CacheFill | None = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        fill = self.cache_fill
+        if isinstance(fill, CacheFill) and fill.refresh_retry_ms is None:
+            fill = attrs.evolve(fill, refresh_retry_ms=self.refresh_retry_ms)
+        object.__setattr__(self, "fill_in_force", fill)
 
     @property
     def window_s(self) -> float:
         """How long past ``ttl_s`` Redis keeps a value: the larger stale window."""
         return max(self.stale_s, self.stale_if_error_s)
+
+    @property
+    def refresh_retry_ms(self) -> int:
+        """The ``refresh_retry_ms`` in force: the fill policy's, else one that fits the window.
+
+        Left out, it is :data:`DEFAULT_REFRESH_RETRY_MS`, or ``stale_s`` (in ms) when
+        that is shorter: a retry must fit in the stale window, and a default that
+        did not would refuse ``Dataset(..., stale_s=1, cache_fill=CacheFill(...))``
+        for a setting its user never chose.
+        """
+        fill = self.cache_fill
+        given = fill.refresh_retry_ms if isinstance(fill, CacheFill) else None
+        if given is not None:
+            return given
+        stale = self.stale_s
+        if _is_number(stale) and math.isfinite(stale) and stale >= MIN_DURATION_S:
+            return min(DEFAULT_REFRESH_RETRY_MS, math.floor(stale * 1000))
+        return DEFAULT_REFRESH_RETRY_MS
 
     @property
     def template(self) -> KeyTemplate:
@@ -156,7 +190,9 @@ def _fill_problems(key: str, fill: object) -> list[Problem]:
         rule = "must be a finite number >= 0 (0: no early refresh)"
         problems.append(Problem(key, "cache_fill.early_beta", beta, rule))
     retry = fill.refresh_retry_ms
-    if not _is_int(retry):
+    if retry is None:  # left out: the dataset derives one that fits (Dataset.refresh_retry_ms)
+        pass
+    elif not _is_int(retry):
         problems.append(Problem(key, "cache_fill.refresh_retry_ms", retry, "must be an int (ms)"))
     elif not 0 < retry <= MAX_LEASE_MS:
         rule = f"must be > 0 and <= {MAX_LEASE_MS} (1 hour)"
@@ -278,7 +314,8 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
     ``0 <= near_ms <= ttl_s * 1000`` (an int);
     ``0 < lease_ms <= 1 hour``, ``0 < wait_ms < lease_ms``, ``poll_min_ms > 0``,
     ``poll_min_ms <= poll_max_ms < wait_ms``, ``early_beta >= 0`` and finite,
-    ``0 < refresh_retry_ms <= 1 hour`` and ``<= stale_s × 1000`` when ``stale_s > 0``;
+    ``0 < refresh_retry_ms <= 1 hour`` and ``<= stale_s × 1000`` when ``stale_s > 0``
+    (when given: left out, it is derived to fit);
     numbers of the right type, well
     formed key templates, unique keys, and no two keys that some arguments could
     render to the same Redis key (each pair reported once, under the later key).
@@ -332,7 +369,9 @@ def dataset_from_data(key: str, data: Mapping[str, Any]) -> Dataset:
 #: Fields written to the generated module only when they differ from these defaults, so
 #: that the modules generated before the fields existed stay byte for byte the same.
 _DATASET_DEFAULTS = {"error_ttl_s": 0, "stale_s": 0, "stale_if_error_s": 0, "near_ms": 0}
-_FILL_DEFAULTS = {"early_beta": 0, "refresh_retry_ms": 5_000}
+#: ``refresh_retry_ms`` left out (``None``) is derived from the dataset; a value given is
+#: written as given, so that the module loads back to the same datasets.
+_FILL_DEFAULTS = {"early_beta": 0, "refresh_retry_ms": None}
 
 
 def dataset_to_data(dataset: Dataset) -> dict[str, Any]:

@@ -145,6 +145,27 @@ def test_render_is_deterministic_and_loads_back(registry: list[Dataset]) -> None
     assert load_policies(as_module(text)) == {d.key: d for d in registry}
 
 
+def test_a_short_stale_window_without_refresh_retry_ms_generates_and_loads_back(
+    tmp_path: Path,
+) -> None:
+    source = """from memofill import CacheFill, Dataset
+DATASETS = [
+    Dataset(
+        "news:{lang}",
+        ttl_s=60,
+        stale_s=1,
+        cache_fill=CacheFill(lease_ms=2_500, wait_ms=2_000, poll_min_ms=25, poll_max_ms=500),
+    ),
+]
+"""
+    registry = load_registry(write(tmp_path / "registry.py", source))
+    text = render(registry, "registry.py")  # refused before: the default retry did not fit
+    assert "refresh_retry_ms" not in text  # derived again on load, from the same window
+    loaded = load_policies(as_module(text))
+    assert loaded == {"news:{lang}": registry[0]}
+    assert loaded["news:{lang}"].refresh_retry_ms == 1_000
+
+
 def test_render_refuses_an_invalid_registry_listing_every_problem() -> None:
     bad = [Dataset("a:v1", ttl_s=0), Dataset("b:{x}{y}", ttl_s=1, negative_ttl_s=-1)]
     with pytest.raises(RegistryError) as caught:

@@ -227,6 +227,45 @@ def test_error_ttl_s_round_trips_through_the_generated_form() -> None:
     assert dataset_from_data(KEY, dataset_to_data(BASE)) == BASE
 
 
+def test_a_short_stale_window_gets_a_refresh_retry_that_fits_it() -> None:
+    """refresh_retry_ms left out fits the window the user chose; one given is still checked."""
+    short = Dataset("news:{lang}", ttl_s=60, stale_s=1, cache_fill=FILL)
+    assert validate([short]) == []
+    assert FILL.refresh_retry_ms is None
+    assert short.refresh_retry_ms == 1_000
+    assert short.fill_in_force == attrs.evolve(FILL, refresh_retry_ms=1_000)
+    assert short.cache_fill is FILL  # what the user wrote, as written
+    # Derived again from the new window, never carried over from the old one.
+    assert attrs.evolve(short, stale_s=0.25).refresh_retry_ms == 250
+    assert attrs.evolve(short, stale_s=60).refresh_retry_ms == 5_000
+    assert attrs.evolve(short, stale_s=0).refresh_retry_ms == 5_000
+    assert attrs.evolve(short, stale_s=0.0015).refresh_retry_ms == 1  # whole ms, within it
+    # Only stale_s bounds the retry: stale_if_error_s alone leaves the default.
+    assert Dataset("a", ttl_s=1, stale_if_error_s=1, cache_fill=FILL).refresh_retry_ms == 5_000
+    # A value given is the user's, and refused with the rule when it does not fit.
+    given = attrs.evolve(short, cache_fill=attrs.evolve(FILL, refresh_retry_ms=5_000))
+    assert given.refresh_retry_ms == 5_000
+    assert found([given]) == [
+        (
+            "news:{lang}",
+            "cache_fill.refresh_retry_ms",
+            5_000,
+            "must be <= stale_s x 1000 (1000): a retry must fit in the window",
+        )
+    ]
+    fits = attrs.evolve(short, cache_fill=attrs.evolve(FILL, refresh_retry_ms=400))
+    assert (validate([fits]), fits.refresh_retry_ms) == ([], 400)
+    assert load_policies([short]) == {short.key: short}
+
+
+def test_a_derived_refresh_retry_round_trips_through_the_generated_form() -> None:
+    short = Dataset("news:{lang}", ttl_s=60, stale_s=1, cache_fill=FILL)
+    data = dataset_to_data(short)
+    assert "refresh_retry_ms" not in data["cache_fill"]  # derived on load, from the window
+    loaded = dataset_from_data(short.key, data)
+    assert (loaded, loaded.refresh_retry_ms) == (short, 1_000)
+
+
 def test_cache_fill_must_be_a_cache_fill() -> None:
     data = attrs.asdict(FILL)
     assert found([attrs.evolve(BASE, cache_fill=data)]) == [

@@ -9,6 +9,7 @@ import random
 import threading
 from typing import Any
 
+import attrs
 import pytest
 
 from memofill import CacheFill, Dataset, FillError, Memofill
@@ -229,6 +230,29 @@ def test_a_failed_refresh_holds_the_lock_and_keeps_serving_stale(
     outcomes.wait_for_refreshes()
     assert origin.calls == 2  # the fill, and the one failed refresh
     assert other.counters.snapshot()[NEWS.key]["refresh_busy"] == 1
+
+
+def test_a_failed_refresh_holds_the_lock_for_the_retry_that_fits_a_short_window(
+    memofill_harness: Harness, origin: Origin, faults: Faults, outcomes: Outcomes
+) -> None:
+    """No refresh_retry_ms given, stale_s=1: the lock is held 1 s (not 5 s) after a failure."""
+    short = Dataset(
+        "short:{lang}", ttl_s=60, stale_s=1, cache_fill=attrs.evolve(FILL, refresh_retry_ms=None)
+    )
+    cache = memofill_harness.adopt(Memofill(memofill_harness.client(), policies={short.key: short}))
+
+    @cache.cached_dataset(short.key)
+    def news(lang: str) -> dict[str, Any]:
+        return origin(lang)
+
+    news("en")
+    faults.make_stale(news, "en")
+    origin.failing = True
+    assert news.call_with_outcome("en").outcome == "stale_hit"
+    (record,) = outcomes.wait_for_refreshes()
+    assert record.outcome == "refresh_error"
+    held_ms = memofill_harness.plain_client().pttl(lock_key("short:en"))
+    assert 300 < held_ms <= 1_000
 
 
 def test_past_stale_s_a_failed_fill_serves_the_stale_value(

@@ -33,7 +33,9 @@ def test_a_dataset_with_every_stale_field_is_valid() -> None:
 def test_the_defaults_keep_todays_behaviour() -> None:
     plain = Dataset("a", ttl_s=1, cache_fill=FILL)
     assert (plain.stale_s, plain.stale_if_error_s, plain.window_s) == (0, 0, 0)
-    assert (FILL.early_beta, FILL.refresh_retry_ms) == (0, 5_000)
+    assert (FILL.early_beta, FILL.refresh_retry_ms) == (0, None)
+    assert plain.refresh_retry_ms == 5_000  # left out, and no stale window to fit
+    assert plain.fill_in_force == attrs.evolve(FILL, refresh_retry_ms=5_000)
 
 
 @pytest.mark.parametrize(
@@ -132,8 +134,11 @@ def test_the_generated_form_round_trips_and_omits_defaults() -> None:
     assert data["stale_s"] == 30
     assert data["stale_if_error_s"] == 300
     assert data["cache_fill"]["early_beta"] == 1.0
-    assert "refresh_retry_ms" not in data["cache_fill"]  # the default is not written
+    assert data["cache_fill"]["refresh_retry_ms"] == 5_000  # given, so written as given
     assert dataset_from_data(STALE.key, data) == STALE
+    derived = attrs.evolve(STALE, cache_fill=attrs.evolve(FILL, early_beta=1.0))
+    assert "refresh_retry_ms" not in dataset_to_data(derived)["cache_fill"]  # left out: derived
+    assert dataset_from_data(STALE.key, dataset_to_data(derived)) == derived
     plain = Dataset("a", ttl_s=1, cache_fill=FILL)
     assert set(dataset_to_data(plain)) == {"ttl_s", "negative_ttl_s", "cache_fill"}
     assert set(dataset_to_data(plain)["cache_fill"]) == {
