@@ -10,11 +10,17 @@ Rules:
   annotation names a type with no exact text is refused at decoration too.
 - The builder :func:`compile_key` returns is specialised for its fields: a key with
   no field is a constant, and the commonest key, with one field, costs one call.
+- The builder refuses the arguments the function itself would refuse, with the
+  ``TypeError`` Python raises for them (:class:`Shape`): a call is refused the same
+  way on a hit as on a miss, which calls the function. A call with positional
+  arguments only, within the signature's range, is judged by one comparison.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -162,29 +168,120 @@ def is_coroutine_function(function: Callable[..., Any]) -> bool:
     )
 
 
+@attrs.frozen
+class Shape:
+    """Which arguments a function's signature accepts, so the key builder can refuse the rest.
+
+    ``least <= n <= most`` positional arguments (a method's ``self`` counted)
+    and no keyword is accepted at once; anything else is handed to ``stub``, a
+    function with the same parameters and no body, which raises the very
+    ``TypeError`` (same message) the function would, or returns ``None``.
+    """
+
+    least: int
+    most: int
+    stub: Callable[..., None]
+
+
+def compile_shape(function: Callable[..., Any]) -> Shape:
+    """The :class:`Shape` of calls of ``function``: what its signature accepts.
+
+    The stub bears the function's qualified name, so that its messages read as
+    the function's own (``get() takes 1 positional argument but 2 were given``);
+    a bound method or a callable object counts its ``self`` as Python does.
+    """
+    bound_to: object = None
+    if inspect.ismethod(function):
+        bound_to, target = function.__self__, function.__func__
+        signature, name = inspect.signature(target), _name(target)
+    elif inspect.isroutine(function) or hasattr(function, "__wrapped__"):
+        signature, name = inspect.signature(function), _name(function)
+    else:  # a callable object: Python names its __call__, self included
+        call = type(function).__call__
+        bound_to, signature, name = function, inspect.signature(call), _name(call)
+    parameters = list(signature.parameters.values())
+    if bound_to is not None:
+        parameters = parameters[1:]  # given as the stub's bound self, not counted below
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    least = sum(p.default is p.empty for p in positional)
+    most = sys.maxsize if has_varargs else len(positional)
+    if any(p.kind == p.KEYWORD_ONLY and p.default is p.empty for p in parameters):
+        least = most + 1 if most < sys.maxsize else most  # no call without keywords fits
+    stub = _stub(signature, name)
+    if bound_to is not None:
+        stub = types.MethodType(stub, bound_to)
+    return Shape(least, most, stub)
+
+
+def _stub(signature: inspect.Signature, qualname: str) -> Callable[..., None]:
+    """A function with ``signature``'s parameters (defaults stood in for) that does nothing.
+
+    Made from source, since only a real function with these parameters raises
+    exactly what Python raises for a call that does not fit them.
+    """
+    texts, slash_after, star_done = [], False, False
+    for parameter in signature.parameters.values():
+        kind, name = parameter.kind, parameter.name
+        if slash_after and kind != parameter.POSITIONAL_ONLY:
+            texts.append("/")
+        slash_after = kind == parameter.POSITIONAL_ONLY
+        if kind == parameter.KEYWORD_ONLY and not star_done:
+            texts.append("*")
+        if kind == parameter.VAR_POSITIONAL:
+            texts.append(f"*{name}")
+            star_done = True
+        elif kind == parameter.VAR_KEYWORD:
+            texts.append(f"**{name}")
+        else:
+            star_done = star_done or kind == parameter.KEYWORD_ONLY
+            texts.append(name if parameter.default is parameter.empty else f"{name}=_d")
+    if slash_after:
+        texts.append("/")
+    namespace: dict[str, Any] = {"_d": None}
+    exec(f"def stub({', '.join(texts)}):\n    return None\n", namespace)
+    stub: Callable[..., None] = namespace["stub"]
+    stub.__qualname__, stub.__name__ = qualname, qualname.rpartition(".")[2]
+    return stub
+
+
 #: Builds the final key of one call: ``(instance, args, kwargs) -> key``.
 KeyBuilder = Callable[[Any, tuple[Any, ...], dict[str, Any]], str]
 
 
 def compile_key(
-    prefix: str, template: KeyTemplate, fields: tuple[Field, ...], dataset: str
+    prefix: str,
+    template: KeyTemplate,
+    fields: tuple[Field, ...],
+    dataset: str,
+    shape: Shape,
 ) -> KeyBuilder:
     """The key builder of one decorated function, specialised once for its fields.
 
     A key without fields is a constant; every field reads its argument by
     position or name, the way the call binds it, and escapes it (see
-    :class:`~memofill.keys.FieldText`).
+    :class:`~memofill.keys.FieldText`). A call that ``shape`` refuses raises the
+    function's own ``TypeError`` before any key is built.
     """
+    least, most, stub = shape.least, shape.most, shape.stub
     if not fields:
         final = prefix + template.source
-        return lambda instance, args, kwargs: final
+
+        def constant(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+            if kwargs or not least <= len(args) + (instance is not None) <= most:
+                _refuse(stub, instance, args, kwargs)
+            return final
+
+        return constant
     literals = list(template.parts[0::2])
     literals[0] = prefix + literals[0]
     if len(fields) == 1:
-        return _argument_reader(fields[0], dataset, *literals)
+        return _argument_reader(fields[0], dataset, shape, *literals)
     readers = tuple(_argument_reader(field, dataset) for field in fields)
 
     def build(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if kwargs or not least <= len(args) + (instance is not None) <= most:
+            _refuse(stub, instance, args, kwargs)
         texts = [read(instance, args, kwargs) for read in readers]
         # One more literal than fields: the last follows the last field.
         pairs = zip(literals, texts, strict=False)
@@ -193,11 +290,24 @@ def compile_key(
     return build
 
 
-def _argument_reader(field: Field, dataset: str, before: str = "", after: str = "") -> KeyBuilder:
+def _refuse(
+    stub: Callable[..., None], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Raise the ``TypeError`` the function raises for these arguments, if it would."""
+    if instance is None:
+        stub(*args, **kwargs)
+    else:
+        stub(instance, *args, **kwargs)
+
+
+def _argument_reader(
+    field: Field, dataset: str, shape: Shape | None = None, before: str = "", after: str = ""
+) -> KeyBuilder:
     """Reads one field's argument from a call: ``before`` + its escaped text + ``after``.
 
-    A key with one field is one such reader, its literals around it: the
-    commonest key costs one call.
+    A key with one field is one such reader, its literals around it, that
+    checks the call against ``shape`` too: the commonest key costs one call.
+    Without ``shape`` it checks nothing (:func:`compile_key`'s ``build`` has).
     """
     name, position, default = field.name, field.position, field.default
     text_of = FieldText(name)
@@ -217,4 +327,33 @@ def _argument_reader(field: Field, dataset: str, before: str = "", after: str = 
             return before + text_of(default) + after
         raise TypeError(f"missing argument {name!r} for key {dataset!r}")
 
-    return read
+    if shape is None:
+        return read
+    least, most, stub = shape.least, shape.most, shape.stub
+    # The same counts for a bound method's call, whose ``self`` is not in ``args``.
+    least_bound, most_bound = least - 1, most - 1 if most < sys.maxsize else most
+    offset = None if position is None else position - 1
+
+    def checked(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # read() above with the call's shape checked first, inlined: one call for the
+        # commonest key, and the shape costs a comparison, not a frame.
+        count = len(args)
+        if instance is None:
+            if kwargs or not least <= count <= most:
+                _refuse(stub, instance, args, kwargs)
+            index = position
+        else:
+            if kwargs or not least_bound <= count <= most_bound:
+                _refuse(stub, instance, args, kwargs)
+            index = offset
+        if index is not None and 0 <= index < count:
+            value = args[index]
+            text = known.get(value) if type(value) is str else None
+            return before + (text_of(value) if text is None else text) + after
+        if name in kwargs:
+            return before + text_of(kwargs[name]) + after
+        if default is not _NO_DEFAULT:
+            return before + text_of(default) + after
+        raise TypeError(f"missing argument {name!r} for key {dataset!r}")
+
+    return checked

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 import attrs
 import wrapt
 
-from memofill.arguments import compile_fields, is_coroutine_function
+from memofill.arguments import compile_fields, compile_shape, is_coroutine_function
 from memofill.errors import ConfigurationError
 from memofill.generations import invalidate_dataset
 from memofill.lookup import lookup_async, lookup_sync
@@ -80,6 +80,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     ) -> None:
         is_async = is_coroutine_function(wrapped)
         fields = compile_fields(memofill.policy(key).template, wrapped, ignore)
+        shape = compile_shape(wrapped)
         values = Values(wrapped, codec)
         snapshot: Snapshot
 
@@ -103,6 +104,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
                     state,
                     key,
                     fields=fields,
+                    shape=shape,
                     is_async=is_async,
                     values=values,
                     decode=decode,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from memofill.arguments import Field, KeyBuilder, compile_key
+from memofill.arguments import Field, KeyBuilder, Shape, compile_key
 from memofill.codec import HEADER_LEN, payload
 from memofill.commands import Commands, is_cluster
 from memofill.errors import ConfigurationError, UnknownDatasetError
@@ -260,6 +260,7 @@ class Snapshot:
         key: str,
         *,
         fields: tuple[Field, ...],
+        shape: Shape,
         is_async: bool,
         values: Values,
         decode: Callable[[bytes], Any],
@@ -284,7 +285,7 @@ class Snapshot:
             decode=decode,
             view=payload if values.resolved is JSON else after_header,
             dataset=dataset,
-            key_of=compile_key(state.prefix, dataset.template, fields, key),
+            key_of=compile_key(state.prefix, dataset.template, fields, key, shape),
             count_hit=state.counters.hit_tally(key).add,
             ttl_s=dataset.ttl_s,
             commands=commands,

@@ -485,6 +485,97 @@ def test_field_from_keyword_default_and_keyword_only(mf: Memofill) -> None:
         keyword_only.redis_key()
 
 
+# --- arguments the function would refuse ------------------------------------------------
+
+
+def refusal(call: Callable[[], object]) -> str:
+    """The message of the TypeError ``call`` raises."""
+    with pytest.raises(TypeError) as caught:
+        call()
+    return str(caught.value)
+
+
+def get(name: str, session: object = None) -> dict[str, Any]:
+    return {"name": name}
+
+
+class Store:
+    def get(self, name: str) -> dict[str, Any]:
+        return {"name": name}
+
+
+#: Calls that Python refuses, each with ``get``'s parameters: (args, kwargs).
+REFUSED_CALLS = [
+    (("a", None, "extra"), {}),  # one positional argument too many
+    ((), {}),  # a required one missing
+    (("a",), {"name": "b"}),  # one argument given twice
+    (("a",), {"colour": "red"}),  # a keyword the function does not take
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), REFUSED_CALLS, ids=["extra", "missing", "twice", "kw"])
+def test_arguments_the_function_refuses_raise_its_typeerror_on_a_hit_and_on_a_miss(
+    mf: Memofill, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    expected = refusal(lambda: get(*args, **kwargs))
+    cached = mf.cached_dataset("item:{name}", ignore=("session",))(get)
+    assert refusal(lambda: cached(*args, **kwargs)) == expected  # a miss: nothing stored
+    assert cached("a") == {"name": "a"}  # now "a" is stored: the same call would be a hit
+    assert cached.call_with_outcome("a").outcome == "hit"
+    assert refusal(lambda: cached(*args, **kwargs)) == expected
+    assert refusal(lambda: cached.call_with_outcome(*args, **kwargs)) == expected
+    assert refusal(lambda: cached.redis_key(*args, **kwargs)) == expected
+
+
+def test_a_method_refuses_an_extra_argument_as_python_does(mf: Memofill) -> None:
+    expected = refusal(lambda: Store().get("a", "extra"))  # type: ignore[call-arg]
+    assert expected == "Store.get() takes 2 positional arguments but 3 were given"
+    Store.get = mf.cached_dataset("item:{name}")(Store.get)  # type: ignore[method-assign]
+    store = Store()
+    assert refusal(lambda: store.get("a", "extra")) == expected  # type: ignore[call-arg]
+    assert store.get("a") == {"name": "a"}
+    assert refusal(lambda: store.get("a", "extra")) == expected  # type: ignore[call-arg]
+    assert store.get(name="a") == {"name": "a"}  # what fits still fits
+
+
+def test_keys_with_no_field_or_several_refuse_what_the_function_refuses(mf: Memofill) -> None:
+    policies = {"all": Dataset("all", ttl_s=60), "pair:{a}:{b}": Dataset("pair:{a}:{b}", ttl_s=60)}
+    tenant = Memofill(mf._sync.client if mf._sync else None, prefix="t:", policies=policies)
+
+    def every() -> list[str]:
+        return ["x"]
+
+    def pair(a: str, b: str = "-", *, c: int = 0) -> str:
+        return a + b
+
+    cached_every = tenant.cached_dataset("all")(every)
+    cached_pair = tenant.cached_dataset("pair:{a}:{b}", ignore=("c",))(pair)
+    assert (cached_every(), cached_pair("x"), cached_pair("x", "y", c=1)) == (["x"], "x-", "xy")
+    for raw, cached, args, kwargs in [
+        (every, cached_every, (1,), {}),
+        (every, cached_every, (), {"x": 1}),
+        (pair, cached_pair, ("x", "y", "z"), {}),
+        (pair, cached_pair, ("x",), {"a": "y"}),
+        (pair, cached_pair, ("x",), {"d": 1}),
+    ]:
+        expected = refusal(lambda: raw(*args, **kwargs))  # noqa: B023  # called at once
+        assert refusal(lambda: cached(*args, **kwargs)) == expected  # noqa: B023
+
+
+async def test_a_coroutine_function_refuses_on_a_hit_as_on_a_miss(amf: Memofill) -> None:
+    async def fetch(name: str) -> dict[str, Any]:
+        return {"name": name}
+
+    cached = amf.cached_dataset("item:{name}")(fetch)
+    expected = refusal(lambda: fetch("a", "extra"))  # type: ignore[call-arg]
+    with pytest.raises(TypeError) as miss:
+        await cached("a", "extra")
+    assert await cached("a") == {"name": "a"}
+    with pytest.raises(TypeError) as hit:
+        await cached("a", "extra")
+    assert str(miss.value) == str(hit.value) == expected
+
+
 # --- keys ------------------------------------------------------------------------------
 
 
