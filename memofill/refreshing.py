@@ -16,6 +16,13 @@ Three rules keep a hot key from flooding Redis or the origin:
   rather than queue it: a mass expiry must not build a hidden backlog, and the
   next stale read asks again.
 
+A refresh in flight never holds the process's exit: the pool's threads are
+daemon threads that nothing joins (a ``ThreadPoolExecutor``'s are joined at
+exit, so a 20 s fetch held the exit 20 s, and a hung one for ever), and an
+asyncio refresh is a task that :func:`asyncio.run` cancels at shutdown. A
+refresh cut short so leaves its lock to expire with its lease, and the value
+is refreshed by the next stale read in another process.
+
 A forked child (a pre-forking server) starts with none of this: the parent's
 pool threads and tasks do not run in it.
 """
@@ -23,12 +30,15 @@ pool threads and tasks do not run in it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
+
+logger = logging.getLogger("memofill")
 
 #: ``background``: refresh in a worker thread or task; ``inline``: in the caller that wins.
 RefreshMode = Literal["background", "inline"]
@@ -55,7 +65,7 @@ class Refreshes:
         self._in_flight: set[str] = set()
         #: key -> (no attempt before this monotonic time, for the value fetched at this ms)
         self._busy: dict[str, tuple[float, int]] = {}
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: DaemonPool | None = None
         self._queued = 0
         #: The asyncio refresh tasks running, kept referenced until they end.
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -112,9 +122,7 @@ class Refreshes:
                 return False
             self._queued += 1
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.workers, thread_name_prefix="memofill-refresh"
-                )
+                self._pool = DaemonPool(self.workers, "memofill-refresh")
             pool = self._pool
 
         def run() -> None:
@@ -152,4 +160,58 @@ class Refreshes:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False)
+            pool.shutdown()
+
+
+class DaemonPool:
+    """Up to ``workers`` daemon threads that run jobs in turn, started as jobs arrive.
+
+    Daemon threads, and never joined: the interpreter exits without waiting
+    for a job in flight, which is cut off where it is (see the module's rules).
+    A job's exception is logged, and its thread goes on to the next job.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers = workers
+        self.name = name
+        self._jobs: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        #: Threads waiting for a job, and jobs queued that no thread has taken yet.
+        self._idle = 0
+        self._pending = 0
+
+    def submit(self, job: Callable[[], object]) -> None:
+        """Queue ``job``; start one more thread if the idle ones are too few and there is room."""
+        with self._lock:
+            self._pending += 1
+            if self._pending > self._idle and len(self._threads) < self.workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self.name}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                if job is not None:
+                    self._pending -= 1
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # the refresh records its own outcome; this is a bug in it
+                logger.exception("a background refresh raised")
+
+    def shutdown(self) -> None:
+        """Let each thread end once the jobs queued before this are done."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._jobs.put(None)

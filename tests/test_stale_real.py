@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import multiprocessing
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -369,3 +372,35 @@ def test_redis_restarted_mid_refresh_stale_keeps_being_served_and_the_next_refre
         assert stored_payload(server.client().get(prefix + "swr:k"))
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_refresh_in_flight_does_not_hold_the_process_exit(
+    redis_server: RedisServer, mode: str
+) -> None:
+    """A process whose 30 s refresh fetch is in flight exits at once; a short refresh lands.
+
+    Pool threads used to be joined at exit (``ThreadPoolExecutor``), so the
+    process waited for the fetch: 30 s here, for ever for a hung one.
+    """
+    repository = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.support.exit_worker", redis_server.url, new_prefix(), mode],
+        cwd=repository,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        try:
+            lines = [process.stdout.readline().strip() for _ in range(2)]
+            exiting = time.monotonic()
+            code = process.wait(timeout=60)
+            exit_s = time.monotonic() - exiting
+        finally:
+            process.kill()
+        errors = process.stderr.read()
+    assert code == 0, errors
+    assert lines == ["quick refreshed 2", "exiting"]  # the short refresh landed first
+    assert exit_s < 10  # 30 s before; well under a second on an idle machine
