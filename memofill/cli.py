@@ -457,13 +457,29 @@ def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve old values while one caller refreshes (datasets with stale_s; else as hard)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="invalidate even when no value of the dataset lives under the prefix",
+    )
 
 
 def run_invalidate(args: argparse.Namespace) -> int:
-    """Make every value of one dataset fetched until now unservable, in every process: O(1)."""
+    """Make every value of one dataset fetched until now unservable, in every process: O(1).
+
+    Refused, unless ``--force``, when no key of the dataset lives under the
+    prefix: a mistyped or missing ``--prefix`` would otherwise report success
+    and change nothing the application sees.
+    """
     url, prefix, dataset = _dataset_target(args)
     client = _connect(url, args.cluster)
     try:
+        if not args.force and purge.first_key(client, prefix, dataset) is None:
+            raise CommandError(
+                f"no value of dataset {dataset.key!r} lives under prefix {prefix!r} at "
+                f"{demo.redact(url)}, so invalidating it there would change nothing the "
+                "application sees; check --prefix (and --url), or pass --force to invalidate anyway"
+            )
         mark = Commands(client).invalidate_dataset(
             meta_key(prefix), mark_field(dataset.key, args.soft)
         )

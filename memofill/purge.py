@@ -1,5 +1,8 @@
 """``memofill purge``: free the memory one dataset's keys take, within one prefix and no further.
 
+Also how any command finds one dataset's keys under a prefix: ``memofill
+invalidate`` asks :func:`first_key` whether there is anything to invalidate.
+
 Never needed for correctness (values expire by their own TTL, and a dataset
 invalidation makes old ones unservable at once); it frees memory sooner. Keys
 are found with ``SCAN MATCH <prefix><literal head of the key>*`` (on every
@@ -46,15 +49,10 @@ def purge(
     lease at most, and removing a lock a leader holds would let a second one in.
     """
     commands = Commands(client)
-    template = dataset.template
-    head = prefix + template.parts[0]
-    pattern = glob_escape(head) + ("*" if template.fields else "")
-    only = {dataset.key: dataset}
     scanned, removed, pending = 0, 0, []
-    for raw in commands.scan_keys(pattern, batch):
+    for raw in commands.scan_keys(scan_pattern(prefix, dataset), batch):
         scanned += 1
-        key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
-        if match_final_key(only, prefix, key) is dataset:
+        if is_key_of(prefix, dataset, raw):
             pending.append(raw)
         if len(pending) >= batch:
             removed += commands.unlink(pending)
@@ -63,3 +61,28 @@ def purge(
     if pending:
         removed += commands.unlink(pending)
     return Purged(scanned, removed)
+
+
+def scan_pattern(prefix: str, dataset: Dataset) -> str:
+    """``<prefix><literal head of the key>*``, glob-escaped: a superset of the dataset's keys."""
+    template = dataset.template
+    return glob_escape(prefix + template.parts[0]) + ("*" if template.fields else "")
+
+
+def is_key_of(prefix: str, dataset: Dataset, raw: bytes | str) -> bool:
+    """Whether the Redis key ``raw`` is a value key of ``dataset`` under ``prefix``."""
+    key = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+    return match_final_key({dataset.key: dataset}, prefix, key) is dataset
+
+
+def first_key(client: Any, prefix: str, dataset: Dataset, *, count: int = 1000) -> Any:
+    """A key of ``dataset`` under ``prefix``, or ``None`` when there is none.
+
+    ``SCAN ... MATCH`` in steps of ``count`` (on every primary of a cluster),
+    stopping at the first key of the dataset: one step when values are there,
+    the whole keyspace only when none is.
+    """
+    for raw in Commands(client).scan_keys(scan_pattern(prefix, dataset), count):
+        if is_key_of(prefix, dataset, raw):
+            return raw
+    return None

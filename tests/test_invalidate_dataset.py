@@ -62,6 +62,8 @@ def test_the_invalidate_command_says_what_it_did_and_refuses_bad_arguments(
 ) -> None:
     admin = redis_server.client()
     admin.delete("cli:#meta")
+    admin.set("cli:q:1", b"{}")  # a value of each dataset lives under the prefix
+    admin.set("cli:other:1", b"{}")
     module = tmp_path / "policies.py"
     module.write_text(render(list(POLICIES.values()), "registry.py"))
     common = ["--url", redis_server.url, "--prefix", "cli:", "--policies", str(module)]
@@ -77,6 +79,40 @@ def test_the_invalidate_command_says_what_it_did_and_refuses_bad_arguments(
         err = capsys.readouterr().err
         assert err.count("\n") == 1
         assert err.startswith("memofill: error:")
+
+
+def test_the_invalidate_command_refuses_a_prefix_where_the_dataset_has_no_value(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --prefix would change nothing the application sees: refused, unless --force."""
+    admin = redis_server.client()
+    admin.delete("ref:#meta", "reff:#meta")
+    admin.set("ref:other:1", b"{}")  # another dataset's value: not one of q:{n}'s
+    admin.set("ref:qq:1", b"{}")  # a key that starts alike
+    module = tmp_path / "policies.py"
+    module.write_text(render(list(POLICIES.values()), "registry.py"))
+    where = ["--url", redis_server.url, "--policies", str(module)]
+
+    assert main(["invalidate", "q:{n}", "--prefix", "reff:", *where]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1  # one line, no traceback
+    assert captured.err.startswith(
+        "memofill: error: no value of dataset 'q:{n}' lives under prefix 'reff:' at "
+    )
+    assert "--force" in captured.err
+    assert main(["invalidate", "q:{n}", "--prefix", "ref:", *where]) == 2  # only others' keys
+    assert "prefix 'ref:'" in capsys.readouterr().err
+    assert admin.exists("ref:#meta", "reff:#meta") == 0  # nothing was written
+
+    assert main(["invalidate", "q:{n}", "--prefix", "reff:", "--force", *where]) == 0
+    assert capsys.readouterr().out.startswith("invalidated q:{n} under prefix 'reff:': gen")
+    assert admin.hgetall("reff:#meta") == {b"seq": b"1", b"hard:q:{n}": b"1"}
+
+    admin.set("ref:q:%2A", b"{}")  # a value of the dataset (an escaped argument): accepted
+    assert main(["invalidate", "q:{n}", "--prefix", "ref:", *where]) == 0
+    assert capsys.readouterr().out.startswith("invalidated q:{n} under prefix 'ref:': gen")
+    assert admin.hgetall("ref:#meta") == {b"seq": b"1", b"hard:q:{n}": b"1"}
 
 
 # -- after the invalidation: no old value, one origin call per key ---------------------------

@@ -11,7 +11,7 @@ import redis
 from memofill import CacheFill, Dataset
 from memofill.cli import main
 from memofill.codegen import render
-from memofill.purge import purge
+from memofill.purge import first_key, purge
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -76,4 +76,30 @@ def test_purge_on_a_cluster_scans_every_primary(redis_cluster: Any) -> None:
     assert done.removed == 300
     assert client.exists(*keys) == 0
     assert client.exists("pc:a:1:b") == 1
+    client.close()
+
+
+def test_first_key_finds_a_value_of_the_dataset_and_nothing_else(
+    redis_server: RedisServer,
+) -> None:
+    client = redis_server.client()
+    fill(client)
+    assert first_key(client, "p:", ITEM) is not None
+    assert first_key(client, "p:", DATASETS[2]) == b"p:b:v1"
+    assert first_key(client, "nope:", ITEM) is None
+    client.delete(*[f"p:a:{n}" for n in range(2500)], "p:a:%2A")
+    assert first_key(client, "p:", ITEM) is None  # "p:a:1:b" is another dataset's
+
+
+def test_first_key_on_a_cluster_looks_on_every_primary(redis_cluster: Any) -> None:
+    client = redis_cluster.client()
+    by_node: dict[str, str] = {}
+    for n in range(300):
+        by_node.setdefault(client.get_node_from_key(f"pf:a:{n}").name, f"pf:a:{n}")
+    assert len(by_node) == len(redis_cluster.nodes)  # one key on each primary
+    assert first_key(client, "pf:", ITEM) is None
+    for key in by_node.values():  # found alone, wherever it lives
+        client.set(key, b"{}")
+        assert first_key(client, "pf:", ITEM) == key.encode()
+        client.delete(key)
     client.close()
