@@ -4,13 +4,19 @@ Two small pieces, both process-local and thread-safe:
 
 * the process's :class:`~memofill.near.LocalStore` (defined beside the near
   cache, whose copies it also keeps, so that no value is kept twice) keeps the
-  values this process recently read or wrote, each for at most 30 s, within a
-  budget of bytes and of entries, so a warm process keeps serving them while
-  Redis is down instead of sending every caller to the upstream;
+  values this process recently read or wrote, each for as long as it would be
+  served from Redis after its fetch began (``ttl_s + stale_if_error_s``) and
+  at most 30 s, within a budget of bytes and of entries, so a warm process
+  keeps serving them while Redis is down instead of sending every caller to
+  the upstream;
 * :class:`Breaker` remembers that Redis just failed to connect (or timed out
   several times in a row), and for a short cool-down sends calls straight to
   the local path: a paused Redis would otherwise cost every caller a full
-  socket time-out.
+  socket time-out. After a refused or reset connection, which costs a caller
+  almost nothing to try again, one call every :data:`PROBE_S` asks Redis
+  anyway (the probe), and Redis's answer closes the breaker: once Redis is
+  back, its values win over the copies kept for the outage within
+  :data:`PROBE_S`, not at the end of the cool-down.
 
 Both survive a ``fork()`` (a pre-forking server, ``multiprocessing``): the
 child gets fresh locks and a closed breaker, and keeps the values.
@@ -43,6 +49,7 @@ __all__ = [
     "MAX_LOCAL_BYTES",
     "MAX_LOCAL_ENTRIES",
     "MAX_LOCAL_TTL_S",
+    "PROBE_S",
     "REFRESH_S",
     "TIMEOUTS_TO_OPEN",
     "Breaker",
@@ -54,6 +61,10 @@ __all__ = [
 #: last) open the breaker. One slow reply says little: a busy event loop or CPU delays
 #: replies from a healthy Redis; a stalled Redis times out every caller.
 TIMEOUTS_TO_OPEN = 3
+#: After a refused or reset connection, how often one call probes Redis while the breaker
+#: is open. Each probe costs its caller a refused connection; after time-outs there is
+#: no probe (it would cost a socket time-out): calls skip Redis for the whole cool-down.
+PROBE_S = 0.05
 
 
 class Breaker:
@@ -80,6 +91,8 @@ class Breaker:
         #: Time-outs in a row, and when the last one was.
         self.timeouts = 0
         self._last_timeout = 0.0
+        #: While open, no probe before this (monotonic seconds; see :meth:`skips`).
+        self.probe_at = 0.0
         #: How many times it opened (exported as ``memofill_breaker_trips_total``).
         self.trips = Tally()
         _live_breakers.add(self)
@@ -89,16 +102,38 @@ class Breaker:
         """Whether calls should skip Redis right now."""
         return self.open_until > self._clock()
 
-    def trip(self) -> None:
-        """Redis is unreachable: skip it for the cool-down."""
-        self.open_until = self._clock() + self.cooldown_s
+    def skips(self) -> bool:
+        """Whether a call should skip Redis now: while open, unless it is the probe.
+
+        The first call once :attr:`probe_at` has passed is the probe: it asks
+        Redis, and no other call probes before the next failure re-opens the
+        breaker (which sets the next probe time) or the cool-down ends. Its
+        caller closes the breaker if Redis answers (:meth:`reset`).
+        """
+        now = self._clock()
+        if not self.open_until > now:
+            return False
+        if now < self.probe_at:
+            return True
+        self.probe_at = self.open_until  # this call probes: the others wait for its answer
+        return False
+
+    def trip(self, *, probe: bool = False) -> None:
+        """Redis is unreachable: skip it for the cool-down (probing, with ``probe``)."""
+        now = self._clock()
+        self.open_until = now + self.cooldown_s
+        self.probe_at = now + PROBE_S if probe else self.open_until
         self.timeouts = 0
         self.trips.add()
 
     def failed(self, *, timed_out: bool) -> None:
-        """Redis failed to answer a command: open now, or on the last of a few time-outs."""
+        """Redis failed to answer a command: open now, or on the last of a few time-outs.
+
+        A refused or reset connection opens it at once, with probes (see
+        :meth:`skips`): trying again costs a caller next to nothing.
+        """
         if not timed_out:
-            self.trip()
+            self.trip(probe=True)
             return
         now = self._clock()
         in_a_row = self.timeouts and now - self._last_timeout <= self.cooldown_s
@@ -114,7 +149,7 @@ class Breaker:
 
     def reset(self) -> None:
         """Redis answered: use it again."""
-        self.open_until = 0.0
+        self.open_until = self.probe_at = 0.0
         self.timeouts = 0
 
 

@@ -74,7 +74,7 @@ def lookup_sync(
             return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = snapshot.breaker
     asked, raw, error = False, None, None
-    if commands is not None and not (breaker.open_until and breaker.is_open):
+    if commands is not None and not (breaker.open_until and breaker.skips()):
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
@@ -88,6 +88,8 @@ def lookup_sync(
             if reservation is not None:
                 snapshot.local_store.abandon(key, reservation)
         else:
+            if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
+                breaker.reset()
             if reservation is None:
                 value = hit(snapshot, key, raw, started)
             else:
@@ -129,7 +131,7 @@ async def lookup_async(
             return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = snapshot.breaker
     asked, raw, error = False, None, None
-    if commands is not None and not (breaker.open_until and breaker.is_open):
+    if commands is not None and not (breaker.open_until and breaker.skips()):
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
@@ -143,6 +145,8 @@ async def lookup_async(
             if reservation is not None:
                 snapshot.local_store.abandon(key, reservation)
         else:
+            if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
+                breaker.reset()
             if first_read is not None:
                 await asyncio.shield(first_read)
                 first_read = None
@@ -182,7 +186,7 @@ def hit(snapshot: Snapshot, key: str, raw: bytes | None, started: float) -> Any:
     store = snapshot.local_store
     kept = store.entries.get(key)
     if kept is None or kept.refresh_after <= started:
-        store.put(key, raw, snapshot.ttl_s)
+        store.put(key, raw, snapshot.outage_s)
     return value
 
 

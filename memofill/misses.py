@@ -192,7 +192,7 @@ class Refresh:
         snapshot.metrics.refreshed(record)
         overtaken = snapshot.generations.local != self.local_at
         if outcome is Outcome.REFRESH_FILL and result.stored is not None and not overtaken:
-            snapshot.local_store.put(self.key, result.stored, snapshot.ttl_s)
+            snapshot.local_store.put(self.key, result.stored, snapshot.outage_s)
         if result.unstorable is not None:
             warn_unstorable(snapshot, self.key, result)
         # Last: whoever waits for no refresh in flight then sees it counted and logged.
@@ -299,7 +299,7 @@ class Miss:
         if joined:
             return result
         if result.stored is not None and snapshot.generations.local == self.local_at:
-            snapshot.local_store.put(self.key, result.stored, snapshot.ttl_s)
+            snapshot.local_store.put(self.key, result.stored, snapshot.outage_s)
         elif result.led and snapshot.near is not None:
             # This fill wrote a marker, or nothing: a near copy of the key is not the answer now.
             snapshot.local_store.invalidate((self.key,))

@@ -12,7 +12,12 @@ by either of two rules:
   was written, and drops every entry at once (``epoch += 1``) when it loses its
   connection, is told of a flush, or reconnects.
 * **outage**: while Redis is unreachable (the breaker is open or the ``GET``
-  failed), for at most :data:`MAX_LOCAL_TTL_S`.
+  failed), until ``ttl_s + stale_if_error_s`` after the value's fetch began
+  (the stored header's ``fetch_start_ms``, the time every process judges the
+  value by; from when it was kept, for bytes without a header), and for at
+  most :data:`MAX_LOCAL_TTL_S` after it was kept. Whoever keeps a copy passes
+  that window (:attr:`~memofill.snapshot.Snapshot.outage_s`); re-keeping the
+  same bytes on later hits never lengthens it.
 
 The hit path reads :attr:`LocalStore.entries` without a lock; every change
 (insertion, eviction, invalidation) takes the store's lock. Eviction is CLOCK
@@ -222,13 +227,21 @@ class LocalStore:
     # -- outage copies ---------------------------------------------------------------------
 
     def put(self, key: str, value: Any, ttl_s: float) -> None:
-        """Keep ``value`` (a value's stored bytes) for outages, ``min(ttl_s, max_ttl_s)`` seconds.
+        """Keep ``value`` (a value's stored bytes) for outages, ``ttl_s`` after its fetch began.
 
-        It replaces any near copy of the key: a fill just wrote a new value.
+        ``ttl_s`` is the dataset's outage window (``ttl_s + stale_if_error_s``),
+        counted from the fetch start in the value's header (see :func:`outage_left`),
+        and at most ``max_ttl_s`` from now. It replaces any near copy of the key: a
+        fill just wrote a new value, or a read found it; a value already past its
+        window drops the key's copy and keeps nothing.
         """
         now = self._clock()
-        expires = now + min(ttl_s, self.max_ttl_s)
-        entry = Entry(value, None, 0.0, -1, expires, now + REFRESH_S, entry_bytes(key, value))
+        left = min(outage_left(value, ttl_s), self.max_ttl_s)
+        if left <= 0:
+            with self._lock:
+                self._drop(key)
+            return
+        entry = Entry(value, None, 0.0, -1, now + left, now + REFRESH_S, entry_bytes(key, value))
         with self._lock:
             self._insert(key, entry, now)
 
@@ -290,7 +303,8 @@ class LocalStore:
         """Keep what the read reserved by ``reservation`` found, unless it was invalidated.
 
         ``value`` was read from Redis; it is kept as a near copy until
-        ``near_until`` (and for outages ``outage_s`` seconds, 0 for none) only if
+        ``near_until`` (and for outages ``outage_s`` seconds from now, what is
+        left of its window; 0 or less for none) only if
         its placeholder is still down and the epoch has not changed since: an
         invalidation that raced the read removed one or the other.
         """
@@ -419,6 +433,22 @@ class LocalStore:
         return len(self.entries)
 
 
+def outage_left(value: Any, outage_s: float) -> float:
+    """How much longer, in seconds, the outage rule may serve ``value``: ``outage_s`` past
+    its fetch start.
+
+    Stored bytes with a header are timed from its ``fetch_start_ms`` (wall-clock
+    ms, as every process judges the value; a start in the future counts as now),
+    so a copy a process read late, or keeps again on every hit, is served no
+    longer than a fresh read of Redis would be. Anything else is timed from now.
+    """
+    if isinstance(value, bytes) and value[:2] == HEADED:
+        header = read_header(value)
+        if header is not None:
+            return outage_s - max(0.0, wall_clock() - header.fetch_start_ms / 1000)
+    return outage_s
+
+
 def entry_bytes(key: str, value: Any) -> int:
     """What one kept entry costs against the byte budget (its stored size, for a near copy)."""
     size = len(value) if isinstance(value, (bytes, bytearray, str)) else 0
@@ -464,6 +494,8 @@ class Reader(Protocol):
     def decode(self) -> Callable[[bytes], Any]: ...
     @property
     def ttl_s(self) -> float: ...
+    @property
+    def outage_s(self) -> float: ...
     @property
     def local_store(self) -> LocalStore: ...
     @property
@@ -534,11 +566,14 @@ def keep_near(  # noqa: PLR0917  # what one reserved read found
         near.settle(key, reservation, NEGATIVE, reader.near_owner, size, until, 0.0)
         return
     header = read_header(raw)
+    outage_s = reader.outage_s
     if header is not None:
-        until = min(until, started + header.soft_until_ms / 1000 - wall_clock())
+        wall = wall_clock()
+        until = min(until, started + header.soft_until_ms / 1000 - wall)
+        outage_s -= max(0.0, wall - header.fetch_start_ms / 1000)  # as outage_left() says
     # Kept for outages too: the same entry, so the value is not kept twice.
     kept = raw if reader.near_copy else value
-    near.settle(key, reservation, kept, reader.near_owner, size, until, reader.ttl_s)
+    near.settle(key, reservation, kept, reader.near_owner, size, until, outage_s)
 
 
 def outage_copy(reader: Reader, key: str) -> Any:

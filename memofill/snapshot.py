@@ -214,6 +214,9 @@ class Snapshot:
     key_of: KeyBuilder
     count_hit: Callable[[], object]
     ttl_s: float
+    #: How long after its fetch began a value may serve an outage: ``ttl_s +
+    #: stale_if_error_s`` (see :func:`memofill.near.outage_left`).
+    outage_s: float
     #: The client's commands, or ``None`` (no client, or a client of the wrong kind).
     commands: Commands | None
     #: Whether a call must ask :meth:`gate` first (``False`` on the common, cached path).
@@ -288,6 +291,7 @@ class Snapshot:
             key_of=compile_key(state.prefix, dataset.template, fields, key, shape),
             count_hit=state.counters.hit_tally(key).add,
             ttl_s=dataset.ttl_s,
+            outage_s=dataset.ttl_s + dataset.stale_if_error_s,
             commands=commands,
             gated=misconfigured is not None or state.disabled or _open_blocks > 0,
             misconfigured=misconfigured,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -22,6 +21,8 @@ from memofill.fallback import (
     EVICTION_LOG_INTERVAL_S,
     MAX_LOCAL_ENTRIES,
     MAX_LOCAL_TTL_S,
+    PROBE_S,
+    TIMEOUTS_TO_OPEN,
     Breaker,
     LocalStore,
     entry_bytes,
@@ -156,6 +157,37 @@ def test_time_outs_open_the_breaker_only_when_three_come_in_a_row() -> None:
     assert breaker.timeouts == 0
 
 
+def test_after_a_refused_connection_one_call_at_a_time_probes_redis() -> None:
+    clock = FakeClock()
+    breaker = Breaker(cooldown_s=5.0, clock=clock)
+    breaker.failed(timed_out=False)
+    assert breaker.is_open
+    assert breaker.skips()
+    clock.now += PROBE_S
+    assert not breaker.skips()  # this call probes...
+    assert breaker.skips()  # ...and the others skip Redis while it does
+    breaker.failed(timed_out=False)  # the probe was refused too
+    assert breaker.skips()
+    clock.now += PROBE_S
+    assert not breaker.skips()
+    breaker.reset()  # the probe was answered
+    assert not breaker.is_open
+    assert not breaker.skips()
+
+
+def test_after_time_outs_no_call_probes_before_the_cool_down_ends() -> None:
+    clock = FakeClock()
+    breaker = Breaker(cooldown_s=1.0, clock=clock)
+    for _ in range(TIMEOUTS_TO_OPEN):
+        breaker.failed(timed_out=True)
+    assert breaker.is_open
+    clock.now += 0.99  # a probe now would cost its caller a whole socket time-out
+    assert breaker.skips()
+    clock.now += 0.01
+    assert not breaker.skips()
+    assert not breaker.is_open
+
+
 # --- through the decorator -------------------------------------------------------------
 
 
@@ -190,6 +222,8 @@ def test_warm_values_are_served_while_redis_is_down_and_redis_is_skipped_for_the
     server: fakeredis.FakeServer, raw: fakeredis.FakeRedis
 ) -> None:
     mf = Memofill(raw, prefix="f:", policies=POLICIES, breaker_cooldown_s=0.2)
+    clock = FakeClock()  # the breaker's: no probe falls due however slow the calls below
+    mf.breaker._clock = clock
     gets = CountingGets(mf)
     calls: list[str] = []
     fetch = mf.cached_dataset("item:{name}")(lambda name: calls.append(name) or name.upper())
@@ -207,7 +241,7 @@ def test_warm_values_are_served_while_redis_is_down_and_redis_is_skipped_for_the
     assert gets.sent == sent
     assert calls == ["a", "b"]
     server.connected = True
-    time.sleep(0.25)
+    clock.now += 0.25
     assert fetch.call_with_outcome("a").outcome == "hit"
     assert gets.sent == sent + 1
     assert mf.counters.snapshot()["item:{name}"]["fallback_hit"] == 7

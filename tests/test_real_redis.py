@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -463,6 +464,120 @@ def test_while_redis_is_down_recent_values_are_served_locally_then_redis_again(
     assert fetch.call_with_outcome("warm").outcome == "hit"
     assert calls == ["warm", "cold", "warm"]
     client.close()
+
+
+OUTAGE_FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200)
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+@pytest.mark.parametrize(
+    ("ttl_s", "stale_if_error_s", "read_at", "served_at"),
+    [(2.0, 0.0, 1.0, 1.0), (1.0, 1.0, 0.5, 1.6)],
+    ids=["ttl", "ttl+stale_if_error"],
+)
+def test_an_outage_copy_is_served_until_its_window_after_the_fetch_began_not_after(
+    own_redis_server: RedisServer,
+    ttl_s: float,
+    stale_if_error_s: float,
+    read_at: float,
+    served_at: float,
+) -> None:
+    """ttl_s + stale_if_error_s (2 s in both cases), counted from the fetch start.
+
+    Another process reads the value ``read_at`` after its fetch began. Timed
+    from that read, and without stale_if_error_s, its copy was served until
+    ``read_at + ttl_s`` (measured before: 2.94-3.01 s after the fetch with
+    ttl_s=2, read at 1 s); it is now served until 2 s after the fetch: at
+    ``served_at`` still, at 2.5 s no longer.
+    """
+    policy = Dataset(
+        "item:{name}", ttl_s=ttl_s, stale_if_error_s=stale_if_error_s, cache_fill=OUTAGE_FILL
+    )
+    writer_client = fast_failing_client(own_redis_server)
+    reader_client = fast_failing_client(own_redis_server)
+    writer = Memofill(writer_client, prefix="win:", policies={policy.key: policy})
+    reader = Memofill(reader_client, prefix="win:", policies={policy.key: policy})
+    origin = {"call": 0}
+
+    def fetch(name: str) -> dict[str, Any]:
+        origin["call"] += 1
+        return {"name": name, "call": origin["call"]}
+
+    write = writer.cached_dataset(policy.key)(fetch)
+    read = reader.cached_dataset(policy.key)(fetch)
+    fetched = time.monotonic()
+    assert write.call_with_outcome("a").outcome == "leader_fill"
+    sleep_until(fetched + read_at - 0.1)  # fresh for ttl_s: a hit, kept from now
+    assert read.call_with_outcome("a").outcome == "hit"
+    own_redis_server.stop()
+    sleep_until(fetched + served_at)
+    served = read.call_with_outcome("a")
+    assert time.monotonic() - fetched < 1.8  # within the 2 s window, with room to spare
+    assert (served.outcome, served.value) == ("fallback_hit", {"name": "a", "call": 1})
+    sleep_until(fetched + 2.5)  # past the window
+    late = read.call_with_outcome("a")
+    assert (late.outcome, late.value) == ("lock_error", {"name": "a", "call": 2})
+    for client in (writer_client, reader_client):
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_once_redis_answers_again_its_value_wins_over_the_outage_copy(
+    own_redis_server: RedisServer, mode: str
+) -> None:
+    """Redis restarted, a new value written: the next call gets it, cool-down or not.
+
+    The breaker's cool-down is 30 s here; before, the outage copy was served
+    until it ended (0.85 s after a new write was measured with the default 1 s).
+    """
+    new = fast_failing_client(own_redis_server)
+    if mode == "async":
+        client: Any = redis.asyncio.Redis(  # as fast_failing_client: no retries
+            port=own_redis_server.port,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=AsyncRetry(NoBackoff(), 0),
+        )
+        mf = Memofill(async_client=client, prefix="back:", policies=POLICIES, breaker_cooldown_s=30)
+    else:
+        client = fast_failing_client(own_redis_server)
+        mf = Memofill(client, prefix="back:", policies=POLICIES, breaker_cooldown_s=30)
+    version = ["before"]
+
+    def origin(name: str) -> dict[str, str]:
+        return {"name": name, "version": version[0]}
+
+    async def origin_async(name: str) -> dict[str, str]:
+        return origin(name)
+
+    cached = mf.cached_dataset("item:{name}")(origin_async if mode == "async" else origin)
+
+    async def call() -> Any:
+        result = cached.call_with_outcome("a")
+        return await result if mode == "async" else result
+
+    assert (await call()).outcome == "leader_fill"
+    own_redis_server.stop()
+    assert (await call()).outcome == "fallback_hit"
+    assert mf.breaker.is_open
+    own_redis_server.start()  # empty: the server keeps nothing on disk
+    version[0] = "after"
+    writer = Memofill(new, prefix="back:", policies=POLICIES)  # another process writes
+    assert writer.cached_dataset("item:{name}")(origin).call_with_outcome("a").outcome == (
+        "leader_fill"
+    )
+    await asyncio.sleep(0.2)  # a probe falls due (every 50 ms after a refused connection)
+    result = await call()
+    assert (result.outcome, result.value) == ("hit", {"name": "a", "version": "after"})
+    assert not mf.breaker.is_open  # Redis answered: the breaker closed
+    new.close()
+    if mode == "async":
+        await client.aclose()
+    else:
+        client.close()
 
 
 # -- followers are told how a fill ended, even when nothing was stored --------------------------
