@@ -9,16 +9,19 @@ private ``redis-server``, so that no other test's allocations count.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
+import tracemalloc
 import uuid
 from typing import Any
 
 import orjson
+import pydantic
 import pytest
 import redis
 
-from memofill import ConfigurationError, Dataset, Memofill
+from memofill import ConfigurationError, Dataset, Memofill, NearCache
 from memofill.fallback import MAX_LOCAL_BYTES
 from tests.support.redis_servers import RedisServer
 
@@ -92,3 +95,110 @@ def test_the_store_budget_is_set_per_instance_and_checked() -> None:
     for bad in (-1, 1.5, "32MB", True):
         with pytest.raises(ConfigurationError, match="local_store_bytes"):
             Memofill(policies={}, local_store_bytes=bad)  # type: ignore[arg-type]
+
+
+# -- near copies are counted at what they take decoded, whatever their shape ----------------
+
+NEAR_BUDGET = 4 * 1024 * 1024
+#: What the near store may take in memory, as a multiple of its byte budget: what this test
+#: measures across the shapes below is 0.51 (docs/near-cache.rst); counted at their
+#: stored size, they took up to 24 times the budget (91 MB for 4 MiB).
+NEAR_FOOTPRINT_FACTOR = 1.0
+KEYS_PER_SHAPE = 300
+
+
+def _deep(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+#: Adversarial shapes, each far larger decoded than stored, a few kB stored each.
+SHAPES: dict[str, Any] = {
+    "empty dicts": [{}] * 2000,  # 3 bytes stored, 72 decoded each
+    "empty lists": [[]] * 2000,
+    "small ints": [0] * 3000,
+    "ints": list(range(1000, 2500)),
+    "floats": [1.5] * 1500,
+    "one-letter strings": ["a"] * 1500,
+    "deep nesting": _deep(250),
+    "long string": "x" * 8000,
+    "wide string": "\U0001f600" + "a" * 6000,  # decoded 4 bytes a character
+    "small dicts": [{"a": 1, "b": None}] * 500,
+}
+
+
+class Point(pydantic.BaseModel):
+    """The typed shape: a model takes more than the dict it is decoded from."""
+
+    a: int
+    b: None
+
+
+def fill_the_near_store(port: int, prefix: str, results: Any) -> None:
+    """Read every key of every shape once (each read keeps a near copy); report the growth."""
+    policies = {
+        "shape:{name}:{index}": Dataset("shape:{name}:{index}", ttl_s=600, near_ms=600_000),
+        "typed:{index}": Dataset("typed:{index}", ttl_s=600, near_ms=600_000),
+    }
+    mf = Memofill(
+        redis.Redis(port=port),
+        prefix=prefix,
+        policies=policies,
+        near=NearCache(max_bytes=NEAR_BUDGET, invalidation="ttl"),
+    )
+
+    @mf.cached_dataset("shape:{name}:{index}")
+    def shape(name: str, index: int) -> Any:
+        raise AssertionError("every value is in Redis already")
+
+    @mf.cached_dataset("typed:{index}")
+    def typed(index: int) -> list[Point]:
+        raise AssertionError("every value is in Redis already")
+
+    shape("long string", 0)  # warm: the client, the decoder
+    typed(0)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for index in range(KEYS_PER_SHAPE):
+        for name in SHAPES:
+            shape(name, index)
+        typed(index)
+    assert shape.call_with_outcome("long string", KEYS_PER_SHAPE - 1).outcome == "near_hit"
+    gc.collect()
+    growth = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    store = mf.local_store
+    results.put((growth, store.bytes, len(store), store.evictions))
+
+
+def test_near_copies_of_any_shape_keep_the_process_within_the_store_budget(
+    redis_server: RedisServer,
+) -> None:
+    prefix = f"near{uuid.uuid4().hex[:8]}:"
+    client = redis_server.client()
+    try:
+        pipe = client.pipeline(transaction=False)
+        for index in range(KEYS_PER_SHAPE):
+            for name, value in SHAPES.items():
+                pipe.set(f"{prefix}shape:{name.replace(' ', '%20')}:{index}", orjson.dumps(value))
+            pipe.set(f"{prefix}typed:{index}", orjson.dumps([{"a": 1, "b": None}] * 200))
+            pipe.execute()
+        ctx = multiprocessing.get_context("spawn")
+        results: Any = ctx.Queue()
+        reader = ctx.Process(target=fill_the_near_store, args=(redis_server.port, prefix, results))
+        reader.start()
+        growth, kept_bytes, kept, evictions = results.get(timeout=120)
+        reader.join(timeout=30)
+    finally:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        client.close()
+
+    assert kept_bytes <= NEAR_BUDGET
+    assert kept > 0
+    assert evictions > 0  # the store was full: the budget, not the reads, bounded it
+    assert growth <= NEAR_FOOTPRINT_FACTOR * NEAR_BUDGET, (growth, kept, evictions)
