@@ -269,10 +269,16 @@ def compile_key(
 
         def constant(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             if kwargs or not least <= len(args) + (instance is not None) <= most:
-                _refuse(stub, instance, args, kwargs)
+                _refuse(stub, instance, args, kwargs)  # raises, or the keywords fit
             return final
 
-        return constant
+        def exact_constant(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+            # No parameter with a default (a function of none, say): one comparison.
+            if kwargs or args or instance is not None:
+                return constant(instance, args, kwargs)
+            return final
+
+        return exact_constant if least == most == 0 else constant
     literals = list(template.parts[0::2])
     literals[0] = prefix + literals[0]
     if len(fields) == 1:
@@ -340,11 +346,11 @@ def _argument_reader(
         count = len(args)
         if instance is None:
             if kwargs or not least <= count <= most:
-                _refuse(stub, instance, args, kwargs)
+                stub(*args, **kwargs)  # raises, or the keywords fit
             index = position
         else:
             if kwargs or not least_bound <= count <= most_bound:
-                _refuse(stub, instance, args, kwargs)
+                stub(instance, *args, **kwargs)
             index = offset
         if index is not None and 0 <= index < count:
             value = args[index]
@@ -356,4 +362,22 @@ def _argument_reader(
             return before + text_of(default) + after
         raise TypeError(f"missing argument {name!r} for key {dataset!r}")
 
-    return checked
+    if least != most or position is None or offset is None:
+        return checked
+    first, first_bound = position, offset  # ints, for the closure below
+
+    def exact(instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        # The commonest function, positional parameters without defaults, called with all
+        # of them by position: the count is the check, and the field's position is in range.
+        if instance is None:
+            if kwargs or len(args) != most:
+                return checked(instance, args, kwargs)  # refuses, or reads a keyword
+            value = args[first]
+        else:
+            if kwargs or len(args) != most_bound:
+                return checked(instance, args, kwargs)
+            value = args[first_bound]
+        text = known.get(value) if type(value) is str else None
+        return before + (text_of(value) if text is None else text) + after
+
+    return exact
