@@ -16,7 +16,7 @@ by either of two rules:
   (the stored header's ``fetch_start_ms``, the time every process judges the
   value by; from when it was kept, for bytes without a header), and for at
   most :data:`MAX_LOCAL_TTL_S` after it was kept. Whoever keeps a copy passes
-  that window (:attr:`~memofill.snapshot.Snapshot.outage_s`); re-keeping the
+  that window (``Snapshot.outage_s``); re-keeping the
   same bytes on later hits never lengthens it.
 
 The byte budget bounds what the entries really take in memory, whatever the
@@ -82,8 +82,8 @@ ENTRY_OVERHEAD_BYTES = 200
 #: string's header. Measured (tracemalloc, CPython 3.13, orjson): at most 31 bytes a mark, for
 #: deep nesting, ints past 256 and floats; 40 leaves room for the allocator's rounding.
 DECODED_BYTES_PER_MARK = 40
-#: What one JSON object may take beyond that when decoded into a typed value: a pydantic
-#: model keeps a set of its fields beside its dict (about 480 bytes with two fields).
+#: What one JSON object may take beyond that when decoded into a typed value (a pydantic
+#: model keeps a set of its fields beside its dict, about 480 bytes with two fields).
 TYPED_OBJECT_BYTES = 512
 #: A decoded ``str`` takes up to 4 bytes a character (any character past U+FFFF makes the
 #: whole string so): an upper bound for stored bytes that are not all ASCII.
@@ -107,7 +107,7 @@ class NearCache:
         max_bytes: the most bytes it keeps (``None``: the instance's
             ``local_store_bytes``): stored bytes at their size, a near copy
             kept decoded at an upper bound of its size in memory
-            (:func:`decoded_bytes`), so the budget bounds what the process
+            (:func:`~memofill.near.decoded_bytes`), so the budget bounds what the process
             holds, whatever the values' shape.
         invalidation: ``"tracking"``: a listener connection is told of every write
             by Redis (``CLIENT TRACKING ... BCAST``), and copies are dropped within

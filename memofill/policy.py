@@ -127,7 +127,7 @@ class Dataset:
     def refresh_retry_ms(self) -> int:
         """The ``refresh_retry_ms`` in force: the fill policy's, else one that fits the window.
 
-        Left out, it is :data:`DEFAULT_REFRESH_RETRY_MS`, or ``stale_s`` (in ms) when
+        Left out, it is ``DEFAULT_REFRESH_RETRY_MS`` (5,000), or ``stale_s`` (in ms) when
         that is shorter: a retry must fit in the stale window, and a default that
         did not would refuse ``Dataset(..., stale_s=1, cache_fill=CacheFill(...))``
         for a setting its user never chose.

@@ -499,11 +499,6 @@ def get(name: str, session: object = None) -> dict[str, Any]:
     return {"name": name}
 
 
-class Store:
-    def get(self, name: str) -> dict[str, Any]:
-        return {"name": name}
-
-
 #: Calls that Python refuses, each with ``get``'s parameters: (args, kwargs).
 REFUSED_CALLS = [
     (("a", None, "extra"), {}),  # one positional argument too many
@@ -528,8 +523,15 @@ def test_arguments_the_function_refuses_raise_its_typeerror_on_a_hit_and_on_a_mi
 
 
 def test_a_method_refuses_an_extra_argument_as_python_does(mf: Memofill) -> None:
+    class Store:
+        def get(self, name: str) -> dict[str, Any]:
+            return {"name": name}
+
     expected = refusal(lambda: Store().get("a", "extra"))  # type: ignore[call-arg]
-    assert expected == "Store.get() takes 2 positional arguments but 3 were given"
+    assert expected == (
+        "test_a_method_refuses_an_extra_argument_as_python_does.<locals>.Store.get() "
+        "takes 2 positional arguments but 3 were given"
+    )
     Store.get = mf.cached_dataset("item:{name}")(Store.get)  # type: ignore[method-assign]
     store = Store()
     assert refusal(lambda: store.get("a", "extra")) == expected  # type: ignore[call-arg]
