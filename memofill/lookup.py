@@ -38,6 +38,7 @@ from memofill.codec import (
 from memofill.commands import Commands, is_timeout, is_unreachable
 from memofill.errors import FillError
 from memofill.late import LateRead, sort_read
+from memofill.meta_reads import read_marks_async, read_marks_sync
 from memofill.misses import Miss, bypass, flight, raise_if_cancel_was_lost
 from memofill.near import keep_near, outage_copy, serve_near
 from memofill.outcomes import FALLBACK_HIT, HIT, NEAR_HIT, NOT_A_HIT, CallResult
@@ -66,7 +67,7 @@ def lookup_sync(
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
     if started >= snapshot.generations.next_check and commands is not None:
-        _read_generations_sync(snapshot, commands, started)
+        read_marks_sync(snapshot, commands, started)
     near = snapshot.near
     if near is not None:
         value = serve_near(snapshot, key, started)
@@ -90,6 +91,8 @@ def lookup_sync(
         else:
             if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
                 breaker.reset()
+                if started >= snapshot.generations.next_check:  # skipped while it was open
+                    read_marks_sync(snapshot, commands, time.monotonic())
             if reservation is None:
                 value = hit(snapshot, key, raw, started)
             else:
@@ -123,7 +126,7 @@ async def lookup_async(
     first_read = None
     if started >= snapshot.generations.next_check and commands is not None:
         # Sent beside this caller's GET, and awaited before the value is judged.
-        first_read = _first_read_async(snapshot, commands, started)
+        first_read = read_marks_async(snapshot, commands, started)
     near = snapshot.near
     if near is not None:
         value = serve_near(snapshot, key, started)
@@ -147,6 +150,8 @@ async def lookup_async(
         else:
             if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
                 breaker.reset()
+                if first_read is None and started >= snapshot.generations.next_check:
+                    first_read = read_marks_async(snapshot, commands, time.monotonic())
             if first_read is not None:
                 await asyncio.shield(first_read)
                 first_read = None
@@ -322,97 +327,3 @@ def served_without_fill(
 def counted(snapshot: Snapshot, value: Any, name: str) -> CallResult:
     snapshot.counters.add(snapshot.key, name)
     return CallResult(value, name, False)
-
-
-def _read_generations_sync(snapshot: Snapshot, commands: Commands, now: float) -> None:
-    """Read the marks again, once for all concurrent callers, which wait for that one read.
-
-    Every caller that finds the marks due waits for the one read, so that no call
-    is judged by marks older than ``meta_check_ms`` (however long the process
-    was idle); the read sets the next due time, so the others send nothing.
-    """
-    generations = snapshot.generations
-    with generations.first:
-        if now >= generations.next_check:
-            generations.loaded(*_meta_or_none(snapshot, commands), now=now)
-    tell_unread(snapshot)
-
-
-def _meta_or_none(snapshot: Snapshot, commands: Commands) -> tuple[Any, str | None]:
-    """The meta read's reply, or ``None`` and why (see :func:`tell_unread`)."""
-    if snapshot.breaker.is_open:
-        return None, None
-    try:
-        return commands.read_meta(snapshot.meta_key, snapshot.generations.version), None
-    except Exception as exc:  # read again after meta_check_ms; the GET will tell the breaker
-        return None, _why_unread(exc)
-
-
-def _first_read_async(snapshot: Snapshot, commands: Commands, now: float) -> asyncio.Task[None]:
-    """The read of the marks that is due on this event loop, one task for all its callers.
-
-    Each caller sends its own ``GET`` meanwhile and awaits the task (shielded:
-    a cancelled caller leaves it to the others) before it judges the value, so
-    no call is judged by marks older than ``meta_check_ms``, and a due read
-    costs no round trip more than a ``GET``. Reaching the fill
-    no later than without it matters: on Python 3.10 a caller cancelled while
-    a reply is on its way may not see the cancellation (redis-py drops it).
-    """
-    generations = snapshot.generations
-    loop = asyncio.get_running_loop()
-    task: asyncio.Task[None] | None = generations.first_reads.get(loop)
-    if task is None:
-        task = generations.first_reads[loop] = loop.create_task(
-            _first_read(snapshot, commands, now)
-        )
-    return task
-
-
-async def _first_read(snapshot: Snapshot, commands: Commands, now: float) -> None:
-    generations = snapshot.generations
-    try:
-        generations.loaded(*await _meta_or_none_async(snapshot, commands), now=now)
-        tell_unread(snapshot)
-    finally:
-        generations.first_reads.pop(asyncio.get_running_loop(), None)
-
-
-async def _meta_or_none_async(snapshot: Snapshot, commands: Commands) -> tuple[Any, str | None]:
-    if snapshot.breaker.is_open:
-        return None, None
-    try:
-        return await commands.read_meta(snapshot.meta_key, snapshot.generations.version), None
-    except Exception as exc:  # read again after meta_check_ms; the GET will tell the breaker
-        return None, _why_unread(exc)
-
-
-def tell_unread(snapshot: Snapshot) -> None:
-    """Say at ERROR, once per instance and dataset, that the marks could not be read.
-
-    Such a process cannot know of invalidations: it serves what others
-    invalidated until its TTL ends. The fix is a permission, named here.
-    """
-    generations = snapshot.generations
-    if generations.unread is None or snapshot.key in generations.told_unread:
-        return
-    generations.told_unread.add(snapshot.key)
-    logger.error(
-        "memofill cannot read the invalidation marks under %r (%s): values of %s invalidated "
-        "by invalidate_dataset() may be served until their TTL ends; grant this Redis user "
-        "memofill.acl_rule(%r) (EVALSHA, and TIME, INFO, HGET, HSET, HINCRBY and HGETALL on %s)",
-        snapshot.meta_key,
-        generations.unread,
-        snapshot.key,
-        snapshot.prefix,
-        snapshot.meta_key,
-        extra={"dataset": snapshot.key, "error": generations.unread},
-    )
-
-
-def _why_unread(error: Exception) -> str | None:
-    """What to tell of a failed meta read: a refusal (an ACL, a server without scripts) only.
-
-    An unreachable Redis is the breaker's to tell; a refused read is a configuration
-    that leaves the process blind to invalidations, told once at ERROR.
-    """
-    return None if is_unreachable(error) or is_timeout(error) else type(error).__name__

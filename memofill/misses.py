@@ -30,6 +30,7 @@ from memofill.coordinator import REFUSALS, Plan, Result, fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
+from memofill.meta_reads import read_marks_async, read_marks_sync
 from memofill.outcomes import (
     DISABLED,
     CallResult,
@@ -422,6 +423,8 @@ def refresh_sync(snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwa
         return bypass(snapshot, wrapped, args, kwargs, False)
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
+    if started >= snapshot.generations.next_check and commands is not None:
+        read_marks_sync(snapshot, commands, started)  # what ends its fill is judged by them
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     # Not joined with a plain miss in flight, which may end with the value it found.
     name = _REFRESH + flight(snapshot, key)
@@ -438,6 +441,8 @@ async def refresh_async(
         return await bypass(snapshot, wrapped, args, kwargs, False)
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
+    if started >= snapshot.generations.next_check and commands is not None:
+        await asyncio.shield(read_marks_async(snapshot, commands, started))
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     name = _REFRESH + flight(snapshot, key)
     result, joined = await snapshot.task_flights.run(name, miss.run_async, miss.settle_async)

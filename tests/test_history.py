@@ -65,7 +65,6 @@ def chosen_faults() -> tuple[str, ...]:
     return faults
 
 
-@pytest.mark.nemesis  # on demand until the last rare races it finds are closed
 @pytest.mark.redis_server
 @pytest.mark.slow
 @pytest.mark.timeout(SECONDS + 120)

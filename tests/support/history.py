@@ -38,8 +38,9 @@ comparable; :func:`check` verifies docs/SPEC.md §6 and docs/failure_modes.rst:
 * ``wrong-value``: a value belongs to the dataset and key asked.
 
 What the documents do not promise, or what no process can do, is counted and
-printed, not asserted: an outage copy served after *another* process's
-invalidation (that process could not reach Redis to learn of it), a value older
+printed, not asserted: an outage copy, or a fill coalesced in a process that
+could not reach Redis, served after *another* process's invalidation (that
+process could not reach Redis to learn of it), a value older
 than one an earlier call of the same key already returned (a ``regression``;
 ``regression-in-redis`` when both were read from Redis with no restart or kill
 between, the plainest trace of a stale set), and a value served past its
@@ -682,7 +683,7 @@ def check(ops: Sequence[Op], bounds: Bounds) -> Verdict:
     checked = 0
     for op in served:
         fetch_start: float = op.fetch_start  # type: ignore[assignment]
-        outage = op.outcome == "fallback_hit" and not bounds.strict_outage
+        outage = in_outage(op) and not bounds.strict_outage
         latest = invalidations.rejecting(op, bounds.slack_s, own_only=outage)
         if outage:
             anyone = invalidations.rejecting(op, bounds.slack_s)
@@ -770,6 +771,25 @@ def describe(op: Op, t0: float) -> str:
     if logged:
         text += f" logged {', '.join(logged)}"
     return text
+
+
+#: The errors that say a process could not reach Redis, as memofill logs them.
+UNREACHABLE = frozenset({"RedisUnavailable", "ConnectionError", "TimeoutError"})
+
+
+def in_outage(op: Op) -> bool:
+    """Whether ``op`` was served while its process could not reach Redis.
+
+    An outage copy (``fallback_hit``), or a fill coalesced in the process
+    (``local_join``, ``lock_error``) that met Redis unreachable: such a process
+    cannot hear of another's invalidation, as docs/invalidation.rst says.
+    """
+    if op.outcome == "fallback_hit":
+        return True
+    return any(
+        record.get("outcome") in {"local_join", "lock_error"} and record.get("error") in UNREACHABLE
+        for record in op.records
+    )
 
 
 #: Counted, and asserted only with ``Bounds(strict_outage=True)``.
