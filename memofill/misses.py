@@ -30,7 +30,7 @@ from memofill.coordinator import REFUSALS, Plan, Result, fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
-from memofill.meta_reads import read_marks_async, read_marks_sync
+from memofill.meta_reads import read_marks_async, read_marks_sync, tell_unread
 from memofill.outcomes import (
     DISABLED,
     CallResult,
@@ -233,6 +233,8 @@ class Miss:
         self.fetch = timer(self, function, args, kwargs)
         if commands is None:
             warn_no_client(snapshot)
+        elif snapshot.generations.unread is not None:
+            tell_unread(snapshot)  # this dataset's callers may never be the ones that read
         timed = snapshot.late is not None
         self.plan = plan_for(
             snapshot,

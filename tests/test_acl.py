@@ -119,6 +119,32 @@ def test_a_user_limited_to_the_prefix_is_told_once_at_error_with_the_rule_to_gra
     admin.close()
 
 
+def test_a_user_with_the_previous_releases_rule_is_told_it_cannot_see_invalidations(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rule before stamps had no TIME, HGET or INFO: such a process is blind to marks."""
+    prefix = f"p{uuid.uuid4().hex[:6]}:"
+    admin = server.client()
+    dropped = {"+hget", "+time", "+info"}
+    previous = " ".join(word for word in acl_rule(prefix).split() if word not in dropped)
+    set_user(admin, "previous", previous)
+    clients = [server.client(username="previous", password=PASSWORD) for _ in range(2)]
+    caplog.set_level(logging.INFO, logger="memofill")
+    for client in clients:  # two instances: told once per instance and dataset
+        mf = Memofill(client, prefix=prefix, policies=POLICIES)
+        fetch = mf.cached_dataset("item:{name}")(lambda name: {"name": name})
+        plain = mf.cached_dataset("plain:{name}")(lambda name: {"name": name})
+        for name in ("a", "b", "c"):
+            assert fetch(name) == plain(name) == {"name": name}  # callers are still served
+    about_marks = [r.getMessage() for r in caplog.records if "invalidation marks" in r.getMessage()]
+    assert len(about_marks) == 4, about_marks  # 2 instances x 2 datasets
+    assert all(f"acl_rule({prefix!r})" in message for message in about_marks)
+    assert all(r.levelno == logging.ERROR for r in caplog.records if r.levelno >= logging.ERROR)
+    for client in clients:
+        client.close()
+    admin.close()
+
+
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_the_near_cache_listener_runs_under_the_documented_acl_user(
     server: RedisServer, protocol: int

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from memofill import CacheFill, Dataset, Memofill
+from memofill import CacheFill, Dataset, Memofill, NearCache
 from memofill.codec import read_header
 from tests.support.redis_servers import RedisServer
 
@@ -256,3 +256,39 @@ def wait_for_joiner(cache: Memofill) -> None:
     while not any(flight.joiners for flight in list(flights.values())):
         assert time.monotonic() < deadline, "no caller joined the fill"
         time.sleep(0.001)
+
+
+def test_no_read_in_flight_keeps_a_near_copy_across_its_own_processs_invalidation(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Readers keep reserving near copies while the process invalidates: none outlives it."""
+    near = Dataset(QUOTE, ttl_s=300, near_ms=60_000, cache_fill=POLICIES[QUOTE].cache_fill)
+    client = redis_server.client()
+    _clients.append(client)
+    cache = Memofill(
+        client,
+        prefix=prefix,
+        policies={QUOTE: near},
+        near=NearCache(invalidation="ttl"),
+        meta_check_ms=50,
+    )
+    versions = itertools.count(1)
+    fetch = cache.cached_dataset(QUOTE)(lambda symbol: {"version": next(versions)})
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            fetch("ACME")
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for _ in range(300):
+            before = fetch("ACME")["version"]
+            fetch.invalidate("ACME")
+            assert fetch("ACME")["version"] > before
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(PATIENCE_S)
