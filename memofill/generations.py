@@ -106,8 +106,14 @@ class Generations:
     def __init__(self, check_s: float) -> None:
         #: How often the hash is read again, at most (``meta_check_ms``).
         self.check_s = check_s
-        #: The clock time of the next read; 0.0 reads it at the next call.
+        #: The clock time until which the marks are current: the last read that Redis
+        #: answered, plus ``check_s``. A call that starts later reads them before it judges
+        #: a value; 0.0 reads them at the next call.
         self.next_check = 0.0
+        #: The clock time when the last read failed (Redis unreachable or too slow): a
+        #: blocking caller that started before shares that failure rather than waiting for
+        #: a read of its own.
+        self.failed_at = 0.0
         #: Redis's clock in µs when this process last read it. It is no later than now, so a
         #: fill that takes no lock stamps its value with it.
         self.clock_us = 0
@@ -152,12 +158,17 @@ class Generations:
 
         ``[clock, version]`` while the version known is current, else ``[clock,
         version, the hash as a flat list]``; ``error`` names why there is no reply.
+        A read Redis refused (``error``) leaves the process blind until it is told
+        (:func:`~memofill.meta_reads.tell_unread`); one Redis did not answer leaves
+        the marks due, so no value is judged by them until a read succeeds.
         """
-        self.next_check = now + self.check_s
         self.unread = error
         if reply is None:
+            if error is not None:
+                self.next_check = now + self.check_s
             self.known = True
             return
+        self.next_check = now + self.check_s
         clock_us, version = _number(reply[0]), _text(reply[1])
         changed = False
         if len(reply) > 2 and version != self.version:

@@ -38,7 +38,7 @@ from memofill.codec import (
 from memofill.commands import Commands, is_timeout, is_unreachable
 from memofill.errors import FillError
 from memofill.late import LateRead, sort_read
-from memofill.meta_reads import read_marks_async, read_marks_sync
+from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
 from memofill.misses import Miss, bypass, flight, raise_if_cancel_was_lost
 from memofill.near import keep_near, outage_copy, serve_near
 from memofill.outcomes import FALLBACK_HIT, HIT, NEAR_HIT, NOT_A_HIT, CallResult
@@ -91,14 +91,19 @@ def lookup_sync(
         else:
             if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
                 breaker.reset()
-                if started >= snapshot.generations.next_check:  # skipped while it was open
-                    read_marks_sync(snapshot, commands, time.monotonic())
-            if reservation is None:
-                value = hit(snapshot, key, raw, started)
-            else:
-                value = reserved_hit(snapshot, key, reply, started, reservation)
-            if value is not NOT_A_HIT:
-                return CallResult(value, HIT, False) if with_outcome else value
+            if started < snapshot.generations.next_check or read_marks_sync(
+                snapshot, commands, time.monotonic()
+            ):
+                if reservation is None:
+                    value = hit(snapshot, key, raw, started)
+                else:
+                    value = reserved_hit(snapshot, key, reply, started, reservation)
+                if value is not NOT_A_HIT:
+                    return CallResult(value, HIT, False) if with_outcome else value
+            else:  # not judged by marks it could not renew
+                error, raw = MarksUnread(), None
+                if reservation is not None:
+                    snapshot.local_store.abandon(key, reservation)
     then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
     if isinstance(then, CallResult):
         served = then
@@ -150,17 +155,22 @@ async def lookup_async(
         else:
             if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
                 breaker.reset()
-                if first_read is None and started >= snapshot.generations.next_check:
-                    first_read = read_marks_async(snapshot, commands, time.monotonic())
             if first_read is not None:
                 await asyncio.shield(first_read)
                 first_read = None
-            if reservation is None:
-                value = hit(snapshot, key, raw, started)
-            else:
-                value = reserved_hit(snapshot, key, reply, started, reservation)
-            if value is not NOT_A_HIT:
-                return CallResult(value, HIT, False) if with_outcome else value
+            if started >= snapshot.generations.next_check:  # unread, or skipped while open
+                await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
+            if started < snapshot.generations.next_check:
+                if reservation is None:
+                    value = hit(snapshot, key, raw, started)
+                else:
+                    value = reserved_hit(snapshot, key, reply, started, reservation)
+                if value is not NOT_A_HIT:
+                    return CallResult(value, HIT, False) if with_outcome else value
+            else:  # not judged by marks it could not renew
+                error, raw = MarksUnread(), None
+                if reservation is not None:
+                    snapshot.local_store.abandon(key, reservation)
     if first_read is not None:
         await asyncio.shield(first_read)
     then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)

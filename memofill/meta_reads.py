@@ -3,10 +3,14 @@
 Rules:
 
 - A call judges a value it read from Redis only by marks read less than
-  ``meta_check_ms`` ago; a call that finds them older waits for one read, shared
-  by every caller that finds them due (blocking callers under
+  ``meta_check_ms`` before it started; a call that finds them older waits for
+  one read, shared by every caller that finds them due (blocking callers under
   ``Generations.first``, asyncio callers on one task per event loop, sent beside
   their own ``GET``).
+- A read Redis does not answer leaves the marks due. A call whose ``GET`` Redis
+  then answers reads them once more; if that fails too, the value it read is not
+  judged at all: the call goes on as if Redis were unreachable
+  (:class:`MarksUnread`), never serving a value by marks it could not renew.
 - While the breaker is open, a due read waits for Redis to answer again, and the
   call that finds it back reads the marks before it judges its value.
 - A read Redis refuses (an ACL) is told at ERROR, once per instance and
@@ -17,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
+
+from redis.exceptions import TimeoutError as _TimeoutError
 
 from memofill.commands import Commands, is_timeout, is_unreachable
 from memofill.snapshot import Snapshot
@@ -25,18 +32,43 @@ from memofill.snapshot import Snapshot
 logger = logging.getLogger("memofill")
 
 
-def read_marks_sync(snapshot: Snapshot, commands: Commands, now: float) -> None:
-    """Read the marks again, once for all concurrent callers, which wait for that one read.
+class MarksUnread(_TimeoutError):
+    """Redis answered a call's ``GET`` but not the reads of the marks that judge its value.
+
+    The breaker counts it as a time-out (Redis answered the ``GET``, so it is
+    not yet gone). The call goes on as in an outage: its outage copy, or a fill
+    without the lock (the lock path's recheck would be judged by the same
+    unread marks); never the value it could not judge.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("Redis did not answer the read of the invalidation marks")
+
+
+def read_marks_sync(snapshot: Snapshot, commands: Commands, now: float) -> bool:
+    """Read the marks when due, once for all concurrent callers; whether they are current.
 
     Every caller that finds the marks due waits for the one read, so that no call
     is judged by marks older than ``meta_check_ms`` (however long the process
-    was idle); the read sets the next due time, so the others send nothing.
+    was idle); the read sets the next due time, so the others send nothing. A
+    caller that started before a read failed shares its failure rather than
+    waiting for a read of its own. Returns whether the marks are current for a
+    call started at ``now``.
     """
     generations = snapshot.generations
     with generations.first:
-        if now >= generations.next_check and not _skipped(snapshot):
-            generations.loaded(*_meta_or_none(snapshot, commands), now=now)
+        due = now >= generations.next_check and now > generations.failed_at
+        if due and not _skipped(snapshot):
+            _take(snapshot, _meta_or_none(snapshot, commands), now)
     tell_unread(snapshot)
+    return now < generations.next_check
+
+
+def _take(snapshot: Snapshot, read: tuple[Any, str | None], now: float) -> None:
+    """Take a read's reply (``read`` is what :func:`_meta_or_none` returned)."""
+    snapshot.generations.loaded(*read, now=now)
+    if read == (None, None):
+        snapshot.generations.failed_at = time.monotonic()
 
 
 def _skipped(snapshot: Snapshot) -> bool:
@@ -64,9 +96,11 @@ def read_marks_async(snapshot: Snapshot, commands: Commands, now: float) -> asyn
     Each caller sends its own ``GET`` meanwhile and awaits the task (shielded:
     a cancelled caller leaves it to the others) before it judges the value, so
     no call is judged by marks older than ``meta_check_ms``, and a due read
-    costs no round trip more than a ``GET``. Reaching the fill
-    no later than without it matters: on Python 3.10 a caller cancelled while
-    a reply is on its way may not see the cancellation (redis-py drops it).
+    costs no round trip more than a ``GET``. After it, the marks are current
+    for a caller that started at ``started`` when ``started <
+    generations.next_check``. Reaching the fill no later than without it
+    matters: on Python 3.10 a caller cancelled while a reply is on its way may
+    not see the cancellation (redis-py drops it).
     """
     generations = snapshot.generations
     loop = asyncio.get_running_loop()
@@ -82,7 +116,7 @@ async def _first_read(snapshot: Snapshot, commands: Commands, now: float) -> Non
     generations = snapshot.generations
     try:
         if not _skipped(snapshot):
-            generations.loaded(*await _meta_or_none_async(snapshot, commands), now=now)
+            _take(snapshot, await _meta_or_none_async(snapshot, commands), now)
             tell_unread(snapshot)
     finally:
         generations.first_reads.pop(asyncio.get_running_loop(), None)

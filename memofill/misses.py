@@ -30,7 +30,7 @@ from memofill.coordinator import REFUSALS, Plan, Result, fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
-from memofill.meta_reads import read_marks_async, read_marks_sync, tell_unread
+from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync, tell_unread
 from memofill.outcomes import (
     DISABLED,
     CallResult,
@@ -100,8 +100,10 @@ def plan_for(
     replaces the key. ``extra`` sets the :class:`Plan` fields of one kind of fill.
     """
     dataset = snapshot.dataset
-    # A time-out alone is not proof (the breaker counts them): the lock path runs.
+    # A time-out alone is not proof (the breaker counts them): the lock path runs, unless the
+    # marks that would judge its recheck are unread.
     unreachable = error is not None and is_unreachable(error) and not is_timeout(error)
+    unreachable = unreachable or isinstance(error, MarksUnread)
     breaker_open = snapshot.breaker.is_open
     return Plan(
         dataset=dataset.key,

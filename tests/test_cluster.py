@@ -304,6 +304,7 @@ def test_a_master_killed_during_a_stampede(
     # At most one fetch per process and key: its threads coalesce.
     assert origin_calls(counter, spec) <= 3 * len(names)
     degraded = {"ConnectionError", "RedisUnavailable", "TimeoutError", "ClusterDownError"}
+    degraded.add("MarksUnread")  # the GET was answered, the read of the marks was not
     # "newer": a write refused because a fill that took over stored a later value.
     assert {failure(error) for _, error in result.errors} <= degraded | {None, "newer"}
     # Every process met the dead master and degraded to local fetches.

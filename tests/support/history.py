@@ -774,7 +774,7 @@ def describe(op: Op, t0: float) -> str:
 
 
 #: The errors that say a process could not reach Redis, as memofill logs them.
-UNREACHABLE = frozenset({"RedisUnavailable", "ConnectionError", "TimeoutError"})
+UNREACHABLE = frozenset({"RedisUnavailable", "ConnectionError", "TimeoutError", "MarksUnread"})
 
 
 def in_outage(op: Op) -> bool:
