@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import expiry, miss_cost, near, near_peers, registry
+from bench import expiry, fill, miss_cost, near, near_peers, registry
 from bench.libraries import BY_SLUG, LIBRARIES, STALE_S, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
@@ -716,6 +716,8 @@ def render(results: dict[str, Any]) -> str:
         lines += near.render(results["near"])
     if "miss_cost" in results:
         lines += miss_cost.render(results["miss_cost"])
+    if "fill" in results:
+        lines += fill.render(results["fill"])
     if "stampede" in results:
         lines += _stampede(results["stampede"])
     if "growth" in results:

@@ -24,6 +24,7 @@ from typing import Any
 
 from bench import (
     expiry,
+    fill,
     growth,
     hit,
     miss_cost,
@@ -43,6 +44,7 @@ SCENARIOS = (
     "near",
     "near_peers",
     "miss_cost",
+    "fill",
     "stampede",
     "growth",
     "payload",
@@ -84,6 +86,8 @@ class Scale:
     expiry_callers: int
     expiry_repeats: int
     near_writes: int
+    fill_rounds: int
+    fill_count: int
 
 
 FULL = Scale(
@@ -104,6 +108,8 @@ FULL = Scale(
     expiry_callers=5,
     expiry_repeats=3,
     near_writes=500,
+    fill_rounds=8,
+    fill_count=500,
 )
 QUICK = Scale(
     hit_iterations=2_000,
@@ -123,6 +129,8 @@ QUICK = Scale(
     expiry_callers=3,
     expiry_repeats=1,
     near_writes=50,
+    fill_rounds=2,
+    fill_count=100,
 )
 
 
@@ -176,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="expiry: write the first expiry of the first row's first run as a timeline trace "
         "(JSON, the data the docs' SVG timeline is drawn from)",
+    )
+    parser.add_argument(
+        "--before",
+        default=fill.BEFORE,
+        metavar="REF",
+        help=f"fill: the commit this tree's fills are compared with (default {fill.BEFORE}, "
+        "the last before conditional writes)",
     )
     parser.add_argument(
         "--processes", type=int, help="stampede, growth and expiry worker processes"
@@ -256,8 +271,13 @@ def _load() -> str:
         return "unknown"
 
 
-def run(
-    scenarios: list[str], libraries: list[Library], scale: Scale, command: str, quick: bool
+def run(  # noqa: PLR0917
+    scenarios: list[str],
+    libraries: list[Library],
+    scale: Scale,
+    command: str,
+    quick: bool,
+    before: str = fill.BEFORE,
 ) -> dict[str, Any]:
     """Start a private redis-server, run the scenarios in order, and return every figure."""
     server = RedisServer().start()
@@ -321,6 +341,11 @@ def run(
         if "miss_cost" in scenarios:
             _log(f"miss cost: {scale.hit_iterations:,} calls per row")
             results["miss_cost"] = miss_cost.measure(iterations=scale.hit_iterations)
+        if "fill" in scenarios:
+            _log(f"fill: {scale.fill_rounds} x {scale.fill_count} fills per tree, against {before}")
+            results["fill"] = fill.measure(
+                server.port, before=before, rounds=scale.fill_rounds, fills=scale.fill_count
+            )
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:
@@ -380,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenarios, libraries, scale = _choose(args, parser)
     command = shlex.join(["python", "-m", "bench", *argv])
-    results = run(scenarios, libraries, scale, command, args.quick)
+    results = run(scenarios, libraries, scale, command, args.quick, args.before)
     document = report.render(results)
     # Only a full run replaces the published report; a quick run or a subset prints its own.
     full = not args.quick and set(scenarios) == set(SCENARIOS)
