@@ -106,11 +106,11 @@ class Generations:
     def __init__(self, check_s: float) -> None:
         #: How often the hash is read again, at most (``meta_check_ms``).
         self.check_s = check_s
-        #: The clock time until which the marks are current: the last read that Redis
-        #: answered, plus ``check_s``. A call that starts later reads them before it judges
-        #: a value; 0.0 reads them at the next call.
+        #: Until when (clock time) the marks are current, which is the time of the last
+        #: read that Redis answered plus ``check_s``. A call that starts later reads them
+        #: before it judges a value; 0.0 reads them at the next call.
         self.next_check = 0.0
-        #: The clock time when the last read failed (Redis unreachable or too slow): a
+        #: When (clock time) the last read failed, Redis being unreachable or too slow. A
         #: blocking caller that started before shares that failure rather than waiting for
         #: a read of its own.
         self.failed_at = 0.0
@@ -159,7 +159,7 @@ class Generations:
         ``[clock, version]`` while the version known is current, else ``[clock,
         version, the hash as a flat list]``; ``error`` names why there is no reply.
         A read Redis refused (``error``) leaves the process blind until it is told
-        (:func:`~memofill.meta_reads.tell_unread`); one Redis did not answer leaves
+        (``meta_reads.tell_unread``); one Redis did not answer leaves
         the marks due, so no value is judged by them until a read succeeds.
         """
         self.unread = error
