@@ -85,6 +85,8 @@ nitpick_ignore = [
     ("py:class", "memofill.instance.R"),
     ("py:class", "memofill.decorator.P"),
     ("py:class", "memofill.decorator.R"),
+    # The type of a CallResult's value.
+    ("py:class", "memofill.outcomes.T"),
     # The exporters' third-party types, named in their signatures.
     ("py:class", "prometheus_client.metrics_core.Metric"),
     ("py:class", "opentelemetry.metrics.MeterProvider"),

@@ -82,7 +82,7 @@ class LateRead:
             if snapshot.marks.top:  # its stamp is read only once the marks were
                 kind = amended(kind, snapshot.marks, raw, stale_ms > 0)
         self.trigger = "early" if kind == EARLY else "stale"
-        self.result: CallResult | None = None
+        self.result: CallResult[Any] | None = None
         if kind in (EARLY, STALE):
             # Markers carry no header: these bytes are a value, read as a fresh hit reads one.
             body = raw[HEADER_LEN:] if len(raw) < VIEW_FROM_BYTES else snapshot.view(raw)
@@ -116,7 +116,7 @@ class LateRead:
         )
         return True
 
-    def run_sync(self) -> CallResult:
+    def run_sync(self) -> CallResult[Any]:
         """Serve now and run the refresh handed off: inline, or on the pool (counted if dropped)."""
         snapshot, job = self.snapshot, self.job
         assert job is not None  # only a served read hands a refresh off
@@ -130,7 +130,7 @@ class LateRead:
             )
         return self.result
 
-    async def run_async(self) -> CallResult:
+    async def run_async(self) -> CallResult[Any]:
         """:meth:`run_sync` for asyncio callers: inline, or as a task of its own."""
         snapshot, job = self.snapshot, self.job
         assert job is not None  # only a served read hands a refresh off
@@ -140,7 +140,7 @@ class LateRead:
         snapshot.refreshes.spawn(job.run_async())
         return self.result
 
-    def _after_inline(self, result: Result) -> CallResult:
+    def _after_inline(self, result: Result) -> CallResult[Any]:
         """What the caller that refreshed inline returns: the new value, when there is one."""
         assert self.result is not None  # only a served read hands a refresh off
         if result.outcome is Outcome.REFRESH_FILL:

@@ -272,7 +272,7 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
     wrapped: Any,
     args: Any,
     kwargs: Any,
-) -> CallResult | LateRead | Miss:
+) -> CallResult[Any] | LateRead | Miss:
     """What a call whose read was not a plain hit does next, for both lookups.
 
     A :class:`CallResult` to return now (a marker, an outage copy, a late read
@@ -295,7 +295,7 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
 
 def served_without_fill(
     snapshot: Snapshot, key: str, asked: bool, raw: bytes | None, error: Exception | None
-) -> CallResult | None:
+) -> CallResult[Any] | None:
     """A result that needs no fill, or ``None`` to fill.
 
     Redis not asked (breaker open, no client): the locally kept value, if any
@@ -334,6 +334,6 @@ def served_without_fill(
     return None
 
 
-def counted(snapshot: Snapshot, value: Any, name: str) -> CallResult:
+def counted(snapshot: Snapshot, value: Any, name: str) -> CallResult[Any]:
     snapshot.counters.add(snapshot.key, name)
     return CallResult(value, name, False)

@@ -62,7 +62,7 @@ def bypass(snapshot: Snapshot, wrapped: Any, args: Any, kwargs: Any, with_outcom
     return CallResult(function(*args, **kwargs), DISABLED, False)
 
 
-async def _with_outcome_async(call: Any) -> CallResult:
+async def _with_outcome_async(call: Any) -> CallResult[Any]:
     return CallResult(await call, DISABLED, False)
 
 
@@ -338,7 +338,7 @@ class Miss:
         except Exception:  # Redis failing: see settle_sync
             return True
 
-    def finish(self, result: Result, joined: bool) -> CallResult:
+    def finish(self, result: Result, joined: bool) -> CallResult[Any]:
         """This caller's result: a joiner is logged as one; the value, or raise.
 
         A joiner gets its own copy, decoded from the bytes the fill stored, so

@@ -16,7 +16,7 @@ import os
 import threading
 import weakref
 from collections import Counter
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -204,11 +204,19 @@ _TALLIED = frozenset({HIT, STALE_HIT, NEAR_HIT})
 NOT_A_HIT: Any = object()
 
 
-@attrs.frozen
-class CallResult:
-    """A value with how it was obtained: ``hit``, ``fallback_hit``, or a miss :class:`Outcome`."""
+#: The type of a :class:`CallResult`'s value: what the decorated function returns.
+T = TypeVar("T")
 
-    value: Any
+
+@attrs.frozen
+class CallResult(Generic[T]):
+    """A value with how it was obtained: ``hit``, ``fallback_hit``, or a miss :class:`Outcome`.
+
+    Generic in the value's type, so that a type checker knows what
+    ``call_with_outcome(...).value`` is: ``CallResult[R]`` for a function returning ``R``.
+    """
+
+    value: T
     outcome: str
     led: bool
 

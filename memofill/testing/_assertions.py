@@ -215,7 +215,7 @@ class Outcomes:
         cached: CachedDataset[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        result: CallResult,
+        result: CallResult[Any],
     ) -> Any:
         __tracebackhide__ = True
         if result.outcome != HIT:

@@ -56,7 +56,7 @@ def uses() -> None:
     outcome: Any = fetch.call_with_outcome("a")
     # No typing.cast: the decorated function is a CachedDataset to the type checker, whose
     # methods take the function's own parameters (docs/api.rst says so).
-    result: memofill.CallResult = fetch.call_with_outcome("a")
+    result: memofill.CallResult[dict[str, int]] = fetch.call_with_outcome("a")
     fetch.call_with_outcome(1)  # type: ignore[arg-type]
     fetch.invalidate(1)  # type: ignore[arg-type]
     fetch(1)  # type: ignore[arg-type]
@@ -68,7 +68,7 @@ def uses() -> None:
     method_key: str = repository.item.redis_key("a")
     repository.item.invalidate("a")
     repository.item(2)  # type: ignore[arg-type]
-    method_result: memofill.CallResult = repository.item.call_with_outcome("a")
+    method_result: memofill.CallResult[dict[str, int]] = repository.item.call_with_outcome("a")
     repository.item.call_with_outcome(2)  # type: ignore[arg-type]
 
     default: list[str] = fetch_default("a")
