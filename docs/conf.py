@@ -85,6 +85,8 @@ nitpick_ignore = [
     ("py:class", "memofill.instance.R"),
     ("py:class", "memofill.decorator.P"),
     ("py:class", "memofill.decorator.R"),
+    # What a coroutine function's coroutine gives, named by its helpers' signatures.
+    ("py:class", "memofill.decorator.T"),
     # The type of a CallResult's value.
     ("py:class", "memofill.outcomes.T"),
     # The exporters' third-party types, named in their signatures.

@@ -16,11 +16,18 @@ Rules:
   protocol.
 - This module knows its instance only as an :class:`~memofill.snapshot.Owner`: it
   never imports :mod:`memofill.instance`.
+- Types cost nothing at run time. A helper that returns an awaitable for a coroutine
+  function (``invalidate``, ``invalidate_dataset``, ``call_with_outcome``) has two
+  ``typing.overload`` signatures on this one class, chosen by the function's return type:
+  ``Coroutine[Any, Any, T]`` (an ``async def``) gets a coroutine of the helper's result,
+  so a forgotten ``await`` is a type error; anything else gets the result itself. No
+  second class for coroutine functions, no wrapper: both kinds run the same code.
+  ``refresh`` needs no overload: it returns what a call returns, ``R``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 import attrs
@@ -40,6 +47,8 @@ __all__ = ["CachedDataset", "CallResult"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: The value a coroutine function's coroutine gives (``R`` is then ``Coroutine[Any, Any, T]``).
+T = TypeVar("T")
 _P2 = ParamSpec("_P2")
 _R2 = TypeVar("_R2")
 _T = TypeVar("_T")
@@ -165,8 +174,20 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         instance = getattr(self, "_self_instance", None)
         return self._self_snapshot().key_of(instance, args, kwargs)
 
+    # Each helper below has an async signature, then a plain one (see the module's rules).
+    # They overlap only for a plain function annotated to return a coroutine, which is
+    # served as a plain function: the type checker is then told of an awaitable.
+    @overload
+    def invalidate(  # type: ignore[overload-overlap]
+        self: CachedDataset[P, Coroutine[Any, Any, Any]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, int | None]: ...
+    @overload
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> int | None: ...
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Delete the cached value for these arguments (awaitable for coroutine functions).
+
+        Returns how many values it deleted (0 or 1), or ``None`` when there is
+        no Redis to delete from (no client, or caching is disabled).
 
         Leaves a tomb with Redis's clock beside the key, so that a fill whose
         fetch began before this call never writes its value after it
@@ -186,11 +207,17 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
             return _forgotten(snapshot, key, reply)
         return forget(snapshot, key, reply)
 
+    @overload
+    def invalidate_dataset(  # type: ignore[overload-overlap]
+        self: CachedDataset[P, Coroutine[Any, Any, Any]], *, soft: bool = False
+    ) -> Coroutine[Any, Any, int]: ...
+    @overload
+    def invalidate_dataset(self, *, soft: bool = False) -> int: ...
     def invalidate_dataset(self, *, soft: bool = False) -> Any:
         """Make every value of this function's dataset fetched until now unservable.
 
         As :meth:`memofill.Memofill.invalidate_dataset`, on this function's
-        client; returns the new generation (awaitable for coroutine functions).
+        client; returns the mark (Redis's clock, µs), awaitable for coroutine functions.
         """
         snapshot = self._self_snapshot()
         commands = snapshot.gate() if snapshot.gated else snapshot.commands
@@ -200,6 +227,12 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
             commands, snapshot.meta_key, snapshot.generations, snapshot.key, soft
         )
 
+    @overload
+    def call_with_outcome(  # type: ignore[overload-overlap]
+        self: CachedDataset[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, CallResult[T]]: ...
+    @overload
+    def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> CallResult[R]: ...
     def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Call, returning a :class:`CallResult` (awaitable for coroutine functions)."""
         snapshot = self._self_snapshot()
@@ -207,17 +240,20 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         instance = getattr(self, "_self_instance", None)
         return lookup(snapshot, instance, self.__wrapped__, args, kwargs, with_outcome=True)
 
-    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Fill again now, even over a value present, and return the new value.
 
         The fill is coordinated as a miss's is (it takes the lock; a caller that
         finds the lock held waits for that fill's value, not the one it
-        replaces). Awaitable for coroutine functions.
+        replaces). Returns what a call returns: for a coroutine function, a
+        coroutine of the value, to await.
         """
         snapshot = self._self_snapshot()
-        refresh = refresh_async if snapshot.is_async else refresh_sync
+        refresh: Callable[..., Any] = refresh_async if snapshot.is_async else refresh_sync
         instance = getattr(self, "_self_instance", None)
-        return refresh(snapshot, instance, self.__wrapped__, args, kwargs)
+        # R: the value, or for a coroutine function refresh_async's coroutine of it.
+        result: R = refresh(snapshot, instance, self.__wrapped__, args, kwargs)
+        return result
 
 
 class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
@@ -226,10 +262,32 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
     if TYPE_CHECKING:
 
         def redis_key(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+        @overload
+        def invalidate(  # type: ignore[overload-overlap]
+            self: _BoundCachedDataset[P, Coroutine[Any, Any, Any]],
+            *args: P.args,
+            **kwargs: P.kwargs,
+        ) -> Coroutine[Any, Any, int | None]: ...
+        @overload
+        def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> int | None: ...
         def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        @overload
+        def invalidate_dataset(  # type: ignore[overload-overlap]
+            self: _BoundCachedDataset[P, Coroutine[Any, Any, Any]], *, soft: bool = False
+        ) -> Coroutine[Any, Any, int]: ...
+        @overload
+        def invalidate_dataset(self, *, soft: bool = False) -> int: ...
         def invalidate_dataset(self, *, soft: bool = False) -> Any: ...
+        @overload
+        def call_with_outcome(  # type: ignore[overload-overlap]
+            self: _BoundCachedDataset[P, Coroutine[Any, Any, T]],
+            *args: P.args,
+            **kwargs: P.kwargs,
+        ) -> Coroutine[Any, Any, CallResult[T]]: ...
+        @overload
+        def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> CallResult[R]: ...
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
-        def refresh(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+        def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
     else:
         invalidate = CachedDataset.invalidate

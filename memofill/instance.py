@@ -456,8 +456,11 @@ class Memofill:
         listener runs). ``soft=True`` serves the old values as ``stale_hit``
         while exactly one caller refreshes each, where the dataset has
         ``stale_s``; where it has none, it acts as a hard invalidation (see
-        :doc:`invalidation`). Returns the new generation number, or an
-        awaitable of it when the instance has only an asyncio client.
+        :doc:`invalidation`). Returns the mark (Redis's clock, µs), or an
+        awaitable of it when the instance has only an asyncio client. That
+        depends on the clients configured at run time, so it is typed ``Any``;
+        a function's own :meth:`~memofill.CachedDataset.invalidate_dataset` is
+        typed by the function's kind.
         """
         self.policy(dataset)
         state = self._state

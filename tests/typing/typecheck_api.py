@@ -52,11 +52,14 @@ def uses() -> None:
     wrapper: CachedDataset[[str], dict[str, int]] = fetch
     value: dict[str, int] = wrapper("a")
     key: str = fetch.redis_key("a")
-    fetch.invalidate(name="a")
+    deleted: int | None = fetch.invalidate(name="a")
+    mark: int = fetch.invalidate_dataset(soft=True)
+    fresh: dict[str, int] = fetch.refresh("a")
     outcome: Any = fetch.call_with_outcome("a")
     # No typing.cast: the decorated function is a CachedDataset to the type checker, whose
     # methods take the function's own parameters (docs/api.rst says so).
     result: memofill.CallResult[dict[str, int]] = fetch.call_with_outcome("a")
+    served: dict[str, int] = result.value
     fetch.call_with_outcome(1)  # type: ignore[arg-type]
     fetch.invalidate(1)  # type: ignore[arg-type]
     fetch(1)  # type: ignore[arg-type]
@@ -70,14 +73,44 @@ def uses() -> None:
     repository.item(2)  # type: ignore[arg-type]
     method_result: memofill.CallResult[dict[str, int]] = repository.item.call_with_outcome("a")
     repository.item.call_with_outcome(2)  # type: ignore[arg-type]
+    method_mark: int = repository.item.invalidate_dataset()
 
     default: list[str] = fetch_default("a")
-    print(value, key, outcome, result, text, method_value, method_key, method_result, default)
+    print(value, key, deleted, mark, fresh, outcome, result, served, text)
+    print(method_value, method_key, method_result, method_mark, default)
+
+
+class AsyncRepository:
+    @cache.cached_dataset("item:{name}")
+    async def item(self, name: str) -> dict[str, int]:
+        return {name: 2}
 
 
 async def uses_async() -> None:
     value: dict[str, int] = await fetch_async("a")
-    print(value)
+    # A coroutine function's helpers are awaited, and give what a plain function's give.
+    deleted: int | None = await fetch_async.invalidate("a")
+    mark: int = await fetch_async.invalidate_dataset(soft=True)
+    fresh: dict[str, int] = await fetch_async.refresh("a")
+    result: memofill.CallResult[dict[str, int]] = await fetch_async.call_with_outcome("a")
+    # A forgotten await is an error (tests/test_typing.py shows what mypy says).
+    fetch_async.invalidate("a")  # type: ignore[unused-coroutine]
+    fetch_async.invalidate_dataset()  # type: ignore[unused-coroutine]
+    fetch_async.refresh("a")  # type: ignore[unused-coroutine]
+    fetch_async.call_with_outcome("a")  # type: ignore[unused-coroutine]
+    fetch_async.call_with_outcome(1)  # type: ignore[call-overload]
+    await fetch.invalidate("a")  # type: ignore[misc]
+
+    repository = AsyncRepository()
+    method_value: dict[str, int] = await repository.item("a")
+    method_deleted: int | None = await repository.item.invalidate("a")
+    method_mark: int = await repository.item.invalidate_dataset()
+    method_result: memofill.CallResult[dict[str, int]] = await repository.item.call_with_outcome(
+        "a"
+    )
+    repository.item.invalidate("a")  # type: ignore[unused-coroutine]
+    print(value, deleted, mark, fresh, result, method_value, method_deleted, method_mark)
+    print(method_result)
 
 
 def configures_refresh() -> None:
