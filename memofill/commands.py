@@ -510,17 +510,21 @@ class Commands:
         return self.client.unlink(*keys)
 
     def describe(self, key: str, lock_key: str) -> Any:
-        """What ``memofill inspect`` shows: data TTL, size and head, lock TTL and holder.
+        """What ``memofill inspect`` shows: data TTL, size and head, lock and tomb.
 
-        Returns ``[data PTTL, data STRLEN, first 64 bytes, lock PTTL, lock token]``;
-        both keys share a slot, so a cluster pipeline sends them to one node.
+        Returns ``[data PTTL, data STRLEN, first 64 bytes, lock PTTL, lock token,
+        tomb PTTL, tomb]``; the three keys share a slot, so a cluster pipeline
+        sends them to one node.
         """
+        tomb = tomb_key(key)
         pipe = self.client.pipeline(transaction=False)
         pipe.pttl(key)
         pipe.strlen(key)
         pipe.getrange(key, 0, 63)
         pipe.pttl(lock_key)
         pipe.get(lock_key)
+        pipe.pttl(tomb)
+        pipe.get(tomb)
         return pipe.execute()
 
 

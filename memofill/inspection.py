@@ -19,15 +19,16 @@ from memofill.codec import (
     HEADED,
     HEADER_LEN,
     NEGATIVE,
+    OLD_HEADED,
     ErrorMarker,
     decode_any,
     decode_special,
     read_header,
 )
-from memofill.commands import Commands
+from memofill.commands import TOMB_MS, Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
 from memofill.freshness import EXPIRED, STALE, STALE_IF_ERROR, verdict
-from memofill.generations import Generations, Marks
+from memofill.generations import BORN, Generations, Marks
 from memofill.keys import SEPARATORS, lock_key, meta_key
 from memofill.policy import Dataset
 
@@ -135,6 +136,8 @@ def _special(head: bytes, size: int) -> Any:
 def _kind(head: bytes, size: int) -> str:
     if size == 0:
         return "none"
+    if head[:2] == OLD_HEADED:
+        return "value of a release before stamps (header version 1)"
     special = _special(head, size)
     if special is NEGATIVE:
         return "negative marker (the fetch returned None)"
@@ -151,6 +154,8 @@ def _header_len(head: bytes) -> int:
 
 def describe_header(head: bytes, now_ms: int) -> str:
     """The stored header in words: when the fetch began, until when the value is fresh, δ, stamp."""
+    if head[:2] == OLD_HEADED:
+        return "version 1, of a release before stamps (read as a miss and refilled)"
     header = read_header(head)
     if header is None:
         return "none (fresh until Redis expires it)"
@@ -173,21 +178,55 @@ def stamp_text(stamp_us: int) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def read_marks(client: redis.Redis, prefix: str, dataset: str) -> Marks:
-    """``dataset``'s invalidation marks under ``prefix``, read and parsed as the run time does.
+def read_marks(client: redis.Redis, prefix: str, dataset: str) -> tuple[Marks, str | None]:
+    """``dataset``'s invalidation marks under ``prefix``, as the next call will judge by them.
 
     One ``HGETALL <prefix>#meta``, taken in by
     :meth:`~memofill.generations.Generations.loaded`, so that a field the run
-    time would skip is skipped here too.
+    time would skip is skipped here too. A hash that is missing, or that another
+    run of the server made, is made anew by the next read of any process
+    (``_META_PRELUDE`` in :mod:`memofill.commands`), and no value stamped before
+    that is served: its marks then count from Redis's clock now, and why is
+    returned beside them (``None`` while the hash stands).
     """
     generations = Generations(check_s=0.0)
-    marks = client.hgetall(meta_key(prefix))  # read only: an inspection writes nothing
-    generations.loaded([0, "read", marks], now=time.monotonic())
-    return generations.of(dataset)
+    fields = client.hgetall(meta_key(prefix))  # read only: an inspection writes nothing
+    generations.loaded([0, "read", fields], now=time.monotonic())
+    marks = generations.of(dataset)
+    renewed = _renewed(client, fields)
+    if renewed is not None:
+        seconds, micros = client.time()
+        marks.set(seconds * 1_000_000 + micros, 0, marks.explicit)
+    return marks, renewed
 
 
-def _marks_text(marks: Marks) -> str:
+def _renewed(client: redis.Redis, fields: Mapping[bytes | str, bytes | str]) -> str | None:
+    """Why the next read makes the meta hash anew, as ``_META_PRELUDE`` decides; else ``None``.
+
+    The server's ``run_id`` comes from ``INFO server``; a user who may not run
+    it gets ``None`` for a hash that stands, as the scripts notice no restart
+    without it.
+    """
+    text = {_text(name): _text(value) for name, value in fields.items()}
+    if BORN not in text:
+        return "missing (never made, or lost)"
+    try:
+        run = str(client.info("server").get("run_id", ""))
+    except redis.ResponseError:
+        return None
+    if run and text.get("run") != run:
+        return "from an earlier run of the server (a restart)"
+    return None
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+def _marks_text(marks: Marks, renewed: str | None) -> str:
     floor = f"values stamped at or before {stamp_text(marks.hard)} are not served"
+    if renewed is not None:
+        return f"{floor} (the next read makes them anew: the marks are {renewed})"
     if not marks.explicit:
         born = f"; {floor} (when the marks were born)" if marks.hard else ""
         return f"none (never invalidated under this prefix){born}"
@@ -195,16 +234,65 @@ def _marks_text(marks: Marks) -> str:
     return f"{floor}{soft}"
 
 
-def servable(dataset: Dataset, head: bytes, size: int, marks: Marks, now_ms: int) -> str:
+def read_tomb(raw: bytes | None) -> int | str | None:
+    """The time a key's tomb holds (Redis's clock, µs); its bytes as text if not a number."""
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return repr(raw[:64])
+
+
+def _tomb_text(tomb: int | str | None, tomb_ttl: int, head: bytes) -> str:
+    """The key's tomb in words: when ``invalidate()`` ran, and for how long it still counts.
+
+    A tomb refuses the writes of fills whose fetch began before it, so a value
+    stamped at or before it was not written by a fill; the hit path does not
+    read tombs, so such a value is served as its header says, and the line
+    says so rather than leave the two times to be compared by eye.
+    """
+    if tomb is None:
+        return f"none (no invalidate() of this key in the last {TOMB_MS // 60_000} minutes)"
+    if isinstance(tomb, str):
+        return f"not a number ({tomb}): the next fill of this key fails to write"
+    lasts = f"for another {_ttl(tomb_ttl)}" if tomb_ttl >= 0 else "with no expiry"
+    text = (
+        f"invalidate() at {stamp_text(tomb)}: a fill whose fetch began before it is not "
+        f"written ({lasts})"
+    )
+    header = read_header(head)
+    if header is not None and header.stamp <= tomb:
+        text += "; the stored value is stamped before it, so no fill wrote it"
+    return text
+
+
+def servable(
+    dataset: Dataset,
+    head: bytes,
+    size: int,
+    marks: Marks,
+    now_ms: int,
+    *,
+    tomb: int | str | None = None,
+) -> str:
     """Whether a call is served the stored bytes now, and why not, as the run time decides.
 
     The value's stamp (the header's Redis clock) against the dataset's marks
     (:meth:`~memofill.generations.Marks.behind`), then its header's clock against
     ``ttl_s``, ``stale_s`` and ``stale_if_error_s``: below a hard mark a value is
     never served, below a soft one only stale, while one caller refreshes it.
+    An absent value beside a ``tomb`` was deleted by ``invalidate()``.
     """
+    if size == 0 and isinstance(tomb, int):
+        return (
+            f"no: invalidated (deleted by invalidate() at {stamp_text(tomb)}); the next call "
+            "fetches anew"
+        )
     if size == 0:
         return "no: nothing stored (the next call fetches)"
+    if head[:2] == OLD_HEADED:
+        return "no: stored by a release before stamps; a call fetches anew and overwrites it"
     special = _special(head, size)
     if special is NEGATIVE:
         return "yes: as None (a negative hit) until it expires; marks do not apply to markers"
@@ -377,11 +465,13 @@ def inspect_entry(
         raise ConfigurationError(f"bad Redis URL: {exc}") from None
     value: str | None = None
     with contextlib.closing(client):
-        data_ttl, size, head, lock_ttl, holder = Commands(client).describe(final, lock)
+        reply = Commands(client).describe(final, lock)
+        data_ttl, size, head, lock_ttl, holder, tomb_ttl, tomb_raw = reply
+        marks: Marks | str
         try:
-            marks: Marks | str = read_marks(client, prefix, dataset.key)
+            marks, renewed = read_marks(client, prefix, dataset.key)
         except redis.ResponseError as exc:  # an ACL without HGETALL on the meta key, say
-            marks = f"unknown: cannot read {meta_key(prefix)} ({exc})"
+            marks, renewed = f"unknown: cannot read {meta_key(prefix)} ({exc})", None
         elsewhere = _other_prefix(client, final) if data_ttl == -2 else None
         if show_value and size > MAX_VALUE_BYTES:
             value = f"(not shown: {size} bytes is more than {MAX_VALUE_BYTES})"
@@ -390,11 +480,12 @@ def inspect_entry(
             value = describe_value(raw if raw is None or isinstance(raw, bytes) else raw.encode())
     token: Any = holder.decode(errors="replace") if holder else "none"
     now_ms = round(time.time() * 1000)
+    tomb = read_tomb(tomb_raw)
     if isinstance(marks, str):
         marks_text = verdict_text = marks
     else:
-        marks_text = _marks_text(marks)
-        verdict_text = servable(dataset, head, size, marks, now_ms)
+        marks_text = _marks_text(marks, renewed)
+        verdict_text = servable(dataset, head, size, marks, now_ms, tomb=tomb)
     lines = [
         ("dataset", dataset.key),
         (
@@ -414,6 +505,7 @@ def inspect_entry(
         ("payload", f"{size - _header_len(head)} bytes, {_kind(head, size)}"),
         ("header", describe_header(head, now_ms) if size else "none"),
         ("marks", marks_text),
+        ("tomb", _tomb_text(tomb, tomb_ttl, head)),
         ("servable", verdict_text),
         ("lock ttl left", _ttl(lock_ttl)),
         ("lock holder", token),

@@ -17,8 +17,9 @@ import pytest
 from memofill import Memofill
 from memofill.cli import main
 from memofill.codec import NEGATIVE_MARKER, Header, error_marker, header_bytes
-from memofill.commands import acl_rule
+from memofill.commands import Commands, acl_rule
 from memofill.inspection import MAX_VALUE_BYTES, MAX_VALUE_LINES
+from memofill.keys import meta_key
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -28,6 +29,11 @@ QUOTES = "market:quotes:{symbol}"
 @pytest.fixture
 def prefix() -> str:
     return f"inspect-{uuid.uuid4().hex[:8]}:"
+
+
+def make_marks(redis_server: RedisServer, prefix: str) -> None:
+    """``<prefix>#meta`` made as a process's first read makes it: values stamped after it serve."""
+    Commands(redis_server.client()).read_meta(meta_key(prefix), "")
 
 
 def inspect(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, str], str]:
@@ -65,6 +71,7 @@ def test_filled_entry(
     seconds = float(shown["data ttl left"].removesuffix(" s"))
     assert 55 < seconds <= 60
     assert shown["marks"].startswith("none (never invalidated under this prefix)")
+    assert shown["tomb"] == "none (no invalidate() of this key in the last 10 minutes)"
     assert shown["servable"] == "yes: fresh"
     assert shown["lock ttl left"] == "absent"
     assert shown["lock holder"] == "none"
@@ -165,6 +172,7 @@ def test_the_headers_clock_says_fresh_stale_or_gone(
     past_s: int,
     expected: str,
 ) -> None:
+    make_marks(redis_server, prefix)
     now_ms = round(time.time() * 1000)
     soft_until_ms = now_ms - past_s * 1000
     stamp = round(time.time() * 1_000_000)  # as a fill made now: after the marks' birth
@@ -209,6 +217,125 @@ def test_values_without_a_generation_and_markers(
     assert inspect(capsys, QUOTES, "ABSENT", *argv)[1]["servable"] == (
         "no: nothing stored (the next call fetches)"
     )
+
+
+def test_a_key_deleted_by_invalidate_is_shown_invalidated_beside_its_tomb(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = Memofill(redis_server.client(), prefix=prefix)
+    quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
+    argv = (QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix)
+    quotes("ACME")
+    quotes.invalidate("ACME")
+    code, shown, err = inspect(capsys, *argv)
+    assert code == 0, err
+    tomb = re.fullmatch(
+        r"invalidate\(\) at (\S+Z): a fill whose fetch began before it is not written "
+        r"\(for another ([\d.]+) s\)",
+        shown["tomb"],
+    )
+    assert tomb is not None, shown["tomb"]
+    assert 590 < float(tomb[2]) <= 600
+    assert shown["servable"] == (
+        f"no: invalidated (deleted by invalidate() at {tomb[1]}); the next call fetches anew"
+    )
+    assert quotes.call_with_outcome("ACME").outcome == "leader_fill"  # as the run time decides
+    code, shown, err = inspect(capsys, *argv)
+    assert (code, shown["servable"]) == (0, "yes: fresh"), err
+    assert shown["tomb"].startswith(f"invalidate() at {tomb[1]}: ")  # the refill came after it
+    assert "no fill wrote it" not in shown["tomb"]
+
+
+def test_a_value_stamped_before_its_keys_tomb_is_named_as_no_fills(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a hand-made write can sit under a tomb it predates; calls serve it all the same."""
+    client = redis_server.client()
+    cache = Memofill(client, prefix=prefix)
+    quotes = cache.cached_dataset(QUOTES)(lambda symbol: {"symbol": symbol})
+    make_marks(redis_server, prefix)
+    time.sleep(0.01)
+    stamp = round(time.time() * 1_000_000)  # after the marks' birth, before the tomb
+    time.sleep(0.01)
+    quotes.invalidate("ACME")
+    now_ms = round(time.time() * 1000)
+    header = header_bytes(Header(now_ms - 1000, now_ms + 59_000, 5, stamp))
+    client.set(f"{prefix}market:quotes:ACME", header + b'{"a":1}', px=30_000)
+    code, shown, err = inspect(
+        capsys, QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert code == 0, err
+    assert shown["tomb"].endswith("; the stored value is stamped before it, so no fill wrote it")
+    assert shown["servable"] == "yes: fresh"
+    assert quotes.call_with_outcome("ACME").outcome == "hit"  # as the run time decides
+
+
+def test_a_tomb_that_is_not_a_number_is_named_not_a_crash(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis_server.client()
+    client.set(f"{{{prefix}market:quotes:ACME}}#tomb", b"junk", px=30_000)
+    code, shown, err = inspect(
+        capsys, QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert code == 0, err
+    assert shown["tomb"] == "not a number (b'junk'): the next fill of this key fails to write"
+    assert shown["servable"] == "no: nothing stored (the next call fetches)"
+
+
+def test_a_value_of_the_release_before_stamps_is_refilled(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis_server.client()
+    now_ms = round(time.time() * 1000)
+    old_header = b"\x011%012x%012x%08x%08x" % (now_ms, now_ms + 60_000, 5, 0)  # no stamp
+    client.set(f"{prefix}market:quotes:OLD", old_header + b'{"a":1}', px=30_000)
+    code, shown, err = inspect(capsys, QUOTES, "OLD", "--url", redis_server.url, "--prefix", prefix)
+    assert code == 0, err
+    assert shown["payload"] == "49 bytes, value of a release before stamps (header version 1)"
+    assert shown["header"] == "version 1, of a release before stamps (read as a miss and refilled)"
+    assert shown["servable"] == (
+        "no: stored by a release before stamps; a call fetches anew and overwrites it"
+    )
+    quotes = Memofill(client, prefix=prefix).cached_dataset(QUOTES)(lambda symbol: {"s": symbol})
+    assert quotes.call_with_outcome("OLD").outcome == "leader_fill"  # as the run time decides
+
+
+@pytest.mark.parametrize("lost", ["deleted", "another run"])
+def test_a_value_stamped_before_marks_made_anew_is_not_servable(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str], lost: str
+) -> None:
+    """Lost marks are made anew by the next read, and nothing stamped before it is served."""
+    client = redis_server.client()
+    Memofill(client, prefix=prefix).cached_dataset(QUOTES)(lambda symbol: {"s": symbol})("ACME")
+    if lost == "deleted":  # evicted, or a restart without persistence
+        client.delete(meta_key(prefix))
+        expected = "missing (never made, or lost)"
+    else:  # a restart from a snapshot: the hash is there, made by another run of the server
+        client.hset(meta_key(prefix), "run", "0" * 40)
+        expected = "from an earlier run of the server (a restart)"
+    code, shown, err = inspect(
+        capsys, QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert code == 0, err
+    assert re.fullmatch(
+        r"values stamped at or before \S+Z are not served \(the next read makes them anew: "
+        rf"the marks are {re.escape(expected)}\)",
+        shown["marks"],
+    ), shown["marks"]
+    assert re.fullmatch(
+        r"no: fetched before the dataset was invalidated, or before its marks were lost "
+        r"\(stamped \S+Z, not after \S+Z\); a call fetches anew",
+        shown["servable"],
+    ), shown["servable"]
+    assert client.exists(meta_key(prefix)) == (lost != "deleted")  # inspect wrote nothing
+    quotes = Memofill(client, prefix=prefix).cached_dataset(QUOTES)(lambda symbol: {"s": symbol})
+    assert quotes.call_with_outcome("ACME").outcome == "leader_fill"  # as the run time decides
+    code, shown, err = inspect(
+        capsys, QUOTES, "ACME", "--url", redis_server.url, "--prefix", prefix
+    )
+    assert (code, shown["servable"]) == (0, "yes: fresh"), err
+    assert shown["marks"].startswith("none (never invalidated under this prefix)")
 
 
 def test_marks_under_another_prefix_do_not_count(
@@ -384,8 +511,8 @@ def inspect_value(
     out, err = capsys.readouterr()
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[11].startswith("lock holder:")
-    return code, "\n".join(lines[12:])
+    assert lines[12].startswith("lock holder:")
+    return code, "\n".join(lines[13:])
 
 
 @pytest.mark.parametrize(
