@@ -199,6 +199,22 @@ def test_the_environment_comes_before_the_project(
     assert set(Memofill(policies=POLICIES).policies) == set(POLICIES)
 
 
+def test_the_environment_is_a_path_by_its_form_and_not_set_when_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _project(tmp_path, "gen/cache_fill_registry.py", ttl_s=7)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "env.py").write_text(render([Dataset("env:v1", ttl_s=3)], "r.py"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEMOFILL_POLICIES", "")
+    assert set(Memofill().policies) == {"own:v1"}  # empty: not set, the project's out loads
+    monkeypatch.setenv("MEMOFILL_POLICIES", "policies/env.py")  # relative to the current directory
+    assert set(Memofill().policies) == {"env:v1"}
+    monkeypatch.setenv("MEMOFILL_POLICIES", "policies/env")  # a separator: a path, not a module
+    with pytest.raises(ConfigurationError, match=r"\(policies/env: no such file\)"):
+        Memofill().policies  # noqa: B018
+
+
 def test_the_run_time_refuses_an_unknown_key_and_warns_once_of_a_misspelt_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
