@@ -167,11 +167,16 @@ class State:
     def commands_for(self, is_async: bool) -> Commands | None:
         """The commands of the client that serves sync or coroutine functions."""
         commands = self.asynchronous if is_async else self.sync
-        if commands is None and (self.sync or self.asynchronous):
-            kind = "an asyncio" if is_async else "a blocking"
+        if commands is None and is_async and self.sync:
             raise ConfigurationError(
-                f"a {'coroutine ' if is_async else ''}function needs {kind} Redis client: "
-                "pass it as client= or async_client="
+                "a coroutine function needs an asyncio Redis client, and only a blocking one "
+                "is configured: pass one as async_client= too "
+                "(memofill.redis_client(url, asyncio=True))"
+            )
+        if commands is None and self.asynchronous:
+            raise ConfigurationError(
+                "a plain function needs a blocking Redis client, and only an asyncio one is "
+                "configured: pass one as client= too (memofill.redis_client(url))"
             )
         return commands
 
@@ -276,8 +281,10 @@ class Snapshot:
             near_problem = state.near_problem(dataset) if commands is not None else None
             if near_problem is not None:
                 raise ConfigurationError(near_problem)
-        except ConfigurationError as exc:
-            commands, misconfigured = None, str(exc)
+        except ConfigurationError as exc:  # raised at its calls, naming the function
+            function = current_function()
+            name = getattr(function, "__qualname__", None) or type(function).__qualname__
+            commands, misconfigured = None, f"{name} ({key}): {exc}"
         near_copy = state.near is not None and state.near.copy_on_hit
         near_on = commands is not None and state.near is not None and dataset.near_ms > 0
         return cls(

@@ -739,10 +739,33 @@ def test_two_clients_of_one_kind_are_refused(raw: fakeredis.FakeRedis) -> None:
 def test_a_sync_function_without_a_blocking_client_is_a_configuration_error(
     server: fakeredis.FakeServer,
 ) -> None:
+    """A def route of an app configured with async_client= alone: the message says what to add."""
     only_async = Memofill(fakeredis.FakeAsyncRedis(server=server), policies=POLICIES)
     fetch = only_async.cached_dataset("item:{name}")(Origin())
-    with pytest.raises(ConfigurationError, match="blocking"):
+    with pytest.raises(ConfigurationError) as caught:
         fetch("a")
+    assert str(caught.value) == (
+        "Origin (item:{name}): a plain function needs a blocking Redis client, and only an "
+        "asyncio one is configured: pass one as client= too (memofill.redis_client(url))"
+    )
+
+
+async def test_a_coroutine_function_without_an_asyncio_client_is_a_configuration_error(
+    server: fakeredis.FakeServer,
+) -> None:
+    only_sync = Memofill(fakeredis.FakeRedis(server=server), policies=POLICIES)
+
+    @only_sync.cached_dataset("item:{name}")
+    async def fetch(name: str) -> str:
+        return name
+
+    with pytest.raises(ConfigurationError) as caught:
+        await fetch("a")
+    assert str(caught.value) == (
+        f"{fetch.__wrapped__.__qualname__} (item:{{name}}): a coroutine function needs an "
+        "asyncio Redis client, and only a blocking one is configured: pass one as async_client= "
+        "too (memofill.redis_client(url, asyncio=True))"
+    )
 
 
 def test_reconfiguring_policies_rebinds_decorated_functions(mf: Memofill) -> None:
