@@ -501,27 +501,63 @@ def test_a_failed_write_names_the_output_not_a_temporary_file(project: Path) -> 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
+def _the_registry_page_project(directory: Path, *edits: tuple[str, str]) -> None:
+    """The repository's registry and generated module in ``directory``, the registry edited."""
+    (directory / "gen").mkdir()
+    for name in ("registry.py", "gen/cache_fill_registry.py", "gen/__init__.py"):
+        (directory / name).write_bytes((REPOSITORY / name).read_bytes())
+    (directory / "pyproject.toml").write_text(
+        '[tool.memofill]\nregistry = "registry.py"\nout = "gen/cache_fill_registry.py"\n'
+    )
+    registry = (directory / "registry.py").read_text()
+    for before, after in edits:
+        assert before in registry, f"the page's edit no longer applies to registry.py: {before}"
+        registry = registry.replace(before, after)
+    (directory / "registry.py").write_text(registry)
+
+
+def _console_block(page: str, command: str, end: str) -> list[str]:
+    """The lines a console block of ``page`` shows after ``$ command``, up to ``end``."""
+    block = page.split(f"   $ {command}\n", 1)[1].split(end, 1)[0]
+    return [line.removeprefix("   ") for line in block.splitlines()]
+
+
 def test_the_registry_pages_check_example_is_what_check_prints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """docs/registry.rst shows ``memofill check`` on its registry after one edit: this output."""
     page = (REPOSITORY / "docs" / "registry.rst").read_text()
-    block = page.split("   $ memofill check\n", 1)[1].split("   $ echo $?\n", 1)[0]
-    shown = [line.removeprefix("   ") for line in block.splitlines()]
-    (tmp_path / "gen").mkdir()
-    for name in ("registry.py", "gen/cache_fill_registry.py", "gen/__init__.py"):
-        (tmp_path / name).write_bytes((REPOSITORY / name).read_bytes())
-    (tmp_path / "pyproject.toml").write_text(
-        '[tool.memofill]\nregistry = "registry.py"\nout = "gen/cache_fill_registry.py"\n'
+    shown = _console_block(page, "memofill check", "   $ echo $?\n")
+    _the_registry_page_project(
+        tmp_path,
+        (
+            '"market:quotes:{symbol}",\n        ttl_s=60,',
+            '"market:quotes:{symbol}",\n        ttl_s=30,',
+        ),
     )
-    registry = (tmp_path / "registry.py").read_text()
-    edited = registry.replace(
-        '"market:quotes:{symbol}",\n        ttl_s=60,',
-        '"market:quotes:{symbol}",\n        ttl_s=30,',
-    )
-    assert edited != registry, "the page's edit no longer applies to registry.py"
-    (tmp_path / "registry.py").write_text(edited)
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, "check")
     assert code == 1, err
     assert out.splitlines() + err.splitlines() == shown
+
+
+def test_the_registry_pages_invalid_gen_example_is_what_gen_prints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/registry.rst shows ``memofill gen`` on its registry after two edits: this output."""
+    page = (REPOSITORY / "docs" / "registry.rst").read_text()
+    shown = _console_block(page, "memofill gen", "\n\n")
+    _the_registry_page_project(
+        tmp_path,
+        ("lease_ms=15_000, wait_ms=10_000", "lease_ms=2_000, wait_ms=3_000"),
+        (
+            '"market:quotes:{symbol}",\n        ttl_s=60,',
+            '"market:quotes:{symbol}",\n        ttl_s=0,',
+        ),
+    )
+    written = (tmp_path / "gen" / "cache_fill_registry.py").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "gen")
+    assert code == 2, err
+    assert out.splitlines() + err.splitlines() == shown
+    assert (tmp_path / "gen" / "cache_fill_registry.py").read_bytes() == written
