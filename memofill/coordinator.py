@@ -308,7 +308,8 @@ def _lead(  # noqa: PLR0917  # what the lock's round trip gave
             plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised, stamp=stamp
         )
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    outcome = Outcome.NEGATIVE if value is None else Outcome.LEADER_FILL
+    outcome = Outcome.FORCED_FILL if plan.refresh else Outcome.LEADER_FILL
+    outcome = Outcome.NEGATIVE if value is None else outcome
     fetched = (outcome, value, started_ms, delta_ms, stamp)
     stored = yield from _store(plan, policy, lock, token, fetched)
     # Report the first thing that went wrong: a failed recheck, then the encoding, the write,

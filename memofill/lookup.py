@@ -110,8 +110,7 @@ def lookup_sync(
     elif isinstance(then, LateRead):
         served = then.run_sync()
     else:
-        settle = then.settle_sync
-        result, joined = snapshot.thread_flights.run(flight(snapshot, key), then.run_sync, settle)
+        result, joined = snapshot.thread_flights.run(flight(snapshot, key), then.run_sync)
         served = then.finish(result, joined)
     return served if with_outcome else served.value
 
@@ -181,7 +180,7 @@ async def lookup_async(
     else:
         raise_if_cancel_was_lost()
         flights = snapshot.task_flights
-        result, joined = await flights.run(flight(snapshot, key), then.run_async, then.settle_async)
+        result, joined = await flights.run(flight(snapshot, key), then.run_async)
         served = then.finish(result, joined)
     return served if with_outcome else served.value
 

@@ -39,6 +39,7 @@ from memofill.outcomes import (
     RefreshRecord,
     refused_by_acl,
 )
+from memofill.singleflight import Flight
 from memofill.snapshot import BYPASS, Snapshot
 from memofill.values import decode_stored
 
@@ -250,29 +251,35 @@ class Miss:
             hold_on_error=timed and not refresh,
         )
 
-    def run_sync(self) -> Result:
-        """Run the fill with the blocking client, and record it."""
+    def run_sync(self, flight: Flight) -> Result:
+        """Run the fill with the blocking client; end its ``flight`` and record it."""
         steps = fill(self.plan, time.monotonic, _rng)
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
-            return self._record(run_sync(steps, self.commands, self.fetch, self._breaker()))
+            result = run_sync(steps, self.commands, self.fetch, self._breaker())
+            flight.refill = not self._ended_sync(result, flight.close())
+            return result
 
-    async def run_async(self, on_fetch: Callable[[], object]) -> Result:
-        """Run the fill with the asyncio client, and record it; ``on_fetch`` as in the driver."""
+    async def run_async(self, flight: Flight) -> Result:
+        """Run the fill with the asyncio client; end its ``flight`` and record it."""
         steps = fill(self.plan, time.monotonic, _rng)
         breaker = self._breaker()
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
-            result = await run_async(steps, self.commands, self.fetch, breaker, on_fetch)
-            return self._record(result)
+            result = await run_async(steps, self.commands, self.fetch, breaker, flight.commit)
+            flight.refill = not await self._ended_async(result, flight.close())
+            return result
 
     def _breaker(self) -> Breaker:
         return self.snapshot.breaker
 
-    def _record(self, result: Result, joined: bool = False) -> Result:
-        """Log and count one miss; a fill's own record also keeps the value for outages.
+    def _record(self, result: Result, joined: bool = False, served: int = 0) -> Result:
+        """Count one caller's miss; log a fill's, with the ``served`` joiners that shared it.
 
-        The fill is recorded where it runs: an asyncio caller that started it may
-        be cancelled while it runs on, and the fill, which called the origin, must
-        still be logged exactly once.
+        A fill is recorded where it runs, inside its scopes, once its flight is closed:
+        an asyncio caller that started it may be cancelled while it runs on, and
+        the fill, which called the origin, must still be logged exactly once. A
+        joiner (``joined``) is counted, observed and sent to the hooks, not logged:
+        its fill's record says how many shared it. A fill's own record also keeps
+        the value for outages.
         """
         snapshot = self.snapshot
         outcome = Outcome.LOCAL_JOIN if joined else result.outcome
@@ -298,8 +305,10 @@ class Miss:
             payload_bytes=result.payload_bytes,
             error=result.error,
             fetch_ms=self.fetch_ms,
+            joined=served,
         )
-        record.emit()
+        if not joined:
+            record.emit()
         snapshot.metrics.miss(record)
         if joined:
             return result
@@ -312,31 +321,42 @@ class Miss:
             warn_unstorable(snapshot, self.key, result)
         return result
 
-    def settle_sync(self, result: Result) -> bool:
-        """Whether this fill's joiners may share ``result``: what Redis holds, when the fill ends.
+    def _ended_sync(self, result: Result, joiners: int) -> bool:
+        """Record the fill, and whether its ``joiners`` may share ``result``.
 
-        A joiner may have begun after another process invalidated the key while
-        this fill fetched: its write was then refused, or the key deleted after
-        it. One ``GET`` when the fill ends tells (a Redis error: shared, as in an
+        Shared only if it is what Redis holds when the fill ends: a joiner may
+        have begun after another process invalidated the key while this fill
+        fetched, whose write was then refused, or the key deleted after it. One
+        ``GET`` tells, when anyone joined (a Redis error: shared, as in an
         outage, where the process's own coalescing is what spares the origin).
         """
-        verdict = _shareable(result)
-        if verdict is not None or self.commands is None:
-            return verdict is not False
+        shareable = True
         try:
-            return bool(self.commands.get(self.key) == result.stored)
+            verdict = _shareable(result) if joiners else True
+            if verdict is None and self.commands is not None:
+                shareable = self.commands.get(self.key) == result.stored
+            else:
+                shareable = verdict is not False
         except Exception:  # Redis failing: see the docstring
-            return True
+            shareable = True
+        finally:
+            self._record(result, served=joiners if shareable else 0)
+        return shareable
 
-    async def settle_async(self, result: Result) -> bool:
-        """:meth:`settle_sync` on the asyncio client."""
-        verdict = _shareable(result)
-        if verdict is not None or self.commands is None:
-            return verdict is not False
+    async def _ended_async(self, result: Result, joiners: int) -> bool:
+        """:meth:`_ended_sync` on the asyncio client."""
+        shareable = True
         try:
-            return bool(await self.commands.get(self.key) == result.stored)
-        except Exception:  # Redis failing: see settle_sync
-            return True
+            verdict = _shareable(result) if joiners else True
+            if verdict is None and self.commands is not None:
+                shareable = await self.commands.get(self.key) == result.stored
+            else:
+                shareable = verdict is not False
+        except Exception:  # Redis failing: see _ended_sync
+            shareable = True
+        finally:
+            self._record(result, served=joiners if shareable else 0)
+        return shareable
 
     def finish(self, result: Result, joined: bool) -> CallResult[Any]:
         """This caller's result: a joiner is logged as one; the value, or raise.
@@ -432,7 +452,7 @@ def refresh_sync(snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwa
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     # Not joined with a plain miss in flight, which may end with the value it found.
     name = _REFRESH + flight(snapshot, key)
-    result, joined = snapshot.thread_flights.run(name, miss.run_sync, miss.settle_sync)
+    result, joined = snapshot.thread_flights.run(name, miss.run_sync)
     return miss.finish(result, joined).value
 
 
@@ -449,7 +469,7 @@ async def refresh_async(
         await asyncio.shield(read_marks_async(snapshot, commands, started))
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     name = _REFRESH + flight(snapshot, key)
-    result, joined = await snapshot.task_flights.run(name, miss.run_async, miss.settle_async)
+    result, joined = await snapshot.task_flights.run(name, miss.run_async)
     return miss.finish(result, joined).value
 
 

@@ -20,6 +20,8 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from memofill.repeats import REPEATS
+
 logger = logging.getLogger("memofill")
 
 
@@ -28,6 +30,10 @@ class Outcome(str, enum.Enum):
 
     #: This caller held the lock, fetched, and wrote the value.
     LEADER_FILL = "leader_fill"
+    #: A ``refresh()`` call (a warm-up, an admin's refresh) held the lock, fetched, and
+    #: wrote the value over whatever was there. Not a miss; a refresh that ended otherwise
+    #: has that ending's outcome (``fetch_error``...).
+    FORCED_FILL = "forced_fill"
     #: This caller took the lock, but the recheck found a value another leader had just written.
     LEADER_RECHECK_HIT = "leader_recheck_hit"
     #: Another process held the lock; the value appeared in Redis while this caller waited.
@@ -113,6 +119,9 @@ class MissRecord:
     error: str | None = None
     #: How long the origin took, when this caller called it (``None``: it did not).
     fetch_ms: float | None = None
+    #: The other callers in this process that shared this fill's result. Their own
+    #: ``local_join`` records are counted and sent to hooks, not logged.
+    joined: int = 0
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger (never the payload, only its size)."""
@@ -122,9 +131,11 @@ class MissRecord:
             return
         fields = attrs.asdict(self)
         fields["outcome"] = self.outcome.value
+        if warn and not REPEATS.admit(level, fields):
+            return
         logger.log(
             level,
-            "%s %s elapsed_ms=%.1f waited_ms=%.1f polls=%d payload_bytes=%d error=%s",
+            "%s %s elapsed_ms=%.1f waited_ms=%.1f polls=%d payload_bytes=%d error=%s joined=%d",
             self.outcome.value,
             self.redis_key,
             self.elapsed_ms,
@@ -132,6 +143,7 @@ class MissRecord:
             self.polls,
             self.payload_bytes,
             self.error,
+            self.joined,
             extra=fields,
         )
 
@@ -160,11 +172,14 @@ class RefreshRecord:
         """Log this record on the ``memofill`` logger: WARNING for a failure, else INFO."""
         if self.outcome in UNLOGGED_REFRESHES:
             return
-        level = logging.WARNING if self.outcome in WARNING_OUTCOMES else logging.INFO
+        warn = self.outcome in WARNING_OUTCOMES
+        level = logging.WARNING if warn else logging.INFO
         if not logger.isEnabledFor(level):
             return
         fields = attrs.asdict(self)
         fields["outcome"] = self.outcome.value
+        if warn and not REPEATS.admit(level, fields):
+            return
         logger.log(
             level,
             "%s %s trigger=%s stale_age_ms=%.1f delta_ms=%d elapsed_ms=%.1f error=%s",

@@ -6,11 +6,13 @@ fill runs in a task of its own and every caller awaits it through
 shared fill running for the others. When the last of them goes, the fill stops
 too, unless it has already called the origin (see :class:`TaskFlights`).
 
-A fill's result is shared with its joiners only once it is known to be
-current when the fill ends (``settle``): a joiner may have begun its call after
-another process invalidated the key, while the fill it joined was fetching.
-The fill's flight is closed to new callers first, then ``settle`` runs once,
-if anyone joined; when it says no, each joiner runs its own fill instead.
+A fill is handed its :class:`Flight`. When its result is known it closes the
+flight to new callers, which tells it how many joined: it records itself then,
+once for all the callers it served, and may send them to fill on their own
+(``refill``). A fill's result is shared with its joiners only once it is known
+to be current when the fill ends: a joiner may have begun its call after
+another process invalidated the key, while the fill it joined was fetching. A
+fill that does not close its flight has it closed when it returns or raises.
 
 A forked child (a pre-forking server, ``multiprocessing``) starts with no fills
 in flight: it inherits the parent's table but not the threads or tasks that
@@ -24,21 +26,54 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
 
-class _Flight(Generic[T]):
-    __slots__ = ("done", "error", "joiners", "refill", "result")
+class Flight(Protocol):
+    """What a fill sees of its flight."""
 
-    def __init__(self) -> None:
+    #: Set by the fill: its result is not current for the joiners, each runs its own fill.
+    refill: bool
+
+    def close(self) -> int:
+        """Close the flight to new callers (they start a fill of their own); how many joined."""
+
+    def commit(self) -> None:
+        """The fill is about to call the origin (asyncio: from now on it runs to its end)."""
+
+
+class _Alone:
+    """The flight of a joiner's own fill, after a fill it joined said ``refill``: no joiners."""
+
+    refill = False
+
+    def close(self) -> int:
+        return 0
+
+    def commit(self) -> None:
+        pass
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("_close", "done", "error", "joiners", "refill", "result")
+
+    def __init__(self, close: Callable[[], None]) -> None:
         self.done = threading.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
         self.joiners = 0
         #: The result is not current for the joiners: each runs its own fill.
         self.refill = False
+        self._close = close
+
+    def close(self) -> int:
+        self._close()
+        return self.joiners
+
+    def commit(self) -> None:
+        pass
 
 
 class ThreadFlights(Generic[T]):
@@ -54,21 +89,18 @@ class ThreadFlights(Generic[T]):
         self._flights = {}
         self._lock = threading.Lock()
 
-    def run(
-        self, key: str, fill: Callable[[], T], settle: Callable[[T], bool] | None = None
-    ) -> tuple[T, bool]:
+    def run(self, key: str, fill: Callable[[Flight], T]) -> tuple[T, bool]:
         """Run ``fill`` unless another thread is already filling ``key``; then share its result.
 
         Returns the result and whether this caller joined another's fill. If the
         fill raises, every caller that joined it gets the same exception; the
-        event is set in ``finally``, so no joiner is left waiting. ``settle``
-        says whether the result may be shared (see the module docstring).
+        event is set in ``finally``, so no joiner is left waiting.
         """
         with self._lock:
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
-                flight = self._flights[key] = _Flight()
+                flight = self._flights[key] = _Flight(lambda: self._close(key, flight))
             else:
                 flight.joiners += 1
         if not leader:
@@ -76,53 +108,48 @@ class ThreadFlights(Generic[T]):
             if flight.error is not None:
                 raise flight.error
             if flight.refill:
-                return fill(), False
+                return fill(_Alone()), False
             return flight.result, True  # type: ignore[return-value]
         try:
-            flight.result = fill()
-            with self._lock:  # closed: a caller from now on starts a fill of its own
-                del self._flights[key]
-            if settle is not None and flight.joiners:
-                flight.refill = not settle(flight.result)
+            flight.result = fill(flight)
         except BaseException as exc:
             flight.error = exc
             raise
         finally:
-            with self._lock:
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
+            self._close(key, flight)
             flight.done.set()
         return flight.result, False
+
+    def _close(self, key: str, flight: _Flight[T] | None) -> None:
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     def __len__(self) -> int:
         return len(self._flights)
 
 
 class _TaskFlight(Generic[T]):
-    __slots__ = ("closing", "committed", "refill", "task", "waiters")
+    __slots__ = ("closing", "committed", "joiners", "refill", "task", "waiters")
 
-    def __init__(
-        self,
-        fill: Callable[[Callable[[], None]], Awaitable[T]],
-        settle: Callable[[T], Awaitable[bool]] | None,
-        close: Callable[[], None],
-    ) -> None:
+    def __init__(self, fill: Callable[[Flight], Awaitable[T]], close: Callable[[], None]) -> None:
         self.waiters = 0
+        #: The callers awaiting it that did not start it.
+        self.joiners = 0
         self.committed = False
         self.refill = False
         self.closing = close
-        self.task: asyncio.Task[T] = asyncio.get_running_loop().create_task(self._run(fill, settle))
+        self.task: asyncio.Task[T] = asyncio.get_running_loop().create_task(self._run(fill))
 
-    async def _run(
-        self,
-        fill: Callable[[Callable[[], None]], Awaitable[T]],
-        settle: Callable[[T], Awaitable[bool]] | None,
-    ) -> T:
-        result = await fill(self.commit)
-        self.closing()  # a caller from now on starts a fill of its own
-        if settle is not None and self.waiters > 1:
-            self.refill = not await settle(result)
-        return result
+    async def _run(self, fill: Callable[[Flight], Awaitable[T]]) -> T:
+        try:
+            return await fill(self)
+        finally:
+            self.closing()
+
+    def close(self) -> int:
+        self.closing()
+        return self.joiners
 
     def commit(self) -> None:
         """The fill is about to call the origin: from now on it runs to its end."""
@@ -148,33 +175,30 @@ class TaskFlights(Generic[T]):
         """In a forked child: the parent's event loops and their fills do not run here."""
         self._flights = {}
 
-    async def run(
-        self,
-        key: str,
-        fill: Callable[[Callable[[], None]], Awaitable[T]],
-        settle: Callable[[T], Awaitable[bool]] | None = None,
-    ) -> tuple[T, bool]:
+    async def run(self, key: str, fill: Callable[[Flight], Awaitable[T]]) -> tuple[T, bool]:
         """Await the fill of ``key``, starting it in its own task if none is running.
 
-        ``fill`` is called with the callback it calls before it calls the
-        origin. Returns the result and whether this caller joined another's fill.
-        ``settle`` says whether the result may be shared (see the module docstring).
+        ``fill`` is handed its :class:`Flight`; it calls ``commit()`` before it
+        calls the origin. Returns the result and whether this caller joined
+        another's fill. A flight's ``joiners`` are those still awaiting it.
         """
         loop = asyncio.get_running_loop()
         slot = (loop, key)
         flight = self._flights.get(slot)
         joined = flight is not None
         if flight is None:
-            flight = self._flights[slot] = _TaskFlight(fill, settle, lambda: self._close(slot))
+            flight = self._flights[slot] = _TaskFlight(fill, lambda: self._close(slot))
             flight.task.add_done_callback(lambda done: self._finish(slot, done))
         flight.waiters += 1
+        flight.joiners += joined
         try:
             result = await asyncio.shield(flight.task)
             if joined and flight.refill:
-                return await fill(lambda: None), False
+                return await fill(_Alone()), False
             return result, joined
         finally:
             flight.waiters -= 1
+            flight.joiners -= joined
             if flight.waiters == 0 and not flight.committed and not flight.task.done():
                 # Every caller gave up before the origin was called: stop waiting for nothing.
                 if self._flights.get(slot) is flight:

@@ -53,7 +53,7 @@ def test_a_forked_child_starts_with_no_fills_free_locks_a_closed_breaker_and_zer
     pool._available_connections.append(object())  # as if the parent had connected
     started, release = threading.Event(), threading.Event()
 
-    def fill() -> None:
+    def fill(flight: object) -> None:
         started.set()
         release.wait(timeout=30)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +18,11 @@ import pytest
 from memofill import FillError, Memofill, Outcome
 from memofill.keys import lock_key
 from memofill.outcomes import WARNING_OUTCOMES, Counters, MissRecord
+from memofill.repeats import REPEATS
 from tests.conftest import POLICIES
 from tests.support.helpers import failure
+
+PATIENCE_S = 10.0
 
 SECRET = "s3cr3t-payload-do-not-log"
 FIELDS = (
@@ -192,28 +196,33 @@ def test_a_redis_failure_is_a_lock_error_naming_the_redis_error(
     )
 
 
-def test_every_local_caller_logs_one_record(mf: Memofill, records: Records) -> None:
+def test_a_fill_and_the_callers_it_served_log_one_record(mf: Memofill, records: Records) -> None:
+    """Joiners are counted and sent to hooks; the log gets one record that says how many."""
     gate = threading.Event()
+    hooked: list[Any] = []
+    mf.events.subscribe(hooked.append)
 
     def fetch(name: str) -> str:
-        gate.wait(5)
+        assert gate.wait(PATIENCE_S)
         return SECRET
 
     cached = mf.cached_dataset("item:{name}")(fetch)
     threads = [threading.Thread(target=cached, args=("a",)) for _ in range(6)]
     for thread in threads:
         thread.start()
-    threading.Timer(0.2, gate.set).start()
+    deadline = time.monotonic() + PATIENCE_S
+    while sum(flight.joiners for flight in list(mf.thread_flights._flights.values())) < 5:
+        assert time.monotonic() < deadline, "the callers did not join the fill"
+        time.sleep(0.001)
+    gate.set()
     for thread in threads:
-        thread.join(5)
-    outcomes = sorted(r.outcome for r in records.misses())
-    assert len(outcomes) == 6
-    assert outcomes.count("leader_fill") == 1
-    assert set(outcomes) <= {"leader_fill", "local_join", "hit"}
-    joins = [r for r in records.misses() if r.outcome == "local_join"]
-    assert all(r.polls == 0 for r in joins)
-    counted = mf.counters.snapshot()["item:{name}"]
-    assert counted["leader_fill"] + counted["local_join"] + counted.get("hit", 0) == 6
+        thread.join(PATIENCE_S)
+    (record,) = records.misses()
+    assert (record.outcome, record.joined) == ("leader_fill", 5)
+    assert "joined=5" in record.getMessage()
+    assert mf.counters.snapshot()["item:{name}"] == {"leader_fill": 1, "local_join": 5}
+    assert sorted(r.outcome.value for r in hooked) == ["leader_fill"] + ["local_join"] * 5
+    assert all(r.polls == 0 and r.joined == 0 for r in hooked if r.outcome == "local_join")
 
 
 # --- records and counters on their own -------------------------------------------------
@@ -231,6 +240,7 @@ def test_warning_outcomes_are_the_ones_that_went_wrong() -> None:
     assert {"fill_refused", "refresh_refused"} <= {o.value for o in Outcome}
     assert {o.value for o in Outcome} - {"fill_refused", "refresh_refused"} == {
         "leader_fill",
+        "forced_fill",
         "leader_recheck_hit",
         "follower_hit",
         "follower_timeout",
@@ -287,3 +297,45 @@ def test_the_counters_keep_counting_with_logging_off(
     fetch("a")
     assert mf.counters.snapshot() == {"item:{name}": {"hit": 1, "leader_fill": 1}}
     assert caplog.records == []
+
+
+def test_a_warning_repeated_for_one_key_is_logged_once_then_summed_up(
+    mf: Memofill, records: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An origin down under a hot key: one WARNING, then one summary per window, not one a call.
+
+    Counters and hooks still see every call.
+    """
+    monkeypatch.setattr(REPEATS, "window_s", 0.5)
+    hooked: list[Any] = []
+    mf.events.subscribe(hooked.append)
+
+    def fetch(name: str) -> str:
+        raise ConnectionResetError("upstream down")
+
+    cached = mf.cached_dataset("item:{name}")(fetch)
+    for name in ["hot"] * 50 + ["cold"]:
+        with pytest.raises(ConnectionResetError):
+            cached(name)
+    assert [(r.redis_key, r.levelno) for r in records.misses()] == [
+        ("o:item:hot", logging.WARNING),
+        ("o:item:cold", logging.WARNING),
+    ]
+    deadline = time.monotonic() + PATIENCE_S
+    while not [r for r in records.misses() if hasattr(r, "repeated")]:
+        assert time.monotonic() < deadline, "no summary came"
+        time.sleep(0.01)
+    (summary,) = [r for r in records.misses() if hasattr(r, "repeated")]
+    assert (summary.outcome, summary.redis_key, summary.repeated) == (
+        "fetch_error",
+        "o:item:hot",
+        49,
+    )
+    assert (summary.levelno, summary.error) == (logging.WARNING, "ConnectionResetError")
+    assert "repeated 49 more times" in summary.getMessage()
+    assert mf.counters.snapshot()["item:{name}"] == {"fetch_error": 51}
+    assert len(hooked) == 51
+    with pytest.raises(ConnectionResetError):
+        cached("hot")  # the window ended: told in full again
+    told = [r.redis_key for r in records.misses() if not hasattr(r, "repeated")]
+    assert told == ["o:item:hot", "o:item:cold", "o:item:hot"]

@@ -18,7 +18,7 @@ import fakeredis
 import pytest
 
 from memofill import Memofill, singleflight
-from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.singleflight import Flight, TaskFlights, ThreadFlights
 from tests.conftest import POLICIES
 
 PATIENCE_S = 10.0
@@ -59,8 +59,8 @@ def waiters(monkeypatch: pytest.MonkeyPatch) -> Waiters:
             return super().wait(timeout)
 
     class CountedFlight(singleflight._Flight[Any]):
-        def __init__(self) -> None:
-            super().__init__()
+        def __init__(self, close: Callable[[], None]) -> None:
+            super().__init__(close)
             self.done = CountedEvent()
 
     monkeypatch.setattr(singleflight, "_Flight", CountedFlight)
@@ -96,7 +96,7 @@ def test_threads_share_one_fill_and_its_result(waiters: Waiters) -> None:
     gate = threading.Event()
     calls: list[int] = []
 
-    def fill() -> str:
+    def fill(flight: Flight) -> str:
         calls.append(1)
         gate.wait(PATIENCE_S)
         return "value"
@@ -115,7 +115,7 @@ def test_every_thread_gets_the_fills_exception_and_none_is_left_waiting() -> Non
     release = threading.Event()
     calls: list[int] = []
 
-    def fill() -> str:
+    def fill(flight: Flight) -> str:
         calls.append(1)
         started.set()
         release.wait(PATIENCE_S)
@@ -147,16 +147,16 @@ def test_every_thread_gets_the_fills_exception_and_none_is_left_waiting() -> Non
 
 def test_a_finished_flight_is_forgotten_and_keys_do_not_mix() -> None:
     flights: ThreadFlights[str] = ThreadFlights()
-    assert flights.run("a", lambda: "first") == ("first", False)
-    assert flights.run("a", lambda: "second") == ("second", False)
-    assert flights.run("b", lambda: "other") == ("other", False)
+    assert flights.run("a", lambda flight: "first") == ("first", False)
+    assert flights.run("a", lambda flight: "second") == ("second", False)
+    assert flights.run("b", lambda flight: "other") == ("other", False)
     with pytest.raises(Boom):
         flights.run("a", _raise_boom)
-    assert flights.run("a", lambda: "after") == ("after", False)
+    assert flights.run("a", lambda flight: "after") == ("after", False)
     assert len(flights) == 0
 
 
-def _raise_boom() -> str:
+def _raise_boom(flight: Flight) -> str:
     raise Boom
 
 
@@ -167,7 +167,7 @@ async def test_tasks_share_one_fill() -> None:
     flights: TaskFlights[str] = TaskFlights()
     calls: list[int] = []
 
-    async def fill(commit: Callable[[], None]) -> str:
+    async def fill(flight: Flight) -> str:
         calls.append(1)
         await asyncio.sleep(0.05)
         return "value"
@@ -183,9 +183,9 @@ async def test_a_cancelled_caller_neither_cancels_the_fill_nor_fails_the_others(
     release = asyncio.Event()
     calls: list[int] = []
 
-    async def fill(commit: Callable[[], None]) -> str:
+    async def fill(flight: Flight) -> str:
         calls.append(1)
-        commit()
+        flight.commit()
         await release.wait()
         return "value"
 
@@ -208,8 +208,8 @@ async def test_a_caller_that_times_out_leaves_the_fill_running() -> None:
     flights: TaskFlights[str] = TaskFlights()
     done: list[str] = []
 
-    async def fill(commit: Callable[[], None]) -> str:
-        commit()  # it has called the origin
+    async def fill(flight: Flight) -> str:
+        flight.commit()  # it has called the origin
         await asyncio.sleep(0.2)
         done.append("filled")
         return "value"
@@ -226,8 +226,8 @@ async def test_a_fill_nobody_awaits_any_more_finishes_without_a_warning() -> Non
     flights: TaskFlights[str] = TaskFlights()
     finished = asyncio.Event()
 
-    async def fill(commit: Callable[[], None]) -> str:
-        commit()
+    async def fill(flight: Flight) -> str:
+        flight.commit()
         await asyncio.sleep(0.01)
         finished.set()
         raise Boom
@@ -243,7 +243,7 @@ async def test_a_fill_nobody_awaits_any_more_finishes_without_a_warning() -> Non
 async def test_every_task_gets_the_fills_exception() -> None:
     flights: TaskFlights[str] = TaskFlights()
 
-    async def fill(commit: Callable[[], None]) -> str:
+    async def fill(flight: Flight) -> str:
         await asyncio.sleep(0.01)
         raise Boom
 
@@ -258,13 +258,13 @@ async def test_a_fill_that_has_not_called_the_origin_stops_with_its_last_caller(
     flights: TaskFlights[str] = TaskFlights()
     stopped, calls = asyncio.Event(), []
 
-    async def fill(commit: Callable[[], None]) -> str:
+    async def fill(flight: Flight) -> str:
         try:
             await asyncio.sleep(PATIENCE_S)  # waiting for another process's fill
         except asyncio.CancelledError:
             stopped.set()
             raise
-        commit()
+        flight.commit()
         calls.append(1)
         return "value"
 

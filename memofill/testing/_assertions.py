@@ -94,7 +94,12 @@ class Outcomes:
         return self.seen().get(dataset, Counter())
 
     def records(self, dataset: str | None = None) -> list[logging.LogRecord]:
-        """The miss records (``record.outcome``, ``record.redis_key``...), oldest first."""
+        """The miss records logged (``record.outcome``, ``record.redis_key``...), oldest first.
+
+        As the log has them: one per fill (``record.joined`` says how many callers
+        shared it), and a repeated warning summed up (``record.repeated``). The
+        counts (:meth:`counts`) have every caller.
+        """
         records = self._harness.records
         return [r for r in records if dataset is None or getattr(r, "dataset", None) == dataset]
 

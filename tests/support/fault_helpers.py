@@ -124,7 +124,12 @@ class Report:
 
 
 class RecordList(logging.Handler):
-    """Keeps the miss records of the ``memofill`` logger as plain dicts."""
+    """Keeps the miss records of the ``memofill`` logger as plain dicts.
+
+    A fill's record stands for the callers in its process that shared it
+    (``joined``): each is kept as a ``local_join`` of its own, with the fill's
+    error, as the counters count them.
+    """
 
     FIELDS = (
         "outcome",
@@ -143,7 +148,10 @@ class RecordList(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "outcome"):
-            self.records.append({name: getattr(record, name) for name in self.FIELDS})
+            fields = {name: getattr(record, name) for name in self.FIELDS}
+            self.records.append(fields)
+            joined = {**fields, "outcome": "local_join", "polls": 0, "waited_ms": 0.0}
+            self.records.extend(dict(joined) for _ in range(getattr(record, "joined", 0)))
 
 
 @contextlib.contextmanager

@@ -259,15 +259,16 @@ def load(directory: Path) -> list[Op]:
 # --- a worker process ----------------------------------------------------------------------
 
 
-class RecordTap(logging.Handler):
+class RecordTap:
     """Hands memofill's miss and refresh records to the operation running in their thread.
 
-    Records logged by other threads (background refreshes) become ``log`` lines of
+    A hook (``events.subscribe``), not a log handler: hooks get every caller's
+    record (a joiner's too, and each repeat of a warning the log sums up).
+    Records of other threads (background refreshes) become ``log`` lines of
     their own.
     """
 
     def __init__(self, recorder: Recorder, process: str) -> None:
-        super().__init__(logging.DEBUG)
         self.recorder = recorder
         self.process = process
         self.local = threading.local()
@@ -281,7 +282,7 @@ class RecordTap(logging.Handler):
         finally:
             self.local.records = None
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def __call__(self, record: Any) -> None:
         outcome = getattr(record, "outcome", None)
         if outcome is None:
             return
@@ -324,9 +325,8 @@ class Worker:
         self.process = f"p{index}"
         self.recorder = Recorder(Path(plan.directory) / f"{self.process}.jsonl")
         self.tap = RecordTap(self.recorder, self.process)
-        logger = logging.getLogger("memofill")
-        logger.addHandler(self.tap)
-        logger.setLevel(logging.INFO)
+        logger = logging.getLogger("memofill")  # the runner's output stays readable
+        logger.addHandler(logging.NullHandler())
         logger.propagate = False
         counter = redis.Redis(
             host="127.0.0.1",
@@ -341,6 +341,7 @@ class Worker:
             near=None,
             meta_check_ms=plan.meta_check_ms,
         )
+        self.mf.events.subscribe(self.tap)
         self.functions = {
             dataset.key: self.mf.cached_dataset(dataset.key)(origin(plan, dataset.key, counter))
             for dataset in DATASETS
