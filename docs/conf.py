@@ -91,6 +91,7 @@ nitpick_ignore = [
     ("py:class", "memofill.outcomes.T"),
     # The exporters' third-party types, named in their signatures.
     ("py:class", "prometheus_client.metrics_core.Metric"),
+    ("py:class", "prometheus_client.registry.Collector"),
     ("py:class", "opentelemetry.metrics.MeterProvider"),
     ("py:class", "opentelemetry.trace.TracerProvider"),
     ("py:class", "opentelemetry.metrics._internal.MeterProvider"),

@@ -16,6 +16,14 @@ registry's dataset keys (templates, never a final Redis key), the
 :data:`~memofill.outcomes.COUNTED_ONLY`, and :data:`REFRESH_OUTCOMES` and
 :data:`REFRESH_TRIGGERS`. A feature with a gauge of its own adds a
 :class:`Family` with :func:`register`.
+
+Series grow with use, not with the registry: a dataset this process has
+counted nothing for has no series (a registry of thousands of datasets, of
+which each worker serves a few, would otherwise export tens of thousands of
+zeros from every process). Once a dataset is used, its counters have a series
+at zero for every outcome, so ``rate()`` sees the first of each. An exporter
+may ask for those zeros for every registered dataset from the start
+(:attr:`Family.registered`).
 """
 
 from __future__ import annotations
@@ -90,6 +98,11 @@ class HistogramReading:
     def count(self) -> int:
         """How many values were observed."""
         return sum(self.buckets)
+
+    def plus(self, other: HistogramReading) -> HistogramReading:
+        """This reading and ``other`` (same bounds) as one: what an aggregate exports."""
+        buckets = tuple(a + b for a, b in zip(self.buckets, other.buckets, strict=True))
+        return HistogramReading(self.bounds, buckets, self.sum + other.sum)
 
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, values at or under it)`` for every bound and ``inf``, as exported."""
@@ -319,6 +332,9 @@ class Family:
     read: Callable[[Source], Samples]
     #: A histogram's bucket bounds (what OpenTelemetry is advised to use too).
     bounds: tuple[float, ...] = ()
+    #: The samples at zero of every registered dataset, which ``read`` gives only once a
+    #: dataset is used; an exporter asked to show every dataset from the start adds them.
+    registered: Callable[[Source], Samples] | None = None
 
     @property
     def prometheus_name(self) -> str:
@@ -333,40 +349,49 @@ class Family:
         return "memofill." + self.name
 
 
-def datasets(cache: Source, counted: Iterable[str] = ()) -> list[str]:
-    """The registry's dataset keys (the closed set of ``dataset`` labels), and ``counted``.
-
-    A scrape must not fail: with no policies to load, only the counted ones.
-    """
+def datasets(cache: Source) -> list[str]:
+    """The registry's dataset keys; none when the policies do not load (a scrape never fails)."""
     try:
-        known = set(cache.policies)
+        return sorted(cache.policies)
     except MemofillError:
-        known = set()
-    return sorted(known.union(counted))
+        return []
 
 
 def _calls(cache: Source) -> Samples:
+    """Every dataset counted so far, with every outcome (zero where none was counted)."""
     counts = cache.counters.snapshot()
     names = call_outcomes()
-    for dataset in datasets(cache, counts):
-        seen = counts.get(dataset, {})
+    for dataset in sorted(counts):
+        seen = counts[dataset]
         for name in names:
             yield (dataset, name), seen.get(name, 0)
 
 
+def _calls_registered(cache: Source) -> Samples:
+    names = call_outcomes()
+    return [((dataset, name), 0) for dataset in datasets(cache) for name in names]
+
+
 def _refreshes(cache: Source) -> Samples:
-    """Every refresh counted, and zero for each one a dataset with ``stale_s`` may have."""
-    counts: dict[tuple[str, str, str], int] = dict.fromkeys(
-        (
-            (dataset, trigger, outcome)
-            for dataset in _refreshed_datasets(cache)
-            for trigger in REFRESH_TRIGGERS
-            for outcome in REFRESH_OUTCOMES
-        ),
-        0,
-    )
+    """Every refresh counted, and zero for each one a used dataset with ``stale_s`` may have."""
+    used = set(cache.counters.snapshot())
+    counts = dict(_refresh_zeros([d for d in _refreshed_datasets(cache) if d in used]))
     counts.update(cache.metrics.refreshes())
     return sorted(((key, count) for key, count in counts.items()))
+
+
+def _refreshes_registered(cache: Source) -> Samples:
+    return _refresh_zeros(_refreshed_datasets(cache))
+
+
+def _refresh_zeros(datasets: list[str]) -> list[tuple[tuple[str, str, str], int]]:
+    triples = (
+        (dataset, trigger, outcome)
+        for dataset in datasets
+        for trigger in REFRESH_TRIGGERS
+        for outcome in REFRESH_OUTCOMES
+    )
+    return [(triple, 0) for triple in triples]
 
 
 def _refreshed_datasets(cache: Source) -> list[str]:
@@ -414,6 +439,7 @@ FAMILIES: list[Family] = [
         "Calls of cached functions by outcome: hits and the like, and how each miss ended",
         ("dataset", "outcome"),
         _calls,
+        registered=_calls_registered,
     ),
     Family(
         FETCH_DURATION,
@@ -449,6 +475,7 @@ FAMILIES: list[Family] = [
         "Background refreshes by trigger and outcome",
         ("dataset", "trigger", "outcome"),
         _refreshes,
+        registered=_refreshes_registered,
     ),
     Family(
         STALE_AGE,
@@ -511,9 +538,18 @@ FAMILIES: list[Family] = [
         "near.flushes",
         "counter",
         "{flush}",
-        "Times every near copy was dropped at once (a lost, new or flushed listener connection)",
+        "Times every near copy was dropped at once for the listener (a lost, new or flushed "
+        "connection); invalidations are counted apart",
         (),
-        unlabelled(lambda cache: cache.local_store.epoch),
+        unlabelled(lambda cache: cache.local_store.flushes),
+    ),
+    Family(
+        "local_store.clears",
+        "counter",
+        "{clear}",
+        "Times every value kept in this process was dropped because a dataset was invalidated",
+        (),
+        unlabelled(lambda cache: cache.local_store.clears),
     ),
 ]
 

@@ -233,6 +233,11 @@ class LocalStore:
         self.too_large = 0
         #: Bumped to drop every near copy at once, since one of an earlier epoch is never served.
         self.epoch = 0
+        #: Times every near copy was dropped for the listener (a lost, new or flushed
+        #: connection), not for an invalidation.
+        self.flushes = 0
+        #: Times every entry was dropped because a dataset was invalidated.
+        self.clears = 0
         #: The clock time until which near copies may be served, as the listener's answered
         #: pings set it; 0.0 while it is not tracking, ``ALWAYS`` with no listener needed.
         self.live_until = ALWAYS
@@ -372,12 +377,14 @@ class LocalStore:
         """
         with self._lock:
             self.epoch += 1
+            self.flushes += 1
             self.pending.clear()
 
     def clear(self) -> None:
         """Drop every entry, near and outage alike (a dataset was invalidated)."""
         with self._lock:
             self.epoch += 1
+            self.clears += 1
             self.pending.clear()
             self.entries.clear()
             self.bytes = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import multiprocessing
 import threading
 import time
 import urllib.request
@@ -31,10 +32,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from memofill import CacheFill, Dataset, Memofill
+from memofill import CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.codec import HEADER_LEN, Header, header_bytes, read_header
 from memofill.contrib.otel import instrument
-from memofill.contrib.prometheus import MemofillCollector
+from memofill.contrib.prometheus import MemofillCollector, start_worker_server
 from memofill.freshness import wall_clock
 from memofill.metrics import (
     FAMILIES,
@@ -46,7 +47,7 @@ from memofill.metrics import (
 )
 from tests.conftest import POLICIES
 from tests.support.helpers import Refresh
-from tests.support.redis_servers import RedisServer, free_port
+from tests.support.redis_servers import RedisServer, bindable, free_port
 
 HOT = Dataset(
     "hot:{name}",
@@ -168,30 +169,69 @@ def test_a_scrape_over_http_reads_the_numbers_of_a_real_stampede(
         assert not [labels for _, labels in samples if any("export:" in v for _, v in labels)]
 
 
-def test_every_dataset_and_outcome_is_a_series_at_zero_after_start_up(
+def test_series_grow_with_the_datasets_used_not_with_the_registry(
     fake_client: redis.Redis,
 ) -> None:
-    policies = {f"set{n}:{{id}}": Dataset(f"set{n}:{{id}}", ttl_s=60) for n in range(7)}
+    """2,000 registered datasets, one used: one dataset's series, not 2,000's.
+
+    Once used, a dataset has a series at zero for every outcome (``rate()`` sees
+    the first of each); ``every_dataset=True`` shows every registered one from the start.
+    """
+    policies = {f"set{n}:{{id}}": Dataset(f"set{n}:{{id}}", ttl_s=60) for n in range(2_000)}
     cache = Memofill(fake_client, policies=policies)
     registry, port = CollectorRegistry(), free_port()
     registry.register(MemofillCollector(cache))
     server, _thread = start_http_server(port, addr="127.0.0.1", registry=registry)
     try:
+        assert not {labels for name, labels in scrape(port) if labels}  # nothing used yet
+        fetch = cache.cached_dataset("set7:{id}")(lambda id: {"id": id})
+        fetch(1)
+        fetch(1)
         samples = scrape(port)
     finally:
         server.shutdown()
         server.server_close()
     series = {labels for name, labels in samples if name == "memofill_calls_total"}
-    assert len(series) == len(policies) * len(call_outcomes())
-    assert series == {
-        (("dataset", dataset), ("outcome", outcome))
-        for dataset in policies
-        for outcome in call_outcomes()
+    assert series == {(("dataset", "set7:{id}"), ("outcome", o)) for o in call_outcomes()}
+    assert calls(samples, "set7:{id}") == Counter(hit=1, legacy=1)
+    named = {dict(labels).get("dataset") for _, labels in samples}
+    assert named == {None, "set7:{id}"}  # no sample of the 1,999 datasets not used
+
+    every = CollectorRegistry()
+    every.register(MemofillCollector(cache, every_dataset=True))
+    text = generate_latest(every).decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "memofill_calls"]
+    counted = {(s.labels["dataset"], s.labels["outcome"]): s.value for s in family.samples}
+    assert len(counted) == len(policies) * len(call_outcomes())
+    assert counted["set7:{id}", "hit"] == 1.0
+    assert counted["set8:{id}", "hit"] == 0.0
+
+
+def test_histograms_per_dataset_summed_over_datasets_or_off(fake_client: redis.Redis) -> None:
+    cache = Memofill(fake_client, policies=POLICIES)
+    for key in ("item:{name}", "fast:{name}"):
+        cache.cached_dataset(key)(lambda name: {"name": name})("a")
+
+    def histograms(**options: Any) -> dict[tuple[tuple[str, str], ...], float]:
+        registry = CollectorRegistry()
+        registry.register(MemofillCollector(cache, **options))
+        text = generate_latest(registry).decode()
+        return {
+            tuple(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "memofill_fetch_duration_seconds"
+            for s in f.samples
+            if s.name.endswith("_count")
+        }
+
+    assert histograms() == {
+        (("dataset", "fast:{name}"), ("outcome", "leader_fill")): 1.0,
+        (("dataset", "item:{name}"), ("outcome", "leader_fill")): 1.0,
     }
-    assert {samples["memofill_calls_total", labels] for labels in series} == {0.0}
-    # Histograms appear with their first observation; nothing else has a label at all.
-    labelled = {name for name, labels in samples if labels and not name.endswith("_created")}
-    assert labelled == {"memofill_calls_total"}
+    assert histograms(histograms="total") == {(("outcome", "leader_fill"),): 2.0}
+    assert histograms(histograms="off") == {}
+    with pytest.raises(ConfigurationError, match="histograms='some'"):
+        MemofillCollector(cache, histograms="some")  # type: ignore[arg-type]
 
 
 def test_a_registered_family_is_exported_by_both(fake_client: redis.Redis) -> None:
@@ -288,7 +328,7 @@ def test_otel_observes_the_tallies_and_records_the_miss_histograms(telemetry: Te
         (p.attributes["memofill.dataset"], p.attributes["memofill.outcome"]): p.value
         for p in metrics["memofill.calls"]
     }
-    assert len(counted) == len(POLICIES) * len(call_outcomes())  # every series, zeros too
+    assert len(counted) == len(call_outcomes())  # the dataset used: every outcome, zeros too
     assert counted["item:{name}", "hit"] == 2
     assert counted["item:{name}", "leader_fill"] == 1
     (fetched,) = metrics["memofill.fetch.duration"]
@@ -566,8 +606,7 @@ def test_a_stale_hit_and_its_background_refresh_are_counted_spanned_and_linked(
         for s in f.samples
     }
     refreshes = {k: v for k, v in before.items() if k[0] == "memofill_refreshes_total"}
-    assert len(refreshes) == len(REFRESH_TRIGGERS) * len(REFRESH_OUTCOMES)  # all at zero
-    assert set(refreshes.values()) == {0.0}
+    assert refreshes == {}  # no series before the dataset is used
 
     news("en")
     age(fake_client, news.redis_key("en"))
@@ -584,6 +623,8 @@ def test_a_stale_hit_and_its_background_refresh_are_counted_spanned_and_linked(
     assert calls(samples, STALE.key) == {"leader_fill": 1, "stale_hit": 1}
     labels = (("dataset", STALE.key), ("outcome", "refresh_fill"), ("trigger", "stale"))
     assert samples["memofill_refreshes_total", labels] == 1
+    refreshes = {k: v for k, v in samples.items() if k[0] == "memofill_refreshes_total"}
+    assert len(refreshes) == len(REFRESH_TRIGGERS) * len(REFRESH_OUTCOMES)  # used: zeros too
     assert samples["memofill_stale_age_seconds_count", (("dataset", STALE.key),)] == 1
     fetched = (("dataset", STALE.key), ("outcome", "refresh_fill"))
     assert samples["memofill_fetch_duration_seconds_count", fetched] == 1
@@ -595,3 +636,43 @@ def test_a_stale_hit_and_its_background_refresh_are_counted_spanned_and_linked(
     assert refresh.attributes is not None
     assert refresh.attributes["memofill.outcome"] == "refresh_fill"
     assert refresh.attributes["memofill.trigger"] == "stale"
+
+
+def _serve_worker(first_port: int, workers: int, ports: Any, done: Any) -> None:
+    """One worker process: take a port of the range for its metrics, then stay up."""
+    try:
+        ports.put(start_worker_server(first_port, workers, addr="127.0.0.1"))
+    except ConfigurationError as exc:
+        ports.put(str(exc))
+    done.wait(30)
+
+
+def test_each_worker_process_serves_its_metrics_on_a_port_of_its_own() -> None:
+    """Three worker processes take the three ports of the range; a fourth is told none is left."""
+    first = next(
+        port
+        for port in iter(free_port, None)
+        if port + 2 <= 65_535 and all(bindable(port + n) for n in range(3))
+    )
+    context = multiprocessing.get_context("spawn")
+    ports, done = context.Queue(), context.Event()
+    workers = [
+        context.Process(target=_serve_worker, args=(first, 3, ports, done)) for _ in range(4)
+    ]
+    try:
+        taken = []
+        for worker in workers:  # one after another: each finds the ports the others hold
+            worker.start()
+            taken.append(ports.get(timeout=30))
+        assert sorted(taken[:3]) == [first, first + 1, first + 2]
+        assert taken[3] == (
+            f"no free port for this worker's metrics in {first}..{first + 2} on 127.0.0.1: "
+            "give the range as many ports as there are workers"
+        )
+        for port in taken[:3]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+                assert reply.status == 200
+    finally:
+        done.set()
+        for worker in workers:
+            worker.join(30)

@@ -39,7 +39,7 @@ CLUSTER_BUS_OFFSET = 10_000
 MAX_CLUSTER_PORT = 65_535 - CLUSTER_BUS_OFFSET
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -57,7 +57,7 @@ def free_cluster_port() -> int:
     rng = random.SystemRandom()
     for _ in range(1000):
         port = rng.randrange(20_000, min(32_000, MAX_CLUSTER_PORT))
-        if _bindable(port) and _bindable(port + CLUSTER_BUS_OFFSET):
+        if bindable(port) and bindable(port + CLUSTER_BUS_OFFSET):
             return port
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
