@@ -299,13 +299,15 @@ class Listener:
         self._close()
 
     def _tell(self, exc: Exception) -> None:
+        """The first loss at WARNING; later ones at DEBUG, counted by ``near.flushes``."""
         if self._stopped or self._told_failure:
             logger.debug("near-cache listener: %s: %s", type(exc).__name__, exc)
             return
         self._told_failure = True
         logger.warning(
             "near-cache listener lost (%s: %s): near copies are not served until it is back "
-            "(it reconnects by itself; told once)",
+            "(it reconnects by itself; told once: later losses are logged at DEBUG and "
+            "counted in memofill_near_flushes_total)",
             type(exc).__name__,
             exc,
             extra={"error": type(exc).__name__},
@@ -346,15 +348,30 @@ class Listener:
         answer = ask(*tracking)
         if isinstance(answer, Exception):
             raise answer
-        confirmed = ask("SUBSCRIBE", CHANNEL.decode())
-        if not (isinstance(confirmed, list) and confirmed and confirmed[0] == b"subscribe"):
-            raise ListenerError(f"SUBSCRIBE answered {confirmed!r}")
+        sock.sendall(command("SUBSCRIBE", CHANNEL.decode()))
+        self._subscribed(sock, reader)
         self._held().tracking(True)
         self.client_id = int(client_id)
         self.sessions += 1
-        self._told_failure = False
         self._listen(sock, reader)
         return True
+
+    def _subscribed(self, sock: socket.socket, reader: Reader) -> None:
+        """Wait for the ``SUBSCRIBE`` reply, applying the invalidations that come before it.
+
+        Tracking is on from its own reply: a key written meanwhile is told at
+        once, and may arrive ahead of the subscription's confirmation.
+        """
+        while True:
+            reply = self._next_reply(sock, reader)
+            if isinstance(reply, list) and reply and reply[0] == b"subscribe":
+                return
+            if isinstance(reply, list) and len(reply) == 3 and reply[:2] == [b"message", CHANNEL]:
+                self._invalidate(self._held(), reply[2])
+            elif isinstance(reply, list) and len(reply) == 2 and reply[0] == b"invalidate":
+                self._invalidate(self._held(), reply[1])
+            else:
+                raise ListenerError(f"SUBSCRIBE answered {reply!r}")
 
     def _next_reply(self, sock: socket.socket, reader: Reader) -> Any:
         while True:

@@ -13,6 +13,7 @@ survives a listener loss), and the writes are seen in the end.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import threading
@@ -30,6 +31,8 @@ from memofill import CacheFill, ConfigurationError, Dataset, Memofill, NearCache
 from memofill.codec import payload, read_header
 from memofill.listener import Listener
 from tests.support.redis_servers import RedisServer
+
+PATIENCE_S = 10.0
 
 pytestmark = pytest.mark.redis_server
 
@@ -538,6 +541,14 @@ def test_the_near_gauges_say_whether_copies_are_served_and_count_flushes(
     wait_until(lambda: sample("memofill_near_flushes_total") > flushes)
     wait_live(mf, lambda: hot("k"))  # tracking is back
     assert sample("memofill_near_serving") == 1.0
+    # An invalidation drops every copy too, and is counted apart: it is not a lost listener.
+    flushes, clears = (
+        sample("memofill_near_flushes_total"),
+        sample("memofill_local_store_clears_total"),
+    )
+    mf.invalidate_dataset("hot:{name}")
+    assert sample("memofill_local_store_clears_total") == clears + 1
+    assert sample("memofill_near_flushes_total") == flushes
     near_hits = registry.get_sample_value(
         "memofill_calls_total", {"dataset": "hot:{name}", "outcome": "near_hit"}
     )
@@ -557,3 +568,78 @@ def test_without_near_datasets_there_is_no_near_serving_sample(redis_server: Red
     registry.register(MemofillCollector(mf))
     assert registry.get_sample_value("memofill_near_serving") is None
     assert registry.get_sample_value("memofill_near_flushes_total") == 0.0
+
+
+class _WritesBeforeSubscribe:
+    """A socket that, before it sends ``SUBSCRIBE``, has another client write ``key``.
+
+    Redis tells the listener of that write at once (tracking is on), so the
+    invalidation reaches it ahead of the subscription's confirmation: the race
+    a busy prefix makes on every reconnection.
+    """
+
+    def __init__(self, sock: Any, write: Callable[[], object]) -> None:
+        self._sock, self._write = sock, write
+
+    def sendall(self, data: bytes) -> None:
+        if b"SUBSCRIBE" in data:
+            self._write()
+        self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_an_invalidation_ahead_of_the_subscription_is_applied_not_taken_for_a_loss(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RESP3 pushes an invalidation as soon as tracking is on (RESP2 drops it until the
+    subscription, which no copy needs: none is kept until the subscription is confirmed)."""
+    from memofill.listener import connection_factory  # noqa: PLC0415
+    from memofill.near import LocalStore  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG, logger="memofill")
+    writer = redis_server.client()
+    store = LocalStore(max_entries=100, max_bytes=1 << 20)
+    told = threading.Event()
+    store.watch = {"race:#meta": told.set}
+    opened = connection_factory(redis_server.client(protocol=3), 5.0)
+    assert opened is not None
+
+    def connect() -> Any:
+        connection = opened()
+        connection._sock = _WritesBeforeSubscribe(
+            connection._sock, lambda: writer.set("race:#meta", "1")
+        )
+        return connection
+
+    listener = Listener(store, connect, ("race:",), heartbeat_ms=100)
+    store.attach(listener)
+    listener.ensure_running()
+    try:
+        assert told.wait(PATIENCE_S), "the write ahead of the subscription was not applied"
+        wait_until(lambda: listener.sessions == 1 and store.serving_near())
+        assert [r.getMessage() for r in caplog.records if "listener" in r.getMessage()] == []
+    finally:
+        listener.stop()
+        writer.close()
+
+
+def test_a_lost_listener_is_told_once_and_each_later_loss_counted(
+    redis_server: RedisServer, stores: list[Memofill], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="memofill")
+    mf, hot = make(redis_server, "lost:")
+    stores.append(mf)
+    wait_live(mf, lambda: hot("k"))
+    listener = listener_of(mf)
+    flushes = mf.local_store.flushes
+    for kill in range(1, 4):
+        assert redis_server.client().client_kill_filter(_type="pubsub") >= 1
+        wait_until(lambda kill=kill: listener.sessions == 1 + kill)  # back each time
+    warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1
+    assert "told once: later losses are logged at DEBUG" in warned[0].getMessage()
+    later = [r for r in caplog.records if r.getMessage().startswith("near-cache listener:")]
+    assert [r.levelno for r in later] == [logging.DEBUG] * 2
+    assert mf.local_store.flushes >= flushes + 3
