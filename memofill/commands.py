@@ -445,6 +445,16 @@ class Commands:
         self._read_meta = client.register_script(READ_META_SCRIPT)
         _live_commands.add(self)
 
+    def mget(self, keys: list[str]) -> Any:
+        """``MGET key ...``: each key's stored bytes or ``None``, in one round trip.
+
+        On a cluster the keys may live on several nodes: one ``MGET`` per node,
+        sent together (redis-py's ``mget_nonatomic``), the replies put back in order.
+        """
+        if is_cluster(self.client):
+            return self.client.mget_nonatomic(keys)
+        return self.client.mget(keys)
+
     def read_near(self, key: str) -> Any:
         """``GET key`` and ``PTTL key`` in one round trip: ``[stored bytes, ms left]``.
 

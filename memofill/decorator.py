@@ -34,6 +34,7 @@ import attrs
 import wrapt
 
 from memofill.arguments import compile_fields, compile_shape, is_coroutine_function
+from memofill.bulk import many_async, many_sync
 from memofill.errors import ConfigurationError
 from memofill.generations import invalidate_dataset
 from memofill.lookup import lookup_async, lookup_sync
@@ -58,7 +59,7 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
     """The callable ``@cached_dataset`` returns: the function, cached per its dataset policy.
 
     Besides being called, it offers :meth:`invalidate`, :meth:`invalidate_dataset`,
-    :meth:`refresh` and :meth:`call_with_outcome`.
+    :meth:`refresh`, :meth:`call_with_outcome` and :meth:`many`.
     """
 
     #: The calls' snapshot of the configuration now (see :class:`Snapshot`).
@@ -240,6 +241,26 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         instance = getattr(self, "_self_instance", None)
         return lookup(snapshot, instance, self.__wrapped__, args, kwargs, with_outcome=True)
 
+    @overload
+    def many(  # type: ignore[overload-overlap]
+        self: CachedDataset[P, Coroutine[Any, Any, T]], items: Iterable[Any]
+    ) -> Coroutine[Any, Any, list[T]]: ...
+    @overload
+    def many(self, items: Iterable[Any]) -> list[R]: ...
+    def many(self, items: Iterable[Any]) -> Any:
+        """Call once per item, reading every key in one round trip; the values, in order.
+
+        ``items``: for a key with one field, that field's values; for any key,
+        mappings of keyword arguments. Hits cost one ``MGET`` in all; each key
+        that is not a plain hit goes on as a single call's would (its fill
+        coordinated across the fleet), once per key however often it is asked.
+        Awaitable for coroutine functions. See :doc:`bulk`.
+        """
+        snapshot = self._self_snapshot()
+        bulk = many_async if snapshot.is_async else many_sync
+        instance = getattr(self, "_self_instance", None)
+        return bulk(snapshot, instance, self.__wrapped__, items)
+
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Fill again now, even over a value present, and return the new value.
 
@@ -288,6 +309,13 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> CallResult[R]: ...
         def call_with_outcome(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
         def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+        @overload
+        def many(  # type: ignore[overload-overlap]
+            self: _BoundCachedDataset[P, Coroutine[Any, Any, T]], items: Iterable[Any]
+        ) -> Coroutine[Any, Any, list[T]]: ...
+        @overload
+        def many(self, items: Iterable[Any]) -> list[R]: ...
+        def many(self, items: Iterable[Any]) -> Any: ...
 
     else:
         invalidate = CachedDataset.invalidate
@@ -295,6 +323,7 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
         refresh = CachedDataset.refresh
         call_with_outcome = CachedDataset.call_with_outcome
         redis_key = CachedDataset.redis_key
+        many = CachedDataset.many
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_self_") and name != "_self_instance":

@@ -105,14 +105,20 @@ def lookup_sync(
                 if reservation is not None:
                     snapshot.local_store.abandon(key, reservation)
     then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
-    if isinstance(then, CallResult):
-        served = then
-    elif isinstance(then, LateRead):
-        served = then.run_sync()
-    else:
-        result, joined = snapshot.thread_flights.run(flight(snapshot, key), then.run_sync)
-        served = then.finish(result, joined)
+    served = settle_sync(snapshot, key, then)
     return served if with_outcome else served.value
+
+
+def settle_sync(
+    snapshot: Snapshot, key: str, then: CallResult[Any] | LateRead | Miss
+) -> CallResult[Any]:
+    """Do what :func:`after_read` decided for a read that was not a plain hit; its result."""
+    if isinstance(then, CallResult):
+        return then
+    if isinstance(then, LateRead):
+        return then.run_sync()
+    result, joined = snapshot.thread_flights.run(flight(snapshot, key), then.run_sync)
+    return then.finish(result, joined)
 
 
 async def lookup_async(
@@ -173,16 +179,21 @@ async def lookup_async(
     if first_read is not None:
         await asyncio.shield(first_read)
     then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
-    if isinstance(then, CallResult):
-        served = then
-    elif isinstance(then, LateRead):
-        served = await then.run_async()
-    else:
-        raise_if_cancel_was_lost()
-        flights = snapshot.task_flights
-        result, joined = await flights.run(flight(snapshot, key), then.run_async)
-        served = then.finish(result, joined)
+    served = await settle_async(snapshot, key, then)
     return served if with_outcome else served.value
+
+
+async def settle_async(
+    snapshot: Snapshot, key: str, then: CallResult[Any] | LateRead | Miss
+) -> CallResult[Any]:
+    """:func:`settle_sync` for coroutine functions."""
+    if isinstance(then, CallResult):
+        return then
+    if isinstance(then, LateRead):
+        return await then.run_async()
+    raise_if_cancel_was_lost()
+    result, joined = await snapshot.task_flights.run(flight(snapshot, key), then.run_async)
+    return then.finish(result, joined)
 
 
 def hit(snapshot: Snapshot, key: str, raw: bytes | None, started: float) -> Any:
@@ -271,13 +282,16 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
     wrapped: Any,
     args: Any,
     kwargs: Any,
+    *,
+    told: bool = False,
 ) -> CallResult[Any] | LateRead | Miss:
-    """What a call whose read was not a plain hit does next, for both lookups.
+    """What a call whose read was not a plain hit does next, for both lookups and ``many()``.
 
     A :class:`CallResult` to return now (a marker, an outage copy, a late read
     served without a refresh); a :class:`~memofill.late.LateRead` served now
     whose refresh is handed off; or the :class:`~memofill.misses.Miss` to run,
-    with the stale bytes it may serve if its fill fails.
+    with the stale bytes it may serve if its fill fails. ``told``: the breaker
+    already counted ``error`` (one ``MGET`` that failed for several keys).
     """
     stale = None
     if raw is not None and (snapshot.late is not None or snapshot.marks.top):  # top: see plain
@@ -286,14 +300,20 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
             if late.result is not None:
                 return late if late.hand_off(commands, wrapped, args, kwargs) else late.result
             stale, raw = late.stale, None
-    served = served_without_fill(snapshot, key, asked, raw, error)
+    served = served_without_fill(snapshot, key, asked, raw, error, told=told)
     if served is not None:
         return served
     return Miss(snapshot, key, started, commands, error, wrapped, args, kwargs, stale=stale)
 
 
 def served_without_fill(
-    snapshot: Snapshot, key: str, asked: bool, raw: bytes | None, error: Exception | None
+    snapshot: Snapshot,
+    key: str,
+    asked: bool,
+    raw: bytes | None,
+    error: Exception | None,
+    *,
+    told: bool = False,
 ) -> CallResult[Any] | None:
     """A result that needs no fill, or ``None`` to fill.
 
@@ -307,7 +327,7 @@ def served_without_fill(
     """
     codec = snapshot.values.codec
     if not asked or error is not None:
-        if error is not None and is_unreachable(error):
+        if error is not None and is_unreachable(error) and not told:
             snapshot.breaker.failed(timed_out=is_timeout(error))
         value = outage_copy(snapshot, key)
         if value is None or value is NEGATIVE or value is CORRUPT or isinstance(value, ErrorMarker):

@@ -42,7 +42,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ),
     ("telemetry", frozenset({"hooks", "metrics"})),
     ("wiring", frozenset({"snapshot"})),
-    ("calls", frozenset({"meta_reads", "misses", "late", "lookup"})),
+    ("calls", frozenset({"meta_reads", "misses", "late", "lookup", "bulk"})),
     ("face", frozenset({"decorator", "instance", "__init__"})),
     (
         "tools",

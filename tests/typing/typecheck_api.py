@@ -60,6 +60,7 @@ def uses() -> None:
     # methods take the function's own parameters (docs/api.rst says so).
     result: memofill.CallResult[dict[str, int]] = fetch.call_with_outcome("a")
     served: dict[str, int] = result.value
+    page: list[dict[str, int]] = fetch.many(["a", "b", {"name": "c"}])
     fetch.call_with_outcome(1)  # type: ignore[arg-type]
     fetch.invalidate(1)  # type: ignore[arg-type]
     fetch(1)  # type: ignore[arg-type]
@@ -93,7 +94,9 @@ async def uses_async() -> None:
     mark: int = await fetch_async.invalidate_dataset(soft=True)
     fresh: dict[str, int] = await fetch_async.refresh("a")
     result: memofill.CallResult[dict[str, int]] = await fetch_async.call_with_outcome("a")
+    page: list[dict[str, int]] = await fetch_async.many(["a", "b"])
     # A forgotten await is an error (tests/test_typing.py shows what mypy says).
+    fetch_async.many(["a"])  # type: ignore[unused-coroutine]
     fetch_async.invalidate("a")  # type: ignore[unused-coroutine]
     fetch_async.invalidate_dataset()  # type: ignore[unused-coroutine]
     fetch_async.refresh("a")  # type: ignore[unused-coroutine]

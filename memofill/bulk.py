@@ -1,0 +1,197 @@
+"""Bulk calls: ``fn.many(items)`` reads every key in one round trip, then fills what it missed.
+
+Rules:
+
+- Items become calls once, before Redis is asked: a mapping is a call's keyword
+  arguments; anything else is the value of the key's one field (a key with
+  another number of fields takes mappings only). Every item's key is built
+  first, so a bad item fails the whole call, with the ``TypeError`` a single
+  call with its arguments gets, before anything is read or fetched.
+- Each item gets its own result, in the order given. An item whose key another
+  item of the call has is read and judged with it: one key, one fill.
+- Hits: near copies first, then one ``MGET`` of the other keys (on a cluster,
+  one per node, sent together). Each value is judged exactly as a single
+  call's (the marks read first when due, the same hit rule) and counted as
+  one hit.
+- What is not a plain hit (a miss, a stale or late value, a marker, a value
+  judged by marks that could not be read) goes on as a single call's read
+  that found it (:func:`~memofill.lookup.after_read`): a fill coordinated
+  across the fleet, a stale value served while one caller refreshes it, an
+  outage copy. The ``MGET`` failing is every key's read failing, told to the
+  breaker once.
+- The fills of a call run one after another for a blocking function, and
+  concurrently, at most :data:`CONCURRENT_FILLS` at once, for a coroutine
+  function.
+- Caching off (``disabled()``): each item calls the function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from memofill.lookup import after_read, hit, settle_async, settle_sync
+from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
+from memofill.misses import bypass
+from memofill.near import serve_near
+from memofill.outcomes import NOT_A_HIT, CallResult
+from memofill.snapshot import BYPASS, Snapshot
+
+#: The most fills one asyncio ``many()`` runs at once.
+CONCURRENT_FILLS = 16
+
+#: One item as a call: positional and keyword arguments.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def calls_of(snapshot: Snapshot, items: Iterable[Any]) -> list[Call]:
+    """The calls ``items`` stand for (see the module's rules); one clear line for bad input."""
+    function = snapshot.current_function()
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"{name}.many() takes an iterable of items (a list, say), not {type(items).__name__}"
+        )
+    fields = snapshot.dataset.template.fields
+    calls: list[Call] = []
+    for item in items:
+        if isinstance(item, Mapping):
+            calls.append(((), dict(item)))
+        elif len(fields) == 1:
+            calls.append(((), {fields[0]: item}))
+        else:
+            raise TypeError(
+                f"{name}.many(): {item!r} is not a mapping of keyword arguments, which a key "
+                f"with {len(fields)} fields ({snapshot.key}) needs for each item"
+            )
+    return calls
+
+
+def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any]) -> list[Any]:
+    """:meth:`~memofill.CachedDataset.many` of a blocking function."""
+    calls = calls_of(snapshot, items)
+    commands = snapshot.gate() if snapshot.gated else snapshot.commands
+    if commands is BYPASS:
+        return [bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in calls]
+    keys = [snapshot.key_of(instance, args, kwargs) for args, kwargs in calls]
+    started = time.monotonic()
+    if commands is not None and started >= snapshot.generations.next_check:
+        read_marks_sync(snapshot, commands, started)
+    served = _near(snapshot, keys, started)
+    reads = [key for key in dict.fromkeys(keys) if key not in served]
+    raws: dict[str, Any] = {}
+    error: Exception | None = None
+    asked = _may_ask(snapshot, commands) and bool(reads)
+    if asked:
+        assert commands is not None  # _may_ask
+        try:
+            raws = dict(zip(reads, commands.mget(reads), strict=True))
+        except Exception as exc:  # any failure of the client, as a single call's GET
+            error = exc
+        else:
+            _answered(snapshot)
+            if not (
+                started < snapshot.generations.next_check
+                or read_marks_sync(snapshot, commands, time.monotonic())
+            ):
+                raws, error = {}, MarksUnread()
+    results: list[Any] = []
+    told = False  # the breaker counts a failed MGET once
+    for (args, kwargs), key in zip(calls, keys, strict=True):
+        value = served.get(key, NOT_A_HIT)
+        if value is NOT_A_HIT and key in raws:
+            value = hit(snapshot, key, raws[key], started)
+        if value is NOT_A_HIT:
+            then = after_read(
+                snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
+                kwargs, told=told,
+            )  # fmt: skip
+            told = error is not None
+            value = settle_sync(snapshot, key, then).value
+        results.append(value)
+    return results
+
+
+async def many_async(
+    snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any]
+) -> list[Any]:
+    """:func:`many_sync` for coroutine functions, on the asyncio client."""
+    calls = calls_of(snapshot, items)
+    commands = snapshot.gate() if snapshot.gated else snapshot.commands
+    if commands is BYPASS:
+        return [await bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in calls]
+    keys = [snapshot.key_of(instance, args, kwargs) for args, kwargs in calls]
+    started = time.monotonic()
+    if commands is not None and started >= snapshot.generations.next_check:
+        await asyncio.shield(read_marks_async(snapshot, commands, started))
+    served = _near(snapshot, keys, started)
+    reads = [key for key in dict.fromkeys(keys) if key not in served]
+    raws: dict[str, Any] = {}
+    error: Exception | None = None
+    asked = _may_ask(snapshot, commands) and bool(reads)
+    if asked:
+        assert commands is not None  # _may_ask
+        try:
+            raws = dict(zip(reads, await commands.mget(reads), strict=True))
+        except Exception as exc:  # any failure of the client, as a single call's GET
+            error = exc
+        else:
+            _answered(snapshot)
+            if started >= snapshot.generations.next_check:
+                await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
+            if started >= snapshot.generations.next_check:
+                raws, error = {}, MarksUnread()
+    results: list[Any] = [NOT_A_HIT] * len(calls)
+    pending: list[tuple[int, str, Any]] = []
+    told = False  # the breaker counts a failed MGET once
+    for index, ((args, kwargs), key) in enumerate(zip(calls, keys, strict=True)):
+        value = served.get(key, NOT_A_HIT)
+        if value is NOT_A_HIT and key in raws:
+            value = hit(snapshot, key, raws[key], started)
+        if value is NOT_A_HIT:
+            then = after_read(
+                snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
+                kwargs, told=told,
+            )  # fmt: skip
+            told = error is not None
+            pending.append((index, key, then))
+        else:
+            results[index] = value
+    if pending:
+        limit = asyncio.Semaphore(CONCURRENT_FILLS)
+
+        async def settled(key: str, then: Any) -> CallResult[Any]:
+            async with limit:
+                return await settle_async(snapshot, key, then)
+
+        done = await asyncio.gather(*(settled(key, then) for _, key, then in pending))
+        for (index, _, _), result in zip(pending, done, strict=True):
+            results[index] = result.value
+    return results
+
+
+def _near(snapshot: Snapshot, keys: list[str], started: float) -> dict[str, Any]:
+    """The keys served from near copies (datasets with ``near_ms``), with their values.
+
+    Asked for every item, so that each counts as one near hit.
+    """
+    if snapshot.near is None:
+        return {}
+    served: dict[str, Any] = {}
+    for key in keys:
+        value = serve_near(snapshot, key, started)
+        if value is not NOT_A_HIT:
+            served.setdefault(key, value)
+    return served
+
+
+def _may_ask(snapshot: Snapshot, commands: Any) -> bool:
+    breaker = snapshot.breaker
+    return commands is not None and not (breaker.open_until and breaker.skips())
+
+
+def _answered(snapshot: Snapshot) -> None:
+    if snapshot.breaker.open_until:  # Redis answered this probe (or the cool-down is over)
+        snapshot.breaker.reset()
