@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
-from bench import expiry, fill, miss_cost, near, near_peers, registry
+from bench import expiry, fill, many, miss_cost, near, near_peers, registry
 from bench.libraries import BY_SLUG, LIBRARIES, STALE_S, Library
 
 FAMILIES = list(dict.fromkeys(library.family for library in LIBRARIES))
@@ -718,6 +718,8 @@ def render(results: dict[str, Any]) -> str:
         lines += miss_cost.render(results["miss_cost"])
     if "fill" in results:
         lines += fill.render(results["fill"])
+    if "many" in results:
+        lines += many.render(results["many"])
     if "stampede" in results:
         lines += _stampede(results["stampede"])
     if "growth" in results:

@@ -27,6 +27,7 @@ from bench import (
     fill,
     growth,
     hit,
+    many,
     miss_cost,
     near,
     near_peers,
@@ -45,6 +46,7 @@ SCENARIOS = (
     "near_peers",
     "miss_cost",
     "fill",
+    "many",
     "stampede",
     "growth",
     "payload",
@@ -346,6 +348,9 @@ def run(  # noqa: PLR0917
             results["fill"] = fill.measure(
                 server.port, before=before, rounds=scale.fill_rounds, fills=scale.fill_count
             )
+        if "many" in scenarios:
+            _log(f"many: pages of {many.PAGE} hits, {scale.hit_iterations // 20:,} per row")
+            results["many"] = many.measure(server.port, iterations=scale.hit_iterations // 20)
         if "stampede" in scenarios and fillers:
             results["stampede"] = {}
             for library in fillers:

@@ -46,36 +46,59 @@ CONCURRENT_FILLS = 16
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def calls_of(snapshot: Snapshot, items: Iterable[Any]) -> list[Call]:
-    """The calls ``items`` stand for (see the module's rules); one clear line for bad input."""
-    function = snapshot.current_function()
-    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+def calls_of(snapshot: Snapshot, instance: Any, items: Iterable[Any]) -> list[Call]:
+    """The calls ``items`` stand for (see the module's rules); one clear line for bad input.
+
+    A value of the key's one field is passed by position where its parameter
+    comes first (the key is then built as fast as a single call's), else by name.
+    """
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         raise TypeError(
-            f"{name}.many() takes an iterable of items (a list, say), not {type(items).__name__}"
+            f"{_name(snapshot)}.many() takes an iterable of items (a list, say), "
+            f"not {type(items).__name__}"
         )
-    fields = snapshot.dataset.template.fields
+    fields = snapshot.key_fields
+    first = 0 if instance is None else 1  # a bound method's self is not among its arguments
+    by_position = len(fields) == 1 and fields[0].position == first
+    no_keywords: dict[str, Any] = {}
     calls: list[Call] = []
     for item in items:
-        if isinstance(item, Mapping):
-            calls.append(((), dict(item)))
-        elif len(fields) == 1:
-            calls.append(((), {fields[0]: item}))
+        if type(item) is not dict and (type(item) in _SCALARS or not _mapping(item)):
+            if by_position:
+                calls.append(((item,), no_keywords))
+            elif len(fields) == 1:
+                calls.append(((), {fields[0].name: item}))
+            else:
+                raise TypeError(
+                    f"{_name(snapshot)}.many(): {item!r} is not a mapping of keyword arguments, "
+                    f"which a key with {len(fields)} fields ({snapshot.key}) needs for each item"
+                )
         else:
-            raise TypeError(
-                f"{name}.many(): {item!r} is not a mapping of keyword arguments, which a key "
-                f"with {len(fields)} fields ({snapshot.key}) needs for each item"
-            )
+            calls.append(((), dict(item)))
     return calls
+
+
+#: Item types that are never a mapping: checked without ``isinstance`` against an ABC.
+_SCALARS = frozenset({str, int, float, bytes, tuple})
+
+
+def _mapping(item: Any) -> bool:
+    return isinstance(item, Mapping)
+
+
+def _name(snapshot: Snapshot) -> str:
+    function = snapshot.current_function()
+    return getattr(function, "__qualname__", None) or type(function).__qualname__
 
 
 def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any]) -> list[Any]:
     """:meth:`~memofill.CachedDataset.many` of a blocking function."""
-    calls = calls_of(snapshot, items)
+    calls = calls_of(snapshot, instance, items)
     commands = snapshot.gate() if snapshot.gated else snapshot.commands
     if commands is BYPASS:
         return [bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in calls]
-    keys = [snapshot.key_of(instance, args, kwargs) for args, kwargs in calls]
+    key_of = snapshot.key_of
+    keys = [key_of(instance, args, kwargs) for args, kwargs in calls]
     started = time.monotonic()
     if commands is not None and started >= snapshot.generations.next_check:
         read_marks_sync(snapshot, commands, started)
@@ -100,9 +123,9 @@ def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[A
     results: list[Any] = []
     told = False  # the breaker counts a failed MGET once
     for (args, kwargs), key in zip(calls, keys, strict=True):
-        value = served.get(key, NOT_A_HIT)
-        if value is NOT_A_HIT and key in raws:
-            value = hit(snapshot, key, raws[key], started)
+        value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
+        if value is NOT_A_HIT:
+            value = hit(snapshot, key, raws.get(key), started)
         if value is NOT_A_HIT:
             then = after_read(
                 snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
@@ -118,11 +141,12 @@ async def many_async(
     snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any]
 ) -> list[Any]:
     """:func:`many_sync` for coroutine functions, on the asyncio client."""
-    calls = calls_of(snapshot, items)
+    calls = calls_of(snapshot, instance, items)
     commands = snapshot.gate() if snapshot.gated else snapshot.commands
     if commands is BYPASS:
         return [await bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in calls]
-    keys = [snapshot.key_of(instance, args, kwargs) for args, kwargs in calls]
+    key_of = snapshot.key_of
+    keys = [key_of(instance, args, kwargs) for args, kwargs in calls]
     started = time.monotonic()
     if commands is not None and started >= snapshot.generations.next_check:
         await asyncio.shield(read_marks_async(snapshot, commands, started))
@@ -147,9 +171,9 @@ async def many_async(
     pending: list[tuple[int, str, Any]] = []
     told = False  # the breaker counts a failed MGET once
     for index, ((args, kwargs), key) in enumerate(zip(calls, keys, strict=True)):
-        value = served.get(key, NOT_A_HIT)
-        if value is NOT_A_HIT and key in raws:
-            value = hit(snapshot, key, raws[key], started)
+        value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
+        if value is NOT_A_HIT:
+            value = hit(snapshot, key, raws.get(key), started)
         if value is NOT_A_HIT:
             then = after_read(
                 snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,

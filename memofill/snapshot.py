@@ -217,6 +217,8 @@ class Snapshot:
     view: Callable[[bytes], Any]
     dataset: Dataset
     key_of: KeyBuilder
+    #: Where each key field comes from in a call (what ``many()`` turns its items into).
+    key_fields: tuple[Field, ...]
     count_hit: Callable[[], object]
     ttl_s: float
     #: How long after its fetch began a value may serve an outage: ``ttl_s +
@@ -296,6 +298,7 @@ class Snapshot:
             view=payload if values.resolved is JSON else after_header,
             dataset=dataset,
             key_of=compile_key(state.prefix, dataset.template, fields, key, shape),
+            key_fields=fields,
             count_hit=state.counters.hit_tally(key).add,
             ttl_s=dataset.ttl_s,
             outage_s=dataset.ttl_s + dataset.stale_if_error_s,
