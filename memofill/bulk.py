@@ -8,7 +8,10 @@ Rules:
   first, so a bad item fails the whole call, with the ``TypeError`` a single
   call with its arguments gets, before anything is read or fetched.
 - Each item gets its own result, in the order given. An item whose key another
-  item of the call has is read and judged with it: one key, one fill.
+  item of the call has is read and judged with it: one key, one fill. Where
+  that key was not a plain hit, the later item is a call made after the
+  first's ended (a hit on what it stored), or, for a coroutine function, joins
+  its fill in flight.
 - Hits: near copies first, then one ``MGET`` of the other keys (on a cluster,
   one per node, sent together). Each value is judged exactly as a single
   call's (the marks read first when due, the same hit rule) and counted as
@@ -32,7 +35,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from memofill.lookup import after_read, hit, settle_async, settle_sync
+from memofill.lookup import after_read, hit, lookup_sync, settle_async, settle_sync
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
 from memofill.misses import bypass
 from memofill.near import serve_near
@@ -122,11 +125,15 @@ def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[A
                 raws, error = {}, MarksUnread()
     results: list[Any] = []
     told = False  # the breaker counts a failed MGET once
+    settled: set[str] = set()
     for (args, kwargs), key in zip(calls, keys, strict=True):
         value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
         if value is NOT_A_HIT:
             value = hit(snapshot, key, raws.get(key), started)
-        if value is NOT_A_HIT:
+        if value is NOT_A_HIT and key in settled:  # asked again: a call after the first's fill
+            value = lookup_sync(snapshot, instance, wrapped, args, kwargs, with_outcome=False)
+        elif value is NOT_A_HIT:
+            settled.add(key)
             then = after_read(
                 snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
                 kwargs, told=told,

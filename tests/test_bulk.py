@@ -98,6 +98,8 @@ def test_duplicates_cost_one_fill_and_each_item_gets_its_own_value(
     assert first is not again  # no item can change what another holds
     assert other == {"symbol": "B", "bids": []}
     assert calls == Counter(A=1, B=1)
+    # The second "A" is a call after the first's fill: a hit on what it stored.
+    assert cache.counters.snapshot()["quote:{symbol}"] == {"leader_fill": 2, "hit": 1}
     assert quote.many([]) == []
 
 

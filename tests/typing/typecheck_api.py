@@ -78,7 +78,7 @@ def uses() -> None:
 
     default: list[str] = fetch_default("a")
     print(value, key, deleted, mark, fresh, outcome, result, served, text)
-    print(method_value, method_key, method_result, method_mark, default)
+    print(method_value, method_key, method_result, method_mark, default, page)
 
 
 class AsyncRepository:
@@ -113,7 +113,7 @@ async def uses_async() -> None:
     )
     repository.item.invalidate("a")  # type: ignore[unused-coroutine]
     print(value, deleted, mark, fresh, result, method_value, method_deleted, method_mark)
-    print(method_result)
+    print(method_result, page)
 
 
 def configures_refresh() -> None:
