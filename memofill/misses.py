@@ -303,7 +303,8 @@ class Miss:
             waited_ms=result.waited_ms,
             polls=0 if joined else result.polls,
             payload_bytes=result.payload_bytes,
-            error=result.error,
+            # A joiner whose own read failed tells that: it is why it had no value of its own.
+            error=(self.plan.redis_error or result.error) if joined else result.error,
             fetch_ms=self.fetch_ms,
             joined=served,
         )

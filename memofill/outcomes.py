@@ -120,7 +120,9 @@ class MissRecord:
     #: How long the origin took, when this caller called it (``None``: it did not).
     fetch_ms: float | None = None
     #: The other callers in this process that shared this fill's result. Their own
-    #: ``local_join`` records are counted and sent to hooks, not logged.
+    #: ``local_join`` records are counted and sent to hooks, not logged; the ``error`` of
+    #: one is its own read's failure (Redis unreachable, say) where it had one, else the
+    #: fill's.
     joined: int = 0
 
     def emit(self) -> None:
