@@ -35,9 +35,13 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from memofill.lookup import after_read, hit, lookup_sync, settle_async, settle_sync
+import attrs
+
+from memofill.commands import Commands
+from memofill.late import LateRead
+from memofill.lookup import after_read, hit, lookup_async, lookup_sync, settle_async, settle_sync
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
-from memofill.misses import bypass
+from memofill.misses import Miss, bypass
 from memofill.near import serve_near
 from memofill.outcomes import NOT_A_HIT, CallResult
 from memofill.snapshot import BYPASS, Snapshot
@@ -123,24 +127,15 @@ def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[A
                 or read_marks_sync(snapshot, commands, time.monotonic())
             ):
                 raws, error = {}, MarksUnread()
-    results: list[Any] = []
-    told = False  # the breaker counts a failed MGET once
-    settled: set[str] = set()
-    for (args, kwargs), key in zip(calls, keys, strict=True):
-        value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
-        if value is NOT_A_HIT:
-            value = hit(snapshot, key, raws.get(key), started)
-        if value is NOT_A_HIT and key in settled:  # asked again: a call after the first's fill
-            value = lookup_sync(snapshot, instance, wrapped, args, kwargs, with_outcome=False)
-        elif value is NOT_A_HIT:
-            settled.add(key)
-            then = after_read(
-                snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
-                kwargs, told=told,
-            )  # fmt: skip
-            told = error is not None
-            value = settle_sync(snapshot, key, then).value
-        results.append(value)
+    read = (started, served, raws, asked, error, commands, wrapped)
+    results = []
+    for item in _judged(snapshot, calls, keys, *read):
+        if isinstance(item, _Fill):
+            results.append(settle_sync(snapshot, item.key, item.then).value)
+        elif isinstance(item, _Again):
+            results.append(lookup_sync(snapshot, instance, wrapped, *item.call, with_outcome=False))
+        else:
+            results.append(item)
     return results
 
 
@@ -174,33 +169,73 @@ async def many_async(
                 await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
             if started >= snapshot.generations.next_check:
                 raws, error = {}, MarksUnread()
-    results: list[Any] = [NOT_A_HIT] * len(calls)
-    pending: list[tuple[int, str, Any]] = []
+    read = (started, served, raws, asked, error, commands, wrapped)
+    judged = _judged(snapshot, calls, keys, *read)
+    limit = asyncio.Semaphore(CONCURRENT_FILLS)
+
+    async def settled(item: Any) -> Any:
+        if not isinstance(item, (_Fill, _Again)):
+            return item
+        async with limit:
+            if isinstance(item, _Fill):
+                return (await settle_async(snapshot, item.key, item.then)).value
+            return await lookup_async(snapshot, instance, wrapped, *item.call, with_outcome=False)
+
+    if not any(isinstance(item, (_Fill, _Again)) for item in judged):
+        return judged
+    return list(await asyncio.gather(*(settled(item) for item in judged)))
+
+
+@attrs.frozen
+class _Fill:
+    """An item that is not a plain hit: what a single call's read that found it does next."""
+
+    key: str
+    then: CallResult[Any] | LateRead | Miss
+
+
+@attrs.frozen
+class _Again:
+    """An item whose key an earlier item of the call fills: a call made after that one."""
+
+    call: Call
+
+
+def _judged(  # noqa: PLR0917  # the read's own locals, passed on
+    snapshot: Snapshot,
+    calls: list[Call],
+    keys: list[str],
+    started: float,
+    served: dict[str, Any],
+    raws: dict[str, Any],
+    asked: bool,
+    error: Exception | None,
+    commands: Commands | None,
+    wrapped: Any,
+) -> list[Any]:
+    """Each item's value where it is a plain hit, else a :class:`_Fill` or an :class:`_Again`.
+
+    Written once for both kinds of function, which only settle the rest their way.
+    """
+    judged: list[Any] = []
     told = False  # the breaker counts a failed MGET once
-    for index, ((args, kwargs), key) in enumerate(zip(calls, keys, strict=True)):
+    filled: set[str] = set()
+    for (args, kwargs), key in zip(calls, keys, strict=True):
         value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
         if value is NOT_A_HIT:
             value = hit(snapshot, key, raws.get(key), started)
-        if value is NOT_A_HIT:
+        if value is NOT_A_HIT and key in filled:
+            value = _Again((args, kwargs))
+        elif value is NOT_A_HIT:
+            filled.add(key)
             then = after_read(
                 snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
                 kwargs, told=told,
             )  # fmt: skip
             told = error is not None
-            pending.append((index, key, then))
-        else:
-            results[index] = value
-    if pending:
-        limit = asyncio.Semaphore(CONCURRENT_FILLS)
-
-        async def settled(key: str, then: Any) -> CallResult[Any]:
-            async with limit:
-                return await settle_async(snapshot, key, then)
-
-        done = await asyncio.gather(*(settled(key, then) for _, key, then in pending))
-        for (index, _, _), result in zip(pending, done, strict=True):
-            results[index] = result.value
-    return results
+            value = _Fill(key, then)
+        judged.append(value)
+    return judged
 
 
 def _near(snapshot: Snapshot, keys: list[str], started: float) -> dict[str, Any]:
