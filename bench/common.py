@@ -8,11 +8,14 @@ conditions: one client configuration, one value shape, one percentile rule.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import math
 import multiprocessing
 import os
+import random
 import resource
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -203,3 +206,25 @@ def server_commands(client: redis.Redis) -> Counter[str]:
         if name not in EXCLUDED_COMMANDS:
             counts[name] += int(value["calls"])
     return counts
+
+
+def interleaved(
+    rows: dict[str, Callable[[], object]], *, rounds: int, per_round: int, seed: int
+) -> dict[str, list[int]]:
+    """Time each row's call, ns per call, in rounds that run the rows in a new random order.
+
+    Drift in machine load then falls on every row alike; a collection before
+    each round keeps one row's garbage from being collected in another's time.
+    """
+    samples: dict[str, list[int]] = {name: [] for name in rows}
+    order, rng, clock = list(rows), random.Random(seed), time.perf_counter_ns
+    for _ in range(rounds):
+        rng.shuffle(order)
+        gc.collect()
+        for name in order:
+            call, out = rows[name], samples[name]
+            for _ in range(per_round):
+                started = clock()
+                call()
+                out.append(clock() - started)
+    return samples

@@ -158,10 +158,11 @@ def _cache_aside_async(port: int, namespace: str, origin: Origin) -> Cached:
 # -- dogpile.cache: Redis backend with its distributed lock (sync only) --------------------------
 
 
-def _dogpile(port: int, namespace: str, origin: Origin) -> Cached:
+def dogpile_region(port: int) -> Any:
+    """dogpile.cache's Redis region as every row configures it: its distributed lock, orjson."""
     from dogpile.cache import make_region  # noqa: PLC0415 (see the module docstring)
 
-    region = make_region(serializer=orjson.dumps, deserializer=orjson.loads).configure(
+    return make_region(serializer=orjson.dumps, deserializer=orjson.loads).configure(
         "dogpile.cache.redis",
         expiration_time=TTL_S,
         arguments={
@@ -174,6 +175,10 @@ def _dogpile(port: int, namespace: str, origin: Origin) -> Cached:
             "connection_kwargs": dict(CLIENT_OPTIONS),
         },
     )
+
+
+def _dogpile(port: int, namespace: str, origin: Origin) -> Cached:
+    region = dogpile_region(port)
 
     @region.cache_on_arguments(namespace=namespace)
     def fetch(name: str) -> Any:

@@ -18,9 +18,6 @@ Each median is divided by the floor of the same mode (blocking or asyncio).
 from __future__ import annotations
 
 import asyncio
-import gc
-import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,11 +29,13 @@ from bench.common import (
     TTL_S,
     async_client,
     in_child,
+    interleaved,
     median,
     percentile,
     small_value,
     sync_client,
 )
+from bench.libraries import dogpile_region
 
 #: Keys per page.
 PAGE = 50
@@ -79,21 +78,7 @@ def _rows(port: int, loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], 
     rows["memofill many()"] = lambda: quote.many(names)
     rows["memofill, 50 calls"] = lambda: [quote(name) for name in names]
 
-    from dogpile.cache import make_region  # noqa: PLC0415
-
-    region = make_region(serializer=orjson.dumps, deserializer=orjson.loads).configure(
-        "dogpile.cache.redis",
-        expiration_time=TTL_S,
-        arguments={
-            "host": HOST,
-            "port": port,
-            "db": 0,
-            "redis_expiration_time": TTL_S,
-            "distributed_lock": True,
-            "thread_local_lock": False,
-            "connection_kwargs": dict(CLIENT_OPTIONS),
-        },
-    )
+    region = dogpile_region(port)
 
     @region.cache_multi_on_arguments(namespace="bench:many:dogpile")
     def dogpile_page(*page: str) -> list[Any]:
@@ -149,18 +134,7 @@ def _blocking(loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> Calla
 def _measure(*, port: int, rounds: int, per_round: int, seed: int) -> dict[str, list[int]]:
     loop = asyncio.new_event_loop()
     rows = _rows(port, loop)
-    samples: dict[str, list[int]] = {name: [] for name in rows}
-    order, rng, clock = list(rows), random.Random(seed), time.perf_counter_ns
-    for _ in range(rounds):
-        rng.shuffle(order)
-        gc.collect()
-        for name in order:
-            call, out = rows[name], samples[name]
-            for _ in range(per_round):
-                started = clock()
-                call()
-                out.append(clock() - started)
-    return samples
+    return interleaved(rows, rounds=rounds, per_round=per_round, seed=seed)
 
 
 def measure(port: int, *, iterations: int, rounds: int = 40, seed: int = 1) -> dict[str, Any]:

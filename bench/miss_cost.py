@@ -14,14 +14,12 @@ reads the miss path wraps around the origin (it has no public handle).
 
 from __future__ import annotations
 
-import gc
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import median
+from bench.common import interleaved, median
 
 #: The rows: what runs per miss on top of the bare record.
 ROWS = ("bare", "core", "core + hook", "core + OpenTelemetry")
@@ -138,18 +136,7 @@ def _measure(*, rounds: int, per_round: int, seed: int) -> dict[str, list[int]]:
     for call in rows.values():
         for _ in range(per_round):
             call()
-    samples: dict[str, list[int]] = {name: [] for name in rows}
-    order, rng, clock = list(rows), random.Random(seed), time.perf_counter_ns
-    for _ in range(rounds):
-        rng.shuffle(order)
-        gc.collect()
-        for name in order:
-            call, out = rows[name], samples[name]
-            for _ in range(per_round):
-                started = clock()
-                call()
-                out.append(clock() - started)
-    return samples
+    return interleaved(rows, rounds=rounds, per_round=per_round, seed=seed)
 
 
 def measure(*, iterations: int, rounds: int = 50, seed: int = 1) -> dict[str, Any]:
