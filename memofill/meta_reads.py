@@ -64,6 +64,28 @@ def read_marks_sync(snapshot: Snapshot, commands: Commands, now: float) -> bool:
     return now < generations.next_check
 
 
+def reread_marks_sync(snapshot: Snapshot, commands: Commands) -> bool:
+    """Read the marks now, due or not; whether Redis answered.
+
+    For a fill whose lock was lost while it fetched (Redis restarted, or
+    flushed): the meta hash may have been born again since, which no due time
+    would tell.
+    """
+    now = time.monotonic()
+    read = _meta_or_none(snapshot, commands)
+    with snapshot.generations.first:
+        _take(snapshot, read, now)
+    return read[0] is not None
+
+
+async def reread_marks_async(snapshot: Snapshot, commands: Commands) -> bool:
+    """:func:`reread_marks_sync` on the asyncio client."""
+    now = time.monotonic()
+    read = await _meta_or_none_async(snapshot, commands)
+    _take(snapshot, read, now)
+    return read[0] is not None
+
+
 def _take(snapshot: Snapshot, read: tuple[Any, str | None], now: float) -> None:
     """Take a read's reply (``read`` is what :func:`_meta_or_none` returned)."""
     snapshot.generations.loaded(*read, now=now)

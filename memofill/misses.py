@@ -24,13 +24,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from memofill.codec import CORRUPT, Header
+import attrs
+
+from memofill.codec import CORRUPT, Header, read_header
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
-from memofill.coordinator import REFUSALS, Plan, Result, fill, refresh
+from memofill.coordinator import LEASE_EXPIRED, REFUSALS, Plan, Result, fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
-from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync, tell_unread
+from memofill.meta_reads import (
+    MarksUnread,
+    read_marks_async,
+    read_marks_sync,
+    reread_marks_async,
+    reread_marks_sync,
+    tell_unread,
+)
 from memofill.outcomes import (
     DISABLED,
     CallResult,
@@ -253,7 +262,7 @@ class Miss:
 
     def run_sync(self, flight: Flight) -> Result:
         """Run the fill with the blocking client; end its ``flight`` and record it."""
-        steps = fill(self.plan, time.monotonic, _rng)
+        steps = fill(self._current_plan(), time.monotonic, _rng)
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
             result = run_sync(steps, self.commands, self.fetch, self._breaker())
             flight.refill = not self._ended_sync(result, flight.close())
@@ -261,12 +270,30 @@ class Miss:
 
     async def run_async(self, flight: Flight) -> Result:
         """Run the fill with the asyncio client; end its ``flight`` and record it."""
-        steps = fill(self.plan, time.monotonic, _rng)
+        steps = fill(self._current_plan(), time.monotonic, _rng)
         breaker = self._breaker()
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
             result = await run_async(steps, self.commands, self.fetch, breaker, flight.commit)
             flight.refill = not await self._ended_async(result, flight.close())
             return result
+
+    def _current_plan(self) -> Plan:
+        """The plan, judged by the marks as they are now.
+
+        A joiner that fills on its own after the fill it joined (``refill``) may
+        know newer marks than when its call began: the value that fill wrote is
+        behind them, and its recheck must not take it.
+        """
+        marks, plan = self.snapshot.marks, self.plan
+        if plan.floor == marks.top:
+            return plan
+        self.plan = attrs.evolve(
+            plan,
+            floor=marks.top,
+            unstamped_ok=not marks.explicit,
+            stamp=self.snapshot.generations.stamp(),
+        )
+        return self.plan
 
     def _breaker(self) -> Breaker:
         return self.snapshot.breaker
@@ -330,12 +357,19 @@ class Miss:
         fetched, whose write was then refused, or the key deleted after it. One
         ``GET`` tells, when anyone joined (a Redis error: shared, as in an
         outage, where the process's own coalescing is what spares the origin).
+        A fill whose lock was gone when it released may have outlived what
+        Redis knew (a restart without persistence loses the key's tomb, so the
+        write lands): the marks are read again, and a value behind them (the
+        meta hash born again after its stamp) is not shared either.
         """
         shareable = True
         try:
             verdict = _shareable(result) if joiners else True
             if verdict is None and self.commands is not None:
-                shareable = self.commands.get(self.key) == result.stored
+                lost = result.error == LEASE_EXPIRED
+                if lost and reread_marks_sync(self.snapshot, self.commands):
+                    shareable = self._above_marks(result.stored)
+                shareable = shareable and self.commands.get(self.key) == result.stored
             else:
                 shareable = verdict is not False
         except Exception:  # Redis failing: see the docstring
@@ -350,7 +384,10 @@ class Miss:
         try:
             verdict = _shareable(result) if joiners else True
             if verdict is None and self.commands is not None:
-                shareable = await self.commands.get(self.key) == result.stored
+                lost = result.error == LEASE_EXPIRED
+                if lost and await reread_marks_async(self.snapshot, self.commands):
+                    shareable = self._above_marks(result.stored)
+                shareable = shareable and await self.commands.get(self.key) == result.stored
             else:
                 shareable = verdict is not False
         except Exception:  # Redis failing: see _ended_sync
@@ -358,6 +395,12 @@ class Miss:
         finally:
             self._record(result, served=joiners if shareable else 0)
         return shareable
+
+    def _above_marks(self, stored: bytes | None) -> bool:
+        """Whether ``stored`` is current by the dataset's marks as just read."""
+        header = None if stored is None else read_header(stored)
+        stamp = None if header is None else header.stamp
+        return stored is None or self.snapshot.marks.behind(stamp, False) is None
 
     def finish(self, result: Result, joined: bool) -> CallResult[Any]:
         """This caller's result: a joiner is logged as one; the value, or raise.
@@ -391,6 +434,9 @@ def _shareable(result: Result) -> bool | None:
         return result.error == "newer"
     if not result.led or result.stored is None or result.outcome is Outcome.LEADER_RECHECK_HIT:
         return True
+    # The lock was lost: Redis may have lost the key's tomb and the marks with it. Ask.
+    if result.error == LEASE_EXPIRED:
+        return None
     # Redis failed on the way (the write may not have landed): shared, as in an outage.
     return True if result.error is not None else None
 

@@ -171,6 +171,34 @@ def test_a_restart_costs_refills_and_never_serves_what_it_may_have_lost(
     assert fresh.call_with_outcome("ACME").value["version"] == 2
 
 
+@pytest.mark.parametrize("kind", ["call", "refresh"])
+def test_a_caller_that_joins_a_fill_across_a_restart_gets_no_older_value(
+    own_redis_server: RedisServer, prefix: str, origin: Origin, kind: str
+) -> None:
+    """A restart without persistence loses the key's tomb, so the fill's late write lands.
+
+    The fill's lock went with it: its joiners read the marks again, find the
+    meta hash born after the fill's stamp, and fill anew; the leader's caller,
+    which began before the invalidation, gets what it fetched.
+    """
+    cache, other = instance(own_redis_server, prefix), instance(own_redis_server, prefix)
+    fetch = cache.cached_dataset(QUOTE)(origin)
+    run = fetch.refresh if kind == "refresh" else fetch
+    origin.hold()
+    leader, leader_out = in_thread(lambda: run("ACME"))
+    assert origin.entered.wait(PATIENCE_S)
+    other.cached_dataset(QUOTE)(origin).invalidate("ACME")
+    joiner, joiner_out = in_thread(lambda: run("ACME"))
+    wait_for_joiner(cache)
+    own_redis_server.restart()  # nothing on disk: the tomb, the lock and the marks are gone
+    origin.entered.clear()
+    origin.go.set()
+    leader.join(PATIENCE_S)
+    joiner.join(PATIENCE_S)
+    assert leader_out["result"]["version"] == 1
+    assert joiner_out["result"]["version"] == 2
+
+
 def test_a_refresh_from_a_fresh_process_writes_what_others_serve(
     redis_server: RedisServer, prefix: str, origin: Origin
 ) -> None:
