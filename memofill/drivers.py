@@ -48,11 +48,16 @@ def _on_error(exc: Exception, breaker: Breaker, step: Step) -> Exception:
 
 
 def run_sync(
-    steps: Steps, commands: Commands | None, fetch: Callable[[], Any], breaker: Breaker
+    steps: Steps,
+    commands: Commands | None,
+    fetch: Callable[[], Any],
+    breaker: Breaker,
+    on_fetch: Callable[[], object] = lambda: None,
 ) -> Result:
     """Perform the steps with a blocking client; return the algorithm's result.
 
-    The :class:`~memofill.coordinator.Result` the steps return.
+    The :class:`~memofill.coordinator.Result` the steps return. ``on_fetch`` is
+    called before the origin is.
     """
     reply: Any = None
     failure: Exception | None = None
@@ -64,6 +69,7 @@ def run_sync(
         reply, failure = None, None
         try:
             if isinstance(step, Fetch):
+                on_fetch()
                 reply = fetch()
             elif isinstance(step, Sleep):
                 time.sleep(step.seconds)

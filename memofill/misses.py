@@ -264,8 +264,8 @@ class Miss:
         """Run the fill with the blocking client; end its ``flight`` and record it."""
         steps = fill(self._current_plan(), time.monotonic, _rng)
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
-            result = run_sync(steps, self.commands, self.fetch, self._breaker())
-            flight.refill = not self._ended_sync(result, flight.close())
+            result = run_sync(steps, self.commands, self.fetch, self._breaker(), flight.commit)
+            flight.refill = not self._ended_sync(result, flight)
             return result
 
     async def run_async(self, flight: Flight) -> Result:
@@ -274,7 +274,7 @@ class Miss:
         breaker = self._breaker()
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
             result = await run_async(steps, self.commands, self.fetch, breaker, flight.commit)
-            flight.refill = not await self._ended_async(result, flight.close())
+            flight.refill = not await self._ended_async(result, flight)
             return result
 
     def _current_plan(self) -> Plan:
@@ -349,8 +349,8 @@ class Miss:
             warn_unstorable(snapshot, self.key, result)
         return result
 
-    def _ended_sync(self, result: Result, joiners: int) -> bool:
-        """Record the fill, and whether its ``joiners`` may share ``result``.
+    def _ended_sync(self, result: Result, flight: Flight) -> bool:
+        """Close the fill's ``flight``, record the fill; whether its joiners may share ``result``.
 
         Shared only if it is what Redis holds when the fill ends: a joiner may
         have begun after another process invalidated the key while this fill
@@ -359,14 +359,16 @@ class Miss:
         outage, where the process's own coalescing is what spares the origin).
         A fill whose lock was gone when it released may have outlived what
         Redis knew (a restart without persistence loses the key's tomb, so the
-        write lands): the marks are read again, and a value behind them (the
-        meta hash born again after its stamp) is not shared either.
+        write lands): where a caller joined after its fetch began, the marks are
+        read again, and a value behind them (the meta hash born again after its
+        stamp) is not shared either.
         """
+        joiners = flight.close()
         shareable = True
         try:
             verdict = _shareable(result) if joiners else True
             if verdict is None and self.commands is not None:
-                lost = result.error == LEASE_EXPIRED
+                lost = result.error == LEASE_EXPIRED and flight.joined_late
                 if lost and reread_marks_sync(self.snapshot, self.commands):
                     shareable = self._above_marks(result.stored)
                 shareable = shareable and self.commands.get(self.key) == result.stored
@@ -378,13 +380,14 @@ class Miss:
             self._record(result, served=joiners if shareable else 0)
         return shareable
 
-    async def _ended_async(self, result: Result, joiners: int) -> bool:
+    async def _ended_async(self, result: Result, flight: Flight) -> bool:
         """:meth:`_ended_sync` on the asyncio client."""
+        joiners = flight.close()
         shareable = True
         try:
             verdict = _shareable(result) if joiners else True
             if verdict is None and self.commands is not None:
-                lost = result.error == LEASE_EXPIRED
+                lost = result.error == LEASE_EXPIRED and flight.joined_late
                 if lost and await reread_marks_async(self.snapshot, self.commands):
                     shareable = self._above_marks(result.stored)
                 shareable = shareable and await self.commands.get(self.key) == result.stored

@@ -43,6 +43,14 @@ class Flight(Protocol):
     def commit(self) -> None:
         """The fill is about to call the origin (asyncio: from now on it runs to its end)."""
 
+    @property
+    def joined_late(self) -> bool:
+        """Whether a caller joined after the fill began to call the origin (``commit``).
+
+        Only such a caller can have begun after an invalidation that the fill's
+        value predates: one that joined before the fetch began started before it.
+        """
+
 
 class _Alone:
     """The flight of a joiner's own fill, after a fill it joined said ``refill``: no joiners."""
@@ -55,9 +63,11 @@ class _Alone:
     def commit(self) -> None:
         pass
 
+    joined_late = False
+
 
 class _Flight(Generic[T]):
-    __slots__ = ("_close", "done", "error", "joiners", "refill", "result")
+    __slots__ = ("_close", "done", "error", "fetch_joiners", "joiners", "refill", "result")
 
     def __init__(self, close: Callable[[], None]) -> None:
         self.done = threading.Event()
@@ -66,6 +76,8 @@ class _Flight(Generic[T]):
         self.joiners = 0
         #: The result is not current for the joiners: each runs its own fill.
         self.refill = False
+        #: How many had joined when the fill began to call the origin; ``None`` before.
+        self.fetch_joiners: int | None = None
         self._close = close
 
     def close(self) -> int:
@@ -73,7 +85,11 @@ class _Flight(Generic[T]):
         return self.joiners
 
     def commit(self) -> None:
-        pass
+        self.fetch_joiners = self.joiners
+
+    @property
+    def joined_late(self) -> bool:
+        return self.fetch_joiners is not None and self.joiners > self.fetch_joiners
 
 
 class ThreadFlights(Generic[T]):
@@ -130,12 +146,24 @@ class ThreadFlights(Generic[T]):
 
 
 class _TaskFlight(Generic[T]):
-    __slots__ = ("closing", "committed", "joiners", "refill", "task", "waiters")
+    __slots__ = (
+        "arrivals",
+        "closing",
+        "committed",
+        "fetch_arrivals",
+        "joiners",
+        "refill",
+        "task",
+        "waiters",
+    )
 
     def __init__(self, fill: Callable[[Flight], Awaitable[T]], close: Callable[[], None]) -> None:
         self.waiters = 0
         #: The callers awaiting it that did not start it.
         self.joiners = 0
+        #: Every caller that joined, those since gone included; and how many at ``commit``.
+        self.arrivals = 0
+        self.fetch_arrivals = 0
         self.committed = False
         self.refill = False
         self.closing = close
@@ -154,6 +182,11 @@ class _TaskFlight(Generic[T]):
     def commit(self) -> None:
         """The fill is about to call the origin: from now on it runs to its end."""
         self.committed = True
+        self.fetch_arrivals = self.arrivals
+
+    @property
+    def joined_late(self) -> bool:
+        return self.committed and self.arrivals > self.fetch_arrivals
 
 
 class TaskFlights(Generic[T]):
@@ -191,6 +224,7 @@ class TaskFlights(Generic[T]):
             flight.task.add_done_callback(lambda done: self._finish(slot, done))
         flight.waiters += 1
         flight.joiners += joined
+        flight.arrivals += joined
         try:
             result = await asyncio.shield(flight.task)
             if joined and flight.refill:
