@@ -3,6 +3,7 @@
 from memofill.clients import redis_client
 from memofill.decorator import CachedDataset, CallResult
 from memofill.errors import (
+    BatchError,
     ConfigurationError,
     FillError,
     KeyArgumentError,
@@ -28,6 +29,7 @@ from memofill.values import Codec
 
 __all__ = [
     "NO_CLIENT",
+    "BatchError",
     "CacheFill",
     "CachedDataset",
     "CallResult",

@@ -25,6 +25,14 @@ Rules:
 - The fills of a call run one after another for a blocking function, and
   concurrently, at most :data:`CONCURRENT_FILLS` at once, for a coroutine
   function.
+- With a batch function (``@fn.batch``), the misses whose fills take the lock
+  are driven together (:mod:`memofill.lockstep`): their locks in one round trip,
+  one batch call for the keys this call leads, given the items as they were
+  passed to ``many()``, their writes and releases in one round trip each. Keys
+  others lead are waited for as a single call waits; a key taken over from a
+  failed leader is fetched by the function itself. A batch that raises, or
+  returns another number of values than it was given items, fails every key it
+  was to fetch as a single fetch that raised fails its key.
 - Caching off (``disabled()``): each item calls the function.
 """
 
@@ -32,13 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from memofill.commands import Commands
+from memofill.coordinator import Result
+from memofill.errors import BatchError
 from memofill.late import LateRead
+from memofill.lockstep import run_together_async, run_together_sync
 from memofill.lookup import after_read, hit, lookup_async, lookup_sync, settle_async, settle_sync
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
 from memofill.misses import Miss, bypass
@@ -53,17 +64,12 @@ CONCURRENT_FILLS = 16
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def calls_of(snapshot: Snapshot, instance: Any, items: Iterable[Any]) -> list[Call]:
+def calls_of(snapshot: Snapshot, instance: Any, items: list[Any]) -> list[Call]:
     """The calls ``items`` stand for (see the module's rules); one clear line for bad input.
 
     A value of the key's one field is passed by position where its parameter
     comes first (the key is then built as fast as a single call's), else by name.
     """
-    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-        raise TypeError(
-            f"{_name(snapshot)}.many() takes an iterable of items (a list, say), "
-            f"not {type(items).__name__}"
-        )
     fields = snapshot.key_fields
     first = 0 if instance is None else 1  # a bound method's self is not among its arguments
     by_position = len(fields) == 1 and fields[0].position == first
@@ -98,8 +104,11 @@ def _name(snapshot: Snapshot) -> str:
     return getattr(function, "__qualname__", None) or type(function).__qualname__
 
 
-def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any]) -> list[Any]:
-    """:meth:`~memofill.CachedDataset.many` of a blocking function."""
+def many_sync(
+    snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any], batch: Any = None
+) -> list[Any]:
+    """:meth:`~memofill.CachedDataset.many` of a blocking function (``batch``: its batch)."""
+    items = _listed(snapshot, items)
     calls = calls_of(snapshot, instance, items)
     commands = snapshot.gate() if snapshot.gated else snapshot.commands
     if commands is BYPASS:
@@ -128,9 +137,27 @@ def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[A
             ):
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, asked, error, commands, wrapped)
+    judged = _judged(snapshot, calls, keys, *read)
+    led = _batched(judged, batch, commands)
+    if led:
+        assert commands is not None  # _batched
+        misses = [judged[position].then for position in led]
+        fetch_all = _batch_fetch(snapshot, batch, instance, [items[i] for i in led], misses)
+        with snapshot.metrics.events.fill_scope(snapshot.key):
+            ended = run_together_sync(
+                [miss.steps() for miss in misses],
+                commands,
+                fetch_all,
+                lambda index: misses[index].fetch,
+                snapshot.breaker,
+            )
+        for position, miss, result in zip(led, misses, ended, strict=True):
+            judged[position] = _Ended(miss, miss.ended(result))
     results = []
-    for item in _judged(snapshot, calls, keys, *read):
-        if isinstance(item, _Fill):
+    for item in judged:
+        if isinstance(item, _Ended):
+            results.append(item.miss.finish(item.result, False).value)
+        elif isinstance(item, _Fill):
             results.append(settle_sync(snapshot, item.key, item.then).value)
         elif isinstance(item, _Again):
             results.append(lookup_sync(snapshot, instance, wrapped, *item.call, with_outcome=False))
@@ -140,9 +167,10 @@ def many_sync(snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[A
 
 
 async def many_async(
-    snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any]
+    snapshot: Snapshot, instance: Any, wrapped: Any, items: Iterable[Any], batch: Any = None
 ) -> list[Any]:
     """:func:`many_sync` for coroutine functions, on the asyncio client."""
+    items = _listed(snapshot, items)
     calls = calls_of(snapshot, instance, items)
     commands = snapshot.gate() if snapshot.gated else snapshot.commands
     if commands is BYPASS:
@@ -171,9 +199,26 @@ async def many_async(
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, asked, error, commands, wrapped)
     judged = _judged(snapshot, calls, keys, *read)
+    led = _batched(judged, batch, commands)
+    if led:
+        assert commands is not None  # _batched
+        misses = [judged[position].then for position in led]
+        fetch_all = _batch_fetch_async(snapshot, batch, instance, [items[i] for i in led], misses)
+        with snapshot.metrics.events.fill_scope(snapshot.key):
+            ended = await run_together_async(
+                [miss.steps() for miss in misses],
+                commands,
+                fetch_all,
+                lambda index: misses[index].fetch,
+                snapshot.breaker,
+            )
+        for position, miss, result in zip(led, misses, ended, strict=True):
+            judged[position] = _Ended(miss, miss.ended(result))
     limit = asyncio.Semaphore(CONCURRENT_FILLS)
 
     async def settled(item: Any) -> Any:
+        if isinstance(item, _Ended):
+            return item.miss.finish(item.result, False).value
         if not isinstance(item, (_Fill, _Again)):
             return item
         async with limit:
@@ -181,7 +226,7 @@ async def many_async(
                 return (await settle_async(snapshot, item.key, item.then)).value
             return await lookup_async(snapshot, instance, wrapped, *item.call, with_outcome=False)
 
-    if not any(isinstance(item, (_Fill, _Again)) for item in judged):
+    if not any(isinstance(item, (_Fill, _Again, _Ended)) for item in judged):
         return judged
     return list(await asyncio.gather(*(settled(item) for item in judged)))
 
@@ -192,6 +237,14 @@ class _Fill:
 
     key: str
     then: CallResult[Any] | LateRead | Miss
+
+
+@attrs.frozen
+class _Ended:
+    """An item whose key this call's batch filled (or tried to): its miss and how it ended."""
+
+    miss: Miss
+    result: Result
 
 
 @attrs.frozen
@@ -236,6 +289,86 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
             value = _Fill(key, then)
         judged.append(value)
     return judged
+
+
+def _listed(snapshot: Snapshot, items: Iterable[Any]) -> list[Any]:
+    """``items`` as a list (a batch is given them as they were passed); one line if not iterable."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"{_name(snapshot)}.many() takes an iterable of items (a list, say), "
+            f"not {type(items).__name__}"
+        )
+    return items if type(items) is list else list(items)
+
+
+def _batched(judged: list[Any], batch: Any, commands: Commands | None) -> list[int]:
+    """The positions whose fills a batch runs: misses whose fill takes the lock in Redis.
+
+    The others (no batch, an outage, a legacy dataset without a lock, a value
+    served stale) go on as a single call's.
+    """
+    if batch is None or commands is None:
+        return []
+    return [
+        position
+        for position, item in enumerate(judged)
+        if isinstance(item, _Fill)
+        and isinstance(item.then, Miss)
+        and item.then.plan.redis_ok
+        and item.then.plan.cache_fill is not None
+    ]
+
+
+def _batch_fetch(
+    snapshot: Snapshot, batch: Any, instance: Any, items: list[Any], misses: list[Miss]
+) -> Callable[[list[int]], list[Any]]:
+    """The batch's call for the fills at some indexes: one call, their items, checked values."""
+
+    def fetch_all(indexes: list[int]) -> list[Any]:
+        asked = [items[index] for index in indexes]
+        started = time.monotonic()
+        try:
+            values = batch(asked) if instance is None else batch(instance, asked)
+        finally:
+            _timed(misses, indexes, started)
+        return _checked(snapshot, batch, values, len(asked))
+
+    return fetch_all
+
+
+def _batch_fetch_async(
+    snapshot: Snapshot, batch: Any, instance: Any, items: list[Any], misses: list[Miss]
+) -> Callable[[list[int]], Awaitable[list[Any]]]:
+    """:func:`_batch_fetch` for a coroutine batch."""
+
+    async def fetch_all(indexes: list[int]) -> list[Any]:
+        asked = [items[index] for index in indexes]
+        started = time.monotonic()
+        try:
+            values = await (batch(asked) if instance is None else batch(instance, asked))
+        finally:
+            _timed(misses, indexes, started)
+        return _checked(snapshot, batch, values, len(asked))
+
+    return fetch_all
+
+
+def _timed(misses: list[Miss], indexes: list[int], started: float) -> None:
+    """Each key fetched by one batch call took that call's time."""
+    elapsed_ms = (time.monotonic() - started) * 1000
+    for index in indexes:
+        misses[index].fetch_ms = elapsed_ms
+
+
+def _checked(snapshot: Snapshot, batch: Any, values: Any, asked: int) -> list[Any]:
+    """The batch's values as a list of one per item; a clear error naming it otherwise."""
+    if isinstance(values, (list, tuple)) and len(values) == asked:
+        return list(values)
+    got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+    raise BatchError(
+        f"{_name(snapshot)}'s batch {getattr(batch, '__qualname__', batch)!r} returned {got} "
+        f"for {asked} items: it must return a list of one value per item, in the order given"
+    )
 
 
 def _near(snapshot: Snapshot, keys: list[str], started: float) -> dict[str, Any]:

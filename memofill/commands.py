@@ -11,6 +11,8 @@ Every key one fill touches (data, lock, wake) shares a Redis Cluster hash slot
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import secrets
 import weakref
@@ -20,6 +22,7 @@ from typing import Any
 from redis.exceptions import (
     ClusterDownError,
     MaxConnectionsError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
 )
@@ -426,6 +429,31 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+#: A script call recorded for a pipeline: the registered script, its keys, its arguments.
+_Queued = tuple[Any, list[Any], list[Any]]
+#: The attributes of :class:`Commands` that hold the scripts a fill's steps run.
+_SCRIPTED = ("_acquire", "_store", "_release", "_hold")
+
+
+class _Recorder:
+    """Stands for a registered script while a pipeline is filled: records the call instead."""
+
+    def __init__(self, script: Any, queued: list[_Queued]) -> None:
+        self.script, self.queued = script, queued
+
+    def __call__(self, keys: list[Any], args: list[Any]) -> None:
+        self.queued.append((self.script, keys, args))
+
+
+def _unknown(replies: list[Any]) -> list[int]:
+    """The indexes of replies saying the server does not know the script (``NOSCRIPT``)."""
+    return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+
+
+def _is_async(client: Any) -> bool:
+    return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
+
+
 class Commands:
     """The Redis commands of one client; each returns a value, or an awaitable for asyncio."""
 
@@ -454,6 +482,54 @@ class Commands:
         if is_cluster(self.client):
             return self.client.mget_nonatomic(keys)
         return self.client.mget(keys)
+
+    def pipelined(self, steps: list[tuple[str, tuple[Any, ...]]]) -> Any:
+        """Send several script steps (``(method name, args)``) in one round trip; their replies.
+
+        The steps of several fills at once (:mod:`memofill.lockstep`): each is the
+        method of that name (``acquire``, ``write``, ``release``, ``hold``) as it
+        would run alone, sent as ``EVALSHA`` in one pipeline (on a cluster, one
+        request per node, sent together). A reply that is an error is returned in
+        its place, not raised; a failure of the whole pipeline is raised. A script
+        the server does not know yet is loaded and its steps sent once more.
+        """
+        queued = self._queued(steps)
+        if _is_async(self.client):
+            return self._send_async(queued)
+        replies = self._send(queued)
+        again = _unknown(replies)
+        if again:
+            for script in {id(queued[i][0]): queued[i][0] for i in again}.values():
+                script.sha = self.client.script_load(script.script)
+            for i, reply in zip(again, self._send([queued[i] for i in again]), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send_async(self, queued: list[_Queued]) -> list[Any]:
+        replies = await self._send(queued)
+        again = _unknown(replies)
+        if again:
+            for script in {id(queued[i][0]): queued[i][0] for i in again}.values():
+                script.sha = await self.client.script_load(script.script)
+            for i, reply in zip(again, await self._send([queued[i] for i in again]), strict=True):
+                replies[i] = reply
+        return replies  # type: ignore[no-any-return]
+
+    def _queued(self, steps: list[tuple[str, tuple[Any, ...]]]) -> list[_Queued]:
+        """The scripts, keys and arguments ``steps`` run: each method, its scripts recorded."""
+        queued: list[_Queued] = []
+        view = copy.copy(self)
+        for name in _SCRIPTED:
+            setattr(view, name, _Recorder(getattr(self, name), queued))
+        for name, args in steps:
+            getattr(view, name)(*args)
+        return queued
+
+    def _send(self, queued: list[_Queued]) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in queued:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return pipe.execute(raise_on_error=False)
 
     def read_near(self, key: str) -> Any:
         """``GET key`` and ``PTTL key`` in one round trip: ``[stored bytes, ms left]``.

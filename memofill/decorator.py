@@ -27,6 +27,7 @@ Rules:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
@@ -134,6 +135,8 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         type(self).__call__ = direct  # type: ignore[method-assign,assignment]
         self._self_rebind = rebind
         self._self_snapshot = lambda: snapshot
+        #: The batch function ``many()`` fills its misses with (``@fn.batch``), if any.
+        self._self_batch: Callable[..., Any] | None = None
         memofill._bind(self)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -259,7 +262,35 @@ class CachedDataset(wrapt.FunctionWrapper[P, R]):
         snapshot = self._self_snapshot()
         bulk = many_async if snapshot.is_async else many_sync
         instance = getattr(self, "_self_instance", None)
-        return bulk(snapshot, instance, self.__wrapped__, items)
+        return bulk(snapshot, instance, self.__wrapped__, items, self._self_batch)
+
+    def batch(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Register the function that fetches many items in one call; returns it unchanged.
+
+        :meth:`many` then calls it once with the items whose keys it leads, in
+        the form they were given, and takes their values, a list in that order
+        (a method's batch is given ``self`` first). One per cached function; a
+        coroutine function takes a coroutine function. See :doc:`bulk`.
+        """
+        name = getattr(self.__wrapped__, "__qualname__", repr(self.__wrapped__))
+        if self._self_batch is not None:
+            raise ConfigurationError(
+                f"{name} already has a batch function "
+                f"({getattr(self._self_batch, '__qualname__', self._self_batch)}): one per "
+                "cached function"
+            )
+        if not callable(function):
+            raise TypeError(f"{name}.batch takes a function, not {type(function).__name__}")
+        is_async = self._self_snapshot().is_async
+        if is_coroutine_function(function) != is_async:
+            kind = "a coroutine function" if is_async else "a plain function"
+            raise TypeError(
+                f"{name}.batch: {getattr(function, '__qualname__', function)} must be {kind}, "
+                f"as {name} is"
+            )
+        _takes_a_list(name, function)
+        self._self_batch = function
+        return function
 
     def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Fill again now, even over a value present, and return the new value.
@@ -332,6 +363,25 @@ class _BoundCachedDataset(wrapt.BoundFunctionWrapper[P, R]):
 
 
 CachedDataset.__bound_function_wrapper__ = _BoundCachedDataset  # type: ignore[misc]  # wrapt hook
+
+
+def _takes_a_list(name: str, function: Callable[..., Any]) -> None:
+    """Refuse a batch whose signature cannot take the list of items (a method's: after ``self``)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: let its call tell
+        return
+    each: tuple[tuple[Any, ...], ...] = (([],), (None, []))
+    for arguments in each:
+        try:
+            signature.bind(*arguments)
+        except TypeError:
+            continue
+        return
+    raise TypeError(
+        f"{name}.batch: {getattr(function, '__qualname__', function)}{signature} cannot take "
+        "the list of items as its one argument (after self, for a method)"
+    )
 
 
 async def _done(value: Any) -> Any:

@@ -32,7 +32,7 @@ def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:
     return getattr(commands, step.name)(*step.args)
 
 
-def _on_error(exc: Exception, breaker: Breaker, step: Step) -> Exception:
+def on_error(exc: Exception, breaker: Breaker, step: Step) -> Exception:
     """Tell the breaker of a failure to reach Redis; a blocking wait's time-out is none.
 
     A ``wait`` blocks on purpose, for nearly as long as the socket time-out
@@ -79,7 +79,7 @@ def run_sync(
                 reply = _send(commands, step, breaker)
                 breaker.answered()
         except Exception as exc:
-            failure = _on_error(exc, breaker, step)
+            failure = on_error(exc, breaker, step)
 
 
 def _cancel_requested() -> bool:
@@ -137,4 +137,4 @@ async def run_async(
         except asyncio.CancelledError as exc:
             failure = exc  # the algorithm cleans up and re-raises it
         except Exception as exc:
-            failure = _on_error(exc, breaker, step)
+            failure = on_error(exc, breaker, step)

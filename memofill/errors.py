@@ -56,6 +56,10 @@ class ConfigurationError(MemofillError, ValueError):
     """A :class:`~memofill.Memofill` was set up in a way that cannot work."""
 
 
+class BatchError(MemofillError, ValueError):
+    """A batch function (``@fn.batch``) returned something other than one value per item."""
+
+
 class FillError(MemofillError):
     """The fill that this caller waited on failed in another process.
 

@@ -28,7 +28,7 @@ import attrs
 
 from memofill.codec import CORRUPT, Header, read_header
 from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
-from memofill.coordinator import LEASE_EXPIRED, REFUSALS, Plan, Result, fill, refresh
+from memofill.coordinator import LEASE_EXPIRED, REFUSALS, Plan, Result, Steps, fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
@@ -260,9 +260,13 @@ class Miss:
             hold_on_error=timed and not refresh,
         )
 
+    def steps(self) -> Steps:
+        """The fill's steps (:func:`~memofill.coordinator.fill`), judged by the marks known now."""
+        return fill(self._current_plan(), time.monotonic, _rng)
+
     def run_sync(self, flight: Flight) -> Result:
         """Run the fill with the blocking client; end its ``flight`` and record it."""
-        steps = fill(self._current_plan(), time.monotonic, _rng)
+        steps = self.steps()
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
             result = run_sync(steps, self.commands, self.fetch, self._breaker(), flight.commit)
             flight.refill = not self._ended_sync(result, flight)
@@ -270,7 +274,7 @@ class Miss:
 
     async def run_async(self, flight: Flight) -> Result:
         """Run the fill with the asyncio client; end its ``flight`` and record it."""
-        steps = fill(self._current_plan(), time.monotonic, _rng)
+        steps = self.steps()
         breaker = self._breaker()
         with self.snapshot.metrics.events.fill_scope(self.snapshot.key):
             result = await run_async(steps, self.commands, self.fetch, breaker, flight.commit)
@@ -297,6 +301,10 @@ class Miss:
 
     def _breaker(self) -> Breaker:
         return self.snapshot.breaker
+
+    def ended(self, result: Result) -> Result:
+        """Record a fill that ran with no flight of its own (a bulk call's, driven in lockstep)."""
+        return self._record(result)
 
     def _record(self, result: Result, joined: bool = False, served: int = 0) -> Result:
         """Count one caller's miss; log a fill's, with the ``served`` joiners that shared it.

@@ -413,3 +413,54 @@ async def test_an_asyncio_cluster_client_coalesces_fills_once_and_then_hits(
         assert await client.get(lock_key(fetch.redis_key("x"))) is None
     finally:
         await client.aclose()
+
+
+# -- bulk calls ------------------------------------------------------------------------------
+
+
+def test_a_batch_fills_keys_on_every_master_with_its_scripts_loaded_as_needed(
+    redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster, prefix: str
+) -> None:
+    cluster_client.script_flush()  # every master meets the scripts for the first time here
+    mf = Memofill(cluster_client, prefix=prefix, policies=POLICIES)
+    asked: list[list[str]] = []
+    fetch = cached(mf, [])
+
+    @fetch.batch
+    def fetch_many(names: list[str]) -> list[dict[str, str]]:
+        asked.append(names)
+        return [{"name": name} for name in names]
+
+    names = [f"n{n}" for n in range(30)]
+    assert len({node_of(cluster_client, fetch.redis_key(name)) for name in names}) == 3
+    assert fetch.many(names) == [{"name": name} for name in names]
+    assert fetch.many(names[::-1]) == [{"name": name} for name in names[::-1]]
+    assert asked == [names]
+    assert all(cluster_client.get(lock_key(fetch.redis_key(name))) is None for name in names)
+
+
+async def test_an_asyncio_batch_fills_keys_on_every_master(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port)
+    await client.initialize()
+    await client.script_flush()
+    mf = Memofill(client, prefix=prefix, policies=POLICIES)
+    asked: list[list[str]] = []
+
+    @mf.cached_dataset(DATASET.key)
+    async def fetch(name: str) -> dict[str, str]:
+        raise AssertionError("the batch fetches")
+
+    @fetch.batch
+    async def fetch_many(names: list[str]) -> list[dict[str, str]]:
+        asked.append(names)
+        return [{"name": name} for name in names]
+
+    names = [f"n{n}" for n in range(30)]
+    try:
+        assert await fetch.many(names) == [{"name": name} for name in names]
+        assert await fetch.many(names[::-1]) == [{"name": name} for name in names[::-1]]
+        assert asked == [names]
+    finally:
+        await client.aclose()

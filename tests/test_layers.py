@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "commands",
                 "coordinator",
                 "drivers",
+                "lockstep",
                 "fallback",
                 "near",
                 "listener",
