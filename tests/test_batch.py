@@ -18,6 +18,7 @@ import redis
 import redis.asyncio
 
 from memofill import BatchError, CacheFill, ConfigurationError, Dataset, Memofill
+from memofill.keys import lock_key
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -289,3 +290,36 @@ def test_four_processes_batching_over_a_cold_set_fetch_every_key_once_in_all(
     admin.close()
     assert fetched == dict.fromkeys(symbols, 1)
     assert 1 <= batches <= len(windows)  # at most one batch call per many()
+
+
+async def test_a_cancelled_asyncio_many_releases_the_locks_of_its_batch(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    client = redis.asyncio.Redis(port=redis_server.port)
+    cache = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=60_000)
+    entered = asyncio.Event()
+
+    @cache.cached_dataset("quote:{symbol}")
+    async def quote(symbol: str) -> dict[str, Any]:
+        raise AssertionError("the batch fetches")
+
+    @quote.batch
+    async def quotes(symbols: list[str]) -> list[dict[str, Any]]:
+        entered.set()
+        await asyncio.sleep(PATIENCE_S)
+        raise AssertionError("cancelled before")
+
+    admin = redis_server.client()
+    try:
+        page = asyncio.ensure_future(quote.many(["A", "B", "C"]))
+        await asyncio.wait_for(entered.wait(), PATIENCE_S)
+        locks = [lock_key(quote.redis_key(s)) for s in "ABC"]
+        assert admin.exists(*locks) == 3
+        page.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await page
+        assert admin.exists(*locks) == 0  # released at once, not after the lease
+        assert admin.exists(*(quote.redis_key(s) for s in "ABC")) == 0
+    finally:
+        admin.close()
+        await client.aclose()
