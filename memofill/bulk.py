@@ -137,8 +137,10 @@ def many_sync(
             ):
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, asked, error, commands, wrapped)
-    judged = _judged(snapshot, calls, keys, *read)
-    led = _batched(judged, batch, commands)
+    judged, pending = _judged(snapshot, calls, keys, *read)
+    if not pending:
+        return judged
+    led = _batched(judged, pending, batch, commands)
     if led:
         assert commands is not None  # _batched
         misses = [judged[position].then for position in led]
@@ -153,17 +155,17 @@ def many_sync(
             )
         for position, miss, result in zip(led, misses, ended, strict=True):
             judged[position] = _Ended(miss, miss.ended(result))
-    results = []
-    for item in judged:
+    for position in pending:
+        item = judged[position]
         if isinstance(item, _Ended):
-            results.append(item.miss.finish(item.result, False).value)
+            judged[position] = item.miss.finish(item.result, False).value
         elif isinstance(item, _Fill):
-            results.append(settle_sync(snapshot, item.key, item.then).value)
-        elif isinstance(item, _Again):
-            results.append(lookup_sync(snapshot, instance, wrapped, *item.call, with_outcome=False))
+            judged[position] = settle_sync(snapshot, item.key, item.then).value
         else:
-            results.append(item)
-    return results
+            judged[position] = lookup_sync(
+                snapshot, instance, wrapped, *item.call, with_outcome=False
+            )
+    return judged
 
 
 async def many_async(
@@ -198,8 +200,10 @@ async def many_async(
             if started >= snapshot.generations.next_check:
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, asked, error, commands, wrapped)
-    judged = _judged(snapshot, calls, keys, *read)
-    led = _batched(judged, batch, commands)
+    judged, pending = _judged(snapshot, calls, keys, *read)
+    if not pending:
+        return judged
+    led = _batched(judged, pending, batch, commands)
     if led:
         assert commands is not None  # _batched
         misses = [judged[position].then for position in led]
@@ -219,16 +223,15 @@ async def many_async(
     async def settled(item: Any) -> Any:
         if isinstance(item, _Ended):
             return item.miss.finish(item.result, False).value
-        if not isinstance(item, (_Fill, _Again)):
-            return item
         async with limit:
             if isinstance(item, _Fill):
                 return (await settle_async(snapshot, item.key, item.then)).value
             return await lookup_async(snapshot, instance, wrapped, *item.call, with_outcome=False)
 
-    if not any(isinstance(item, (_Fill, _Again, _Ended)) for item in judged):
-        return judged
-    return list(await asyncio.gather(*(settled(item) for item in judged)))
+    values = await asyncio.gather(*(settled(judged[position]) for position in pending))
+    for position, value in zip(pending, values, strict=True):
+        judged[position] = value
+    return judged
 
 
 @attrs.frozen
@@ -265,21 +268,27 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
     error: Exception | None,
     commands: Commands | None,
     wrapped: Any,
-) -> list[Any]:
-    """Each item's value where it is a plain hit, else a :class:`_Fill` or an :class:`_Again`.
+) -> tuple[list[Any], list[int]]:
+    """Each item's value where it is a plain hit, else a :class:`_Fill` or an :class:`_Again`;
+    and the positions of the latter, which are all there is left to do for a page of hits.
 
     Written once for both kinds of function, which only settle the rest their way.
     """
     judged: list[Any] = []
+    pending: list[int] = []
     told = False  # the breaker counts a failed MGET once
     filled: set[str] = set()
     for (args, kwargs), key in zip(calls, keys, strict=True):
         value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
         if value is NOT_A_HIT:
             value = hit(snapshot, key, raws.get(key), started)
-        if value is NOT_A_HIT and key in filled:
+        if value is not NOT_A_HIT:
+            judged.append(value)
+            continue
+        pending.append(len(judged))
+        if key in filled:
             value = _Again((args, kwargs))
-        elif value is NOT_A_HIT:
+        else:
             filled.add(key)
             then = after_read(
                 snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
@@ -288,7 +297,7 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
             told = error is not None
             value = _Fill(key, then)
         judged.append(value)
-    return judged
+    return judged, pending
 
 
 def _listed(snapshot: Snapshot, items: Iterable[Any]) -> list[Any]:
@@ -301,7 +310,9 @@ def _listed(snapshot: Snapshot, items: Iterable[Any]) -> list[Any]:
     return items if type(items) is list else list(items)
 
 
-def _batched(judged: list[Any], batch: Any, commands: Commands | None) -> list[int]:
+def _batched(
+    judged: list[Any], pending: list[int], batch: Any, commands: Commands | None
+) -> list[int]:
     """The positions whose fills a batch runs: misses whose fill takes the lock in Redis.
 
     The others (no batch, an outage, a legacy dataset without a lock, a value
@@ -311,8 +322,8 @@ def _batched(judged: list[Any], batch: Any, commands: Commands | None) -> list[i
         return []
     return [
         position
-        for position, item in enumerate(judged)
-        if isinstance(item, _Fill)
+        for position in pending
+        if isinstance(item := judged[position], _Fill)
         and isinstance(item.then, Miss)
         and item.then.plan.redis_ok
         and item.then.plan.cache_fill is not None
