@@ -265,6 +265,30 @@ def test_counts_hits_joins_and_origin_calls(
     assert record.redis_key == "t:item:a"
 
 
+def test_what_a_many_did_is_asserted_as_a_unit(
+    memofill_cache: Memofill, memofill_outcomes: Outcomes
+) -> None:
+    @memofill_cache.cached_dataset("item:{name}")
+    def item(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    with pytest.raises(TypeError, match="has no batch function"):
+        memofill_outcomes.batch_calls(item)
+
+    @item.batch
+    def items(names: list[str]) -> list[dict[str, str]]:
+        return [{"name": name} for name in names]
+
+    single = memofill_outcomes.origin_calls(item)
+    batch = memofill_outcomes.batch_calls(item)
+    with memofill_outcomes.expect("item:{name}", leader_fill=2):
+        assert item.many(["a", "b"]) == [{"name": "a"}, {"name": "b"}]
+    with memofill_outcomes.expect("item:{name}", hit=2, leader_fill=1):
+        item.many(["b", "c", "a"])
+    assert batch.calls == [((["a", "b"],), {}), ((["c"],), {})]
+    assert single.count == 0
+
+
 async def test_async_hit_and_origin_calls(
     memofill_cache: Memofill, memofill_outcomes: Outcomes
 ) -> None:

@@ -192,6 +192,36 @@ class Outcomes:
         self._harness.cleanup.callback(setattr, cached, "__wrapped__", original)
         return calls
 
+    def batch_calls(self, function: Any) -> OriginCalls:
+        """Count the calls of ``function``'s batch (``@fn.batch``), from now until the test ends.
+
+        Each call's ``args`` is ``(items,)``, the items one ``many()`` gave it
+        (``(self, items)`` for a method): ``assert batch.calls == [((["ACME",
+        "INIT"],), {})]`` says one upstream call fetched those two keys.
+        """
+        cached = _cached(function)
+        original = cached._self_batch
+        if original is None:
+            raise TypeError(f"{cached.__name__} has no batch function: register one with .batch")
+        calls = OriginCalls()
+        counted: Callable[..., Any]
+        if inspect.iscoroutinefunction(original):
+
+            @functools.wraps(original)
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                calls.record(args, kwargs)
+                return await original(*args, **kwargs)
+        else:
+
+            @functools.wraps(original)
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                calls.record(args, kwargs)
+                return original(*args, **kwargs)
+
+        cached._self_batch = counted
+        self._harness.cleanup.callback(setattr, cached, "_self_batch", original)
+        return calls
+
     def _explain(
         self, dataset: str, expected: dict[str, int], what: str, seen: Counter[str]
     ) -> str:
