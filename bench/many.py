@@ -13,11 +13,19 @@ that drift in machine load falls on every row alike:
 - ``cashews get_many``: its bulk read of keys (it has no bulk decorator).
 
 Each median is divided by the floor of the same mode (blocking or asyncio).
+
+A second table fills cold pages (new keys every page, an upstream that costs
+nothing, so what is timed is the cache's own work): one ``MGET`` and one
+pipelined ``SET`` of 50 values with no coordination is the floor; beside it
+``many()`` with a batch (locks, one batch call, writes, releases),
+``many()`` filling each key with the single function, and dogpile.cache's
+bulk decorator, whose creator gets every missing key at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +135,69 @@ def _rows(port: int, loop: asyncio.AbstractEventLoop) -> dict[str, Callable[[], 
     return rows
 
 
+#: The cold rows: each fills a page of new keys.
+COLD_ROWS = (
+    "raw MGET + SET",
+    "memofill many() + batch",
+    "memofill many(), single fills",
+    "dogpile.cache multi",
+)
+
+
+def _cold_rows(port: int) -> dict[str, Callable[[], Any]]:
+    """In the child: each cold row's fill of one page of new keys, ready to call."""
+    from memofill import CacheFill, Dataset, Memofill  # noqa: PLC0415
+
+    pages = itertools.count()
+
+    def fresh(row: str) -> list[str]:
+        page = next(pages)
+        return [f"{row}{page}-{n}" for n in range(PAGE)]
+
+    raw = sync_client(port)
+
+    def raw_page() -> list[Any]:
+        keys = [f"bench:cold:raw:{name}" for name in fresh("r")]
+        assert raw.mget(keys) == [None] * PAGE
+        values = [small_value(key) for key in keys]
+        pipe = raw.pipeline(transaction=False)
+        for key, value in zip(keys, values, strict=True):
+            pipe.set(key, orjson.dumps(value), px=TTL_S * 1000)
+        pipe.execute()
+        return values
+
+    dataset = Dataset(
+        "bench:cold:{name}",
+        ttl_s=TTL_S,
+        cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=250),
+    )
+    batched = Memofill(sync_client(port), prefix="b:", policies=[dataset], meta_check_ms=60_000)
+    quote = batched.cached_dataset(dataset.key)(small_value)
+    quote.batch(lambda names: [small_value(name) for name in names])
+    single = Memofill(sync_client(port), prefix="c:", policies=[dataset], meta_check_ms=60_000)
+    one_by_one = single.cached_dataset(dataset.key)(small_value)
+    region = dogpile_region(port)
+
+    @region.cache_multi_on_arguments(namespace="bench:cold:dogpile")
+    def dogpile_page(*page: str) -> list[Any]:
+        return [small_value(name) for name in page]
+
+    return {
+        "raw MGET + SET": raw_page,
+        "memofill many() + batch": lambda: quote.many(fresh("b")),
+        "memofill many(), single fills": lambda: one_by_one.many(fresh("s")),
+        "dogpile.cache multi": lambda: dogpile_page(*fresh("d")),
+    }
+
+
+def _measure_cold(*, port: int, rounds: int, per_round: int, seed: int) -> dict[str, list[int]]:
+    rows = _cold_rows(port)
+    for call in rows.values():
+        if len(call()) != PAGE:
+            raise AssertionError("a cold row did not return its page")
+    return interleaved(rows, rounds=rounds, per_round=per_round, seed=seed)
+
+
 def _blocking(loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: loop.run_until_complete(call())
 
@@ -142,7 +213,19 @@ def measure(port: int, *, iterations: int, rounds: int = 40, seed: int = 1) -> d
     per_round = max(1, iterations // rounds)
     samples = in_child(_measure, port=port, rounds=rounds, per_round=per_round, seed=seed)
     medians = {name: median(values) / 1000 for name, values in samples.items()}
+    cold_per_round = max(1, per_round // 10)
+    cold = in_child(_measure_cold, port=port, rounds=rounds, per_round=cold_per_round, seed=seed)
+    cold_medians = {name: median(values) / 1000 for name, values in cold.items()}
     return {
+        "cold_pages": cold_per_round * rounds,
+        "cold": {
+            name: {
+                "median_us": cold_medians[name],
+                "p99_us": percentile(sorted(cold[name]), 99) / 1000,
+                "x_floor": cold_medians[name] / cold_medians[COLD_ROWS[0]],
+            }
+            for name in COLD_ROWS
+        },
         "pages": per_round * rounds,
         "rows": {
             name: {
@@ -175,4 +258,20 @@ def render(data: dict[str, Any]) -> list[str]:
             f"| {name} | {row['mode']} | {row['median_us']:.0f} | {row['p99_us']:.0f} | "
             f"{row['x_floor']:.2f} |"
         )
+    if "cold" in data:
+        lines += [
+            "",
+            f"## A cold page of {PAGE}: the fills",
+            "",
+            f"{data['cold_pages']:,} pages per row, interleaved, each of {PAGE} new keys; the "
+            "upstream costs nothing, so each row's time is the cache's own work. *× floor*: "
+            f"over one `MGET` and one pipelined `SET` of the {PAGE} values, uncoordinated.",
+            "",
+            "| row | median µs | p99 µs | × floor |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, row in data["cold"].items():
+            lines.append(
+                f"| {name} | {row['median_us']:.0f} | {row['p99_us']:.0f} | {row['x_floor']:.2f} |"
+            )
     return [*lines, ""]
