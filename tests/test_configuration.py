@@ -64,6 +64,7 @@ class Origin:
 def test_exported_members_are_pinned() -> None:
     assert memofill.__all__ == [
         "NO_CLIENT",
+        "BatchError",
         "CacheFill",
         "CachedDataset",
         "CallResult",
