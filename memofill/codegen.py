@@ -121,7 +121,7 @@ def render(datasets: Sequence[object], source_label: str) -> str:
 
 
 def _literal(value: object, depth: int) -> str:
-    """Python source for a validated policy value: dicts one item a line, plain scalars.
+    """Python source for a validated policy value: dicts and lists one item a line, plain scalars.
 
     Scalars are converted to the built-in type first, so an ``IntEnum`` or a
     ``float`` subclass in the registry still renders as a bare number.
@@ -135,6 +135,10 @@ def _literal(value: object, depth: int) -> str:
             for key, item in value.items()
         )
         return "{\n" + items + _INDENT * depth + "}"
+    if isinstance(value, list):  # a dataset's tags, one a line as ruff format keeps them
+        inner = _INDENT * (depth + 1)
+        items = "".join(f"{inner}{_literal(item, depth + 1)},\n" for item in value)
+        return "[\n" + items + _INDENT * depth + "]"
     if value is None:
         return "None"
     if isinstance(value, str):

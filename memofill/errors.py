@@ -44,6 +44,10 @@ class UnknownDatasetError(MemofillError, LookupError):
     """A decorator or command named a dataset key that no loaded policy declares."""
 
 
+class UnknownTagError(MemofillError, LookupError):
+    """A tag was invalidated that no loaded dataset's tag templates can produce."""
+
+
 class KeyTemplateError(MemofillError, ValueError):
     """A key template cannot be parsed, or does not fit the function it decorates."""
 

@@ -562,6 +562,15 @@ def meta_key(prefix: str) -> str:
     return prefix + META_SUFFIX
 
 
+#: The tags hash of a prefix: every tag's marks (:mod:`memofill.tags`).
+TAGS_SUFFIX = "#tags"
+
+
+def tags_key(prefix: str) -> str:
+    """The tags hash of ``prefix``: beside the meta hash, and like it never a data key."""
+    return prefix + TAGS_SUFFIX
+
+
 def prefix_problem(prefix: object) -> str | None:
     """Why ``prefix`` cannot start final keys, or ``None`` when it can.
 

@@ -19,6 +19,7 @@ import attrs
 
 from memofill.errors import KeyTemplateError, Problem, RegistryError
 from memofill.keys import KeyTemplate, OverlapIndex, parse_template, template_problems
+from memofill.tags import TagIndex, TagTemplate, compile_tag, tag_problems
 
 #: The dotted name :func:`load_policies` imports when it is given nothing else.
 DEFAULT_POLICY_MODULE = "gen.cache_fill_registry"
@@ -74,6 +75,11 @@ class CacheFill:
     refresh_retry_ms: int | None = None
 
 
+def _listed(tags: Any) -> Any:
+    """``tags`` as a tuple when given as a list (so a dataset stays hashable), else as given."""
+    return tuple(tags) if isinstance(tags, list) else tags
+
+
 @attrs.frozen
 class Dataset:
     """One cached dataset: its registry key, how long values live, and its fill policy.
@@ -94,6 +100,9 @@ class Dataset:
         near_ms: The longest, in ms, a process may serve its own in-memory copy of
             a value after it read it from Redis (0, the default: every call reads
             Redis). See :doc:`near-cache`.
+        tags: Tag templates over the key's fields (``("user:{user_id}", "orders")``):
+            ``invalidate_tag("user:42")`` makes every value bearing that tag, in
+            every dataset, unservable at once (see :mod:`memofill.tags`).
 
     Redis keeps a value ``ttl_s + max(stale_s, stale_if_error_s)``: no value is
     served longer than that after its fetch began.
@@ -107,16 +116,26 @@ class Dataset:
     stale_s: float = 0.0
     stale_if_error_s: float = 0.0
     near_ms: int = 0
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_listed)
     #: ``cache_fill`` as the fills use it: ``refresh_retry_ms`` left out is filled in
     #: (:attr:`refresh_retry_ms`). Worked out here, not stored in ``cache_fill``, so that
     #: ``attrs.evolve(dataset, stale_s=...)`` derives it again from the new window.
     fill_in_force: CacheFill | None = attrs.field(init=False, eq=False, repr=False)
+    #: ``tags`` compiled once, here, since every tagged call renders them; ``None`` when a
+    #: tag or the key breaks a rule (:func:`validate` says which).
+    tag_templates: tuple[TagTemplate, ...] | None = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         fill = self.cache_fill
         if isinstance(fill, CacheFill) and fill.refresh_retry_ms is None:
             fill = attrs.evolve(fill, refresh_retry_ms=self.refresh_retry_ms)
         object.__setattr__(self, "fill_in_force", fill)
+        template, key_rules = _parsed(self.key)
+        fields = None if template is None else template.fields
+        compiled = None
+        if not key_rules and not tag_problems(self.key, self.tags, fields):
+            compiled = tuple(compile_tag(tag) for tag in self.tags)
+        object.__setattr__(self, "tag_templates", compiled)
 
     @property
     def window_s(self) -> float:
@@ -140,6 +159,30 @@ class Dataset:
         if _is_number(stale) and math.isfinite(stale) and stale >= MIN_DURATION_S:
             return min(DEFAULT_REFRESH_RETRY_MS, math.floor(stale * 1000))
         return DEFAULT_REFRESH_RETRY_MS
+
+    @property
+    def life_ms(self) -> int:
+        """The longest, in ms, Redis keeps anything a fill of this dataset writes.
+
+        A value lives ``ttl_s`` and its stale window (its ``PX``), a negative
+        marker ``negative_ttl_s``, an error marker ``error_ttl_s``.
+        """
+        value_ms = round(self.ttl_s * 1000) + round(self.window_s * 1000)
+        return max(value_ms, round(self.negative_ttl_s * 1000), round(self.error_ttl_s * 1000))
+
+    def tags_for(self, fields: Mapping[str, Any]) -> tuple[str, ...]:
+        """The concrete tags of the value whose key has these field values (raw values).
+
+        Each field is written as the key writes it (:class:`~memofill.keys.FieldText`).
+        Raises :class:`~memofill.errors.KeyTemplateError` when the tags break a rule.
+        """
+        templates = self.tag_templates
+        if templates is None:
+            template, key_rules = _parsed(self.key)
+            held = None if template is None else template.fields
+            problems = [*key_rules, *tag_problems(str(self.key), self.tags, held)]
+            raise KeyTemplateError(f"dataset {self.key!r} cannot render its tags: {problems[0]}")
+        return tuple([template.render(fields) for template in templates])
 
     @property
     def template(self) -> KeyTemplate:
@@ -246,9 +289,12 @@ def _parsed(key: object) -> tuple[KeyTemplate | None, list[str]]:
     return None, template_problems(key)
 
 
-def _dataset_problems(dataset: Dataset, key_rules: list[str]) -> list[Problem]:
+def _dataset_problems(
+    dataset: Dataset, key_rules: list[str], template: KeyTemplate | None
+) -> list[Problem]:
     key = dataset.key if isinstance(dataset.key, str) else repr(dataset.key)
     problems = [Problem(key, "key", dataset.key, rule) for rule in key_rules]
+    problems.extend(tag_problems(key, dataset.tags, None if template is None else template.fields))
     ttl = dataset.ttl_s
     ttl_ok = _seconds_problem(ttl, False, MAX_TTL_S, "10 years") is None
     error_most: float = MAX_ERROR_TTL_S
@@ -316,6 +362,7 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
     ``poll_min_ms <= poll_max_ms < wait_ms``, ``early_beta >= 0`` and finite,
     ``0 < refresh_retry_ms <= 1 hour`` and ``<= stale_s × 1000`` when ``stale_s > 0``
     (when given: left out, it is derived to fit);
+    ``tags`` a tuple of well formed templates over the key's fields, each once;
     numbers of the right type, well
     formed key templates, unique keys, and no two keys that some arguments could
     render to the same Redis key (each pair reported once, under the later key).
@@ -329,7 +376,7 @@ def validate(datasets: Iterable[object]) -> list[Problem]:
             problems.append(Problem(name, "item", dataset, "must be a memofill.Dataset"))
             continue
         template, key_rules = _parsed(dataset.key)
-        problems.extend(_dataset_problems(dataset, key_rules))
+        problems.extend(_dataset_problems(dataset, key_rules, template))
         if not isinstance(dataset.key, str):
             continue
         if dataset.key in seen:
@@ -363,12 +410,19 @@ def dataset_from_data(key: str, data: Mapping[str, Any]) -> Dataset:
         stale_s=data.get("stale_s", 0.0),
         stale_if_error_s=data.get("stale_if_error_s", 0.0),
         near_ms=data.get("near_ms", 0),
+        tags=data.get("tags", ()),
     )
 
 
 #: Fields written to the generated module only when they differ from these defaults, so
 #: that the modules generated before the fields existed stay byte for byte the same.
-_DATASET_DEFAULTS = {"error_ttl_s": 0, "stale_s": 0, "stale_if_error_s": 0, "near_ms": 0}
+_DATASET_DEFAULTS: dict[str, object] = {
+    "error_ttl_s": 0,
+    "stale_s": 0,
+    "stale_if_error_s": 0,
+    "near_ms": 0,
+    "tags": (),
+}
 #: ``refresh_retry_ms`` left out (``None``) is derived from the dataset; a value given is
 #: written as given, so that the module loads back to the same datasets.
 _FILL_DEFAULTS = {"early_beta": 0, "refresh_retry_ms": None}
@@ -383,8 +437,9 @@ def dataset_to_data(dataset: Dataset) -> dict[str, Any]:
     fill = dataset.cache_fill
     data: dict[str, Any] = {"ttl_s": dataset.ttl_s, "negative_ttl_s": dataset.negative_ttl_s}
     for name, default in _DATASET_DEFAULTS.items():
-        if getattr(dataset, name) != default:
-            data[name] = getattr(dataset, name)
+        value = getattr(dataset, name)
+        if value != default:
+            data[name] = list(value) if isinstance(value, tuple) else value
     if fill is None:
         data["cache_fill"] = None
     else:
@@ -456,4 +511,19 @@ def _dataset_or_item(key: str, data: object) -> object:
             stale_s=data.get("stale_s", 0.0),
             stale_if_error_s=data.get("stale_if_error_s", 0.0),
             near_ms=data.get("near_ms", 0),
+            tags=data.get("tags", ()),
         )
+
+
+def tag_index(datasets: Iterable[Dataset], late_ms: int) -> TagIndex:
+    """Which of ``datasets`` bear a tag, each with how long its values may be in Redis.
+
+    ``late_ms`` is how long after its stamp a fill may still write (a tomb's life,
+    :data:`~memofill.commands.TOMB_MS`): a mark must outlive a value that began before it,
+    written as late as that.
+    """
+    return TagIndex(
+        (dataset.key, dataset.tag_templates or (), dataset.life_ms + late_ms)
+        for dataset in datasets
+        if dataset.tags
+    )

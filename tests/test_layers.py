@@ -22,7 +22,7 @@ PACKAGE = Path(memofill.__file__).parent
 #: The layers, from the bottom of the house (imports nothing of memofill) to its leaves.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("base", frozenset({"errors", "repeats", "outcomes", "codec"})),
-    ("model", frozenset({"keys", "policy", "project", "arguments", "values"})),
+    ("model", frozenset({"keys", "tags", "policy", "project", "arguments", "values"})),
     ("decisions", frozenset({"freshness", "generations"})),
     (
         "mechanism",
