@@ -13,6 +13,7 @@ from memofill.errors import (
     RegistryError,
     RegistryLoadError,
     UnknownDatasetError,
+    UnknownTagError,
 )
 from memofill.instance import (
     NO_CLIENT,
@@ -20,6 +21,7 @@ from memofill.instance import (
     cached_dataset,
     configure,
     default_instance,
+    invalidate_tag,
 )
 from memofill.near import NearCache
 from memofill.outcomes import Outcome
@@ -47,10 +49,12 @@ __all__ = [
     "RegistryError",
     "RegistryLoadError",
     "UnknownDatasetError",
+    "UnknownTagError",
     "cached_dataset",
     "configure",
     "default_instance",
     "disabled",
+    "invalidate_tag",
     "load_policies",
     "redis_client",
     "validate",

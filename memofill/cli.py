@@ -22,11 +22,11 @@ import redis
 import redis.cluster
 
 from memofill import codegen, demo, inspection, purge, timeline
-from memofill.commands import REDIS_ERRORS, Commands
-from memofill.errors import MemofillError, RegistryError
+from memofill.commands import REDIS_ERRORS, TOMB_MS, Commands
+from memofill.errors import MemofillError, RegistryError, UnknownTagError
 from memofill.generations import mark_field
-from memofill.keys import meta_key, prefix_problem
-from memofill.policy import Dataset, load_policies
+from memofill.keys import meta_key, prefix_problem, tags_key
+from memofill.policy import Dataset, load_policies, tag_index
 from memofill.project import find_pyproject, tool_settings
 
 #: Used when no pyproject.toml sets ``[tool.memofill]`` (or none can be read).
@@ -398,9 +398,14 @@ def _non_negative_float(text: str) -> float:
     return number
 
 
-def _dataset_command_arguments(parser: argparse.ArgumentParser) -> None:
+def _dataset_command_arguments(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
     """DATASET, and where its Redis is: what ``purge`` and ``invalidate`` share."""
-    parser.add_argument("dataset", metavar="DATASET", help="registry key, such as 'q:{symbol}'")
+    parser.add_argument(
+        "dataset",
+        metavar="DATASET",
+        nargs="?" if optional else None,
+        help="registry key, such as 'q:{symbol}'",
+    )
     parser.add_argument(
         "--url", help="Redis URL (default: $REDIS_URL, else url in [tool.memofill])"
     )
@@ -451,7 +456,10 @@ def _connect(url: str, cluster: bool) -> Any:
 
 
 def _invalidate_arguments(parser: argparse.ArgumentParser) -> None:
-    _dataset_command_arguments(parser)
+    _dataset_command_arguments(parser, optional=True)
+    parser.add_argument(
+        "--tag", help="invalidate one tag, such as 'user:42', in every dataset bearing it"
+    )
     parser.add_argument(
         "--soft",
         action="store_true",
@@ -469,17 +477,17 @@ def run_invalidate(args: argparse.Namespace) -> int:
 
     Refused, unless ``--force``, when no key of the dataset lives under the
     prefix: a mistyped or missing ``--prefix`` would otherwise report success
-    and change nothing the application sees.
+    and change nothing the application sees. With ``--tag``, see :func:`run_invalidate_tag`.
     """
+    if (args.dataset is None) == (args.tag is None):
+        raise CommandError("name one DATASET, or one tag with --tag")
+    if args.tag is not None:
+        return run_invalidate_tag(args)
     url, prefix, dataset = _dataset_target(args)
     client = _connect(url, args.cluster)
     try:
-        if not args.force and purge.first_key(client, prefix, dataset) is None:
-            raise CommandError(
-                f"no value of dataset {dataset.key!r} lives under prefix {prefix!r} at "
-                f"{demo.redact(url)}, so invalidating it there would change nothing the "
-                "application sees; check --prefix (and --url), or pass --force to invalidate anyway"
-            )
+        if not args.force:
+            _refuse_empty_prefix(client, url, prefix, [dataset], f"dataset {dataset.key!r}")
         mark = Commands(client).invalidate_dataset(
             meta_key(prefix), mark_field(dataset.key, args.soft)
         )
@@ -491,6 +499,52 @@ def run_invalidate(args: argparse.Namespace) -> int:
         f"invalidated {dataset.key} under prefix {prefix!r} at "
         f"{inspection.stamp_text(int(mark))} (values fetched before it are no longer "
         "served; each process hears of it within its meta_check_ms)"
+    )
+    return 0
+
+
+def _refuse_empty_prefix(
+    client: Any, url: str, prefix: str, datasets: list[Dataset], what: str
+) -> None:
+    """Refuse to invalidate ``what`` where no value of ``datasets`` lives under ``prefix``."""
+    if all(purge.first_key(client, prefix, dataset) is None for dataset in datasets):
+        raise CommandError(
+            f"no value of {what} lives under prefix {prefix!r} at {demo.redact(url)}, so "
+            "invalidating it there would change nothing the application sees; check --prefix "
+            "(and --url), or pass --force to invalidate anyway"
+        )
+
+
+def run_invalidate_tag(args: argparse.Namespace) -> int:
+    """Make every value bearing one tag fetched until now unservable, in every process: O(1).
+
+    Refused when no dataset's templates can produce the tag, and, unless
+    ``--force``, when no value of a dataset bearing it lives under the prefix.
+    """
+    url, prefix = _redis_target(args)
+    path, policies = _policies(args)
+    if policies is None:
+        raise CommandError(f"{path.as_posix()}: no such file; run 'memofill gen' first")
+    index = tag_index(policies.values(), TOMB_MS)
+    try:
+        keep_ms = index.keep_ms(args.tag)
+    except UnknownTagError as exc:
+        raise CommandError(f"{path.as_posix()}: {exc}") from None
+    bearers = [policies[key] for key, _ in index.bearers(args.tag)]
+    names = ", ".join(dataset.key for dataset in bearers)
+    client = _connect(url, args.cluster)
+    try:
+        if not args.force:
+            what = f"a dataset bearing tag {args.tag!r} ({names})"
+            _refuse_empty_prefix(client, url, prefix, bearers, what)
+        mark = Commands(client).invalidate_tag(tags_key(prefix), args.tag, args.soft, keep_ms)
+    except REDIS_ERRORS as exc:
+        raise CommandError(f"cannot invalidate at {demo.redact(url)}: {exc}") from None
+    finally:
+        client.close()
+    print(
+        f"invalidated tag {args.tag} under prefix {prefix!r} at {inspection.stamp_text(int(mark))}"
+        f" (values bearing it in {names}, fetched before it, are no longer served)"
     )
     return 0
 
@@ -531,7 +585,8 @@ COMMANDS: dict[str, Command] = {
         run_inspect,
     ),
     "invalidate": Command(
-        "make every value of one dataset fetched until now unservable, in every process (O(1))",
+        "make every value of one dataset, or bearing one tag, fetched until now unservable, "
+        "in every process (O(1))",
         _invalidate_arguments,
         run_invalidate,
     ),

@@ -37,6 +37,7 @@ __all__ = [
     "HOLD_SCRIPT",
     "INVALIDATE_KEY_SCRIPT",
     "INVALIDATE_SCRIPT",
+    "INVALIDATE_TAG_SCRIPT",
     "READ_META_SCRIPT",
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
@@ -281,6 +282,36 @@ return mark
 """
 )
 
+#: Tag invalidation (:mod:`memofill.tags`), sent by EVALSHA.
+#:
+#: KEYS[1]: the tags hash (``<prefix>#tags``). ARGV[1]: the tag. ARGV[2]: ``1`` soft,
+#: ``0`` hard. ARGV[3]: how long the mark must be kept (ms). ``born`` as for the meta
+#: hash; ``t:<tag>`` holds ``"<hard> <soft> <keep_until>"`` (µs), each only moving
+#: forward as the meta marks do. Then about 16 fields from ``cursor`` on (``HSCAN``) are
+#: looked at, and the tags past their ``keep_until`` removed: each call cleans about as
+#: much as it adds. Returns the mark (as text).
+INVALIDATE_TAG_SCRIPT = (
+    _META_PRELUDE
+    + """
+local field = 't:' .. ARGV[1]
+local held = {string.match(redis.call('HGET', KEYS[1], field) or '', '^(%d+) (%d+) (%d+)$')}
+local marks = {tonumber(held[1]) or 0, tonumber(held[2]) or 0, tonumber(held[3]) or 0}
+local kind = ARGV[2] == '1' and 2 or 1  -- hard, soft, keep_until
+local mark = math.max(now, marks[kind] + 1)
+marks[kind], marks[3] = mark, math.max(marks[3], now + tonumber(ARGV[3]) * 1000)
+redis.call('HSET', KEYS[1], field, string.format('%.0f %.0f %.0f', marks[1], marks[2], marks[3]))
+local step = redis.call('HSCAN', KEYS[1], redis.call('HGET', KEYS[1], 'cursor') or 0, 'COUNT', 16)
+for i = 1, #step[2], 2 do
+    local name, text = step[2][i], step[2][i + 1]
+    if string.sub(name, 1, 2) == 't:' and tonumber(string.match(text, ' (%d+)$') or 0) < now then
+        redis.call('HDEL', KEYS[1], name)
+    end
+end
+redis.call('HSET', KEYS[1], 'cursor', step[1])
+return string.format('%.0f', mark)
+"""
+)
+
 #: What a process reads of the meta hash, sent by EVALSHA every ``meta_check_ms`` at most.
 #:
 #: KEYS[1]: the meta hash. ARGV[1]: the version the reader knows (``born:v``).
@@ -307,7 +338,8 @@ TOMB_MS = 600_000
 #: ``TIME`` and ``GETRANGE`` serve the lock and the conditional write; ``DEL`` and
 #: ``SET`` ``invalidate``; ``PTTL``, ``STRLEN`` and ``GETRANGE`` ``memofill inspect``
 #: (``PTTL`` near copies too); ``HGET``, ``HSET``, ``HINCRBY``, ``HGETALL`` and ``INFO``
-#: (the server's ``run_id``, to notice a restart) the invalidation marks. The last six
+#: (the server's ``run_id``, to notice a restart) the invalidation marks, with ``HSCAN``
+#: and ``HDEL`` (the clean-up of the tags hash). The last six
 #: are the near-cache listener's (:mod:`memofill.listener`), on its own connection:
 #: ``HELLO`` where the client speaks RESP3, ``CLIENT ID``, ``CLIENT TRACKING``,
 #: ``SUBSCRIBE`` to :data:`LISTENER_CHANNEL` (granted by the rule's channel pattern) and ``PING``.
@@ -327,6 +359,8 @@ ACL_COMMANDS = (
     "hset",
     "hget",
     "hgetall",
+    "hscan",
+    "hdel",
     "time",
     "info",
     "pttl",
@@ -471,6 +505,7 @@ class Commands:
         self._store = client.register_script(STORE_SCRIPT)
         self._invalidate_key = client.register_script(INVALIDATE_KEY_SCRIPT)
         self._read_meta = client.register_script(READ_META_SCRIPT)
+        self._invalidate_tag = client.register_script(INVALIDATE_TAG_SCRIPT)
         _live_commands.add(self)
 
     def mget(self, keys: list[str]) -> Any:
@@ -582,6 +617,10 @@ class Commands:
     def invalidate_dataset(self, meta_key: str, mark: str) -> Any:
         """Run :data:`INVALIDATE_SCRIPT`: one command, whatever the number of keys."""
         return self._invalidate(keys=[meta_key], args=[mark])
+
+    def invalidate_tag(self, tags_key: str, tag: str, soft: bool, keep_ms: int) -> Any:
+        """Run :data:`INVALIDATE_TAG_SCRIPT`: one command, whatever the number of values."""
+        return self._invalidate_tag(keys=[tags_key], args=[tag, "1" if soft else "0", keep_ms])
 
     def read_meta(self, meta_key: str, version: str) -> Any:
         """Run ``READ_META_SCRIPT``: the clock, and the marks if ``version`` is not current."""

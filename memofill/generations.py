@@ -26,6 +26,9 @@ the whole hash back only when it changed, so its cost is flat in the number of
 datasets and processes. Where a near-cache listener runs, the meta key is
 tracked too, and a change reaches the process in milliseconds. This module
 decides; it does no I/O.
+
+Tags (:mod:`memofill.tags`) are marked the same way, in the tags hash; a process
+keeps the tag marks it made itself (:attr:`Generations.tags`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 
 from memofill.codec import STAMP
 from memofill.freshness import EARLY, EXPIRED, STALE
+from memofill.tags import TagMarks
 
 #: The fields of the meta hash besides the marks: when it was born, its server's run, its version.
 BORN = "born"
@@ -126,6 +130,8 @@ class Generations:
         self.local = 0
         #: Dataset -> its marks; a cell made on first use stays (functions hold it).
         self.marks: dict[str, Marks] = {}
+        #: The tag marks this process made (:func:`invalidate_tag`).
+        self.tags = TagMarks()
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None
         #: Whether the hash was read (or tried) once; until then blocking callers wait for it.
@@ -209,6 +215,17 @@ class Generations:
             self.of(dataset).set(mark, 0, True)
         self.on_change()
 
+    def tag_invalidated(self, tag: str, mark: int, soft: bool) -> None:
+        """This process invalidated ``tag`` at ``mark``: it knows at once.
+
+        A miss that starts after it joins no fill in flight that began before it
+        (``local`` parts them, as it does after ``invalidate()``): that fill's value
+        may bear the tag, and its fetch began before the mark.
+        """
+        self.clock_us = max(self.clock_us, mark)
+        self.tags.made(tag, mark, soft)
+        self.local += 1
+
     def stamp(self) -> int:
         """The stamp of a fill that takes no lock (which reads Redis's clock): one µs past the
         clock last read, 0 (refused) when none was.
@@ -290,6 +307,28 @@ def invalidate_dataset(
     async def finish() -> int:
         mark = int(await reply)
         generations.invalidated(dataset, mark, soft)
+        return mark
+
+    return finish()
+
+
+def invalidate_tag(  # noqa: PLR0917  # invalidate_dataset's arguments, and how long to keep
+    commands: Any, tags_key: str, generations: Generations, tag: str, soft: bool, keep_ms: int
+) -> Any:
+    """Mark ``tag`` invalidated in Redis and tell this process; the mark (Redis µs).
+
+    As :func:`invalidate_dataset`: a value from the blocking client's ``commands``,
+    an awaitable of it from the asyncio client's. ``keep_ms``: how long the mark is
+    kept (:meth:`memofill.tags.TagIndex.keep_ms`).
+    """
+    reply = commands.invalidate_tag(tags_key, tag, soft, keep_ms)
+    if not inspect.isawaitable(reply):
+        generations.tag_invalidated(tag, int(reply), soft)
+        return int(reply)
+
+    async def finish() -> int:
+        mark = int(await reply)
+        generations.tag_invalidated(tag, mark, soft)
         return mark
 
     return finish()

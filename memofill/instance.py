@@ -24,23 +24,25 @@ from typing import Any, ParamSpec, TypeVar
 
 import attrs
 
-from memofill.commands import Commands
+from memofill.commands import TOMB_MS, Commands
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker
 from memofill.generations import DEFAULT_CHECK_MS, Generations, invalidate_dataset
+from memofill.generations import invalidate_tag as tag_invalidation
 from memofill.hooks import Events
-from memofill.keys import lock_key, meta_key, parse_template, prefix_problem
+from memofill.keys import lock_key, meta_key, parse_template, prefix_problem, tags_key
 from memofill.listener import follow
 from memofill.metrics import Metrics
 from memofill.near import MAX_LOCAL_BYTES, MAX_LOCAL_ENTRIES, LocalStore, NearCache
 from memofill.outcomes import Counters
-from memofill.policy import Dataset, PolicySource
+from memofill.policy import Dataset, PolicySource, tag_index
 from memofill.project import resolve_policies
 from memofill.refreshing import REFRESH_MODES, Refreshes, RefreshMode
 from memofill.singleflight import TaskFlights, ThreadFlights
 from memofill.snapshot import State, configuring, when_switched
+from memofill.tags import TagIndex
 from memofill.values import Codec
 
 P = ParamSpec("P")
@@ -204,6 +206,8 @@ class Memofill:
                 f"local_store_bytes={local_store_bytes}: must be >= 0 (0 keeps nothing)"
             )
         self._bindings: weakref.WeakSet[CachedDataset[..., Any]] = weakref.WeakSet()
+        #: The policies the tag index was built from, and the index (built on first use).
+        self._tags: tuple[dict[str, Dataset], TagIndex] | None = None
         self._state = State(
             sync=None,
             asynchronous=None,
@@ -471,6 +475,30 @@ class Memofill:
             commands, meta_key(state.prefix), state.generations, dataset, soft
         )
 
+    def invalidate_tag(self, tag: str, *, soft: bool = False) -> Any:
+        """Make every value bearing ``tag`` fetched until now unservable, in every process.
+
+        One command whatever the number of values or datasets (:mod:`memofill.tags`).
+        ``tag`` is concrete, such as ``"user:42"``: a template with each field written
+        as the key writes it (``user_id="42"``, a ``str``, gives ``"user:%342"``). A tag
+        no dataset's templates can produce is refused
+        (:class:`~memofill.errors.UnknownTagError`): it would change nothing.
+        ``soft=True`` serves old values as ``stale_hit`` while one caller refreshes
+        each, where the dataset has ``stale_s``. Returns the mark (Redis's clock,
+        µs), or an awaitable of it when the instance has only an asyncio client.
+        """
+        policies, tags = self.policies, self._tags
+        if tags is None or tags[0] is not policies:
+            # A fill may write up to a tomb's life after its stamp: the mark outlives that too.
+            tags = self._tags = (policies, tag_index(policies.values(), TOMB_MS))
+        keep_ms = tags[1].keep_ms(tag)
+        state = self._state
+        commands = state.sync or state.asynchronous
+        if commands is None:
+            raise ConfigurationError("invalidate_tag needs a Redis client: configure one")
+        key = tags_key(state.prefix)
+        return tag_invalidation(commands, key, state.generations, tag, soft, keep_ms)
+
     def final_key(self, key: str, **fields: object) -> str:
         """The Redis key of dataset ``key`` for these field values (``prefix`` included)."""
         template = parse_template(self.policy(key).key)
@@ -612,3 +640,8 @@ def cached_dataset(
 ) -> Callable[[Callable[P, R]], CachedDataset[P, R]]:
     """Decorate with the module-level default instance (see :meth:`Memofill.cached_dataset`)."""
     return default.cached_dataset(key, ignore=ignore, codec=codec)
+
+
+def invalidate_tag(tag: str, *, soft: bool = False) -> Any:
+    """Invalidate ``tag`` through the default instance (see :meth:`Memofill.invalidate_tag`)."""
+    return default.invalidate_tag(tag, soft=soft)
