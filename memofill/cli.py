@@ -544,7 +544,8 @@ def run_invalidate_tag(args: argparse.Namespace) -> int:
         client.close()
     print(
         f"invalidated tag {args.tag} under prefix {prefix!r} at {inspection.stamp_text(int(mark))}"
-        f" (values bearing it in {names}, fetched before it, are no longer served)"
+        f" (datasets bearing it: {names}; their values bearing it fetched before it are no "
+        "longer served)"
     )
     return 0
 
