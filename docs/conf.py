@@ -74,6 +74,8 @@ if not any(isinstance(h, logging.NullHandler) for h in _memofill_logger.handlers
 nitpick_ignore = [
     # asyncio.Task as Sphinx resolves it on CPython (the C implementation's name).
     ("py:class", "_asyncio.Task"),
+    # The standard library's compiled pattern, named by a tag template's fields.
+    ("py:class", "re.Pattern"),
     # redis-py, a third-party dependency: named in Memofill's docstrings.
     ("py:class", "redis.Redis"),
     ("py:class", "redis.asyncio.Redis"),

@@ -619,7 +619,7 @@ class Commands:
         return self._invalidate(keys=[meta_key], args=[mark])
 
     def invalidate_tag(self, tags_key: str, tag: str, soft: bool, keep_ms: int) -> Any:
-        """Run :data:`INVALIDATE_TAG_SCRIPT`: one command, whatever the number of values."""
+        """Run ``INVALIDATE_TAG_SCRIPT``: one command, whatever the number of values."""
         return self._invalidate_tag(keys=[tags_key], args=[tag, "1" if soft else "0", keep_ms])
 
     def read_meta(self, meta_key: str, version: str) -> Any:

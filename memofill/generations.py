@@ -130,7 +130,7 @@ class Generations:
         self.local = 0
         #: Dataset -> its marks; a cell made on first use stays (functions hold it).
         self.marks: dict[str, Marks] = {}
-        #: The tag marks this process made (:func:`invalidate_tag`).
+        #: The tag marks this process made (``invalidate_tag``).
         self.tags = TagMarks()
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None

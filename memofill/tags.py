@@ -5,7 +5,7 @@ Rules:
 - A dataset declares tag templates over its own key's fields
   (``Dataset("profile:{user_id}", ttl_s=600, tags=("user:{user_id}",))``), or fixed
   tags without a field (``"orders"``). A template is written as a key template is
-  (:func:`memofill.keys.template_problems`): ``A-Z a-z 0-9 _ . - : /`` outside its
+  (``memofill.keys.template_problems``): ``A-Z a-z 0-9 _ . - : /`` outside its
   ``{field}`` markers, two fields apart by ``:`` or ``/``, so that no whitespace, brace
   or ``#`` reaches the tags hash and a concrete tag can be traced back to its
   templates. Each field is one of the key's; a dataset names a tag once.
@@ -15,7 +15,7 @@ Rules:
   ``user_id="42"`` bears ``user:%342``, exactly as in the key. A value's tags are
   thus known from its key, never stored with it.
 - Every mark of one prefix lives in one Redis hash, ``<prefix>#tags``
-  (:func:`memofill.keys.tags_key`), which ``INVALIDATE_TAG_SCRIPT``
+  (``memofill.keys.tags_key``), which ``INVALIDATE_TAG_SCRIPT``
   (:mod:`memofill.commands`) writes. Its fields: ``born``, Redis's clock (µs, text)
   when the hash was made, and ``run``, the server's run id then: a hash lost or
   restored from an older snapshot is born again, and every tagged value stamped
@@ -59,7 +59,7 @@ class TagTemplate:
     """One tag template, compiled once: filled from a call's fields, or matched by a tag."""
 
     source: str
-    #: The literal text around the fields: one more than ``fields``.
+    #: The literal text around the fields, one more than ``fields``.
     literals: tuple[str, ...]
     fields: tuple[str, ...]
     #: Matches every concrete tag the template can produce, and no other.
@@ -145,7 +145,7 @@ class TagIndex:
                     self._matched.append((template.pattern, key, life_ms))
                 else:
                     self._fixed.setdefault(template.source, []).append((key, life_ms))
-        #: Every template some dataset declares, sorted: what a refused tag is told.
+        #: Every template some dataset declares, sorted, as a refused tag is told them.
         self.templates = tuple(sorted(sources))
 
     def bearers(self, tag: str) -> list[tuple[str, int]]:
@@ -183,7 +183,7 @@ class TagMarks:
 
     def __init__(self) -> None:
         self._marks: dict[str, tuple[int, int]] = {}
-        #: Held while a mark is changed: two invalidations of one tag keep the later mark.
+        #: Held while a mark is changed, so that two invalidations of one tag keep the later.
         self.lock = threading.Lock()
         _live.add(self)
 
