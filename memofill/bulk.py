@@ -50,7 +50,16 @@ from memofill.coordinator import Result
 from memofill.errors import BatchError
 from memofill.late import LateRead
 from memofill.lockstep import run_together_async, run_together_sync
-from memofill.lookup import after_read, hit, lookup_async, lookup_sync, settle_async, settle_sync
+from memofill.lookup import (
+    after_read,
+    by_tags,
+    hit,
+    judged_by,
+    lookup_async,
+    lookup_sync,
+    settle_async,
+    settle_sync,
+)
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
 from memofill.misses import Miss, bypass
 from memofill.near import serve_near
@@ -121,12 +130,19 @@ def many_sync(
     served = _near(snapshot, keys, started)
     reads = [key for key in dict.fromkeys(keys) if key not in served]
     raws: dict[str, Any] = {}
+    judges: dict[str, tuple[Snapshot, Any]] = {}
     error: Exception | None = None
     asked = _may_ask(snapshot, commands) and bool(reads)
     if asked:
         assert commands is not None  # _may_ask
         try:
-            raws = dict(zip(reads, commands.mget(reads), strict=True))
+            if snapshot.tags_of is None:
+                raws = dict(zip(reads, commands.mget(reads), strict=True))
+            else:
+                fields = _tag_fields(snapshot, instance, calls, keys)
+                tag_fields = list(dict.fromkeys(f for each in fields.values() for f in each))
+                reply = commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
+                raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
         except Exception as exc:  # any failure of the client, as a single call's GET
             error = exc
         else:
@@ -136,7 +152,7 @@ def many_sync(
                 or read_marks_sync(snapshot, commands, time.monotonic())
             ):
                 raws, error = {}, MarksUnread()
-    read = (started, served, raws, asked, error, commands, wrapped)
+    read = (started, served, raws, judges, asked, error, commands, wrapped)
     judged, pending = _judged(snapshot, calls, keys, *read)
     if not pending:
         return judged
@@ -160,7 +176,7 @@ def many_sync(
         if isinstance(item, _Ended):
             judged[position] = item.miss.finish(item.result, False).value
         elif isinstance(item, _Fill):
-            judged[position] = settle_sync(snapshot, item.key, item.then).value
+            judged[position] = settle_sync(item.snapshot, item.key, item.then).value
         else:
             judged[position] = lookup_sync(
                 snapshot, instance, wrapped, *item.call, with_outcome=False
@@ -185,12 +201,19 @@ async def many_async(
     served = _near(snapshot, keys, started)
     reads = [key for key in dict.fromkeys(keys) if key not in served]
     raws: dict[str, Any] = {}
+    judges: dict[str, tuple[Snapshot, Any]] = {}
     error: Exception | None = None
     asked = _may_ask(snapshot, commands) and bool(reads)
     if asked:
         assert commands is not None  # _may_ask
         try:
-            raws = dict(zip(reads, await commands.mget(reads), strict=True))
+            if snapshot.tags_of is None:
+                raws = dict(zip(reads, await commands.mget(reads), strict=True))
+            else:
+                fields = _tag_fields(snapshot, instance, calls, keys)
+                tag_fields = list(dict.fromkeys(f for each in fields.values() for f in each))
+                reply = await commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
+                raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
         except Exception as exc:  # any failure of the client, as a single call's GET
             error = exc
         else:
@@ -199,7 +222,7 @@ async def many_async(
                 await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
             if started >= snapshot.generations.next_check:
                 raws, error = {}, MarksUnread()
-    read = (started, served, raws, asked, error, commands, wrapped)
+    read = (started, served, raws, judges, asked, error, commands, wrapped)
     judged, pending = _judged(snapshot, calls, keys, *read)
     if not pending:
         return judged
@@ -225,7 +248,7 @@ async def many_async(
             return item.miss.finish(item.result, False).value
         async with limit:
             if isinstance(item, _Fill):
-                return (await settle_async(snapshot, item.key, item.then)).value
+                return (await settle_async(item.snapshot, item.key, item.then)).value
             return await lookup_async(snapshot, instance, wrapped, *item.call, with_outcome=False)
 
     values = await asyncio.gather(*(settled(judged[position]) for position in pending))
@@ -240,6 +263,8 @@ class _Fill:
 
     key: str
     then: CallResult[Any] | LateRead | Miss
+    #: What judges it: the function's snapshot, or one raised to its tags' marks.
+    snapshot: Snapshot
 
 
 @attrs.frozen
@@ -264,6 +289,7 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
     started: float,
     served: dict[str, Any],
     raws: dict[str, Any],
+    judges: dict[str, tuple[Snapshot, Any]],
     asked: bool,
     error: Exception | None,
     commands: Commands | None,
@@ -280,8 +306,9 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
     filled: set[str] = set()
     for (args, kwargs), key in zip(calls, keys, strict=True):
         value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
+        judge, later = judges.get(key, (snapshot, None)) if judges else (snapshot, None)
         if value is NOT_A_HIT:
-            value = hit(snapshot, key, raws.get(key), started)
+            value = hit(judge, key, raws.get(key), started)
         if value is not NOT_A_HIT:
             judged.append(value)
             continue
@@ -290,12 +317,14 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
             value = _Again((args, kwargs))
         else:
             filled.add(key)
+            if later is not None:
+                judge = judged_by(judge, later)
             then = after_read(
-                snapshot, key, started, asked, raws.get(key), error, commands, wrapped, args,
+                judge, key, started, asked, raws.get(key), error, commands, wrapped, args,
                 kwargs, told=told,
             )  # fmt: skip
             told = error is not None
-            value = _Fill(key, then)
+            value = _Fill(key, then, judge)
         judged.append(value)
     return judged, pending
 
@@ -380,6 +409,37 @@ def _checked(snapshot: Snapshot, batch: Any, values: Any, asked: int) -> list[An
         f"{_name(snapshot)}'s batch {getattr(batch, '__qualname__', batch)!r} returned {got} "
         f"for {asked} items: it must return a list of one value per item, in the order given"
     )
+
+
+def _tag_fields(
+    snapshot: Snapshot, instance: Any, calls: list[Call], keys: list[str]
+) -> dict[str, list[str]]:
+    """Each key's tag fields (``t:<tag>``), built from its call as a single call builds them."""
+    tags_of = snapshot.tags_of
+    assert tags_of is not None  # a tagged dataset's
+    fields: dict[str, list[str]] = {}
+    for (args, kwargs), key in zip(calls, keys, strict=True):
+        if key not in fields:
+            fields[key] = tags_of(instance, args, kwargs)
+    return fields
+
+
+def _tag_judged(
+    snapshot: Snapshot,
+    reads: list[str],
+    fields: dict[str, list[str]],
+    tag_fields: list[str],
+    reply: list[Any],
+) -> tuple[dict[str, Any], dict[str, tuple[Snapshot, Any]]]:
+    """The values a tagged read of a page found, and what judges each (:func:`by_tags`)."""
+    values, born, marks = reply[0], reply[1], dict(zip(tag_fields, reply[2:], strict=True))
+    raws: dict[str, Any] = {}
+    judges: dict[str, tuple[Snapshot, Any]] = {}
+    for key, raw in zip(reads, values, strict=True):
+        raws[key] = raw
+        _, judge, later = by_tags(snapshot, [raw, born, *(marks[f] for f in fields[key])])
+        judges[key] = (judge, later)
+    return raws, judges
 
 
 def _near(snapshot: Snapshot, keys: list[str], started: float) -> dict[str, Any]:

@@ -42,6 +42,8 @@ __all__ = [
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
     "STORE_SCRIPT",
+    "TAGGED_READ_SCRIPT",
+    "TAG_MARKS_SCRIPT",
     "TOMB_MS",
     "Commands",
     "RedisError",
@@ -312,6 +314,51 @@ return string.format('%.0f', mark)
 """
 )
 
+#: The start of the scripts that read the tags hash: ``born``, made when the hash is missing
+#: (as :data:`_META_PRELUDE` makes it, the server's run id with it), without reading
+#: ``INFO`` on every read: a restart from an older snapshot is told by the meta hash,
+#: whose birth is every dataset's mark.
+_TAGS_PRELUDE = """
+local born = redis.call('HGET', KEYS[#KEYS], 'born')
+if not born then
+    local clock = redis.call('TIME')
+    born = string.format('%.0f', tonumber(clock[1]) * 1000000 + tonumber(clock[2]))
+    local run = '-'
+    local asked, info = pcall(redis.call, 'INFO', 'server')
+    if asked and type(info) == 'string' then run = string.match(info, 'run_id:(%w+)') or '-' end
+    if not pcall(redis.call, 'HSET', KEYS[#KEYS], 'born', born, 'run', run) then
+        born = '0'  -- out of memory: nothing is lost that a birth would stand for
+    end
+end
+"""
+
+#: A tagged read (:mod:`memofill.tags`), sent by EVALSHA in place of ``GET``: one round trip.
+#:
+#: KEYS[1]: the data key. KEYS[2]: the tags hash. ARGV: the fields of the value's tags
+#: (``t:<tag>``). Returns ``[stored bytes or nil, born, each field or nil]``.
+TAGGED_READ_SCRIPT = (
+    _TAGS_PRELUDE
+    + """
+local reply = {redis.call('GET', KEYS[1]), born}
+local marks = redis.call('HMGET', KEYS[2], unpack(ARGV))
+for i = 1, #ARGV do reply[i + 2] = marks[i] end
+return reply
+"""
+)
+
+#: The tag marks alone, where the data key lives in another slot (a Redis Cluster whose
+#: prefix is no hash tag): KEYS[1]: the tags hash; ARGV and the reply as
+#: :data:`TAGGED_READ_SCRIPT`'s, without the value.
+TAG_MARKS_SCRIPT = (
+    _TAGS_PRELUDE
+    + """
+local reply = {born}
+local marks = redis.call('HMGET', KEYS[1], unpack(ARGV))
+for i = 1, #ARGV do reply[i + 1] = marks[i] end
+return reply
+"""
+)
+
 #: What a process reads of the meta hash, sent by EVALSHA every ``meta_check_ms`` at most.
 #:
 #: KEYS[1]: the meta hash. ARGV[1]: the version the reader knows (``born:v``).
@@ -359,6 +406,7 @@ ACL_COMMANDS = (
     "hset",
     "hget",
     "hgetall",
+    "hmget",
     "hscan",
     "hdel",
     "time",
@@ -484,6 +532,15 @@ def _unknown(replies: list[Any]) -> list[int]:
     return [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
 
 
+def _apart(raw: Any, marks: Any) -> list[Any]:
+    """A value (or values) and the marks read beside it put together: ``[raw, born,
+    fields...]``; an error raised."""
+    for reply in (raw, marks):
+        if isinstance(reply, Exception):
+            raise reply
+    return [raw, *marks]
+
+
 def _is_async(client: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
 
@@ -506,6 +563,10 @@ class Commands:
         self._invalidate_key = client.register_script(INVALIDATE_KEY_SCRIPT)
         self._read_meta = client.register_script(READ_META_SCRIPT)
         self._invalidate_tag = client.register_script(INVALIDATE_TAG_SCRIPT)
+        self._tagged_read = client.register_script(TAGGED_READ_SCRIPT)
+        self._tag_marks = client.register_script(TAG_MARKS_SCRIPT)
+        #: Whether a value and the tags hash may live in different slots (a cluster).
+        self._apart = is_cluster(client)
         _live_commands.add(self)
 
     def mget(self, keys: list[str]) -> Any:
@@ -517,6 +578,57 @@ class Commands:
         if is_cluster(self.client):
             return self.client.mget_nonatomic(keys)
         return self.client.mget(keys)
+
+    def tagged_get(self, key: str, tags_key: str, fields: list[str]) -> Any:
+        """``GET key`` and the marks of its tags (``fields``), in one round trip.
+
+        ``[stored bytes or None, born, each field or None]``
+        (:data:`TAGGED_READ_SCRIPT`). On a cluster the value and the tags hash
+        may live on different nodes: a ``GET`` and :data:`TAG_MARKS_SCRIPT`, sent
+        together.
+        """
+        if not self._apart:
+            return self._tagged_read(keys=[key, tags_key], args=fields)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.evalsha(self._tag_marks.sha, 1, tags_key, *fields)
+        if _is_async(self.client):
+            return self._apart_async(pipe.execute(raise_on_error=False), tags_key, fields)
+        raw, marks = pipe.execute(raise_on_error=False)
+        if isinstance(marks, NoScriptError):  # a node that never ran it: loaded, sent again
+            marks = self._tag_marks(keys=[tags_key], args=fields)
+        return _apart(raw, marks)
+
+    async def _apart_async(self, sent: Any, tags_key: str, fields: list[str]) -> Any:
+        raw, marks = await sent
+        if isinstance(marks, NoScriptError):
+            marks = await self._tag_marks(keys=[tags_key], args=fields)
+        return _apart(raw, marks)
+
+    def mget_tagged(self, keys: list[str], tags_key: str, fields: list[str]) -> Any:
+        """:meth:`mget` and the marks of ``fields`` (the keys' tags): ``[values, born, ...]``.
+
+        One round trip on a single server (a pipeline of ``MGET`` and
+        :data:`TAG_MARKS_SCRIPT`); on a cluster, an ``MGET`` per node and then the marks.
+        """
+        if self._apart:
+            if _is_async(self.client):
+                return self._mget_apart_async(keys, tags_key, fields)
+            values = self.client.mget_nonatomic(keys)
+            return [values, *self._tag_marks(keys=[tags_key], args=fields)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.mget(keys)
+        pipe.evalsha(self._tag_marks.sha, 1, tags_key, *fields)
+        if _is_async(self.client):
+            return self._apart_async(pipe.execute(raise_on_error=False), tags_key, fields)
+        raw, marks = pipe.execute(raise_on_error=False)
+        if isinstance(marks, NoScriptError):  # the server never ran it: loaded, sent again
+            marks = self._tag_marks(keys=[tags_key], args=fields)
+        return _apart(raw, marks)
+
+    async def _mget_apart_async(self, keys: list[str], tags_key: str, fields: list[str]) -> Any:
+        values = await self.client.mget_nonatomic(keys)
+        return [values, *await self._tag_marks(keys=[tags_key], args=fields)]
 
     def pipelined(self, steps: list[tuple[str, tuple[Any, ...]]]) -> Any:
         """Send several script steps (``(method name, args)``) in one round trip; their replies.

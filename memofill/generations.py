@@ -225,6 +225,7 @@ class Generations:
         self.clock_us = max(self.clock_us, mark)
         self.tags.made(tag, mark, soft)
         self.local += 1
+        self.on_change()  # near and outage copies bearing it must not outlive the call
 
     def stamp(self) -> int:
         """The stamp of a fill that takes no lock (which reads Redis's clock): one µs past the

@@ -23,6 +23,8 @@ import logging
 import time
 from typing import Any
 
+import attrs
+
 from memofill.codec import (
     CORRUPT,
     HEADED,
@@ -37,12 +39,14 @@ from memofill.codec import (
 )
 from memofill.commands import Commands, is_timeout, is_unreachable
 from memofill.errors import FillError
+from memofill.generations import Marks
 from memofill.late import LateRead, sort_read
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
 from memofill.misses import Miss, bypass, flight, raise_if_cancel_was_lost
 from memofill.near import keep_near, outage_copy, serve_near
 from memofill.outcomes import FALLBACK_HIT, HIT, NEAR_HIT, NOT_A_HIT, CallResult
 from memofill.snapshot import BYPASS, Snapshot
+from memofill.tags import read_marks
 from memofill.values import JSON
 
 logger = logging.getLogger("memofill")
@@ -75,15 +79,19 @@ def lookup_sync(
             return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = snapshot.breaker
     asked, raw, error = False, None, None
+    tags_of, later = snapshot.tags_of, None
     if commands is not None and not (breaker.open_until and breaker.skips()):
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
-            if reservation is None:
-                raw = commands.get(key)
-            else:
+            if reservation is not None:
                 reply = commands.read_near(key)
                 raw = reply[0]
+            elif tags_of is None:
+                raw = commands.get(key)
+            else:
+                reply = commands.tagged_get(key, snapshot.tags_key, tags_of(instance, args, kwargs))
+                raw, snapshot, later = by_tags(snapshot, reply)
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
             if reservation is not None:
@@ -104,6 +112,8 @@ def lookup_sync(
                 error, raw = MarksUnread(), None
                 if reservation is not None:
                     snapshot.local_store.abandon(key, reservation)
+    if later is not None:
+        snapshot = judged_by(snapshot, later)  # what follows is judged by its tags' marks too
     then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
     served = settle_sync(snapshot, key, then)
     return served if with_outcome else served.value
@@ -144,15 +154,20 @@ async def lookup_async(
             return CallResult(value, NEAR_HIT, False) if with_outcome else value
     breaker = snapshot.breaker
     asked, raw, error = False, None, None
+    tags_of, later = snapshot.tags_of, None
     if commands is not None and not (breaker.open_until and breaker.skips()):
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
-            if reservation is None:
-                raw = await commands.get(key)
-            else:
+            if reservation is not None:
                 reply = await commands.read_near(key)
                 raw = reply[0]
+            elif tags_of is None:
+                raw = await commands.get(key)
+            else:
+                fields = tags_of(instance, args, kwargs)
+                reply = await commands.tagged_get(key, snapshot.tags_key, fields)
+                raw, snapshot, later = by_tags(snapshot, reply)
         except Exception as exc:  # any failure of the client, as in the coordinator
             error = exc
             if reservation is not None:
@@ -178,6 +193,8 @@ async def lookup_async(
                     snapshot.local_store.abandon(key, reservation)
     if first_read is not None:
         await asyncio.shield(first_read)
+    if later is not None:
+        snapshot = judged_by(snapshot, later)  # what follows is judged by its tags' marks too
     then = after_read(snapshot, key, started, asked, raw, error, commands, wrapped, args, kwargs)
     served = await settle_async(snapshot, key, then)
     return served if with_outcome else served.value
@@ -194,6 +211,40 @@ async def settle_async(
     raise_if_cancel_was_lost()
     result, joined = await snapshot.task_flights.run(flight(snapshot, key), then.run_async)
     return then.finish(result, joined)
+
+
+def by_tags(
+    snapshot: Snapshot, reply: list[Any]
+) -> tuple[Any, Snapshot, tuple[int, int, bool] | None]:
+    """What a tagged read (:meth:`~memofill.commands.Commands.tagged_get`) found.
+
+    The stored bytes; the snapshot to judge them by as a hit; and, where the
+    value's tags' marks (:func:`~memofill.tags.read_marks`) are beyond its
+    dataset's, those marks, which judge what follows a read that is no plain
+    hit (:func:`judged_by`: a miss's fill, its recheck and its flight, a stale
+    value), else ``None``. A value stamped after every mark of its tags is
+    judged as any other: the commonest tagged hit makes no new snapshot.
+    """
+    raw = reply[0]
+    tag_marks = hard, soft, marked = read_marks(reply[1], reply[2:])
+    marks = snapshot.marks
+    if hard <= marks.hard and soft <= marks.soft and (marks.explicit or not marked):
+        return raw, snapshot, None
+    if raw is not None and raw[:2] == HEADED:
+        try:
+            if int(raw[STAMP], 16) > max(hard, soft, marks.top):
+                return raw, snapshot, tag_marks
+        except ValueError:  # foreign bytes that only look like a header: judged as such
+            pass
+    return raw, judged_by(snapshot, tag_marks), None
+
+
+def judged_by(snapshot: Snapshot, tag_marks: tuple[int, int, bool]) -> Snapshot:
+    """``snapshot`` with its dataset's marks raised to a value's tags' (:func:`by_tags`)."""
+    hard, soft, marked = tag_marks
+    marks, cell = snapshot.marks, Marks()
+    cell.set(max(hard, marks.hard), max(soft, marks.soft), marked or marks.explicit)
+    return attrs.evolve(snapshot, marks=cell)
 
 
 def hit(snapshot: Snapshot, key: str, raw: bytes | None, started: float) -> Any:

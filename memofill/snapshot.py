@@ -33,13 +33,14 @@ from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker
 from memofill.freshness import late_rule
 from memofill.generations import Generations, Marks
-from memofill.keys import meta_key
+from memofill.keys import meta_key, parse_template, tags_key
 from memofill.metrics import Metrics
 from memofill.near import LocalStore, NearCache
 from memofill.outcomes import NEAR_HIT, Counters
 from memofill.policy import Dataset, PolicySource
 from memofill.refreshing import Refreshes
 from memofill.singleflight import TaskFlights, ThreadFlights
+from memofill.tags import MARK_PREFIX
 from memofill.values import JSON, Values
 
 if TYPE_CHECKING:
@@ -250,6 +251,10 @@ class Snapshot:
     meta_key: str
     #: This dataset's marks (whole-dataset invalidation), changed in place as they change.
     marks: Marks
+    #: The tags hash's fields of a call's tags (``t:<tag>``, built from its arguments as its
+    #: key is), read with its value; ``None`` for a dataset without tags.
+    tags_of: Callable[[Any, tuple[Any, ...], dict[str, Any]], list[str]] | None
+    tags_key: str
     breaker: Breaker
     thread_flights: ThreadFlights[Result]
     task_flights: TaskFlights[Result]
@@ -318,6 +323,8 @@ class Snapshot:
             generations=state.generations,
             meta_key=meta_key(state.prefix),
             marks=state.generations.of(key),
+            tags_of=_tags_of(dataset, fields, shape),
+            tags_key=tags_key(state.prefix),
             breaker=state.breaker,
             thread_flights=state.thread_flights,
             task_flights=state.task_flights,
@@ -337,6 +344,30 @@ class Snapshot:
         if self.misconfigured is not None:
             raise ConfigurationError(self.misconfigured)
         return self.commands
+
+
+def _tags_of(
+    dataset: Dataset, fields: tuple[Field, ...], shape: Shape
+) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], list[str]] | None:
+    """The builder of a call's tag fields, each template compiled as a key is (the same texts)."""
+    templates = dataset.tag_templates
+    if not templates:
+        return None
+    by_name = {field.name: field for field in fields}
+    builders = [
+        compile_key(
+            MARK_PREFIX,
+            parse_template(template.source),
+            tuple(by_name[name] for name in template.fields),
+            dataset.key,
+            shape,
+        )
+        for template in templates
+    ]
+    if len(builders) == 1:
+        [only] = builders
+        return lambda instance, args, kwargs: [only(instance, args, kwargs)]
+    return lambda instance, args, kwargs: [build(instance, args, kwargs) for build in builders]
 
 
 def late_rule_of(dataset: Dataset) -> Callable[[bytes], bool] | None:

@@ -37,7 +37,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -168,6 +168,34 @@ class TagIndex:
             known = ", ".join(self.templates) or "none"
             raise UnknownTagError(f"no dataset bears tag {tag!r} (tag templates: {known})")
         return max(life for _, life in found) + KEEP_MARGIN_MS
+
+
+def read_marks(born: object, fields: Sequence[object]) -> tuple[int, int, bool]:
+    """What a tagged read found of a value's tags: ``(hard, soft, marked)``.
+
+    ``hard``: the highest hard mark of its tags, or the hash's birth if later;
+    ``soft``: the highest soft mark; ``marked``: whether one of its tags was
+    invalidated (then bytes without a stamp, a marker, are behind too). A field
+    that does not parse counts as a hard mark made at the hash's birth: read,
+    never trusted blindly.
+    """
+    hard, soft, marked = _number(born), 0, False
+    for field in fields:
+        if field is None:
+            continue
+        text = field.decode("ascii", "replace") if isinstance(field, bytes) else str(field)
+        parts = text.split(" ")
+        marked = True
+        if len(parts) == 3 and all(part.isdigit() for part in parts):
+            hard, soft = max(hard, int(parts[0])), max(soft, int(parts[1]))
+    return hard, soft, marked
+
+
+def _number(raw: object) -> int:
+    try:
+        return int(raw)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return 0
 
 
 class TagMarks:

@@ -464,3 +464,29 @@ async def test_an_asyncio_batch_fills_keys_on_every_master(
         assert asked == [names]
     finally:
         await client.aclose()
+
+
+# -- tags ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix_", ["", "{app}:"])
+def test_a_tagged_value_and_its_marks_meet_across_slots(
+    redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster, prefix_: str
+) -> None:
+    """Without a hash-tag prefix the value and the tags hash live apart: read together."""
+    from memofill import Dataset  # noqa: PLC0415
+
+    tagged = Dataset("profile:{name}", ttl_s=300, cache_fill=FILL, tags=("user:{name}",))
+    where = f"{prefix_}{uuid.uuid4().hex[:6]}:"
+    cluster_client.script_flush()
+    reader = Memofill(cluster_client, prefix=where, policies=[tagged])
+    writer = Memofill(cluster_client, prefix=where, policies=[tagged])
+    versions = iter(range(1, 100))
+    profile = reader.cached_dataset(tagged.key)(lambda name: {"version": next(versions)})
+    names = [f"n{n}" for n in range(12)]
+    assert [v["version"] for v in profile.many(names)] == list(range(1, 13))
+    assert profile.call_with_outcome("n3").outcome == "hit"
+    writer.invalidate_tag("user:n3")
+    assert profile.call_with_outcome("n3").value["version"] == 13
+    writer.invalidate_tag("user:n4")
+    assert [v["version"] for v in profile.many(names[3:6])] == [13, 14, 6]

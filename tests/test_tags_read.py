@@ -1,0 +1,268 @@
+"""What ``invalidate_tag`` promises to readers, on real redis-server processes.
+
+A call that starts after ``invalidate_tag()`` returned, in any process, never
+gets a value bearing that tag whose fetch began before it; other tags, other
+values and untagged datasets are untouched. Two :class:`~memofill.Memofill`
+instances stand for two processes (each reads the marks itself); races are
+driven with events, not sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from memofill import CacheFill, Dataset, Memofill
+from memofill.cli import main
+from memofill.codegen import render
+from memofill.keys import tags_key
+from tests.support.redis_servers import RedisServer
+
+pytestmark = pytest.mark.redis_server
+
+PATIENCE_S = 10.0
+FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=5, poll_max_ms=50)
+PROFILE = Dataset(
+    "profile:{user_id}", ttl_s=300, negative_ttl_s=60, cache_fill=FILL, tags=("user:{user_id}",)
+)
+ORDERS = Dataset(
+    "orders:{user_id}:{page}", ttl_s=300, cache_fill=FILL, tags=("user:{user_id}", "orders")
+)
+PLAIN = Dataset("plain:{user_id}", ttl_s=300, cache_fill=FILL)
+STALE = Dataset("feed:{user_id}", ttl_s=300, stale_s=60, cache_fill=FILL, tags=("user:{user_id}",))
+POLICIES = [PROFILE, ORDERS, PLAIN, STALE]
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"g{uuid.uuid4().hex[:8]}:"
+
+
+_clients: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
+def instance(server: RedisServer, prefix: str, **options: Any) -> Memofill:
+    client = options.pop("client", None) or server.client()
+    _clients.append(client)
+    return Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=50, **options)
+
+
+class Origin:
+    """An upstream whose values count up; a call may be held until let go."""
+
+    def __init__(self) -> None:
+        self.versions = itertools.count(1)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+
+    def hold(self) -> None:
+        self.entered.clear()
+        self.go.clear()
+
+    def __call__(self, *args: Any) -> dict[str, Any]:
+        version = next(self.versions)
+        self.entered.set()
+        assert self.go.wait(PATIENCE_S)
+        return {"args": list(args), "version": version}
+
+
+def functions(cache: Memofill, origin: Origin) -> tuple[Any, Any, Any]:
+    def of_user(user_id: int) -> dict[str, Any]:
+        return origin(user_id)
+
+    def of_page(user_id: int, page: int) -> dict[str, Any]:
+        return origin(user_id, page)
+
+    profile = cache.cached_dataset(PROFILE.key)(of_user)
+    orders = cache.cached_dataset(ORDERS.key)(of_page)
+    plain = cache.cached_dataset(PLAIN.key)(of_user)
+    return profile, orders, plain
+
+
+def test_a_tag_invalidated_in_one_process_is_refilled_in_every_dataset_of_another(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    origin = Origin()
+    reader, writer = instance(redis_server, prefix), instance(redis_server, prefix)
+    profile, orders, plain = functions(reader, origin)
+    before = {
+        "profile 42": profile(42),
+        "orders 42": orders(42, 1),
+        "profile 7": profile(7),
+        "orders 7": orders(7, 1),
+        "plain 42": plain(42),
+    }
+    assert profile.call_with_outcome(42).outcome == "hit"
+    writer.invalidate_tag("user:42")
+    assert profile.call_with_outcome(42).outcome == "leader_fill"
+    assert orders(42, 1)["version"] > before["orders 42"]["version"]
+    assert profile(42)["version"] > before["profile 42"]["version"]
+    # Other tags, and a dataset without tags, are untouched.
+    assert profile.call_with_outcome(7).outcome == "hit"
+    assert orders(7, 1) == before["orders 7"]
+    assert plain(42) == before["plain 42"]
+    writer.invalidate_tag("orders")  # a fixed tag: every value of the orders dataset
+    assert orders.call_with_outcome(7, 1).outcome == "leader_fill"
+    assert profile.call_with_outcome(7).outcome == "hit"
+
+
+def test_a_fill_that_straddles_invalidate_tag_never_becomes_servable(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    origin = Origin()
+    cache, other = instance(redis_server, prefix), instance(redis_server, prefix)
+    profile, _, _ = functions(cache, origin)
+    origin.hold()
+    out: dict[str, Any] = {}
+    leader = threading.Thread(target=lambda: out.update(leader=profile(42)))
+    leader.start()
+    assert origin.entered.wait(PATIENCE_S)
+    other.invalidate_tag("user:42")
+    # A caller of the leader's own process that starts now fills anew: it knows the mark.
+    joiner = threading.Thread(target=lambda: out.update(joiner=profile.call_with_outcome(42)))
+    joiner.start()
+    origin.go.set()
+    leader.join(PATIENCE_S)
+    joiner.join(PATIENCE_S)
+    assert out["leader"]["version"] == 1  # began before the invalidation: may get it
+    assert out["joiner"].value["version"] >= 2
+    reader, _, _ = functions(instance(redis_server, prefix), Origin())
+    assert reader(42)["version"] >= 2  # the straddling fill's write is never served
+
+
+def test_a_soft_tag_invalidation_serves_stale_while_one_refreshes(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    origin = Origin()
+    cache = instance(redis_server, prefix)
+
+    @cache.cached_dataset(STALE.key)
+    def feed(user_id: int) -> dict[str, Any]:
+        return origin(user_id)
+
+    assert feed(42)["version"] == 1
+    instance(redis_server, prefix).invalidate_tag("user:42", soft=True)
+    stale = feed.call_with_outcome(42)
+    assert (stale.outcome, stale.value["version"]) == ("stale_hit", 1)
+    deadline = time.monotonic() + PATIENCE_S
+    while cache.refreshes.in_flight():  # the refresh runs on a worker thread
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    fresh = feed.call_with_outcome(42)
+    assert (fresh.outcome, fresh.value["version"]) == ("hit", 2)
+
+
+def test_losing_the_tags_hash_never_revives_an_invalidated_value(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    origin = Origin()
+    cache = instance(redis_server, prefix)
+    profile, _, _ = functions(cache, origin)
+    assert profile(42)["version"] == 1
+    writer = instance(redis_server, prefix)
+    writer.invalidate_tag("user:42")
+    admin = redis_server.client()
+    admin.delete(tags_key(prefix))  # an eviction, a DEL, a restart without persistence
+    admin.close()
+    assert profile(42)["version"] == 2  # born again: what was written before is behind
+
+
+def test_a_negative_marker_lives_its_negative_ttl_as_after_a_dataset_invalidation(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The stated limit (docs/tags.rst): a marker carries no stamp, so no mark rejects it."""
+    calls = itertools.count(1)
+    cache = instance(redis_server, prefix)
+
+    @cache.cached_dataset(PROFILE.key)
+    def profile(user_id: int) -> Any:
+        return None if next(calls) == 1 else {"user": user_id}
+
+    assert profile(42) is None
+    cache.invalidate_tag("user:42")
+    assert profile.call_with_outcome(42).outcome == "hit"
+    assert profile(42) is None
+    assert next(calls) == 2
+
+
+def test_a_tagged_hit_is_one_round_trip_and_a_page_of_them_one_too(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    client = redis_server.client()
+    cache = instance(redis_server, prefix, client=client)
+    profile, _, _ = functions(cache, Origin())
+    users = list(range(20))
+    profile.many(users)
+    cache.invalidate_tag("user:3")
+    assert profile.many(users)[3]["version"] == 21
+    sent = 0
+    pool = client.connection_pool
+    get = pool.get_connection
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        return get(*args, **kwargs)
+
+    pool.get_connection = counted  # type: ignore[method-assign]
+    assert profile.call_with_outcome(5).outcome == "hit"
+    assert sent == 1
+    sent = 0
+    page = profile.many(users)
+    assert [value["args"] for value in page] == [[user] for user in users]
+    assert sent == 1
+
+
+async def test_an_asyncio_reader_refills_what_a_tag_invalidated(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    client = redis.asyncio.Redis(port=redis_server.port)
+    cache = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=50)
+    versions = itertools.count(1)
+
+    @cache.cached_dataset(PROFILE.key)
+    async def profile(user_id: int) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {"version": next(versions)}
+
+    try:
+        assert (await profile(42))["version"] == 1
+        assert (await profile.call_with_outcome(42)).outcome == "hit"
+        instance(redis_server, prefix).invalidate_tag("user:42")
+        assert (await profile(42))["version"] == 2
+        assert [v["version"] for v in await profile.many([42, 7])] == [2, 3]
+        await cache.invalidate_tag("user:7")
+        assert [v["version"] for v in await profile.many([42, 7])] == [2, 4]
+    finally:
+        await client.aclose()
+
+
+def test_the_invalidate_command_makes_readers_refill(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    module = tmp_path / "policies.py"
+    module.write_text(render(POLICIES, "registry.py"))
+    origin = Origin()
+    profile, _, _ = functions(instance(redis_server, prefix), origin)
+    assert profile(42)["version"] == 1
+    common = ["--url", redis_server.url, "--prefix", prefix, "--policies", str(module)]
+    assert main(["invalidate", "--tag", "user:42", *common]) == 0
+    assert profile.call_with_outcome(42).value["version"] == 2
