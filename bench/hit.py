@@ -254,7 +254,7 @@ def measure_typed(
 # -- fresh and stale hits: what the stored header and a stale window cost a hit -------------------
 
 #: The rows, each divided by the raw floor measured in the same rounds.
-HEADER_ROWS = ("floor", "memofill-fresh", "memofill-stale")
+HEADER_ROWS = ("floor", "memofill-fresh", "memofill-stale", "memofill-tagged")
 #: Seconds the stale row's value is fresh: the setup then waits for it to be stale.
 STALE_ROW_FRESH_S = 1
 
@@ -279,6 +279,9 @@ def _header_calls(port: int) -> dict[str, Callable[[str], Any]]:
         prefix="bench:header:",
         policies={
             "fresh:{name}": memofill.Dataset("fresh:{name}", ttl_s=600),
+            "tagged:{name}": memofill.Dataset(
+                "tagged:{name}", ttl_s=600, tags=("user:{name}", "catalog")
+            ),
             "stale:{name}": memofill.Dataset(
                 "stale:{name}",
                 ttl_s=STALE_ROW_FRESH_S,
@@ -302,8 +305,16 @@ def _header_calls(port: int) -> dict[str, Callable[[str], Any]]:
     def stale(name: str) -> dict[str, Any]:
         return small_value(name)
 
+    @instance.cached_dataset("tagged:{name}")
+    def tagged(name: str) -> dict[str, Any]:
+        return small_value(name)
+
+    instance.invalidate_tag("user:" + NAME)  # its mark is read, and passed, on every hit
     fresh(NAME)
     stale(NAME)
+    tagged(NAME)
+    if tagged.call_with_outcome(NAME).outcome != "hit":
+        raise AssertionError("the tagged row's call was no hit")
     raw.set(instance.lock_key("stale:{name}", name=NAME), "another-process", px=hour_ms)
     raw.set("bench:header:floor:" + NAME, orjson.dumps(small_value(NAME)))
     if not _headed(get("bench:header:fresh:" + NAME), orjson.dumps(small_value(NAME))):
@@ -319,6 +330,7 @@ def _header_calls(port: int) -> dict[str, Callable[[str], Any]]:
         "floor": lambda name: loads(get("bench:header:floor:" + name)),
         "memofill-fresh": fresh,
         "memofill-stale": stale,
+        "memofill-tagged": tagged,
     }
 
 

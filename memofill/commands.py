@@ -25,6 +25,7 @@ from redis.exceptions import (
     NoScriptError,
     RedisClusterException,
     RedisError,
+    ResponseError,
 )
 from redis.exceptions import ConnectionError as _ConnectionError
 from redis.exceptions import TimeoutError as _TimeoutError
@@ -42,7 +43,6 @@ __all__ = [
     "REDIS_ERRORS",
     "RELEASE_SCRIPT",
     "STORE_SCRIPT",
-    "TAGGED_READ_SCRIPT",
     "TAG_MARKS_SCRIPT",
     "TOMB_MS",
     "Commands",
@@ -332,23 +332,11 @@ if not born then
 end
 """
 
-#: A tagged read (:mod:`memofill.tags`), sent by EVALSHA in place of ``GET``: one round trip.
-#:
-#: KEYS[1]: the data key. KEYS[2]: the tags hash. ARGV: the fields of the value's tags
-#: (``t:<tag>``). Returns ``[stored bytes or nil, born, each field or nil]``.
-TAGGED_READ_SCRIPT = (
-    _TAGS_PRELUDE
-    + """
-local reply = {redis.call('GET', KEYS[1]), born}
-local marks = redis.call('HMGET', KEYS[2], unpack(ARGV))
-for i = 1, #ARGV do reply[i + 2] = marks[i] end
-return reply
-"""
-)
-
-#: The tag marks alone, where the data key lives in another slot (a Redis Cluster whose
-#: prefix is no hash tag): KEYS[1]: the tags hash; ARGV and the reply as
-#: :data:`TAGGED_READ_SCRIPT`'s, without the value.
+#: The marks of some tags, the tags hash born if it is missing. KEYS[1]: the tags hash.
+#: ARGV: the tags' fields (``t:<tag>``). Returns ``[born, each field or nil]``. A tagged
+#: hit reads the hash with a plain ``HMGET`` beside its ``GET``; this script is for a
+#: hash found without ``born``, and a cluster client's reads (no plain pipeline
+#: without it to learn the birth of a missing hash).
 TAG_MARKS_SCRIPT = (
     _TAGS_PRELUDE
     + """
@@ -541,6 +529,54 @@ def _apart(raw: Any, marks: Any) -> list[Any]:
     return [raw, *marks]
 
 
+#: The tags hash's field of its birth (:mod:`memofill.tags`).
+BORN = "born"
+
+
+def _two_sync(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Write ``commands`` to one connection of ``pool`` at once; their replies, in order.
+
+    One round trip without a pipeline's cost. A reply that is an error (a
+    key of another type) is returned in its place, as a pipeline returns it,
+    once every reply is read; a connection that failed is dropped.
+    """
+    connection = pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands(commands))
+        return [_reply(connection.read_response) for _ in commands]
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
+
+
+def _reply(read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except ResponseError as exc:
+        return exc
+
+
+async def _two_async(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """:func:`_two_sync` on an asyncio pool."""
+    connection = await pool.get_connection()
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        replies = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
+
+
 def _is_async(client: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
 
@@ -563,10 +599,15 @@ class Commands:
         self._invalidate_key = client.register_script(INVALIDATE_KEY_SCRIPT)
         self._read_meta = client.register_script(READ_META_SCRIPT)
         self._invalidate_tag = client.register_script(INVALIDATE_TAG_SCRIPT)
-        self._tagged_read = client.register_script(TAGGED_READ_SCRIPT)
         self._tag_marks = client.register_script(TAG_MARKS_SCRIPT)
         #: Whether a value and the tags hash may live in different slots (a cluster).
         self._apart = is_cluster(client)
+        self._async = _is_async(client)
+        #: Whether two commands may be written to one of the pool's connections directly:
+        #: no single connection of the client's own, no wrapper around its commands.
+        self._plain = getattr(client, "connection", None) is None and not (
+            {"execute_command", "pipeline"} & set(vars(client))
+        )
         _live_commands.add(self)
 
     def mget(self, keys: list[str]) -> Any:
@@ -582,21 +623,39 @@ class Commands:
     def tagged_get(self, key: str, tags_key: str, fields: list[str]) -> Any:
         """``GET key`` and the marks of its tags (``fields``), in one round trip.
 
-        ``[stored bytes or None, born, each field or None]``
-        (:data:`TAGGED_READ_SCRIPT`). On a cluster the value and the tags hash
-        may live on different nodes: a ``GET`` and :data:`TAG_MARKS_SCRIPT`, sent
-        together.
+        ``[stored bytes or None, born, each field or None]``. Two plain
+        commands, ``GET`` and ``HMGET`` of the tags hash, written to one
+        connection together (a script would cost Redis more than the read
+        itself); a hash found without ``born`` is born by
+        :data:`TAG_MARKS_SCRIPT`, once. On a cluster, or a client whose commands
+        are wrapped (a single-connection client, the testing harness), a
+        pipeline of ``GET`` and the script: the value and the tags hash may
+        live on different nodes.
         """
-        if not self._apart:
-            return self._tagged_read(keys=[key, tags_key], args=fields)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(key)
-        pipe.evalsha(self._tag_marks.sha, 1, tags_key, *fields)
-        if _is_async(self.client):
-            return self._apart_async(pipe.execute(raise_on_error=False), tags_key, fields)
-        raw, marks = pipe.execute(raise_on_error=False)
-        if isinstance(marks, NoScriptError):  # a node that never ran it: loaded, sent again
-            marks = self._tag_marks(keys=[tags_key], args=fields)
+        if self._apart or not self._plain:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.evalsha(self._tag_marks.sha, 1, tags_key, *fields)
+            if self._async:
+                return self._apart_async(pipe.execute(raise_on_error=False), tags_key, fields)
+            raw, marks = pipe.execute(raise_on_error=False)
+            if isinstance(marks, NoScriptError):  # a node that never ran it: loaded, sent again
+                marks = self._tag_marks(keys=[tags_key], args=fields)
+            return _apart(raw, marks)
+        commands = [("GET", key), ("HMGET", tags_key, BORN, *fields)]
+        if self._async:
+            return self._together_async(commands, tags_key, fields)
+        raw, marks = _two_sync(self.client.connection_pool, commands)
+        if not isinstance(marks, Exception) and marks[0] is None:  # no hash yet, or lost
+            marks = self._tag_marks(keys=[tags_key], args=fields)  # born now, by the script
+        return _apart(raw, marks)
+
+    async def _together_async(
+        self, commands: list[tuple[Any, ...]], tags_key: str, fields: list[str]
+    ) -> Any:
+        raw, marks = await _two_async(self.client.connection_pool, commands)
+        if not isinstance(marks, Exception) and marks[0] is None:
+            marks = await self._tag_marks(keys=[tags_key], args=fields)
         return _apart(raw, marks)
 
     async def _apart_async(self, sent: Any, tags_key: str, fields: list[str]) -> Any:

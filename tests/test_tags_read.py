@@ -266,3 +266,20 @@ def test_the_invalidate_command_makes_readers_refill(
     common = ["--url", redis_server.url, "--prefix", prefix, "--policies", str(module)]
     assert main(["invalidate", "--tag", "user:42", *common]) == 0
     assert profile.call_with_outcome(42).value["version"] == 2
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_a_tagged_read_of_a_key_of_another_type_is_refilled_and_leaves_the_pool_sound(
+    redis_server: RedisServer, prefix: str, single: bool
+) -> None:
+    """The value's reply is an error (WRONGTYPE): the marks' reply is still read, so the
+    connection stays in step; a single-connection client reads through a pipeline."""
+    client = redis.Redis(port=redis_server.port, single_connection_client=single)
+    origin = Origin()
+    profile, _, _ = functions(instance(redis_server, prefix, client=client), origin)
+    admin = redis_server.client()
+    admin.rpush(profile.redis_key(42), b"not a value")
+    admin.close()
+    assert profile(42)["version"] == 1
+    assert profile.call_with_outcome(42).outcome == "hit"
+    assert [profile(user)["args"] for user in (7, 8)] == [[7], [8]]
