@@ -627,7 +627,7 @@ class Commands:
         commands, ``GET`` and ``HMGET`` of the tags hash, written to one
         connection together (a script would cost Redis more than the read
         itself); a hash found without ``born`` is born by
-        :data:`TAG_MARKS_SCRIPT`, once. On a cluster, or a client whose commands
+        ``TAG_MARKS_SCRIPT``, once. On a cluster, or a client whose commands
         are wrapped (a single-connection client, the testing harness), a
         pipeline of ``GET`` and the script: the value and the tags hash may
         live on different nodes.
@@ -668,7 +668,7 @@ class Commands:
         """:meth:`mget` and the marks of ``fields`` (the keys' tags): ``[values, born, ...]``.
 
         One round trip on a single server (a pipeline of ``MGET`` and
-        :data:`TAG_MARKS_SCRIPT`); on a cluster, an ``MGET`` per node and then the marks.
+        ``TAG_MARKS_SCRIPT``); on a cluster, an ``MGET`` per node and then the marks.
         """
         if self._apart:
             if _is_async(self.client):
@@ -692,7 +692,7 @@ class Commands:
     def pipelined(self, steps: list[tuple[str, tuple[Any, ...]]]) -> Any:
         """Send several script steps (``(method name, args)``) in one round trip; their replies.
 
-        The steps of several fills at once (:mod:`memofill.lockstep`): each is the
+        The steps of several fills at once (``memofill.lockstep``): each is the
         method of that name (``acquire``, ``write``, ``release``, ``hold``) as it
         would run alone, sent as ``EVALSHA`` in one pipeline (on a cluster, one
         request per node, sent together). A reply that is an error is returned in

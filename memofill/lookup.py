@@ -227,6 +227,9 @@ def by_tags(
     """
     raw = reply[0]
     tag_marks = hard, soft, marked = read_marks(reply[1], reply[2:])
+    generations = snapshot.generations
+    if max(hard, soft) > generations.clock_us:  # a fill without a lock stamps after them
+        generations.heard_clock(max(hard, soft))
     marks = snapshot.marks
     if hard <= marks.hard and soft <= marks.soft and (marks.explicit or not marked):
         return raw, snapshot, None

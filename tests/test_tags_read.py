@@ -283,3 +283,25 @@ def test_a_tagged_read_of_a_key_of_another_type_is_refilled_and_leaves_the_pool_
     assert profile(42)["version"] == 1
     assert profile.call_with_outcome(42).outcome == "hit"
     assert [profile(user)["args"] for user in (7, 8)] == [[7], [8]]
+
+
+def test_a_dataset_filled_without_a_lock_stamps_after_the_marks_it_read(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A fill that takes no lock stamps Redis's clock as last read: the tags hash's birth
+    and marks count as read, else its values would be behind them and never served."""
+    legacy = Dataset("legacy:{user_id}", ttl_s=300, tags=("user:{user_id}",))
+    client = redis_server.client()
+    _clients.append(client)
+    cache = Memofill(client, prefix=prefix, policies=[legacy], meta_check_ms=60_000)
+    versions = itertools.count(1)
+
+    @cache.cached_dataset(legacy.key)
+    def value(user_id: int) -> int:
+        return next(versions)
+
+    assert value(7) == 1
+    assert value.call_with_outcome(7).outcome == "hit"
+    instance(redis_server, prefix).invalidate_tag("user:7")
+    assert value(7) == 2
+    assert value.call_with_outcome(7).outcome == "hit"
