@@ -737,6 +737,31 @@ class Commands:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
+    def read_near_tagged(self, key: str, tags_key: str, fields: list[str]) -> Any:
+        """:meth:`read_near` and the marks of the value's tags, in one round trip.
+
+        ``[stored bytes, ms left, born, each field or None]``: ``GET``, ``PTTL``
+        and ``HMGET`` of the tags hash in one pipeline (the listener's clients
+        are never clusters); a hash found without ``born`` is born by
+        ``TAG_MARKS_SCRIPT``.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(key)
+        pipe.pttl(key)
+        pipe.hmget(tags_key, [BORN, *fields])
+        if self._async:
+            return self._near_tagged_async(pipe.execute(), tags_key, fields)
+        raw, ms_left, marks = pipe.execute()
+        if marks[0] is None:
+            marks = self._tag_marks(keys=[tags_key], args=fields)
+        return [raw, ms_left, *marks]
+
+    async def _near_tagged_async(self, sent: Any, tags_key: str, fields: list[str]) -> Any:
+        raw, ms_left, marks = await sent
+        if marks[0] is None:
+            marks = await self._tag_marks(keys=[tags_key], args=fields)
+        return [raw, ms_left, *marks]
+
     def read_near(self, key: str) -> Any:
         """``GET key`` and ``PTTL key`` in one round trip: ``[stored bytes, ms left]``.
 

@@ -44,7 +44,7 @@ import redis
 import redis.connection
 
 from memofill.commands import LISTENER_CHANNEL, Commands, is_cluster
-from memofill.keys import meta_key
+from memofill.keys import meta_key, tags_key
 from memofill.near import LocalStore, NearCache
 from memofill.policy import Dataset
 
@@ -488,7 +488,8 @@ def follow(
     listener, and every copy made under the old one is dropped. Until the
     policies are loaded, nothing is served near.
     """
-    store.watch = {meta_key(prefix): on_meta_change}
+    # A tag invalidated anywhere may concern any tagged copy: all go (a tag names no keys).
+    store.watch = {meta_key(prefix): on_meta_change, tags_key(prefix): store.clear}
     if near is not None:
         store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
         store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
@@ -537,7 +538,7 @@ def _near_heads(prefix: str, policies: Mapping[str, Dataset] | None) -> tuple[st
     if _heads_memo[0] is policies and _heads_memo[1] == prefix:
         return _heads_memo[2]  # type: ignore[no-any-return]
     heads = [prefix + d.template.parts[0] for d in policies.values() if d.near_ms > 0]
-    # The meta hash too: another process's dataset invalidation then arrives in milliseconds.
-    found = tracked_prefixes([*heads, meta_key(prefix)]) if heads else ()
+    # The meta and tags hashes too: another process's invalidation arrives in milliseconds.
+    found = tracked_prefixes([*heads, meta_key(prefix), tags_key(prefix)]) if heads else ()
     _heads_memo[:] = [policies, prefix, found]
     return found

@@ -84,9 +84,13 @@ def lookup_sync(
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
-            if reservation is not None:
+            if reservation is not None and tags_of is None:
                 reply = commands.read_near(key)
                 raw = reply[0]
+            elif reservation is not None:
+                fields = tags_of(instance, args, kwargs)
+                reply = commands.read_near_tagged(key, snapshot.tags_key, fields)
+                raw, snapshot, later = by_tags(snapshot, [reply[0], *reply[2:]])
             elif tags_of is None:
                 raw = commands.get(key)
             else:
@@ -159,9 +163,13 @@ async def lookup_async(
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
-            if reservation is not None:
+            if reservation is not None and tags_of is None:
                 reply = await commands.read_near(key)
                 raw = reply[0]
+            elif reservation is not None:
+                fields = tags_of(instance, args, kwargs)
+                reply = await commands.read_near_tagged(key, snapshot.tags_key, fields)
+                raw, snapshot, later = by_tags(snapshot, [reply[0], *reply[2:]])
             elif tags_of is None:
                 raw = await commands.get(key)
             else:
@@ -301,7 +309,7 @@ def reserved_hit(
     started: float,
     reservation: tuple[object, int],
 ) -> Any:
-    """:func:`hit` for a read that reserved a near copy (``reply`` is ``[bytes, ms left]``).
+    """:func:`hit` for a read that reserved a near copy (``reply`` begins ``[bytes, ms left]``).
 
     A plain value, and a negative marker, are kept near as
     :func:`~memofill.near.keep_near` says; anything else (stale, due early,
@@ -309,7 +317,7 @@ def reserved_hit(
     """
     near = snapshot.near
     assert near is not None  # called only for functions whose dataset keeps near copies
-    raw, ms_left = reply
+    raw, ms_left = reply[0], reply[1]  # a tagged read has its marks after them
     if raw is None:
         near.abandon(key, reservation)
         return NOT_A_HIT

@@ -318,9 +318,6 @@ def _dataset_problems(
     near = _near_problem(dataset.near_ms, ttl if ttl_ok else None)
     if near is not None:
         problems.append(Problem(key, "near_ms", dataset.near_ms, near))
-    elif dataset.near_ms and isinstance(dataset.tags, tuple) and dataset.tags:
-        rule = "must be 0 for a dataset with tags: its values are read with their tags' marks"
-        problems.append(Problem(key, "near_ms", dataset.near_ms, rule))
     if dataset.cache_fill is not None:
         problems.extend(_fill_problems(key, dataset.cache_fill))
     elif _is_number(dataset.error_ttl_s) and dataset.error_ttl_s != 0:

@@ -61,7 +61,8 @@ def _close_clients() -> Iterator[None]:
 def instance(server: RedisServer, prefix: str, **options: Any) -> Memofill:
     client = options.pop("client", None) or server.client()
     _clients.append(client)
-    return Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=50, **options)
+    policies = options.pop("policies", POLICIES)
+    return Memofill(client, prefix=prefix, policies=policies, meta_check_ms=50, **options)
 
 
 class Origin:
@@ -305,3 +306,66 @@ def test_a_dataset_filled_without_a_lock_stamps_after_the_marks_it_read(
     instance(redis_server, prefix).invalidate_tag("user:7")
     assert value(7) == 2
     assert value.call_with_outcome(7).outcome == "hit"
+
+
+NEAR = Dataset(
+    "card:{user_id}", ttl_s=600, near_ms=300_000, cache_fill=FILL, tags=("user:{user_id}",)
+)
+
+
+def test_near_copies_bearing_a_tag_go_when_another_process_invalidates_it(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The listener tracks the tags hash: a tag invalidated elsewhere drops the copies."""
+    from memofill import NearCache  # noqa: PLC0415
+
+    cache = Memofill(redis_server.client(), prefix=prefix, policies=[NEAR], near=NearCache())
+    versions = itertools.count(1)
+
+    @cache.cached_dataset(NEAR.key)
+    def card(user_id: int) -> dict[str, Any]:
+        return {"version": next(versions)}
+
+    try:
+        deadline = time.monotonic() + PATIENCE_S
+        while card.call_with_outcome(42).outcome != "near_hit":  # the listener up, a copy made
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert card(7)["version"] == 2
+        instance(redis_server, prefix, policies=[NEAR]).invalidate_tag("user:42")
+        deadline = time.monotonic() + PATIENCE_S  # the listener's lag, not near_ms
+        while (value := card(42))["version"] == 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert value["version"] == 3
+        assert card(7)["version"] == 2  # its copy went too, and came back from Redis
+    finally:
+        cache.local_store.attach(None)
+
+
+async def test_an_asyncio_near_copy_bearing_a_tag_goes_when_the_tag_is_invalidated(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    from memofill import NearCache  # noqa: PLC0415
+
+    client = redis.asyncio.Redis(port=redis_server.port)
+    cache = Memofill(client, prefix=prefix, policies=[NEAR], near=NearCache())
+    versions = itertools.count(1)
+
+    @cache.cached_dataset(NEAR.key)
+    async def card(user_id: int) -> dict[str, Any]:
+        return {"version": next(versions)}
+
+    try:
+        deadline = time.monotonic() + PATIENCE_S
+        while (await card.call_with_outcome(42)).outcome != "near_hit":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        instance(redis_server, prefix, policies=[NEAR]).invalidate_tag("user:42")
+        deadline = time.monotonic() + PATIENCE_S
+        while (await card(42))["version"] == 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        cache.local_store.attach(None)
+        await client.aclose()
