@@ -84,13 +84,14 @@ def lookup_sync(
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
-            if reservation is not None and tags_of is None:
-                reply = commands.read_near(key)
-                raw = reply[0]
-            elif reservation is not None:
-                fields = tags_of(instance, args, kwargs)
-                reply = commands.read_near_tagged(key, snapshot.tags_key, fields)
-                raw, snapshot, later = by_tags(snapshot, [reply[0], *reply[2:]])
+            if reservation is not None:
+                if tags_of is None:
+                    reply = commands.read_near(key)
+                    raw = reply[0]
+                else:
+                    fields = tags_of(instance, args, kwargs)
+                    reply = commands.read_near_tagged(key, snapshot.tags_key, fields)
+                    raw, snapshot, later = by_tags(snapshot, [reply[0], *reply[2:]])
             elif tags_of is None:
                 raw = commands.get(key)
             else:
@@ -163,13 +164,14 @@ async def lookup_async(
         asked = True
         reservation = None if near is None else near.reserve(key)
         try:
-            if reservation is not None and tags_of is None:
-                reply = await commands.read_near(key)
-                raw = reply[0]
-            elif reservation is not None:
-                fields = tags_of(instance, args, kwargs)
-                reply = await commands.read_near_tagged(key, snapshot.tags_key, fields)
-                raw, snapshot, later = by_tags(snapshot, [reply[0], *reply[2:]])
+            if reservation is not None:
+                if tags_of is None:
+                    reply = await commands.read_near(key)
+                    raw = reply[0]
+                else:
+                    fields = tags_of(instance, args, kwargs)
+                    reply = await commands.read_near_tagged(key, snapshot.tags_key, fields)
+                    raw, snapshot, later = by_tags(snapshot, [reply[0], *reply[2:]])
             elif tags_of is None:
                 raw = await commands.get(key)
             else:
