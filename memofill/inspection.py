@@ -29,8 +29,10 @@ from memofill.commands import TOMB_MS, Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
 from memofill.freshness import EXPIRED, STALE, STALE_IF_ERROR, verdict
 from memofill.generations import BORN, Generations, Marks
-from memofill.keys import SEPARATORS, lock_key, meta_key
+from memofill.keys import SEPARATORS, lock_key, meta_key, tags_key
 from memofill.policy import Dataset
+from memofill.tags import MARK_PREFIX
+from memofill.tags import read_marks as tag_marks
 
 
 def _none(text: str) -> None:
@@ -344,7 +346,7 @@ def servable(
 
 
 def _final_key_pattern(dataset: Dataset) -> re.Pattern[str]:
-    """A regex for the final keys (without prefix) of ``dataset``.
+    """A regex for the final keys (without prefix) of ``dataset``, a group per field.
 
     An argument never holds a separator (see :mod:`memofill.keys`), so each
     field matches a run of anything else; the registry refuses overlapping
@@ -353,8 +355,59 @@ def _final_key_pattern(dataset: Dataset) -> re.Pattern[str]:
     stop = re.escape("".join(sorted(SEPARATORS)))
     parts = dataset.template.parts
     return re.compile(
-        "".join(f"[^{stop}]*" if index % 2 else re.escape(part) for index, part in enumerate(parts))
+        "".join(
+            f"([^{stop}]*)" if index % 2 else re.escape(part) for index, part in enumerate(parts)
+        )
     )
+
+
+def tags_of_final(dataset: Dataset, prefix: str, final: str) -> tuple[str, ...]:
+    """The tags the value under ``final`` bears: its dataset's templates filled with the
+    texts its key holds (as a call builds them), or none for a key that is not the dataset's."""
+    found = _final_key_pattern(dataset).fullmatch(final[len(prefix) :])
+    if found is None or not dataset.tag_templates:
+        return ()
+    texts = dict(zip(dataset.template.parts[1::2], found.groups(), strict=True))
+    tags = []
+    for template in dataset.tag_templates:
+        pieces = [template.literals[0]]
+        for name, literal in zip(template.fields, template.literals[1:], strict=True):
+            pieces += [texts[name], literal]
+        tags.append("".join(pieces))
+    return tuple(tags)
+
+
+def read_tag_marks(
+    client: redis.Redis, prefix: str, tags: tuple[str, ...]
+) -> tuple[tuple[int, int, bool], str]:
+    """The marks of ``tags`` (:func:`memofill.tags.read_marks`) and a line that tells them.
+
+    A hash without ``born`` is made anew by the next tagged read: every value
+    stamped before then is refilled, which the marks then say (Redis's clock now).
+    """
+    fields = [MARK_PREFIX + tag for tag in tags]
+    read, *marks = client.hmget(tags_key(prefix), [BORN, *fields])  # read only
+    renewed = read is None
+    if read is None:
+        seconds, micros = client.time()
+        born = seconds * 1_000_000 + micros
+    else:
+        born = int(read)
+    told = []
+    for tag, mark in zip(tags, marks, strict=True):
+        hard, soft, _ = tag_marks(0, [mark])
+        if mark is None:
+            told.append(f"{tag} (never invalidated)")
+        else:
+            soft_text = f", soft {stamp_text(soft)}" if soft else ""
+            told.append(f"{tag} (invalidated {stamp_text(hard)}{soft_text})")
+    hash_text = (
+        f"{tags_key(prefix)} missing: the next tagged read makes it anew, and no value "
+        "stamped before then is served"
+        if renewed
+        else f"{tags_key(prefix)} born {stamp_text(born)}"
+    )
+    return tag_marks(born, marks), "; ".join([*told, hash_text])
 
 
 def match_final_key(policies: Mapping[str, Dataset], prefix: str, key: str) -> Dataset | None:
@@ -472,6 +525,11 @@ def inspect_entry(
             marks, renewed = read_marks(client, prefix, dataset.key)
         except redis.ResponseError as exc:  # an ACL without HGETALL on the meta key, say
             marks, renewed = f"unknown: cannot read {meta_key(prefix)} ({exc})", None
+        tags, tags_text = tags_of_final(dataset, prefix, final), None
+        if tags:
+            (hard, soft, marked), tags_text = read_tag_marks(client, prefix, tags)
+            if isinstance(marks, Marks):  # a value is judged by its tags' marks too
+                marks.set(hard, soft, marked)
         elsewhere = _other_prefix(client, final) if data_ttl == -2 else None
         if show_value and size > MAX_VALUE_BYTES:
             value = f"(not shown: {size} bytes is more than {MAX_VALUE_BYTES})"
@@ -505,6 +563,7 @@ def inspect_entry(
         ("payload", f"{size - _header_len(head)} bytes, {_kind(head, size)}"),
         ("header", describe_header(head, now_ms) if size else "none"),
         ("marks", marks_text),
+        *([("tags", tags_text)] if tags_text is not None else []),
         ("tomb", _tomb_text(tomb, tomb_ttl, head)),
         ("servable", verdict_text),
         ("lock ttl left", _ttl(lock_ttl)),

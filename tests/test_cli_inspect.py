@@ -674,3 +674,31 @@ def test_a_policy_module_that_exits_is_an_error(tmp_path: Path) -> None:
         QUOTES, "A", "--url", "redis://127.0.0.1:1/0", "--policies", str(policies)
     )
     assert_one_line_exit_2(done, f"{policies}: cannot load: exited (sys.exit(0))")
+
+
+def test_a_tagged_value_shows_its_tags_and_is_not_servable_behind_one(
+    redis_server: RedisServer, prefix: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from memofill import Dataset  # noqa: PLC0415
+    from memofill.codegen import render  # noqa: PLC0415
+
+    profile = Dataset("profile:{user_id}", ttl_s=600, tags=("user:{user_id}", "people"))
+    module = tmp_path / "policies.py"
+    module.write_text(render([profile], "registry.py"))
+    cache = Memofill(redis_server.client(), prefix=prefix, policies=[profile])
+    fetch = cache.cached_dataset(profile.key)(lambda user_id: {"user": user_id})
+    fetch(42)
+    common = ("--url", redis_server.url, "--prefix", prefix, "--policies", str(module))
+    code, shown, err = inspect(capsys, profile.key, "user_id:int=42", *common)
+    assert code == 0, err
+    assert re.fullmatch(
+        rf"user:42 \(never invalidated\); people \(never invalidated\); {prefix}#tags born \S+Z",
+        shown["tags"],
+    ), shown["tags"]
+    assert shown["servable"] == "yes: fresh"
+    cache.invalidate_tag("user:42")
+    code, shown, err = inspect(capsys, f"{prefix}profile:42", *common)  # as the logs print it
+    assert code == 0, err
+    assert re.match(r"user:42 \(invalidated \S+Z\); people \(never invalidated\)", shown["tags"])
+    assert shown["servable"].startswith("no: fetched before"), shown["servable"]
+    assert fetch.call_with_outcome(42).outcome == "legacy"  # a fill, as the run time decides
