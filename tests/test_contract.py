@@ -162,7 +162,9 @@ async def test_the_value_is_stored_as_orjson_bytes_with_the_dataset_ttl(backend:
     assert stored_payload(backend.raw.get(key)) == encode({"é": [1, 2.5, None]})
     assert 55_000 < backend.raw.pttl(key) <= 60_000
     assert backend.raw.exists(lock_key(key)) == 0  # released
-    assert 0 < backend.raw.pttl(wake_key(key)) <= 60_000  # the wake stream does not linger
+    # The wake stream does not linger: it has a TTL, or has already gone (a busy machine).
+    wake_ttl = backend.raw.pttl(wake_key(key))
+    assert wake_ttl == -2 or 0 < wake_ttl <= 60_000
 
 
 async def test_values_come_back_from_the_cache_as_plain_json_data(backend: Backend) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing
 import threading
 import time
 import uuid
@@ -369,3 +370,58 @@ async def test_an_asyncio_near_copy_bearing_a_tag_goes_when_the_tag_is_invalidat
     finally:
         cache.local_store.attach(None)
         await client.aclose()
+
+
+# --- several processes ------------------------------------------------------------------
+
+
+def _reader(port: int, prefix: str, commands: Any, out: Any) -> None:
+    """One process: its own instance; on each word, reads user 42's profile and orders."""
+    client = redis.Redis(host="127.0.0.1", port=port)
+    cache = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=50)
+
+    @cache.cached_dataset(PROFILE.key)
+    def profile(user_id: int) -> dict[str, Any]:
+        return {"version": client.incr(prefix + "fetches")}
+
+    @cache.cached_dataset(ORDERS.key)
+    def orders(user_id: int, page: int) -> dict[str, Any]:
+        return {"version": client.incr(prefix + "fetches")}
+
+    while commands.get(timeout=PATIENCE_S) == "read":
+        out.put((profile(42)["version"], orders(42, 1)["version"], profile(7)["version"]))
+
+
+def test_processes_never_serve_a_value_of_a_tag_invalidated_in_another(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    readers = [(context.Queue(), context.Queue()) for _ in range(3)]
+    processes = [
+        context.Process(target=_reader, args=(redis_server.port, prefix, commands, out))
+        for commands, out in readers
+    ]
+    for process in processes:
+        process.start()
+
+    def read() -> list[tuple[int, int, int]]:
+        for commands, _ in readers:
+            commands.put("read")
+        return [out.get(timeout=PATIENCE_S) for _, out in readers]
+
+    try:
+        before = read()
+        assert len(set(before)) == 1  # one fill of each key across the three processes
+        instance(redis_server, prefix).invalidate_tag("user:42")  # returned: from now on
+        after = read()
+        assert len(set(after)) == 1
+        ((profile, orders, other),) = set(after)
+        ((old_profile, old_orders, old_other),) = set(before)
+        assert profile > old_profile  # refilled, once for all three
+        assert orders > old_orders
+        assert other == old_other  # user 7's value untouched
+    finally:
+        for commands, _ in readers:
+            commands.put("stop")
+        for process in processes:
+            process.join(PATIENCE_S)
