@@ -22,12 +22,14 @@ import redis
 import redis.cluster
 
 from memofill import codegen, demo, inspection, purge, timeline
-from memofill.commands import REDIS_ERRORS, TOMB_MS, Commands
+from memofill.commands import Commands
 from memofill.errors import MemofillError, RegistryError, UnknownTagError
+from memofill.failures import REDIS_ERRORS
 from memofill.generations import mark_field
 from memofill.keys import meta_key, prefix_problem, tags_key
 from memofill.policy import Dataset, load_policies, tag_index
 from memofill.project import find_pyproject, tool_settings
+from memofill.scripts import TOMB_MS
 
 #: Used when no pyproject.toml sets ``[tool.memofill]`` (or none can be read).
 DEFAULT_REGISTRY = "registry.py"

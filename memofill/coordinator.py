@@ -71,16 +71,9 @@ from memofill.codec import (
     payload_size,
     read_header,
 )
-from memofill.commands import (
-    RedisUnavailable,
-    is_hold,
-    is_pool_refusal,
-    is_timeout,
-    new_token,
-    newest_entry,
-    stream_entries,
-)
+from memofill.commands import is_hold, new_token, newest_entry, stream_entries
 from memofill.errors import FillError
+from memofill.failures import RedisUnavailable, is_pool_refusal, is_timeout
 from memofill.freshness import wall_clock
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
@@ -334,7 +327,7 @@ def refresh(plan: Plan, seen_start_ms: int) -> Steps:
     3. Fetch, write the value with a new header, release token-safely (followers of
        a key that hard-expired meanwhile are woken as after any fill).
     4. The fetch raised: the stale value is left alone and the lock is **held** for
-       ``refresh_retry_ms`` (:data:`~memofill.commands.HOLD_SCRIPT`) rather than
+       ``refresh_retry_ms`` (:data:`~memofill.scripts.HOLD_SCRIPT`) rather than
        released: every process finds it held and keeps serving the stale value, so
        the origin sees one call per ``refresh_retry_ms`` while it fails.
     5. Cancelled (asyncio; the loop shutting down): release as a cancelled leader does.

@@ -21,8 +21,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from memofill.commands import REDIS_ERRORS, Commands, RedisUnavailable, is_timeout, is_unreachable
+from memofill.commands import Commands
 from memofill.coordinator import Command, Fetch, Result, Sleep, Step, Steps
+from memofill.failures import REDIS_ERRORS, RedisUnavailable, is_timeout, is_unreachable
 from memofill.fallback import Breaker
 
 

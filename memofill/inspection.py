@@ -25,12 +25,13 @@ from memofill.codec import (
     decode_special,
     read_header,
 )
-from memofill.commands import TOMB_MS, Commands
+from memofill.commands import Commands
 from memofill.errors import ConfigurationError, KeyArgumentError
 from memofill.freshness import EXPIRED, STALE, STALE_IF_ERROR, verdict
 from memofill.generations import BORN, Generations, Marks
 from memofill.keys import SEPARATORS, lock_key, meta_key, tags_key
 from memofill.policy import Dataset
+from memofill.scripts import TOMB_MS
 from memofill.tags import MARK_PREFIX
 from memofill.tags import read_marks as tag_marks
 
@@ -187,7 +188,7 @@ def read_marks(client: redis.Redis, prefix: str, dataset: str) -> tuple[Marks, s
     :meth:`~memofill.generations.Generations.loaded`, so that a field the run
     time would skip is skipped here too. A hash that is missing, or that another
     run of the server made, is made anew by the next read of any process
-    (``_META_PRELUDE`` in :mod:`memofill.commands`), and no value stamped before
+    (``_META_PRELUDE`` in :mod:`memofill.scripts`), and no value stamped before
     that is served: its marks then count from Redis's clock now, and why is
     returned beside them (``None`` while the hash stands).
     """

@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import attrs
 
-from memofill.commands import TOMB_MS, Commands
+from memofill.commands import Commands
 from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
@@ -40,6 +40,7 @@ from memofill.outcomes import Counters
 from memofill.policy import Dataset, PolicySource, tag_index
 from memofill.project import resolve_policies
 from memofill.refreshing import REFRESH_MODES, Refreshes, RefreshMode
+from memofill.scripts import TOMB_MS
 from memofill.singleflight import TaskFlights, ThreadFlights
 from memofill.snapshot import State, configuring, when_switched
 from memofill.tags import TagIndex

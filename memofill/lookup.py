@@ -37,8 +37,9 @@ from memofill.codec import (
     ErrorMarker,
     decode_special,
 )
-from memofill.commands import Commands, is_timeout, is_unreachable
+from memofill.commands import Commands
 from memofill.errors import FillError
+from memofill.failures import is_timeout, is_unreachable
 from memofill.generations import Marks
 from memofill.late import LateRead, sort_read
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync

@@ -26,7 +26,8 @@ from typing import Any
 
 from redis.exceptions import TimeoutError as _TimeoutError
 
-from memofill.commands import Commands, is_timeout, is_unreachable
+from memofill.commands import Commands
+from memofill.failures import is_timeout, is_unreachable
 from memofill.snapshot import Snapshot
 
 logger = logging.getLogger("memofill")

@@ -27,9 +27,10 @@ from typing import Any
 import attrs
 
 from memofill.codec import CORRUPT, Header, read_header
-from memofill.commands import Commands, acl_rule, is_timeout, is_unreachable
+from memofill.commands import Commands, acl_rule
 from memofill.coordinator import LEASE_EXPIRED, REFUSALS, Plan, Result, Steps, fill, refresh
 from memofill.drivers import run_async, run_sync
+from memofill.failures import is_timeout, is_unreachable
 from memofill.fallback import Breaker
 from memofill.freshness import wall_clock
 from memofill.meta_reads import (

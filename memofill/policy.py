@@ -519,7 +519,7 @@ def tag_index(datasets: Iterable[Dataset], late_ms: int) -> TagIndex:
     """Which of ``datasets`` bear a tag, each with how long its values may be in Redis.
 
     ``late_ms`` is how long after its stamp a fill may still write (a tomb's life,
-    :data:`~memofill.commands.TOMB_MS`): a mark must outlive a value that began before it,
+    :data:`~memofill.scripts.TOMB_MS`): a mark must outlive a value that began before it,
     written as late as that.
     """
     return TagIndex(

@@ -9,6 +9,7 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from memofill import CacheFill, Dataset
+from memofill.repeats import REPEATS
 from tests.support.redis_servers import RedisCluster, RedisServer
 
 # How fast a busy machine draws examples or runs one says nothing about the properties tested:
@@ -38,6 +39,13 @@ POLICIES = {
         cache_fill=CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200),
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def _repeats_told_within_the_test() -> Iterator[None]:
+    """A test's repeated warnings are summed up when it ends, not in a later test's records."""
+    yield
+    REPEATS.flush(all_of_them=True)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memofill.codec import NEGATIVE_MARKER, encode, error_marker
-from memofill.commands import Commands, RedisUnavailable
+from memofill.commands import Commands
 from memofill.coordinator import (
     CANCELLED,
     FETCH,
@@ -39,6 +39,7 @@ from memofill.coordinator import (
 )
 from memofill.drivers import run_async, run_sync
 from memofill.errors import FillError
+from memofill.failures import RedisUnavailable
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome

@@ -28,6 +28,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "mechanism",
         frozenset(
             {
+                "failures",
+                "scripts",
                 "commands",
                 "coordinator",
                 "drivers",

@@ -22,11 +22,12 @@ import memofill
 from memofill import CacheFill, Dataset, Memofill, RegistryError, UnknownTagError, load_policies
 from memofill.cli import main
 from memofill.codegen import render
-from memofill.commands import TOMB_MS, Commands, acl_rule
+from memofill.commands import Commands, acl_rule
 from memofill.errors import KeyTemplateError
 from memofill.keys import tags_key
 from memofill.policy import tag_index, validate
 from memofill.project import import_file
+from memofill.scripts import TOMB_MS
 from memofill.tags import KEEP_MARGIN_MS, TagMarks
 from tests.support.redis_servers import RedisServer
 
