@@ -358,8 +358,9 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
     with the stale bytes it may serve if its fill fails. ``told``: the breaker
     already counted ``error`` (one ``MGET`` that failed for several keys).
     """
-    stale = None
+    stale, behind = None, None
     if raw is not None and (snapshot.late is not None or snapshot.marks.top):  # top: see plain
+        behind = behind_marks(snapshot, raw)
         raw, late = sort_read(snapshot, key, raw)
         if late is not None:
             if late.result is not None:
@@ -368,7 +369,27 @@ def after_read(  # noqa: PLR0917  # the two lookups' own locals, passed on
     served = served_without_fill(snapshot, key, asked, raw, error, told=told)
     if served is not None:
         return served
-    return Miss(snapshot, key, started, commands, error, wrapped, args, kwargs, stale=stale)
+    return Miss(
+        snapshot, key, started, commands, error, wrapped, args, kwargs, stale=stale, behind=behind
+    )
+
+
+def behind_marks(snapshot: Snapshot, raw: bytes) -> str | None:
+    """Which marks put the value read behind: ``"dataset"``, ``"tags"``, or ``None``.
+
+    Its dataset's own marks (an ``invalidate_dataset``, or the meta hash born
+    again) are told first; then its tags' (:func:`by_tags` raised ``snapshot``'s).
+    What the miss's record tells operators (``behind``), never what it decides.
+    """
+    if raw[:2] != HEADED:
+        return None
+    try:
+        stamp = int(raw[STAMP], 16)
+    except ValueError:
+        return None
+    if stamp <= snapshot.generations.of(snapshot.key).top:
+        return "dataset"
+    return "tags" if stamp <= snapshot.marks.top else None
 
 
 def served_without_fill(

@@ -216,6 +216,8 @@ class Metrics:
         self.events = events
         self._histograms: dict[tuple[str, tuple[str, ...]], Histogram] = {}
         self._refreshes: Counter[tuple[str, str, str]] = Counter()
+        #: ``(dataset, "dataset" | "tags")`` -> calls that read a value behind those marks.
+        self._behind: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         _live_metrics.add(self)
 
@@ -223,6 +225,9 @@ class Metrics:
         """Observe one miss (called once per miss record, after it is logged), then the hooks."""
         for name, labels, value in miss_observations(record):
             self._histogram(name, labels).observe(value)
+        if record.behind is not None:
+            with self._lock:
+                self._behind[record.dataset, record.behind] += 1
         if self.events.hooks:
             self.events.send(record)
 
@@ -257,6 +262,11 @@ class Metrics:
             chosen = [(key[1], h) for key, h in self._histograms.items() if key[0] == name]
         return [(labels, histogram.read()) for labels, histogram in sorted(chosen)]
 
+    def behind(self) -> dict[tuple[str, str], int]:
+        """``{(dataset, marks): count}``: calls that read a value behind those marks."""
+        with self._lock:
+            return dict(self._behind)
+
     def refreshes(self) -> dict[tuple[str, str, str], int]:
         """``{(dataset, trigger, outcome): count}`` of every refresh counted so far."""
         with self._lock:
@@ -267,6 +277,7 @@ class Metrics:
         with self._lock:
             histograms = list(self._histograms.values())
             self._refreshes.clear()
+            self._behind.clear()
         for histogram in histograms:
             histogram.reset()
 
@@ -282,6 +293,7 @@ def _after_fork_in_child() -> None:
         for histogram in metrics._histograms.values():
             histogram.after_fork()
         metrics._refreshes.clear()
+        metrics._behind.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -380,6 +392,10 @@ def _refreshes(cache: Source) -> Samples:
     return sorted(((key, count) for key, count in counts.items()))
 
 
+def _behind(cache: Source) -> Samples:
+    return sorted(cache.metrics.behind().items())
+
+
 def _refreshes_registered(cache: Source) -> Samples:
     return _refresh_zeros(_refreshed_datasets(cache))
 
@@ -476,6 +492,14 @@ FAMILIES: list[Family] = [
         ("dataset", "trigger", "outcome"),
         _refreshes,
         registered=_refreshes_registered,
+    ),
+    Family(
+        "behind_marks",
+        "counter",
+        "{call}",
+        "Calls whose value was behind its dataset's or its tags' marks (invalidated), by which",
+        ("dataset", "marks"),
+        _behind,
     ),
     Family(
         STALE_AGE,

@@ -233,8 +233,11 @@ class Miss:
         kwargs: dict[str, Any],
         refresh: bool = False,
         stale: bytes | None = None,
+        behind: str | None = None,
     ) -> None:
         self.snapshot, self.key, self.started, self.commands = snapshot, key, started, commands
+        #: Which marks put the value this caller read behind (its record tells it), if any.
+        self.behind = behind
         #: This process's ``invalidate()`` count when the miss began: a fill that an
         #: invalidation here overtook keeps no copy for outages.
         self.local_at = snapshot.generations.local
@@ -343,6 +346,7 @@ class Miss:
             error=(self.plan.redis_error or result.error) if joined else result.error,
             fetch_ms=self.fetch_ms,
             joined=served,
+            behind=self.behind,
         )
         if not joined:
             record.emit()

@@ -124,6 +124,10 @@ class MissRecord:
     #: one is its own read's failure (Redis unreachable, say) where it had one, else the
     #: fill's.
     joined: int = 0
+    #: The value this caller read was behind marks, which: ``"dataset"`` (its dataset was
+    #: invalidated, or its marks born again) or ``"tags"`` (one of its tags was); ``None``
+    #: when nothing was there, or its own clock expired it.
+    behind: str | None = None
 
     def emit(self) -> None:
         """Log this record on the ``memofill`` logger (never the payload, only its size)."""
@@ -135,9 +139,10 @@ class MissRecord:
         fields["outcome"] = self.outcome.value
         if warn and not REPEATS.admit(level, fields):
             return
-        logger.log(
-            level,
-            "%s %s elapsed_ms=%.1f waited_ms=%.1f polls=%d payload_bytes=%d error=%s joined=%d",
+        message = (
+            "%s %s elapsed_ms=%.1f waited_ms=%.1f polls=%d payload_bytes=%d error=%s joined=%d"
+        )
+        args: tuple[Any, ...] = (
             self.outcome.value,
             self.redis_key,
             self.elapsed_ms,
@@ -146,8 +151,10 @@ class MissRecord:
             self.payload_bytes,
             self.error,
             self.joined,
-            extra=fields,
         )
+        if self.behind is not None:
+            message, args = message + " behind=%s", (*args, self.behind)
+        logger.log(level, message, *args, extra=fields)
 
 
 @attrs.frozen

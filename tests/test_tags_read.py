@@ -425,3 +425,35 @@ def test_processes_never_serve_a_value_of_a_tag_invalidated_in_another(
             commands.put("stop")
         for process in processes:
             process.join(PATIENCE_S)
+
+
+def test_a_value_behind_marks_is_told_apart_in_records_and_metrics(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Which marks made a value unservable: its dataset's, or its tags'."""
+    from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415
+
+    from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
+
+    cache = instance(redis_server, prefix)
+    profile, _, _ = functions(cache, Origin())
+    seen: list[Any] = []
+    cache.events.subscribe(seen.append)
+    profile(42)
+    cache.invalidate_tag("user:42")
+    profile(42)
+    cache.invalidate_dataset(PROFILE.key)
+    profile(42)
+    profile(7)  # nothing there: behind nothing
+    fills = [(r.outcome.value, r.behind) for r in seen if hasattr(r, "behind")]
+    assert fills == [
+        ("leader_fill", None),
+        ("leader_fill", "tags"),
+        ("leader_fill", "dataset"),
+        ("leader_fill", None),
+    ]
+    registry = CollectorRegistry()
+    registry.register(MemofillCollector(cache))
+    text = generate_latest(registry).decode()
+    assert 'memofill_behind_marks_total{dataset="profile:{user_id}",marks="tags"} 1.0' in text
+    assert 'memofill_behind_marks_total{dataset="profile:{user_id}",marks="dataset"} 1.0' in text
