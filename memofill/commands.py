@@ -453,12 +453,20 @@ class Commands:
         pipe.pttl(key)
         return pipe.execute()
 
-    def write(self, key: str, payload: bytes, ttl_ms: int, stamp: int) -> Any:
+    def write(  # noqa: PLR0917  # sent as a Command, whose args are positional
+        self, key: str, payload: bytes, ttl_ms: int, stamp: int, lock: str = "", token: str = ""
+    ) -> Any:
         """Run ``STORE_SCRIPT``: write ``payload`` unless something newer was decided.
 
         One round trip, the payload sent as raw bytes; returns ``stored`` or why not.
+        A fill that took the lock names it (``lock``, ``token``): a lock lost to a
+        restart refuses the write.
         """
-        return self._store(keys=[key, tomb_key(key)], args=[payload, ttl_ms, stamp, TOMB_MS])
+        keys, args = [key, tomb_key(key)], [payload, ttl_ms, stamp, TOMB_MS]
+        if lock:
+            keys.append(lock)
+            args.append(token)
+        return self._store(keys=keys, args=args)
 
     def acquire(self, lock_key: str, token: str, lease_ms: int, key: str, wake_key: str) -> Any:
         """Run ``ACQUIRE_SCRIPT``: the lock, the recheck, the newest wake entry, the clock.

@@ -424,7 +424,7 @@ def _store(
 
 
 #: Why ``STORE_SCRIPT`` refuses a write, as a result's ``error``.
-REFUSALS = frozenset({"invalidated", "newer", "old"})
+REFUSALS = frozenset({"invalidated", "newer", "old", "restarted"})
 _REFRESHES = frozenset({Outcome.REFRESH_FILL, Outcome.REFRESH_NEGATIVE})
 
 
@@ -707,7 +707,7 @@ def _write_and_release(
     cancelled: asyncio.CancelledError | None = None
     if payload is not None:
         try:
-            command = Command("write", (plan.redis_key, payload, ttl_ms, stamp))
+            command = Command("write", (plan.redis_key, payload, ttl_ms, stamp, lock, token))
             written = yield from _ask(plan, command)
         except asyncio.CancelledError as exc:
             # The write may not have landed: followers must not wait for it.

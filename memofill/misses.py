@@ -365,23 +365,24 @@ class Miss:
     def _ended_sync(self, result: Result, flight: Flight) -> bool:
         """Close the fill's ``flight``, record the fill; whether its joiners may share ``result``.
 
-        Shared only if it is what Redis holds when the fill ends: a joiner may
-        have begun after another process invalidated the key while this fill
-        fetched, whose write was then refused, or the key deleted after it. One
-        ``GET`` tells, when anyone joined (a Redis error: shared, as in an
-        outage, where the process's own coalescing is what spares the origin).
-        A fill whose lock was gone when it released may have outlived what
-        Redis knew (a restart without persistence loses the key's tomb, so the
-        write lands): where a caller joined after its fetch began, the marks are
-        read again, and a value behind them (the meta hash born again after its
-        stamp) is not shared either.
+        A caller that joined before the fetch began began before any
+        invalidation the value predates: it shares whatever the fill got. One
+        that joined later may have begun after another process invalidated the
+        key while this fill fetched, whose write was then refused, or the key
+        deleted after it: the value is shared with the joiners only if it is what
+        Redis holds when the fill ends. One ``GET`` tells (a Redis error: shared,
+        as in an outage, where the process's own coalescing is what spares the
+        origin). A fill whose lock was gone when it released may have outlived
+        what Redis knew (a restart without persistence loses the key's tomb):
+        the marks are read again too, and a value behind them (the meta hash
+        born again after its stamp) is not shared either.
         """
         joiners = flight.close()
         shareable = True
         try:
-            verdict = _shareable(result) if joiners else True
+            verdict = _shareable(result) if joiners and flight.joined_late else True
             if verdict is None and self.commands is not None:
-                lost = result.error == LEASE_EXPIRED and flight.joined_late
+                lost = result.error == LEASE_EXPIRED
                 if lost and reread_marks_sync(self.snapshot, self.commands):
                     shareable = self._above_marks(result.stored)
                 shareable = shareable and self.commands.get(self.key) == result.stored
@@ -398,9 +399,9 @@ class Miss:
         joiners = flight.close()
         shareable = True
         try:
-            verdict = _shareable(result) if joiners else True
+            verdict = _shareable(result) if joiners and flight.joined_late else True
             if verdict is None and self.commands is not None:
-                lost = result.error == LEASE_EXPIRED and flight.joined_late
+                lost = result.error == LEASE_EXPIRED
                 if lost and await reread_marks_async(self.snapshot, self.commands):
                     shareable = self._above_marks(result.stored)
                 shareable = shareable and await self.commands.get(self.key) == result.stored

@@ -101,16 +101,19 @@ return {acquired and 1 or 0, data, newest, now[1], now[2]}
 
 #: The conditional write of every fill, sent by EVALSHA: one round trip, like a ``SET``.
 #:
-#: KEYS[1]: the data key. KEYS[2]: its tomb (:func:`memofill.keys.tomb_key`).
-#: ARGV[1]: the bytes. ARGV[2]: their ``PX``. ARGV[3]: the fill's stamp (µs, Redis's
-#: clock no later than its fetch began). ARGV[4]: how long tombs live (ms).
+#: KEYS[1]: the data key. KEYS[2]: its tomb (:func:`memofill.keys.tomb_key`). KEYS[3],
+#: for a fill that took the lock: the lock. ARGV[1]: the bytes. ARGV[2]: their ``PX``.
+#: ARGV[3]: the fill's stamp (µs, Redis's clock no later than its fetch began).
+#: ARGV[4]: how long tombs live (ms). ARGV[5], with KEYS[3]: the fill's lock token.
 #:
 #: Writes only when nothing newer was decided for the key since the fetch began:
 #: ``invalidated`` when the key's tomb is at or after the stamp (``invalidate()``
 #: ran meanwhile), ``newer`` when the value there carries a later stamp (a leader
 #: that took over after this one's lease ran out), ``old`` when the fetch began
-#: longer ago than a tomb lives (a tomb that might have said so is gone). Returns
-#: ``stored`` or the reason it refused.
+#: longer ago than a tomb lives (a tomb that might have said so is gone),
+#: ``restarted`` when the fill's lock is gone and the server started after the
+#: stamp (a restart lost the lock, and may have lost a tomb with it: ``INFO``'s
+#: uptime, read only then). Returns ``stored`` or the reason it refused.
 STORE_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -118,6 +121,11 @@ local stamp = tonumber(ARGV[3])
 if now - stamp >= tonumber(ARGV[4]) * 1000 then return 'old' end
 local tomb = redis.call('GET', KEYS[2])
 if tomb and tonumber(tomb) >= stamp then return 'invalidated' end
+if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[5] then
+    local asked, info = pcall(redis.call, 'INFO', 'server')
+    local up = asked and type(info) == 'string' and string.match(info, 'uptime_in_seconds:(%d+)')
+    if up and stamp < now - tonumber(up) * 1000000 then return 'restarted' end
+end
 local read, head = pcall(redis.call, 'GETRANGE', KEYS[1], 0, 47)
 if read and string.len(head) == 48 and string.sub(head, 1, 2) == string.char(1) .. '2' then
     local theirs = tonumber(string.sub(head, 35, 48), 16)

@@ -199,6 +199,31 @@ def test_a_caller_that_joins_a_fill_across_a_restart_gets_no_older_value(
     assert joiner_out["result"]["version"] == 2
 
 
+def test_a_fill_whose_lock_a_restart_lost_writes_nothing_an_invalidation_would_have_refused(
+    own_redis_server: RedisServer, prefix: str, origin: Origin
+) -> None:
+    """The restart lost the tomb of an invalidation made while the fill fetched: its write,
+    which the tomb would have refused, is refused for the lost lock, so no call after the
+    invalidation is served it, not even in a process that has not read the marks since."""
+    client = own_redis_server.client()
+    _clients.append(client)
+    cache = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=60_000)
+    other = instance(own_redis_server, prefix)
+    fetch = cache.cached_dataset(QUOTE)(origin)
+    assert fetch("WARM")["version"] == 1  # the marks read: not again for a minute
+    origin.hold()
+    leader, leader_out = in_thread(lambda: fetch.call_with_outcome("ACME"))
+    assert origin.entered.wait(PATIENCE_S)
+    other.cached_dataset(QUOTE)(origin).invalidate("ACME")
+    own_redis_server.restart()  # nothing on disk: the tomb and the lock are gone
+    origin.go.set()
+    leader.join(PATIENCE_S)
+    led = leader_out["result"]
+    assert (led.outcome, led.value["version"]) == ("fill_refused", 2)
+    after = fetch.call_with_outcome("ACME")
+    assert (after.outcome, after.value["version"]) == ("leader_fill", 3)
+
+
 def test_a_refresh_from_a_fresh_process_writes_what_others_serve(
     redis_server: RedisServer, prefix: str, origin: Origin
 ) -> None:

@@ -212,7 +212,7 @@ def test_no_policy_fetches_and_writes_without_a_lock() -> None:
     assert result.outcome is Outcome.LEGACY
     assert result.value == VALUE
     assert driver.names() == ["FETCH", "write"]
-    key, written, ttl_ms, _ = driver.commands("write")[0].args
+    key, written, ttl_ms, *_ = driver.commands("write")[0].args
     assert (key, stored_payload(written), ttl_ms) == (KEY, PAYLOAD, 60_000)
 
 
@@ -277,7 +277,7 @@ def test_leader_fill_rechecks_fetches_writes_then_releases_with_its_token() -> N
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
     lock_arg, token, lease_ms, recheck_key, wake_arg = driver.commands("acquire")[0].args
     assert (lock_arg, lease_ms, recheck_key, wake_arg) == (LOCK, POLICY.lease_ms, KEY, WAKE)
-    key, written, ttl_ms, _ = driver.commands("write")[0].args
+    key, written, ttl_ms, *_ = driver.commands("write")[0].args
     assert (key, stored_payload(written), ttl_ms) == (KEY, PAYLOAD, 60_000)
     lock, wake, released_token, wake_ttl, told = driver.commands("release")[0].args
     assert told == "stored"
