@@ -139,8 +139,7 @@ def many_sync(
             if snapshot.tags_of is None:
                 raws = dict(zip(reads, commands.mget(reads), strict=True))
             else:
-                fields = _tag_fields(snapshot, instance, calls, keys)
-                tag_fields = list(dict.fromkeys(f for each in fields.values() for f in each))
+                fields, tag_fields = _tag_fields(snapshot, instance, calls, keys)
                 reply = commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
                 raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
         except Exception as exc:  # any failure of the client, as a single call's GET
@@ -210,8 +209,7 @@ async def many_async(
             if snapshot.tags_of is None:
                 raws = dict(zip(reads, await commands.mget(reads), strict=True))
             else:
-                fields = _tag_fields(snapshot, instance, calls, keys)
-                tag_fields = list(dict.fromkeys(f for each in fields.values() for f in each))
+                fields, tag_fields = _tag_fields(snapshot, instance, calls, keys)
                 reply = await commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
                 raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
         except Exception as exc:  # any failure of the client, as a single call's GET
@@ -413,15 +411,16 @@ def _checked(snapshot: Snapshot, batch: Any, values: Any, asked: int) -> list[An
 
 def _tag_fields(
     snapshot: Snapshot, instance: Any, calls: list[Call], keys: list[str]
-) -> dict[str, list[str]]:
-    """Each key's tag fields (``t:<tag>``), built from its call as a single call builds them."""
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Each key's tag fields (``t:<tag>``), built from its call as a single call builds them,
+    and every field of the page once, to read beside its ``MGET``."""
     tags_of = snapshot.tags_of
     assert tags_of is not None  # a tagged dataset's
     fields: dict[str, list[str]] = {}
     for (args, kwargs), key in zip(calls, keys, strict=True):
         if key not in fields:
             fields[key] = tags_of(instance, args, kwargs)
-    return fields
+    return fields, list(dict.fromkeys(field for each in fields.values() for field in each))
 
 
 def _tag_judged(

@@ -7,7 +7,6 @@ connection from the pool once); the claim about processes runs four of them.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import redis.asyncio
 
 from memofill import BatchError, CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.keys import lock_key
+from tests.support.pages import SYMBOLS, WINDOWS, fetched, page_together
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -269,27 +269,12 @@ def _page(port: int, prefix: str, window: list[str], barrier: Any, out: Any) -> 
 def test_four_processes_batching_over_a_cold_set_fetch_every_key_once_in_all(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    symbols = [f"K{n}" for n in range(40)]
-    windows = [symbols[0:20], symbols[10:30], symbols[20:40], symbols[5:35]]
-    context = multiprocessing.get_context("spawn")
-    barrier, out = context.Barrier(len(windows)), context.Queue()
-    processes = [
-        context.Process(target=_page, args=(redis_server.port, prefix, window, barrier, out))
-        for window in windows
-    ]
-    for process in processes:
-        process.start()
-    try:
-        assert [out.get(timeout=PATIENCE_S) for _ in processes] == [True] * len(windows)
-    finally:
-        for process in processes:
-            process.join(PATIENCE_S)
+    assert page_together(_page, redis_server.port, prefix) == [True] * len(WINDOWS)
     admin = redis_server.client()
-    fetched = {k.decode(): int(v) for k, v in admin.hgetall(prefix + "fetched").items()}
     batches = int(admin.get(prefix + "batches") or 0)
+    assert fetched(admin, prefix) == dict.fromkeys(SYMBOLS, 1)
     admin.close()
-    assert fetched == dict.fromkeys(symbols, 1)
-    assert 1 <= batches <= len(windows)  # at most one batch call per many()
+    assert 1 <= batches <= len(WINDOWS)  # at most one batch call per many()
 
 
 async def test_a_cancelled_asyncio_many_releases_the_locks_of_its_batch(

@@ -7,7 +7,6 @@ round trips.
 
 from __future__ import annotations
 
-import multiprocessing
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import redis.asyncio
 
 import memofill
 from memofill import CacheFill, Dataset, Memofill
+from tests.support.pages import SYMBOLS, WINDOWS, fetched, page_together
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -278,22 +278,7 @@ def _page(port: int, prefix: str, window: list[str], barrier: Any, out: Any) -> 
 def test_four_processes_paging_over_a_cold_set_fetch_every_key_once_in_all(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    symbols = [f"K{n}" for n in range(40)]
-    windows = [symbols[0:20], symbols[10:30], symbols[20:40], symbols[5:35]]
-    context = multiprocessing.get_context("spawn")
-    barrier, out = context.Barrier(len(windows)), context.Queue()
-    processes = [
-        context.Process(target=_page, args=(redis_server.port, prefix, window, barrier, out))
-        for window in windows
-    ]
-    for process in processes:
-        process.start()
-    try:
-        assert [out.get(timeout=PATIENCE_S) for _ in processes] == [True] * len(windows)
-    finally:
-        for process in processes:
-            process.join(PATIENCE_S)
+    assert page_together(_page, redis_server.port, prefix) == [True] * len(WINDOWS)
     admin = redis_server.client()
-    fetched = {k.decode(): int(v) for k, v in admin.hgetall(prefix + "fetched").items()}
+    assert fetched(admin, prefix) == dict.fromkeys(SYMBOLS, 1)
     admin.close()
-    assert fetched == dict.fromkeys(symbols, 1)

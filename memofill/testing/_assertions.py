@@ -41,6 +41,25 @@ def _cached(function: Any) -> CachedDataset[..., Any]:
     return target
 
 
+def _counted(original: Callable[..., Any], calls: OriginCalls) -> Callable[..., Any]:
+    """``original``, each call recorded in ``calls`` first (a coroutine function stays one)."""
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def counted_async(*args: Any, **kwargs: Any) -> Any:
+            calls.record(args, kwargs)
+            return await original(*args, **kwargs)
+
+        return counted_async
+
+    @functools.wraps(original)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.record(args, kwargs)
+        return original(*args, **kwargs)
+
+    return counted
+
+
 class OriginCalls:
     """The calls that ran a cached function's own body (reached the upstream), as they happen.
 
@@ -174,21 +193,7 @@ class Outcomes:
         cached = _cached(function)
         original = cached.__wrapped__
         calls = OriginCalls()
-        counted: Callable[..., Any]
-        if inspect.iscoroutinefunction(original):
-
-            @functools.wraps(original)
-            async def counted(*args: Any, **kwargs: Any) -> Any:
-                calls.record(args, kwargs)
-                return await original(*args, **kwargs)
-        else:
-
-            @functools.wraps(original)
-            def counted(*args: Any, **kwargs: Any) -> Any:
-                calls.record(args, kwargs)
-                return original(*args, **kwargs)
-
-        cached.__wrapped__ = counted
+        cached.__wrapped__ = _counted(original, calls)
         self._harness.cleanup.callback(setattr, cached, "__wrapped__", original)
         return calls
 
@@ -204,21 +209,7 @@ class Outcomes:
         if original is None:
             raise TypeError(f"{cached.__name__} has no batch function: register one with .batch")
         calls = OriginCalls()
-        counted: Callable[..., Any]
-        if inspect.iscoroutinefunction(original):
-
-            @functools.wraps(original)
-            async def counted(*args: Any, **kwargs: Any) -> Any:
-                calls.record(args, kwargs)
-                return await original(*args, **kwargs)
-        else:
-
-            @functools.wraps(original)
-            def counted(*args: Any, **kwargs: Any) -> Any:
-                calls.record(args, kwargs)
-                return original(*args, **kwargs)
-
-        cached._self_batch = counted
+        cached._self_batch = _counted(original, calls)
         self._harness.cleanup.callback(setattr, cached, "_self_batch", original)
         return calls
 
