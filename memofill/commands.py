@@ -48,7 +48,8 @@ __all__ = [
 ]
 
 #: Every command memofill sends, including those its scripts run and ``SCRIPT LOAD``,
-#: which redis-py sends when a script is not cached yet. ``SET``, ``GET``, ``XREVRANGE``,
+#: which redis-py sends when a script is not cached yet. ``MGET`` reads a page (``many()``).
+#: ``SET``, ``GET``, ``XREVRANGE``,
 #: ``TIME`` and ``GETRANGE`` serve the lock and the conditional write; ``DEL`` and
 #: ``SET`` ``invalidate``; ``PTTL``, ``STRLEN`` and ``GETRANGE`` ``memofill inspect``
 #: (``PTTL`` near copies too); ``HGET``, ``HSET``, ``HINCRBY``, ``HGETALL`` and ``INFO``
@@ -61,6 +62,7 @@ __all__ = [
 #: every caller's.
 ACL_COMMANDS = (
     "get",
+    "mget",
     "set",
     "del",
     "evalsha",

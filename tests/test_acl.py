@@ -175,3 +175,33 @@ def test_the_near_cache_listener_runs_under_the_documented_acl_user(
         mf.local_store.attach(None)
         client.close()
         admin.close()
+
+
+@pytest.mark.parametrize("prefix", ["app:", "{app}:"])
+def test_tags_run_under_the_documented_acl_user(server: RedisServer, prefix: str) -> None:
+    """A tagged read (GET and HMGET, the hash born by its script), a page of them, near
+    copies, invalidate_tag and inspect: nothing refused."""
+    admin = server.client()
+    set_user(admin, "memofill", acl_rule(prefix))
+    admin.execute_command("ACL", "LOG", "RESET")
+    tagged = Dataset("profile:{user_id}", ttl_s=600, tags=("user:{user_id}",))
+    near = Dataset("card:{user_id}", ttl_s=600, near_ms=60_000, tags=("user:{user_id}",))
+    client = server.client(username="memofill", password=PASSWORD)
+    mf = Memofill(client, prefix=prefix, policies=[tagged, near], near=NearCache())
+    versions = iter(range(1, 100))
+    profile = mf.cached_dataset(tagged.key)(lambda user_id: next(versions))
+    card = mf.cached_dataset(near.key)(lambda user_id: -next(versions))
+    try:
+        assert profile(42) == 1
+        assert profile.many([42, 7]) == [1, 2]
+        assert card(42) == -3
+        mf.invalidate_tag("user:42")
+        assert profile(42) == 4
+        url = f"redis://memofill:{PASSWORD}@127.0.0.1:{server.port}/0"
+        lines, _ = inspect_entry(url, tagged, f"{prefix}profile:42", prefix=prefix)
+        assert dict(lines)["servable"] == "yes: fresh"
+        assert admin.execute_command("ACL", "LOG") == []
+    finally:
+        mf.local_store.attach(None)
+        client.close()
+        admin.close()
