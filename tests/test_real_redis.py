@@ -225,9 +225,9 @@ async def test_fifty_tasks_share_one_fetch_and_one_lock(
     assert len(amf.task_flights) == 0
     key = amf.final_key("item:{name}", name="hot")
     client_commands = Counter(words[0] for source, words in monitor.commands if source == "client")
-    # 50 hit-path reads, and one read that the 49 joiners share: the value is still current
-    # when the fill ends (the recheck is in the lock's script).
-    assert client_commands["GET"] == 50 + 1
+    # 50 hit-path reads. Joiners that joined before the fetch began share its value with no
+    # read; one that joined after it (a busy loop) costs one GET, shared by all.
+    assert client_commands["GET"] in {50, 51}
     assert client_commands["SET"] == 0  # the lock and the value are taken and written by scripts
     lua_commands = Counter(words[0] for source, words in monitor.commands if source == "lua")
     assert lua_commands["SET"] == 2  # one lock taken, one value written
