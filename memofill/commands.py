@@ -316,7 +316,7 @@ class Commands:
         if self._apart or not self._plain:
             pipe = self.client.pipeline(transaction=False)
             pipe.get(key)
-            pipe.evalsha(self._tag_marks.sha, 1, tags_key, *fields)
+            pipe.execute_command("EVALSHA", self._tag_marks.sha, 1, tags_key, *fields)
             if self._async:
                 return self._apart_async(pipe.execute(raise_on_error=False), tags_key, fields)
             raw, marks = pipe.execute(raise_on_error=False)
@@ -358,7 +358,7 @@ class Commands:
             return [values, *self._tag_marks(keys=[tags_key], args=fields)]
         pipe = self.client.pipeline(transaction=False)
         pipe.mget(keys)
-        pipe.evalsha(self._tag_marks.sha, 1, tags_key, *fields)
+        pipe.execute_command("EVALSHA", self._tag_marks.sha, 1, tags_key, *fields)
         if _is_async(self.client):
             return self._apart_async(pipe.execute(raise_on_error=False), tags_key, fields)
         raw, marks = pipe.execute(raise_on_error=False)
@@ -415,7 +415,7 @@ class Commands:
     def _send(self, queued: list[_Queued]) -> Any:
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args in queued:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return pipe.execute(raise_on_error=False)
 
     def read_near_tagged(self, key: str, tags_key: str, fields: list[str]) -> Any:

@@ -219,7 +219,12 @@ def test_a_fill_whose_lock_a_restart_lost_writes_nothing_an_invalidation_would_h
     origin.go.set()
     leader.join(PATIENCE_S)
     led = leader_out["result"]
-    assert (led.outcome, led.value["version"]) == ("fill_refused", 2)
+    # Its write is refused as restarted; a client that does not send a command again after a
+    # lost connection (redis-py 6) may fail to send it at all. Either way nothing is stored.
+    assert led.value["version"] == 2
+    admin = own_redis_server.client()
+    assert admin.get(fetch.redis_key("ACME")) is None
+    admin.close()
     after = fetch.call_with_outcome("ACME")
     assert (after.outcome, after.value["version"]) == ("leader_fill", 3)
 
