@@ -27,8 +27,8 @@ datasets and processes. Where a near-cache listener runs, the meta key is
 tracked too, and a change reaches the process in milliseconds. This module
 decides; it does no I/O.
 
-Tags (:mod:`memofill.tags`) are marked the same way, in the tags hash; a process
-keeps the tag marks it made itself (:attr:`Generations.tags`).
+Tags (:mod:`memofill.tags`) are marked the same way, in the tags hash, which every
+tagged read reads beside its value.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from typing import Any
 
 from memofill.codec import STAMP
 from memofill.freshness import EARLY, EXPIRED, STALE
-from memofill.tags import TagMarks
 
 #: The fields of the meta hash besides the marks: when it was born, its server's run, its version.
 BORN = "born"
@@ -130,8 +129,6 @@ class Generations:
         self.local = 0
         #: Dataset -> its marks; a cell made on first use stays (functions hold it).
         self.marks: dict[str, Marks] = {}
-        #: The tag marks this process made (``invalidate_tag``).
-        self.tags = TagMarks()
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None
         #: Whether the hash was read (or tried) once; until then blocking callers wait for it.
@@ -215,15 +212,14 @@ class Generations:
             self.of(dataset).set(mark, 0, True)
         self.on_change()
 
-    def tag_invalidated(self, tag: str, mark: int, soft: bool) -> None:
-        """This process invalidated ``tag`` at ``mark``: it knows at once.
+    def tag_invalidated(self, mark: int) -> None:
+        """This process invalidated a tag at ``mark``: it knows at once.
 
         A miss that starts after it joins no fill in flight that began before it
         (``local`` parts them, as it does after ``invalidate()``): that fill's value
         may bear the tag, and its fetch began before the mark.
         """
         self.clock_us = max(self.clock_us, mark)
-        self.tags.made(tag, mark, soft)
         self.local += 1
         self.on_change()  # near and outage copies bearing it must not outlive the call
 
@@ -324,12 +320,12 @@ def invalidate_tag(  # noqa: PLR0917  # invalidate_dataset's arguments, and how 
     """
     reply = commands.invalidate_tag(tags_key, tag, soft, keep_ms)
     if not inspect.isawaitable(reply):
-        generations.tag_invalidated(tag, int(reply), soft)
+        generations.tag_invalidated(int(reply))
         return int(reply)
 
     async def finish() -> int:
         mark = int(await reply)
-        generations.tag_invalidated(tag, mark, soft)
+        generations.tag_invalidated(mark)
         return mark
 
     return finish()

@@ -27,16 +27,11 @@ Rules:
   (:meth:`TagIndex.keep_ms`): after that, no value it would reject is left. Every
   invalidation removes a bounded number of fields past their time, so the hash
   holds the live marks and little more.
-- A process remembers the marks it made itself (:class:`TagMarks`, bounded), so
-  that it knows them at once.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import threading
-import weakref
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import attrs
@@ -196,52 +191,3 @@ def _number(raw: object) -> int:
         return int(raw)  # type: ignore[call-overload, no-any-return]
     except (TypeError, ValueError):
         return 0
-
-
-class TagMarks:
-    """The tag marks this process made, ``tag -> (hard, soft)`` in Redis µs; the newest kept.
-
-    Bounded: past :attr:`MAX_TAGS` the tag first remembered is forgotten; Redis
-    holds every mark, so forgetting costs a read, never a served old value.
-    Marks only move forward.
-    """
-
-    #: How many tags are remembered at most.
-    MAX_TAGS = 4096
-
-    def __init__(self) -> None:
-        self._marks: dict[str, tuple[int, int]] = {}
-        #: Held while a mark is changed, so that two invalidations of one tag keep the later.
-        self.lock = threading.Lock()
-        _live.add(self)
-
-    def get(self, tag: str) -> tuple[int, int]:
-        """``(hard, soft)`` this process made for ``tag``; ``(0, 0)`` for none. Takes no lock."""
-        return self._marks.get(tag, (0, 0))
-
-    def made(self, tag: str, mark: int, soft: bool) -> None:
-        """This process invalidated ``tag`` at ``mark`` (hard, or soft)."""
-        with self.lock:
-            hard, soft_mark = self._marks.get(tag, (0, 0))
-            if soft:
-                soft_mark = max(soft_mark, mark)
-            else:
-                hard = max(hard, mark)
-            self._marks[tag] = (hard, soft_mark)
-            while len(self._marks) > self.MAX_TAGS:
-                del self._marks[next(iter(self._marks))]
-
-    def __len__(self) -> int:
-        return len(self._marks)
-
-
-_live: weakref.WeakSet[TagMarks] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """A lock a parent thread held at the fork would never be released in the child."""
-    for marks in list(_live):
-        marks.lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

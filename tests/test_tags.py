@@ -28,7 +28,7 @@ from memofill.keys import tags_key
 from memofill.policy import tag_index, validate
 from memofill.project import import_file
 from memofill.scripts import TOMB_MS
-from memofill.tags import KEEP_MARGIN_MS, TagMarks
+from memofill.tags import KEEP_MARGIN_MS
 from tests.support.redis_servers import RedisServer
 
 FILL = CacheFill(lease_ms=5_000, wait_ms=3_000, poll_min_ms=10, poll_max_ms=200)
@@ -151,20 +151,6 @@ def test_the_index_finds_every_dataset_a_tag_can_belong_to() -> None:
     )
     with pytest.raises(TypeError, match="a tag is a str"):
         index.keep_ms(42)
-
-
-def test_the_marks_a_process_made_never_go_backward_and_are_bounded() -> None:
-    made = TagMarks()
-    made.made("user:1", 10, soft=False)
-    made.made("user:1", 5, soft=False)
-    made.made("user:1", 7, soft=True)
-    assert made.get("user:1") == (10, 7)
-    assert made.get("user:2") == (0, 0)
-    for n in range(TagMarks.MAX_TAGS + 10):
-        made.made(f"t{n}", n + 1, soft=False)
-    assert len(made) == TagMarks.MAX_TAGS
-    assert made.get("user:1") == (0, 0)  # the first remembered is the first forgotten
-    assert made.get(f"t{TagMarks.MAX_TAGS + 9}") == (TagMarks.MAX_TAGS + 10, 0)
 
 
 # -- memofill gen and check ------------------------------------------------------------------
@@ -314,7 +300,6 @@ def test_invalidate_tag_marks_redis_and_tells_this_process(redis_server: RedisSe
     assert marks(client, tags_key(where), "user:42")[0] == mark
     soft = cache.invalidate_tag("user:42", soft=True)
     assert marks(client, tags_key(where), "user:42")[:2] == (mark, soft)
-    assert generations.tags.get("user:42") == (mark, soft)
     assert generations.local == local + 2  # later misses join no fill that began before
     assert generations.clock_us >= soft
     keep = marks(client, tags_key(where), "user:42")[2]
@@ -351,7 +336,6 @@ async def test_invalidate_tag_on_an_asyncio_client_returns_an_awaitable(
     cache = Memofill(client, prefix=where, policies=POLICIES)
     mark = await cache.invalidate_tag("user:7")
     assert isinstance(mark, int)
-    assert cache._state.generations.tags.get("user:7") == (mark, 0)
     admin = redis_server.client()
     assert marks(admin, tags_key(where), "user:7")[0] == mark
     admin.close()
