@@ -175,14 +175,19 @@ def read_marks(born: object, fields: Sequence[object]) -> tuple[int, int, bool]:
     never trusted blindly.
     """
     hard, soft, marked = _number(born), 0, False
-    for field in fields:
+    for field in fields:  # on every tagged hit: bytes split and parsed, no text made
         if field is None:
             continue
-        text = field.decode("ascii", "replace") if isinstance(field, bytes) else str(field)
-        parts = text.split(" ")
         marked = True
-        if len(parts) == 3 and all(part.isdigit() for part in parts):
-            hard, soft = max(hard, int(parts[0])), max(soft, int(parts[1]))
+        try:
+            hard_text, soft_text, _ = (
+                field if isinstance(field, bytes) else str(field).encode()
+            ).split(b" ")
+            field_hard, field_soft = int(hard_text), int(soft_text)
+        except ValueError:
+            continue
+        hard = max(hard, field_hard)
+        soft = max(soft, field_soft)
     return hard, soft, marked
 
 

@@ -22,10 +22,13 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+import redis.connection
+from redis.connection import PythonRespSerializer
 
 from memofill import CacheFill, Dataset, Memofill
 from memofill.cli import main
 from memofill.codegen import render
+from memofill.commands import _packed_in_python
 from memofill.keys import tags_key
 from tests.support.redis_servers import RedisServer
 
@@ -285,6 +288,32 @@ def test_a_tagged_read_of_a_key_of_another_type_is_refilled_and_leaves_the_pool_
     assert profile(42)["version"] == 1
     assert profile.call_with_outcome(42).outcome == "hit"
     assert [profile(user)["args"] for user in (7, 8)] == [[7], [8]]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_tagged_hit_reads_the_key_its_client_wrote_whatever_the_client_encoding(
+    redis_server: RedisServer, prefix: str, encoding: str
+) -> None:
+    """A tagged read packs its own commands, in UTF-8; a client that encodes texts
+    otherwise reads as it writes (a prefix of ``é`` is other bytes in Latin-1)."""
+    client = redis.Redis(port=redis_server.port, encoding=encoding)
+    cache = instance(redis_server, "é" + prefix, client=client)
+    profile, _, _ = functions(cache, Origin())
+    assert profile(42)["version"] == 1
+    assert profile.call_with_outcome(42).outcome == "hit"
+    assert client.exists(profile.redis_key(42).encode(encoding)) == 1
+    cache.invalidate_tag("user:42")
+    assert profile(42)["version"] == 2
+
+
+def test_commands_are_packed_in_python_as_redis_py_packs_them() -> None:
+    """Where hiredis is not installed, a tagged read packs its commands in Python."""
+    commands = [("GET", "k:é"), ("HMGET", "p:#tags", "born", "t:user:é", "")]
+    encoder = redis.connection.Encoder("utf-8", "strict", decode_responses=False)
+    expected = PythonRespSerializer(65536, encoder.encode)
+    assert b"".join(_packed_in_python(commands)) == b"".join(
+        b"".join(expected.pack(*command)) for command in commands
+    )
 
 
 def test_a_dataset_filled_without_a_lock_stamps_after_the_marks_it_read(
