@@ -10,6 +10,9 @@ Rules:
   annotation names a type with no exact text is refused at decoration too.
 - The builder :func:`compile_key` returns is specialised for its fields: a key with
   no field is a constant, and the commonest key, with one field, costs one call.
+- A page of ``many()`` items that are each a ``str`` or ``int`` value of a key's
+  only field, which the function takes first, has its keys built by one loop
+  (:func:`compile_page_keys`), the same texts the builder writes.
 - The builder refuses the arguments the function itself would refuse, with the
   ``TypeError`` Python raises for them (:class:`Shape`): a call is refused the same
   way on a hit as on a miss, which calls the function. A call with positional
@@ -294,6 +297,42 @@ def compile_key(
         return "".join(literal + text for literal, text in pairs) + literals[-1]
 
     return build
+
+
+#: Builds the keys of a page of values of a key's one field, or ``None`` for another page.
+PageKeyBuilder = Callable[[list[Any]], "list[str] | None"]
+
+
+def compile_page_keys(
+    prefix: str, template: KeyTemplate, fields: tuple[Field, ...], shape: Shape
+) -> PageKeyBuilder | None:
+    """The keys of a ``many()`` page whose items are each a call's one positional argument.
+
+    ``None`` unless the key has one field, the function's first parameter, and
+    the function takes one positional argument: then each ``str`` or ``int``
+    item is that call, and its key is the single builder's text without a call
+    per item. A page with an item of another type gets ``None`` back: it is
+    built call by call, with each call's checks.
+    """
+    if len(fields) != 1 or fields[0].position != 0 or not shape.least <= 1 <= shape.most:
+        return None
+    before, after = prefix + template.parts[0], template.parts[2]
+    text_of = FieldText(fields[0].name)
+    known = text_of.known
+
+    def page(values: list[Any]) -> list[str] | None:
+        keys = []
+        for value in values:
+            if type(value) is str:
+                text = known.get(value)
+                keys.append(before + (text_of(value) if text is None else text) + after)
+            elif type(value) is int:
+                keys.append(before + text_of(value) + after)
+            else:
+                return None
+        return keys
+
+    return page
 
 
 def _refuse(

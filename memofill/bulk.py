@@ -54,6 +54,7 @@ from memofill.lookup import (
     after_read,
     by_tags,
     hit,
+    hits,
     judged_by,
     lookup_async,
     lookup_sync,
@@ -71,6 +72,21 @@ CONCURRENT_FILLS = 16
 
 #: One item as a call: positional and keyword arguments.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _keys(
+    snapshot: Snapshot, instance: Any, items: list[Any]
+) -> tuple[list[str], list[Call] | None]:
+    """Each item's key, and its call; ``None`` for the calls where one loop built the keys
+    (:attr:`~memofill.snapshot.Snapshot.page_keys`): a page of hits needs none."""
+    page_keys = snapshot.page_keys
+    if page_keys is not None and instance is None:
+        keys = page_keys(items)
+        if keys is not None:
+            return keys, None
+    calls = calls_of(snapshot, instance, items)
+    key_of = snapshot.key_of
+    return [key_of(instance, args, kwargs) for args, kwargs in calls], calls
 
 
 def calls_of(snapshot: Snapshot, instance: Any, items: list[Any]) -> list[Call]:
@@ -118,12 +134,11 @@ def many_sync(
 ) -> list[Any]:
     """:meth:`~memofill.CachedDataset.many` of a blocking function (``batch``: its batch)."""
     items = _listed(snapshot, items)
-    calls = calls_of(snapshot, instance, items)
     commands = snapshot.gate() if snapshot.gated else snapshot.commands
     if commands is BYPASS:
-        return [bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in calls]
-    key_of = snapshot.key_of
-    keys = [key_of(instance, args, kwargs) for args, kwargs in calls]
+        unread = calls_of(snapshot, instance, items)
+        return [bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in unread]
+    keys, calls = _keys(snapshot, instance, items)
     started = time.monotonic()
     if commands is not None and started >= snapshot.generations.next_check:
         read_marks_sync(snapshot, commands, started)
@@ -139,6 +154,7 @@ def many_sync(
             if snapshot.tags_of is None:
                 raws = dict(zip(reads, commands.mget(reads), strict=True))
             else:
+                assert calls is not None  # a tagged dataset's keys are built call by call
                 fields, tag_fields = _tag_fields(snapshot, instance, calls, keys)
                 reply = commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
                 raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
@@ -152,7 +168,7 @@ def many_sync(
             ):
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, judges, asked, error, commands, wrapped)
-    judged, pending = _judged(snapshot, calls, keys, *read)
+    judged, pending = _judged(snapshot, instance, items, calls, keys, *read)
     if not pending:
         return judged
     led = _batched(judged, pending, batch, commands)
@@ -188,12 +204,11 @@ async def many_async(
 ) -> list[Any]:
     """:func:`many_sync` for coroutine functions, on the asyncio client."""
     items = _listed(snapshot, items)
-    calls = calls_of(snapshot, instance, items)
     commands = snapshot.gate() if snapshot.gated else snapshot.commands
     if commands is BYPASS:
-        return [await bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in calls]
-    key_of = snapshot.key_of
-    keys = [key_of(instance, args, kwargs) for args, kwargs in calls]
+        unread = calls_of(snapshot, instance, items)
+        return [await bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in unread]
+    keys, calls = _keys(snapshot, instance, items)
     started = time.monotonic()
     if commands is not None and started >= snapshot.generations.next_check:
         await asyncio.shield(read_marks_async(snapshot, commands, started))
@@ -209,6 +224,7 @@ async def many_async(
             if snapshot.tags_of is None:
                 raws = dict(zip(reads, await commands.mget(reads), strict=True))
             else:
+                assert calls is not None  # a tagged dataset's keys are built call by call
                 fields, tag_fields = _tag_fields(snapshot, instance, calls, keys)
                 reply = await commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
                 raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
@@ -221,7 +237,7 @@ async def many_async(
             if started >= snapshot.generations.next_check:
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, judges, asked, error, commands, wrapped)
-    judged, pending = _judged(snapshot, calls, keys, *read)
+    judged, pending = _judged(snapshot, instance, items, calls, keys, *read)
     if not pending:
         return judged
     led = _batched(judged, pending, batch, commands)
@@ -282,7 +298,9 @@ class _Again:
 
 def _judged(  # noqa: PLR0917  # the read's own locals, passed on
     snapshot: Snapshot,
-    calls: list[Call],
+    instance: Any,
+    items: list[Any],
+    calls: list[Call] | None,
     keys: list[str],
     started: float,
     served: dict[str, Any],
@@ -298,15 +316,30 @@ def _judged(  # noqa: PLR0917  # the read's own locals, passed on
 
     Written once for both kinds of function, which only settle the rest their way.
     """
+    found: dict[str, Any] = {}
+    if raws and not judges:  # one snapshot judges every value: judged in one loop
+        values, missed = hits(snapshot, list(raws), list(raws.values()), started)
+        if not missed and len(values) == len(keys):
+            return values, []  # a page of distinct hits, the commonest page
+        found = dict(zip(raws, values, strict=True))
+    if calls is None:  # the keys were built in one loop: the calls are made where needed
+        calls = calls_of(snapshot, instance, items)
     judged: list[Any] = []
     pending: list[int] = []
     told = False  # the breaker counts a failed MGET once
     filled: set[str] = set()
+    seen: set[str] = set()
     for (args, kwargs), key in zip(calls, keys, strict=True):
         value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
         judge, later = judges.get(key, (snapshot, None)) if judges else (snapshot, None)
         if value is NOT_A_HIT:
-            value = hit(judge, key, raws.get(key), started)
+            if found:
+                value = found.get(key, NOT_A_HIT)
+                if value is not NOT_A_HIT and key in seen:
+                    snapshot.count_hit()  # another item of one key: a hit of its own
+                seen.add(key)
+            else:
+                value = hit(judge, key, raws.get(key), started)
         if value is not NOT_A_HIT:
             judged.append(value)
             continue

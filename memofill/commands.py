@@ -252,19 +252,18 @@ def _two_sync(pool: Any, commands: list[tuple[str, ...]]) -> list[Any]:
     connection = pool.get_connection()
     try:
         connection.send_packed_command(_packed(commands))
-        return [_reply(connection.read_response) for _ in commands]
+        replies = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
     except BaseException:
         connection.disconnect()
         raise
     finally:
         pool.release(connection)
-
-
-def _reply(read: Callable[[], Any]) -> Any:
-    try:
-        return read()
-    except ResponseError as exc:
-        return exc
 
 
 async def _two_async(pool: Any, commands: list[tuple[str, ...]]) -> list[Any]:

@@ -280,6 +280,27 @@ def hit(snapshot: Snapshot, key: str, raw: bytes | None, started: float) -> Any:
     return value
 
 
+def hits(
+    snapshot: Snapshot, keys: list[str], raws: list[Any], started: float
+) -> tuple[list[Any], int]:
+    """:func:`hit` of each key of a page and its stored bytes (``None``: not found), in one
+    loop: the values (:data:`NOT_A_HIT` where none) and how many are not hits."""
+    store = snapshot.local_store
+    entries, put, outage_s, count = store.entries, store.put, snapshot.outage_s, snapshot.count_hit
+    values, missed = [], 0
+    for key, raw in zip(keys, raws, strict=True):
+        value = NOT_A_HIT if raw is None else plain(snapshot, raw)
+        if value is NOT_A_HIT:
+            missed += 1
+        else:
+            count()
+            kept = entries.get(key)
+            if kept is None or kept.refresh_after <= started:
+                put(key, raw, outage_s)
+        values.append(value)
+    return values, missed
+
+
 def plain(snapshot: Snapshot, raw: bytes) -> Any:
     """The value of stored bytes that are a plain fresh hit, else :data:`NOT_A_HIT`.
 

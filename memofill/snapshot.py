@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from memofill.arguments import Field, KeyBuilder, Shape, compile_key
+from memofill.arguments import (
+    Field,
+    KeyBuilder,
+    PageKeyBuilder,
+    Shape,
+    compile_key,
+    compile_page_keys,
+)
 from memofill.codec import HEADER_LEN, payload
 from memofill.commands import Commands, is_cluster
 from memofill.errors import ConfigurationError, UnknownDatasetError
@@ -220,6 +227,9 @@ class Snapshot:
     key_of: KeyBuilder
     #: Where each key field comes from in a call (what ``many()`` turns its items into).
     key_fields: tuple[Field, ...]
+    #: The keys of a ``many()`` page of one field's values, where one loop builds them
+    #: (:func:`~memofill.arguments.compile_page_keys`); ``None`` for a tagged dataset.
+    page_keys: PageKeyBuilder | None
     count_hit: Callable[[], object]
     ttl_s: float
     #: How long after its fetch began a value may serve an outage: ``ttl_s +
@@ -304,6 +314,9 @@ class Snapshot:
             dataset=dataset,
             key_of=compile_key(state.prefix, dataset.template, fields, key, shape),
             key_fields=fields,
+            page_keys=None
+            if dataset.tag_templates
+            else compile_page_keys(state.prefix, dataset.template, fields, shape),
             count_hit=state.counters.hit_tally(key).add,
             ttl_s=dataset.ttl_s,
             outage_s=dataset.ttl_s + dataset.stale_if_error_s,
@@ -354,6 +367,8 @@ def _tags_of(
     if not templates:
         return None
     by_name = {field.name: field for field in fields}
+    # A fixed tag's field is a constant; the call's shape is checked as its key is built.
+    fixed = [MARK_PREFIX + template.source for template in templates if not template.fields]
     builders = [
         compile_key(
             MARK_PREFIX,
@@ -363,11 +378,16 @@ def _tags_of(
             shape,
         )
         for template in templates
+        if template.fields
     ]
+    if not builders:
+        return lambda instance, args, kwargs: list(fixed)
     if len(builders) == 1:
         [only] = builders
-        return lambda instance, args, kwargs: [only(instance, args, kwargs)]
-    return lambda instance, args, kwargs: [build(instance, args, kwargs) for build in builders]
+        return lambda instance, args, kwargs: [only(instance, args, kwargs), *fixed]
+    return lambda instance, args, kwargs: (
+        [build(instance, args, kwargs) for build in builders] + fixed
+    )
 
 
 def late_rule_of(dataset: Dataset) -> Callable[[bytes], bool] | None:

@@ -174,7 +174,11 @@ def read_marks(born: object, fields: Sequence[object]) -> tuple[int, int, bool]:
     that does not parse counts as a hard mark made at the hash's birth: read,
     never trusted blindly.
     """
-    hard, soft, marked = _number(born), 0, False
+    try:
+        hard = int(born)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        hard = 0
+    soft, marked = 0, False
     for field in fields:  # on every tagged hit: bytes split and parsed, no text made
         if field is None:
             continue
@@ -189,10 +193,3 @@ def read_marks(born: object, fields: Sequence[object]) -> tuple[int, int, bool]:
         hard = max(hard, field_hard)
         soft = max(soft, field_soft)
     return hard, soft, marked
-
-
-def _number(raw: object) -> int:
-    try:
-        return int(raw)  # type: ignore[call-overload, no-any-return]
-    except (TypeError, ValueError):
-        return 0

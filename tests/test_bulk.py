@@ -101,6 +101,35 @@ def test_duplicates_cost_one_fill_and_each_item_gets_its_own_value(
     # The second "A" is a call after the first's fill: a hit on what it stored.
     assert cache.counters.snapshot()["quote:{symbol}"] == {"leader_fill": 2, "hit": 1}
     assert quote.many([]) == []
+    cache.counters.reset()
+    assert quote.many(["A", "B", "A"]) == [first, other, first]  # a page of hits, one repeated
+    assert cache.counters.snapshot()["quote:{symbol}"] == {"hit": 3}
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        ["plain", "", "a b/c:d", "é", "{tag}", "x" * 300],  # escaped, memoised or not
+        [0, -7, 2**70, True, None],  # small and huge ints; values that are no str or int
+        ["A", 3, {"symbol": "B"}],  # a mapping among values
+    ],
+)
+def test_a_page_is_keyed_as_single_calls_key_each_item(
+    redis_server: RedisServer, prefix: str, items: list[Any]
+) -> None:
+    """Values of the key's one field are keyed in one loop: the texts a single call writes."""
+    cache = instance(redis_server, prefix)
+
+    @cache.cached_dataset("quote:{symbol}")
+    def quote(symbol: Any) -> str:
+        return repr(symbol)
+
+    expected = [repr(item["symbol"] if isinstance(item, dict) else item) for item in items]
+    assert quote.many(items) == expected
+    for item in items:
+        value = item["symbol"] if isinstance(item, dict) else item
+        assert quote.call_with_outcome(value).outcome == "hit", value
+    assert quote.many(items) == expected
 
 
 def test_items_of_a_key_with_several_fields_are_mappings(

@@ -49,6 +49,15 @@ PLAIN_HIT_FRAMES = 5
 NEAR_HIT_FRAMES = 4
 #: as the plain hit, the lookup being a coroutine.
 ASYNC_HIT_FRAMES = 5
+#: as the plain hit, and: the tags' fields, one per tag built from the arguments; the read
+#: of the value and the marks together (its buffer packed once, its replies put together);
+#: the marks read and judged.
+TAGGED_HIT_FRAMES = 13
+#: A page of hits, whatever its size: the call, its driver, the items listed and keyed,
+#: near copies, the breaker, MGET, the marks' check, the judging loop.
+PAGE_FRAMES = 13
+#: And for each item of the page: its bytes judged (the hit rule), and nothing else.
+PAGE_FRAMES_PER_ITEM = 1
 
 #: Hits measured per case; the fewest frames count. A hit refreshes the copy kept for
 #: outages once a second and rereads the dataset generations now and then; on a busy
@@ -179,6 +188,34 @@ async def test_an_asyncio_hit_stays_within_its_frame_budget() -> None:
     await plain("k")
     frames = await hit_frames_async(mf, plain, "plain:{name}", "hit")
     check(frames, ASYNC_HIT_FRAMES)
+
+
+@pytest.mark.redis_server
+def test_a_tagged_hit_stays_within_its_frame_budget(redis_server: RedisServer) -> None:
+    """One fixed tag and one built from the arguments, on a real client (the read that
+    writes both commands at once is the one a tagged hit takes there)."""
+    tagged = {"t:{name}": Dataset("t:{name}", ttl_s=60, tags=("user:{name}", "all"))}
+    mf = Memofill(redis_server.client(), prefix="budget-tags:", policies=tagged)
+    cached = mf.cached_dataset("t:{name}")(lambda name: {"name": name})
+    mf.invalidate_tag("user:k")  # a mark to read and pass
+    cached("k")
+    check(hit_frames(mf, cached, "t:{name}", "hit"), TAGGED_HIT_FRAMES)
+
+
+@pytest.mark.parametrize("size", [10, 50])
+def test_a_page_of_hits_enters_one_frame_per_item(size: int) -> None:
+    mf = Memofill(fakeredis.FakeRedis(), prefix="budget:", policies=PLAIN)
+    plain = mf.cached_dataset("plain:{name}")(lambda name: {"name": name})
+    names = [f"k{index}" for index in range(size)]
+    plain.many(names)
+    measured = []
+    for _ in range(TRIES):
+        before = _count(mf, "plain:{name}", "hit")
+        with Profiled() as frames:
+            assert plain.many(names) == [{"name": name} for name in names]
+        if _count(mf, "plain:{name}", "hit") == before + size:
+            measured.append(frames)
+    check(_fewest(measured, "page of hits"), PAGE_FRAMES + PAGE_FRAMES_PER_ITEM * size)
 
 
 @pytest.fixture
