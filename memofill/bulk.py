@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from memofill.commands import Commands
-from memofill.coordinator import Result
+from memofill.coordinator import Result, Steps
 from memofill.errors import BatchError
-from memofill.late import LateRead
+from memofill.late import LateRead, serve_all_async, serve_all_sync
 from memofill.lockstep import run_together_async, run_together_sync
 from memofill.lookup import (
     after_read,
@@ -62,7 +62,7 @@ from memofill.lookup import (
     settle_sync,
 )
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
-from memofill.misses import Miss, bypass
+from memofill.misses import Miss, bypass, refresh_all_async, refresh_all_sync
 from memofill.near import serve_near
 from memofill.outcomes import NOT_A_HIT, CallResult
 from memofill.snapshot import BYPASS, Snapshot
@@ -140,7 +140,7 @@ def many_sync(
         return [bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in unread]
     keys, calls = _keys(snapshot, instance, items)
     started = time.monotonic()
-    if commands is not None and started >= snapshot.generations.next_check:
+    if commands is not None and started > snapshot.generations.next_check:
         read_marks_sync(snapshot, commands, started)
     served = _near(snapshot, keys, started)
     reads = [key for key in dict.fromkeys(keys) if key not in served]
@@ -163,7 +163,7 @@ def many_sync(
         else:
             _answered(snapshot)
             if not (
-                started < snapshot.generations.next_check
+                started <= snapshot.generations.next_check
                 or read_marks_sync(snapshot, commands, time.monotonic())
             ):
                 raws, error = {}, MarksUnread()
@@ -186,6 +186,16 @@ def many_sync(
             )
         for position, miss, result in zip(led, misses, ended, strict=True):
             judged[position] = _Ended(miss, miss.ended(result))
+    stale = _stale(judged, pending, batch, commands)
+    if stale:
+        assert commands is not None  # _stale
+        lates = [judged[position].then for position in stale]
+        fetch_all = _batch_fetch(snapshot, batch, instance, [items[i] for i in stale], None)
+        given = serve_all_sync(lates, _refresh_together_sync(lates, commands, fetch_all))
+        for position, late in zip(stale, given, strict=True):
+            judged[position] = late.value
+        refreshed = set(stale)
+        pending = [position for position in pending if position not in refreshed]
     for position in pending:
         item = judged[position]
         if isinstance(item, _Ended):
@@ -210,7 +220,7 @@ async def many_async(
         return [await bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in unread]
     keys, calls = _keys(snapshot, instance, items)
     started = time.monotonic()
-    if commands is not None and started >= snapshot.generations.next_check:
+    if commands is not None and started > snapshot.generations.next_check:
         await asyncio.shield(read_marks_async(snapshot, commands, started))
     served = _near(snapshot, keys, started)
     reads = [key for key in dict.fromkeys(keys) if key not in served]
@@ -232,9 +242,9 @@ async def many_async(
             error = exc
         else:
             _answered(snapshot)
-            if started >= snapshot.generations.next_check:
+            if started > snapshot.generations.next_check:
                 await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
-            if started >= snapshot.generations.next_check:
+            if started > snapshot.generations.next_check:
                 raws, error = {}, MarksUnread()
     read = (started, served, raws, judges, asked, error, commands, wrapped)
     judged, pending = _judged(snapshot, instance, items, calls, keys, *read)
@@ -255,6 +265,16 @@ async def many_async(
             )
         for position, miss, result in zip(led, misses, ended, strict=True):
             judged[position] = _Ended(miss, miss.ended(result))
+    stale = _stale(judged, pending, batch, commands)
+    if stale:
+        assert commands is not None  # _stale
+        lates = [judged[position].then for position in stale]
+        fetch_all = _batch_fetch_async(snapshot, batch, instance, [items[i] for i in stale], None)
+        given = await serve_all_async(lates, _refresh_together_async(lates, commands, fetch_all))
+        for position, late in zip(stale, given, strict=True):
+            judged[position] = late.value
+        refreshed = set(stale)
+        pending = [position for position in pending if position not in refreshed]
     limit = asyncio.Semaphore(CONCURRENT_FILLS)
 
     async def settled(item: Any) -> Any:
@@ -390,8 +410,54 @@ def _batched(
     ]
 
 
+def _stale(
+    judged: list[Any], pending: list[int], batch: Any, commands: Commands | None
+) -> list[int]:
+    """The positions of values served stale (or early) whose refresh a batch runs: each
+    handed off by its read (at most one per key and process, as for single calls)."""
+    if batch is None or commands is None:
+        return []
+    return [
+        position
+        for position in pending
+        if isinstance(item := judged[position], _Fill) and isinstance(item.then, LateRead)
+    ]
+
+
+def _refresh_together_sync(
+    lates: list[LateRead], commands: Commands, fetch_all: Callable[[list[int]], list[Any]]
+) -> Callable[[], list[Result]]:
+    """The refreshes ``lates`` handed off, run together: one batch call for their values."""
+    jobs = [late.job for late in lates if late.job is not None]
+    assert len(jobs) == len(lates)  # each handed its refresh off (_stale)
+
+    def drive(fills: list[Steps]) -> list[Result]:
+        breaker = lates[0].snapshot.breaker
+        return run_together_sync(fills, commands, fetch_all, lambda i: jobs[i].fetch, breaker)
+
+    return lambda: refresh_all_sync(jobs, drive)
+
+
+def _refresh_together_async(
+    lates: list[LateRead],
+    commands: Commands,
+    fetch_all: Callable[[list[int]], Awaitable[list[Any]]],
+) -> Callable[[], Coroutine[Any, Any, list[Result]]]:
+    """:func:`_refresh_together_sync` for a coroutine batch."""
+    jobs = [late.job for late in lates if late.job is not None]
+    assert len(jobs) == len(lates)  # each handed its refresh off (_stale)
+
+    async def drive(fills: list[Steps]) -> list[Result]:
+        breaker = lates[0].snapshot.breaker
+        return await run_together_async(
+            fills, commands, fetch_all, lambda i: jobs[i].fetch, breaker
+        )
+
+    return lambda: refresh_all_async(jobs, drive)
+
+
 def _batch_fetch(
-    snapshot: Snapshot, batch: Any, instance: Any, items: list[Any], misses: list[Miss]
+    snapshot: Snapshot, batch: Any, instance: Any, items: list[Any], misses: list[Miss] | None
 ) -> Callable[[list[int]], list[Any]]:
     """The batch's call for the fills at some indexes: one call, their items, checked values."""
 
@@ -408,7 +474,7 @@ def _batch_fetch(
 
 
 def _batch_fetch_async(
-    snapshot: Snapshot, batch: Any, instance: Any, items: list[Any], misses: list[Miss]
+    snapshot: Snapshot, batch: Any, instance: Any, items: list[Any], misses: list[Miss] | None
 ) -> Callable[[list[int]], Awaitable[list[Any]]]:
     """:func:`_batch_fetch` for a coroutine batch."""
 
@@ -424,8 +490,10 @@ def _batch_fetch_async(
     return fetch_all
 
 
-def _timed(misses: list[Miss], indexes: list[int], started: float) -> None:
-    """Each key fetched by one batch call took that call's time."""
+def _timed(misses: list[Miss] | None, indexes: list[int], started: float) -> None:
+    """Each key fetched by one batch call took that call's time (a refresh records its own)."""
+    if misses is None:
+        return
     elapsed_ms = (time.monotonic() - started) * 1000
     for index in indexes:
         misses[index].fetch_ms = elapsed_ms

@@ -110,8 +110,9 @@ class Generations:
         #: How often the hash is read again, at most (``meta_check_ms``).
         self.check_s = check_s
         #: Until when (clock time) the marks are current, which is the time of the last
-        #: read that Redis answered plus ``check_s``. A call that starts later reads them
-        #: before it judges a value; 0.0 reads them at the next call.
+        #: read that Redis answered plus ``check_s``: a call that starts at or before it is
+        #: judged by them (with ``check_s`` 0, only calls that started when it was read),
+        #: and one that starts later reads them first. 0.0 reads them at the next call.
         self.next_check = 0.0
         #: When (clock time) the last read failed, Redis being unreachable or too slow. A
         #: blocking caller that started before shares that failure rather than waiting for

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from memofill.codec import (
@@ -118,31 +119,61 @@ class LateRead:
 
     def run_sync(self) -> CallResult[Any]:
         """Serve now and run the refresh handed off: inline, or on the pool (counted if dropped)."""
-        snapshot, job = self.snapshot, self.job
+        job = self.job
         assert job is not None  # only a served read hands a refresh off
-        assert self.result is not None
-        if snapshot.refreshes.inline:
-            return self._after_inline(job.run_sync())
-        if not snapshot.refreshes.submit(self.key, job.run_sync):
-            snapshot.counters.add(snapshot.key, Outcome.REFRESH_DROPPED.value)
-            snapshot.metrics.refresh_counted(
-                snapshot.key, job.trigger, Outcome.REFRESH_DROPPED.value
-            )
-        return self.result
+        [served] = serve_all_sync([self], lambda: [job.run_sync()])
+        return served
 
     async def run_async(self) -> CallResult[Any]:
         """:meth:`run_sync` for asyncio callers: inline, or as a task of its own."""
+        job = self.job
+        assert job is not None  # only a served read hands a refresh off
+
+        async def run() -> list[Result]:
+            return [await job.run_async()]
+
+        [served] = await serve_all_async([self], run)
+        return served
+
+    def dropped(self) -> None:
+        """The pool had no room for this read's refresh: counted, and left to the next read."""
         snapshot, job = self.snapshot, self.job
         assert job is not None  # only a served read hands a refresh off
-        assert self.result is not None
-        if snapshot.refreshes.inline:
-            return self._after_inline(await job.run_async())
-        snapshot.refreshes.spawn(job.run_async())
+        snapshot.counters.add(snapshot.key, Outcome.REFRESH_DROPPED.value)
+        snapshot.metrics.refresh_counted(snapshot.key, job.trigger, Outcome.REFRESH_DROPPED.value)
+
+    def served(self) -> CallResult[Any]:
+        """What the caller gets while the refresh runs elsewhere: the value read."""
+        assert self.result is not None  # only a served read hands a refresh off
         return self.result
 
-    def _after_inline(self, result: Result) -> CallResult[Any]:
+    def after_inline(self, result: Result) -> CallResult[Any]:
         """What the caller that refreshed inline returns: the new value, when there is one."""
-        assert self.result is not None  # only a served read hands a refresh off
+        served = self.served()
         if result.outcome is Outcome.REFRESH_FILL:
-            return CallResult(result.value, self.result.outcome, False)
-        return self.result
+            return CallResult(result.value, served.outcome, False)
+        return served
+
+
+def serve_all_sync(lates: list[LateRead], run: Callable[[], list[Result]]) -> list[CallResult[Any]]:
+    """Serve each of one caller's late reads now, and run their refreshes (``run``, which
+    runs them all): inline, or as one job on the pool, dropped whole when it has no room."""
+    refreshes = lates[0].snapshot.refreshes
+    if refreshes.inline:
+        return [late.after_inline(result) for late, result in zip(lates, run(), strict=True)]
+    if not refreshes.submit([late.key for late in lates], run):
+        for late in lates:
+            late.dropped()
+    return [late.served() for late in lates]
+
+
+async def serve_all_async(
+    lates: list[LateRead], run: Callable[[], Coroutine[Any, Any, list[Result]]]
+) -> list[CallResult[Any]]:
+    """:func:`serve_all_sync` for asyncio callers: inline, or as one task of its own."""
+    refreshes = lates[0].snapshot.refreshes
+    if refreshes.inline:
+        ran = await run()
+        return [late.after_inline(result) for late, result in zip(lates, ran, strict=True)]
+    refreshes.spawn(run())
+    return [late.served() for late in lates]

@@ -71,7 +71,7 @@ def lookup_sync(
         commands = snapshot.commands
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
-    if started >= snapshot.generations.next_check and commands is not None:
+    if started > snapshot.generations.next_check and commands is not None:
         read_marks_sync(snapshot, commands, started)
     near = snapshot.near
     if near is not None:
@@ -105,7 +105,7 @@ def lookup_sync(
         else:
             if breaker.open_until:  # Redis answered this probe (or the cool-down is over)
                 breaker.reset()
-            if started < snapshot.generations.next_check or read_marks_sync(
+            if started <= snapshot.generations.next_check or read_marks_sync(
                 snapshot, commands, time.monotonic()
             ):
                 if reservation is None:
@@ -150,7 +150,7 @@ async def lookup_async(
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
     first_read = None
-    if started >= snapshot.generations.next_check and commands is not None:
+    if started > snapshot.generations.next_check and commands is not None:
         # Sent beside this caller's GET, and awaited before the value is judged.
         first_read = read_marks_async(snapshot, commands, started)
     near = snapshot.near
@@ -189,9 +189,9 @@ async def lookup_async(
             if first_read is not None:
                 await asyncio.shield(first_read)
                 first_read = None
-            if started >= snapshot.generations.next_check:  # unread, or skipped while open
+            if started > snapshot.generations.next_check:  # unread, or skipped while open
                 await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
-            if started < snapshot.generations.next_check:
+            if started <= snapshot.generations.next_check:
                 if reservation is None:
                     value = hit(snapshot, key, raw, started)
                 else:

@@ -58,11 +58,11 @@ def read_marks_sync(snapshot: Snapshot, commands: Commands, now: float) -> bool:
     """
     generations = snapshot.generations
     with generations.first:
-        due = now >= generations.next_check and now > generations.failed_at
+        due = now > generations.next_check and now > generations.failed_at
         if due and not _skipped(snapshot):
             _take(snapshot, _meta_or_none(snapshot, commands), now)
     tell_unread(snapshot)
-    return now < generations.next_check
+    return now <= generations.next_check
 
 
 def reread_marks_sync(snapshot: Snapshot, commands: Commands) -> bool:
@@ -120,7 +120,7 @@ def read_marks_async(snapshot: Snapshot, commands: Commands, now: float) -> asyn
     a cancelled caller leaves it to the others) before it judges the value, so
     no call is judged by marks older than ``meta_check_ms``, and a due read
     costs no round trip more than a ``GET``. After it, the marks are current
-    for a caller that started at ``started`` when ``started <
+    for a caller that started at ``started`` when ``started <=
     generations.next_check``. Reaching the fill no later than without it
     matters: on Python 3.10 a caller cancelled while a reply is on its way may
     not see the cancellation (redis-py drops it).

@@ -21,7 +21,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -157,31 +157,29 @@ class Refresh:
         self.local_at = snapshot.generations.local  # as for a Miss
         self.plan = plan_for(snapshot, key, commands, None)
 
+    def steps(self) -> Steps:
+        """The refresh's steps (:func:`memofill.coordinator.refresh`), for a driver to run."""
+        return refresh(self.plan, self.seen.fetch_start_ms)
+
     def run_sync(self) -> Result:
         """Run the refresh with the blocking client, and record it."""
-        started = time.monotonic()
-        steps = refresh(self.plan, self.seen.fetch_start_ms)
-        with self.snapshot.metrics.events.refresh_scope(self.snapshot.key, self.caller):
-            try:
-                result = run_sync(steps, self.commands, self.fetch, self.snapshot.breaker)
-            except BaseException:
-                self.snapshot.refreshes.done(self.key)
-                raise
-            return self._record(result, started)
+        commands, fetch, breaker = self.commands, self.fetch, self.snapshot.breaker
+        [result] = refresh_all_sync(
+            [self], lambda fills: [run_sync(fills[0], commands, fetch, breaker)]
+        )
+        return result
 
     async def run_async(self) -> Result:
         """Run the refresh with the asyncio client, and record it."""
-        started = time.monotonic()
-        steps = refresh(self.plan, self.seen.fetch_start_ms)
-        with self.snapshot.metrics.events.refresh_scope(self.snapshot.key, self.caller):
-            try:
-                result = await run_async(steps, self.commands, self.fetch, self.snapshot.breaker)
-            except BaseException:  # cancelled: the refresh released its lock, token-safely
-                self.snapshot.refreshes.done(self.key)
-                raise
-            return self._record(result, started)
+        commands, fetch, breaker = self.commands, self.fetch, self.snapshot.breaker
 
-    def _record(self, result: Result, started: float) -> Result:
+        async def drive(fills: list[Steps]) -> list[Result]:
+            return [await run_async(fills[0], commands, fetch, breaker)]
+
+        [result] = await refresh_all_async([self], drive)
+        return result
+
+    def record(self, result: Result, started: float) -> Result:
         """Count and log the refresh, keep its value for outages, and set the busy memo."""
         snapshot, policy, outcome = self.snapshot, self.plan.cache_fill, result.outcome
         busy_s = 0.0
@@ -212,6 +210,40 @@ class Refresh:
         # Last: whoever waits for no refresh in flight then sees it counted and logged.
         snapshot.refreshes.done(self.key, busy_s, self.seen.fetch_start_ms)
         return result
+
+
+def refresh_all_sync(
+    jobs: list[Refresh], drive: Callable[[list[Steps]], list[Result]]
+) -> list[Result]:
+    """Run the refreshes of one caller (one value, or a ``many()`` page's stale values) with
+    ``drive``, which runs their steps; each recorded, in the scope of the caller that handed
+    them off. A refresh cut short is no longer in flight."""
+    first = jobs[0]
+    started = time.monotonic()
+    with first.snapshot.metrics.events.refresh_scope(first.snapshot.key, first.caller):
+        try:
+            results = drive([job.steps() for job in jobs])
+        except BaseException:
+            for job in jobs:
+                job.snapshot.refreshes.done(job.key)
+            raise
+        return [job.record(result, started) for job, result in zip(jobs, results, strict=True)]
+
+
+async def refresh_all_async(
+    jobs: list[Refresh], drive: Callable[[list[Steps]], Awaitable[list[Result]]]
+) -> list[Result]:
+    """:func:`refresh_all_sync` with the asyncio client (cancelled: each released its lock)."""
+    first = jobs[0]
+    started = time.monotonic()
+    with first.snapshot.metrics.events.refresh_scope(first.snapshot.key, first.caller):
+        try:
+            results = await drive([job.steps() for job in jobs])
+        except BaseException:
+            for job in jobs:
+                job.snapshot.refreshes.done(job.key)
+            raise
+        return [job.record(result, started) for job, result in zip(jobs, results, strict=True)]
 
 
 class Miss:
@@ -511,7 +543,7 @@ def refresh_sync(snapshot: Snapshot, instance: Any, wrapped: Any, args: Any, kwa
         return bypass(snapshot, wrapped, args, kwargs, False)
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
-    if started >= snapshot.generations.next_check and commands is not None:
+    if started > snapshot.generations.next_check and commands is not None:
         read_marks_sync(snapshot, commands, started)  # what ends its fill is judged by them
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     # Not joined with a plain miss in flight, which may end with the value it found.
@@ -529,7 +561,7 @@ async def refresh_async(
         return await bypass(snapshot, wrapped, args, kwargs, False)
     started = time.monotonic()
     key = snapshot.key_of(instance, args, kwargs)
-    if started >= snapshot.generations.next_check and commands is not None:
+    if started > snapshot.generations.next_check and commands is not None:
         await asyncio.shield(read_marks_async(snapshot, commands, started))
     miss = Miss(snapshot, key, started, commands, None, wrapped, args, kwargs, refresh=True)
     name = _REFRESH + flight(snapshot, key)

@@ -114,11 +114,12 @@ class Refreshes:
                     self._busy = {k: v for k, v in self._busy.items() if v[0] > now}
                 self._busy[key] = (time.monotonic() + busy_for_s, version)
 
-    def submit(self, key: str, job: Callable[[], object]) -> bool:
-        """Run ``job`` on the pool; ``False`` (``key`` no longer in flight) if its queue is full."""
+    def submit(self, keys: list[str], job: Callable[[], object]) -> bool:
+        """Run ``job``, the refresh of ``keys``, on the pool; ``False`` (``keys`` no longer
+        in flight) if its queue is full."""
         with self._lock:
             if self._queued >= self.workers * (1 + QUEUE_PER_WORKER):
-                self._in_flight.discard(key)
+                self._in_flight.difference_update(keys)
                 return False
             self._queued += 1
             if self._pool is None:

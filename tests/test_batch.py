@@ -239,6 +239,120 @@ async def test_an_asyncio_many_calls_its_coroutine_batch_once(
         await client.aclose()
 
 
+# --- stale values, refreshed by the batch -------------------------------------------------
+
+FEED = Dataset("feed:{symbol}", ttl_s=300, stale_s=600, cache_fill=FILL)
+
+
+class Versions:
+    """A list endpoint whose values count up per symbol; its calls recorded, one may raise."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.seen: dict[str, int] = {}
+        self.fail = False
+
+    def values(self, symbols: list[str]) -> list[dict[str, Any]]:
+        self.calls.append(list(symbols))
+        if self.fail:
+            raise RuntimeError("upstream down")
+        for symbol in symbols:
+            self.seen[symbol] = self.seen.get(symbol, 0) + 1
+        return [{"symbol": s, "version": self.seen[s]} for s in symbols]
+
+
+def _versions(page: list[Any]) -> list[int]:
+    return [value["version"] for value in page]
+
+
+def _wait_for_refreshes(cache: Memofill) -> None:
+    deadline = threading.Event()
+    for _ in range(int(PATIENCE_S * 100)):
+        if not cache.refreshes.in_flight():
+            return
+        deadline.wait(0.01)
+    raise AssertionError(f"refreshes still in flight after {PATIENCE_S} s")
+
+
+@pytest.mark.parametrize("refresh", ["inline", "background"])
+def test_stale_values_of_a_page_are_served_and_refreshed_by_one_batch_call(
+    redis_server: RedisServer, prefix: str, refresh: str
+) -> None:
+    client = redis.Redis(port=redis_server.port)
+    _clients.append(client)
+    cache = Memofill(client, prefix=prefix, policies=[FEED], meta_check_ms=0, refresh=refresh)
+    upstream = Versions()
+
+    @cache.cached_dataset("feed:{symbol}")
+    def feed(symbol: str) -> dict[str, Any]:
+        raise AssertionError("the batch fetches")
+
+    feed.batch(upstream.values)
+    symbols = ["A", "B", "C"]
+    assert _versions(feed.many(symbols)) == [1, 1, 1]
+    assert _versions(feed.many(["D"])) == [1]
+    cache.invalidate_dataset("feed:{symbol}", soft=True)  # every value stale, none expired
+    page = _versions(feed.many([*symbols, "D", "A"]))
+    if refresh == "inline":  # the caller refreshes, and gets the new values; A again is a hit
+        assert page == [2, 2, 2, 2, 2]
+    else:  # served stale; A again is a call made after: stale still, or refreshed already
+        assert page[:4] == [1, 1, 1, 1]
+        assert page[4] in {1, 2}
+    _wait_for_refreshes(cache)
+    assert upstream.calls[2:] == [[*symbols, "D"]]  # one call, each stale key once
+    assert _versions(feed.many([*symbols, "D"])) == [2, 2, 2, 2]
+    counts = cache.counters.snapshot()["feed:{symbol}"]
+    assert counts["refresh_fill"] == 4
+
+
+def test_a_batch_that_raises_on_a_refresh_leaves_the_stale_values_served(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    client = redis.Redis(port=redis_server.port)
+    _clients.append(client)
+    cache = Memofill(client, prefix=prefix, policies=[FEED], meta_check_ms=0, refresh="inline")
+    upstream = Versions()
+
+    @cache.cached_dataset("feed:{symbol}")
+    def feed(symbol: str) -> dict[str, Any]:
+        raise AssertionError("the batch fetches")
+
+    feed.batch(upstream.values)
+    assert _versions(feed.many(["A", "B"])) == [1, 1]
+    cache.invalidate_dataset("feed:{symbol}", soft=True)
+    upstream.fail = True
+    assert _versions(feed.many(["A", "B"])) == [1, 1]
+    assert cache.counters.snapshot()["feed:{symbol}"]["refresh_error"] == 2
+    assert upstream.calls[-1] == ["A", "B"]
+
+
+async def test_an_asyncio_page_of_stale_values_is_refreshed_by_one_batch_call(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    client = redis.asyncio.Redis(port=redis_server.port)
+    cache = Memofill(client, prefix=prefix, policies=[FEED], meta_check_ms=0)
+    upstream = Versions()
+
+    @cache.cached_dataset("feed:{symbol}")
+    async def feed(symbol: str) -> dict[str, Any]:
+        raise AssertionError("the batch fetches")
+
+    @feed.batch
+    async def feeds(symbols: list[str]) -> list[dict[str, Any]]:
+        await asyncio.sleep(0)
+        return upstream.values(symbols)
+
+    try:
+        assert _versions(await feed.many(["A", "B"])) == [1, 1]
+        await cache.invalidate_dataset("feed:{symbol}", soft=True)
+        assert _versions(await feed.many(["A", "B"])) == [1, 1]  # served stale; a task refreshes
+        await asyncio.gather(*cache.refreshes.tasks)
+        assert upstream.calls == [["A", "B"], ["A", "B"]]
+        assert _versions(await feed.many(["A", "B"])) == [2, 2]
+    finally:
+        await client.aclose()
+
+
 # --- several processes ------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from memofill import CacheFill, Dataset, Memofill
 from memofill.cli import main
@@ -360,3 +361,51 @@ def test_near_copies_of_an_invalidated_dataset_go_and_its_old_values_are_not_rea
             assert fetch("k") == {"generation": "new"}
     finally:
         reader.local_store.attach(None)
+
+
+@pytest.mark.parametrize("many", [False, True])
+async def test_meta_check_ms_0_reads_the_marks_for_every_call_and_still_serves_hits(
+    redis_server: RedisServer, many: bool
+) -> None:
+    """0 is "no call judged by marks read before it started": each call reads them, and its
+    value is a hit (not a call Redis could not vouch for), sync and asyncio alike."""
+    prefix = f"check0{int(many)}:"
+    clients = [redis_server.client(), redis_server.client()]
+    async_client = redis.asyncio.Redis(port=redis_server.port)
+    writer = Memofill(clients[0], prefix=prefix, policies=POLICIES)
+    versions = iter(range(1, 100))
+    caches = [
+        Memofill(clients[1], prefix=prefix, policies=POLICIES, meta_check_ms=0),
+        Memofill(async_client=async_client, prefix=prefix, policies=POLICIES, meta_check_ms=0),
+    ]
+    q = caches[0].cached_dataset("q:{n}")(lambda n: next(versions))
+
+    @caches[1].cached_dataset("other:{n}")
+    async def other(n: int) -> int:
+        return next(versions)
+
+    def read_q() -> int:
+        return q.many([1])[0] if many else q(1)  # type: ignore[no-any-return]
+
+    async def read_other() -> int:
+        return (await other.many([1]))[0] if many else await other(1)
+
+    try:
+        first_q, first_other = read_q(), await read_other()
+        assert (read_q(), await read_other()) == (first_q, first_other)
+        assert {name: counts.get("hit") for name, counts in _hits(caches).items()} == {
+            "q:{n}": 1,
+            "other:{n}": 1,
+        }
+        writer.invalidate_dataset("q:{n}")
+        writer.invalidate_dataset("other:{n}")
+        assert read_q() > first_q  # the very next call: no wait for a due time
+        assert await read_other() > first_other
+    finally:
+        for client in clients:
+            client.close()
+        await async_client.aclose()
+
+
+def _hits(caches: list[Memofill]) -> dict[str, dict[str, int]]:
+    return {name: c for cache in caches for name, c in cache.counters.snapshot().items()}
