@@ -5,7 +5,7 @@ costs exactly one ``orjson.loads``; only bytes that fail to parse are examined
 further. Bytes that are neither JSON nor a marker are :data:`CORRUPT`: a miss,
 never an exception, so a bad entry is overwritten by the next fill.
 
-Every value a fill stores (never a marker) starts with a fixed-width
+Everything a fill stores, a value or a marker, starts with a fixed-width
 :class:`Header`: type byte ``0x01`` (it never starts a JSON document either,
 and differs from the markers' NUL), version byte ``2``, then four fields as
 fixed-width lower-case hex text: when the fetch started and until when the
@@ -16,10 +16,13 @@ invalidation mark is compared with (:mod:`memofill.generations`). Text, so that
 a transport that carries strings only can carry it, and an operator can read it
 with ``GETRANGE key 0 47``. Hex rather than base64 of a packed struct: a hit
 reads only the fields it needs, one ``int(..., 16)`` each (about 0.13 µs).
-Bytes without a header (written by a release before headers, or by hand) still
+A marker behind a header is judged by its stamp as a value is: an
+invalidation rejects a cached ``None`` or failure fetched before it. Bytes
+without a header (written by a release before headers, or by hand) still
 read as before: fresh until Redis expires them, while their dataset has no
-mark. Bytes with the first release's header (version ``1``, no stamp) are a
-miss, refilled once (``OLD_HEADED``).
+mark (a marker without one lives its TTL whatever the marks). Bytes with the
+first release's header (version ``1``, no stamp) are a miss, refilled once
+(``OLD_HEADED``).
 """
 
 from __future__ import annotations
@@ -146,8 +149,16 @@ def error_marker(error_type: str) -> bytes:
     return _ERROR_PREFIX + error_type.encode("ascii", "replace")[:200]
 
 
+def is_marker(raw: bytes) -> bool:
+    """Whether stored bytes are a marker behind a header (what a fill stores for one)."""
+    return raw[:2] == HEADED and raw[HEADER_LEN : HEADER_LEN + 1] == b"\0"
+
+
 def decode_special(raw: bytes) -> Any:
-    """What non-JSON bytes mean: :data:`NEGATIVE`, an :class:`ErrorMarker` or :data:`CORRUPT`."""
+    """What non-JSON bytes mean, a header skipped: :data:`NEGATIVE`, an
+    :class:`ErrorMarker` or :data:`CORRUPT`."""
+    if raw[:2] == HEADED:
+        raw = raw[HEADER_LEN:]
     if raw == NEGATIVE_MARKER:
         return NEGATIVE
     if raw.startswith(_ERROR_PREFIX):
@@ -158,9 +169,9 @@ def decode_special(raw: bytes) -> Any:
 def decode_any(raw: bytes) -> Any:
     """Stored bytes decoded: a value, :data:`NEGATIVE`, :class:`ErrorMarker` or :data:`CORRUPT`.
 
-    A header is skipped; what follows it must be JSON (a marker never has one).
+    A header is skipped; what follows it is JSON or a marker.
     """
     try:
         return decode(payload(raw))
     except DecodeError:
-        return CORRUPT if raw[:2] == HEADED else decode_special(raw)
+        return decode_special(raw)

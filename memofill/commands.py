@@ -285,6 +285,10 @@ async def _two_async(pool: Any, commands: list[tuple[str, ...]]) -> list[Any]:
         await pool.release(connection)
 
 
+#: The bytes ``memofill inspect`` reads of a value: its header and the longest marker.
+HEAD_BYTES = 320
+
+
 def _is_async(client: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(client, "execute_command", None))
 
@@ -554,15 +558,15 @@ class Commands:
     def describe(self, key: str, lock_key: str) -> Any:
         """What ``memofill inspect`` shows: data TTL, size and head, lock and tomb.
 
-        Returns ``[data PTTL, data STRLEN, first 64 bytes, lock PTTL, lock token,
-        tomb PTTL, tomb]``; the three keys share a slot, so a cluster pipeline
-        sends them to one node.
+        Returns ``[data PTTL, data STRLEN, first bytes, lock PTTL, lock token,
+        tomb PTTL, tomb]``; the first bytes are enough for a header and the longest
+        marker. The three keys share a slot, so a cluster pipeline sends them to one node.
         """
         tomb = tomb_key(key)
         pipe = self.client.pipeline(transaction=False)
         pipe.pttl(key)
         pipe.strlen(key)
-        pipe.getrange(key, 0, 63)
+        pipe.getrange(key, 0, HEAD_BYTES - 1)
         pipe.pttl(lock_key)
         pipe.get(lock_key)
         pipe.pttl(tomb)

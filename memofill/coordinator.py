@@ -294,8 +294,11 @@ def _lead(  # noqa: PLR0917  # what the lock's round trip gave
         # The followers waiting now learn of the failure from the wake signal. Nothing is
         # stored for later callers unless the dataset asks (error_ttl_s): the next call
         # fetches again, one at a time across processes, since it takes the lock first.
-        marker_ms = plan.error_ttl_ms
-        marker = error_marker(type(exc).__name__) if marker_ms > 0 else None
+        marker_ms, now_ms = plan.error_ttl_ms, round(plan.wall() * 1000)
+        marker = None
+        if marker_ms > 0:  # stamped as a value is: an invalidation rejects it too
+            header = Header(now_ms, now_ms + marker_ms, 0, stamp)
+            marker = header_bytes(header) + error_marker(type(exc).__name__)
         raised = RAISED + type(exc).__name__
         yield from _write_and_release(
             plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised, stamp=stamp
@@ -448,9 +451,9 @@ def _hold(
 def _fresh_enough(plan: Plan, raw: bytes) -> bool:
     """Whether ``raw`` can end a fill: fresh after ``fresh_after_ms``, stamped after ``floor``.
 
-    Bytes without a header are a marker (``None`` or a failure, which carry no
-    generation and live a short TTL of their own) or a value written by an older
-    release, which is older than any dataset invalidation.
+    Bytes without a header are a marker of a release before markers had one
+    (``None`` or a failure, which live a short TTL of their own) or a value written
+    by an older release, which is older than any dataset invalidation.
     """
     if not plan.fresh_after_ms and not plan.floor:
         return True
@@ -672,7 +675,8 @@ def _stored_form(
     if value is None:
         if plan.negative_ttl_ms <= 0:
             return None, 0, None
-        return NEGATIVE_MARKER, plan.negative_ttl_ms, None
+        header = Header(started_ms, started_ms + plan.negative_ttl_ms, delta_ms, stamp)
+        return header_bytes(header) + NEGATIVE_MARKER, plan.negative_ttl_ms, None
     try:
         encoded = plan.codec.encode(value)
     except Exception as exc:  # whatever the codec raises on a value it cannot encode

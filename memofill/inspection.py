@@ -21,8 +21,10 @@ from memofill.codec import (
     NEGATIVE,
     OLD_HEADED,
     ErrorMarker,
+    Header,
     decode_any,
     decode_special,
+    is_marker,
     read_header,
 )
 from memofill.commands import Commands
@@ -120,13 +122,13 @@ _JSON_STARTS = frozenset(b'{["-0123456789tfn')
 
 
 def _special(head: bytes, size: int) -> Any:
-    """What stored bytes are, from their first 64: a marker, ``CORRUPT``, or ``None`` (a value).
+    """What stored bytes are, from their first few: a marker, ``CORRUPT``, or ``None`` (a value).
 
     A value with a header is a fill's, in whatever its codec wrote. Bytes without
-    one are an older release's JSON, or foreign: read whole when the 64 bytes are
+    one are an older release's JSON, or foreign: read whole when the bytes read are
     all of them, else told by their first byte.
     """
-    if head[:1] == b"\0":
+    if head[:1] == b"\0" or is_marker(head):
         return decode_special(head)
     if head[:2] == HEADED:
         return None
@@ -270,6 +272,23 @@ def _tomb_text(tomb: int | str | None, tomb_ttl: int, head: bytes) -> str:
     return text
 
 
+def _marker_servable(special: Any, header: Header | None, marks: Marks) -> str:
+    """:func:`servable` of a marker: until it expires, unless a mark is at or after its stamp."""
+    if header is not None and header.stamp <= marks.top:
+        return (
+            f"no: cached before the dataset was invalidated, or before its marks were lost "
+            f"(stamped {stamp_text(header.stamp)}, not after {stamp_text(marks.top)}); a call "
+            "fetches anew"
+        )
+    unstamped = "" if header is not None else "; it carries no stamp, so no mark rejects it"
+    if special is NEGATIVE:
+        return f"yes: as None (a negative hit) until it expires{unstamped}"
+    return (
+        f"no: callers raise FillError (the last fill raised {special.error}) until it "
+        f"expires{unstamped}"
+    )
+
+
 def servable(
     dataset: Dataset,
     head: bytes,
@@ -297,13 +316,8 @@ def servable(
     if head[:2] == OLD_HEADED:
         return "no: stored by a release before stamps; a call fetches anew and overwrites it"
     special = _special(head, size)
-    if special is NEGATIVE:
-        return "yes: as None (a negative hit) until it expires; marks do not apply to markers"
-    if isinstance(special, ErrorMarker):
-        return (
-            f"no: callers raise FillError (the last fill raised {special.error}) until it "
-            "expires; marks do not apply to markers"
-        )
+    if special is NEGATIVE or isinstance(special, ErrorMarker):
+        return _marker_servable(special, read_header(head), marks)
     if special is CORRUPT:
         return "no: not a memofill value (a call fetches and overwrites it)"
     header = read_header(head)

@@ -24,9 +24,11 @@ from memofill.codec import (
     HEADED,
     HEADER_LEN,
     SOFT_UNTIL,
+    STAMP,
     VIEW_FROM_BYTES,
     Header,
     decode_special,
+    is_marker,
     read_header,
 )
 from memofill.commands import Commands
@@ -41,16 +43,32 @@ from memofill.snapshot import Snapshot
 def sort_read(snapshot: Snapshot, key: str, raw: bytes) -> tuple[bytes | None, LateRead | None]:
     """What bytes that were not a plain hit are, where they may be stale or behind a mark.
 
-    Bytes with a header: a :class:`LateRead` (stale, due early, or fetched before a
-    dataset invalidation). Without one once the dataset was invalidated: a marker
-    is left to the miss path, which serves it; a value without a stamp is older
-    than any invalidation, and a miss (``None``).
+    A value with a header: a :class:`LateRead` (stale, due early, or fetched
+    before a dataset invalidation). A marker with a header is never stale: a
+    miss (``None``) once a mark is at or after its stamp, else left to the miss
+    path, which serves it. Without a header, once the dataset was invalidated: a
+    marker is left to the miss path too (it carries no stamp); a value is older
+    than any invalidation, and a miss.
     """
+    if is_marker(raw):
+        return (None, None) if marker_behind(snapshot, raw) else (raw, None)
     if raw[:2] == HEADED:
         return raw, LateRead(snapshot, key, raw)
     if snapshot.marks.explicit and decode_special(raw) is CORRUPT:
         return None, None
     return raw, None
+
+
+def marker_behind(snapshot: Snapshot, raw: bytes) -> bool:
+    """Whether a marker is behind its dataset's (or its tags') marks: stamped at or before
+    one, soft or hard (a cached ``None`` or failure is never served stale). A marker
+    without a header carries no stamp, and is never behind."""
+    if raw[:2] != HEADED:
+        return False
+    try:
+        return int(raw[STAMP], 16) <= snapshot.marks.top
+    except ValueError:  # foreign bytes that only look like a header
+        return True
 
 
 class LateRead:

@@ -30,18 +30,18 @@ from memofill.codec import (
     HEADED,
     HEADER_LEN,
     NEGATIVE,
-    NEGATIVE_MARKER,
     OLD_HEADED,
     STAMP,
     VIEW_FROM_BYTES,
     ErrorMarker,
     decode_special,
+    is_marker,
 )
 from memofill.commands import Commands
 from memofill.errors import FillError
 from memofill.failures import is_timeout, is_unreachable
 from memofill.generations import Marks
-from memofill.late import LateRead, sort_read
+from memofill.late import LateRead, marker_behind, sort_read
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
 from memofill.misses import Miss, bypass, flight, raise_if_cancel_was_lost
 from memofill.near import keep_near, outage_copy, serve_near
@@ -345,9 +345,12 @@ def reserved_hit(
     if raw is None:
         near.abandon(key, reservation)
         return NOT_A_HIT
-    if raw == NEGATIVE_MARKER:
-        keep_near(snapshot, key, reservation, raw, NEGATIVE, ms_left, started)
-        return NOT_A_HIT  # served by the miss path, which reads markers
+    if raw[:1] == b"\0" or is_marker(raw):  # served by the miss path, which reads markers
+        if decode_special(raw) is NEGATIVE and not marker_behind(snapshot, raw):
+            keep_near(snapshot, key, reservation, raw, NEGATIVE, ms_left, started)
+        else:
+            near.abandon(key, reservation)
+        return NOT_A_HIT
     value = plain(snapshot, raw)
     if value is NOT_A_HIT:  # sorted out on the miss path, or served stale
         near.abandon(key, reservation)

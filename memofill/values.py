@@ -384,9 +384,10 @@ def decode_stored(codec: Codec, raw: bytes) -> Any:
     """
     if codec is JSON:
         return decode_any(raw)
-    if raw.startswith(_MARKER_START):
-        return decode_special(raw)
+    body = raw[HEADER_LEN:] if raw[:2] == HEADED else raw
+    if body.startswith(_MARKER_START):
+        return decode_special(body)
     try:
-        return codec.decode(raw[HEADER_LEN:] if raw[:2] == HEADED else raw)
+        return codec.decode(body)
     except Exception:  # whatever the codec raises on bytes it cannot read
         return CORRUPT

@@ -201,12 +201,27 @@ def test_values_without_a_generation_and_markers(
         "invalidated; a call fetches anew"
     )
     assert inspect(capsys, QUOTES, "NONE", *argv)[1]["servable"] == (
-        "yes: as None (a negative hit) until it expires; marks do not apply to markers"
+        "yes: as None (a negative hit) until it expires; it carries no stamp, so no mark rejects it"
     )
     client.set(f"{prefix}market:quotes:ERR", error_marker("TimeoutError"), px=30_000)
     assert inspect(capsys, QUOTES, "ERR", *argv)[1]["servable"] == (
         "no: callers raise FillError (the last fill raised TimeoutError) until it expires; "
-        "marks do not apply to markers"
+        "it carries no stamp, so no mark rejects it"
+    )
+    # What fills store: markers behind a header, judged by their stamps as values are.
+    before, after = (header_bytes(Header(1, 2**40, 0, stamp)) for stamp in (5, 2**55))
+    client.set(f"{prefix}market:quotes:NONE", before + NEGATIVE_MARKER, px=30_000)
+    assert inspect(capsys, QUOTES, "NONE", *argv)[1]["servable"].startswith(
+        "no: cached before the dataset was invalidated, or before its marks were lost"
+    )
+    client.set(f"{prefix}market:quotes:NONE", after + NEGATIVE_MARKER, px=30_000)
+    assert inspect(capsys, QUOTES, "NONE", *argv)[1]["servable"] == (
+        "yes: as None (a negative hit) until it expires"
+    )
+    long_name = "VeryLong" * 20  # more than the first 64 bytes hold behind a header
+    client.set(f"{prefix}market:quotes:ERR", after + error_marker(long_name), px=30_000)
+    assert inspect(capsys, QUOTES, "ERR", *argv)[1]["servable"] == (
+        f"no: callers raise FillError (the last fill raised {long_name}) until it expires"
     )
     client.set(f"{prefix}market:quotes:BAD", b"\xff\xfe", px=30_000)
     shown = inspect(capsys, QUOTES, "BAD", *argv)[1]

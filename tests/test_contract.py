@@ -27,7 +27,7 @@ from memofill.codec import NEGATIVE_MARKER, decode, encode
 from memofill.keys import lock_key, wake_key
 from memofill.testing import stored_payload
 from tests.conftest import POLICIES
-from tests.support.helpers import notify_after_acquire
+from tests.support.helpers import notify_after_acquire, stored_marker
 from tests.support.redis_servers import RedisServer
 
 #: Long enough for any step on a busy machine; the tests never wait for it unless they fail.
@@ -182,7 +182,7 @@ async def test_none_is_cached_as_a_negative_result(backend: Backend) -> None:
     assert await backend.outcome(fetch, "a") == CallResult(None, "hit", False)
     assert origin.calls == ["a"]
     key = backend.prefix + "item:a"
-    assert backend.raw.get(key) == NEGATIVE_MARKER
+    assert stored_marker(backend.raw.get(key)) == NEGATIVE_MARKER
     assert 25_000 < backend.raw.pttl(key) <= 30_000  # negative_ttl_s, not ttl_s
 
 
@@ -218,7 +218,7 @@ async def test_a_failed_fill_is_remembered_for_error_ttl_s(backend: Backend) -> 
     with pytest.raises(Boom):
         await backend.call(fetch, "a")
     key = backend.prefix + "careful:a"
-    assert backend.raw.get(key) == b"\x00memofill:error:Boom"
+    assert stored_marker(backend.raw.get(key)) == b"\x00memofill:error:Boom"
     assert 0 < backend.raw.pttl(key) <= 5_000
     assert backend.raw.exists(lock_key(key)) == 0
     with pytest.raises(FillError, match="Boom") as info:

@@ -25,7 +25,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from memofill.codec import NEGATIVE_MARKER, encode, error_marker
+from memofill.codec import NEGATIVE_MARKER, encode, error_marker, read_header
 from memofill.commands import Commands
 from memofill.coordinator import (
     CANCELLED,
@@ -45,6 +45,7 @@ from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
 from memofill.testing import stored_payload
+from tests.support.helpers import stored_marker
 
 KEY = "t:item:a"
 LOCK = lock_key(KEY)
@@ -338,8 +339,10 @@ def test_fetch_error_with_error_ttl_writes_an_error_marker_for_that_long(
     result = driver.run(make_plan(error_ttl_ms=error_ttl_ms, negative_ttl_ms=0))
     assert isinstance(result.exception, Boom)
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    assert driver.commands("write")[0].args[:3] == (KEY, error_marker("Boom"), error_ttl_ms)
-    assert b"secret" not in driver.commands("write")[0].args[1]
+    key, payload, ttl_ms, stamp = driver.commands("write")[0].args[:4]
+    assert (key, stored_marker(payload), ttl_ms) == (KEY, error_marker("Boom"), error_ttl_ms)
+    assert read_header(payload).stamp == stamp  # type: ignore[union-attr]  # as a value's
+    assert b"secret" not in payload
 
 
 def test_fetch_error_is_returned_even_when_redis_fails_after_it() -> None:
@@ -359,7 +362,9 @@ def test_none_is_cached_as_a_negative_marker() -> None:
     assert result.value is None
     assert result.exception is None
     assert driver.names() == ["acquire", "FETCH", "write", "release"]
-    assert driver.commands("write")[0].args[:3] == (KEY, NEGATIVE_MARKER, 120_000)
+    key, payload, ttl_ms, stamp = driver.commands("write")[0].args[:4]
+    assert (key, stored_marker(payload), ttl_ms) == (KEY, NEGATIVE_MARKER, 120_000)
+    assert read_header(payload).stamp == stamp  # type: ignore[union-attr]  # as a value's
 
 
 def test_none_without_negative_caching_writes_nothing() -> None:

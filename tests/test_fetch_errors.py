@@ -28,6 +28,7 @@ from memofill import CacheFill, Dataset, FillError, Memofill, validate
 from memofill.codec import error_marker
 from memofill.keys import lock_key
 from memofill.policy import MAX_ERROR_TTL_S, MAX_LEASE_MS, MAX_TTL_S
+from tests.support.helpers import stored_marker
 from tests.support.redis_servers import RedisServer
 
 #: Long enough for any step on a busy machine; only a failing test waits this long.
@@ -99,7 +100,7 @@ def test_with_error_ttl_later_callers_get_fill_error_without_fetching(
     with pytest.raises(LookupError):
         fetch("x")
     key = fetch.redis_key("x")
-    assert fake_client.get(key) == error_marker("LookupError")
+    assert stored_marker(fake_client.get(key)) == error_marker("LookupError")
     assert 0 < fake_client.pttl(key) <= 5_000
     upstream.failing = False
     with pytest.raises(FillError, match="LookupError"):
@@ -196,7 +197,7 @@ def test_after_a_failure_another_process_fetches_again_or_gets_the_remembered_er
         fetch("x")
     assert real_client.exists(lock_key(key)) == 0
     if error_ttl_s:
-        assert real_client.get(key) == error_marker("LookupError")
+        assert stored_marker(real_client.get(key)) == error_marker("LookupError")
         assert 0 < real_client.pttl(key) <= error_ttl_s * 1000
         kind, message, _ = other.call("x")
         assert (kind, "LookupError" in message) == ("FillError", True)
@@ -302,7 +303,7 @@ def test_the_longest_durations_the_registry_accepts_work_on_redis_server(
     upstream.release.set()
     thread.join(PATIENCE_S)
     assert isinstance(results.pop(), LookupError)
-    assert real_client.get(key) == error_marker("LookupError")
+    assert stored_marker(real_client.get(key)) == error_marker("LookupError")
     assert 0 < real_client.pttl(key) <= MAX_ERROR_TTL_S * 1000
     # A value: stored for ttl_s.
     real_client.delete(key)

@@ -19,13 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import redis
 import redis.asyncio
 import redis.connection
 from redis.connection import PythonRespSerializer
 
-from memofill import CacheFill, Dataset, Memofill
+from memofill import CacheFill, Dataset, FillError, Memofill
 from memofill.cli import main
 from memofill.codegen import render
 from memofill.commands import _packed_in_python
@@ -190,22 +191,45 @@ def test_losing_the_tags_hash_never_revives_an_invalidated_value(
     assert profile(42)["version"] == 2  # born again: what was written before is behind
 
 
-def test_a_negative_marker_lives_its_negative_ttl_as_after_a_dataset_invalidation(
-    redis_server: RedisServer, prefix: str
+@pytest.mark.parametrize("near", [False, True])
+def test_a_cached_none_or_failure_fetched_before_an_invalidation_is_not_served(
+    redis_server: RedisServer, prefix: str, near: bool
 ) -> None:
-    """The stated limit (docs/tags.rst): a marker carries no stamp, so no mark rejects it."""
-    calls = itertools.count(1)
-    cache = instance(redis_server, prefix)
+    """A marker is stamped as a value is: ``invalidate_tag`` and ``invalidate_dataset``
+    reject a cached ``None`` (negative_ttl_s) or failure (error_ttl_s) fetched before."""
+    near_ms = {"near_ms": 60_000} if near else {}
+    careful = Dataset(
+        "careful:{user_id}", ttl_s=300, error_ttl_s=30, cache_fill=FILL, tags=("user:{user_id}",)
+    )
+    profile_policy = attrs.evolve(PROFILE, **near_ms)
+    cache = instance(redis_server, prefix, policies=[profile_policy, careful])
+    results: dict[str, list[Any]] = {"profile": [None, {"v": 2}, {"v": 3}], "careful": []}
 
     @cache.cached_dataset(PROFILE.key)
     def profile(user_id: int) -> Any:
-        return None if next(calls) == 1 else {"user": user_id}
+        return results["profile"].pop(0)
+
+    @cache.cached_dataset(careful.key)
+    def guarded(user_id: int) -> Any:
+        if not results["careful"]:
+            raise LookupError("upstream down")
+        return results["careful"].pop(0)
 
     assert profile(42) is None
+    assert profile.call_with_outcome(42).outcome == "hit"  # the cached None
+    with pytest.raises(LookupError):
+        guarded(42)
+    with pytest.raises(FillError, match="LookupError"):
+        guarded(42)  # the remembered failure
+    results["careful"].append({"v": "back"})
     cache.invalidate_tag("user:42")
-    assert profile.call_with_outcome(42).outcome == "hit"
-    assert profile(42) is None
-    assert next(calls) == 2
+    assert profile(42) == {"v": 2}
+    assert guarded(42) == {"v": "back"}
+    results["profile"].insert(0, None)
+    cache.invalidate_tag("user:42")
+    assert profile.many([42]) == [None]
+    cache.invalidate_dataset(PROFILE.key)
+    assert profile.many([42]) == [{"v": 3}]
 
 
 def test_a_tagged_hit_is_one_round_trip_and_a_page_of_them_one_too(

@@ -11,6 +11,7 @@ import attrs
 import redis.exceptions
 
 from memofill import Memofill
+from memofill.codec import HEADER_LEN, read_header
 
 
 def notify_after_acquire(mf: Memofill) -> threading.Event:
@@ -101,3 +102,12 @@ def failures(logged: Mapping[tuple[str, str | None], int]) -> Counter[tuple[str,
     for (outcome, error), count in logged.items():
         kinds[outcome, failure(error)] += count
     return kinds
+
+
+def stored_marker(stored: bytes | None) -> bytes:
+    """The marker a fill stored, once its header is checked: a marker is stamped as a value is."""
+    assert stored is not None, "nothing stored"
+    header = read_header(stored)
+    assert header is not None, f"a marker without a header: {stored!r}"
+    assert header.stamp > 0
+    return stored[HEADER_LEN:]
