@@ -272,11 +272,14 @@ def _tomb_text(tomb: int | str | None, tomb_ttl: int, head: bytes) -> str:
     return text
 
 
-def _marker_servable(special: Any, header: Header | None, marks: Marks) -> str:
+def _marker_servable(special: Any, header: Header | None, marks: Marks, own_top: int | None) -> str:
     """:func:`servable` of a marker: until it expires, unless a mark is at or after its stamp."""
     if header is not None and header.stamp <= marks.top:
+        whose = "the dataset"
+        if own_top is not None and header.stamp > own_top:
+            whose = "one of its tags"
         return (
-            f"no: cached before the dataset was invalidated, or before its marks were lost "
+            f"no: cached before {whose} was invalidated, or before its marks were lost "
             f"(stamped {stamp_text(header.stamp)}, not after {stamp_text(marks.top)}); a call "
             "fetches anew"
         )
@@ -297,14 +300,17 @@ def servable(
     now_ms: int,
     *,
     tomb: int | str | None = None,
+    own_top: int | None = None,
 ) -> str:
     """Whether a call is served the stored bytes now, and why not, as the run time decides.
 
-    The value's stamp (the header's Redis clock) against the dataset's marks
-    (:meth:`~memofill.generations.Marks.behind`), then its header's clock against
-    ``ttl_s``, ``stale_s`` and ``stale_if_error_s``: below a hard mark a value is
-    never served, below a soft one only stale, while one caller refreshes it.
-    An absent value beside a ``tomb`` was deleted by ``invalidate()``.
+    The value's stamp (the header's Redis clock) against the marks that judge it
+    (:meth:`~memofill.generations.Marks.behind`: its dataset's, raised to its
+    tags'), then its header's clock against ``ttl_s``, ``stale_s`` and
+    ``stale_if_error_s``: below a hard mark a value is never served, below a soft
+    one only stale, while one caller refreshes it. ``own_top``: the dataset's own
+    top mark, where tags raised ``marks``, which tells whose mark a value is
+    behind. An absent value beside a ``tomb`` was deleted by ``invalidate()``.
     """
     if size == 0 and isinstance(tomb, int):
         return (
@@ -317,7 +323,7 @@ def servable(
         return "no: stored by a release before stamps; a call fetches anew and overwrites it"
     special = _special(head, size)
     if special is NEGATIVE or isinstance(special, ErrorMarker):
-        return _marker_servable(special, read_header(head), marks)
+        return _marker_servable(special, read_header(head), marks, own_top)
     if special is CORRUPT:
         return "no: not a memofill value (a call fetches and overwrites it)"
     header = read_header(head)
@@ -330,15 +336,16 @@ def servable(
         return "yes: fresh until Redis expires it"
     stamp = header.stamp
     behind = marks.behind(stamp, dataset.stale_s > 0)
+    whose = "one of its tags" if own_top is not None and stamp > own_top else "the dataset"
     if behind == EXPIRED and stamp <= marks.hard:
         return (
-            f"no: fetched before the dataset was invalidated, or before its marks were lost "
+            f"no: fetched before {whose} was invalidated, or before its marks were lost "
             f"(stamped {stamp_text(stamp)}, not after {stamp_text(marks.hard)}); a call "
             "fetches anew"
         )
     if behind == EXPIRED:
         return (
-            f"no: fetched before the dataset was invalidated softly (stamped "
+            f"no: fetched before {whose} was invalidated softly (stamped "
             f"{stamp_text(stamp)}, not after {stamp_text(marks.soft)}), and it has no stale_s "
             "to serve it stale; a call fetches anew"
         )
@@ -347,7 +354,7 @@ def servable(
     kind = verdict(now_ms, header.soft_until_ms, stale_ms, if_error_ms)
     if behind == STALE and fresh:
         return (
-            f"stale: fetched before the dataset was invalidated softly (stamped "
+            f"stale: fetched before {whose} was invalidated softly (stamped "
             f"{stamp_text(stamp)}, not after {stamp_text(marks.soft)}); served stale while one "
             "caller refreshes it"
         )
@@ -540,10 +547,11 @@ def inspect_entry(
             marks, renewed = read_marks(client, prefix, dataset.key)
         except redis.ResponseError as exc:  # an ACL without HGETALL on the meta key, say
             marks, renewed = f"unknown: cannot read {meta_key(prefix)} ({exc})", None
-        tags, tags_text = tags_of_final(dataset, prefix, final), None
+        tags, tags_text, own_top = tags_of_final(dataset, prefix, final), None, None
         if tags:
             (hard, soft, marked), tags_text = read_tag_marks(client, prefix, tags)
             if isinstance(marks, Marks):  # a value is judged by its tags' marks too
+                own_top = marks.top
                 marks.set(hard, soft, marked)
         elsewhere = _other_prefix(client, final) if data_ttl == -2 else None
         if show_value and size > MAX_VALUE_BYTES:
@@ -558,7 +566,7 @@ def inspect_entry(
         marks_text = verdict_text = marks
     else:
         marks_text = _marks_text(marks, renewed)
-        verdict_text = servable(dataset, head, size, marks, now_ms, tomb=tomb)
+        verdict_text = servable(dataset, head, size, marks, now_ms, tomb=tomb, own_top=own_top)
     lines = [
         ("dataset", dataset.key),
         (

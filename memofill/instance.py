@@ -168,7 +168,8 @@ class Memofill:
             ``None``: no near copies, every call reads Redis. See :doc:`near-cache`.
         meta_check_ms: how often, at most, this process reads the dataset generations
             again (:meth:`invalidate_dataset` by another process reaches it within this;
-            within milliseconds where a near-cache listener runs).
+            within milliseconds where a near-cache listener runs). 0 reads them for
+            every call, a round trip more each.
 
     ``MEMOFILL_DISABLED=1`` in the environment switches caching off: calls go
     straight to the function, counted as ``disabled``.

@@ -715,5 +715,8 @@ def test_a_tagged_value_shows_its_tags_and_is_not_servable_behind_one(
     code, shown, err = inspect(capsys, f"{prefix}profile:42", *common)  # as the logs print it
     assert code == 0, err
     assert re.match(r"user:42 \(invalidated \S+Z\); people \(never invalidated\)", shown["tags"])
-    assert shown["servable"].startswith("no: fetched before"), shown["servable"]
+    assert shown["servable"].startswith("no: fetched before one of its tags was invalidated")
     assert fetch.call_with_outcome(42).outcome == "legacy"  # a fill, as the run time decides
+    cache.invalidate_dataset(profile.key)
+    code, shown, err = inspect(capsys, f"{prefix}profile:42", *common)
+    assert shown["servable"].startswith("no: fetched before the dataset was invalidated")
