@@ -10,10 +10,12 @@ driven with events, not sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import multiprocessing
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +260,54 @@ def test_a_tagged_hit_is_one_round_trip_and_a_page_of_them_one_too(
     page = profile.many(users)
     assert [value["args"] for value in page] == [[user] for user in users]
     assert sent == 1
+
+
+def test_twenty_thousand_tags_invalidated_change_neither_a_hits_round_trips_nor_memory(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A process keeps no tag's mark: every tagged read takes its own tags' from Redis,
+    and the hash it reads them from may hold any number of others."""
+    client = redis_server.client()
+    _clients.append(client)
+    # The dataset marks read once: each round trip counted below is a hit's.
+    reader = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=3_600_000)
+    writer = instance(redis_server, prefix)
+    profile, _, _ = functions(reader, Origin())
+    users = list(range(50))
+    profile.many(users)
+    writer.invalidate_tag("user:1")  # the scripts loaded, the hash born
+
+    def hits() -> int:
+        sent = 0
+        get = client.connection_pool.get_connection
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal sent
+            sent += 1
+            return get(*args, **kwargs)
+
+        client.connection_pool.get_connection = counted  # type: ignore[method-assign]
+        try:
+            for user in users[2:]:
+                assert profile.call_with_outcome(user).outcome == "hit"
+        finally:
+            client.connection_pool.get_connection = get  # type: ignore[method-assign]
+        return sent
+
+    assert hits() == 48
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for user in range(1_000, 21_000):  # tags no value bears now: any user's
+            reader.invalidate_tag(f"user:{user}")
+        assert hits() == 48  # one round trip each, as before
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, f"{grown} bytes kept after 20,000 tags were invalidated"
+    assert client.hlen(tags_key(prefix)) > 20_000  # Redis keeps them, for their lifetime
 
 
 async def test_an_asyncio_reader_refills_what_a_tag_invalidated(
