@@ -132,6 +132,8 @@ class Generations:
         self.marks: dict[str, Marks] = {}
         #: Called when the marks changed (the near copies are dropped).
         self.on_change: Callable[[], object] = lambda: None
+        #: Called when this process invalidated a tag (the copies of tagged datasets go).
+        self.on_tag_change: Callable[[], object] = lambda: None
         #: Whether the hash was read (or tried) once; until then blocking callers wait for it.
         self.known = False
         #: Why the last read was refused (an ACL without the script's commands), else ``None``.
@@ -222,7 +224,7 @@ class Generations:
         """
         self.clock_us = max(self.clock_us, mark)
         self.local += 1
-        self.on_change()  # near and outage copies bearing it must not outlive the call
+        self.on_tag_change()  # near and outage copies bearing it must not outlive the call
 
     def stamp(self) -> int:
         """The stamp of a fill that takes no lock (which reads Redis's clock): one µs past the

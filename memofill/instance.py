@@ -117,6 +117,7 @@ def _fresh(
     # No copy of an invalidated dataset is served, near or in an outage: the store does not
     # know which dataset a key is of, and invalidations are rare, so every copy goes.
     generations.on_change = store.clear
+    generations.on_tag_change = store.drop_tagged
     return {
         "refreshes": refreshes,
         "counters": Counters(),

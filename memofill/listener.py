@@ -489,7 +489,8 @@ def follow(
     policies are loaded, nothing is served near.
     """
     # A tag invalidated anywhere may concern any tagged copy: all go (a tag names no keys).
-    store.watch = {meta_key(prefix): on_meta_change, tags_key(prefix): store.clear}
+    store.tagged_heads = _tagged_heads(prefix, policies)
+    store.watch = {meta_key(prefix): on_meta_change, tags_key(prefix): store.drop_tagged}
     if near is not None:
         store.max_entries = store.max_entries if near.max_entries is None else near.max_entries
         store.max_bytes = store.max_bytes if near.max_bytes is None else near.max_bytes
@@ -529,6 +530,13 @@ _told_unlistenable: weakref.WeakSet[LocalStore] = weakref.WeakSet()
 #: The last policies :func:`_near_heads` looked at, and what it found: decorating thousands
 #: of functions must not scan thousands of datasets each time.
 _heads_memo: list[Any] = [None, "", ()]
+
+
+def _tagged_heads(prefix: str, policies: Mapping[str, Dataset] | None) -> tuple[str, ...]:
+    """The literal heads of the final keys of the datasets with tags (every key: unknown)."""
+    if policies is None:
+        return (prefix,)
+    return tuple(prefix + d.template.parts[0] for d in policies.values() if d.tag_templates)
 
 
 def _near_heads(prefix: str, policies: Mapping[str, Dataset] | None) -> tuple[str, ...]:

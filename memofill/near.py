@@ -238,6 +238,10 @@ class LocalStore:
         self.flushes = 0
         #: Times every entry was dropped because a dataset was invalidated.
         self.clears = 0
+        #: The literal heads of the final keys of the datasets that bear tags: the keys
+        #: :meth:`drop_tagged` drops (a key of another dataset may share a head, and go
+        #: too). Every key until the instance's policies say.
+        self.tagged_heads: tuple[str, ...] = ("",)
         #: The clock time until which near copies may be served, as the listener's answered
         #: pings set it; 0.0 while it is not tracking, ``ALWAYS`` with no listener needed.
         self.live_until = ALWAYS
@@ -379,6 +383,21 @@ class LocalStore:
             self.epoch += 1
             self.flushes += 1
             self.pending.clear()
+
+    def drop_tagged(self) -> None:
+        """A tag was invalidated: drop the copies, near and outage alike, and the reads in
+        flight of every key of a dataset that bears tags (:attr:`tagged_heads`).
+
+        A tag names no keys, so every such copy goes; the copies of datasets without
+        tags stay. A scan of the store, under its lock.
+        """
+        heads = self.tagged_heads
+        with self._lock:
+            self.clears += 1
+            for key in [key for key in self.pending if key.startswith(heads)]:
+                del self.pending[key]
+            for key in [key for key in self.entries if key.startswith(heads)]:
+                self._drop(key)
 
     def clear(self) -> None:
         """Drop every entry, near and outage alike (a dataset was invalidated)."""

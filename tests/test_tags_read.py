@@ -420,14 +420,22 @@ NEAR = Dataset(
 def test_near_copies_bearing_a_tag_go_when_another_process_invalidates_it(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    """The listener tracks the tags hash: a tag invalidated elsewhere drops the copies."""
+    """The listener tracks the tags hash: a tag invalidated elsewhere drops the copies of
+    every dataset that bears tags (a tag names no keys); those of other datasets stay."""
     from memofill import NearCache  # noqa: PLC0415
 
-    cache = Memofill(redis_server.client(), prefix=prefix, policies=[NEAR], near=NearCache())
+    untagged = Dataset("badge:{user_id}", ttl_s=300, near_ms=60_000, cache_fill=FILL)
+    cache = Memofill(
+        redis_server.client(), prefix=prefix, policies=[NEAR, untagged], near=NearCache()
+    )
     versions = itertools.count(1)
 
     @cache.cached_dataset(NEAR.key)
     def card(user_id: int) -> dict[str, Any]:
+        return {"version": next(versions)}
+
+    @cache.cached_dataset(untagged.key)
+    def badge(user_id: int) -> dict[str, Any]:
         return {"version": next(versions)}
 
     try:
@@ -436,13 +444,21 @@ def test_near_copies_bearing_a_tag_go_when_another_process_invalidates_it(
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert card(7)["version"] == 2
+        assert badge(42)["version"] == 3
+        while badge.call_with_outcome(42).outcome != "near_hit":  # a hit makes the copy
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         instance(redis_server, prefix, policies=[NEAR]).invalidate_tag("user:42")
         deadline = time.monotonic() + PATIENCE_S  # the listener's lag, not near_ms
         while (value := card(42))["version"] == 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert value["version"] == 3
-        assert card(7)["version"] == 2  # its copy went too, and came back from Redis
+        assert value["version"] == 4
+        assert card.call_with_outcome(7).outcome == "hit"  # its copy went too, read again
+        assert badge.call_with_outcome(42).outcome == "near_hit"  # no tags: its copy stays
+        cache.invalidate_tag("user:42")  # this process's own: the same
+        assert card.call_with_outcome(42).outcome == "leader_fill"
+        assert badge.call_with_outcome(42).outcome == "near_hit"
     finally:
         cache.local_store.attach(None)
 
