@@ -238,9 +238,9 @@ class LocalStore:
         self.flushes = 0
         #: Times every entry was dropped because a dataset was invalidated.
         self.clears = 0
-        #: The literal heads of the final keys of the datasets that bear tags: the keys
-        #: :meth:`drop_tagged` drops (a key of another dataset may share a head, and go
-        #: too). Every key until the instance's policies say.
+        #: The literal heads of the final keys of the datasets that bear tags, which
+        #: tell the keys :meth:`drop_tagged` drops (a key of another dataset may share a
+        #: head, and go too); every key until the instance's policies are known.
         self.tagged_heads: tuple[str, ...] = ("",)
         #: The clock time until which near copies may be served, as the listener's answered
         #: pings set it; 0.0 while it is not tracking, ``ALWAYS`` with no listener needed.
