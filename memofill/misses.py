@@ -15,13 +15,14 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -218,15 +219,8 @@ def refresh_all_sync(
     """Run the refreshes of one caller (one value, or a ``many()`` page's stale values) with
     ``drive``, which runs their steps; each recorded, in the scope of the caller that handed
     them off. A refresh cut short is no longer in flight."""
-    first = jobs[0]
-    started = time.monotonic()
-    with first.snapshot.metrics.events.refresh_scope(first.snapshot.key, first.caller):
-        try:
-            results = drive([job.steps() for job in jobs])
-        except BaseException:
-            for job in jobs:
-                job.snapshot.refreshes.done(job.key)
-            raise
+    with _refreshing(jobs) as started:
+        results = drive([job.steps() for job in jobs])
         return [job.record(result, started) for job, result in zip(jobs, results, strict=True)]
 
 
@@ -234,16 +228,22 @@ async def refresh_all_async(
     jobs: list[Refresh], drive: Callable[[list[Steps]], Awaitable[list[Result]]]
 ) -> list[Result]:
     """:func:`refresh_all_sync` with the asyncio client (cancelled: each released its lock)."""
+    with _refreshing(jobs) as started:
+        results = await drive([job.steps() for job in jobs])
+        return [job.record(result, started) for job, result in zip(jobs, results, strict=True)]
+
+
+@contextlib.contextmanager
+def _refreshing(jobs: list[Refresh]) -> Iterator[float]:
+    """The refresh scope of ``jobs``, and when they started; cut short, none is in flight."""
     first = jobs[0]
-    started = time.monotonic()
     with first.snapshot.metrics.events.refresh_scope(first.snapshot.key, first.caller):
         try:
-            results = await drive([job.steps() for job in jobs])
+            yield time.monotonic()
         except BaseException:
             for job in jobs:
                 job.snapshot.refreshes.done(job.key)
             raise
-        return [job.record(result, started) for job, result in zip(jobs, results, strict=True)]
 
 
 class Miss:
