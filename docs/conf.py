@@ -51,7 +51,7 @@ autodoc_typehints = "signature"
 # Aliases stay names in signatures, linked to their own entries, instead of
 # being expanded into the private types they are made of.
 autodoc_type_aliases = {
-    "Steps": "memofill.coordinator.Steps",
+    "Steps": "memofill.steps.Steps",
 }
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

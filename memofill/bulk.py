@@ -46,7 +46,6 @@ from typing import Any
 import attrs
 
 from memofill.commands import Commands
-from memofill.coordinator import Result, Steps
 from memofill.errors import BatchError
 from memofill.late import LateRead, serve_all_async, serve_all_sync
 from memofill.lockstep import run_together_async, run_together_sync
@@ -66,6 +65,7 @@ from memofill.misses import Miss, bypass, refresh_all_async, refresh_all_sync
 from memofill.near import serve_near
 from memofill.outcomes import NOT_A_HIT, CallResult
 from memofill.snapshot import BYPASS, Snapshot
+from memofill.steps import Result, Steps
 
 #: The most fills one asyncio ``many()`` runs at once.
 CONCURRENT_FILLS = 16

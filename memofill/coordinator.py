@@ -1,9 +1,11 @@
 """The miss algorithm, written once as a generator of steps: the algorithm only, no I/O.
 
-:func:`fill` decides; it never performs I/O. It yields a :class:`Command` (a
-Redis command by name), a :class:`Sleep`, or :data:`FETCH`, and receives the
-result. A Redis error is thrown back into it, so that the algorithm, not the
-driver, decides how to degrade. :func:`~memofill.drivers.run_sync` and
+:func:`fill` decides; it never performs I/O. It yields a
+:class:`~memofill.steps.Command` (a Redis command by name), a
+:class:`~memofill.steps.Sleep`, or :data:`~memofill.steps.FETCH`, and receives
+the result (the vocabulary is :mod:`memofill.steps`'s). A Redis error is
+thrown back into it, so that the algorithm, not the driver, decides how to
+degrade. :func:`~memofill.drivers.run_sync` and
 :func:`~memofill.drivers.run_async` perform the steps with a blocking or an
 asyncio client; neither makes a decision.
 
@@ -20,14 +22,16 @@ One miss, for a dataset with a fill policy:
    (``STORE_SCRIPT``, one round trip: refused when the
    key was invalidated or a later-stamped value written since the stamp),
    release token-safely and wake followers with how the fill ended
-   (:data:`STORED`, :data:`RETURNED_NONE`, ``REFUSED``, or :data:`RAISED` or
-   :data:`UNSTORED` and an error's type name). A refused write is no error for
-   the caller, who gets the value its fetch made (``fill_refused``); its
-   followers take the lock again, as after a cancelled leader. A leader cancelled before its
-   value is stored (the asyncio driver throws :class:`asyncio.CancelledError`
-   into the generator) still releases and tells :data:`CANCELLED`, then
-   re-raises: its followers retry the lock at once instead of waiting out
-   ``wait_ms``, and one of them takes the fill over.
+   (:data:`~memofill.steps.STORED`, :data:`~memofill.steps.RETURNED_NONE`,
+   ``REFUSED``, or :data:`~memofill.steps.RAISED` or
+   :data:`~memofill.steps.UNSTORED` and an error's type name). A refused write
+   is no error for the caller, who gets the value its fetch made
+   (``fill_refused``); its followers take the lock again, as after a cancelled
+   leader. A leader cancelled before its value is stored (the asyncio driver
+   throws :class:`asyncio.CancelledError` into the generator) still releases
+   and tells :data:`~memofill.steps.CANCELLED`, then re-raises: its followers
+   retry the lock at once instead of waiting out ``wait_ms``, and one of them
+   takes the fill over.
 3. Not acquired: follow. Block on the wake stream, after the entry step 1 saw,
    for the current backoff interval, then read the **data** key, never the lock
    key: the value is the source of truth, and a follower returns as soon as it
@@ -62,163 +66,42 @@ import attrs
 from memofill.codec import (
     CORRUPT,
     NEGATIVE,
-    NEGATIVE_MARKER,
     ErrorMarker,
-    Header,
     decode_special,
-    error_marker,
-    header_bytes,
     payload_size,
     read_header,
 )
 from memofill.commands import is_hold, new_token, newest_entry, stream_entries
 from memofill.errors import FillError
 from memofill.failures import RedisUnavailable, is_pool_refusal, is_timeout
-from memofill.freshness import wall_clock
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
-from memofill.values import JSON, Codec, decode_stored
-
-#: The ``error`` of a leader whose lock was gone, or another's, when it released: its fetch
-#: outlived ``lease_ms`` (or Redis lost the lock), so a second leader may have fetched too.
-LEASE_EXPIRED = "LeaseExpired"
-#: In the leader's wake entry, how its fill ended. This one says a value (or a marker)
-#: is under the key, to be read.
-STORED = "stored"
-#: In the wake entry, the fetch returned ``None``, which is then the followers' answer,
-#: stored as a marker or not.
-RETURNED_NONE = "none"
-#: In the wake entry, the fetch raised; followed by the exception's type name (never
-#: its message).
-RAISED = "error:"
-#: In the wake entry, the fetch returned a value that could not be stored (not JSON, or
-#: the write failed); followed by the error's type name. Followers then fetch at once.
-UNSTORED = "unstored:"
-#: In the wake entry, the leader was cancelled (its task, or the event loop shutting down)
-#: before its value was stored. Followers retry the lock at once, so that exactly one of
-#: them takes over the fill. It is an :data:`UNSTORED` entry, so that a follower that does
-#: not know this one fetches at once rather than take it for the answer.
-CANCELLED = UNSTORED + "CancelledError"
-#: In the wake entry, Redis refused the leader's write (``STORE_SCRIPT``):
-#: the key was invalidated, or holds a later fill's value, since the leader's fetch began.
-#: Followers take the lock again and fill anew, or find the later value. An
-#: :data:`UNSTORED` entry, so that a follower that does not know it fetches at once.
-REFUSED = UNSTORED + "Refused"
-
-
-@attrs.frozen
-class Command:
-    """Send the :class:`~memofill.commands.Commands` method ``name`` with ``args``."""
-
-    name: str
-    args: tuple[Any, ...]
-
-
-@attrs.frozen
-class Sleep:
-    """Wait ``seconds`` without Redis (the wake stream is not available)."""
-
-    seconds: float
-
-
-class Fetch:
-    def __repr__(self) -> str:
-        return "FETCH"
-
-
-#: Call the fetch function; its value (or exception) is sent back.
-FETCH: Any = Fetch()
-
-Step = Command | Sleep | Fetch
-
-
-@attrs.frozen
-class Plan:
-    """What one miss needs to know: where the value lives and how to coordinate its fill."""
-
-    dataset: str
-    redis_key: str
-    ttl_ms: int
-    negative_ttl_ms: int
-    cache_fill: CacheFill | None
-    #: ``False`` when Redis is known to be unreachable: no command is tried.
-    redis_ok: bool = True
-    #: Why ``redis_ok`` is false, when this miss found out itself (the read's error type name).
-    redis_error: str | None = None
-    #: The client's socket time-out in ms, which every blocking wait ends well before.
-    block_limit_ms: float | None = None
-    #: Fetch even over a value present (a refresh). The recheck then never ends the fill,
-    #: and a follower waits for the leader's word rather than take the value it replaces.
-    refresh: bool = False
-    #: How long a failed fetch is remembered under the key, in ms; 0 stores nothing.
-    error_ttl_ms: int = 0
-    #: How this function's values are stored and read (:mod:`memofill.values`).
-    codec: Codec = JSON
-    #: How long past ``ttl_ms`` Redis keeps a value, in ms (the larger stale window): its
-    #: ``PX`` is ``ttl_ms + window_ms``, while its header says it is fresh for ``ttl_ms``.
-    window_ms: int = 0
-    #: The wall clock in seconds, read for the stored header (when the fetch began, how long).
-    wall: Callable[[], float] = wall_clock
-    #: The stale value this caller read (past ``stale_s``, within ``stale_if_error_s``): served
-    #: instead of the error if the fill fails (``stale_on_error``). A fetch that
-    #: raises then holds the lock (see :func:`refresh`) rather than release it.
-    stale: bytes | None = None
-    #: A value read under the key counts as filled only if its header says it is fresh after
-    #: this wall-clock ms (0: any value counts): the stale value that sent a caller here must
-    #: not end its fill as if another leader had just written it.
-    fresh_after_ms: int = 0
-    #: A leader whose fetch raises holds the lock for ``refresh_retry_ms`` instead of releasing
-    #: it (as a failed refresh does), so the fleet backs off while the origin fails: set for
-    #: datasets that serve stale or refresh early. Callers that meet the hold get the stale
-    #: value or, past the windows, :class:`~memofill.errors.FillError`, without a fetch.
-    hold_on_error: bool = False
-    #: The stamp of a fill that takes no lock, which reads no clock of its own. It is
-    #: Redis's clock as this process last read it, so no later than the fetch begins.
-    stamp: int = 0
-    #: A value read under the key ends this fill only if its stamp is after this (µs), 0 for
-    #: any: a value fetched before a dataset invalidation this process knows of never does.
-    floor: int = 0
-    #: Whether bytes without a stamp (a value written by hand or an older release) end it:
-    #: not once the dataset was invalidated.
-    unstamped_ok: bool = True
-
-
-@attrs.frozen
-class Result:
-    """How a miss ended: the value or the exception for the caller, and what to log."""
-
-    outcome: Outcome
-    value: Any = None
-    exception: BaseException | None = None
-    led: bool = False
-    waited_ms: float = 0.0
-    polls: int = 0
-    payload_bytes: int = 0
-    #: Type name of the error worth logging (a Redis error met on the way, an unencodable value).
-    error: str | None = None
-    #: The bytes under the key that ``value`` was read from or written as, if any: what the
-    #: process keeps for outages and decodes for callers joined to this fill.
-    stored: bytes | None = None
-    #: Why ``value`` could not be encoded (``"TypeError: ..."``), when it could not.
-    unstorable: str | None = None
-    #: How long this caller's fetch took, in ms (0 when it fetched nothing).
-    delta_ms: int = 0
-
-    def unwrap(self) -> Any:
-        """The value, or raise the exception the caller must see."""
-        if self.exception is not None:
-            raise self.exception
-        return self.value
-
-
-Steps = Generator[Step, Any, Result]
+from memofill.steps import (
+    CANCELLED,
+    FETCH,
+    LEASE_EXPIRED,
+    RAISED,
+    REFUSALS,
+    REFUSED,
+    RETURNED_NONE,
+    STORED,
+    UNSTORED,
+    Command,
+    Plan,
+    Result,
+    Sleep,
+    Step,
+    Steps,
+)
+from memofill.values import decode_stored
 
 
 def fill(plan: Plan, clock: Callable[[], float], rng: random.Random) -> Steps:
-    """The miss algorithm (see the module docstring): yields steps, returns a :class:`Result`.
+    """The miss algorithm (see the module docstring): yields steps, returns a
+    :class:`~memofill.steps.Result`.
 
-    A caller holding a stale value (:attr:`Plan.stale`) gets it back when the fill
+    A caller holding a stale value (:attr:`~memofill.steps.Plan.stale`) gets it back when the fill
     fails, here or in the leader it followed, as ``stale_on_error``.
     """
     result = yield from _fill(plan, clock, rng)
@@ -294,15 +177,12 @@ def _lead(  # noqa: PLR0917  # what the lock's round trip gave
         # The followers waiting now learn of the failure from the wake signal. Nothing is
         # stored for later callers unless the dataset asks (error_ttl_s): the next call
         # fetches again, one at a time across processes, since it takes the lock first.
-        marker_ms, now_ms = plan.error_ttl_ms, round(plan.wall() * 1000)
-        marker = None
-        if marker_ms > 0:  # stamped as a value is: an invalidation rejects it too
-            header = Header(now_ms, now_ms + marker_ms, 0, stamp)
-            marker = header_bytes(header) + error_marker(type(exc).__name__)
+        marker = plan.stored_failure(type(exc).__name__, stamp)
         raised = RAISED + type(exc).__name__
         yield from _write_and_release(
-            plan, policy, lock, token, payload=marker, ttl_ms=marker_ms, result=raised, stamp=stamp
-        )
+            plan, policy, lock, token, payload=marker, ttl_ms=plan.error_ttl_ms, result=raised,
+            stamp=stamp,
+        )  # fmt: skip
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
     outcome = Outcome.FORCED_FILL if plan.refresh else Outcome.LEADER_FILL
     outcome = Outcome.NEGATIVE if value is None else outcome
@@ -409,7 +289,7 @@ def _store(
     refused makes the outcome ``fill_refused`` (or ``refresh_refused``).
     """
     outcome, value, started_ms, delta_ms, stamp = fetched
-    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms, stamp)
+    payload, ttl_ms, unstorable = plan.stored_form(value, started_ms, delta_ms, stamp)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     if value is None:
         told = RETURNED_NONE
@@ -426,8 +306,6 @@ def _store(
     return attrs.evolve(_fetched(outcome, value, payload, error, unstorable), delta_ms=delta_ms)
 
 
-#: Why ``STORE_SCRIPT`` refuses a write, as a result's ``error``.
-REFUSALS = frozenset({"invalidated", "newer", "old", "restarted"})
 _REFRESHES = frozenset({Outcome.REFRESH_FILL, Outcome.REFRESH_NEGATIVE})
 
 
@@ -614,7 +492,7 @@ def _uncoordinated(plan: Plan, outcome: Outcome, error: str | None = None) -> St
         value, started_ms, delta_ms = yield from _timed_fetch(plan)
     except Exception as exc:
         return Result(Outcome.FETCH_ERROR, exception=exc, led=True, error=type(exc).__name__)
-    payload, ttl_ms, unstorable = _stored_form(plan, value, started_ms, delta_ms, plan.stamp)
+    payload, ttl_ms, unstorable = plan.stored_form(value, started_ms, delta_ms, plan.stamp)
     encode_error = None if unstorable is None else unstorable.partition(":")[0]
     write_error = None
     if payload is not None and plan.redis_ok:
@@ -660,31 +538,6 @@ def _refusal(written: Any) -> str | None:
     return reply if reply in REFUSALS else None
 
 
-def _stored_form(
-    plan: Plan, value: Any, started_ms: int, delta_ms: int, stamp: int
-) -> tuple[bytes | None, int, str | None]:
-    """What a fill writes for ``value``: ``(payload or None, ttl_ms, why it is unstorable)``.
-
-    ``None`` is stored as the negative marker for ``negative_ttl_ms`` (not at all
-    when that is 0); a value the function's codec cannot encode is not stored,
-    and the reason given as ``"ErrorType: message"``. A value goes behind a
-    :class:`~memofill.codec.Header` saying when its fetch began and until when
-    it is fresh (counted from that start, so never later than the ``PX``), and
-    is kept by Redis for its stale window beyond that.
-    """
-    if value is None:
-        if plan.negative_ttl_ms <= 0:
-            return None, 0, None
-        header = Header(started_ms, started_ms + plan.negative_ttl_ms, delta_ms, stamp)
-        return header_bytes(header) + NEGATIVE_MARKER, plan.negative_ttl_ms, None
-    try:
-        encoded = plan.codec.encode(value)
-    except Exception as exc:  # whatever the codec raises on a value it cannot encode
-        return None, 0, f"{type(exc).__name__}: {exc}"
-    header = Header(started_ms, started_ms + plan.ttl_ms, delta_ms, stamp)
-    return header_bytes(header) + encoded, plan.ttl_ms + plan.window_ms, None
-
-
 def _write_and_release(
     plan: Plan,
     policy: CacheFill,
@@ -699,10 +552,10 @@ def _write_and_release(
     """Write ``payload`` (if any) as of ``stamp``, then release token-safely and wake followers.
 
     ``result`` is what the wake entry tells the followers; a value whose write
-    failed is told as :data:`UNSTORED`, so that they do not wait for it, and one
+    failed is told as :data:`~memofill.steps.UNSTORED`, so that they do not wait for it, and one
     Redis refused as ``REFUSED``. Returns the errors worth reporting,
     ``(write, release)``: a Redis error or the refusal's reason, or
-    :data:`LEASE_EXPIRED` when the lock no longer held this caller's token. On a
+    :data:`~memofill.steps.LEASE_EXPIRED` when the lock no longer held this caller's token. On a
     release error the lock simply expires after ``lease_ms``. Two round trips,
     on purpose: a pipeline would save one, but with a payload of megabytes it
     measured slower than the two commands sent one after the other.

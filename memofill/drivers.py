@@ -2,10 +2,10 @@
 
 Rules:
 
-- A driver makes no decision. It sends each :class:`~memofill.coordinator.Command`
+- A driver makes no decision. It sends each :class:`~memofill.steps.Command`
   through :class:`~memofill.commands.Commands`, sleeps a
-  :class:`~memofill.coordinator.Sleep`, calls the origin at
-  :data:`~memofill.coordinator.FETCH`, and throws any failure back into the
+  :class:`~memofill.steps.Sleep`, calls the origin at
+  :data:`~memofill.steps.FETCH`, and throws any failure back into the
   algorithm, which decides how to degrade.
 - The breaker is told here of every failure to reach Redis (a blocking wait's own
   time-out aside), and of every answer; an open breaker fails a command at once.
@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from memofill.commands import Commands
-from memofill.coordinator import Command, Fetch, Result, Sleep, Step, Steps
 from memofill.failures import REDIS_ERRORS, RedisUnavailable, is_timeout, is_unreachable
 from memofill.fallback import Breaker
+from memofill.steps import Command, Fetch, Result, Sleep, Step, Steps
 
 
 def _send(commands: Commands, step: Command, breaker: Breaker) -> Any:
@@ -57,7 +57,7 @@ def run_sync(
 ) -> Result:
     """Perform the steps with a blocking client; return the algorithm's result.
 
-    The :class:`~memofill.coordinator.Result` the steps return. ``on_fetch`` is
+    The :class:`~memofill.steps.Result` the steps return. ``on_fetch`` is
     called before the origin is.
     """
     reply: Any = None

@@ -25,7 +25,6 @@ from typing import Any, ParamSpec, TypeVar
 import attrs
 
 from memofill.commands import Commands
-from memofill.coordinator import Result
 from memofill.decorator import CachedDataset
 from memofill.errors import ConfigurationError, UnknownDatasetError
 from memofill.fallback import Breaker
@@ -43,6 +42,7 @@ from memofill.refreshing import REFRESH_MODES, Refreshes, RefreshMode
 from memofill.scripts import TOMB_MS
 from memofill.singleflight import TaskFlights, ThreadFlights
 from memofill.snapshot import State, configuring, when_switched
+from memofill.steps import Result
 from memofill.tags import TagIndex
 from memofill.values import Codec
 

@@ -32,12 +32,12 @@ from memofill.codec import (
     read_header,
 )
 from memofill.commands import Commands
-from memofill.coordinator import Result
 from memofill.freshness import EARLY, EXPIRED, STALE, STALE_IF_ERROR, verdict, wall_clock
 from memofill.generations import amended
 from memofill.misses import Refresh, fetcher
 from memofill.outcomes import HIT, STALE_HIT, CallResult, Outcome
 from memofill.snapshot import Snapshot
+from memofill.steps import Result
 
 
 def sort_read(snapshot: Snapshot, key: str, raw: bytes) -> tuple[bytes | None, LateRead | None]:

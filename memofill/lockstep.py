@@ -32,10 +32,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from memofill.commands import Commands
-from memofill.coordinator import Command, Fetch, Result, Step, Steps
 from memofill.drivers import on_error, run_async, run_sync
 from memofill.failures import RedisUnavailable
 from memofill.fallback import Breaker
+from memofill.steps import Command, Fetch, Result, Step, Steps
 
 #: The steps sent in a round: the scripts of a lock, a write, a release and a hold.
 PIPELINED = frozenset({"acquire", "write", "release", "hold"})

@@ -29,7 +29,7 @@ import attrs
 
 from memofill.codec import CORRUPT, Header, read_header
 from memofill.commands import Commands, acl_rule
-from memofill.coordinator import LEASE_EXPIRED, REFUSALS, Plan, Result, Steps, fill, refresh
+from memofill.coordinator import fill, refresh
 from memofill.drivers import run_async, run_sync
 from memofill.failures import is_timeout, is_unreachable
 from memofill.fallback import Breaker
@@ -52,6 +52,7 @@ from memofill.outcomes import (
 )
 from memofill.singleflight import Flight
 from memofill.snapshot import BYPASS, Snapshot
+from memofill.steps import LEASE_EXPIRED, REFUSALS, Plan, Result, Steps
 from memofill.values import decode_stored
 
 logger = logging.getLogger("memofill")
@@ -109,7 +110,7 @@ def plan_for(
 
     A ``GET`` that Redis answered with an error (another type under the key,
     say) still leaves Redis usable: the lock path runs, and its write
-    replaces the key. ``extra`` sets the :class:`Plan` fields of one kind of fill.
+    replaces the key. ``extra`` sets the :class:`~memofill.steps.Plan` fields of one kind of fill.
     """
     dataset = snapshot.dataset
     # A time-out alone is not proof (the breaker counts them): the lock path runs, unless the

@@ -51,7 +51,7 @@ from memofill.tags import MARK_PREFIX
 from memofill.values import JSON, Values
 
 if TYPE_CHECKING:
-    from memofill.coordinator import Result
+    from memofill.steps import Result
 
 #: Serialises every change of configuration: configure, override, decoration, disabled().
 configuring = threading.RLock()

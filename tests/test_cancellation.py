@@ -25,10 +25,11 @@ import redis.asyncio
 
 from memofill import CacheFill, Dataset, Memofill
 from memofill.commands import Commands
-from memofill.coordinator import CANCELLED, Plan, fill
+from memofill.coordinator import fill
 from memofill.drivers import run_async
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
+from memofill.steps import CANCELLED, Plan
 from tests.support.fault_helpers import note
 from tests.support.helpers import notify_after_acquire
 from tests.support.redis_servers import RedisServer

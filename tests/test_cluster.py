@@ -26,11 +26,12 @@ from redis.crc import key_slot
 from memofill import CacheFill, Memofill
 from memofill.codec import encode
 from memofill.commands import Commands
-from memofill.coordinator import Plan, fill
+from memofill.coordinator import fill
 from memofill.drivers import run_sync
 from memofill.fallback import Breaker
 from memofill.keys import lock_key, meta_key, wake_key
 from memofill.outcomes import Outcome
+from memofill.steps import Plan
 from tests.support.fault_helpers import (
     MARGIN_S,
     SOCKET_TIMEOUT_S,

@@ -27,16 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memofill.codec import NEGATIVE_MARKER, encode, error_marker, read_header
 from memofill.commands import Commands
-from memofill.coordinator import (
-    CANCELLED,
-    FETCH,
-    LEASE_EXPIRED,
-    Command,
-    Plan,
-    Result,
-    Sleep,
-    fill,
-)
+from memofill.coordinator import fill
 from memofill.drivers import run_async, run_sync
 from memofill.errors import FillError
 from memofill.failures import RedisUnavailable
@@ -44,6 +35,7 @@ from memofill.fallback import Breaker
 from memofill.keys import lock_key, wake_key
 from memofill.outcomes import Outcome
 from memofill.policy import CacheFill
+from memofill.steps import CANCELLED, FETCH, LEASE_EXPIRED, Command, Plan, Result, Sleep
 from memofill.testing import stored_payload
 from tests.support.helpers import stored_marker
 

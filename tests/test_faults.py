@@ -25,9 +25,10 @@ import redis
 
 import memofill
 from memofill import CacheFill, Memofill, Outcome
-from memofill.coordinator import FETCH, Plan, fill
+from memofill.coordinator import fill
 from memofill.fallback import Breaker, LocalStore
 from memofill.keys import lock_key
+from memofill.steps import FETCH, Plan
 from memofill.testing import stored_payload
 from tests.support.fault_helpers import (
     FAULT_FILL,

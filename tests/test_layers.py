@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "failures",
                 "scripts",
                 "commands",
+                "steps",
                 "coordinator",
                 "drivers",
                 "lockstep",
