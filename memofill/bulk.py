@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from memofill.commands import Commands
 from memofill.errors import BatchError
+from memofill.fallback import Breaker
 from memofill.late import LateRead, serve_all_async, serve_all_sync
 from memofill.lockstep import run_together_async, run_together_sync
 from memofill.lookup import (
@@ -61,7 +62,7 @@ from memofill.lookup import (
     settle_sync,
 )
 from memofill.meta_reads import MarksUnread, read_marks_async, read_marks_sync
-from memofill.misses import Miss, bypass, refresh_all_async, refresh_all_sync
+from memofill.misses import Miss, Refresh, bypass, refresh_all_async, refresh_all_sync
 from memofill.near import serve_near
 from memofill.outcomes import NOT_A_HIT, CallResult
 from memofill.snapshot import BYPASS, Snapshot
@@ -138,65 +139,36 @@ def many_sync(
     if commands is BYPASS:
         unread = calls_of(snapshot, instance, items)
         return [bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in unread]
-    keys, calls = _keys(snapshot, instance, items)
-    started = time.monotonic()
-    if commands is not None and started > snapshot.generations.next_check:
-        read_marks_sync(snapshot, commands, started)
-    served = _near(snapshot, keys, started)
-    reads = [key for key in dict.fromkeys(keys) if key not in served]
-    raws: dict[str, Any] = {}
-    judges: dict[str, tuple[Snapshot, Any]] = {}
-    error: Exception | None = None
-    asked = _may_ask(snapshot, commands) and bool(reads)
-    if asked:
-        assert commands is not None  # _may_ask
+    page = _Page(snapshot, instance, wrapped, items, batch, commands)
+    if page.marks_due:
+        read_marks_sync(snapshot, page.redis, page.started)
+    if page.asks():
         try:
-            if snapshot.tags_of is None:
-                raws = dict(zip(reads, commands.mget(reads), strict=True))
-            else:
-                assert calls is not None  # a tagged dataset's keys are built call by call
-                fields, tag_fields = _tag_fields(snapshot, instance, calls, keys)
-                reply = commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
-                raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
+            page.took(page.request())
         except Exception as exc:  # any failure of the client, as a single call's GET
-            error = exc
+            page.failed(exc)
         else:
-            _answered(snapshot)
-            if not (
-                started <= snapshot.generations.next_check
-                or read_marks_sync(snapshot, commands, time.monotonic())
-            ):
-                raws, error = {}, MarksUnread()
-    read = (started, served, raws, judges, asked, error, commands, wrapped)
-    judged, pending = _judged(snapshot, instance, items, calls, keys, *read)
-    if not pending:
-        return judged
-    led = _batched(judged, pending, batch, commands)
+            if page.marks_due and not read_marks_sync(snapshot, page.redis, time.monotonic()):
+                page.unread()
+    if not page.judge():
+        return page.judged
+    led = page.led()
     if led:
-        assert commands is not None  # _batched
-        misses = [judged[position].then for position in led]
-        fetch_all = _batch_fetch(snapshot, batch, instance, [items[i] for i in led], misses)
+        misses = page.misses(led)
+        driving = page.driving(led, misses, _batch_fetch)
         with snapshot.metrics.events.fill_scope(snapshot.key):
-            ended = run_together_sync(
-                [miss.steps() for miss in misses],
-                commands,
-                fetch_all,
-                lambda index: misses[index].fetch,
-                snapshot.breaker,
-            )
-        for position, miss, result in zip(led, misses, ended, strict=True):
-            judged[position] = _Ended(miss, miss.ended(result))
-    stale = _stale(judged, pending, batch, commands)
+            page.ended(led, run_together_sync([miss.steps() for miss in misses], *driving))
+    stale = page.stale()
     if stale:
-        assert commands is not None  # _stale
-        lates = [judged[position].then for position in stale]
-        fetch_all = _batch_fetch(snapshot, batch, instance, [items[i] for i in stale], None)
-        given = serve_all_sync(lates, _refresh_together_sync(lates, commands, fetch_all))
-        for position, late in zip(stale, given, strict=True):
-            judged[position] = late.value
-        refreshed = set(stale)
-        pending = [position for position in pending if position not in refreshed]
-    for position in pending:
+        lates, jobs = page.lates(stale)
+        driving = page.driving(stale, jobs, _batch_fetch)
+
+        def run() -> list[Result]:
+            return refresh_all_sync(jobs, lambda fills: run_together_sync(fills, *driving))
+
+        page.refreshed(stale, serve_all_sync(lates, run))
+    judged = page.judged
+    for position in page.pending:
         item = judged[position]
         if isinstance(item, _Ended):
             judged[position] = item.miss.finish(item.result, False).value
@@ -218,63 +190,37 @@ async def many_async(
     if commands is BYPASS:
         unread = calls_of(snapshot, instance, items)
         return [await bypass(snapshot, wrapped, args, kwargs, False) for args, kwargs in unread]
-    keys, calls = _keys(snapshot, instance, items)
-    started = time.monotonic()
-    if commands is not None and started > snapshot.generations.next_check:
-        await asyncio.shield(read_marks_async(snapshot, commands, started))
-    served = _near(snapshot, keys, started)
-    reads = [key for key in dict.fromkeys(keys) if key not in served]
-    raws: dict[str, Any] = {}
-    judges: dict[str, tuple[Snapshot, Any]] = {}
-    error: Exception | None = None
-    asked = _may_ask(snapshot, commands) and bool(reads)
-    if asked:
-        assert commands is not None  # _may_ask
+    page = _Page(snapshot, instance, wrapped, items, batch, commands)
+    if page.marks_due:
+        await asyncio.shield(read_marks_async(snapshot, page.redis, page.started))
+    if page.asks():
         try:
-            if snapshot.tags_of is None:
-                raws = dict(zip(reads, await commands.mget(reads), strict=True))
-            else:
-                assert calls is not None  # a tagged dataset's keys are built call by call
-                fields, tag_fields = _tag_fields(snapshot, instance, calls, keys)
-                reply = await commands.mget_tagged(reads, snapshot.tags_key, tag_fields)
-                raws, judges = _tag_judged(snapshot, reads, fields, tag_fields, reply)
+            page.took(await page.request())
         except Exception as exc:  # any failure of the client, as a single call's GET
-            error = exc
+            page.failed(exc)
         else:
-            _answered(snapshot)
-            if started > snapshot.generations.next_check:
-                await asyncio.shield(read_marks_async(snapshot, commands, time.monotonic()))
-            if started > snapshot.generations.next_check:
-                raws, error = {}, MarksUnread()
-    read = (started, served, raws, judges, asked, error, commands, wrapped)
-    judged, pending = _judged(snapshot, instance, items, calls, keys, *read)
-    if not pending:
-        return judged
-    led = _batched(judged, pending, batch, commands)
+            if page.marks_due:
+                await asyncio.shield(read_marks_async(snapshot, page.redis, time.monotonic()))
+            if page.marks_due:
+                page.unread()
+    if not page.judge():
+        return page.judged
+    led = page.led()
     if led:
-        assert commands is not None  # _batched
-        misses = [judged[position].then for position in led]
-        fetch_all = _batch_fetch_async(snapshot, batch, instance, [items[i] for i in led], misses)
+        misses = page.misses(led)
+        driving = page.driving(led, misses, _batch_fetch_async)
         with snapshot.metrics.events.fill_scope(snapshot.key):
-            ended = await run_together_async(
-                [miss.steps() for miss in misses],
-                commands,
-                fetch_all,
-                lambda index: misses[index].fetch,
-                snapshot.breaker,
-            )
-        for position, miss, result in zip(led, misses, ended, strict=True):
-            judged[position] = _Ended(miss, miss.ended(result))
-    stale = _stale(judged, pending, batch, commands)
+            ended = await run_together_async([miss.steps() for miss in misses], *driving)
+        page.ended(led, ended)
+    stale = page.stale()
     if stale:
-        assert commands is not None  # _stale
-        lates = [judged[position].then for position in stale]
-        fetch_all = _batch_fetch_async(snapshot, batch, instance, [items[i] for i in stale], None)
-        given = await serve_all_async(lates, _refresh_together_async(lates, commands, fetch_all))
-        for position, late in zip(stale, given, strict=True):
-            judged[position] = late.value
-        refreshed = set(stale)
-        pending = [position for position in pending if position not in refreshed]
+        lates, jobs = page.lates(stale)
+        driving = page.driving(stale, jobs, _batch_fetch_async)
+
+        async def drive(fills: list[Steps]) -> list[Result]:
+            return await run_together_async(fills, *driving)
+
+        page.refreshed(stale, await serve_all_async(lates, lambda: refresh_all_async(jobs, drive)))
     limit = asyncio.Semaphore(CONCURRENT_FILLS)
 
     async def settled(item: Any) -> Any:
@@ -285,10 +231,217 @@ async def many_async(
                 return (await settle_async(item.snapshot, item.key, item.then)).value
             return await lookup_async(snapshot, instance, wrapped, *item.call, with_outcome=False)
 
-    values = await asyncio.gather(*(settled(judged[position]) for position in pending))
-    for position, value in zip(pending, values, strict=True):
+    judged = page.judged
+    values = await asyncio.gather(*(settled(judged[position]) for position in page.pending))
+    for position, value in zip(page.pending, values, strict=True):
         judged[position] = value
     return judged
+
+
+class _Page:
+    """One ``many()`` between its round trips: every decision both drivers share.
+
+    The drivers (:func:`many_sync`, :func:`many_async`) only send what it asks
+    for and hand back what came: the marks' read, the page's read, the batch's
+    fills and refreshes, and the settling of the rest. Made with its keys built,
+    before Redis is asked.
+    """
+
+    def __init__(  # noqa: PLR0917  # a many() call's own arguments
+        self,
+        snapshot: Snapshot,
+        instance: Any,
+        wrapped: Any,
+        items: list[Any],
+        batch: Any,
+        commands: Commands | None,
+    ) -> None:
+        self.snapshot, self.instance, self.wrapped = snapshot, instance, wrapped
+        self.items, self.batch, self.commands = items, batch, commands
+        self.keys: list[str]
+        #: Each item's call; ``None`` where one loop built the keys (made when needed).
+        self.calls: list[Call] | None
+        self.keys, self.calls = _keys(snapshot, instance, items)
+        self.started = time.monotonic()
+        #: Keys served from near copies, with their values.
+        self.served: dict[str, Any] = {}
+        #: The distinct keys the page reads from Redis, and what it found under them.
+        self.reads: list[str] = []
+        self.raws: dict[str, Any] = {}
+        #: For a tagged dataset: what judges each key read (:func:`by_tags`).
+        self.judges: dict[str, tuple[Snapshot, Any]] = {}
+        self.asked = False
+        self.error: Exception | None = None
+        #: Each item's value, or what it does next; and the positions of the latter.
+        self.judged: list[Any] = []
+        self.pending: list[int] = []
+        #: A tagged page's fields: each key's, and all of them once.
+        self.fields: dict[str, list[str]] = {}
+        self.tag_fields: list[str] = []
+
+    @property
+    def redis(self) -> Commands:
+        """The commands, where the page asks Redis (a due read, its read)."""
+        assert self.commands is not None  # asked only where there are commands
+        return self.commands
+
+    @property
+    def marks_due(self) -> bool:
+        """Whether the marks are to be read (again) before a value is judged."""
+        return self.commands is not None and self.started > self.snapshot.generations.next_check
+
+    def asks(self) -> bool:
+        """Serve the near copies (each item counts as one near hit); whether Redis is asked
+        for the other keys (not while the breaker skips it)."""
+        snapshot, served, started = self.snapshot, self.served, self.started
+        if snapshot.near is not None:
+            for key in self.keys:
+                value = serve_near(snapshot, key, started)
+                if value is not NOT_A_HIT:
+                    served.setdefault(key, value)
+        self.reads = [key for key in dict.fromkeys(self.keys) if key not in served]
+        breaker = snapshot.breaker
+        skipped = bool(breaker.open_until) and breaker.skips()
+        self.asked = self.commands is not None and not skipped and bool(self.reads)
+        return self.asked
+
+    def request(self) -> Any:
+        """The page's read: one ``MGET`` (and its tags' marks), its reply or an awaitable."""
+        snapshot, redis = self.snapshot, self.commands
+        assert redis is not None  # asks()
+        if snapshot.tags_of is None:
+            return redis.mget(self.reads)
+        assert self.calls is not None  # a tagged dataset's keys are built call by call
+        self.fields, self.tag_fields = _tag_fields(snapshot, self.instance, self.calls, self.keys)
+        return redis.mget_tagged(self.reads, snapshot.tags_key, self.tag_fields)
+
+    def took(self, reply: Any) -> None:
+        """What the read found (Redis answered it)."""
+        snapshot = self.snapshot
+        if snapshot.tags_of is None:
+            self.raws = dict(zip(self.reads, reply, strict=True))
+        else:
+            self.raws, self.judges = _tag_judged(
+                snapshot, self.reads, self.fields, self.tag_fields, reply
+            )
+        if snapshot.breaker.open_until:  # Redis answered this probe (or the cool-down is over)
+            snapshot.breaker.reset()
+
+    def failed(self, error: Exception) -> None:
+        """The read failed: every key's read failed (told to the breaker once)."""
+        self.error = error
+
+    def unread(self) -> None:
+        """Redis answered, but the marks that judge the values could not be read."""
+        self.raws, self.error = {}, MarksUnread()
+
+    def judge(self) -> bool:
+        """Each item's value where it is a plain hit, else a :class:`_Fill` or an
+        :class:`_Again`; whether any item is one of those (a page of hits is done)."""
+        snapshot, raws, keys, started = self.snapshot, self.raws, self.keys, self.started
+        found: dict[str, Any] = {}
+        if raws and not self.judges:  # one snapshot judges every value: judged in one loop
+            values, missed = hits(snapshot, list(raws), list(raws.values()), started)
+            if not missed and len(values) == len(keys):
+                self.judged = values  # a page of distinct hits, the commonest page
+                return False
+            found = dict(zip(raws, values, strict=True))
+        if self.calls is None:  # the keys were built in one loop: the calls are made now
+            self.calls = calls_of(snapshot, self.instance, self.items)
+        served, judges, error = self.served, self.judges, self.error
+        judged, pending = self.judged, self.pending
+        told = False  # the breaker counts a failed MGET once
+        filled: set[str] = set()
+        seen: set[str] = set()
+        for (args, kwargs), key in zip(self.calls, keys, strict=True):
+            value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
+            judge, later = judges.get(key, (snapshot, None)) if judges else (snapshot, None)
+            if value is NOT_A_HIT:
+                if found:
+                    value = found.get(key, NOT_A_HIT)
+                    if value is not NOT_A_HIT and key in seen:
+                        snapshot.count_hit()  # another item of one key: a hit of its own
+                    seen.add(key)
+                else:
+                    value = hit(judge, key, raws.get(key), started)
+            if value is not NOT_A_HIT:
+                judged.append(value)
+                continue
+            pending.append(len(judged))
+            if key in filled:
+                value = _Again((args, kwargs))
+            else:
+                filled.add(key)
+                if later is not None:
+                    judge = judged_by(judge, later)
+                then = after_read(
+                    judge, key, started, self.asked, raws.get(key), error, self.commands,
+                    self.wrapped, args, kwargs, told=told,
+                )  # fmt: skip
+                told = error is not None
+                value = _Fill(key, then, judge)
+            judged.append(value)
+        return bool(pending)
+
+    def led(self) -> list[int]:
+        """The positions whose fills a batch runs: misses whose fill takes the lock in Redis.
+
+        The others (no batch, an outage, a legacy dataset without a lock, a value
+        served stale) go on as a single call's.
+        """
+        if self.batch is None or self.commands is None:
+            return []
+        return [
+            position
+            for position in self.pending
+            if isinstance(item := self.judged[position], _Fill)
+            and isinstance(item.then, Miss)
+            and item.then.plan.redis_ok
+            and item.then.plan.cache_fill is not None
+        ]
+
+    def misses(self, led: list[int]) -> list[Miss]:
+        return [self.judged[position].then for position in led]
+
+    def driving(
+        self, positions: list[int], runs: list[Miss] | list[Refresh], batch_fetch: Any
+    ) -> tuple[Commands, Any, Callable[[int], Any], Breaker]:
+        """What :func:`~memofill.lockstep.run_together_sync` (or ``_async``) needs besides
+        the steps of ``runs`` (the fills or refreshes of the items at ``positions``): the
+        commands, one call of the batch for their fetches, each one's own fetch, the breaker."""
+        items = [self.items[position] for position in positions]
+        misses = [run for run in runs if isinstance(run, Miss)] or None  # timed by the batch
+        fetch_all = batch_fetch(self.snapshot, self.batch, self.instance, items, misses)
+        return self.redis, fetch_all, lambda index: runs[index].fetch, self.snapshot.breaker
+
+    def ended(self, led: list[int], results: list[Result]) -> None:
+        """How the fills at ``led`` ended."""
+        for position, result in zip(led, results, strict=True):
+            miss = self.judged[position].then
+            self.judged[position] = _Ended(miss, miss.ended(result))
+
+    def stale(self) -> list[int]:
+        """The positions of values served stale (or early) whose refresh a batch runs: each
+        handed off by its read (at most one per key and process, as for single calls)."""
+        if self.batch is None or self.commands is None:
+            return []
+        return [
+            position
+            for position in self.pending
+            if isinstance(item := self.judged[position], _Fill) and isinstance(item.then, LateRead)
+        ]
+
+    def lates(self, stale: list[int]) -> tuple[list[LateRead], list[Refresh]]:
+        """The reads at ``stale`` and the refreshes they handed off."""
+        lates: list[LateRead] = [self.judged[position].then for position in stale]
+        return lates, [late.job for late in lates if late.job is not None]
+
+    def refreshed(self, stale: list[int], given: list[CallResult[Any]]) -> None:
+        """What the stale items were served; they are done."""
+        for position, result in zip(stale, given, strict=True):
+            self.judged[position] = result.value
+        done = set(stale)
+        self.pending = [position for position in self.pending if position not in done]
 
 
 @attrs.frozen
@@ -316,70 +469,6 @@ class _Again:
     call: Call
 
 
-def _judged(  # noqa: PLR0917  # the read's own locals, passed on
-    snapshot: Snapshot,
-    instance: Any,
-    items: list[Any],
-    calls: list[Call] | None,
-    keys: list[str],
-    started: float,
-    served: dict[str, Any],
-    raws: dict[str, Any],
-    judges: dict[str, tuple[Snapshot, Any]],
-    asked: bool,
-    error: Exception | None,
-    commands: Commands | None,
-    wrapped: Any,
-) -> tuple[list[Any], list[int]]:
-    """Each item's value where it is a plain hit, else a :class:`_Fill` or an :class:`_Again`;
-    and the positions of the latter, which are all there is left to do for a page of hits.
-
-    Written once for both kinds of function, which only settle the rest their way.
-    """
-    found: dict[str, Any] = {}
-    if raws and not judges:  # one snapshot judges every value: judged in one loop
-        values, missed = hits(snapshot, list(raws), list(raws.values()), started)
-        if not missed and len(values) == len(keys):
-            return values, []  # a page of distinct hits, the commonest page
-        found = dict(zip(raws, values, strict=True))
-    if calls is None:  # the keys were built in one loop: the calls are made where needed
-        calls = calls_of(snapshot, instance, items)
-    judged: list[Any] = []
-    pending: list[int] = []
-    told = False  # the breaker counts a failed MGET once
-    filled: set[str] = set()
-    seen: set[str] = set()
-    for (args, kwargs), key in zip(calls, keys, strict=True):
-        value = served.get(key, NOT_A_HIT) if served else NOT_A_HIT
-        judge, later = judges.get(key, (snapshot, None)) if judges else (snapshot, None)
-        if value is NOT_A_HIT:
-            if found:
-                value = found.get(key, NOT_A_HIT)
-                if value is not NOT_A_HIT and key in seen:
-                    snapshot.count_hit()  # another item of one key: a hit of its own
-                seen.add(key)
-            else:
-                value = hit(judge, key, raws.get(key), started)
-        if value is not NOT_A_HIT:
-            judged.append(value)
-            continue
-        pending.append(len(judged))
-        if key in filled:
-            value = _Again((args, kwargs))
-        else:
-            filled.add(key)
-            if later is not None:
-                judge = judged_by(judge, later)
-            then = after_read(
-                judge, key, started, asked, raws.get(key), error, commands, wrapped, args,
-                kwargs, told=told,
-            )  # fmt: skip
-            told = error is not None
-            value = _Fill(key, then, judge)
-        judged.append(value)
-    return judged, pending
-
-
 def _listed(snapshot: Snapshot, items: Iterable[Any]) -> list[Any]:
     """``items`` as a list (a batch is given them as they were passed); one line if not iterable."""
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
@@ -388,72 +477,6 @@ def _listed(snapshot: Snapshot, items: Iterable[Any]) -> list[Any]:
             f"not {type(items).__name__}"
         )
     return items if type(items) is list else list(items)
-
-
-def _batched(
-    judged: list[Any], pending: list[int], batch: Any, commands: Commands | None
-) -> list[int]:
-    """The positions whose fills a batch runs: misses whose fill takes the lock in Redis.
-
-    The others (no batch, an outage, a legacy dataset without a lock, a value
-    served stale) go on as a single call's.
-    """
-    if batch is None or commands is None:
-        return []
-    return [
-        position
-        for position in pending
-        if isinstance(item := judged[position], _Fill)
-        and isinstance(item.then, Miss)
-        and item.then.plan.redis_ok
-        and item.then.plan.cache_fill is not None
-    ]
-
-
-def _stale(
-    judged: list[Any], pending: list[int], batch: Any, commands: Commands | None
-) -> list[int]:
-    """The positions of values served stale (or early) whose refresh a batch runs: each
-    handed off by its read (at most one per key and process, as for single calls)."""
-    if batch is None or commands is None:
-        return []
-    return [
-        position
-        for position in pending
-        if isinstance(item := judged[position], _Fill) and isinstance(item.then, LateRead)
-    ]
-
-
-def _refresh_together_sync(
-    lates: list[LateRead], commands: Commands, fetch_all: Callable[[list[int]], list[Any]]
-) -> Callable[[], list[Result]]:
-    """The refreshes ``lates`` handed off, run together: one batch call for their values."""
-    jobs = [late.job for late in lates if late.job is not None]
-    assert len(jobs) == len(lates)  # each handed its refresh off (_stale)
-
-    def drive(fills: list[Steps]) -> list[Result]:
-        breaker = lates[0].snapshot.breaker
-        return run_together_sync(fills, commands, fetch_all, lambda i: jobs[i].fetch, breaker)
-
-    return lambda: refresh_all_sync(jobs, drive)
-
-
-def _refresh_together_async(
-    lates: list[LateRead],
-    commands: Commands,
-    fetch_all: Callable[[list[int]], Awaitable[list[Any]]],
-) -> Callable[[], Coroutine[Any, Any, list[Result]]]:
-    """:func:`_refresh_together_sync` for a coroutine batch."""
-    jobs = [late.job for late in lates if late.job is not None]
-    assert len(jobs) == len(lates)  # each handed its refresh off (_stale)
-
-    async def drive(fills: list[Steps]) -> list[Result]:
-        breaker = lates[0].snapshot.breaker
-        return await run_together_async(
-            fills, commands, fetch_all, lambda i: jobs[i].fetch, breaker
-        )
-
-    return lambda: refresh_all_async(jobs, drive)
 
 
 def _batch_fetch(
@@ -540,28 +563,3 @@ def _tag_judged(
         _, judge, later = by_tags(snapshot, [raw, born, *(marks[f] for f in fields[key])])
         judges[key] = (judge, later)
     return raws, judges
-
-
-def _near(snapshot: Snapshot, keys: list[str], started: float) -> dict[str, Any]:
-    """The keys served from near copies (datasets with ``near_ms``), with their values.
-
-    Asked for every item, so that each counts as one near hit.
-    """
-    if snapshot.near is None:
-        return {}
-    served: dict[str, Any] = {}
-    for key in keys:
-        value = serve_near(snapshot, key, started)
-        if value is not NOT_A_HIT:
-            served.setdefault(key, value)
-    return served
-
-
-def _may_ask(snapshot: Snapshot, commands: Any) -> bool:
-    breaker = snapshot.breaker
-    return commands is not None and not (breaker.open_until and breaker.skips())
-
-
-def _answered(snapshot: Snapshot) -> None:
-    if snapshot.breaker.open_until:  # Redis answered this probe (or the cool-down is over)
-        snapshot.breaker.reset()
