@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, settings
 
 from memofill import CacheFill, Dataset
 from memofill.repeats import REPEATS
+from tests.support.helpers import close_test_clients
 from tests.support.redis_servers import RedisCluster, RedisServer
 
 # How fast a busy machine draws examples or runs one says nothing about the properties tested:
@@ -46,6 +48,19 @@ def _repeats_told_within_the_test() -> Iterator[None]:
     """A test's repeated warnings are summed up when it ends, not in a later test's records."""
     yield
     REPEATS.flush(all_of_them=True)
+
+
+@pytest.fixture(autouse=True)
+def _clients_closed_at_the_end() -> Iterator[None]:
+    """The clients a test gave :func:`~tests.support.helpers.closed_at_end` are closed."""
+    yield
+    close_test_clients()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of the test's own: tests that share a redis-server never meet."""
+    return f"t{uuid.uuid4().hex[:8]}:"
 
 
 @pytest.fixture(scope="session")

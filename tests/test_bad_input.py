@@ -100,11 +100,6 @@ def stored(value: object) -> str:
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"b{uuid.uuid4().hex[:8]}:"
-
-
-@pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis_server.client()
     yield client

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +16,7 @@ import redis.asyncio
 
 from memofill import BatchError, CacheFill, ConfigurationError, Dataset, Memofill
 from memofill.keys import lock_key
+from tests.support.helpers import closed_at_end
 from tests.support.pages import SYMBOLS, WINDOWS, fetched, page_together
 from tests.support.redis_servers import RedisServer
 
@@ -28,21 +27,6 @@ FILL = CacheFill(lease_ms=10_000, wait_ms=8_000, poll_min_ms=5, poll_max_ms=100)
 QUOTE = Dataset("quote:{symbol}", ttl_s=300, negative_ttl_s=60, cache_fill=FILL)
 RATE = Dataset("rate:{base}:{quote}", ttl_s=300, cache_fill=FILL)
 POLICIES = [QUOTE, RATE]
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}:"
-
-
-_clients: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
 
 
 class Counted(redis.Redis):
@@ -64,7 +48,7 @@ class Counted(redis.Redis):
 
 def instance(server: RedisServer, prefix: str) -> tuple[Memofill, Counted]:
     client = Counted(host="127.0.0.1", port=server.port)
-    _clients.append(client)
+    closed_at_end(client)
     return Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=60_000), client
 
 
@@ -279,7 +263,7 @@ def test_stale_values_of_a_page_are_served_and_refreshed_by_one_batch_call(
     redis_server: RedisServer, prefix: str, refresh: str
 ) -> None:
     client = redis.Redis(port=redis_server.port)
-    _clients.append(client)
+    closed_at_end(client)
     cache = Memofill(client, prefix=prefix, policies=[FEED], meta_check_ms=0, refresh=refresh)
     upstream = Versions()
 
@@ -309,7 +293,7 @@ def test_a_batch_that_raises_on_a_refresh_leaves_the_stale_values_served(
     redis_server: RedisServer, prefix: str
 ) -> None:
     client = redis.Redis(port=redis_server.port)
-    _clients.append(client)
+    closed_at_end(client)
     cache = Memofill(client, prefix=prefix, policies=[FEED], meta_check_ms=0, refresh="inline")
     upstream = Versions()
 

@@ -7,9 +7,7 @@ round trips.
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +16,7 @@ import redis.asyncio
 
 import memofill
 from memofill import CacheFill, Dataset, Memofill
+from tests.support.helpers import closed_at_end
 from tests.support.pages import SYMBOLS, WINDOWS, fetched, page_together
 from tests.support.redis_servers import RedisServer
 
@@ -30,24 +29,9 @@ RATE = Dataset("rate:{base}:{quote}", ttl_s=300, cache_fill=FILL)
 POLICIES = [QUOTE, RATE]
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"b{uuid.uuid4().hex[:8]}:"
-
-
-_clients: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
-
-
 def instance(server: RedisServer, prefix: str) -> Memofill:
     client = server.client()
-    _clients.append(client)
+    closed_at_end(client)
     return Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=60_000)
 
 

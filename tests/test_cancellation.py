@@ -16,7 +16,6 @@ import random
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -45,11 +44,6 @@ PATIENCE_S = 30.0
 
 def policies(cache_fill: CacheFill = SLOW_FILL) -> dict[str, Dataset]:
     return {"slow:{name}": Dataset("slow:{name}", ttl_s=60, cache_fill=cache_fill)}
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"cancel-{uuid.uuid4().hex[:8]}:"
 
 
 def leader_until_asyncio_run_returns(port: int, prefix: str, stop_key: str) -> None:

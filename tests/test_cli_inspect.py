@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +23,6 @@ from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
 QUOTES = "market:quotes:{symbol}"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"inspect-{uuid.uuid4().hex[:8]}:"
 
 
 def make_marks(redis_server: RedisServer, prefix: str) -> None:

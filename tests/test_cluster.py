@@ -59,11 +59,6 @@ POLICIES = {DATASET.key: DATASET}
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"c{uuid.uuid4().hex[:8]}:"
-
-
-@pytest.fixture
 def cluster_client(redis_cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
     client = make_client(Target(redis_cluster.nodes[0].port, cluster=True))
     yield client

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ import redis.asyncio
 
 from memofill import CacheFill, Dataset, Memofill, NearCache
 from memofill.codec import read_header
+from tests.support.helpers import HeldOrigin, closed_at_end
 from tests.support.redis_servers import RedisServer
 
 PATIENCE_S = 10.0
@@ -35,44 +35,20 @@ POLICIES = {
 }
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"c{uuid.uuid4().hex[:8]}:"
-
-
-class Origin:
-    """An upstream whose value changes on every call; a call may be held until let go."""
+class Origin(HeldOrigin):
+    """An upstream of quotes whose version counts up; a call may be held. Decorated itself:
+    its one parameter is the key's field."""
 
     def __init__(self) -> None:
-        self.versions = itertools.count(1)
-        self.entered = threading.Event()
-        self.go = threading.Event()
-        self.go.set()
+        super().__init__(lambda args, version: {"symbol": args[0], "version": version})
 
-    def hold(self) -> None:
-        self.entered.clear()
-        self.go.clear()
-
-    def __call__(self, symbol: str) -> dict[str, Any]:
-        version = next(self.versions)
-        self.entered.set()
-        assert self.go.wait(PATIENCE_S)
-        return {"symbol": symbol, "version": version}
-
-
-_clients: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
+    def __call__(self, symbol: str) -> Any:  # type: ignore[override]
+        return super().__call__(symbol)
 
 
 def instance(server: RedisServer, prefix: str, **policies: Any) -> Memofill:
     client = server.client()
-    _clients.append(client)
+    closed_at_end(client)
     return Memofill(client, prefix=prefix, policies=POLICIES | policies, meta_check_ms=50)
 
 
@@ -206,7 +182,7 @@ def test_a_fill_whose_lock_a_restart_lost_writes_nothing_an_invalidation_would_h
     which the tomb would have refused, is refused for the lost lock, so no call after the
     invalidation is served it, not even in a process that has not read the marks since."""
     client = own_redis_server.client()
-    _clients.append(client)
+    closed_at_end(client)
     cache = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=60_000)
     other = instance(own_redis_server, prefix)
     fetch = cache.cached_dataset(QUOTE)(origin)
@@ -324,7 +300,7 @@ def test_no_read_in_flight_keeps_a_near_copy_across_its_own_processs_invalidatio
     """Readers keep reserving near copies while the process invalidates: none outlives it."""
     near = Dataset(QUOTE, ttl_s=300, near_ms=60_000, cache_fill=POLICIES[QUOTE].cache_fill)
     client = redis_server.client()
-    _clients.append(client)
+    closed_at_end(client)
     cache = Memofill(
         client,
         prefix=prefix,
@@ -382,7 +358,7 @@ def test_a_value_is_never_judged_by_marks_that_could_not_be_read_again(
     after its ``GET``; failing again, it goes on as in an outage, never serving as a hit
     the value Redis returned (the history check's seed 598130 found one served so)."""
     client = redis_server.client()
-    _clients.append(client)
+    closed_at_end(client)
     cache = Memofill(
         client, prefix=prefix, policies=POLICIES, meta_check_ms=50,
         local_store_bytes=(32 << 20) if kept else 0,

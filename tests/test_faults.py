@@ -13,7 +13,6 @@ import math
 import random
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,11 +50,6 @@ from tests.support.helpers import failure, failures
 from tests.support.redis_servers import RedisServer, free_port, running_server
 
 pytestmark = [pytest.mark.redis_server]
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}:"
 
 
 @pytest.fixture

@@ -16,8 +16,6 @@ import multiprocessing
 import threading
 import time
 import tracemalloc
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from memofill.cli import main
 from memofill.codegen import render
 from memofill.commands import _packed_in_python
 from memofill.keys import tags_key
+from tests.support.helpers import HeldOrigin, closed_at_end
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.redis_server
@@ -50,49 +49,14 @@ STALE = Dataset("feed:{user_id}", ttl_s=300, stale_s=60, cache_fill=FILL, tags=(
 POLICIES = [PROFILE, ORDERS, PLAIN, STALE]
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"g{uuid.uuid4().hex[:8]}:"
-
-
-_clients: list[Any] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
-
-
 def instance(server: RedisServer, prefix: str, **options: Any) -> Memofill:
     client = options.pop("client", None) or server.client()
-    _clients.append(client)
+    closed_at_end(client)
     policies = options.pop("policies", POLICIES)
     return Memofill(client, prefix=prefix, policies=policies, meta_check_ms=50, **options)
 
 
-class Origin:
-    """An upstream whose values count up; a call may be held until let go."""
-
-    def __init__(self) -> None:
-        self.versions = itertools.count(1)
-        self.entered = threading.Event()
-        self.go = threading.Event()
-        self.go.set()
-
-    def hold(self) -> None:
-        self.entered.clear()
-        self.go.clear()
-
-    def __call__(self, *args: Any) -> dict[str, Any]:
-        version = next(self.versions)
-        self.entered.set()
-        assert self.go.wait(PATIENCE_S)
-        return {"args": list(args), "version": version}
-
-
-def functions(cache: Memofill, origin: Origin) -> tuple[Any, Any, Any]:
+def functions(cache: Memofill, origin: HeldOrigin) -> tuple[Any, Any, Any]:
     def of_user(user_id: int) -> dict[str, Any]:
         return origin(user_id)
 
@@ -108,7 +72,7 @@ def functions(cache: Memofill, origin: Origin) -> tuple[Any, Any, Any]:
 def test_a_tag_invalidated_in_one_process_is_refilled_in_every_dataset_of_another(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    origin = Origin()
+    origin = HeldOrigin()
     reader, writer = instance(redis_server, prefix), instance(redis_server, prefix)
     profile, orders, plain = functions(reader, origin)
     before = {
@@ -135,7 +99,7 @@ def test_a_tag_invalidated_in_one_process_is_refilled_in_every_dataset_of_anothe
 def test_a_fill_that_straddles_invalidate_tag_never_becomes_servable(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    origin = Origin()
+    origin = HeldOrigin()
     cache, other = instance(redis_server, prefix), instance(redis_server, prefix)
     profile, _, _ = functions(cache, origin)
     origin.hold()
@@ -152,14 +116,14 @@ def test_a_fill_that_straddles_invalidate_tag_never_becomes_servable(
     joiner.join(PATIENCE_S)
     assert out["leader"]["version"] == 1  # began before the invalidation: may get it
     assert out["joiner"].value["version"] >= 2
-    reader, _, _ = functions(instance(redis_server, prefix), Origin())
+    reader, _, _ = functions(instance(redis_server, prefix), HeldOrigin())
     assert reader(42)["version"] >= 2  # the straddling fill's write is never served
 
 
 def test_a_soft_tag_invalidation_serves_stale_while_one_refreshes(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    origin = Origin()
+    origin = HeldOrigin()
     cache = instance(redis_server, prefix)
 
     @cache.cached_dataset(STALE.key)
@@ -181,7 +145,7 @@ def test_a_soft_tag_invalidation_serves_stale_while_one_refreshes(
 def test_losing_the_tags_hash_never_revives_an_invalidated_value(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    origin = Origin()
+    origin = HeldOrigin()
     cache = instance(redis_server, prefix)
     profile, _, _ = functions(cache, origin)
     assert profile(42)["version"] == 1
@@ -239,7 +203,7 @@ def test_a_tagged_hit_is_one_round_trip_and_a_page_of_them_one_too(
 ) -> None:
     client = redis_server.client()
     cache = instance(redis_server, prefix, client=client)
-    profile, _, _ = functions(cache, Origin())
+    profile, _, _ = functions(cache, HeldOrigin())
     users = list(range(20))
     profile.many(users)
     cache.invalidate_tag("user:3")
@@ -268,11 +232,11 @@ def test_twenty_thousand_tags_invalidated_change_neither_a_hits_round_trips_nor_
     """A process keeps no tag's mark: every tagged read takes its own tags' from Redis,
     and the hash it reads them from may hold any number of others."""
     client = redis_server.client()
-    _clients.append(client)
+    closed_at_end(client)
     # The dataset marks read once: each round trip counted below is a hit's.
     reader = Memofill(client, prefix=prefix, policies=POLICIES, meta_check_ms=3_600_000)
     writer = instance(redis_server, prefix)
-    profile, _, _ = functions(reader, Origin())
+    profile, _, _ = functions(reader, HeldOrigin())
     users = list(range(50))
     profile.many(users)
     writer.invalidate_tag("user:1")  # the scripts loaded, the hash born
@@ -339,7 +303,7 @@ def test_the_invalidate_command_makes_readers_refill(
 ) -> None:
     module = tmp_path / "policies.py"
     module.write_text(render(POLICIES, "registry.py"))
-    origin = Origin()
+    origin = HeldOrigin()
     profile, _, _ = functions(instance(redis_server, prefix), origin)
     assert profile(42)["version"] == 1
     common = ["--url", redis_server.url, "--prefix", prefix, "--policies", str(module)]
@@ -354,7 +318,7 @@ def test_a_tagged_read_of_a_key_of_another_type_is_refilled_and_leaves_the_pool_
     """The value's reply is an error (WRONGTYPE): the marks' reply is still read, so the
     connection stays in step; a single-connection client reads through a pipeline."""
     client = redis.Redis(port=redis_server.port, single_connection_client=single)
-    origin = Origin()
+    origin = HeldOrigin()
     profile, _, _ = functions(instance(redis_server, prefix, client=client), origin)
     admin = redis_server.client()
     admin.rpush(profile.redis_key(42), b"not a value")
@@ -372,7 +336,7 @@ def test_a_tagged_hit_reads_the_key_its_client_wrote_whatever_the_client_encodin
     otherwise reads as it writes (a prefix of ``é`` is other bytes in Latin-1)."""
     client = redis.Redis(port=redis_server.port, encoding=encoding)
     cache = instance(redis_server, "é" + prefix, client=client)
-    profile, _, _ = functions(cache, Origin())
+    profile, _, _ = functions(cache, HeldOrigin())
     assert profile(42)["version"] == 1
     assert profile.call_with_outcome(42).outcome == "hit"
     assert client.exists(profile.redis_key(42).encode(encoding)) == 1
@@ -397,7 +361,7 @@ def test_a_dataset_filled_without_a_lock_stamps_after_the_marks_it_read(
     and marks count as read, else its values would be behind them and never served."""
     legacy = Dataset("legacy:{user_id}", ttl_s=300, tags=("user:{user_id}",))
     client = redis_server.client()
-    _clients.append(client)
+    closed_at_end(client)
     cache = Memofill(client, prefix=prefix, policies=[legacy], meta_check_ms=60_000)
     versions = itertools.count(1)
 
@@ -555,7 +519,7 @@ def test_a_value_behind_marks_is_told_apart_in_records_and_metrics(
     from memofill.contrib.prometheus import MemofillCollector  # noqa: PLC0415
 
     cache = instance(redis_server, prefix)
-    profile, _, _ = functions(cache, Origin())
+    profile, _, _ = functions(cache, HeldOrigin())
     seen: list[Any] = []
     cache.events.subscribe(seen.append)
     profile(42)

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import attrs
 import redis.exceptions
 
 from memofill import Memofill
 from memofill.codec import HEADER_LEN, read_header
+
+#: Clients made by the test that runs now, closed when it ends (``tests/conftest.py``).
+_open_clients: list[Any] = []
+
+T = TypeVar("T")
+
+
+def closed_at_end(client: T) -> T:
+    """``client``, closed when the test that made it ends."""
+    _open_clients.append(client)
+    return client
+
+
+def close_test_clients() -> None:
+    """Close the clients :func:`closed_at_end` was given (the conftest's autouse fixture)."""
+    while _open_clients:
+        _open_clients.pop().close()
 
 
 def notify_after_acquire(mf: Memofill) -> threading.Event:
@@ -111,3 +129,34 @@ def stored_marker(stored: bytes | None) -> bytes:
     assert header is not None, f"a marker without a header: {stored!r}"
     assert header.stamp > 0
     return stored[HEADER_LEN:]
+
+
+class HeldOrigin:
+    """An upstream whose values count up; a call may be held until let go (events, not sleeps).
+
+    ``value`` makes a call's value of its arguments and version: by default
+    ``{"args": [...], "version": n}``.
+    """
+
+    def __init__(
+        self,
+        value: Callable[[tuple[Any, ...], int], Any] | None = None,
+        patience_s: float = 10.0,
+    ) -> None:
+        self.versions = itertools.count(1)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        self.go.set()
+        self.value = value or (lambda args, version: {"args": list(args), "version": version})
+        self.patience_s = patience_s
+
+    def hold(self) -> None:
+        """Hold the next calls once they have begun (``entered``), until ``go`` is set."""
+        self.entered.clear()
+        self.go.clear()
+
+    def __call__(self, *args: Any) -> Any:
+        version = next(self.versions)
+        self.entered.set()
+        assert self.go.wait(self.patience_s)
+        return self.value(args, version)
