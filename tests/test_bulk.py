@@ -271,27 +271,10 @@ async def test_an_asyncio_many_is_one_round_trip_for_hits_and_fills_misses_concu
 # --- several processes ------------------------------------------------------------------
 
 
-def _page(port: int, prefix: str, window: list[str], barrier: Any, out: Any) -> None:
-    """One process: its own instance; on the barrier, one many() over its window of keys."""
-    client = redis.Redis(host="127.0.0.1", port=port)
-    cache = Memofill(client, prefix=prefix, policies=POLICIES)
-
-    @cache.cached_dataset("quote:{symbol}")
-    def quote(symbol: str) -> dict[str, Any]:
-        client.hincrby(prefix + "fetched", symbol, 1)
-        import time  # noqa: PLC0415
-
-        time.sleep(0.05)  # long enough for the others to find the locks held
-        return {"symbol": symbol}
-
-    barrier.wait(PATIENCE_S)
-    out.put(quote.many(window) == [{"symbol": s} for s in window])
-
-
 def test_four_processes_paging_over_a_cold_set_fetch_every_key_once_in_all(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    assert page_together(_page, redis_server.port, prefix) == [True] * len(WINDOWS)
+    assert page_together(redis_server.port, prefix, batched=False) == [True] * len(WINDOWS)
     admin = redis_server.client()
     assert fetched(admin, prefix) == dict.fromkeys(SYMBOLS, 1)
     admin.close()
