@@ -299,7 +299,9 @@ class _Page:
                 value = serve_near(snapshot, key, started)
                 if value is not NOT_A_HIT:
                     served.setdefault(key, value)
-        self.reads = [key for key in dict.fromkeys(self.keys) if key not in served]
+        # No comprehension without near copies: it is a frame of its own before Python 3.12.
+        reads = list(dict.fromkeys(self.keys))
+        self.reads = [key for key in reads if key not in served] if served else reads
         breaker = snapshot.breaker
         skipped = bool(breaker.open_until) and breaker.skips()
         self.asked = self.commands is not None and not skipped and bool(self.reads)
