@@ -272,12 +272,9 @@ def _tomb_text(tomb: int | str | None, tomb_ttl: int, head: bytes) -> str:
     return text
 
 
-def _marker_servable(special: Any, header: Header | None, marks: Marks, own_top: int | None) -> str:
+def _marker_servable(special: Any, header: Header | None, marks: Marks, whose: str) -> str:
     """:func:`servable` of a marker: until it expires, unless a mark is at or after its stamp."""
     if header is not None and header.stamp <= marks.top:
-        whose = "the dataset"
-        if own_top is not None and header.stamp > own_top:
-            whose = "one of its tags"
         return (
             f"no: cached before {whose} was invalidated, or before its marks were lost "
             f"(stamped {stamp_text(header.stamp)}, not after {stamp_text(marks.top)}); a call "
@@ -321,12 +318,14 @@ def servable(
         return "no: nothing stored (the next call fetches)"
     if head[:2] == OLD_HEADED:
         return "no: stored by a release before stamps; a call fetches anew and overwrites it"
+    header = read_header(head)
+    stamp = 0 if header is None else header.stamp
+    whose = "one of its tags" if own_top is not None and stamp > own_top else "the dataset"
     special = _special(head, size)
     if special is NEGATIVE or isinstance(special, ErrorMarker):
-        return _marker_servable(special, read_header(head), marks, own_top)
+        return _marker_servable(special, header, marks, whose)
     if special is CORRUPT:
         return "no: not a memofill value (a call fetches and overwrites it)"
-    header = read_header(head)
     if header is None:
         if marks.explicit:
             return (
@@ -334,9 +333,7 @@ def servable(
                 "was invalidated; a call fetches anew"
             )
         return "yes: fresh until Redis expires it"
-    stamp = header.stamp
     behind = marks.behind(stamp, dataset.stale_s > 0)
-    whose = "one of its tags" if own_top is not None and stamp > own_top else "the dataset"
     if behind == EXPIRED and stamp <= marks.hard:
         return (
             f"no: fetched before {whose} was invalidated, or before its marks were lost "

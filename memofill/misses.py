@@ -165,21 +165,17 @@ class Refresh:
 
     def run_sync(self) -> Result:
         """Run the refresh with the blocking client, and record it."""
-        commands, fetch, breaker = self.commands, self.fetch, self.snapshot.breaker
-        [result] = refresh_all_sync(
-            [self], lambda fills: [run_sync(fills[0], commands, fetch, breaker)]
-        )
-        return result
+        driven = self.commands, self.fetch, self.snapshot.breaker
+        return refresh_all_sync([self], lambda fills: [run_sync(fills[0], *driven)])[0]
 
     async def run_async(self) -> Result:
         """Run the refresh with the asyncio client, and record it."""
-        commands, fetch, breaker = self.commands, self.fetch, self.snapshot.breaker
+        driven = self.commands, self.fetch, self.snapshot.breaker
 
         async def drive(fills: list[Steps]) -> list[Result]:
-            return [await run_async(fills[0], commands, fetch, breaker)]
+            return [await run_async(fills[0], *driven)]
 
-        [result] = await refresh_all_async([self], drive)
-        return result
+        return (await refresh_all_async([self], drive))[0]
 
     def record(self, result: Result, started: float) -> Result:
         """Count and log the refresh, keep its value for outages, and set the busy memo."""
